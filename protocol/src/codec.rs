@@ -1,0 +1,177 @@
+//! Length-prefixed bincode frames.
+//!
+//! Wire layout of one frame:
+//!
+//! ```text
+//! +----------------------+------------------------------------------+
+//! | length: u32 BE       | payload: bincode 2 (standard config,     |
+//! | (payload bytes only) | serde) encoding of one message           |
+//! +----------------------+------------------------------------------+
+//! ```
+//!
+//! The decoder reads the 4-byte header, checks `length` against its `frame_bytes_max` **before**
+//! buffering or allocating the payload, and only then waits for the payload. A payload that does not
+//! decode to exactly one message of the expected type, with no trailing bytes, is a
+//! [`CodecError::Malformed`]. After any error the decoder is poisoned: the stream is out of sync and
+//! the caller must close it.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Size of the frame header (big-endian `u32` payload length), in bytes.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// Default largest payload a decoder accepts, in bytes: 8 MiB. A digest of a feature film
+/// (thousands of shots) is well under 1 MiB.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
+
+/// Errors from encoding or decoding frames.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The peer announced (or we tried to send) a payload above the limit; close the stream.
+    #[error("frame of {len_bytes} bytes exceeds the limit of {max_bytes} bytes")]
+    FrameTooLarge {
+        /// Announced payload length.
+        len_bytes: usize,
+        /// The decoder's `frame_bytes_max`.
+        max_bytes: usize,
+    },
+    /// The payload is not a valid encoding of the expected message; close the stream.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame ({buffered_bytes} bytes buffered)")]
+    Truncated {
+        /// Bytes of the partial frame that were received.
+        buffered_bytes: usize,
+    },
+    /// A previous error left the decoder out of sync; the stream must be closed.
+    #[error("decoder is poisoned by an earlier error")]
+    Poisoned,
+    /// Serializing a message failed (a bug: all protocol types are serializable).
+    #[error("could not encode message: {0}")]
+    Encode(String),
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes `msg` as one frame (header + payload).
+///
+/// # Errors
+/// [`CodecError::FrameTooLarge`] if the payload exceeds `frame_bytes_max`, so an oversize message is
+/// refused by the sender with a clear error instead of being cut off by the receiver.
+pub fn encode_frame<T: Serialize>(msg: &T, frame_bytes_max: usize) -> Result<Vec<u8>, CodecError> {
+    let payload =
+        bincode::serde::encode_to_vec(msg, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
+    if payload.len() > frame_bytes_max || payload.len() > u32::MAX as usize {
+        return Err(CodecError::FrameTooLarge { len_bytes: payload.len(), max_bytes: frame_bytes_max });
+    }
+    let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
+    // Checked above: the length fits in u32.
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes one complete payload (without header) into a message.
+///
+/// # Errors
+/// [`CodecError::Malformed`] on invalid encodings or trailing bytes.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
+    let (msg, used) = bincode::serde::decode_from_slice::<T, _>(payload, config().with_limit::<FRAME_BYTES_MAX_DEFAULT>())
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Malformed(format!("{} trailing bytes after message", payload.len() - used)));
+    }
+    Ok(msg)
+}
+
+/// Incremental frame decoder: feed it bytes as they arrive, take messages out.
+///
+/// Buffers at most one frame (`FRAME_HEADER_BYTES + frame_bytes_max`) plus whatever the caller pushed
+/// in one [`FrameDecoder::push`] call beyond it.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    frame_bytes_max: usize,
+    poisoned: bool,
+}
+
+impl FrameDecoder {
+    /// A decoder that accepts payloads up to `frame_bytes_max` bytes
+    /// (see [`FRAME_BYTES_MAX_DEFAULT`]).
+    pub fn new(frame_bytes_max: usize) -> Self {
+        Self { buf: Vec::new(), frame_bytes_max, poisoned: false }
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet returned as a message.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Returns the next complete message, `Ok(None)` if more bytes are needed.
+    ///
+    /// # Errors
+    /// [`CodecError::FrameTooLarge`] as soon as a header announces an oversize payload (nothing is
+    /// allocated for it), [`CodecError::Malformed`] for a bad payload, [`CodecError::Poisoned`] after
+    /// any earlier error.
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
+        if self.poisoned {
+            return Err(CodecError::Poisoned);
+        }
+        let Some(header) = self.buf.get(..FRAME_HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let mut len_be = [0u8; FRAME_HEADER_BYTES];
+        len_be.copy_from_slice(header);
+        let len = u32::from_be_bytes(len_be) as usize;
+        if len > self.frame_bytes_max {
+            self.poisoned = true;
+            return Err(CodecError::FrameTooLarge { len_bytes: len, max_bytes: self.frame_bytes_max });
+        }
+        let end = FRAME_HEADER_BYTES + len;
+        let Some(payload) = self.buf.get(FRAME_HEADER_BYTES..end) else {
+            return Ok(None);
+        };
+        let result = decode_payload(payload);
+        self.buf.drain(..end);
+        match result {
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// How many more bytes the current frame needs, given what is buffered; at least 1 while the
+    /// header is incomplete. Drivers use it to size reads.
+    pub fn bytes_wanted(&self) -> usize {
+        if self.buf.len() < FRAME_HEADER_BYTES {
+            return FRAME_HEADER_BYTES - self.buf.len();
+        }
+        let mut len_be = [0u8; FRAME_HEADER_BYTES];
+        len_be.copy_from_slice(&self.buf[..FRAME_HEADER_BYTES]);
+        let len = (u32::from_be_bytes(len_be) as usize).min(self.frame_bytes_max);
+        (FRAME_HEADER_BYTES + len).saturating_sub(self.buf.len()).max(1)
+    }
+
+    /// Call when the stream has ended: errors if a partial frame is buffered.
+    ///
+    /// # Errors
+    /// [`CodecError::Truncated`] when the stream ended mid-frame.
+    pub fn finish(&self) -> Result<(), CodecError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(CodecError::Truncated { buffered_bytes: self.buf.len() })
+        }
+    }
+}

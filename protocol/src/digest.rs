@@ -1,0 +1,198 @@
+//! The digest: the result of analyzing one media file.
+//!
+//! A digest is metadata only. It never holds pixels, audio samples or bytes of the file: keyframes
+//! travel as a timestamp and a 64-bit perceptual hash.
+//!
+//! Units, everywhere in this schema:
+//! * times are seconds from the start of the presentation, `f64`, computed as PTS × time base minus
+//!   the stream's start time;
+//! * frame numbers count decoded video frames from 0 in presentation order;
+//! * scores are in the unit their field names (HSV delta units 0–255 for shot detection).
+//!
+//! The schema is versioned by [`DIGEST_SCHEMA_VERSION`]; the JSON the API and
+//! `gaffer-agent analyze --json` print is the serde JSON form of [`Digest`].
+//!
+//! Serde note: this type is also carried in bincode (a non-self-describing format), so no field may
+//! use `skip_serializing_if`, `flatten` or internally tagged enums.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the digest schema. Bump on any change of a field's meaning or type.
+pub const DIGEST_SCHEMA_VERSION: u32 = 1;
+
+/// The result of one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Digest {
+    /// [`DIGEST_SCHEMA_VERSION`] of the producer.
+    pub schema_version: u32,
+    /// Profile that produced it (`"shots"`).
+    pub profile: String,
+    /// Which file was analyzed.
+    pub source: SourceInfo,
+    /// Container and stream metadata.
+    pub technical: TechnicalMetadata,
+    /// Shot boundary detection result: shots, the cuts between them and their keyframes.
+    pub shots: ShotAnalysis,
+    /// Analyzers that ran, with their versions and parameters.
+    pub analyzers: Vec<AnalyzerInfo>,
+    /// Wall time the analysis took on the agent, seconds.
+    pub analysis_secs: f64,
+}
+
+/// Identity of the analyzed file (never its content).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Absolute path on the agent's box.
+    pub path: String,
+    /// File size, bytes.
+    pub size_bytes: u64,
+    /// Modification time, Unix seconds (None when the file system does not say).
+    pub modified_unix_secs: Option<i64>,
+}
+
+/// Container and stream metadata, as FFmpeg reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TechnicalMetadata {
+    /// Container format short name(s), e.g. `"mov,mp4,m4a,3gp,3g2,mj2"` or `"avi"`.
+    pub container: String,
+    /// Container long name, e.g. `"QuickTime / MOV"`.
+    pub container_long_name: String,
+    /// Duration of the container, seconds (None when unknown).
+    pub duration_secs: Option<f64>,
+    /// Overall bit rate, bits per second (None when unknown).
+    pub bit_rate_bps: Option<u64>,
+    /// Every stream in the container.
+    pub streams: Vec<StreamInfo>,
+    /// Index (into `streams`) of the video stream that was analyzed.
+    pub primary_video_stream: Option<u32>,
+}
+
+/// Kind of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// Video.
+    Video,
+    /// Audio.
+    Audio,
+    /// Subtitles.
+    Subtitle,
+    /// Data (timecode tracks and the like).
+    Data,
+    /// Attachments (fonts).
+    Attachment,
+    /// Anything else.
+    Unknown,
+}
+
+/// One stream of the container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// Stream index in the container.
+    pub index: u32,
+    /// Video, audio, ...
+    pub kind: StreamKind,
+    /// Codec short name, e.g. `"h264"`, `"aac"`.
+    pub codec: String,
+    /// Time base as (numerator, denominator): PTS × num / den = seconds.
+    pub time_base: (i32, i32),
+    /// Stream duration, seconds (None when unknown).
+    pub duration_secs: Option<f64>,
+    /// Frame count the container declares (None when it does not); the decoded count is in
+    /// [`ShotAnalysis::frames_decoded`].
+    pub frames_declared: Option<u64>,
+    /// Video: coded width, pixels.
+    pub width: Option<u32>,
+    /// Video: coded height, pixels.
+    pub height: Option<u32>,
+    /// Video: average frame rate, frames per second.
+    pub frame_rate_fps: Option<f64>,
+    /// Video: pixel format name, e.g. `"yuv420p"`.
+    pub pixel_format: Option<String>,
+    /// Audio: sample rate, Hz.
+    pub sample_rate_hz: Option<u32>,
+    /// Audio: channel count.
+    pub channels: Option<u32>,
+    /// Bit rate, bits per second (None when unknown).
+    pub bit_rate_bps: Option<u64>,
+    /// Language tag from the container metadata, if any.
+    pub language: Option<String>,
+}
+
+/// Shot boundary detection result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShotAnalysis {
+    /// Detector name, e.g. `"content"`.
+    pub detector: String,
+    /// Cut threshold, HSV delta units 0–255.
+    pub threshold: f64,
+    /// Minimum shot length, frames.
+    pub min_shot_frames: u32,
+    /// Video frames decoded.
+    pub frames_decoded: u64,
+    /// Frames that failed to decode and were skipped.
+    pub frames_corrupt: u64,
+    /// The cuts, in order. A cut at frame `n` means frame `n` is the first frame of a new shot.
+    pub cuts: Vec<Cut>,
+    /// The shots, in order, covering every decoded frame.
+    pub shots: Vec<Shot>,
+}
+
+/// A hard cut between two shots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cut {
+    /// First frame of the new shot.
+    pub frame: u64,
+    /// Presentation time of that frame, seconds.
+    pub time_secs: f64,
+    /// Content score that triggered the cut, HSV delta units 0–255.
+    pub score: f64,
+}
+
+/// One shot: frames `start_frame..end_frame` (end exclusive).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shot {
+    /// 0-based shot number.
+    pub index: u32,
+    /// First frame.
+    pub start_frame: u64,
+    /// One past the last frame.
+    pub end_frame: u64,
+    /// Presentation time of the first frame, seconds.
+    pub start_secs: f64,
+    /// Presentation time at which the shot ends (start of the next shot, or end of the stream),
+    /// seconds.
+    pub end_secs: f64,
+    /// The shot's representative frame.
+    pub keyframe: Keyframe,
+}
+
+/// A representative frame of a shot, as a time and a perceptual hash only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Keyframe {
+    /// Frame number.
+    pub frame: u64,
+    /// Presentation time, seconds.
+    pub time_secs: f64,
+    /// 64-bit DCT perceptual hash (pHash) of the frame, as 16 lowercase hex digits. Similar frames
+    /// have hashes with a small Hamming distance.
+    pub phash: String,
+}
+
+/// An analyzer that contributed to the digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalyzerInfo {
+    /// Name, e.g. `"shots.content"`.
+    pub name: String,
+    /// Version of the analyzer's algorithm.
+    pub version: String,
+    /// Parameters as `key=value` pairs, for reproducibility.
+    pub parameters: Vec<(String, String)>,
+}
+
+impl Digest {
+    /// Number of shots.
+    pub fn shot_count(&self) -> usize {
+        self.shots.shots.len()
+    }
+}

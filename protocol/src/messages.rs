@@ -1,0 +1,226 @@
+//! Messages between agent and control plane.
+//!
+//! One QUIC connection per agent carries one bidirectional stream opened by the agent. The agent
+//! sends [`AgentEnvelope`]s, the control plane sends [`ControlMessage`]s, each as one frame of
+//! [`crate::codec`]. The exchange is:
+//!
+//! ```text
+//! agent                                   control plane
+//!   | -- Hello (versions, capabilities) -->  |
+//!   | <-- Welcome (version, intervals) ----  |   or Refused { reason } and close
+//!   | -- Heartbeat(Health) every N secs -->  |
+//!   | <-- Assign { job } ------------------  |
+//!   | -- JobAccepted / Progress / Digest --> |
+//!   | <-- Ack { seq } ---------------------  |   after the control plane persisted it
+//! ```
+//!
+//! Every agent message carries `(agent_id, seq)`. `seq` is assigned by the agent, strictly
+//! increasing per agent; the control plane acknowledges a message only once its effect is durable
+//! and answers a repeated `(agent_id, seq)` with the same `Ack`, so redelivery is harmless.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::digest::Digest;
+use crate::health::{GpuInfo, Health};
+use crate::version::VersionRange;
+
+/// Identifies a job across agent, control plane and API.
+pub type JobId = Uuid;
+
+/// Identifies an agent. It is also the URI SAN (`urn:gaffer:agent:<id>`) of the agent's certificate,
+/// so the control plane checks it against the authenticated connection.
+pub type AgentId = Uuid;
+
+/// The analysis profile a job runs. Only `shots` exists in protocol version 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Decode, shot boundaries, one keyframe per shot, technical metadata.
+    Shots,
+}
+
+impl Profile {
+    /// The profile's name as used by the CLI and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Shots => "shots",
+        }
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shots" => Ok(Profile::Shots),
+            other => Err(format!("unknown profile {other:?} (known: shots)")),
+        }
+    }
+}
+
+/// What an agent can do, sent in [`AgentMessage::Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// GPUs found by NVML; empty when NVML is absent (the agent then runs on CPU).
+    pub gpus: Vec<GpuInfo>,
+    /// Absolute directory paths this agent may read job files from (`--volume`, plus watch roots).
+    pub volumes: Vec<String>,
+    /// Absolute directory paths the agent watches for new media (a subset of `volumes`).
+    pub watch_roots: Vec<String>,
+    /// How many jobs the agent runs at once.
+    pub job_slots: u32,
+    /// Profiles the agent can run (it has the decoders and models for them).
+    pub profiles: Vec<Profile>,
+}
+
+/// Sent by the agent on the link, wrapped in an [`AgentEnvelope`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message on a connection.
+    Hello {
+        /// Protocol versions the agent speaks.
+        versions: VersionRange,
+        /// The agent's build version (semver of `gaffer-agent`).
+        agent_version: String,
+        /// The agent's host name, for display.
+        hostname: String,
+        /// What the agent can do.
+        capabilities: Capabilities,
+        /// Jobs the agent is still running from an earlier connection (so their leases stay with it).
+        running_jobs: Vec<JobId>,
+    },
+    /// Periodic health report; also proves liveness.
+    Heartbeat(Health),
+    /// The agent took an assigned job and started it.
+    JobAccepted {
+        /// The job.
+        job_id: JobId,
+    },
+    /// The agent refused an assigned job (path outside its volumes, no free slot, unknown profile).
+    JobRejected {
+        /// The job.
+        job_id: JobId,
+        /// Human-readable reason, shown on the dashboard.
+        reason: String,
+    },
+    /// Progress of a running job.
+    Progress {
+        /// The job.
+        job_id: JobId,
+        /// Fraction done, 0..=1 (by media time).
+        fraction: f32,
+        /// Frames decoded so far.
+        frames_decoded: u64,
+    },
+    /// The job finished; the digest is its result.
+    Digest {
+        /// The job.
+        job_id: JobId,
+        /// The analysis result.
+        digest: Box<Digest>,
+    },
+    /// The job failed; the reason is shown to the operator.
+    JobFailed {
+        /// The job.
+        job_id: JobId,
+        /// Human-readable reason, e.g. "not a media file: Invalid data found when processing input".
+        reason: String,
+    },
+    /// A new file appeared in a watch folder: the agent asks for a job for it (which will normally be
+    /// leased back to the same agent).
+    SubmitWatched {
+        /// Id chosen by the agent, so a redelivered submission does not create a second job.
+        job_id: JobId,
+        /// Absolute path of the file on the agent's box.
+        path: String,
+        /// Profile to run.
+        profile: Profile,
+    },
+}
+
+impl AgentMessage {
+    /// Short name of the message kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentMessage::Hello { .. } => "hello",
+            AgentMessage::Heartbeat(_) => "heartbeat",
+            AgentMessage::JobAccepted { .. } => "job_accepted",
+            AgentMessage::JobRejected { .. } => "job_rejected",
+            AgentMessage::Progress { .. } => "progress",
+            AgentMessage::Digest { .. } => "digest",
+            AgentMessage::JobFailed { .. } => "job_failed",
+            AgentMessage::SubmitWatched { .. } => "submit_watched",
+        }
+    }
+}
+
+/// An agent message with its dedupe key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEnvelope {
+    /// The sending agent; must match the identity of the authenticated connection.
+    pub agent_id: AgentId,
+    /// Per-agent sequence number, strictly increasing across restarts of the agent.
+    pub seq: u64,
+    /// The message.
+    pub body: AgentMessage,
+}
+
+/// A job as handed to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The job.
+    pub job_id: JobId,
+    /// Absolute path of the media file on the agent's box.
+    pub path: String,
+    /// What to run.
+    pub profile: Profile,
+}
+
+/// Sent by the control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlMessage {
+    /// Answer to an acceptable Hello.
+    Welcome {
+        /// The negotiated protocol version.
+        protocol_version: u16,
+        /// The control plane's build version.
+        server_version: String,
+        /// How often the agent should send a heartbeat, in seconds.
+        heartbeat_interval_secs: u32,
+    },
+    /// The control plane will not talk to this agent; the connection closes after this.
+    Refused {
+        /// Why, in words an operator can act on.
+        reason: String,
+    },
+    /// Run this job.
+    Assign(Assignment),
+    /// Stop this job (it was cancelled or reassigned).
+    Cancel {
+        /// The job.
+        job_id: JobId,
+    },
+    /// The agent message with this sequence number is durable at the control plane.
+    Ack {
+        /// The acknowledged sequence number.
+        seq: u64,
+    },
+    /// The control plane could not process the message with this sequence number. `retry` says
+    /// whether sending it again may help (a store error) or not (a message the control plane will
+    /// never accept, which the agent should drop after logging).
+    Error {
+        /// Sequence number of the message that failed.
+        seq: u64,
+        /// What went wrong.
+        message: String,
+        /// Whether redelivery may succeed.
+        retry: bool,
+    },
+}
