@@ -19,6 +19,7 @@
 
 pub mod codec;
 pub mod digest;
+pub mod enroll;
 pub mod health;
 pub mod messages;
 pub mod version;

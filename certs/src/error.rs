@@ -1,0 +1,147 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+use crate::fingerprint::CaFingerprint;
+
+/// Everything that can go wrong in `gaffer-certs`. Variants are named for what the caller can do
+/// about them; none of them ever carries a private key or a token secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// The input is not the PEM object expected (`what` names it, e.g. "CA certificate"). Fix the
+    /// file or the copy/paste.
+    #[error("invalid PEM for {what}: {reason}")]
+    InvalidPem {
+        /// What was being parsed.
+        what: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// An input is larger than its limit; it was rejected before being parsed.
+    #[error("{what} is {len_bytes} bytes, more than the limit of {max_bytes} bytes")]
+    TooLarge {
+        /// What was being parsed.
+        what: &'static str,
+        /// Size of the input in bytes.
+        len_bytes: usize,
+        /// The limit in bytes.
+        max_bytes: usize,
+    },
+    /// A certificate could not be parsed or lacks something required (e.g. it is not a CA).
+    #[error("invalid certificate: {reason}")]
+    InvalidCertificate {
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A private key does not belong to the certificate it was paired with. Check that the key file
+    /// and the certificate file are from the same issuance.
+    #[error("the private key does not match the {what} certificate")]
+    KeyMismatch {
+        /// Which certificate.
+        what: &'static str,
+    },
+    /// The certificate signing request is malformed, has a bad signature, uses an unsupported key type
+    /// (only ECDSA P-256 is accepted) or asks for unsupported extensions. Refuse the enrollment.
+    #[error("invalid certificate signing request: {reason}")]
+    InvalidCsr {
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The certificate does not carry a Gaffer agent identity (URI SAN `urn:gaffer:agent:<uuid>`),
+    /// or the peer presented no certificate at all. On a `gaffer/1` connection: close it.
+    #[error("no Gaffer agent identity: {reason}")]
+    NoAgentIdentity {
+        /// Why no identity was found.
+        reason: String,
+    },
+    /// A requested server SAN is neither an IP address nor a valid DNS name.
+    #[error("invalid server name {san:?}: {reason}")]
+    InvalidSan {
+        /// The rejected name.
+        san: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A fleet name is empty, too long or contains control characters.
+    #[error("invalid fleet name: {reason}")]
+    InvalidFleetName {
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A requested validity period is outside the allowed range.
+    #[error("validity of {validity_days} days is outside 1..={max_days} days")]
+    InvalidValidity {
+        /// The requested validity in days.
+        validity_days: u32,
+        /// The maximum allowed in days.
+        max_days: u32,
+    },
+    /// The control plane presented a CA other than the one the operator's fingerprint names. Do not
+    /// enroll: either the fingerprint was mistyped or someone is impersonating the control plane.
+    #[error("control plane CA fingerprint mismatch: expected {expected}, got {got}")]
+    FingerprintMismatch {
+        /// The fingerprint the operator supplied.
+        expected: CaFingerprint,
+        /// SHA-256 of the CA certificate the server presented.
+        got: CaFingerprint,
+    },
+    /// The server's certificate chain did not end with a CA certificate, so there was nothing to
+    /// compare against the expected fingerprint.
+    #[error("the control plane presented only its own certificate, not the fleet CA certificate")]
+    NoCaInChain,
+    /// A fingerprint string is not 32 bytes of hex (optionally `:`-separated).
+    #[error("invalid CA fingerprint: {reason}")]
+    InvalidFingerprint {
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A token string is malformed (wrong prefix, length or encoding). The message never contains
+    /// the token itself.
+    #[error("invalid {kind}: {reason}")]
+    InvalidToken {
+        /// Which kind of token ("enrollment token", "API token").
+        kind: &'static str,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A token hash string is not 32 bytes of hex.
+    #[error("invalid token hash: {reason}")]
+    InvalidTokenHash {
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// Key generation, certificate or CRL serialization failed inside rcgen. Not caused by input the
+    /// caller can fix; report it.
+    #[error("certificate generation failed: {0}")]
+    Generation(#[source] rcgen::Error),
+    /// rustls rejected the configuration (e.g. an unusable key or certificate).
+    #[error("TLS configuration rejected: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    /// The client-certificate verifier could not be built (e.g. an unparsable CRL or CA).
+    #[error("client certificate verifier could not be built: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// Reading or writing a file failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CertError {
+    pub(crate) fn invalid_cert(reason: impl ToString) -> Self {
+        CertError::InvalidCertificate {
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn invalid_csr(reason: impl ToString) -> Self {
+        CertError::InvalidCsr {
+            reason: reason.to_string(),
+        }
+    }
+}
