@@ -1,0 +1,763 @@
+//! The agent's local analysis pipeline: FFmpeg decode → analyzers → [`Digest`].
+//!
+//! Profile `shots` (the only one in protocol version 1):
+//!
+//! ```text
+//! file ──libavformat──▶ packets of the primary video stream
+//!      ──libavcodec (frame threads)──▶ frames, presentation order, numbered from 0
+//!      ──swscale──▶ small BGR24 frame (PySceneDetect's processing size, ≤ 256 px wide)
+//!      ├─▶ content::ContentDetector  (HSV delta score, threshold, flash filter) ──▶ cuts
+//!      └─▶ keyframes::KeyframePicker (16×16 luma thumbnails, DCT pHash)     ──▶ one keyframe per shot
+//! container + streams ──▶ technical metadata
+//! ```
+//!
+//! Shot detection reproduces PySceneDetect 0.7.2's `detect-content` with its defaults; see
+//! [`content`]. Times are PTS × time base minus the stream's start time, in seconds.
+//!
+//! Nothing here keeps a full-resolution frame beyond the decoder's own buffers: per frame the
+//! pipeline holds one small BGR frame, the previous frame's HSV planes and a bounded set of
+//! 256-byte thumbnails.
+//!
+//! Entry points: [`init_ffmpeg`] once per process, then [`analyze_file`] on a blocking thread.
+
+pub mod content;
+pub mod keyframes;
+mod probe;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ffmpeg::format::Pixel;
+use ffmpeg::software::scaling;
+use ffmpeg_next as ffmpeg;
+use gaffer_protocol::digest::{
+    AnalyzerInfo, Cut, Digest, Keyframe, Shot, ShotAnalysis, SourceInfo, DIGEST_SCHEMA_VERSION,
+};
+pub use gaffer_protocol::messages::Profile;
+
+use content::{ContentDetector, ScoredFrame};
+use keyframes::{KeyframePicker, Thumbnailer};
+
+/// Largest accepted video frame side, pixels: 16384. Checked against the container's declared
+/// size before the decoder is opened, passed to the decoder as `max_pixels`, and checked again on
+/// every decoded frame before anything is allocated for it.
+pub const FRAME_SIDE_PX_MAX: u32 = 16_384;
+
+/// Shortest interval between two progress callbacks, milliseconds: 250 (at most 4 per second).
+pub const PROGRESS_INTERVAL_MS: u64 = 250;
+
+/// Packets in a row that may fail to decode before the file is given up as undecodable: 300.
+pub const CONSECUTIVE_DECODE_ERRORS_MAX: u64 = 300;
+
+/// When reading stops early (a truncated or damaged file), the share of the declared duration
+/// that must have decoded for the digest of the decoded part to be returned: 0.1 (10 %). Below
+/// it, [`AnalysisError::DecodeFailed`].
+pub const TRUNCATED_DECODED_FRACTION_MIN: f64 = 0.1;
+
+/// Decoding less than this share of the declared duration counts as stopping early (a truncated
+/// file usually ends without a read error): 0.9.
+const TRUNCATED_SHORT_FRACTION: f64 = 0.9;
+
+/// Most decoder threads [`AnalyzeOptions::decode_threads`] may ask for: 64.
+pub const DECODE_THREADS_MAX: usize = 64;
+
+/// swscale flags when the frame is only converted (YUV → BGR24), not resized: `SWS_BICUBIC`,
+/// the flags OpenCV's FFmpeg capture backend uses, so PySceneDetect sees the same pixels.
+const SCALE_FLAGS_CONVERT: scaling::Flags = scaling::Flags::BICUBIC;
+
+/// swscale flags when the frame is converted and downscaled to the processing size.
+/// `SWS_FAST_BILINEAR` is a 2-tap filter like OpenCV's `INTER_LINEAR` that PySceneDetect
+/// downscales with, and it is the cheapest swscale filter.
+const SCALE_FLAGS_DOWNSCALE: scaling::Flags = scaling::Flags::FAST_BILINEAR;
+
+/// Version of the `shots` analysis algorithm, reported in [`AnalyzerInfo::version`].
+pub const SHOTS_ANALYZER_VERSION: &str = "1";
+
+/// Options of one analysis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyzeOptions {
+    /// What to run. Default [`Profile::Shots`].
+    pub profile: Profile,
+    /// Cut threshold, HSV delta units 0–255. Default 27.0, as PySceneDetect's
+    /// `ContentDetector`. Must be finite and in 0..=255.
+    pub content_threshold: f64,
+    /// Minimum shot length, frames. Default 15 (PySceneDetect's default; its CLI's 0.6 s at
+    /// 25 fps). At most [`content::MIN_SHOT_FRAMES_MAX`]; 0 disables the filter.
+    pub min_shot_frames: u32,
+    /// Decoder threads (frame threading). 0 = auto: the number of CPUs available to the process,
+    /// at most 16 (2 on a 2-core box, like `ffmpeg -threads 2`). At most [`DECODE_THREADS_MAX`].
+    pub decode_threads: usize,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        Self {
+            profile: Profile::Shots,
+            content_threshold: content::CONTENT_THRESHOLD_DEFAULT,
+            min_shot_frames: content::MIN_SHOT_FRAMES_DEFAULT,
+            decode_threads: 0,
+        }
+    }
+}
+
+impl AnalyzeOptions {
+    fn validate(&self) -> Result<(), AnalysisError> {
+        if !self.content_threshold.is_finite() || !(0.0..=255.0).contains(&self.content_threshold) {
+            return Err(AnalysisError::InvalidOptions(format!(
+                "content threshold {} is outside 0..=255 (HSV delta units)",
+                self.content_threshold
+            )));
+        }
+        if self.min_shot_frames > content::MIN_SHOT_FRAMES_MAX {
+            return Err(AnalysisError::InvalidOptions(format!(
+                "minimum shot length {} frames exceeds the limit of {} frames",
+                self.min_shot_frames,
+                content::MIN_SHOT_FRAMES_MAX
+            )));
+        }
+        if self.decode_threads > DECODE_THREADS_MAX {
+            return Err(AnalysisError::InvalidOptions(format!(
+                "{} decode threads exceeds the limit of {DECODE_THREADS_MAX}",
+                self.decode_threads
+            )));
+        }
+        Ok(())
+    }
+
+    fn effective_decode_threads(&self) -> usize {
+        if self.decode_threads > 0 {
+            return self.decode_threads;
+        }
+        std::thread::available_parallelism().map_or(2, |n| n.get()).min(16)
+    }
+}
+
+/// Progress of a running analysis, passed to the `on_progress` callback of [`analyze_file`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProgressUpdate {
+    /// Fraction done, 0..=1, by media time (time of the last decoded frame / duration); 0 while
+    /// the duration is unknown.
+    pub fraction: f32,
+    /// Video frames decoded so far.
+    pub frames_decoded: u64,
+}
+
+/// Why an analysis failed. Variants are named for what the caller can do about it; see
+/// [`AnalysisError::remedy`] for a sentence to show the user.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    /// The file does not exist: check the path (and the volume it is on).
+    #[error("file not found: {}", path.display())]
+    NotFound {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// The file exists but cannot be read (permissions, I/O error, a directory).
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        /// The path as given.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path is not valid UTF-8 (or contains NUL), which FFmpeg cannot be given: rename the file.
+    #[error("path is not valid UTF-8: {}", path.display())]
+    PathNotUtf8 {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// FFmpeg could not open or probe the file: it is not a media file, or its container is
+    /// damaged (e.g. an MP4 cut off before its index).
+    #[error("not a media file: {reason}")]
+    NotMedia {
+        /// The path as given.
+        path: PathBuf,
+        /// FFmpeg's error text, e.g. "Invalid data found when processing input".
+        reason: String,
+    },
+    /// The file is media but has no video stream (e.g. a WAV).
+    #[error("no video stream: the file has {streams}")]
+    NoVideoStream {
+        /// What it has instead, e.g. "1 audio stream".
+        streams: String,
+    },
+    /// This FFmpeg build has no decoder for the video codec.
+    #[error("no decoder for video codec {codec} in this FFmpeg build")]
+    UnsupportedCodec {
+        /// Codec short name.
+        codec: String,
+    },
+    /// A video frame is larger than [`FRAME_SIDE_PX_MAX`] on a side.
+    #[error("video frame {width}x{height} exceeds the limit of {max_px} pixels per side")]
+    FrameTooLarge {
+        /// Declared or decoded width, pixels.
+        width: u32,
+        /// Declared or decoded height, pixels.
+        height: u32,
+        /// [`FRAME_SIDE_PX_MAX`].
+        max_px: u32,
+    },
+    /// The video stream could not be decoded well enough to analyze: too many corrupt packets,
+    /// or a file truncated before a useful part of it.
+    #[error("video could not be decoded: {reason}")]
+    DecodeFailed {
+        /// What went wrong, with FFmpeg's error text where there is one.
+        reason: String,
+    },
+    /// The options are out of range (see [`AnalyzeOptions`]).
+    #[error("invalid analysis options: {0}")]
+    InvalidOptions(String),
+    /// The `cancel` flag was set.
+    #[error("analysis cancelled")]
+    Cancelled,
+    /// FFmpeg's libraries could not be initialised.
+    #[error("FFmpeg could not be initialised: {0}")]
+    FfmpegInit(String),
+    /// An invariant of the pipeline did not hold (a bug in the agent).
+    #[error("internal analysis error: {0}")]
+    Internal(String),
+}
+
+impl AnalysisError {
+    /// What the user or operator can do next, one sentence.
+    pub fn remedy(&self) -> &'static str {
+        match self {
+            AnalysisError::NotFound { .. } => "Check the path and that the volume is mounted on this machine.",
+            AnalysisError::Unreadable { .. } => "Check the file's permissions for the agent's user and that it is a regular file.",
+            AnalysisError::PathNotUtf8 { .. } => "Rename the file so its path is valid UTF-8.",
+            AnalysisError::NotMedia { .. } => {
+                "Check that this is a video file (try `ffprobe FILE`); if it was copied or is still being written, the copy may be incomplete."
+            }
+            AnalysisError::NoVideoStream { .. } => "Pass a file with a video stream; audio-only files cannot be analyzed for shots.",
+            AnalysisError::UnsupportedCodec { .. } => "Transcode the file to a common codec (e.g. H.264) or install an FFmpeg build with this decoder.",
+            AnalysisError::FrameTooLarge { .. } => "Downscale the video below the limit before analysis.",
+            AnalysisError::DecodeFailed { .. } => "The file is damaged or truncated: re-copy or re-export it and try again.",
+            AnalysisError::InvalidOptions(_) => "Fix the option values (see `gaffer-agent analyze --help`).",
+            AnalysisError::Cancelled => "Nothing to do: the analysis was stopped on request.",
+            AnalysisError::FfmpegInit(_) => "Check the FFmpeg shared libraries installed on this machine.",
+            AnalysisError::Internal(_) => "Report this as a bug, with the file's ffprobe output.",
+        }
+    }
+}
+
+static FFMPEG_INIT: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Initialises FFmpeg once per process (idempotent; later calls return the first result) and
+/// sets its log level to `error`, so FFmpeg does not write warnings about damaged input to
+/// stderr; the pipeline reports problems through [`AnalysisError`] and `tracing` instead.
+///
+/// # Errors
+/// [`AnalysisError::FfmpegInit`] if the libraries fail to initialise.
+pub fn init_ffmpeg() -> Result<(), AnalysisError> {
+    FFMPEG_INIT
+        .get_or_init(|| {
+            ffmpeg::init().map_err(|e| e.to_string())?;
+            ffmpeg::log::set_level(ffmpeg::log::Level::Quiet);
+            Ok(())
+        })
+        .clone()
+        .map_err(AnalysisError::FfmpegInit)
+}
+
+fn source_info(path: &Path) -> Result<(SourceInfo, PathBuf), AnalysisError> {
+    let io_err = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            AnalysisError::NotFound { path: path.to_path_buf() }
+        } else {
+            AnalysisError::Unreadable { path: path.to_path_buf(), source }
+        }
+    };
+    let canonical = std::fs::canonicalize(path).map_err(io_err)?;
+    let meta = std::fs::metadata(&canonical).map_err(io_err)?;
+    if !meta.is_file() {
+        return Err(AnalysisError::Unreadable {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        });
+    }
+    // Opening proves read permission with a clear io error, before FFmpeg's vaguer one.
+    std::fs::File::open(&canonical).map_err(io_err)?;
+    let modified_unix_secs = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_secs()).ok());
+    let path_text = canonical.to_str().ok_or_else(|| AnalysisError::PathNotUtf8 { path: path.to_path_buf() })?;
+    if path_text.contains('\0') {
+        return Err(AnalysisError::PathNotUtf8 { path: path.to_path_buf() });
+    }
+    let info = SourceInfo { path: path_text.to_string(), size_bytes: meta.len(), modified_unix_secs };
+    Ok((info, canonical))
+}
+
+fn describe_streams(technical: &gaffer_protocol::digest::TechnicalMetadata) -> String {
+    use gaffer_protocol::digest::StreamKind;
+    if technical.streams.is_empty() {
+        return "no streams".to_string();
+    }
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for s in &technical.streams {
+        let name = match s.kind {
+            StreamKind::Video => "video (attached picture)",
+            StreamKind::Audio => "audio",
+            StreamKind::Subtitle => "subtitle",
+            StreamKind::Data => "data",
+            StreamKind::Attachment => "attachment",
+            StreamKind::Unknown => "unknown",
+        };
+        match counts.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((name, 1)),
+        }
+    }
+    counts
+        .iter()
+        .map(|(n, c)| format!("{c} {n} stream{}", if *c == 1 { "" } else { "s" }))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Per-frame state of the `shots` pipeline.
+struct ShotsPipeline<'a> {
+    cancel: &'a AtomicBool,
+    on_progress: &'a mut dyn FnMut(ProgressUpdate),
+    threshold: f64,
+    min_shot_frames: u32,
+    time_base: f64,
+    start_ts: Option<i64>,
+    frame_duration_secs: f64,
+    duration_secs: Option<f64>,
+    last_progress: Instant,
+    // Set up on the first frame, when the decoded size is known.
+    scaler: Option<scaling::Context>,
+    processing: Option<(u32, u32)>,
+    small: ffmpeg::frame::Video,
+    detector: Option<ContentDetector>,
+    thumbnailer: Option<Thumbnailer>,
+    keyframes: KeyframePicker,
+    frames_decoded: u64,
+    frames_corrupt: u64,
+    consecutive_errors: u64,
+    last_error: Option<String>,
+    first_time_secs: Option<f64>,
+    last_time_secs: f64,
+    cuts: Vec<Cut>,
+    shot_keys: Vec<Option<Keyframe>>,
+}
+
+impl ShotsPipeline<'_> {
+    fn check_cancel(&self) -> Result<(), AnalysisError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(AnalysisError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn decode_error(&mut self, e: ffmpeg::Error) -> Result<(), AnalysisError> {
+        self.frames_corrupt += 1;
+        self.consecutive_errors += 1;
+        tracing::debug!(error = %e, frame = self.frames_decoded, "video packet failed to decode");
+        self.last_error = Some(e.to_string());
+        if self.consecutive_errors >= CONSECUTIVE_DECODE_ERRORS_MAX {
+            return Err(AnalysisError::DecodeFailed {
+                reason: format!(
+                    "{} packets in a row failed to decode (last error: {e}) after {} good frames",
+                    self.consecutive_errors, self.frames_decoded
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn frame_time_secs(&mut self, frame: &ffmpeg::frame::Video) -> f64 {
+        match frame.timestamp().or_else(|| frame.pts()) {
+            Some(ts) => {
+                let start = *self.start_ts.get_or_insert(ts);
+                ts.saturating_sub(start) as f64 * self.time_base
+            }
+            None => match self.first_time_secs {
+                None => 0.0,
+                Some(_) => self.last_time_secs + self.frame_duration_secs,
+            },
+        }
+    }
+
+    fn setup(&mut self, frame: &ffmpeg::frame::Video) -> Result<(u32, u32), AnalysisError> {
+        if let Some(size) = self.processing {
+            return Ok(size);
+        }
+        let (pw, ph) = content::processing_size(frame.width(), frame.height());
+        self.detector = Some(ContentDetector::new(pw as usize, ph as usize, self.threshold, self.min_shot_frames));
+        self.thumbnailer = Some(Thumbnailer::new(pw as usize, ph as usize));
+        self.processing = Some((pw, ph));
+        tracing::debug!(width = frame.width(), height = frame.height(), pw, ph, "processing size");
+        Ok((pw, ph))
+    }
+
+    fn on_frame(&mut self, frame: &ffmpeg::frame::Video) -> Result<(), AnalysisError> {
+        self.check_cancel()?;
+        let (w, h) = (frame.width(), frame.height());
+        if w > FRAME_SIDE_PX_MAX || h > FRAME_SIDE_PX_MAX {
+            return Err(AnalysisError::FrameTooLarge { width: w, height: h, max_px: FRAME_SIDE_PX_MAX });
+        }
+        if w == 0 || h == 0 || frame.format() == Pixel::None {
+            self.frames_corrupt += 1;
+            return Ok(());
+        }
+        self.consecutive_errors = 0;
+        let (pw, ph) = self.setup(frame)?;
+        let input_matches = self.scaler.as_ref().is_some_and(|s| {
+            let i = s.input();
+            i.format == frame.format() && i.width == w && i.height == h
+        });
+        if !input_matches {
+            let flags = if (pw, ph) == (w, h) { SCALE_FLAGS_CONVERT } else { SCALE_FLAGS_DOWNSCALE };
+            let scaler = scaling::Context::get(frame.format(), w, h, Pixel::BGR24, pw, ph, flags).map_err(|e| {
+                AnalysisError::DecodeFailed {
+                    reason: format!("cannot convert pixel format {:?} {w}x{h} to BGR: {e}", frame.format()),
+                }
+            })?;
+            self.scaler = Some(scaler);
+        }
+        let Some(scaler) = self.scaler.as_mut() else {
+            return Err(AnalysisError::Internal("scaler missing after setup".into()));
+        };
+        scaler
+            .run(frame, &mut self.small)
+            .map_err(|e| AnalysisError::DecodeFailed { reason: format!("pixel conversion failed: {e}") })?;
+
+        let n = self.frames_decoded;
+        self.frames_decoded += 1;
+        let time_secs = self.frame_time_secs(frame);
+        self.first_time_secs.get_or_insert(time_secs);
+        self.last_time_secs = time_secs;
+
+        let (Some(detector), Some(thumbnailer)) = (self.detector.as_mut(), self.thumbnailer.as_mut()) else {
+            return Err(AnalysisError::Internal("detector missing after setup".into()));
+        };
+        let bgr = self.small.data(0);
+        let stride = self.small.stride(0);
+        let cut = detector.process(n, time_secs, bgr, stride);
+        let thumb = thumbnailer
+            .thumb(bgr, stride)
+            .ok_or_else(|| AnalysisError::Internal("converted frame smaller than its size".into()))?;
+        self.keyframes.push(n, time_secs, thumb);
+        if let Some(ScoredFrame { frame: cut_frame, time_secs: cut_secs, score }) = cut {
+            tracing::debug!(frame = cut_frame, time_secs = cut_secs, score, "cut");
+            self.cuts.push(Cut { frame: cut_frame, time_secs: cut_secs, score });
+            let key = self.keyframes.cut(cut_frame);
+            self.shot_keys.push(key);
+        }
+        self.maybe_progress(time_secs);
+        Ok(())
+    }
+
+    fn maybe_progress(&mut self, time_secs: f64) {
+        if self.last_progress.elapsed() < Duration::from_millis(PROGRESS_INTERVAL_MS) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let fraction = match self.duration_secs {
+            Some(d) if d > 0.0 => (time_secs / d).clamp(0.0, 1.0) as f32,
+            _ => 0.0,
+        };
+        (self.on_progress)(ProgressUpdate { fraction, frames_decoded: self.frames_decoded });
+    }
+
+    fn drain(
+        &mut self,
+        decoder: &mut ffmpeg::decoder::Video,
+        frame: &mut ffmpeg::frame::Video,
+    ) -> Result<(), AnalysisError> {
+        loop {
+            match decoder.receive_frame(frame) {
+                Ok(()) => self.on_frame(frame)?,
+                Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::error::EAGAIN => return Ok(()),
+                Err(ffmpeg::Error::Eof) => return Ok(()),
+                Err(e) => return self.decode_error(e),
+            }
+        }
+    }
+
+    /// Builds the shot list once every frame went through.
+    fn finish(mut self, n: u64) -> Result<ShotAnalysis, AnalysisError> {
+        let last_key = self.keyframes.finish(n);
+        self.shot_keys.push(last_key);
+        let end_secs_stream = self.last_time_secs + self.frame_duration_secs;
+        let first_secs = self.first_time_secs.unwrap_or(0.0);
+        let mut shots = Vec::with_capacity(self.cuts.len() + 1);
+        let starts: Vec<(u64, f64)> =
+            std::iter::once((0, first_secs)).chain(self.cuts.iter().map(|c| (c.frame, c.time_secs))).collect();
+        for (i, &(start_frame, start_secs)) in starts.iter().enumerate() {
+            let (end_frame, end_secs) = starts.get(i + 1).copied().unwrap_or((n, end_secs_stream));
+            let keyframe = self.shot_keys.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                AnalysisError::Internal(format!("no keyframe for shot {i} (frames {start_frame}..{end_frame})"))
+            })?;
+            shots.push(Shot {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                start_frame,
+                end_frame,
+                start_secs,
+                end_secs,
+                keyframe,
+            });
+        }
+        Ok(ShotAnalysis {
+            detector: "content".to_string(),
+            threshold: self.threshold,
+            min_shot_frames: self.min_shot_frames,
+            frames_decoded: n,
+            frames_corrupt: self.frames_corrupt,
+            cuts: self.cuts,
+            shots,
+        })
+    }
+}
+
+fn version_text(v: u32) -> String {
+    format!("{}.{}.{}", v >> 16, (v >> 8) & 0xff, v & 0xff)
+}
+
+/// Analyzes one media file and returns its digest.
+///
+/// Synchronous and CPU-bound: run it on a blocking thread (e.g. `tokio::task::spawn_blocking`).
+/// Calls [`init_ffmpeg`] itself. `on_progress` is called at most once per
+/// [`PROGRESS_INTERVAL_MS`] of wall time. `cancel` is checked for every packet and every frame;
+/// once it is `true` the call returns [`AnalysisError::Cancelled`] promptly.
+///
+/// A file whose reading stops early (truncated, damaged) still gives the digest of what decoded
+/// if at least [`TRUNCATED_DECODED_FRACTION_MIN`] of its duration did (the shortfall shows as
+/// `frames_decoded` below the stream's `frames_declared`, and is logged at WARN).
+///
+/// # Errors
+/// See [`AnalysisError`]: missing or unreadable file, not media, no video stream, unsupported
+/// codec, oversize frames, undecodable or too-truncated video, bad options, cancellation.
+pub fn analyze_file(
+    path: &Path,
+    opts: &AnalyzeOptions,
+    on_progress: &mut dyn FnMut(ProgressUpdate),
+    cancel: &AtomicBool,
+) -> Result<Digest, AnalysisError> {
+    let started = Instant::now();
+    opts.validate()?;
+    match opts.profile {
+        Profile::Shots => {}
+    }
+    init_ffmpeg()?;
+    let (source, canonical) = source_info(path)?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(AnalysisError::Cancelled);
+    }
+    // "file:" pins FFmpeg to the local-file protocol whatever the path looks like.
+    let url = format!("file:{}", source.path);
+    let mut input = ffmpeg::format::input(&url)
+        .map_err(|e| AnalysisError::NotMedia { path: canonical.clone(), reason: e.to_string() })?;
+    let mut technical = probe::technical_metadata(&input);
+
+    let (stream_index, time_base, start_ts, fps, stream_duration, parameters) = {
+        let video = input
+            .streams()
+            .filter(|s| s.parameters().medium() == ffmpeg::media::Type::Video)
+            .filter(|s| !s.disposition().contains(ffmpeg::format::stream::Disposition::ATTACHED_PIC))
+            .max_by_key(|s| {
+                // Prefer the default-flagged stream, then the earliest.
+                (s.disposition().contains(ffmpeg::format::stream::Disposition::DEFAULT), std::cmp::Reverse(s.index()))
+            })
+            .ok_or_else(|| AnalysisError::NoVideoStream { streams: describe_streams(&technical) })?;
+        let tb = video.time_base();
+        (
+            video.index(),
+            tb,
+            Some(video.start_time()).filter(|&s| s != i64::MIN),
+            probe::frame_rate_fps(&video),
+            probe::ticks_to_secs(video.duration(), tb),
+            video.parameters(),
+        )
+    };
+    technical.primary_video_stream = u32::try_from(stream_index).ok();
+    let declared = technical.streams.get(stream_index);
+    let (declared_w, declared_h) =
+        (declared.and_then(|s| s.width).unwrap_or(0), declared.and_then(|s| s.height).unwrap_or(0));
+    if declared_w > FRAME_SIDE_PX_MAX || declared_h > FRAME_SIDE_PX_MAX {
+        return Err(AnalysisError::FrameTooLarge { width: declared_w, height: declared_h, max_px: FRAME_SIDE_PX_MAX });
+    }
+    let codec_name = declared.map(|s| s.codec.clone()).unwrap_or_default();
+
+    let threads = opts.effective_decode_threads();
+    let mut ctx = ffmpeg::codec::context::Context::from_parameters(parameters)
+        .map_err(|e| AnalysisError::DecodeFailed { reason: format!("bad codec parameters: {e}") })?;
+    ctx.set_threading(ffmpeg::threading::Config {
+        kind: ffmpeg::threading::Type::Frame,
+        count: threads,
+        ..Default::default()
+    });
+    let codec = ffmpeg::decoder::find(ctx.id())
+        .ok_or_else(|| AnalysisError::UnsupportedCodec { codec: codec_name.clone() })?;
+    let decoder_name = codec.name().to_string();
+    let mut decoder = ctx.decoder();
+    decoder.set_packet_time_base(time_base);
+    let max_pixels = (u64::from(FRAME_SIDE_PX_MAX) * u64::from(FRAME_SIDE_PX_MAX)).min(i32::MAX as u64).to_string();
+    let mut options = ffmpeg::Dictionary::new();
+    options.set("max_pixels", &max_pixels);
+    let mut decoder = decoder
+        .open_as_with(codec, options)
+        .and_then(|o| o.video())
+        .map_err(|e| AnalysisError::DecodeFailed { reason: format!("cannot open the {codec_name} decoder: {e}") })?;
+
+    let duration_secs = stream_duration.or(technical.duration_secs);
+    let tb_secs = if time_base.denominator() == 0 {
+        0.0
+    } else {
+        f64::from(time_base.numerator()) / f64::from(time_base.denominator())
+    };
+    let mut pipe = ShotsPipeline {
+        cancel,
+        on_progress,
+        threshold: opts.content_threshold,
+        min_shot_frames: opts.min_shot_frames,
+        time_base: tb_secs,
+        start_ts,
+        frame_duration_secs: fps.map_or(0.0, |f| 1.0 / f),
+        duration_secs,
+        last_progress: Instant::now(),
+        scaler: None,
+        processing: None,
+        small: ffmpeg::frame::Video::empty(),
+        detector: None,
+        thumbnailer: None,
+        keyframes: KeyframePicker::new(opts.min_shot_frames),
+        frames_decoded: 0,
+        frames_corrupt: 0,
+        consecutive_errors: 0,
+        last_error: None,
+        first_time_secs: None,
+        last_time_secs: 0.0,
+        cuts: Vec::new(),
+        shot_keys: Vec::new(),
+    };
+
+    let mut packet = ffmpeg::Packet::empty();
+    let mut frame = ffmpeg::frame::Video::empty();
+    let mut read_error: Option<ffmpeg::Error> = None;
+    loop {
+        pipe.check_cancel()?;
+        match packet.read(&mut input) {
+            Ok(()) => {}
+            Err(ffmpeg::Error::Eof) => break,
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        }
+        if packet.stream() != stream_index {
+            continue;
+        }
+        match decoder.send_packet(&packet) {
+            Ok(()) => {}
+            Err(e) => pipe.decode_error(e)?,
+        }
+        pipe.drain(&mut decoder, &mut frame)?;
+    }
+    // Flush the decoder: frame threading and B-frames hold frames back until EOF.
+    if decoder.send_eof().is_ok() {
+        pipe.drain(&mut decoder, &mut frame)?;
+    }
+
+    let n = pipe.frames_decoded;
+    if n == 0 {
+        let why = read_error
+            .map(|e| e.to_string())
+            .or_else(|| pipe.last_error.clone())
+            .unwrap_or_else(|| "the stream has no frames".to_string());
+        return Err(AnalysisError::DecodeFailed { reason: format!("no video frame could be decoded ({why})") });
+    }
+    if pipe.frames_corrupt > n {
+        return Err(AnalysisError::DecodeFailed {
+            reason: format!(
+                "{} packets failed to decode and only {n} frames decoded (last error: {})",
+                pipe.frames_corrupt,
+                pipe.last_error.as_deref().unwrap_or("unknown")
+            ),
+        });
+    }
+    // A truncated file usually just ends (EOF, no read error), so also compare the media time
+    // decoded with the declared duration.
+    let decoded_secs = pipe.last_time_secs + pipe.frame_duration_secs;
+    let short = duration_secs.is_some_and(|total| decoded_secs < total * TRUNCATED_SHORT_FRACTION);
+    if read_error.is_some() || short {
+        let why = read_error.map_or_else(|| "the data ends early".to_string(), |e| e.to_string());
+        let total = duration_secs.unwrap_or(0.0);
+        if total > 0.0 && decoded_secs < total * TRUNCATED_DECODED_FRACTION_MIN {
+            return Err(AnalysisError::DecodeFailed {
+                reason: format!(
+                    "the file is truncated or damaged: only {decoded_secs:.1} s of {total:.1} s could be decoded ({why})"
+                ),
+            });
+        }
+        tracing::warn!(
+            path = %source.path, reason = %why, decoded_secs, declared_secs = total, frames = n,
+            "reading stopped early; the digest covers only the decoded part"
+        );
+    }
+
+    let (pw, ph) = pipe.processing.unwrap_or((0, 0));
+    let scale_flags = if technical
+        .streams
+        .get(stream_index)
+        .is_some_and(|s| s.width == Some(pw) && s.height == Some(ph))
+    {
+        "bicubic (convert only)"
+    } else {
+        "fast_bilinear"
+    };
+    let analyzers = vec![
+        AnalyzerInfo {
+            name: "decode.ffmpeg".to_string(),
+            version: format!(
+                "libavformat {} libavcodec {} libswscale {}",
+                version_text(ffmpeg::format::version()),
+                version_text(ffmpeg::codec::version()),
+                version_text(ffmpeg::software::scaling::version())
+            ),
+            parameters: vec![
+                ("decoder".to_string(), decoder_name),
+                ("thread_type".to_string(), "frame".to_string()),
+                ("threads".to_string(), threads.to_string()),
+            ],
+        },
+        AnalyzerInfo {
+            name: "shots.content".to_string(),
+            version: SHOTS_ANALYZER_VERSION.to_string(),
+            parameters: vec![
+                ("reference".to_string(), "PySceneDetect 0.7.2 ContentDetector (detect-content defaults)".to_string()),
+                ("threshold".to_string(), opts.content_threshold.to_string()),
+                ("min_shot_frames".to_string(), opts.min_shot_frames.to_string()),
+                ("weights".to_string(), "hue=1,sat=1,lum=1,edges=0".to_string()),
+                ("filter_mode".to_string(), "merge".to_string()),
+                ("processing_size".to_string(), format!("{pw}x{ph}")),
+                ("scale".to_string(), scale_flags.to_string()),
+            ],
+        },
+        AnalyzerInfo {
+            name: "keyframes.phash".to_string(),
+            version: SHOTS_ANALYZER_VERSION.to_string(),
+            parameters: vec![
+                ("selection".to_string(), "middle frame of each shot".to_string()),
+                ("hash".to_string(), keyframes::PHASH_DESCRIPTION.to_string()),
+            ],
+        },
+    ];
+    let shots = pipe.finish(n)?;
+    Ok(Digest {
+        schema_version: DIGEST_SCHEMA_VERSION,
+        profile: opts.profile.as_str().to_string(),
+        source,
+        technical,
+        shots,
+        analyzers,
+        analysis_secs: started.elapsed().as_secs_f64(),
+    })
+}

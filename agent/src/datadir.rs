@@ -1,0 +1,111 @@
+//! The agent's data directory.
+//!
+//! ```text
+//! DATA_DIR/          0700
+//!   agent.json       identity and where the control plane is (written by `enroll`)
+//!   agent.key        the agent's private key, generated here, 0600; never leaves the box
+//!   agent.pem        the agent's certificate (URI SAN urn:gaffer:agent:<id>), signed by the fleet CA
+//!   ca.pem           the fleet CA, the only root the agent trusts
+//!   state/           sled database: the outbox and the watch-folder ledger (see outbox, runner)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use gaffer_protocol::messages::AgentId;
+use serde::{Deserialize, Serialize};
+
+use crate::AgentError;
+
+/// `agent.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentIdentity {
+    /// The agent's id (its certificate's URI SAN).
+    pub agent_id: AgentId,
+    /// The site it enrolled into.
+    pub site: String,
+    /// `HOST:PORT` of the control plane's QUIC endpoint.
+    pub control_addr: String,
+    /// SHA-256 fingerprint of the fleet CA, lowercase hex.
+    pub ca_fingerprint: String,
+    /// When it enrolled, Unix milliseconds.
+    pub enrolled_at_ms: u64,
+}
+
+/// Paths inside an agent data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// The data directory at `root` (not checked).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `agent.json`.
+    pub fn identity_path(&self) -> PathBuf {
+        self.root.join("agent.json")
+    }
+    /// Private key (0600).
+    pub fn key_path(&self) -> PathBuf {
+        self.root.join("agent.key")
+    }
+    /// Certificate.
+    pub fn cert_path(&self) -> PathBuf {
+        self.root.join("agent.pem")
+    }
+    /// Fleet CA.
+    pub fn ca_path(&self) -> PathBuf {
+        self.root.join("ca.pem")
+    }
+    /// sled state.
+    pub fn state_path(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    /// Reads `agent.json`.
+    ///
+    /// # Errors
+    /// [`AgentError::NotEnrolled`] if the agent has not enrolled, [`AgentError::Io`] otherwise.
+    pub fn load_identity(&self) -> Result<AgentIdentity, AgentError> {
+        let path = self.identity_path();
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                AgentError::NotEnrolled { data_dir: self.root.display().to_string() }
+            } else {
+                AgentError::io(&path, e)
+            }
+        })?;
+        serde_json::from_str(&text).map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads one of the data directory's text files.
+    ///
+    /// # Errors
+    /// [`AgentError::Io`].
+    pub fn read(&self, path: &Path) -> Result<String, AgentError> {
+        std::fs::read_to_string(path).map_err(|e| AgentError::io(path, e))
+    }
+
+    /// Creates the directory with mode 0700.
+    ///
+    /// # Errors
+    /// [`AgentError::AlreadyEnrolled`] if `agent.json` exists, [`AgentError::Io`].
+    pub fn create(&self) -> Result<(), AgentError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if self.identity_path().exists() {
+            return Err(AgentError::AlreadyEnrolled { data_dir: self.root.display().to_string() });
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|e| AgentError::io(&self.root, e))?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700)).map_err(|e| AgentError::io(&self.root, e))
+    }
+}

@@ -1,0 +1,143 @@
+//! Enrollment: turn a one-time token into a certificate, keeping the private key on this box.
+//!
+//! 1. Generate the agent id and an ECDSA P-256 key here; write the key 0600.
+//! 2. Connect with ALPN `gaffer-enroll/1`; the TLS verifier accepts the control plane only if its
+//!    chain ends in a CA whose SHA-256 matches `--ca-fingerprint` (so the token is never sent to an
+//!    impostor).
+//! 3. Send token + CSR; receive the signed certificate; check it is for our key and id; store it
+//!    with the CA taken from the verified TLS chain.
+
+use std::time::Duration;
+
+use gaffer_certs::{AgentKey, CaFingerprint};
+use gaffer_protocol::codec::{encode_frame, FrameDecoder};
+use gaffer_protocol::enroll::{EnrollRequest, EnrollResponse, ENROLL_FRAME_BYTES_MAX};
+use gaffer_protocol::version::VersionRange;
+
+use crate::datadir::{AgentIdentity, DataDir};
+use crate::link::{client_endpoint, resolve, server_name_of};
+use crate::AgentError;
+
+/// How long enrollment may take end to end.
+pub const ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What `gaffer-agent enroll` needs.
+#[derive(Debug, Clone)]
+pub struct EnrollParams {
+    /// `HOST:PORT` of the control plane's QUIC endpoint.
+    pub control_addr: String,
+    /// The one-time token (secret).
+    pub token: String,
+    /// Fingerprint printed with the token.
+    pub ca_fingerprint: CaFingerprint,
+    /// Site the operator expects; the control plane refuses a token for another site.
+    pub site: Option<String>,
+}
+
+/// Enrolls the agent into `data_dir` and returns its identity.
+///
+/// # Errors
+/// [`AgentError::AlreadyEnrolled`]; [`AgentError::Unreachable`] when the control plane cannot be
+/// reached or its CA does not match the fingerprint (the message says which); [`AgentError::Refused`]
+/// when the token is unknown, used, expired or for another site.
+pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentIdentity, AgentError> {
+    data_dir.create()?;
+    let agent_id = uuid::Uuid::new_v4();
+    let key = AgentKey::generate()?;
+    gaffer_certs::write_secret_file(&data_dir.key_path(), key.key_pem().as_bytes())?;
+    let csr_pem = key.csr_pem(agent_id)?;
+
+    let addr = resolve(&params.control_addr).await?;
+    let server_name = server_name_of(&params.control_addr)?;
+    let tls = gaffer_certs::client_config_enroll(params.ca_fingerprint)?;
+    let endpoint = client_endpoint(addr, tls)?;
+    let unreachable = |detail: String| AgentError::Unreachable { addr: params.control_addr.clone(), detail };
+
+    let exchange = async {
+        let conn = endpoint
+            .connect(addr, &server_name)
+            .map_err(|e| unreachable(e.to_string()))?
+            .await
+            .map_err(|e| unreachable(explain_connection_error(&e, &params.ca_fingerprint)))?;
+        let peer_certs = conn
+            .peer_identity()
+            .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+            .ok_or_else(|| AgentError::Protocol("control plane presented no certificate".into()))?;
+        let ca_pem = gaffer_certs::enrolled_ca_pem(&peer_certs, params.ca_fingerprint)?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+        let req = EnrollRequest {
+            versions: VersionRange::ours(),
+            token: params.token.trim().to_owned(),
+            agent_id,
+            csr_pem,
+            hostname: crate::hostname(),
+            site: params.site.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        send.write_all(&encode_frame(&req, ENROLL_FRAME_BYTES_MAX)?).await.map_err(|e| unreachable(e.to_string()))?;
+        let _ = send.finish();
+        let mut dec = FrameDecoder::new(ENROLL_FRAME_BYTES_MAX);
+        let mut buf = vec![0u8; 16 * 1024];
+        let resp: EnrollResponse = loop {
+            if let Some(m) = dec.next_message()? {
+                break m;
+            }
+            match recv.read(&mut buf).await.map_err(|e| unreachable(e.to_string()))? {
+                Some(n) => dec.push(&buf[..n]),
+                None => {
+                    dec.finish()?;
+                    return Err(AgentError::Protocol("control plane closed without answering".into()));
+                }
+            }
+        };
+        conn.close(0u32.into(), b"enrolled");
+        Ok::<_, AgentError>((resp, ca_pem))
+    };
+    let (resp, ca_pem) = tokio::time::timeout(ENROLL_TIMEOUT, exchange)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {}s", ENROLL_TIMEOUT.as_secs())))??;
+    endpoint.wait_idle().await;
+
+    let (site, cert_pem) = match resp {
+        EnrollResponse::Enrolled { agent_id: granted, site, cert_pem, ca_pem: _ } => {
+            if granted != agent_id {
+                return Err(AgentError::Protocol(format!("asked to enroll {agent_id}, got a certificate for {granted}")));
+            }
+            (site, cert_pem)
+        }
+        EnrollResponse::Refused { reason } => {
+            // Nothing usable was written but the key: remove it so the directory can be reused.
+            let _ = std::fs::remove_file(data_dir.key_path());
+            return Err(AgentError::Refused(reason));
+        }
+    };
+    let cert_id = key.check_issued_cert(&cert_pem)?;
+    if cert_id != agent_id {
+        return Err(AgentError::Protocol(format!("certificate names agent {cert_id}, expected {agent_id}")));
+    }
+    std::fs::write(data_dir.cert_path(), &cert_pem).map_err(|e| AgentError::io(&data_dir.cert_path(), e))?;
+    std::fs::write(data_dir.ca_path(), &ca_pem).map_err(|e| AgentError::io(&data_dir.ca_path(), e))?;
+    let identity = AgentIdentity {
+        agent_id,
+        site,
+        control_addr: params.control_addr.clone(),
+        ca_fingerprint: params.ca_fingerprint.to_string(),
+        enrolled_at_ms: crate::now_ms(),
+    };
+    let json = serde_json::to_string_pretty(&identity).map_err(|e| AgentError::Config(e.to_string()))?;
+    std::fs::write(data_dir.identity_path(), json).map_err(|e| AgentError::io(&data_dir.identity_path(), e))?;
+    Ok(identity)
+}
+
+/// Turns a connection error into advice, recognizing a CA fingerprint mismatch.
+fn explain_connection_error(e: &quinn::ConnectionError, expected: &CaFingerprint) -> String {
+    let text = e.to_string();
+    if text.contains("fingerprint") {
+        format!(
+            "{text}. The control plane's CA is not the one whose fingerprint you gave ({expected}): check --ca-fingerprint \
+             against the output of `gaffer-control token create`, and that --control points at the right host"
+        )
+    } else {
+        text
+    }
+}

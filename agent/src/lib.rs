@@ -1,0 +1,98 @@
+//! `gaffer-agent`: the agent that runs on each GPU box.
+//!
+//! * [`enroll`]: one-time enrollment with a token, verifying the control plane by CA fingerprint.
+//! * [`link`]: the mTLS QUIC link: Hello, heartbeats, assignments, outbox delivery, reconnects.
+//! * [`outbox`]: durable, acknowledged delivery of everything that matters.
+//! * [`runner`]: runs assigned jobs on blocking threads within the configured slots.
+//! * [`analysis`]: FFmpeg decode → shot detection, keyframes, technical metadata → digest.
+//! * [`health`]: host and GPU (NVML) health.
+//! * [`watch`]: watch folders that turn new media files into jobs.
+//! * [`datadir`]: the data directory layout.
+//!
+//! Architecture invariant: nothing in this crate sends frames, audio or file bytes to the network;
+//! the only things that leave the box are [`gaffer_protocol`] messages (metadata and health).
+#![warn(missing_docs)]
+
+pub mod analysis;
+pub mod datadir;
+pub mod enroll;
+pub mod health;
+pub mod link;
+pub mod outbox;
+pub mod runner;
+pub mod watch;
+
+use std::path::Path;
+
+/// Errors of the agent library.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The data directory has no enrollment yet.
+    #[error("{data_dir} is not enrolled: run `gaffer-agent enroll --data-dir {data_dir} ...` first")]
+    NotEnrolled {
+        /// The data directory.
+        data_dir: String,
+    },
+    /// `enroll` was run on a data directory that is already enrolled.
+    #[error("{data_dir} is already enrolled; use a new --data-dir to enroll again")]
+    AlreadyEnrolled {
+        /// The data directory.
+        data_dir: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Invalid configuration or arguments; the message says which.
+    #[error("{0}")]
+    Config(String),
+    /// Certificates or keys could not be made or used.
+    #[error(transparent)]
+    Cert(#[from] gaffer_certs::CertError),
+    /// The control plane could not be reached or the connection failed; retrying may help.
+    #[error("cannot reach the control plane at {addr}: {detail}")]
+    Unreachable {
+        /// `HOST:PORT`.
+        addr: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The control plane refused us; the reason says what to do.
+    #[error("the control plane refused: {0}")]
+    Refused(String),
+    /// The peer broke the protocol, or a message could not be framed.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The local state database failed.
+    #[error("agent state database: {0}")]
+    State(#[from] sled::Error),
+}
+
+impl AgentError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        AgentError::Io { path: path.display().to_string(), source }
+    }
+}
+
+impl From<gaffer_protocol::CodecError> for AgentError {
+    fn from(e: gaffer_protocol::CodecError) -> Self {
+        AgentError::Protocol(e.to_string())
+    }
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// This host's name, for display (empty if unknown).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+}

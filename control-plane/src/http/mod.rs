@@ -1,0 +1,256 @@
+//! The control plane's HTTP side: the JSON API under `/api/v1` (bearer tokens), the
+//! server-rendered dashboard (askama templates from `dashboards/templates`, session cookie +
+//! per-session CSRF token), `GET /metrics` (Prometheus, no auth) and `GET /static/app.css`.
+//!
+//! Build it with [`router`] and serve it with `axum::serve`, or call it directly in tests with
+//! `router(state).oneshot(request)`.
+//!
+//! Every response that reports a problem goes through one error type, [`AppError`]: clients get
+//! `{"error": "..."}` from the API and an HTML error page from the dashboard ([`PageError`]);
+//! internal details (store failures) are logged with `tracing::error!` and never shown. Tokens,
+//! passwords and cookies are never logged.
+//!
+//! Limits: request bodies are capped at [`REQUEST_BODY_BYTES_MAX`] (64 KiB, 413 beyond), and
+//! every request at [`REQUEST_TIMEOUT_SECS`] (30 s, then 503).
+
+mod api;
+mod auth;
+mod dashboard;
+mod view;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::scheduler::SubmitError;
+use crate::store::StoreError;
+use crate::AppState;
+
+pub use auth::{LoginThrottle, SESSION_COOKIE, SESSION_TTL_MS};
+
+/// Largest accepted request body, bytes (64 KiB).
+pub const REQUEST_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Longest a request may take before it is answered with 503, seconds.
+pub const REQUEST_TIMEOUT_SECS: u64 = 30;
+
+/// The dashboard's stylesheet, compiled in and served at `/static/app.css`.
+const APP_CSS: &str = include_str!("../../../dashboards/static/app.css");
+
+/// State of the HTTP handlers: the shared [`AppState`] plus what only HTTP needs.
+#[derive(Clone)]
+pub(crate) struct HttpState {
+    pub(crate) app: AppState,
+    pub(crate) logins: Arc<LoginThrottle>,
+}
+
+/// The whole HTTP surface: `/api/v1/*`, the dashboard, `/metrics`, `/static/app.css`, with the
+/// body-size limit, the request timeout and request tracing applied.
+pub fn router(state: AppState) -> Router {
+    let state = HttpState {
+        app: state,
+        logins: Arc::new(LoginThrottle::default()),
+    };
+    let api = Router::new()
+        .route("/agents", get(api::list_agents))
+        .route("/agents/{id}", get(api::get_agent))
+        .route("/jobs", get(api::list_jobs).post(api::submit_job))
+        .route("/jobs/{id}", get(api::get_job))
+        .fallback(api::not_found);
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/", get(dashboard::fleet))
+        .route("/login", get(dashboard::login_form).post(dashboard::login))
+        .route("/logout", post(dashboard::logout))
+        .route("/agents/{id}", get(dashboard::agent_page))
+        .route(
+            "/jobs",
+            get(dashboard::jobs_page).post(dashboard::submit_job),
+        )
+        .route("/jobs/new", get(dashboard::new_job_form))
+        .route("/jobs/{id}", get(dashboard::job_page))
+        .route("/metrics", get(metrics))
+        .route("/static/app.css", get(stylesheet))
+        .fallback(dashboard::not_found)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
+        .layer(RequestBodyLimitLayer::new(REQUEST_BODY_BYTES_MAX))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(REQUEST_TIMEOUT_SECS),
+        ))
+        .layer(TraceLayer::new_for_http())
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<HttpState>) -> Response {
+    let text = state.app.metrics.encode(state.app.store.as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            crate::metrics::OPENMETRICS_CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        APP_CSS,
+    )
+        .into_response()
+}
+
+/// Everything an HTTP handler can fail with. The variant says what the client can do about it.
+///
+/// As a response it is JSON `{"error": "<message>"}` with the variant's status; wrap it in
+/// [`PageError`] for an HTML page. [`AppError::Store`] and [`AppError::Internal`] show a generic
+/// message and log the detail.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The request is malformed (bad JSON, malformed id, bad query); fix it and resend. 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request is well-formed but its values are refused (relative path, unknown profile or
+    /// agent); fix the named field. 422.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// No valid credentials: send `Authorization: Bearer gfa_…` (API) or log in (dashboard). 401.
+    #[error("a valid API token is required (Authorization: Bearer gfa_…)")]
+    Unauthorized,
+    /// A form's CSRF token did not match the session; reload the form and submit again. 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The named thing does not exist. 404.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Too many failed logins; retry after the given number of seconds. 429.
+    #[error("too many failed logins; try again in {0} s")]
+    TooManyAttempts(u64),
+    /// The body is larger than [`REQUEST_BODY_BYTES_MAX`]. 413.
+    #[error("request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")]
+    PayloadTooLarge,
+    /// The store failed; retrying later may succeed. 503, detail logged only.
+    #[error("the control plane's store is unavailable; try again shortly")]
+    Store(#[from] StoreError),
+    /// A bug or an unexpected failure. 500, detail logged only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl AppError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::TooManyAttempts(_) => StatusCode::TOO_MANY_REQUESTS,
+            AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The message shown to the user; logs the detail of server-side failures.
+    fn public_message(&self) -> String {
+        match self {
+            AppError::Store(e) => {
+                tracing::error!(error = %e, "store failure while serving a request");
+                self.to_string()
+            }
+            AppError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error while serving a request");
+                self.to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<SubmitError> for AppError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Invalid(msg) => AppError::Unprocessable(msg),
+            e @ SubmitError::UnknownAgent(_) => AppError::Unprocessable(e.to_string()),
+            SubmitError::Store(e) => AppError::Store(e),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = serde_json::json!({ "error": self.public_message() });
+        (status, Json(body)).into_response()
+    }
+}
+
+/// An [`AppError`] shown as an HTML page (the dashboard's error type).
+#[derive(Debug)]
+pub struct PageError(pub AppError);
+
+impl<E: Into<AppError>> From<E> for PageError {
+    fn from(e: E) -> Self {
+        PageError(e.into())
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        let page = view::ErrorPage {
+            status: status.as_u16(),
+            reason: status.canonical_reason().unwrap_or("Error"),
+            message: self.0.public_message(),
+        };
+        let mut response = Page(page).into_response();
+        *response.status_mut() = status;
+        response
+    }
+}
+
+/// An askama template rendered as an HTML response: the one place templates become responses.
+/// Adds `Cache-Control: no-store` and a Content-Security-Policy that allows only our own
+/// stylesheet (no scripts at all).
+pub struct Page<T>(pub T);
+
+impl<T: askama::Template> IntoResponse for Page<T> {
+    fn into_response(self) -> Response {
+        match self.0.render() {
+            Ok(html) => {
+                let mut response = Html(html).into_response();
+                let headers = response.headers_mut();
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                headers.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(
+                        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+                    ),
+                );
+                headers.insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                );
+                response
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "template rendering failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+            }
+        }
+    }
+}

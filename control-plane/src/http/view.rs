@@ -1,0 +1,591 @@
+//! Dashboard view models (askama templates from `dashboards/templates`) and the formatting they
+//! need. Handlers turn store records into these plain structs of display strings, so the templates
+//! hold no logic beyond loops and conditionals. askama escapes every `{{ }}` by default.
+
+use askama::Template;
+use gaffer_protocol::digest::{Digest, StreamInfo, StreamKind};
+use gaffer_protocol::health::{Health, HealthSource};
+
+use crate::store::{AgentRecord, HealthSample, JobRecord, UnixMs};
+
+/// `HH:MM:SS.mmm` of a presentation time in seconds (negative or non-finite shown as 0).
+pub(crate) fn timecode(secs: f64) -> String {
+    let ms_total = if secs.is_finite() && secs > 0.0 {
+        (secs * 1000.0).round() as u64
+    } else {
+        0
+    };
+    let (h, rem) = (ms_total / 3_600_000, ms_total % 3_600_000);
+    let (m, rem) = (rem / 60_000, rem % 60_000);
+    let (s, ms) = (rem / 1000, rem % 1000);
+    format!("{h:02}:{m:02}:{s:02}.{ms:03}")
+}
+
+/// "12 s ago", "5 min ago", "3 h ago", "2 d ago"; "never" for `None`; "just now" for the future.
+pub(crate) fn relative(then_ms: Option<UnixMs>, now_ms: UnixMs) -> String {
+    let Some(then) = then_ms else {
+        return "never".into();
+    };
+    let secs = now_ms.saturating_sub(then) / 1000;
+    match secs {
+        0 => "just now".into(),
+        1..=59 => format!("{secs} s ago"),
+        60..=3599 => format!("{} min ago", secs / 60),
+        3600..=86_399 => format!("{} h ago", secs / 3600),
+        _ => format!("{} d ago", secs / 86_400),
+    }
+}
+
+/// Bytes as GiB/MiB with one decimal.
+pub(crate) fn bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let f = n as f64;
+    if f >= GIB {
+        format!("{:.1} GiB", f / GIB)
+    } else {
+        format!("{:.1} MiB", f / MIB)
+    }
+}
+
+/// UTC date-time `YYYY-MM-DD HH:MM:SS UTC` of Unix milliseconds.
+pub(crate) fn utc(ms: UnixMs) -> String {
+    let fmt =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Percent used of `used` out of `total`, 0 when total is 0.
+fn percent(used: u64, total: u64) -> u32 {
+    if total == 0 {
+        0
+    } else {
+        ((used as f64 / total as f64) * 100.0)
+            .round()
+            .clamp(0.0, 100.0) as u32
+    }
+}
+
+/// One GPU's live numbers.
+pub(crate) struct GpuRow {
+    pub index: u32,
+    pub name: String,
+    pub util_percent: u32,
+    pub memory: String,
+    pub memory_percent: u32,
+    pub temperature_c: u32,
+    pub power: String,
+}
+
+/// Latest health, ready to show.
+pub(crate) struct HealthView {
+    /// "CPU only" reason, when NVML is unavailable.
+    pub cpu_only_reason: Option<String>,
+    /// NVIDIA driver version, when NVML loaded.
+    pub driver: Option<String>,
+    pub cpu_percent: String,
+    pub memory: String,
+    pub memory_percent: u32,
+    pub load: String,
+    pub gpus: Vec<GpuRow>,
+    pub disks: Vec<String>,
+    pub received: String,
+}
+
+impl HealthView {
+    pub(crate) fn new(sample: &HealthSample, now_ms: UnixMs) -> Self {
+        let h = &sample.health;
+        let (cpu_only_reason, driver) = match &h.source {
+            HealthSource::CpuOnly { reason } => (Some(reason.clone()), None),
+            HealthSource::Nvml { driver_version } => (None, Some(driver_version.clone())),
+        };
+        HealthView {
+            cpu_only_reason,
+            driver,
+            cpu_percent: format!("{:.0}%", h.cpu_percent),
+            memory: format!(
+                "{} / {}",
+                bytes(h.memory_used_bytes),
+                bytes(h.memory_total_bytes)
+            ),
+            memory_percent: percent(h.memory_used_bytes, h.memory_total_bytes),
+            load: format!("{:.2}", h.load_avg_1m),
+            gpus: h
+                .gpus
+                .iter()
+                .map(|g| GpuRow {
+                    index: g.index,
+                    name: g.name.clone(),
+                    util_percent: g.utilization_percent.min(100),
+                    memory: format!(
+                        "{} / {}",
+                        bytes(g.memory_used_bytes),
+                        bytes(g.memory_total_bytes)
+                    ),
+                    memory_percent: percent(g.memory_used_bytes, g.memory_total_bytes),
+                    temperature_c: g.temperature_c,
+                    power: g
+                        .power_w
+                        .map(|w| format!("{w:.0} W"))
+                        .unwrap_or_else(|| "–".into()),
+                })
+                .collect(),
+            disks: h
+                .disks
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{}: {} free of {}",
+                        d.path,
+                        bytes(d.available_bytes),
+                        bytes(d.total_bytes)
+                    )
+                })
+                .collect(),
+            received: relative(Some(sample.received_at_ms), now_ms),
+        }
+    }
+}
+
+/// One agent in the fleet table.
+pub(crate) struct AgentRow {
+    pub id: String,
+    pub site: String,
+    pub hostname: String,
+    pub online: bool,
+    pub last_seen: String,
+    pub version: String,
+    pub health: Option<HealthView>,
+    pub jobs_running: usize,
+    pub slots: String,
+}
+
+impl AgentRow {
+    pub(crate) fn new(a: &AgentRecord, jobs_running: usize, now_ms: UnixMs) -> Self {
+        AgentRow {
+            id: a.id.to_string(),
+            site: a.site.clone(),
+            hostname: a.hostname.clone(),
+            online: a.connected,
+            last_seen: relative(a.last_seen_ms, now_ms),
+            version: a.agent_version.clone().unwrap_or_else(|| "–".into()),
+            health: a.last_health.as_ref().map(|s| HealthView::new(s, now_ms)),
+            jobs_running,
+            slots: a
+                .capabilities
+                .as_ref()
+                .map(|c| c.job_slots.to_string())
+                .unwrap_or_else(|| "?".into()),
+        }
+    }
+}
+
+/// One job in a table.
+pub(crate) struct JobRow {
+    pub id: String,
+    pub path: String,
+    pub site: String,
+    pub profile: String,
+    pub state: String,
+    pub finished: bool,
+    /// 0..=100.
+    pub progress_percent: u32,
+    pub frames_decoded: u64,
+    pub agent: Option<String>,
+    pub pinned_agent: Option<String>,
+    pub origin: String,
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub created: String,
+    pub updated: String,
+    pub finished_at: Option<String>,
+}
+
+impl JobRow {
+    pub(crate) fn new(j: &JobRecord, now_ms: UnixMs) -> Self {
+        let progress = if j.progress.is_finite() {
+            j.progress.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        JobRow {
+            id: j.id.to_string(),
+            path: j.path.clone(),
+            site: j.site.clone(),
+            profile: j.profile.as_str().into(),
+            state: j.state.as_str().into(),
+            finished: j.state.is_terminal(),
+            progress_percent: (progress * 100.0).round() as u32,
+            frames_decoded: j.frames_decoded,
+            agent: j.agent.map(|a| a.to_string()),
+            pinned_agent: j.pinned_agent.map(|a| a.to_string()),
+            origin: match &j.origin {
+                crate::store::JobOrigin::Api => "API / dashboard".into(),
+                crate::store::JobOrigin::WatchFolder { agent } => {
+                    format!("watch folder of {agent}")
+                }
+            },
+            error: j.error.clone(),
+            attempts: j.attempts,
+            created: relative(Some(j.created_at_ms), now_ms),
+            updated: relative(Some(j.updated_at_ms), now_ms),
+            finished_at: j.finished_at_ms.map(utc),
+        }
+    }
+}
+
+/// One stream of the container.
+pub(crate) struct StreamRow {
+    pub index: u32,
+    pub kind: &'static str,
+    pub codec: String,
+    pub detail: String,
+    pub duration: String,
+    pub bit_rate: String,
+    pub language: String,
+}
+
+impl StreamRow {
+    fn new(s: &StreamInfo) -> Self {
+        let kind = match s.kind {
+            StreamKind::Video => "video",
+            StreamKind::Audio => "audio",
+            StreamKind::Subtitle => "subtitle",
+            StreamKind::Data => "data",
+            StreamKind::Attachment => "attachment",
+            StreamKind::Unknown => "unknown",
+        };
+        let mut detail = Vec::new();
+        if let (Some(w), Some(h)) = (s.width, s.height) {
+            detail.push(format!("{w}×{h}"));
+        }
+        if let Some(p) = &s.pixel_format {
+            detail.push(p.clone());
+        }
+        if let Some(fps) = s.frame_rate_fps {
+            detail.push(format!("{fps:.3} fps"));
+        }
+        if let Some(hz) = s.sample_rate_hz {
+            detail.push(format!("{hz} Hz"));
+        }
+        if let Some(ch) = s.channels {
+            detail.push(format!("{ch} ch"));
+        }
+        detail.push(format!("time base {}/{}", s.time_base.0, s.time_base.1));
+        StreamRow {
+            index: s.index,
+            kind,
+            codec: s.codec.clone(),
+            detail: detail.join(", "),
+            duration: s.duration_secs.map(timecode).unwrap_or_else(|| "–".into()),
+            bit_rate: s
+                .bit_rate_bps
+                .map(|b| format!("{} kb/s", b / 1000))
+                .unwrap_or_else(|| "–".into()),
+            language: s.language.clone().unwrap_or_else(|| "–".into()),
+        }
+    }
+}
+
+/// One shot of the shot list.
+pub(crate) struct ShotRow {
+    pub index: u32,
+    pub start_tc: String,
+    pub end_tc: String,
+    pub start_frame: u64,
+    pub end_frame: u64,
+    pub frames: u64,
+    pub keyframe_tc: String,
+    pub keyframe_frame: u64,
+    pub phash: String,
+}
+
+/// A digest, ready to show.
+pub(crate) struct DigestView {
+    pub container: String,
+    pub container_long_name: String,
+    pub duration: String,
+    pub bit_rate: String,
+    pub streams: Vec<StreamRow>,
+    pub detector: String,
+    pub threshold: String,
+    pub min_shot_frames: u32,
+    pub frames_decoded: u64,
+    pub frames_corrupt: u64,
+    pub cut_count: usize,
+    pub shots: Vec<ShotRow>,
+    pub analyzers: Vec<String>,
+    pub analysis_secs: String,
+    pub schema_version: u32,
+    pub source_size: String,
+}
+
+impl DigestView {
+    pub(crate) fn new(d: &Digest) -> Self {
+        let t = &d.technical;
+        DigestView {
+            container: t.container.clone(),
+            container_long_name: t.container_long_name.clone(),
+            duration: t.duration_secs.map(timecode).unwrap_or_else(|| "–".into()),
+            bit_rate: t
+                .bit_rate_bps
+                .map(|b| format!("{} kb/s", b / 1000))
+                .unwrap_or_else(|| "–".into()),
+            streams: t.streams.iter().map(StreamRow::new).collect(),
+            detector: d.shots.detector.clone(),
+            threshold: format!("{:.1}", d.shots.threshold),
+            min_shot_frames: d.shots.min_shot_frames,
+            frames_decoded: d.shots.frames_decoded,
+            frames_corrupt: d.shots.frames_corrupt,
+            cut_count: d.shots.cuts.len(),
+            shots: d
+                .shots
+                .shots
+                .iter()
+                .map(|s| ShotRow {
+                    index: s.index,
+                    start_tc: timecode(s.start_secs),
+                    end_tc: timecode(s.end_secs),
+                    start_frame: s.start_frame,
+                    end_frame: s.end_frame,
+                    frames: s.end_frame.saturating_sub(s.start_frame),
+                    keyframe_tc: timecode(s.keyframe.time_secs),
+                    keyframe_frame: s.keyframe.frame,
+                    phash: s.keyframe.phash.clone(),
+                })
+                .collect(),
+            analyzers: d
+                .analyzers
+                .iter()
+                .map(|a| {
+                    let params: Vec<String> = a
+                        .parameters
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    format!("{} {} ({})", a.name, a.version, params.join(", "))
+                })
+                .collect(),
+            analysis_secs: format!("{:.1} s", d.analysis_secs),
+            schema_version: d.schema_version,
+            source_size: bytes(d.source.size_bytes),
+        }
+    }
+}
+
+/// One row of the health history table.
+pub(crate) struct HistoryRow {
+    pub at: String,
+    pub cpu_percent: String,
+    pub memory: String,
+    pub load: String,
+    pub gpu_util: String,
+    pub jobs: String,
+}
+
+/// Width and height of the sparkline's SVG viewBox.
+pub(crate) const SPARK_W: u32 = 300;
+/// See [`SPARK_W`].
+pub(crate) const SPARK_H: u32 = 40;
+
+/// SVG polyline points (`"x,y x,y …"`) of percentages 0..=100 across the sparkline box; empty
+/// for fewer than two values.
+pub(crate) fn sparkline(values: &[f64]) -> String {
+    if values.len() < 2 {
+        return String::new();
+    }
+    let step = f64::from(SPARK_W) / (values.len() - 1) as f64;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = if v.is_finite() {
+                v.clamp(0.0, 100.0)
+            } else {
+                0.0
+            };
+            format!(
+                "{:.1},{:.1}",
+                i as f64 * step,
+                f64::from(SPARK_H) * (1.0 - v / 100.0)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Mean GPU utilization of a report, percent, `None` without GPUs.
+pub(crate) fn mean_gpu_util(h: &Health) -> Option<f64> {
+    if h.gpus.is_empty() {
+        None
+    } else {
+        Some(
+            h.gpus
+                .iter()
+                .map(|g| f64::from(g.utilization_percent))
+                .sum::<f64>()
+                / h.gpus.len() as f64,
+        )
+    }
+}
+
+impl HistoryRow {
+    pub(crate) fn new(s: &HealthSample) -> Self {
+        let h = &s.health;
+        HistoryRow {
+            at: utc(s.received_at_ms),
+            cpu_percent: format!("{:.0}%", h.cpu_percent),
+            memory: format!(
+                "{} / {}",
+                bytes(h.memory_used_bytes),
+                bytes(h.memory_total_bytes)
+            ),
+            load: format!("{:.2}", h.load_avg_1m),
+            gpu_util: h
+                .gpus
+                .iter()
+                .map(|g| {
+                    format!(
+                        "GPU{} {}% {}°C",
+                        g.index, g.utilization_percent, g.temperature_c
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            jobs: format!("{} / {}", h.jobs_running, h.job_slots),
+        }
+    }
+}
+
+/// A labelled count (jobs by state).
+pub(crate) struct Count {
+    pub label: &'static str,
+    pub count: usize,
+}
+
+/// `GET /` — the fleet overview.
+#[derive(Template)]
+#[template(path = "fleet.html")]
+pub(crate) struct FleetPage {
+    pub csrf: String,
+    pub agents: Vec<AgentRow>,
+    pub job_counts: Vec<Count>,
+    pub online_count: usize,
+}
+
+/// A GPU from the agent's capabilities.
+pub(crate) struct GpuInfoRow {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub memory: String,
+}
+
+/// `GET /agents/{id}`.
+#[derive(Template)]
+#[template(path = "agent.html")]
+pub(crate) struct AgentPage {
+    pub csrf: String,
+    pub agent: AgentRow,
+    pub enrolled: String,
+    pub cert_expires: String,
+    pub volumes: Vec<String>,
+    pub watch_roots: Vec<String>,
+    pub profiles: Vec<String>,
+    pub gpus: Vec<GpuInfoRow>,
+    pub has_capabilities: bool,
+    pub history: Vec<HistoryRow>,
+    pub spark_w: u32,
+    pub spark_h: u32,
+    pub spark_cpu: String,
+    pub spark_gpu: String,
+    pub jobs: Vec<JobRow>,
+}
+
+/// `GET /jobs`.
+#[derive(Template)]
+#[template(path = "jobs.html")]
+pub(crate) struct JobsPage {
+    pub csrf: String,
+    pub jobs: Vec<JobRow>,
+}
+
+/// `GET /jobs/{id}`.
+#[derive(Template)]
+#[template(path = "job.html")]
+pub(crate) struct JobPage {
+    pub csrf: String,
+    pub job: JobRow,
+    pub digest: Option<DigestView>,
+}
+
+/// An option of the agent select.
+pub(crate) struct AgentOption {
+    pub id: String,
+    pub label: String,
+    pub selected: bool,
+}
+
+/// `GET /jobs/new` (and the form re-rendered with an error).
+#[derive(Template)]
+#[template(path = "job_new.html")]
+pub(crate) struct NewJobPage {
+    pub csrf: String,
+    pub error: Option<String>,
+    pub path: String,
+    pub site: String,
+    pub sites: Vec<String>,
+    pub agents: Vec<AgentOption>,
+}
+
+/// `GET /login`.
+#[derive(Template)]
+#[template(path = "login.html")]
+pub(crate) struct LoginPage {
+    pub csrf: String,
+    pub error: Option<String>,
+}
+
+/// Any error, as a page.
+#[derive(Template)]
+#[template(path = "error.html")]
+pub(crate) struct ErrorPage {
+    pub status: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timecodes() {
+        assert_eq!(timecode(0.0), "00:00:00.000");
+        assert_eq!(timecode(3725.0405), "01:02:05.041");
+        assert_eq!(timecode(-1.0), "00:00:00.000");
+        assert_eq!(timecode(f64::NAN), "00:00:00.000");
+        assert_eq!(timecode(211.96), "00:03:31.960");
+    }
+
+    #[test]
+    fn relative_times() {
+        assert_eq!(relative(None, 10), "never");
+        assert_eq!(relative(Some(10_000), 22_500), "12 s ago");
+        assert_eq!(relative(Some(0), 5 * 60_000), "5 min ago");
+        assert_eq!(relative(Some(0), 3 * 3_600_000), "3 h ago");
+        assert_eq!(relative(Some(50_000), 10_000), "just now");
+    }
+
+    #[test]
+    fn sparkline_spans_the_box() {
+        assert_eq!(sparkline(&[50.0]), "");
+        assert_eq!(
+            sparkline(&[0.0, 100.0, 250.0]),
+            "0.0,40.0 150.0,0.0 300.0,0.0"
+        );
+    }
+}

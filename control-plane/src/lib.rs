@@ -1,0 +1,39 @@
+//! `gaffer-control`: the control plane.
+//!
+//! * [`store`]: persistent state behind the [`store::Store`] trait (sled implementation).
+//! * [`scheduler`]: the job state machine and leases: which agent runs which job.
+//! * [`link`]: the QUIC endpoint: enrollment (`gaffer-enroll/1`) and the agent link (`gaffer/1`).
+//! * [`http`]: the JSON API under `/api/v1` and the server-rendered dashboard.
+//! * [`admin`]: the local admin socket that CLI commands use while `serve` holds the store.
+//! * [`metrics`]: Prometheus metrics.
+//! * [`datadir`]: the data directory layout and configuration.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod datadir;
+pub mod http;
+pub mod link;
+pub mod metrics;
+pub mod scheduler;
+pub mod store;
+
+use std::sync::Arc;
+
+/// Everything request handlers and the link share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Persistent state.
+    pub store: Arc<dyn store::Store>,
+    /// Job submission and leases.
+    pub scheduler: Arc<scheduler::Scheduler>,
+    /// Prometheus metrics.
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

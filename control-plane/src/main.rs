@@ -1,0 +1,330 @@
+//! `gaffer-control`: command-line entry point.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use gaffer_certs::{FleetCa, IssuedKeyPair};
+use gaffer_control::admin::{self, AdminRequest, AdminResponse};
+use gaffer_control::datadir::{ControlConfig, DataDir};
+use gaffer_control::link::{self, Link, LinkConfig};
+use gaffer_control::metrics::Metrics;
+use gaffer_control::scheduler::{Fleet, LeasePolicy, Scheduler};
+use gaffer_control::store::sled_store::SledStore;
+use gaffer_control::store::Store;
+use gaffer_control::AppState;
+
+/// Gaffer control plane: assigns analysis jobs to agents, aggregates their health and results, and
+/// serves the dashboard and API.
+#[derive(Parser)]
+#[command(name = "gaffer-control", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data directory: fleet CA, server certificate, admin password.
+    Init(InitArgs),
+    /// Run the QUIC endpoint, the scheduler and the HTTP dashboard/API.
+    Serve(ServeArgs),
+    /// Enrollment tokens for new agents.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Bearer tokens for the JSON API.
+    ApiToken {
+        #[command(subcommand)]
+        command: ApiTokenCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Data directory to create (mode 0700).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// UDP address for agents (QUIC).
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    quic_listen: SocketAddr,
+    /// TCP address for the dashboard and API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+    /// DNS name or IP address agents use to reach this control plane (repeatable). These become
+    /// the server certificate's SANs. Default: localhost, 127.0.0.1 and this host's name.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Display name of the fleet (in the CA's name).
+    #[arg(long, default_value = "studio")]
+    fleet_name: String,
+    /// Print the result as JSON (`admin_password`, `ca_fingerprint`, `data_dir`).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Data directory made by `init`.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Override the QUIC address from config.json.
+    #[arg(long)]
+    quic_listen: Option<SocketAddr>,
+    /// Override the HTTP address from config.json.
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// How long a disconnected agent keeps its jobs before they are requeued, seconds.
+    #[arg(long, default_value_t = 30)]
+    lease_grace_secs: u64,
+    /// Heartbeat interval agents are told to use, seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    heartbeat_interval_secs: u32,
+    /// A link with no traffic for this long is considered dead, seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
+    idle_timeout_secs: u64,
+    /// Append every frame received from agents to this file as JSON lines (audit of what leaves
+    /// the boxes).
+    #[arg(long)]
+    wire_audit_log: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a one-time enrollment token bound to a site.
+    Create {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Site the agent will belong to.
+        #[arg(long)]
+        site: String,
+        /// Lifetime, e.g. 30m, 1h, 2d.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// Print `{"token", "ca_fingerprint", "site", "expires_at"}`.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiTokenCommand {
+    /// Mint a bearer token for the JSON API.
+    Create {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print `{"token"}`.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Init(args) => init(args),
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Token { command: TokenCommand::Create { data_dir, site, ttl, json } } => {
+            let ttl_secs = Duration::from(ttl).as_secs();
+            let req = AdminRequest::CreateEnrollmentToken { site: site.clone(), ttl_secs };
+            let minted = match rt.block_on(admin_or_local(&data_dir, &req))? {
+                AdminResponse::EnrollmentToken(t) => t,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&minted)?);
+            } else {
+                println!("token:          {}", minted.token);
+                println!("ca fingerprint: {}", minted.ca_fingerprint);
+                println!("site:           {}", minted.site);
+                println!("expires at:     {}", minted.expires_at);
+                println!();
+                println!("On the new agent box:");
+                println!(
+                    "  gaffer-agent enroll --data-dir /var/lib/gaffer-agent --control HOST:PORT --token {} --ca-fingerprint {}",
+                    minted.token, minted.ca_fingerprint
+                );
+            }
+            Ok(())
+        }
+        Command::ApiToken { command: ApiTokenCommand::Create { data_dir, json } } => {
+            let minted = match rt.block_on(admin_or_local(&data_dir, &AdminRequest::CreateApiToken))? {
+                AdminResponse::ApiToken(t) => t,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&minted)?);
+            } else {
+                println!("{}", minted.token);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Performs an admin action through the running server, or directly on the store if none runs.
+async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
+    let dd = DataDir::new(data_dir);
+    dd.load_config()?;
+    if let Some(resp) = admin::request(&dd.admin_socket_path(), req).await? {
+        return Ok(resp);
+    }
+    let store = SledStore::open(&dd.store_path())
+        .context("opening the store (is another gaffer-control process using this data dir?)")?;
+    let ca_fp = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_cert_path())?)?;
+    Ok(match req {
+        AdminRequest::CreateEnrollmentToken { site, ttl_secs } => {
+            AdminResponse::EnrollmentToken(admin::mint_enrollment_token(&store, &ca_fp, site, *ttl_secs)?)
+        }
+        AdminRequest::CreateApiToken => AdminResponse::ApiToken(admin::mint_api_token(&store)?),
+    })
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let dd = DataDir::new(&args.data_dir);
+    dd.create()?;
+    let mut server_names = args.server_names.clone();
+    if server_names.is_empty() {
+        server_names = vec!["localhost".into(), "127.0.0.1".into()];
+        if let Ok(h) = hostname() {
+            if !server_names.contains(&h) {
+                server_names.push(h);
+            }
+        }
+    }
+    let ca = FleetCa::generate(&args.fleet_name)?;
+    let server = ca.issue_server_cert(&server_names)?;
+    gaffer_certs::write_secret_file(&dd.ca_key_path(), ca.key_pem().as_bytes())?;
+    dd.write_public(&dd.ca_cert_path(), ca.cert_pem().as_bytes())?;
+    gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
+    dd.write_public(&dd.server_cert_path(), server.cert_pem.as_bytes())?;
+
+    let password = gaffer_certs::ApiToken::generate().as_str()["gfa_".len()..].to_owned();
+    let salt = SaltString::generate(&mut OsRng);
+    let phc = argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("hashing the admin password: {e}"))?
+        .to_string();
+    let store = SledStore::open(&dd.store_path())?;
+    store.set_admin_password_hash(&phc)?;
+    store.flush()?;
+
+    let config = ControlConfig {
+        quic_listen: args.quic_listen,
+        http_listen: args.http_listen,
+        server_names: server_names.clone(),
+        fleet_name: args.fleet_name.clone(),
+    };
+    dd.write_public(&dd.config_path(), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    let fp = ca.fingerprint().to_string();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "data_dir": args.data_dir,
+                "ca_fingerprint": fp,
+                "admin_password": password,
+                "server_names": server_names,
+            })
+        );
+    } else {
+        println!("Initialized {}", args.data_dir.display());
+        println!("  CA fingerprint (SHA-256): {fp}");
+        println!("  server names:             {}", server_names.join(", "));
+        println!("  admin password:           {password}");
+        println!("This password is shown once; it is stored only as an argon2 hash.");
+        println!("Next: gaffer-control serve --data-dir {}", args.data_dir.display());
+    }
+    Ok(())
+}
+
+fn hostname() -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_owned())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let dd = DataDir::new(&args.data_dir);
+    let config = dd.load_config()?;
+    let ca_pem = dd.read(&dd.ca_cert_path())?;
+    let ca = Arc::new(FleetCa::from_pem(&ca_pem, &dd.read(&dd.ca_key_path())?)?);
+    let server = IssuedKeyPair { cert_pem: dd.read(&dd.server_cert_path())?, key_pem: dd.read(&dd.server_key_path())? };
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&dd.store_path())
+            .context("opening the store (is another gaffer-control serve running on this data dir?)")?,
+    );
+    // Nothing is connected yet, whatever the last run recorded.
+    for agent in store.list_agents()? {
+        if agent.connected {
+            store.update_agent(agent.id, &mut |a| a.connected = false)?;
+        }
+    }
+
+    let link_cfg = LinkConfig {
+        heartbeat_interval_secs: args.heartbeat_interval_secs,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        wire_audit_log: args.wire_audit_log.clone(),
+        ..LinkConfig::default()
+    };
+    let tls = gaffer_certs::server_config(&ca_pem, &server, vec![])?;
+    let quic_addr = args.quic_listen.unwrap_or(config.quic_listen);
+    let endpoint = quinn::Endpoint::server(link::quinn_server_config(tls, &link_cfg)?, quic_addr)
+        .with_context(|| format!("binding QUIC on udp/{quic_addr}"))?;
+    let http_addr = args.http_listen.unwrap_or(config.http_listen);
+    let http_listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on tcp/{http_addr}"))?;
+
+    let scheduler = Arc::new(Scheduler::new(store.clone()));
+    let state = AppState { store: store.clone(), scheduler: scheduler.clone(), metrics: Arc::new(Metrics::new()) };
+    let fleet = Arc::new(Fleet::default());
+    let policy = LeasePolicy { lease_grace: Duration::from_secs(args.lease_grace_secs), ..LeasePolicy::default() };
+    tokio::spawn(scheduler.clone().run(fleet.clone(), policy));
+    let link = Link::new(state.clone(), fleet, ca.clone(), link_cfg)?;
+    let bound_quic = endpoint.local_addr()?;
+    tokio::spawn(link.run(endpoint.clone()));
+    let _admin = admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), ca.fingerprint()).await?;
+
+    let bound_http = http_listener.local_addr()?;
+    let serve_info = serde_json::json!({
+        "pid": std::process::id(),
+        "quic_addr": bound_quic,
+        "http_addr": bound_http,
+        "dashboard_url": format!("http://{bound_http}/"),
+        "ca_fingerprint": ca.fingerprint().to_string(),
+    });
+    dd.write_public(&dd.root().join("serve.json"), serde_json::to_string_pretty(&serve_info)?.as_bytes())?;
+    tracing::info!(quic = %bound_quic, http = %bound_http, "control plane serving; dashboard at http://{bound_http}/");
+
+    let app = gaffer_control::http::router(state);
+    axum::serve(http_listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    endpoint.close(link::close_code::OK.into(), b"control plane shutting down");
+    let _ = std::fs::remove_file(dd.admin_socket_path());
+    let _ = std::fs::remove_file(dd.root().join("serve.json"));
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

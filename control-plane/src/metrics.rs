@@ -1,0 +1,286 @@
+//! Prometheus metrics, served as OpenMetrics text at `GET /metrics` (no authentication: the
+//! numbers carry no secrets, and Prometheus scrapes without credentials).
+//!
+//! | metric                          | type      | labels                                  | updated by |
+//! |---------------------------------|-----------|-----------------------------------------|------------|
+//! | `gaffer_agents`                 | gauge     | `state` = `connected` \| `disconnected` | refreshed from the store at scrape time |
+//! | `gaffer_jobs`                   | gauge     | `state` = `queued` … `failed`           | refreshed from the store at scrape time |
+//! | `gaffer_agent_messages_total`   | counter   | `kind` (agent message kind)             | [`Metrics::message_received`] |
+//! | `gaffer_agent_links_open`       | gauge     | –                                       | [`Metrics::agent_connected`] / [`Metrics::agent_disconnected`] |
+//! | `gaffer_jobs_finished_total`    | counter   | `state` = `succeeded` \| `failed`       | [`Metrics::job_finished`] |
+//! | `gaffer_enrollments_total`      | counter   | `result`                                | [`Metrics::enrollment`] |
+//! | `gaffer_link_refused_total`     | counter   | `reason`                                | [`Metrics::handshake_refused`] |
+//! | `gaffer_job_duration_seconds`   | histogram | –                                       | [`Metrics::job_duration`] |
+//!
+//! Label values come from the control plane's own code (short fixed words), never from agents'
+//! free text, so the label cardinality stays bounded.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::{JobState, Store};
+
+/// Content type of [`Metrics::encode`]'s output, for the HTTP response.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+const JOB_STATES: [JobState; 5] = [
+    JobState::Queued,
+    JobState::Assigned,
+    JobState::Running,
+    JobState::Succeeded,
+    JobState::Failed,
+];
+
+/// The control plane's metrics registry. One per process, shared behind an `Arc`; every method
+/// takes `&self` and is cheap (atomic increments).
+pub struct Metrics {
+    registry: Registry,
+    agents: Family<StateLabel, Gauge>,
+    jobs: Family<StateLabel, Gauge>,
+    messages: Family<KindLabel, Counter>,
+    links_open: Gauge,
+    jobs_finished: Family<StateLabel, Counter>,
+    enrollments: Family<ResultLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    job_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered at zero. Job duration buckets are 1 s, 2 s, 4 s …
+    /// 16384 s (about 4.5 h).
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let agents = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "gaffer_agents",
+            "Enrolled agents by link state",
+            agents.clone(),
+        );
+        let jobs = Family::<StateLabel, Gauge>::default();
+        registry.register("gaffer_jobs", "Jobs by lifecycle state", jobs.clone());
+        let messages = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "gaffer_agent_messages",
+            "Agent messages received, by kind",
+            messages.clone(),
+        );
+        let links_open = Gauge::default();
+        registry.register(
+            "gaffer_agent_links_open",
+            "Agent link connections open now",
+            links_open.clone(),
+        );
+        let jobs_finished = Family::<StateLabel, Counter>::default();
+        registry.register(
+            "gaffer_jobs_finished",
+            "Jobs that finished, by final state",
+            jobs_finished.clone(),
+        );
+        let enrollments = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "gaffer_enrollments",
+            "Enrollment attempts, by result",
+            enrollments.clone(),
+        );
+        let refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "gaffer_link_refused",
+            "Agent link handshakes refused, by reason",
+            refused.clone(),
+        );
+        let job_duration = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        registry.register(
+            "gaffer_job_duration_seconds",
+            "Wall time from job lease to finish",
+            job_duration.clone(),
+        );
+        Self {
+            registry,
+            agents,
+            jobs,
+            messages,
+            links_open,
+            jobs_finished,
+            enrollments,
+            refused,
+            job_duration,
+        }
+    }
+
+    /// Counts one agent message of `kind` (e.g. `"heartbeat"`, from `AgentMessage::kind`).
+    pub fn message_received(&self, kind: &str) {
+        self.messages
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An agent link connection opened.
+    pub fn agent_connected(&self) {
+        self.links_open.inc();
+    }
+
+    /// An agent link connection closed.
+    pub fn agent_disconnected(&self) {
+        self.links_open.dec();
+    }
+
+    /// A job reached its final `state` (`"succeeded"` or `"failed"`).
+    pub fn job_finished(&self, state: &str) {
+        self.jobs_finished
+            .get_or_create(&StateLabel {
+                state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An enrollment attempt ended with `result` (e.g. `"ok"`, `"token_expired"`).
+    pub fn enrollment(&self, result: &str) {
+        self.enrollments
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An agent link handshake was refused for `reason` (e.g. `"version"`, `"unknown_agent"`).
+    pub fn handshake_refused(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records one job's duration, seconds.
+    pub fn job_duration(&self, secs: f64) {
+        self.job_duration.observe(secs);
+    }
+
+    /// Refreshes the store-derived gauges and encodes everything as OpenMetrics text (ending in
+    /// `# EOF`). A store error is logged and leaves those gauges at their previous values.
+    pub fn encode(&self, store: &dyn Store) -> String {
+        self.refresh(store);
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            // Writing into a String only fails if a metric's encoder fails; nothing to retry.
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    fn refresh(&self, store: &dyn Store) {
+        match store.list_agents() {
+            Ok(agents) => {
+                let connected = agents.iter().filter(|a| a.connected).count() as i64;
+                let total = agents.len() as i64;
+                self.agents
+                    .get_or_create(&StateLabel {
+                        state: "connected".into(),
+                    })
+                    .set(connected);
+                self.agents
+                    .get_or_create(&StateLabel {
+                        state: "disconnected".into(),
+                    })
+                    .set(total - connected);
+            }
+            Err(e) => tracing::error!(error = %e, "metrics: cannot list agents"),
+        }
+        for state in JOB_STATES {
+            match store.jobs_in_state(state) {
+                Ok(jobs) => {
+                    self.jobs
+                        .get_or_create(&StateLabel {
+                            state: state.as_str().into(),
+                        })
+                        .set(jobs.len() as i64);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, state = state.as_str(), "metrics: cannot count jobs")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled_store::SledStore;
+
+    #[test]
+    fn encodes_counters_and_store_gauges() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path())?;
+        let m = Metrics::new();
+        m.message_received("heartbeat");
+        m.message_received("heartbeat");
+        m.agent_connected();
+        m.job_finished("failed");
+        m.enrollment("ok");
+        m.handshake_refused("version");
+        m.job_duration(3.0);
+        let text = m.encode(&store);
+        assert!(
+            text.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("gaffer_agent_links_open 1"), "{text}");
+        assert!(
+            text.contains("gaffer_jobs_finished_total{state=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaffer_enrollments_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaffer_link_refused_total{reason=\"version\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaffer_job_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(text.contains("gaffer_jobs{state=\"queued\"} 0"), "{text}");
+        assert!(
+            text.contains("gaffer_agents{state=\"connected\"} 0"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! Model test: `SledStore` jobs and enrollment tokens against a plain in-memory model.
+//!
+//! Random operation sequences run against both; every observation (insert result, update result,
+//! listing order, consume outcome) must agree. Failing cases are shrunk and persisted by proptest
+//! under `proptest-regressions/` so they replay.
+
+use std::collections::BTreeMap;
+
+use gaffer_control::store::sled_store::SledStore;
+use gaffer_control::store::{
+    EnrollmentTokenRecord, JobOrigin, JobRecord, JobState, Store, StoreError,
+};
+use gaffer_protocol::messages::Profile;
+use proptest::prelude::*;
+use uuid::Uuid;
+
+const IDS: u8 = 6;
+const STATES: [JobState; 5] = [
+    JobState::Queued,
+    JobState::Assigned,
+    JobState::Running,
+    JobState::Succeeded,
+    JobState::Failed,
+];
+
+#[derive(Debug, Clone)]
+enum Op {
+    InsertJob {
+        id: u8,
+        created_at_ms: u64,
+    },
+    UpdateJob {
+        id: u8,
+        state: usize,
+        frames: u64,
+        write: bool,
+    },
+    ListJobs {
+        limit: usize,
+    },
+    JobsInState {
+        state: usize,
+    },
+    InsertToken {
+        id: u8,
+        expires_at_ms: u64,
+    },
+    Consume {
+        id: u8,
+        agent: u8,
+        now_ms: u64,
+    },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..IDS, 0..20u64).prop_map(|(id, created_at_ms)| Op::InsertJob { id, created_at_ms }),
+        (0..IDS, 0..STATES.len(), 0..1000u64, any::<bool>()).prop_map(
+            |(id, state, frames, write)| Op::UpdateJob {
+                id,
+                state,
+                frames,
+                write
+            }
+        ),
+        (0..10usize).prop_map(|limit| Op::ListJobs { limit }),
+        (0..STATES.len()).prop_map(|state| Op::JobsInState { state }),
+        (0..IDS, 0..100u64).prop_map(|(id, expires_at_ms)| Op::InsertToken { id, expires_at_ms }),
+        (0..IDS, 0..3u8, 0..100u64).prop_map(|(id, agent, now_ms)| Op::Consume {
+            id,
+            agent,
+            now_ms
+        }),
+        Just(Op::Reopen),
+    ]
+}
+
+fn uuid(n: u8) -> Uuid {
+    Uuid::from_bytes([n; 16])
+}
+
+fn new_job(id: Uuid, created_at_ms: u64) -> JobRecord {
+    JobRecord {
+        id,
+        path: format!("/media/{id}.mov"),
+        site: "stage-a".into(),
+        profile: Profile::Shots,
+        pinned_agent: None,
+        origin: JobOrigin::Api,
+        state: JobState::Queued,
+        agent: None,
+        progress: 0.0,
+        frames_decoded: 0,
+        error: None,
+        attempts: 0,
+        created_at_ms,
+        updated_at_ms: created_at_ms,
+        finished_at_ms: None,
+    }
+}
+
+#[derive(Default)]
+struct Model {
+    jobs: BTreeMap<Uuid, JobRecord>,
+    tokens: BTreeMap<[u8; 32], EnrollmentTokenRecord>,
+}
+
+impl Model {
+    /// Oldest first by (created_at_ms, id), the store's index order.
+    fn ordered(&self) -> Vec<JobRecord> {
+        let mut v: Vec<JobRecord> = self.jobs.values().cloned().collect();
+        v.sort_by_key(|j| (j.created_at_ms, j.id));
+        v
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let open = || SledStore::open(dir.path()).map_err(|e| TestCaseError::fail(e.to_string()));
+    let mut store = Some(open()?);
+    let mut model = Model::default();
+    for op in ops {
+        let s = store
+            .as_ref()
+            .ok_or_else(|| TestCaseError::fail("store missing"))?;
+        match op {
+            Op::InsertJob { id, created_at_ms } => {
+                let rec = new_job(uuid(id), created_at_ms);
+                let inserted = s
+                    .insert_job(&rec)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expected = !model.jobs.contains_key(&rec.id);
+                prop_assert_eq!(inserted, expected);
+                model.jobs.entry(rec.id).or_insert(rec);
+            }
+            Op::UpdateJob {
+                id,
+                state,
+                frames,
+                write,
+            } => {
+                let mut f = |j: &mut JobRecord| {
+                    j.state = STATES[state];
+                    j.frames_decoded = frames;
+                    write
+                };
+                let got = s
+                    .update_job(uuid(id), &mut f)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expected = model.jobs.get_mut(&uuid(id)).map(|j| {
+                    let mut changed = j.clone();
+                    if f(&mut changed) {
+                        *j = changed.clone();
+                    }
+                    changed
+                });
+                prop_assert_eq!(got, expected);
+            }
+            Op::ListJobs { limit } => {
+                let got = s
+                    .list_jobs(limit)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expected: Vec<JobRecord> =
+                    model.ordered().into_iter().rev().take(limit).collect();
+                prop_assert_eq!(got, expected);
+            }
+            Op::JobsInState { state } => {
+                let got = s
+                    .jobs_in_state(STATES[state])
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expected: Vec<JobRecord> = model
+                    .ordered()
+                    .into_iter()
+                    .filter(|j| j.state == STATES[state])
+                    .collect();
+                prop_assert_eq!(got, expected);
+            }
+            Op::InsertToken { id, expires_at_ms } => {
+                let rec = EnrollmentTokenRecord {
+                    hash: [id; 32],
+                    site: "stage-a".into(),
+                    created_at_ms: 0,
+                    expires_at_ms,
+                    used_at_ms: None,
+                    used_by: None,
+                };
+                s.insert_enrollment_token(&rec)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                model.tokens.insert(rec.hash, rec);
+            }
+            Op::Consume { id, agent, now_ms } => {
+                let got = s.consume_enrollment_token(&[id; 32], uuid(agent), now_ms);
+                let expected = match model.tokens.get_mut(&[id; 32]) {
+                    None => Err("unknown"),
+                    Some(t) if t.used_at_ms.is_some() => Err("used"),
+                    Some(t) if now_ms >= t.expires_at_ms => Err("expired"),
+                    Some(t) => {
+                        t.used_at_ms = Some(now_ms);
+                        t.used_by = Some(uuid(agent));
+                        Ok(t.clone())
+                    }
+                };
+                match (got, expected) {
+                    (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                    (Err(StoreError::TokenUnknown), Err("unknown"))
+                    | (Err(StoreError::TokenAlreadyUsed), Err("used"))
+                    | (Err(StoreError::TokenExpired), Err("expired")) => {}
+                    (got, expected) => {
+                        prop_assert!(false, "consume: store {got:?}, model {expected:?}")
+                    }
+                }
+            }
+            Op::Reopen => {
+                s.flush().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                drop(store.take());
+                store = Some(open()?);
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sled_store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops)?;
+    }
+}
