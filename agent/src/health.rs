@@ -22,7 +22,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gaffer_protocol::health::{DiskHealth, GpuHealth, GpuInfo, Health, HealthSource};
+use gaffer_protocol::health::{DiskHealth, GpuHealth, GpuInfo, Health, HealthSource, InferenceProvider};
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::Nvml;
 use sysinfo::{CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
@@ -48,6 +48,8 @@ pub struct HealthSampler {
     /// Volumes already warned about as unreportable (so the warning is logged once, not per
     /// heartbeat); cleared for a volume when it becomes reportable again.
     volumes_warned: HashSet<PathBuf>,
+    /// The ONNX Runtime execution provider in use, reported with every sample.
+    inference: Option<InferenceProvider>,
 }
 
 impl std::fmt::Debug for HealthSampler {
@@ -109,6 +111,7 @@ impl HealthSampler {
             gpus,
             cpu_refreshed_at,
             volumes_warned: HashSet::new(),
+            inference: None,
         }
     }
 
@@ -117,6 +120,11 @@ impl HealthSampler {
     /// left out (logged at DEBUG).
     pub fn gpus(&self) -> Vec<GpuInfo> {
         self.gpus.clone()
+    }
+
+    /// Sets the ONNX Runtime execution provider reported from now on (None: no runtime).
+    pub fn set_inference(&mut self, inference: Option<InferenceProvider>) {
+        self.inference = inference;
     }
 
     /// Where the numbers come from: [`HealthSource::Nvml`] with the driver version, or
@@ -172,6 +180,7 @@ impl HealthSampler {
             memory_total_bytes: self.system.total_memory(),
             disks,
             gpus,
+            inference: self.inference.clone(),
             jobs_running,
             job_slots,
         }

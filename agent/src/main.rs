@@ -154,6 +154,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         watch_roots: to_strings(&watch_roots),
         job_slots: args.slots,
         profiles: vec![Profile::Shots],
+        models: Vec::new(),
     };
     let health = Arc::new(Mutex::new(health));
 

@@ -122,7 +122,7 @@ impl Metrics {
         let job_duration = Histogram::new(exponential_buckets(1.0, 2.0, 15));
         registry.register(
             "gaffer_job_duration_seconds",
-            "Wall time from job lease to finish",
+            "Duration of finished jobs, as recorded by the link when a job finishes",
             job_duration.clone(),
         );
         Self {

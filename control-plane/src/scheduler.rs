@@ -161,12 +161,13 @@ impl AgentSession {
         (self.capabilities.job_slots as usize).saturating_sub(self.leased.len())
     }
 
-    /// Whether this agent may run `job`: same site, pinned to it or unpinned, profile supported,
-    /// and the path under one of its volumes.
+    /// Whether this agent may run `job`: same site, pinned to it or unpinned, profile supported
+    /// with every model the profile needs installed, and the path under one of its volumes.
     pub fn can_run(&self, agent: AgentId, job: &JobRecord) -> bool {
         self.site == job.site
             && job.pinned_agent.is_none_or(|p| p == agent)
             && self.capabilities.profiles.contains(&job.profile)
+            && job.profile.required_models().iter().all(|m| self.capabilities.models.iter().any(|have| have.name == *m))
             && self.capabilities.volumes.iter().any(|v| path_is_under(&job.path, v))
     }
 }

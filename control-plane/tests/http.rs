@@ -58,6 +58,7 @@ impl Fixture {
                 watch_roots: vec!["/mnt/media/incoming".into()],
                 job_slots: 2,
                 profiles: vec![Profile::Shots],
+                models: vec![],
             }),
             connected: true,
             last_seen_ms: Some(gaffer_control::now_ms()),
@@ -78,6 +79,7 @@ impl Fixture {
                         memory_used_bytes: 3 << 30,
                         memory_total_bytes: 16 << 30,
                         disks: vec![],
+                        inference: None,
                         gpus: vec![],
                         jobs_running: 0,
                         job_slots: 2,
@@ -682,7 +684,10 @@ fn digest(path: &str) -> Digest {
         },
     };
     Digest {
-        schema_version: 1,
+        schema_version: gaffer_protocol::digest::DIGEST_SCHEMA_VERSION,
+        moderation: None,
+        text: None,
+        speech: None,
         profile: "shots".into(),
         source: SourceInfo {
             path: path.into(),

@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the digest schema. Bump on any change of a field's meaning or type.
-pub const DIGEST_SCHEMA_VERSION: u32 = 1;
+pub const DIGEST_SCHEMA_VERSION: u32 = 2;
 
 /// The result of one job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +33,12 @@ pub struct Digest {
     pub technical: TechnicalMetadata,
     /// Shot boundary detection result: shots, the cuts between them and their keyframes.
     pub shots: ShotAnalysis,
+    /// Moderation detections (profile `full`).
+    pub moderation: Option<ModerationAnalysis>,
+    /// On-screen text (profile `full`).
+    pub text: Option<TextAnalysis>,
+    /// Speech segments (profile `full`; None when the file has no audio stream).
+    pub speech: Option<SpeechAnalysis>,
     /// Analyzers that ran, with their versions and parameters.
     pub analyzers: Vec<AnalyzerInfo>,
     /// Wall time the analysis took on the agent, seconds.
@@ -195,4 +201,116 @@ impl Digest {
     pub fn shot_count(&self) -> usize {
         self.shots.shots.len()
     }
+}
+
+/// Identifies the model behind an output: name, version and SHA-256 of the model file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelStamp {
+    /// Registry name, e.g. `"nudenet-320n"`.
+    pub name: String,
+    /// Version of the package the model came from.
+    pub version: String,
+    /// SHA-256 of the model file, lowercase hex.
+    pub sha256: String,
+}
+
+/// An axis-aligned box in pixels of the source frame (not the model's input).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BoxPx {
+    /// Left edge, pixels.
+    pub x: f32,
+    /// Top edge, pixels.
+    pub y: f32,
+    /// Width, pixels.
+    pub width: f32,
+    /// Height, pixels.
+    pub height: f32,
+}
+
+/// Moderation detections aggregated into time ranges per label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModerationAnalysis {
+    /// The detector.
+    pub model: ModelStamp,
+    /// Frames sampled per second of media (keyframes come on top).
+    pub sample_fps: f64,
+    /// Minimum class score for a detection, 0..1.
+    pub score_threshold: f32,
+    /// Frames the detector ran on.
+    pub frames_analyzed: u64,
+    /// Time ranges in which a label was detected, ordered by start.
+    pub ranges: Vec<ModerationRange>,
+}
+
+/// A stretch of time in which one label was detected on the sampled frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModerationRange {
+    /// The label exactly as NudeNet names it, e.g. `"FACE_FEMALE"`.
+    pub label: String,
+    /// Time of the first sampled frame with the label, seconds.
+    pub start_secs: f64,
+    /// Time of the last sampled frame with the label, seconds.
+    pub end_secs: f64,
+    /// Highest score in the range, 0..1.
+    pub peak_score: f32,
+    /// Time of the frame with the highest score, seconds.
+    pub peak_time_secs: f64,
+    /// Box of the highest-scoring detection, source pixels.
+    pub peak_box: BoxPx,
+    /// Sampled frames in the range with the label.
+    pub frames: u32,
+}
+
+/// Text read on frames, identical consecutive readings merged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextAnalysis {
+    /// Text detector (PP-OCRv4 det).
+    pub detector: ModelStamp,
+    /// Text recognizer (PP-OCRv4 rec).
+    pub recognizer: ModelStamp,
+    /// Orientation classifier, if used.
+    pub classifier: Option<ModelStamp>,
+    /// Frames the OCR ran on.
+    pub frames_analyzed: u64,
+    /// Readings, ordered by start time.
+    pub readings: Vec<TextReading>,
+}
+
+/// One piece of text seen on screen over a time range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextReading {
+    /// The text.
+    pub text: String,
+    /// Time of the first frame it was read on, seconds.
+    pub start_secs: f64,
+    /// Time of the last frame it was read on, seconds.
+    pub end_secs: f64,
+    /// Where, source pixels (from the first reading).
+    pub box_px: BoxPx,
+    /// Mean recognizer confidence over the merged readings, 0..1.
+    pub confidence: f32,
+}
+
+/// Speech found in the audio track.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechAnalysis {
+    /// The voice activity detector.
+    pub model: ModelStamp,
+    /// Index of the audio stream analyzed.
+    pub audio_stream: u32,
+    /// Audio analyzed, seconds.
+    pub audio_secs: f64,
+    /// Speech segments, ordered.
+    pub segments: Vec<SpeechSegment>,
+    /// Share of the audio that is speech, 0..1.
+    pub speech_fraction: f64,
+}
+
+/// A stretch of speech.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechSegment {
+    /// Start, seconds.
+    pub start_secs: f64,
+    /// End, seconds.
+    pub end_secs: f64,
 }

@@ -80,8 +80,22 @@ pub struct Health {
     pub disks: Vec<DiskHealth>,
     /// Per-GPU numbers; empty for [`HealthSource::CpuOnly`].
     pub gpus: Vec<GpuHealth>,
+    /// Which ONNX Runtime execution provider inference uses, and why (None when no runtime is
+    /// installed).
+    pub inference: Option<InferenceProvider>,
     /// Jobs running now.
     pub jobs_running: u32,
     /// Configured concurrent job slots.
     pub job_slots: u32,
+}
+
+/// The ONNX Runtime execution provider in use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceProvider {
+    /// `"cuda"` or `"cpu"`.
+    pub provider: String,
+    /// ONNX Runtime version, e.g. `"1.31.1"`.
+    pub runtime_version: String,
+    /// Why this provider, e.g. "NVML absent: CPU provider" or "CUDA provider registered on GPU 0".
+    pub note: String,
 }

@@ -32,12 +32,15 @@ pub type JobId = Uuid;
 /// so the control plane checks it against the authenticated connection.
 pub type AgentId = Uuid;
 
-/// The analysis profile a job runs. Only `shots` exists in protocol version 1.
+/// The analysis profile a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// Decode, shot boundaries, one keyframe per shot, technical metadata.
     Shots,
+    /// `shots` plus the ONNX analyzers: moderation (NudeNet), on-screen text (PP-OCRv4) and
+    /// speech (Silero VAD). Needs the models of [`Profile::required_models`].
+    Full,
 }
 
 impl Profile {
@@ -45,6 +48,15 @@ impl Profile {
     pub fn as_str(self) -> &'static str {
         match self {
             Profile::Shots => "shots",
+            Profile::Full => "full",
+        }
+    }
+
+    /// Registry names of the models an agent must have to run this profile.
+    pub fn required_models(self) -> &'static [&'static str] {
+        match self {
+            Profile::Shots => &[],
+            Profile::Full => &["nudenet-320n", "ppocrv4-det", "ppocrv4-rec", "ppocr-mobile-v2-cls", "silero-vad"],
         }
     }
 }
@@ -60,7 +72,8 @@ impl std::str::FromStr for Profile {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "shots" => Ok(Profile::Shots),
-            other => Err(format!("unknown profile {other:?} (known: shots)")),
+            "full" => Ok(Profile::Full),
+            other => Err(format!("unknown profile {other:?} (known: shots, full)")),
         }
     }
 }
@@ -78,6 +91,19 @@ pub struct Capabilities {
     pub job_slots: u32,
     /// Profiles the agent can run (it has the decoders and models for them).
     pub profiles: Vec<Profile>,
+    /// Models installed and verified on the agent.
+    pub models: Vec<ModelRef>,
+}
+
+/// A model as installed on an agent: what the digest stamps on every output of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Registry name, e.g. `"nudenet-320n"`.
+    pub name: String,
+    /// Version of the package it came from, e.g. `"3.4.2"`.
+    pub version: String,
+    /// SHA-256 of the model file, lowercase hex.
+    pub sha256: String,
 }
 
 /// Sent by the agent on the link, wrapped in an [`AgentEnvelope`].

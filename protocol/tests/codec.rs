@@ -57,6 +57,7 @@ fn health() -> impl Strategy<Value = Health> {
                     power_w: p,
                 })
                 .collect(),
+            inference: None,
             jobs_running: jr,
             job_slots: js,
         })
@@ -111,6 +112,9 @@ fn digest() -> impl Strategy<Value = Digest> {
                     })
                     .collect(),
             },
+            moderation: None,
+            text: None,
+            speech: None,
             analyzers: vec![AnalyzerInfo {
                 name: "shots.content".into(),
                 version: "1".into(),
@@ -133,6 +137,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
                     volumes,
                     job_slots,
                     profiles: vec![Profile::Shots],
+                    models: vec![ModelRef { name: "silero-vad".into(), version: "6.2.3".into(), sha256: "ab".repeat(32) }],
                 },
                 running_jobs,
             }),

@@ -494,6 +494,7 @@ mod tests {
                 memory_total_bytes: 8 << 30,
                 disks: vec![],
                 gpus: vec![],
+                inference: None,
                 jobs_running: 0,
                 job_slots: 2,
             },
