@@ -122,11 +122,7 @@ fn write_summary(out: &mut impl Write, d: &Digest) -> std::io::Result<()> {
         )?;
     }
     let sa = &d.shots;
-    writeln!(
-        out,
-        "frames:      {} decoded, {} corrupt",
-        sa.frames_decoded, sa.frames_corrupt
-    )?;
+    writeln!(out, "frames:      {} decoded, {} corrupt", sa.frames_decoded, sa.frames_corrupt)?;
     writeln!(
         out,
         "shots:       {} ({} cuts; detector {}, threshold {}, min {} frames), analyzed in {:.2} s",

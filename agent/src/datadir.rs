@@ -106,6 +106,7 @@ impl DataDir {
             .mode(0o700)
             .create(&self.root)
             .map_err(|e| AgentError::io(&self.root, e))?;
-        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700)).map_err(|e| AgentError::io(&self.root, e))
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| AgentError::io(&self.root, e))
     }
 }

@@ -101,7 +101,9 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
     let (site, cert_pem) = match resp {
         EnrollResponse::Enrolled { agent_id: granted, site, cert_pem, ca_pem: _ } => {
             if granted != agent_id {
-                return Err(AgentError::Protocol(format!("asked to enroll {agent_id}, got a certificate for {granted}")));
+                return Err(AgentError::Protocol(format!(
+                    "asked to enroll {agent_id}, got a certificate for {granted}"
+                )));
             }
             (site, cert_pem)
         }
@@ -132,12 +134,14 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
 /// Turns a connection error into advice, recognizing a CA fingerprint mismatch.
 fn explain_connection_error(e: &quinn::ConnectionError, expected: &CaFingerprint) -> String {
     let text = e.to_string();
-    if text.contains("fingerprint") {
-        format!(
-            "{text}. The control plane's CA is not the one whose fingerprint you gave ({expected}): check --ca-fingerprint \
-             against the output of `gaffer-control token create`, and that --control points at the right host"
-        )
-    } else {
-        text
+    if !text.to_ascii_lowercase().contains("fingerprint") {
+        return text;
     }
+    // The verifier's error names the fingerprint it saw: "got: CaFingerprint(<hex>)".
+    let got = text.split("got: CaFingerprint(").nth(1).and_then(|rest| rest.split(')').next()).unwrap_or("another CA");
+    format!(
+        "the control plane presented a CA with fingerprint {got}, not the expected {expected}; nothing was sent. \
+         Check --ca-fingerprint against the output of `gaffer-control token create`, and that --control points at the \
+         right host"
+    )
 }

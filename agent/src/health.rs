@@ -155,15 +155,10 @@ impl HealthSampler {
         }
         self.system.refresh_cpu_usage();
         self.cpu_refreshed_at = Instant::now();
-        self.system
-            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        self.system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
 
         let cpu_percent = self.system.global_cpu_usage();
-        let cpu_percent = if cpu_percent.is_finite() {
-            cpu_percent.clamp(0.0, 100.0)
-        } else {
-            0.0
-        };
+        let cpu_percent = if cpu_percent.is_finite() { cpu_percent.clamp(0.0, 100.0) } else { 0.0 };
 
         let disks = self.sample_disks();
         let gpus = match &self.nvml {
@@ -192,8 +187,7 @@ impl HealthSampler {
         }
         // Re-read the mount table (cheap: /proc/mounts) so volumes mounted after start are found;
         // no statvfs here.
-        self.disks
-            .refresh_specifics(true, DiskRefreshKind::nothing());
+        self.disks.refresh_specifics(true, DiskRefreshKind::nothing());
 
         let mut out = Vec::with_capacity(self.volumes.len());
         for volume in &self.volumes {
@@ -233,11 +227,8 @@ impl HealthSampler {
 /// path prefix of the canonical volume path (the last one listed wins among equal mount points,
 /// as later mounts shadow earlier ones) and that has the same device id as the volume.
 fn disk_for_volume(disks: &Disks, volume: &Path) -> Result<usize, String> {
-    let canonical = std::fs::canonicalize(volume)
-        .map_err(|e| format!("cannot resolve the volume path: {e}"))?;
-    let volume_dev = std::fs::metadata(&canonical)
-        .map_err(|e| format!("cannot stat the volume: {e}"))?
-        .dev();
+    let canonical = std::fs::canonicalize(volume).map_err(|e| format!("cannot resolve the volume path: {e}"))?;
+    let volume_dev = std::fs::metadata(&canonical).map_err(|e| format!("cannot stat the volume: {e}"))?.dev();
 
     let mut best: Option<(usize, usize)> = None; // (index, mount point component count)
     for (index, disk) in disks.list().iter().enumerate() {
@@ -327,8 +318,5 @@ fn sample_gpus(nvml: &Nvml, inventory: &[GpuInfo]) -> Vec<GpuHealth> {
 }
 
 fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }

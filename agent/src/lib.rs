@@ -6,6 +6,8 @@
 //! * [`runner`]: runs assigned jobs on blocking threads within the configured slots.
 //! * [`analysis`]: FFmpeg decode → shot detection, keyframes, technical metadata → digest.
 //! * [`health`]: host and GPU (NVML) health.
+//! * [`models`]: ONNX Runtime provisioning, the model registry, execution-provider selection.
+//! * [`speech`]: speech segments from the audio track (FFmpeg resampling + Silero VAD).
 //! * [`watch`]: watch folders that turn new media files into jobs.
 //! * [`datadir`]: the data directory layout.
 //!
@@ -18,8 +20,10 @@ pub mod datadir;
 pub mod enroll;
 pub mod health;
 pub mod link;
+pub mod models;
 pub mod outbox;
 pub mod runner;
+pub mod speech;
 pub mod watch;
 
 use std::path::Path;
@@ -86,10 +90,7 @@ impl From<gaffer_protocol::CodecError> for AgentError {
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// This host's name, for display (empty if unknown).

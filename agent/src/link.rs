@@ -97,7 +97,8 @@ pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig) -> Result<
         .map_err(|e| AgentError::Config(format!("{e}")))?;
     let mut endpoint = quinn::Endpoint::client(bind)
         .map_err(|e| AgentError::Unreachable { addr: remote.to_string(), detail: format!("cannot bind UDP: {e}") })?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| AgentError::Config(e.to_string()))?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| AgentError::Config(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
@@ -178,12 +179,18 @@ async fn session(
 ) -> Result<(), AgentError> {
     let unreachable = |detail: String| AgentError::Unreachable { addr: params.control_addr.clone(), detail };
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        endpoint.connect(addr, server_name).map_err(|e| unreachable(e.to_string()))?.await.map_err(|e| unreachable(e.to_string()))
+        endpoint
+            .connect(addr, server_name)
+            .map_err(|e| unreachable(e.to_string()))?
+            .await
+            .map_err(|e| unreachable(e.to_string()))
     })
     .await
     .map_err(|_| unreachable("connection timed out".into()))??;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-    let frame = |body: AgentMessage, seq: u64| encode_frame(&AgentEnvelope { agent_id: params.agent_id, seq, body }, FRAME_BYTES_MAX_DEFAULT);
+    let frame = |body: AgentMessage, seq: u64| {
+        encode_frame(&AgentEnvelope { agent_id: params.agent_id, seq, body }, FRAME_BYTES_MAX_DEFAULT)
+    };
 
     let hello = AgentMessage::Hello {
         versions: VersionRange::ours(),
@@ -261,7 +268,9 @@ fn handle_control(msg: ControlMessage, outbox: &Outbox, runner: &Arc<Runner>) ->
         ControlMessage::Assign(a) => runner.assign(a),
         ControlMessage::Cancel { job_id } => runner.cancel(job_id),
         ControlMessage::Error { seq, message, retry: true } => {
-            return Err(AgentError::Protocol(format!("control plane could not store message {seq}: {message}; will resend")));
+            return Err(AgentError::Protocol(format!(
+                "control plane could not store message {seq}: {message}; will resend"
+            )));
         }
         ControlMessage::Error { seq, message, retry: false } => {
             tracing::error!(seq, %message, "control plane will never accept this message; dropping it");

@@ -78,9 +78,7 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -172,7 +170,9 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             while let Some(file) = rx.recv().await {
                 match ledger.submit(&outbox, &file) {
-                    Ok(Some(job_id)) => tracing::info!(%job_id, path = %file.path.display(), "new file in watch folder"),
+                    Ok(Some(job_id)) => {
+                        tracing::info!(%job_id, path = %file.path.display(), "new file in watch folder")
+                    }
                     Ok(None) => {}
                     Err(e) => tracing::error!(path = %file.path.display(), error = %e, "could not submit watched file"),
                 }

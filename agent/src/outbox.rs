@@ -36,7 +36,12 @@ impl Outbox {
     /// # Errors
     /// [`AgentError::State`] if sled fails.
     pub fn open(db: &sled::Db) -> Result<Self, AgentError> {
-        Ok(Self { db: db.clone(), tree: db.open_tree("outbox")?, notify: Default::default(), push_lock: Default::default() })
+        Ok(Self {
+            db: db.clone(),
+            tree: db.open_tree("outbox")?,
+            notify: Default::default(),
+            push_lock: Default::default(),
+        })
     }
 
     /// Appends `msg`, makes it durable (fsync), and returns its sequence number.
@@ -66,7 +71,8 @@ impl Outbox {
         let mut out = Vec::new();
         for item in self.tree.range(start..).take(limit) {
             let (k, v) = item?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| AgentError::Config("bad outbox key".into()))?);
+            let seq =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| AgentError::Config("bad outbox key".into()))?);
             out.push((seq, decode_payload(&v)?));
         }
         Ok(out)

@@ -157,7 +157,13 @@ impl Runner {
         );
     }
 
-    fn analyze(&self, job_id: JobId, path: &Path, profile: Profile, cancel: &AtomicBool) -> Result<gaffer_protocol::digest::Digest, AnalysisError> {
+    fn analyze(
+        &self,
+        job_id: JobId,
+        path: &Path,
+        profile: Profile,
+        cancel: &AtomicBool,
+    ) -> Result<gaffer_protocol::digest::Digest, AnalysisError> {
         analysis::init_ffmpeg()?;
         let opts = AnalyzeOptions { profile, ..AnalyzeOptions::default() };
         let mut last = Instant::now();

@@ -40,10 +40,8 @@ pub const SETTLE_SECS_DEFAULT: u64 = 2;
 pub const PENDING_MAX_DEFAULT: usize = 10_000;
 /// Default for [`WatchConfig::extensions`] (lower case, without the dot; matched
 /// case-insensitively).
-pub const EXTENSIONS_DEFAULT: &[&str] = &[
-    "mp4", "mov", "mxf", "avi", "mkv", "m4v", "mts", "m2ts", "webm", "mpg", "mpeg", "wmv", "flv",
-    "ts",
-];
+pub const EXTENSIONS_DEFAULT: &[&str] =
+    &["mp4", "mov", "mxf", "avi", "mkv", "m4v", "mts", "m2ts", "webm", "mpg", "mpeg", "wmv", "flv", "ts"];
 /// File-name suffixes of partial downloads/copies, never reported (matched case-insensitively).
 pub const PARTIAL_SUFFIXES: &[&str] = &[".part", ".tmp", ".crdownload", ".partial"];
 /// How often pending candidates are re-`stat`ed, milliseconds.
@@ -227,10 +225,7 @@ pub fn spawn_watcher(
     for root in &filter.roots {
         watcher
             .watch(root, RecursiveMode::Recursive)
-            .map_err(|source| WatchError::CannotWatch {
-                path: root.clone(),
-                source,
-            })?;
+            .map_err(|source| WatchError::CannotWatch { path: root.clone(), source })?;
     }
     info!(
         roots = ?filter.roots,
@@ -250,11 +245,7 @@ pub fn spawn_watcher(
         pending_full_warned: false,
     };
     let task = runtime.spawn(run(state, event_rx, lost_events, already_seen, tx));
-    Ok(WatchHandle {
-        _watcher: watcher,
-        task,
-        roots: filter.roots.clone(),
-    })
+    Ok(WatchHandle { _watcher: watcher, task, roots: filter.roots.clone() })
 }
 
 /// What a path's name says about it.
@@ -284,17 +275,13 @@ impl Filter {
             });
         }
         if cfg.pending_max == 0 {
-            return Err(WatchError::InvalidConfig {
-                reason: "pending_max must be at least 1".to_owned(),
-            });
+            return Err(WatchError::InvalidConfig { reason: "pending_max must be at least 1".to_owned() });
         }
         let mut extensions = HashSet::new();
         for ext in &cfg.extensions {
             let ext = ext.trim().trim_start_matches('.').to_lowercase();
             if ext.is_empty() {
-                return Err(WatchError::InvalidConfig {
-                    reason: "extensions contains an empty entry".to_owned(),
-                });
+                return Err(WatchError::InvalidConfig { reason: "extensions contains an empty entry".to_owned() });
             }
             extensions.insert(ext);
         }
@@ -355,9 +342,7 @@ impl Filter {
             return NameClass::Ignored;
         }
         match name.rsplit_once('.') {
-            Some((stem, ext)) if !stem.is_empty() && self.extensions.contains(ext) => {
-                NameClass::Media
-            }
+            Some((stem, ext)) if !stem.is_empty() && self.extensions.contains(ext) => NameClass::Media,
             _ => NameClass::Other,
         }
     }
@@ -367,30 +352,16 @@ fn check_root(root: &Path) -> Result<PathBuf, WatchError> {
     let metadata = match std::fs::metadata(root) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(WatchError::RootMissing {
-                path: root.to_path_buf(),
-            })
+            return Err(WatchError::RootMissing { path: root.to_path_buf() })
         }
-        Err(source) => {
-            return Err(WatchError::RootUnreadable {
-                path: root.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(WatchError::RootUnreadable { path: root.to_path_buf(), source }),
     };
     if !metadata.is_dir() {
-        return Err(WatchError::RootNotDirectory {
-            path: root.to_path_buf(),
-        });
+        return Err(WatchError::RootNotDirectory { path: root.to_path_buf() });
     }
-    let canonical = std::fs::canonicalize(root).map_err(|source| WatchError::RootUnreadable {
-        path: root.to_path_buf(),
-        source,
-    })?;
-    std::fs::read_dir(&canonical).map_err(|source| WatchError::RootUnreadable {
-        path: root.to_path_buf(),
-        source,
-    })?;
+    let canonical = std::fs::canonicalize(root)
+        .map_err(|source| WatchError::RootUnreadable { path: root.to_path_buf(), source })?;
+    std::fs::read_dir(&canonical).map_err(|source| WatchError::RootUnreadable { path: root.to_path_buf(), source })?;
     Ok(canonical)
 }
 
@@ -486,13 +457,7 @@ impl State {
             }
             return;
         }
-        self.pending.insert(
-            path,
-            Candidate {
-                seen: stat,
-                stable_since: now,
-            },
-        );
+        self.pending.insert(path, Candidate { seen: stat, stable_since: now });
     }
 
     fn scan_due(&self, now: Instant) -> bool {
@@ -501,8 +466,7 @@ impl State {
             Some(last) => {
                 let since = now.saturating_duration_since(last);
                 since >= Duration::from_secs(FULL_RESCAN_INTERVAL_SECS)
-                    || (self.rescan_needed
-                        && since >= Duration::from_secs(OVERFLOW_RESCAN_GAP_SECS))
+                    || (self.rescan_needed && since >= Duration::from_secs(OVERFLOW_RESCAN_GAP_SECS))
             }
         }
     }
@@ -551,10 +515,7 @@ impl State {
             if !metadata.is_file() {
                 return false;
             }
-            let stat = (
-                metadata.len(),
-                metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            );
+            let stat = (metadata.len(), metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH));
             if candidate.seen != Some(stat) {
                 candidate.seen = Some(stat);
                 candidate.stable_since = now;
@@ -567,15 +528,10 @@ impl State {
                 debug!(path = %path.display(), "ignoring empty file");
                 return false;
             }
-            settled.push(WatchedFile {
-                path: path.clone(),
-                size_bytes: stat.0,
-                modified_unix_secs: unix_secs(stat.1),
-            });
+            settled.push(WatchedFile { path: path.clone(), size_bytes: stat.0, modified_unix_secs: unix_secs(stat.1) });
             false
         });
-        settled
-            .retain(|f| self.reported.get(&f.path) != Some(&(f.size_bytes, f.modified_unix_secs)));
+        settled.retain(|f| self.reported.get(&f.path) != Some(&(f.size_bytes, f.modified_unix_secs)));
         settled
     }
 
@@ -598,8 +554,7 @@ impl State {
         self.pending_full_warned = false;
         if complete {
             let present: HashSet<&Path> = found.iter().map(|f| f.path.as_path()).collect();
-            self.reported
-                .retain(|path, _| present.contains(path.as_path()));
+            self.reported.retain(|path, _| present.contains(path.as_path()));
         }
         for f in found {
             self.offer(f.path, Some(f.stat), now);
@@ -656,10 +611,9 @@ fn walk(filter: &Filter, start: &Path, budget: &mut usize, out: &mut Vec<Found>)
             }
             // Follows a symlinked file to its target.
             match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() => out.push(Found {
-                    path,
-                    stat: (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
-                }),
+                Ok(m) if m.is_file() => {
+                    out.push(Found { path, stat: (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)) })
+                }
                 Ok(_) => {}
                 Err(e) => debug!(path = %path.display(), error = %e, "cannot stat file"),
             }

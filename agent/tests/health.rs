@@ -10,38 +10,19 @@ use gaffer_protocol::health::HealthSource;
 /// MemTotal from /proc/meminfo, bytes.
 fn proc_mem_total_bytes() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
-    let line = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .expect("MemTotal line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .expect("MemTotal value")
-        .parse()
-        .expect("MemTotal number");
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:")).expect("MemTotal line");
+    let kib: u64 = line.split_whitespace().nth(1).expect("MemTotal value").parse().expect("MemTotal number");
     kib * 1024
 }
 
 /// (total, available) bytes of the file system holding `path`, from coreutils `df`.
 fn df_bytes(path: &Path) -> (u64, u64) {
-    let out = Command::new("df")
-        .args(["-B1", "--output=size,avail"])
-        .arg(path)
-        .output()
-        .expect("run df");
+    let out = Command::new("df").args(["-B1", "--output=size,avail"]).arg(path).output().expect("run df");
     assert!(out.status.success(), "df failed: {out:?}");
     let text = String::from_utf8(out.stdout).expect("df output is UTF-8");
-    let mut numbers = text
-        .lines()
-        .nth(1)
-        .expect("df data line")
-        .split_whitespace()
-        .map(|n| n.parse::<u64>().expect("df number"));
-    (
-        numbers.next().expect("size"),
-        numbers.next().expect("avail"),
-    )
+    let mut numbers =
+        text.lines().nth(1).expect("df data line").split_whitespace().map(|n| n.parse::<u64>().expect("df number"));
+    (numbers.next().expect("size"), numbers.next().expect("avail"))
 }
 
 fn within_percent(a: u64, b: u64, percent: f64) -> bool {
@@ -50,10 +31,7 @@ fn within_percent(a: u64, b: u64, percent: f64) -> bool {
 }
 
 fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
 }
 
 fn busy_for(d: Duration) -> u64 {
@@ -77,38 +55,26 @@ fn host_health_is_real() {
     let nvidia_driver = Path::new("/proc/driver/nvidia/version").exists();
     match sampler.source() {
         HealthSource::CpuOnly { reason } => {
-            assert!(
-                !nvidia_driver,
-                "NVIDIA driver present but NVML did not load: {reason}"
-            );
+            assert!(!nvidia_driver, "NVIDIA driver present but NVML did not load: {reason}");
             assert!(!reason.trim().is_empty(), "CPU-only reason must say why");
             eprintln!("CPU-only: {reason}");
             assert!(sampler.gpus().is_empty());
         }
         HealthSource::Nvml { driver_version } => {
             assert!(!driver_version.is_empty());
-            assert!(
-                !sampler.gpus().is_empty(),
-                "NVML loaded but no GPU inventory"
-            );
+            assert!(!sampler.gpus().is_empty(), "NVML loaded but no GPU inventory");
         }
     }
 
     // First call right after new(): must still give a measured CPU figure, quickly.
     let started = Instant::now();
     let first = sampler.sample(1, 4);
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "first sample took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(1), "first sample took {:?}", started.elapsed());
     assert!((0.0..=100.0).contains(&first.cpu_percent));
 
     // Keep every core busy so the host-wide figure cannot read as idle.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers: Vec<_> = (0..cores)
-        .map(|_| std::thread::spawn(|| busy_for(Duration::from_millis(600))))
-        .collect();
+    let workers: Vec<_> = (0..cores).map(|_| std::thread::spawn(|| busy_for(Duration::from_millis(600)))).collect();
     for w in workers {
         w.join().expect("busy worker");
     }
@@ -143,11 +109,7 @@ fn host_health_is_real() {
     assert_eq!(PathBuf::from(&disk.path), volume.path());
     assert!(disk.available_bytes > 0 && disk.available_bytes <= disk.total_bytes);
     let (df_total, df_avail) = df_bytes(volume.path());
-    assert!(
-        within_percent(disk.total_bytes, df_total, 1.0),
-        "total_bytes {} vs df {df_total}",
-        disk.total_bytes
-    );
+    assert!(within_percent(disk.total_bytes, df_total, 1.0), "total_bytes {} vs df {df_total}", disk.total_bytes);
     assert!(
         within_percent(disk.available_bytes, df_avail, 5.0),
         "available_bytes {} vs df {df_avail}",
@@ -177,9 +139,6 @@ fn sampling_is_cheap() {
     let elapsed = started.elapsed();
     assert_eq!(health.disks.len(), 1);
     // No sleep was needed (250 ms passed) so this is pure /proc + statvfs work.
-    assert!(
-        elapsed < Duration::from_millis(100),
-        "sample took {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_millis(100), "sample took {elapsed:?}");
     eprintln!("sample() took {elapsed:?}");
 }

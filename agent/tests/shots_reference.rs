@@ -173,9 +173,11 @@ fn ffprobe(path: &Path) -> (f64, u32, u32, String) {
 
 #[test]
 fn other_samples_have_sane_technical_metadata() {
-    for (name, container, frames) in
-        [("bikes.mp4", "mov,mp4,m4a,3gp,3g2,mj2", 250), ("bigbuckbunny.mp4", "mov,mp4,m4a,3gp,3g2,mj2", 132), ("Megamind.avi", "avi", 270)]
-    {
+    for (name, container, frames) in [
+        ("bikes.mp4", "mov,mp4,m4a,3gp,3g2,mj2", 250),
+        ("bigbuckbunny.mp4", "mov,mp4,m4a,3gp,3g2,mj2", 132),
+        ("Megamind.avi", "avi", 270),
+    ] {
         let path = media(name);
         let d = analyze(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         let (duration, width, height, codec) = ffprobe(&path);

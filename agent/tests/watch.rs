@@ -11,11 +11,7 @@ use tokio::sync::mpsc;
 const SETTLE_SECS: u64 = 1;
 
 fn config(root: &Path) -> WatchConfig {
-    WatchConfig {
-        roots: vec![root.to_path_buf()],
-        settle_secs: SETTLE_SECS,
-        ..WatchConfig::default()
-    }
+    WatchConfig { roots: vec![root.to_path_buf()], settle_secs: SETTLE_SECS, ..WatchConfig::default() }
 }
 
 fn start(root: &Path) -> (WatchHandle, mpsc::Receiver<WatchedFile>) {
@@ -76,31 +72,18 @@ async fn growing_file_is_reported_once_after_it_stops_growing() {
     assert!(early.is_empty(), "reported while growing: {early:?}");
 
     let last_write = writer.await.expect("writer");
-    let got = next(&mut rx, Duration::from_secs(5))
-        .await
-        .expect("file reported after it stopped growing");
+    let got = next(&mut rx, Duration::from_secs(5)).await.expect("file reported after it stopped growing");
     let reported_at = Instant::now();
     assert_eq!(got.path, canon(&path));
-    assert_eq!(
-        got.size_bytes,
-        6 * 64 * 1024,
-        "reported before the copy finished"
-    );
+    assert_eq!(got.size_bytes, 6 * 64 * 1024, "reported before the copy finished");
     assert!(
         // 50 ms allows for the gap between the final write(2) and reading the clock.
-        reported_at.duration_since(last_write)
-            >= Duration::from_secs(SETTLE_SECS) - Duration::from_millis(50),
+        reported_at.duration_since(last_write) >= Duration::from_secs(SETTLE_SECS) - Duration::from_millis(50),
         "reported {:?} after the last write, settle is {SETTLE_SECS} s",
         reported_at.duration_since(last_write)
     );
-    let modified = std::fs::metadata(&path)
-        .expect("stat")
-        .modified()
-        .expect("mtime");
-    let modified_secs = modified
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after epoch")
-        .as_secs() as i64;
+    let modified = std::fs::metadata(&path).expect("stat").modified().expect("mtime");
+    let modified_secs = modified.duration_since(std::time::UNIX_EPOCH).expect("after epoch").as_secs() as i64;
     assert_eq!(got.modified_unix_secs, modified_secs);
 
     // Exactly once, even though reading it (as the analysis would) generates events.
@@ -118,10 +101,7 @@ async fn changed_file_is_reported_again() {
 
     let first = next(&mut rx, Duration::from_secs(4)).await.expect("first");
     assert_eq!(first.size_bytes, 13);
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .expect("open");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path).expect("open");
     f.write_all(b" and more").expect("append");
     drop(f);
     let second = next(&mut rx, Duration::from_secs(4)).await.expect("second");
@@ -138,9 +118,7 @@ async fn file_present_before_start_is_found_by_initial_scan() {
     std::fs::write(dir.path().join("day1/readme.txt"), b"notes").expect("write");
 
     let (_handle, mut rx) = start(dir.path());
-    let got = next(&mut rx, Duration::from_secs(4))
-        .await
-        .expect("initial scan finds it");
+    let got = next(&mut rx, Duration::from_secs(4)).await.expect("initial scan finds it");
     assert_eq!(got.path, canon(&old));
     assert_eq!(got.size_bytes, 4096);
     assert!(drain(&mut rx, Duration::from_millis(1500)).await.is_empty());
@@ -165,16 +143,7 @@ async fn ignored_names_are_never_reported() {
     std::fs::write(dir.path().join("real.MP4"), b"video").expect("write");
 
     let got = drain(&mut rx, Duration::from_secs(3)).await;
-    let names: Vec<_> = got
-        .iter()
-        .map(|f| {
-            f.path
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
+    let names: Vec<_> = got.iter().map(|f| f.path.file_name().expect("name").to_string_lossy().into_owned()).collect();
     assert_eq!(names, vec!["real.MP4".to_owned()]);
 }
 
@@ -190,9 +159,7 @@ async fn file_in_new_subdirectory_is_found() {
     let file = sub.join("B012.mts");
     std::fs::write(&file, vec![7u8; 1000]).expect("write");
 
-    let got = next(&mut rx, Duration::from_secs(4))
-        .await
-        .expect("found in subdir");
+    let got = next(&mut rx, Duration::from_secs(4)).await.expect("found in subdir");
     assert_eq!(got.path, canon(&file));
 }
 
@@ -222,17 +189,9 @@ async fn file_renamed_into_folder_is_found() {
     std::fs::write(batch.join("b1.avi"), vec![5u8; 100]).expect("write");
     std::fs::rename(&batch, dir.path().join("batch")).expect("rename dir in");
 
-    let mut got: Vec<PathBuf> = drain(&mut rx, Duration::from_secs(4))
-        .await
-        .into_iter()
-        .map(|f| f.path)
-        .collect();
+    let mut got: Vec<PathBuf> = drain(&mut rx, Duration::from_secs(4)).await.into_iter().map(|f| f.path).collect();
     got.sort();
-    let mut want = vec![
-        canon(&target),
-        canon(&reel),
-        canon(&dir.path().join("batch/b1.avi")),
-    ];
+    let mut want = vec![canon(&target), canon(&reel), canon(&dir.path().join("batch/b1.avi"))];
     want.sort();
     assert_eq!(got, want);
 }
@@ -260,11 +219,7 @@ async fn already_seen_files_are_skipped() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].path.ends_with("new.mp4"));
     let asked = asked.lock().expect("lock");
-    assert_eq!(
-        asked.len(),
-        2,
-        "already_seen consulted once per file: {asked:?}"
-    );
+    assert_eq!(asked.len(), 2, "already_seen consulted once per file: {asked:?}");
 }
 
 #[tokio::test]
@@ -275,10 +230,7 @@ async fn missing_root_is_a_clear_error() {
     let err = spawn_watcher(config(&missing), |_| false, tx).expect_err("must fail");
     assert!(matches!(err, WatchError::RootMissing { ref path } if path == &missing));
     let message = err.to_string();
-    assert!(
-        message.contains(&missing.display().to_string()),
-        "{message}"
-    );
+    assert!(message.contains(&missing.display().to_string()), "{message}");
     assert!(message.contains("create it"), "{message}");
 
     let file = dir.path().join("file.mp4");
@@ -296,9 +248,7 @@ async fn watching_stops_when_handle_is_dropped() {
     drop(handle);
     std::fs::write(dir.path().join("late.mp4"), b"late").expect("write");
     // The sender lives in the aborted task, so the channel closes and nothing arrives.
-    let got = tokio::time::timeout(Duration::from_secs(3), rx.recv())
-        .await
-        .expect("channel closes after drop");
+    let got = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await.expect("channel closes after drop");
     assert_eq!(got, None);
 }
 

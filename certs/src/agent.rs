@@ -6,9 +6,7 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use uuid::Uuid;
 
 use crate::error::CertError;
-use crate::inspect::{
-    agent_id_from_cert_der, agent_uri_san, check_pem_len, parse_x509, single_cert_der_from_pem,
-};
+use crate::inspect::{agent_id_from_cert_der, agent_uri_san, check_pem_len, parse_x509, single_cert_der_from_pem};
 
 /// An agent's ECDSA P-256 private key. `Debug` does not print it.
 pub struct AgentKey {
@@ -26,8 +24,7 @@ impl AgentKey {
     ///
     /// Errors: [`CertError::Generation`] if the system RNG or rcgen fails.
     pub fn generate() -> Result<Self, CertError> {
-        let key =
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CertError::Generation)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CertError::Generation)?;
         Ok(AgentKey { key })
     }
 
@@ -42,10 +39,7 @@ impl AgentKey {
             reason: "not a readable PKCS#8 private key".into(),
         })?;
         if !key.is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256) {
-            return Err(CertError::InvalidPem {
-                what: "agent private key",
-                reason: "not an ECDSA P-256 key".into(),
-            });
+            return Err(CertError::InvalidPem { what: "agent private key", reason: "not an ECDSA P-256 key".into() });
         }
         Ok(AgentKey { key })
     }
@@ -64,19 +58,11 @@ impl AgentKey {
     pub fn csr_pem(&self, agent_id: Uuid) -> Result<String, CertError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            format!("gaffer-agent {}", agent_id.hyphenated()),
-        );
+        dn.push(DnType::CommonName, format!("gaffer-agent {}", agent_id.hyphenated()));
         params.distinguished_name = dn;
-        let uri = agent_uri_san(agent_id)
-            .try_into()
-            .map_err(CertError::Generation)?;
+        let uri = agent_uri_san(agent_id).try_into().map_err(CertError::Generation)?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        params
-            .serialize_request(&self.key)
-            .and_then(|csr| csr.pem())
-            .map_err(CertError::Generation)
+        params.serialize_request(&self.key).and_then(|csr| csr.pem()).map_err(CertError::Generation)
     }
 
     /// Checks a certificate returned by enrollment before storing it: it must be for this key and

@@ -134,14 +134,10 @@ pub enum CertError {
 
 impl CertError {
     pub(crate) fn invalid_cert(reason: impl ToString) -> Self {
-        CertError::InvalidCertificate {
-            reason: reason.to_string(),
-        }
+        CertError::InvalidCertificate { reason: reason.to_string() }
     }
 
     pub(crate) fn invalid_csr(reason: impl ToString) -> Self {
-        CertError::InvalidCsr {
-            reason: reason.to_string(),
-        }
+        CertError::InvalidCsr { reason: reason.to_string() }
     }
 }

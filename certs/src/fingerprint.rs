@@ -68,9 +68,8 @@ impl FromStr for CaFingerprint {
         }
         let digits: String = s.trim().chars().filter(|c| *c != ':').collect();
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(&digits, &mut bytes).map_err(|e| CertError::InvalidFingerprint {
-            reason: format!("expected 64 hex digits (SHA-256): {e}"),
-        })?;
+        hex::decode_to_slice(&digits, &mut bytes)
+            .map_err(|e| CertError::InvalidFingerprint { reason: format!("expected 64 hex digits (SHA-256): {e}") })?;
         Ok(CaFingerprint(bytes))
     }
 }
@@ -98,35 +97,18 @@ mod tests {
         let lower = fp.to_string();
         assert_eq!(lower.len(), 64);
         assert_eq!(lower, lower.to_lowercase());
-        let colons_upper = fp
-            .as_bytes()
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect::<Vec<_>>()
-            .join(":");
+        let colons_upper = fp.as_bytes().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
         assert_eq!(colons_upper.parse::<CaFingerprint>().ok(), Some(fp));
-        assert_eq!(
-            format!("  {lower}\n").parse::<CaFingerprint>().ok(),
-            Some(fp)
-        );
+        assert_eq!(format!("  {lower}\n").parse::<CaFingerprint>().ok(), Some(fp));
     }
 
     #[test]
     fn rejects_wrong_length_and_non_hex() {
         let fp = CaFingerprint::from_cert_der(b"x").to_string();
-        assert!(matches!(
-            fp[..62].parse::<CaFingerprint>(),
-            Err(CertError::InvalidFingerprint { .. })
-        ));
-        assert!(matches!(
-            format!("{fp}00").parse::<CaFingerprint>(),
-            Err(CertError::InvalidFingerprint { .. })
-        ));
+        assert!(matches!(fp[..62].parse::<CaFingerprint>(), Err(CertError::InvalidFingerprint { .. })));
+        assert!(matches!(format!("{fp}00").parse::<CaFingerprint>(), Err(CertError::InvalidFingerprint { .. })));
         let non_hex = format!("zz{}", &fp[2..]);
-        assert!(matches!(
-            non_hex.parse::<CaFingerprint>(),
-            Err(CertError::InvalidFingerprint { .. })
-        ));
+        assert!(matches!(non_hex.parse::<CaFingerprint>(), Err(CertError::InvalidFingerprint { .. })));
         assert!("x".repeat(10_000).parse::<CaFingerprint>().is_err());
     }
 

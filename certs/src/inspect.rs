@@ -22,78 +22,48 @@ pub fn agent_uri_san(agent_id: Uuid) -> String {
 
 pub(crate) fn check_pem_len(pem: &str, what: &'static str) -> Result<(), CertError> {
     if pem.len() > PEM_BYTES_MAX {
-        return Err(CertError::TooLarge {
-            what,
-            len_bytes: pem.len(),
-            max_bytes: PEM_BYTES_MAX,
-        });
+        return Err(CertError::TooLarge { what, len_bytes: pem.len(), max_bytes: PEM_BYTES_MAX });
     }
     Ok(())
 }
 
 /// All `CERTIFICATE` blocks of `pem`, in order; at least one.
-pub(crate) fn cert_chain_from_pem(
-    pem: &str,
-    what: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn cert_chain_from_pem(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, CertError> {
     check_pem_len(pem, what)?;
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertError::InvalidPem {
-            what,
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| CertError::InvalidPem { what, reason: e.to_string() })?;
     if certs.is_empty() {
-        return Err(CertError::InvalidPem {
-            what,
-            reason: "no CERTIFICATE block found".into(),
-        });
+        return Err(CertError::InvalidPem { what, reason: "no CERTIFICATE block found".into() });
     }
     Ok(certs)
 }
 
 /// The one `CERTIFICATE` block of `pem`.
-pub(crate) fn single_cert_der_from_pem(
-    pem: &str,
-    what: &'static str,
-) -> Result<CertificateDer<'static>, CertError> {
+pub(crate) fn single_cert_der_from_pem(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, CertError> {
     let mut certs = cert_chain_from_pem(pem, what)?;
     match certs.len() {
         1 => Ok(certs.remove(0)),
-        n => Err(CertError::InvalidPem {
-            what,
-            reason: format!("expected exactly one CERTIFICATE block, found {n}"),
-        }),
+        n => Err(CertError::InvalidPem { what, reason: format!("expected exactly one CERTIFICATE block, found {n}") }),
     }
 }
 
 /// A PKCS#8 / SEC1 private key from PEM. The error never includes key material.
-pub(crate) fn private_key_from_pem(
-    pem: &str,
-    what: &'static str,
-) -> Result<PrivateKeyDer<'static>, CertError> {
+pub(crate) fn private_key_from_pem(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, CertError> {
     check_pem_len(pem, what)?;
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| CertError::InvalidPem {
-        what,
-        reason: "no readable PRIVATE KEY block found".into(),
-    })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| CertError::InvalidPem { what, reason: "no readable PRIVATE KEY block found".into() })
 }
 
 /// PEM-encodes DER with LF line endings.
 pub(crate) fn encode_pem(tag: &str, der: &[u8]) -> String {
-    pem::encode_config(
-        &pem::Pem::new(tag, der),
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    )
+    pem::encode_config(&pem::Pem::new(tag, der), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
 }
 
 pub(crate) fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, CertError> {
     let (rest, cert) = X509Certificate::from_der(der).map_err(CertError::invalid_cert)?;
     if !rest.is_empty() {
-        return Err(CertError::invalid_cert(format!(
-            "{} trailing bytes after the certificate",
-            rest.len()
-        )));
+        return Err(CertError::invalid_cert(format!("{} trailing bytes after the certificate", rest.len())));
     }
     Ok(cert)
 }
@@ -111,9 +81,7 @@ pub fn agent_id_from_cert_der(der: &[u8]) -> Result<Uuid, CertError> {
     let san = cert
         .subject_alternative_name()
         .map_err(CertError::invalid_cert)?
-        .ok_or_else(|| CertError::NoAgentIdentity {
-            reason: "certificate has no subject alternative names".into(),
-        })?;
+        .ok_or_else(|| CertError::NoAgentIdentity { reason: "certificate has no subject alternative names".into() })?;
     let mut found: Option<Uuid> = None;
     for name in &san.value.general_names {
         let GeneralName::URI(uri) = name else {
@@ -122,14 +90,11 @@ pub fn agent_id_from_cert_der(der: &[u8]) -> Result<Uuid, CertError> {
         let Some(id) = uri.strip_prefix(AGENT_URI_SAN_PREFIX) else {
             continue;
         };
-        let id = Uuid::try_parse(id).map_err(|e| CertError::NoAgentIdentity {
-            reason: format!("malformed agent id in URI SAN: {e}"),
-        })?;
+        let id = Uuid::try_parse(id)
+            .map_err(|e| CertError::NoAgentIdentity { reason: format!("malformed agent id in URI SAN: {e}") })?;
         match found {
             Some(prev) if prev != id => {
-                return Err(CertError::NoAgentIdentity {
-                    reason: "certificate names more than one agent".into(),
-                })
+                return Err(CertError::NoAgentIdentity { reason: "certificate names more than one agent".into() })
             }
             _ => found = Some(id),
         }
@@ -150,19 +115,15 @@ pub fn agent_id_from_cert_der(der: &[u8]) -> Result<Uuid, CertError> {
 pub fn peer_agent_id(peer_certs: &[CertificateDer<'_>]) -> Result<Uuid, CertError> {
     let first = peer_certs
         .first()
-        .ok_or_else(|| CertError::NoAgentIdentity {
-            reason: "the peer presented no client certificate".into(),
-        })?;
+        .ok_or_else(|| CertError::NoAgentIdentity { reason: "the peer presented no client certificate".into() })?;
     agent_id_from_cert_der(first)
 }
 
 fn der_from_pem_or_der(pem_or_der: &[u8]) -> Result<CertificateDer<'static>, CertError> {
     let trimmed = pem_or_der.trim_ascii_start();
     if trimmed.starts_with(b"-----BEGIN") {
-        let pem = std::str::from_utf8(pem_or_der).map_err(|_| CertError::InvalidPem {
-            what: "certificate",
-            reason: "not UTF-8".into(),
-        })?;
+        let pem = std::str::from_utf8(pem_or_der)
+            .map_err(|_| CertError::InvalidPem { what: "certificate", reason: "not UTF-8".into() })?;
         single_cert_der_from_pem(pem, "certificate")
     } else {
         Ok(CertificateDer::from(pem_or_der.to_vec()))

@@ -34,24 +34,21 @@ mod token;
 
 pub use agent::AgentKey;
 pub use ca::{
-    FleetCa, IssuedKeyPair, RevokedCert, AGENT_CERT_VALIDITY_DAYS_DEFAULT,
-    AGENT_CERT_VALIDITY_DAYS_MAX, CA_VALIDITY_DAYS, CLOCK_SKEW_BACKDATE_SECS, CRL_NEXT_UPDATE_DAYS,
-    SERVER_CERT_VALIDITY_DAYS,
+    FleetCa, IssuedKeyPair, RevokedCert, AGENT_CERT_VALIDITY_DAYS_DEFAULT, AGENT_CERT_VALIDITY_DAYS_MAX,
+    CA_VALIDITY_DAYS, CLOCK_SKEW_BACKDATE_SECS, CRL_NEXT_UPDATE_DAYS, SERVER_CERT_VALIDITY_DAYS,
 };
 pub use error::CertError;
 pub use fingerprint::CaFingerprint;
 pub use inspect::{
-    agent_id_from_cert_der, agent_uri_san, cert_not_after_unix, cert_serial_hex, peer_agent_id,
-    AGENT_URI_SAN_PREFIX, PEM_BYTES_MAX,
+    agent_id_from_cert_der, agent_uri_san, cert_not_after_unix, cert_serial_hex, peer_agent_id, AGENT_URI_SAN_PREFIX,
+    PEM_BYTES_MAX,
 };
 pub use secret_file::write_secret_file;
 pub use tls::{
-    client_config_enroll, client_config_link, enrolled_ca_pem, server_config, tls_cert_error,
-    EnrollServerVerifier,
+    client_config_enroll, client_config_link, enrolled_ca_pem, server_config, tls_cert_error, EnrollServerVerifier,
 };
 pub use token::{
-    ApiToken, ApiTokenKind, EnrollmentToken, EnrollmentTokenKind, Token, TokenHash, TokenKind,
-    TOKEN_SECRET_BYTES,
+    ApiToken, ApiTokenKind, EnrollmentToken, EnrollmentTokenKind, Token, TokenHash, TokenKind, TOKEN_SECRET_BYTES,
 };
 
 /// Re-exported so callers can name the CRL and certificate types used in this crate's signatures

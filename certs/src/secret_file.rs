@@ -33,11 +33,7 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), CertError> 
     };
     let mut suffix = [0u8; 8];
     rand::thread_rng().fill_bytes(&mut suffix);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        hex::encode(suffix)
-    ));
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), hex::encode(suffix)));
 
     let write_tmp = || -> Result<(), CertError> {
         let mut options = OpenOptions::new();
@@ -55,9 +51,7 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), CertError> 
         return Err(e);
     }
     #[cfg(unix)]
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(&dir))?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?;
     Ok(())
 }
 
@@ -78,16 +72,13 @@ mod tests {
         assert_eq!(fs::read(&path)?, b"secret key material");
         assert_eq!(fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
         // No temporary files are left behind.
-        let names: Vec<_> = fs::read_dir(dir.path())?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
+        let names: Vec<_> = fs::read_dir(dir.path())?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
         assert_eq!(names, vec![std::ffi::OsString::from("agent.key")]);
         Ok(())
     }
 
     #[test]
-    fn missing_directory_is_an_io_error_naming_the_path() -> Result<(), Box<dyn std::error::Error>>
-    {
+    fn missing_directory_is_an_io_error_naming_the_path() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("no-such-dir").join("ca.key");
         match write_secret_file(&path, b"x") {

@@ -13,8 +13,7 @@ use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig, SignatureScheme,
 };
 
 use crate::ca::IssuedKeyPair;
@@ -81,11 +80,7 @@ pub fn server_config(
 ///
 /// Errors: [`CertError::InvalidPem`] / [`CertError::TooLarge`] for unreadable PEM;
 /// [`CertError::TlsConfig`] for an unusable CA, or a key that does not match the certificate.
-pub fn client_config_link(
-    ca_pem: &str,
-    agent_cert_pem: &str,
-    agent_key_pem: &str,
-) -> Result<ClientConfig, CertError> {
+pub fn client_config_link(ca_pem: &str, agent_cert_pem: &str, agent_key_pem: &str) -> Result<ClientConfig, CertError> {
     let ca_der = single_cert_der_from_pem(ca_pem, "CA certificate")?;
     let chain = cert_chain_from_pem(agent_cert_pem, "agent certificate")?;
     let key = private_key_from_pem(agent_key_pem, "agent private key")?;
@@ -126,8 +121,9 @@ pub fn client_config_enroll(expected: CaFingerprint) -> Result<ClientConfig, Cer
 /// [`CertError::FingerprintMismatch`] or [`CertError::NoCaInChain`] during enrollment).
 pub fn tls_cert_error(err: &rustls::Error) -> Option<&CertError> {
     match err {
-        rustls::Error::InvalidCertificate(CertificateError::Other(other))
-        | rustls::Error::Other(other) => other.0.downcast_ref::<CertError>(),
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) | rustls::Error::Other(other) => {
+            other.0.downcast_ref::<CertError>()
+        }
         _ => None,
     }
 }
@@ -163,17 +159,13 @@ impl ServerCertVerifier for EnrollServerVerifier {
         };
         let got = CaFingerprint::from_cert_der(ca);
         if got != self.expected {
-            return Err(cert_error_to_tls(CertError::FingerprintMismatch {
-                expected: self.expected,
-                got,
-            }));
+            return Err(cert_error_to_tls(CertError::FingerprintMismatch { expected: self.expected, got }));
         }
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, rest, server_name, ocsp_response, now)
     }
 
@@ -183,12 +175,7 @@ impl ServerCertVerifier for EnrollServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -197,18 +184,11 @@ impl ServerCertVerifier for EnrollServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -219,10 +199,7 @@ impl ServerCertVerifier for EnrollServerVerifier {
 ///
 /// Errors: [`CertError::NoCaInChain`] if fewer than two certificates were presented;
 /// [`CertError::FingerprintMismatch`] if the last one is not the expected CA.
-pub fn enrolled_ca_pem(
-    peer_certs: &[CertificateDer<'_>],
-    expected: CaFingerprint,
-) -> Result<String, CertError> {
+pub fn enrolled_ca_pem(peer_certs: &[CertificateDer<'_>], expected: CaFingerprint) -> Result<String, CertError> {
     if peer_certs.len() < 2 {
         return Err(CertError::NoCaInChain);
     }

@@ -63,10 +63,7 @@ impl<K: TokenKind> Token<K> {
     pub fn generate() -> Self {
         let mut bytes = [0u8; TOKEN_SECRET_BYTES];
         rand::thread_rng().fill_bytes(&mut bytes);
-        Token {
-            secret: format!("{}{}", K::PREFIX, URL_SAFE_NO_PAD.encode(bytes)),
-            kind: PhantomData,
-        }
+        Token { secret: format!("{}{}", K::PREFIX, URL_SAFE_NO_PAD.encode(bytes)), kind: PhantomData }
     }
 
     /// Parses a token as typed or pasted by a user (surrounding whitespace is ignored).
@@ -74,14 +71,9 @@ impl<K: TokenKind> Token<K> {
     /// Errors: [`CertError::InvalidToken`] if the prefix is not `K::PREFIX`, the length is wrong or
     /// the rest is not base64url of 32 bytes. The error never contains the input.
     pub fn parse(s: &str) -> Result<Self, CertError> {
-        let invalid = |reason| CertError::InvalidToken {
-            kind: K::NAME,
-            reason,
-        };
+        let invalid = |reason| CertError::InvalidToken { kind: K::NAME, reason };
         let s = s.trim();
-        let rest = s
-            .strip_prefix(K::PREFIX)
-            .ok_or_else(|| invalid("it does not start with the expected prefix"))?;
+        let rest = s.strip_prefix(K::PREFIX).ok_or_else(|| invalid("it does not start with the expected prefix"))?;
         if rest.len() != TOKEN_SECRET_CHARS {
             return Err(invalid("it has the wrong length"));
         }
@@ -90,10 +82,7 @@ impl<K: TokenKind> Token<K> {
             Ok(TOKEN_SECRET_BYTES) => {}
             _ => return Err(invalid("it is not base64url of 32 bytes")),
         }
-        Ok(Token {
-            secret: s.to_owned(),
-            kind: PhantomData,
-        })
+        Ok(Token { secret: s.to_owned(), kind: PhantomData })
     }
 
     /// The full token string. **Secret**: show it once, never log it.
@@ -109,10 +98,7 @@ impl<K: TokenKind> Token<K> {
 
 impl<K: TokenKind> Clone for Token<K> {
     fn clone(&self) -> Self {
-        Token {
-            secret: self.secret.clone(),
-            kind: PhantomData,
-        }
+        Token { secret: self.secret.clone(), kind: PhantomData }
     }
 }
 
@@ -175,9 +161,8 @@ impl FromStr for TokenHash {
     type Err = CertError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(s.trim(), &mut bytes).map_err(|e| CertError::InvalidTokenHash {
-            reason: format!("expected 64 hex digits: {e}"),
-        })?;
+        hex::decode_to_slice(s.trim(), &mut bytes)
+            .map_err(|e| CertError::InvalidTokenHash { reason: format!("expected 64 hex digits: {e}") })?;
         Ok(TokenHash(bytes))
     }
 }
@@ -230,11 +215,11 @@ mod tests {
         let cases = [
             String::new(),
             secret_part.to_string(),                              // no prefix
-            format!("gfa_{secret_part}"), // API token where enrollment expected
-            format!("{}x", good.as_str()), // too long
+            format!("gfa_{secret_part}"),                         // API token where enrollment expected
+            format!("{}x", good.as_str()),                        // too long
             good.as_str()[..good.as_str().len() - 1].to_string(), // too short
-            format!("gfe_{}", "!".repeat(43)), // not base64url
-            format!("gfe_{}", "A".repeat(1_000_000)), // huge
+            format!("gfe_{}", "!".repeat(43)),                    // not base64url
+            format!("gfe_{}", "A".repeat(1_000_000)),             // huge
         ];
         for case in cases {
             match EnrollmentToken::parse(&case) {
@@ -251,10 +236,7 @@ mod tests {
         let mut non_canonical = good.as_str().to_string();
         non_canonical.pop();
         non_canonical.push('B');
-        assert!(matches!(
-            EnrollmentToken::parse(&non_canonical),
-            Err(CertError::InvalidToken { .. })
-        ));
+        assert!(matches!(EnrollmentToken::parse(&non_canonical), Err(CertError::InvalidToken { .. })));
     }
 
     #[test]
@@ -267,9 +249,6 @@ mod tests {
 
     #[test]
     fn token_hash_rejects_bad_hex() {
-        assert!(matches!(
-            "abc".parse::<TokenHash>(),
-            Err(CertError::InvalidTokenHash { .. })
-        ));
+        assert!(matches!("abc".parse::<TokenHash>(), Err(CertError::InvalidTokenHash { .. })));
     }
 }

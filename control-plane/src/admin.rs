@@ -120,7 +120,10 @@ pub fn mint_enrollment_token(
 ) -> Result<MintedEnrollmentToken, AdminError> {
     crate::scheduler::validate_site(site).map_err(|e| AdminError::Invalid(e.to_string()))?;
     if ttl_secs == 0 || ttl_secs > ENROLL_TOKEN_TTL_SECS_MAX {
-        return Err(AdminError::Invalid(format!("--ttl must be between 1s and {}d", ENROLL_TOKEN_TTL_SECS_MAX / 86400)));
+        return Err(AdminError::Invalid(format!(
+            "--ttl must be between 1s and {}d",
+            ENROLL_TOKEN_TTL_SECS_MAX / 86400
+        )));
     }
     let token = EnrollmentToken::generate();
     let now = crate::now_ms();

@@ -107,7 +107,10 @@ pub mod close_code {
 ///
 /// # Errors
 /// [`LinkError::Setup`] if rustls' config cannot be used for QUIC.
-pub fn quinn_server_config(rustls_config: rustls::ServerConfig, cfg: &LinkConfig) -> Result<quinn::ServerConfig, LinkError> {
+pub fn quinn_server_config(
+    rustls_config: rustls::ServerConfig,
+    cfg: &LinkConfig,
+) -> Result<quinn::ServerConfig, LinkError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_config)
         .map_err(|e| LinkError::Setup(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -223,9 +226,10 @@ impl Link {
             .await
             .map_err(|_| LinkError::Protocol("no enrollment request within 10 s".into()))??;
         let mut dec = FrameDecoder::new(ENROLL_FRAME_BYTES_MAX);
-        let req: EnrollRequest = tokio::time::timeout(Duration::from_secs(10), read_one(&mut recv, &mut dec))
-            .await
-            .map_err(|_| LinkError::Protocol("enrollment request incomplete after 10 s".into()))??;
+        let req: EnrollRequest =
+            tokio::time::timeout(Duration::from_secs(10), read_one(&mut recv, &mut dec))
+                .await
+                .map_err(|_| LinkError::Protocol("enrollment request incomplete after 10 s".into()))??;
         let span = tracing::info_span!("enroll_agent", agent_id = %req.agent_id, hostname = %req.hostname);
         let resp = match self.enroll_agent(&req).instrument(span.clone()).await {
             Ok(resp) => {
@@ -291,7 +295,12 @@ impl Link {
         .map_err(|e| format!("internal error: {e}"))?
     }
 
-    async fn session(self: Arc<Self>, conn: &quinn::Connection, agent_id: AgentId, conn_id: u64) -> Result<(), LinkError> {
+    async fn session(
+        self: Arc<Self>,
+        conn: &quinn::Connection,
+        agent_id: AgentId,
+        conn_id: u64,
+    ) -> Result<(), LinkError> {
         let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
             .await
             .map_err(|_| LinkError::Protocol("agent opened no stream within 10 s".into()))??;
@@ -320,7 +329,8 @@ impl Link {
                 return Err(LinkError::Protocol(reason));
             }
         };
-        let record = self.state.store.get_agent(agent_id)?.ok_or_else(|| LinkError::Protocol("agent vanished".into()))?;
+        let record =
+            self.state.store.get_agent(agent_id)?.ok_or_else(|| LinkError::Protocol("agent vanished".into()))?;
         let (tx, mut rx) = mpsc::channel::<ControlMessage>(256);
         tx.try_send(ControlMessage::Welcome {
             protocol_version: version,
@@ -372,7 +382,12 @@ impl Link {
         result
     }
 
-    async fn read_loop(&self, recv: &mut quinn::RecvStream, dec: &mut FrameDecoder, agent_id: AgentId) -> Result<(), LinkError> {
+    async fn read_loop(
+        &self,
+        recv: &mut quinn::RecvStream,
+        dec: &mut FrameDecoder,
+        agent_id: AgentId,
+    ) -> Result<(), LinkError> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             while let Some(env) = dec.next_message::<AgentEnvelope>()? {
@@ -574,7 +589,10 @@ impl Link {
 }
 
 /// Reads exactly one message from `recv`.
-async fn read_one<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<T, LinkError> {
+async fn read_one<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    dec: &mut FrameDecoder,
+) -> Result<T, LinkError> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         if let Some(msg) = dec.next_message::<T>()? {

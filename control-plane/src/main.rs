@@ -128,9 +128,7 @@ enum ApiTokenCommand {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -284,9 +282,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let endpoint = quinn::Endpoint::server(link::quinn_server_config(tls, &link_cfg)?, quic_addr)
         .with_context(|| format!("binding QUIC on udp/{quic_addr}"))?;
     let http_addr = args.http_listen.unwrap_or(config.http_listen);
-    let http_listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("binding HTTP on tcp/{http_addr}"))?;
+    let http_listener =
+        tokio::net::TcpListener::bind(http_addr).await.with_context(|| format!("binding HTTP on tcp/{http_addr}"))?;
 
     let scheduler = Arc::new(Scheduler::new(store.clone()));
     let state = AppState { store: store.clone(), scheduler: scheduler.clone(), metrics: Arc::new(Metrics::new()) };

@@ -25,8 +25,7 @@ use prometheus_client::registry::Registry;
 use crate::store::{JobState, Store};
 
 /// Content type of [`Metrics::encode`]'s output, for the HTTP response.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -48,13 +47,8 @@ struct ReasonLabel {
     reason: String,
 }
 
-const JOB_STATES: [JobState; 5] = [
-    JobState::Queued,
-    JobState::Assigned,
-    JobState::Running,
-    JobState::Succeeded,
-    JobState::Failed,
-];
+const JOB_STATES: [JobState; 5] =
+    [JobState::Queued, JobState::Assigned, JobState::Running, JobState::Succeeded, JobState::Failed];
 
 /// The control plane's metrics registry. One per process, shared behind an `Arc`; every method
 /// takes `&self` and is cheap (atomic increments).
@@ -82,69 +76,31 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let agents = Family::<StateLabel, Gauge>::default();
-        registry.register(
-            "gaffer_agents",
-            "Enrolled agents by link state",
-            agents.clone(),
-        );
+        registry.register("gaffer_agents", "Enrolled agents by link state", agents.clone());
         let jobs = Family::<StateLabel, Gauge>::default();
         registry.register("gaffer_jobs", "Jobs by lifecycle state", jobs.clone());
         let messages = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "gaffer_agent_messages",
-            "Agent messages received, by kind",
-            messages.clone(),
-        );
+        registry.register("gaffer_agent_messages", "Agent messages received, by kind", messages.clone());
         let links_open = Gauge::default();
-        registry.register(
-            "gaffer_agent_links_open",
-            "Agent link connections open now",
-            links_open.clone(),
-        );
+        registry.register("gaffer_agent_links_open", "Agent link connections open now", links_open.clone());
         let jobs_finished = Family::<StateLabel, Counter>::default();
-        registry.register(
-            "gaffer_jobs_finished",
-            "Jobs that finished, by final state",
-            jobs_finished.clone(),
-        );
+        registry.register("gaffer_jobs_finished", "Jobs that finished, by final state", jobs_finished.clone());
         let enrollments = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "gaffer_enrollments",
-            "Enrollment attempts, by result",
-            enrollments.clone(),
-        );
+        registry.register("gaffer_enrollments", "Enrollment attempts, by result", enrollments.clone());
         let refused = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "gaffer_link_refused",
-            "Agent link handshakes refused, by reason",
-            refused.clone(),
-        );
+        registry.register("gaffer_link_refused", "Agent link handshakes refused, by reason", refused.clone());
         let job_duration = Histogram::new(exponential_buckets(1.0, 2.0, 15));
         registry.register(
             "gaffer_job_duration_seconds",
             "Duration of finished jobs, as recorded by the link when a job finishes",
             job_duration.clone(),
         );
-        Self {
-            registry,
-            agents,
-            jobs,
-            messages,
-            links_open,
-            jobs_finished,
-            enrollments,
-            refused,
-            job_duration,
-        }
+        Self { registry, agents, jobs, messages, links_open, jobs_finished, enrollments, refused, job_duration }
     }
 
     /// Counts one agent message of `kind` (e.g. `"heartbeat"`, from `AgentMessage::kind`).
     pub fn message_received(&self, kind: &str) {
-        self.messages
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
-            .inc();
+        self.messages.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
     }
 
     /// An agent link connection opened.
@@ -159,29 +115,17 @@ impl Metrics {
 
     /// A job reached its final `state` (`"succeeded"` or `"failed"`).
     pub fn job_finished(&self, state: &str) {
-        self.jobs_finished
-            .get_or_create(&StateLabel {
-                state: state.to_owned(),
-            })
-            .inc();
+        self.jobs_finished.get_or_create(&StateLabel { state: state.to_owned() }).inc();
     }
 
     /// An enrollment attempt ended with `result` (e.g. `"ok"`, `"token_expired"`).
     pub fn enrollment(&self, result: &str) {
-        self.enrollments
-            .get_or_create(&ResultLabel {
-                result: result.to_owned(),
-            })
-            .inc();
+        self.enrollments.get_or_create(&ResultLabel { result: result.to_owned() }).inc();
     }
 
     /// An agent link handshake was refused for `reason` (e.g. `"version"`, `"unknown_agent"`).
     pub fn handshake_refused(&self, reason: &str) {
-        self.refused
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_owned(),
-            })
-            .inc();
+        self.refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
     /// Records one job's duration, seconds.
@@ -206,27 +150,15 @@ impl Metrics {
             Ok(agents) => {
                 let connected = agents.iter().filter(|a| a.connected).count() as i64;
                 let total = agents.len() as i64;
-                self.agents
-                    .get_or_create(&StateLabel {
-                        state: "connected".into(),
-                    })
-                    .set(connected);
-                self.agents
-                    .get_or_create(&StateLabel {
-                        state: "disconnected".into(),
-                    })
-                    .set(total - connected);
+                self.agents.get_or_create(&StateLabel { state: "connected".into() }).set(connected);
+                self.agents.get_or_create(&StateLabel { state: "disconnected".into() }).set(total - connected);
             }
             Err(e) => tracing::error!(error = %e, "metrics: cannot list agents"),
         }
         for state in JOB_STATES {
             match store.jobs_in_state(state) {
                 Ok(jobs) => {
-                    self.jobs
-                        .get_or_create(&StateLabel {
-                            state: state.as_str().into(),
-                        })
-                        .set(jobs.len() as i64);
+                    self.jobs.get_or_create(&StateLabel { state: state.as_str().into() }).set(jobs.len() as i64);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, state = state.as_str(), "metrics: cannot count jobs")
@@ -254,32 +186,14 @@ mod tests {
         m.handshake_refused("version");
         m.job_duration(3.0);
         let text = m.encode(&store);
-        assert!(
-            text.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 2"),
-            "{text}"
-        );
+        assert!(text.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 2"), "{text}");
         assert!(text.contains("gaffer_agent_links_open 1"), "{text}");
-        assert!(
-            text.contains("gaffer_jobs_finished_total{state=\"failed\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("gaffer_enrollments_total{result=\"ok\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("gaffer_link_refused_total{reason=\"version\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("gaffer_job_duration_seconds_count 1"),
-            "{text}"
-        );
+        assert!(text.contains("gaffer_jobs_finished_total{state=\"failed\"} 1"), "{text}");
+        assert!(text.contains("gaffer_enrollments_total{result=\"ok\"} 1"), "{text}");
+        assert!(text.contains("gaffer_link_refused_total{reason=\"version\"} 1"), "{text}");
+        assert!(text.contains("gaffer_job_duration_seconds_count 1"), "{text}");
         assert!(text.contains("gaffer_jobs{state=\"queued\"} 0"), "{text}");
-        assert!(
-            text.contains("gaffer_agents{state=\"connected\"} 0"),
-            "{text}"
-        );
+        assert!(text.contains("gaffer_agents{state=\"connected\"} 0"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
         Ok(())
     }

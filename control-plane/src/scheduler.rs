@@ -375,7 +375,8 @@ impl Scheduler {
                 fleet.release(agent, job.id);
                 continue;
             }
-            let assign = ControlMessage::Assign(Assignment { job_id: job.id, path: job.path.clone(), profile: job.profile });
+            let assign =
+                ControlMessage::Assign(Assignment { job_id: job.id, path: job.path.clone(), profile: job.profile });
             if tx.try_send(assign).is_err() {
                 // The connection is going away or backed up: give the job back at once.
                 fleet.release(agent, job.id);

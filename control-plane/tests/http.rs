@@ -14,8 +14,7 @@ use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{AgentRecord, HealthSample, JobState, Store};
 use gaffer_control::{http::router, AppState};
 use gaffer_protocol::digest::{
-    AnalyzerInfo, Cut, Digest, Keyframe, Shot, ShotAnalysis, SourceInfo, StreamInfo, StreamKind,
-    TechnicalMetadata,
+    AnalyzerInfo, Cut, Digest, Keyframe, Shot, ShotAnalysis, SourceInfo, StreamInfo, StreamKind, TechnicalMetadata,
 };
 use gaffer_protocol::health::{Health, HealthSource};
 use gaffer_protocol::messages::{Capabilities, Profile};
@@ -38,10 +37,7 @@ impl Fixture {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(SledStore::open(&dir.path().join("db"))?);
         let salt = SaltString::generate(&mut rand::rngs::OsRng);
-        let phc = Argon2::default()
-            .hash_password(PASSWORD.as_bytes(), &salt)
-            .map_err(|e| anyhow!("{e}"))?
-            .to_string();
+        let phc = Argon2::default().hash_password(PASSWORD.as_bytes(), &salt).map_err(|e| anyhow!("{e}"))?.to_string();
         store.set_admin_password_hash(&phc)?;
         store.insert_api_token(&Sha256::digest(API_TOKEN.as_bytes()).into(), 1)?;
         let agent_id = Uuid::new_v4();
@@ -94,12 +90,7 @@ impl Fixture {
             scheduler: Arc::new(Scheduler::new(shared)),
             metrics: Arc::new(Metrics::new()),
         };
-        Ok(Fixture {
-            _dir: dir,
-            store,
-            state,
-            agent_id,
-        })
+        Ok(Fixture { _dir: dir, store, state, agent_id })
     }
 
     fn app(&self) -> Router {
@@ -114,13 +105,9 @@ impl Fixture {
     async fn login(&self) -> Result<String> {
         let form = self.send(get("/login", None)).await?;
         assert_eq!(form.status(), StatusCode::OK);
-        let login_csrf =
-            cookie_value(&form, "gaffer_login_csrf").context("login form sets its CSRF cookie")?;
+        let login_csrf = cookie_value(&form, "gaffer_login_csrf").context("login form sets its CSRF cookie")?;
         let body = text(form).await?;
-        assert!(
-            body.contains(&login_csrf),
-            "hidden field carries the CSRF token"
-        );
+        assert!(body.contains(&login_csrf), "hidden field carries the CSRF token");
         let resp = self
             .send(post_form(
                 "/login",
@@ -134,13 +121,8 @@ impl Fixture {
 
     /// The session's CSRF token, read from a rendered form.
     async fn csrf(&self, session: &str) -> Result<String> {
-        let page = text(
-            self.send(get("/jobs/new", Some(&format!("gaffer_session={session}"))))
-                .await?,
-        )
-        .await?;
-        let start = page.find("name=\"csrf\" value=\"").context("csrf field")?
-            + "name=\"csrf\" value=\"".len();
+        let page = text(self.send(get("/jobs/new", Some(&format!("gaffer_session={session}")))).await?).await?;
+        let start = page.find("name=\"csrf\" value=\"").context("csrf field")? + "name=\"csrf\" value=\"".len();
         let end = page[start..].find('"').context("csrf field end")?;
         Ok(page[start..start + end].to_string())
     }
@@ -171,8 +153,7 @@ fn api_post(uri: &str, body: &str) -> Request<Body> {
 }
 
 fn post_form(uri: &str, cookie: Option<&str>, body: &str) -> Request<Body> {
-    let mut b =
-        Request::post(uri).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    let mut b = Request::post(uri).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
     if let Some(c) = cookie {
         b = b.header(header::COOKIE, c);
     }
@@ -189,11 +170,7 @@ fn urlencode(s: &str) -> String {
 }
 
 fn set_cookies(resp: &Response<Body>) -> Vec<String> {
-    resp.headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_owned))
-        .collect()
+    resp.headers().get_all(header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok().map(str::to_owned)).collect()
 }
 
 fn cookie_value(resp: &Response<Body>, name: &str) -> Option<String> {
@@ -211,25 +188,16 @@ async fn text(resp: Response<Body>) -> Result<String> {
 
 async fn json(resp: Response<Body>) -> Result<serde_json::Value> {
     let bytes = axum::body::to_bytes(resp.into_body(), 4 << 20).await?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("body is not JSON: {}", String::from_utf8_lossy(&bytes)))
+    serde_json::from_slice(&bytes).with_context(|| format!("body is not JSON: {}", String::from_utf8_lossy(&bytes)))
 }
 
 /// Asserts a JSON error response with `status` and a non-empty "error" string.
 async fn assert_json_error(resp: Response<Body>, status: StatusCode) -> Result<String> {
     assert_eq!(resp.status(), status);
-    let ct = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     assert!(ct.starts_with("application/json"), "content-type {ct}");
     let v = json(resp).await?;
-    let msg = v["error"]
-        .as_str()
-        .context("error field is a string")?
-        .to_owned();
+    let msg = v["error"].as_str().context("error field is a string")?.to_owned();
     assert!(!msg.is_empty());
     Ok(msg)
 }
@@ -237,24 +205,11 @@ async fn assert_json_error(resp: Response<Body>, status: StatusCode) -> Result<S
 #[tokio::test]
 async fn api_requires_a_valid_bearer_token() -> Result<()> {
     let f = Fixture::new()?;
-    assert_json_error(
-        f.send(api_get("/api/v1/jobs", None)).await?,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await?;
-    assert_json_error(
-        f.send(api_get("/api/v1/jobs", Some("gfa_wrong"))).await?,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await?;
-    assert_json_error(
-        f.send(api_get("/api/v1/agents", Some(""))).await?,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await?;
-    let basic = Request::get("/api/v1/jobs")
-        .header(header::AUTHORIZATION, format!("Basic {API_TOKEN}"))
-        .body(Body::empty())?;
+    assert_json_error(f.send(api_get("/api/v1/jobs", None)).await?, StatusCode::UNAUTHORIZED).await?;
+    assert_json_error(f.send(api_get("/api/v1/jobs", Some("gfa_wrong"))).await?, StatusCode::UNAUTHORIZED).await?;
+    assert_json_error(f.send(api_get("/api/v1/agents", Some(""))).await?, StatusCode::UNAUTHORIZED).await?;
+    let basic =
+        Request::get("/api/v1/jobs").header(header::AUTHORIZATION, format!("Basic {API_TOKEN}")).body(Body::empty())?;
     assert_json_error(f.send(basic).await?, StatusCode::UNAUTHORIZED).await?;
     let resp = f.send(api_get("/api/v1/jobs", Some(API_TOKEN))).await?;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -265,12 +220,7 @@ async fn api_requires_a_valid_bearer_token() -> Result<()> {
 #[tokio::test]
 async fn api_submits_lists_and_gets_jobs() -> Result<()> {
     let f = Fixture::new()?;
-    let resp = f
-        .send(api_post(
-            "/api/v1/jobs",
-            r#"{"path": "/mnt/media/reel1.mov", "site": "stage-a"}"#,
-        ))
-        .await?;
+    let resp = f.send(api_post("/api/v1/jobs", r#"{"path": "/mnt/media/reel1.mov", "site": "stage-a"}"#)).await?;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let id: Uuid = json(resp).await?["id"].as_str().context("id")?.parse()?;
     let pinned = format!(
@@ -280,37 +230,17 @@ async fn api_submits_lists_and_gets_jobs() -> Result<()> {
     let resp = f.send(api_post("/api/v1/jobs", &pinned)).await?;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let second: Uuid = json(resp).await?["id"].as_str().context("id")?.parse()?;
-    assert_eq!(
-        f.store.get_job(second)?.and_then(|j| j.pinned_agent),
-        Some(f.agent_id)
-    );
+    assert_eq!(f.store.get_job(second)?.and_then(|j| j.pinned_agent), Some(f.agent_id));
 
     let list = json(f.send(api_get("/api/v1/jobs", Some(API_TOKEN))).await?).await?;
-    let ids: Vec<&str> = list
-        .as_array()
-        .context("array")?
-        .iter()
-        .filter_map(|j| j["id"].as_str())
-        .collect();
+    let ids: Vec<&str> = list.as_array().context("array")?.iter().filter_map(|j| j["id"].as_str()).collect();
     assert_eq!(ids, [second.to_string(), id.to_string()], "newest first");
-    let limited = json(
-        f.send(api_get("/api/v1/jobs?limit=1", Some(API_TOKEN)))
-            .await?,
-    )
-    .await?;
+    let limited = json(f.send(api_get("/api/v1/jobs?limit=1", Some(API_TOKEN))).await?).await?;
     assert_eq!(limited.as_array().map(Vec::len), Some(1));
-    assert_json_error(
-        f.send(api_get("/api/v1/jobs?limit=lots", Some(API_TOKEN)))
-            .await?,
-        StatusCode::BAD_REQUEST,
-    )
-    .await?;
+    assert_json_error(f.send(api_get("/api/v1/jobs?limit=lots", Some(API_TOKEN))).await?, StatusCode::BAD_REQUEST)
+        .await?;
 
-    let job = json(
-        f.send(api_get(&format!("/api/v1/jobs/{id}"), Some(API_TOKEN)))
-            .await?,
-    )
-    .await?;
+    let job = json(f.send(api_get(&format!("/api/v1/jobs/{id}"), Some(API_TOKEN))).await?).await?;
     assert_eq!(job["path"], "/mnt/media/reel1.mov");
     assert_eq!(job["state"], "queued");
     assert_eq!(job["profile"], "shots");
@@ -323,41 +253,17 @@ async fn api_submits_lists_and_gets_jobs() -> Result<()> {
 async fn api_rejects_bad_job_submissions_with_json_errors() -> Result<()> {
     let f = Fixture::new()?;
     let cases = [
-        (
-            r#"{"path": "/mnt/a.mov", "site": "#,
-            StatusCode::BAD_REQUEST,
-            "malformed JSON",
-        ),
+        (r#"{"path": "/mnt/a.mov", "site": "#, StatusCode::BAD_REQUEST, "malformed JSON"),
         (
             r#"{"path": "/mnt/a.mov", "site": "stage-a", "priority": 1}"#,
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown field",
         ),
-        (
-            r#"{"path": 5, "site": "stage-a"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "wrong type",
-        ),
-        (
-            r#"{"site": "stage-a"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "missing path",
-        ),
-        (
-            r#"{"path": "media/a.mov", "site": "stage-a"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "relative path",
-        ),
-        (
-            r#"{"path": "/mnt/../etc/passwd", "site": "stage-a"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "dot-dot path",
-        ),
-        (
-            r#"{"path": "/mnt/a.mov", "site": "stage a!"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad site",
-        ),
+        (r#"{"path": 5, "site": "stage-a"}"#, StatusCode::UNPROCESSABLE_ENTITY, "wrong type"),
+        (r#"{"site": "stage-a"}"#, StatusCode::UNPROCESSABLE_ENTITY, "missing path"),
+        (r#"{"path": "media/a.mov", "site": "stage-a"}"#, StatusCode::UNPROCESSABLE_ENTITY, "relative path"),
+        (r#"{"path": "/mnt/../etc/passwd", "site": "stage-a"}"#, StatusCode::UNPROCESSABLE_ENTITY, "dot-dot path"),
+        (r#"{"path": "/mnt/a.mov", "site": "stage a!"}"#, StatusCode::UNPROCESSABLE_ENTITY, "bad site"),
         (
             r#"{"path": "/mnt/a.mov", "site": "stage-a", "agent": "not-a-uuid"}"#,
             StatusCode::BAD_REQUEST,
@@ -375,31 +281,19 @@ async fn api_rejects_bad_job_submissions_with_json_errors() -> Result<()> {
             .with_context(|| what.to_string())?;
         assert!(!msg.contains("internal"), "{what}: {msg}");
     }
-    let unknown_agent = format!(
-        r#"{{"path": "/mnt/a.mov", "site": "stage-a", "agent": "{}"}}"#,
-        Uuid::new_v4()
-    );
-    let msg = assert_json_error(
-        f.send(api_post("/api/v1/jobs", &unknown_agent)).await?,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await?;
+    let unknown_agent = format!(r#"{{"path": "/mnt/a.mov", "site": "stage-a", "agent": "{}"}}"#, Uuid::new_v4());
+    let msg =
+        assert_json_error(f.send(api_post("/api/v1/jobs", &unknown_agent)).await?, StatusCode::UNPROCESSABLE_ENTITY)
+            .await?;
     assert!(msg.contains("not enrolled"), "{msg}");
     let no_content_type = Request::post("/api/v1/jobs")
         .header(header::AUTHORIZATION, format!("Bearer {API_TOKEN}"))
         .body(Body::from(r#"{"path": "/mnt/a.mov", "site": "stage-a"}"#))?;
     let resp = f.send(no_content_type).await?;
     assert!(resp.status().is_client_error());
-    assert_eq!(
-        f.store.list_jobs(10)?.len(),
-        0,
-        "no rejected submission created a job"
-    );
+    assert_eq!(f.store.list_jobs(10)?.len(), 0, "no rejected submission created a job");
 
-    let huge = format!(
-        r#"{{"path": "/{}", "site": "stage-a"}}"#,
-        "a".repeat(100 * 1024)
-    );
+    let huge = format!(r#"{{"path": "/{}", "site": "stage-a"}}"#, "a".repeat(100 * 1024));
     let resp = f.send(api_post("/api/v1/jobs", &huge)).await?;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     Ok(())
@@ -409,34 +303,17 @@ async fn api_rejects_bad_job_submissions_with_json_errors() -> Result<()> {
 async fn api_unknown_and_malformed_ids() -> Result<()> {
     let f = Fixture::new()?;
     assert_json_error(
-        f.send(api_get(
-            &format!("/api/v1/jobs/{}", Uuid::new_v4()),
-            Some(API_TOKEN),
-        ))
-        .await?,
+        f.send(api_get(&format!("/api/v1/jobs/{}", Uuid::new_v4()), Some(API_TOKEN))).await?,
         StatusCode::NOT_FOUND,
     )
     .await?;
+    assert_json_error(f.send(api_get("/api/v1/jobs/12345", Some(API_TOKEN))).await?, StatusCode::BAD_REQUEST).await?;
     assert_json_error(
-        f.send(api_get("/api/v1/jobs/12345", Some(API_TOKEN)))
-            .await?,
-        StatusCode::BAD_REQUEST,
-    )
-    .await?;
-    assert_json_error(
-        f.send(api_get(
-            &format!("/api/v1/agents/{}", Uuid::new_v4()),
-            Some(API_TOKEN),
-        ))
-        .await?,
+        f.send(api_get(&format!("/api/v1/agents/{}", Uuid::new_v4()), Some(API_TOKEN))).await?,
         StatusCode::NOT_FOUND,
     )
     .await?;
-    assert_json_error(
-        f.send(api_get("/api/v1/nope", Some(API_TOKEN))).await?,
-        StatusCode::NOT_FOUND,
-    )
-    .await?;
+    assert_json_error(f.send(api_get("/api/v1/nope", Some(API_TOKEN))).await?, StatusCode::NOT_FOUND).await?;
     Ok(())
 }
 
@@ -453,14 +330,7 @@ async fn api_lists_agents_with_health() -> Result<()> {
     assert_eq!(a["jobs_running"], 0);
     assert_eq!(a["capabilities"]["job_slots"], 2);
     assert!(a.get("health_history").is_none());
-    let one = json(
-        f.send(api_get(
-            &format!("/api/v1/agents/{}", f.agent_id),
-            Some(API_TOKEN),
-        ))
-        .await?,
-    )
-    .await?;
+    let one = json(f.send(api_get(&format!("/api/v1/agents/{}", f.agent_id), Some(API_TOKEN))).await?).await?;
     let history = one["health_history"].as_array().context("history")?;
     assert_eq!(history.len(), 3);
     assert_eq!(history[2]["health"]["cpu_percent"], 40.0, "oldest first");
@@ -470,26 +340,12 @@ async fn api_lists_agents_with_health() -> Result<()> {
 #[tokio::test]
 async fn login_flow_and_dashboard_pages() -> Result<()> {
     let f = Fixture::new()?;
-    for page in [
-        "/",
-        "/jobs",
-        "/jobs/new",
-        &format!("/agents/{}", f.agent_id),
-    ] {
+    for page in ["/", "/jobs", "/jobs/new", &format!("/agents/{}", f.agent_id)] {
         let resp = f.send(get(page, None)).await?;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{page}");
-        assert_eq!(
-            resp.headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok()),
-            Some("/login")
-        );
+        assert_eq!(resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/login"));
         let resp = f.send(get(page, Some("gaffer_session=forged"))).await?;
-        assert_eq!(
-            resp.status(),
-            StatusCode::SEE_OTHER,
-            "{page} with a forged cookie"
-        );
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{page} with a forged cookie");
     }
 
     // Wrong password: refused, no session.
@@ -507,13 +363,7 @@ async fn login_flow_and_dashboard_pages() -> Result<()> {
     assert!(text(resp).await?.contains("Wrong password"));
 
     // Right password but no login CSRF cookie: refused.
-    let resp = f
-        .send(post_form(
-            "/login",
-            None,
-            &format!("csrf=x&password={}", urlencode(PASSWORD)),
-        ))
-        .await?;
+    let resp = f.send(post_form("/login", None, &format!("csrf=x&password={}", urlencode(PASSWORD)))).await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert!(cookie_value(&resp, "gaffer_session").is_none());
 
@@ -528,10 +378,7 @@ async fn login_flow_and_dashboard_pages() -> Result<()> {
         ))
         .await?;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let set = set_cookies(&resp)
-        .into_iter()
-        .find(|c| c.starts_with("gaffer_session="))
-        .context("session cookie")?;
+    let set = set_cookies(&resp).into_iter().find(|c| c.starts_with("gaffer_session=")).context("session cookie")?;
     assert!(set.contains("HttpOnly"), "{set}");
     assert!(set.contains("SameSite=Strict"), "{set}");
     assert!(set.contains("Path=/"), "{set}");
@@ -541,12 +388,8 @@ async fn login_flow_and_dashboard_pages() -> Result<()> {
 
     let fleet = f.send(get("/", Some(&cookie))).await?;
     assert_eq!(fleet.status(), StatusCode::OK);
-    let csp = fleet
-        .headers()
-        .get(header::CONTENT_SECURITY_POLICY)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let csp =
+        fleet.headers().get(header::CONTENT_SECURITY_POLICY).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     assert!(csp.contains("default-src 'none'"), "{csp}");
     let body = text(fleet).await?;
     assert!(body.contains("gpu-box-07"));
@@ -557,39 +400,20 @@ async fn login_flow_and_dashboard_pages() -> Result<()> {
         let resp = f.send(get(page, Some(&cookie))).await?;
         assert_eq!(resp.status(), StatusCode::OK, "{page}");
     }
-    let agent_page = text(
-        f.send(get(&format!("/agents/{}", f.agent_id), Some(&cookie)))
-            .await?,
-    )
-    .await?;
-    assert!(
-        agent_page.contains("/mnt/media/incoming"),
-        "watch roots shown"
-    );
-    assert!(
-        agent_page.contains("<polyline class=\"cpu\""),
-        "sparkline rendered"
-    );
-    let missing = f
-        .send(get(&format!("/jobs/{}", Uuid::new_v4()), Some(&cookie)))
-        .await?;
+    let agent_page = text(f.send(get(&format!("/agents/{}", f.agent_id), Some(&cookie))).await?).await?;
+    assert!(agent_page.contains("/mnt/media/incoming"), "watch roots shown");
+    assert!(agent_page.contains("<polyline class=\"cpu\""), "sparkline rendered");
+    let missing = f.send(get(&format!("/jobs/{}", Uuid::new_v4()), Some(&cookie))).await?;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     assert!(text(missing).await?.contains("<html"));
 
     // Logout needs the CSRF token; afterwards the cookie is dead.
-    let resp = f
-        .send(post_form("/logout", Some(&cookie), "csrf=wrong"))
-        .await?;
+    let resp = f.send(post_form("/logout", Some(&cookie), "csrf=wrong")).await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let csrf = f.csrf(&session).await?;
-    let resp = f
-        .send(post_form("/logout", Some(&cookie), &format!("csrf={csrf}")))
-        .await?;
+    let resp = f.send(post_form("/logout", Some(&cookie), &format!("csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert_eq!(
-        f.send(get("/", Some(&cookie))).await?.status(),
-        StatusCode::SEE_OTHER
-    );
+    assert_eq!(f.send(get("/", Some(&cookie))).await?.status(), StatusCode::SEE_OTHER);
     Ok(())
 }
 
@@ -603,68 +427,31 @@ async fn job_form_requires_the_session_csrf_token() -> Result<()> {
 
     let resp = f.send(post_form("/jobs", Some(&cookie), fields)).await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no csrf field");
-    let resp = f
-        .send(post_form(
-            "/jobs",
-            Some(&cookie),
-            &format!("{fields}&csrf=AAAA{}", &csrf[4..]),
-        ))
-        .await?;
+    let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&csrf=AAAA{}", &csrf[4..]))).await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "wrong csrf");
     let other = f.login().await?;
     let other_csrf = f.csrf(&other).await?;
-    let resp = f
-        .send(post_form(
-            "/jobs",
-            Some(&cookie),
-            &format!("{fields}&csrf={other_csrf}"),
-        ))
-        .await?;
-    assert_eq!(
-        resp.status(),
-        StatusCode::FORBIDDEN,
-        "another session's csrf"
-    );
+    let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&csrf={other_csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "another session's csrf");
     assert!(f.store.list_jobs(10)?.is_empty());
 
-    let resp = f
-        .send(post_form(
-            "/jobs",
-            Some(&cookie),
-            &format!("{fields}&csrf={csrf}"),
-        ))
-        .await?;
+    let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let location = resp
-        .headers()
-        .get(header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .context("location")?
-        .to_owned();
-    let id: Uuid = location
-        .strip_prefix("/jobs/")
-        .context("job page")?
-        .parse()?;
+    let location = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).context("location")?.to_owned();
+    let id: Uuid = location.strip_prefix("/jobs/").context("job page")?.parse()?;
     let job = f.store.get_job(id)?.context("job exists")?;
     assert_eq!(job.path, "/mnt/media/reel9.mov");
     assert_eq!(job.state, JobState::Queued);
 
     // An invalid submission re-renders the form with the reason and keeps what was typed.
-    let resp = f
-        .send(post_form(
-            "/jobs",
-            Some(&cookie),
-            &format!("path=relative.mov&site=stage-a&csrf={csrf}"),
-        ))
-        .await?;
+    let resp =
+        f.send(post_form("/jobs", Some(&cookie), &format!("path=relative.mov&site=stage-a&csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body = text(resp).await?;
     assert!(body.contains("path must be absolute"), "{body}");
     assert!(body.contains("value=\"relative.mov\""));
     // Without a session, the form post goes to the login page.
-    let resp = f
-        .send(post_form("/jobs", None, &format!("{fields}&csrf={csrf}")))
-        .await?;
+    let resp = f.send(post_form("/jobs", None, &format!("{fields}&csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(f.store.list_jobs(10)?.len(), 1);
     Ok(())
@@ -677,11 +464,7 @@ fn digest(path: &str) -> Digest {
         end_frame,
         start_secs: start_frame as f64 / 25.0,
         end_secs: end_frame as f64 / 25.0,
-        keyframe: Keyframe {
-            frame: start_frame,
-            time_secs: start_frame as f64 / 25.0,
-            phash: phash.into(),
-        },
+        keyframe: Keyframe { frame: start_frame, time_secs: start_frame as f64 / 25.0, phash: phash.into() },
     };
     Digest {
         schema_version: gaffer_protocol::digest::DIGEST_SCHEMA_VERSION,
@@ -689,11 +472,7 @@ fn digest(path: &str) -> Digest {
         text: None,
         speech: None,
         profile: "shots".into(),
-        source: SourceInfo {
-            path: path.into(),
-            size_bytes: 3_000_000,
-            modified_unix_secs: Some(1_700_000_000),
-        },
+        source: SourceInfo { path: path.into(), size_bytes: 3_000_000, modified_unix_secs: Some(1_700_000_000) },
         technical: TechnicalMetadata {
             container: "mov,mp4,m4a,3gp,3g2,mj2".into(),
             container_long_name: "QuickTime / MOV".into(),
@@ -724,16 +503,8 @@ fn digest(path: &str) -> Digest {
             frames_decoded: 5301,
             frames_corrupt: 0,
             cuts: vec![
-                Cut {
-                    frame: 112,
-                    time_secs: 4.48,
-                    score: 41.5,
-                },
-                Cut {
-                    frame: 3010,
-                    time_secs: 120.4,
-                    score: 33.0,
-                },
+                Cut { frame: 112, time_secs: 4.48, score: 41.5 },
+                Cut { frame: 3010, time_secs: 120.4, score: 33.0 },
             ],
             shots: vec![
                 shot(0, 0, 112, "c3a5e1f00f1e5a3c"),
@@ -761,25 +532,12 @@ async fn job_page_shows_the_digest_shot_list() -> Result<()> {
         agent: None,
         profile: Profile::Shots,
     };
-    let job = f
-        .state
-        .scheduler
-        .submit(req, gaffer_control::store::JobOrigin::Api, None)?;
+    let job = f.state.scheduler.submit(req, gaffer_control::store::JobOrigin::Api, None)?;
 
-    let page = text(
-        f.send(get(&format!("/jobs/{}", job.id), Some(&cookie)))
-            .await?,
-    )
-    .await?;
-    assert!(
-        page.contains(r#"<meta http-equiv="refresh" content="3">"#),
-        "unfinished job page refreshes"
-    );
+    let page = text(f.send(get(&format!("/jobs/{}", job.id), Some(&cookie))).await?).await?;
+    assert!(page.contains(r#"<meta http-equiv="refresh" content="3">"#), "unfinished job page refreshes");
     assert!(!page.contains("<script>"), "path is escaped");
-    assert!(
-        page.contains("&lt;script&gt;") || page.contains("&#60;script&#62;"),
-        "escaped path shown"
-    );
+    assert!(page.contains("&lt;script&gt;") || page.contains("&#60;script&#62;"), "escaped path shown");
 
     assert!(f.store.put_digest(job.id, &digest(&job.path))?);
     f.store.update_job(job.id, &mut |j| {
@@ -790,15 +548,8 @@ async fn job_page_shows_the_digest_shot_list() -> Result<()> {
         j.finished_at_ms = Some(gaffer_control::now_ms());
         true
     })?;
-    let page = text(
-        f.send(get(&format!("/jobs/{}", job.id), Some(&cookie)))
-            .await?,
-    )
-    .await?;
-    assert!(
-        !page.contains("http-equiv=\"refresh\""),
-        "finished job page does not refresh"
-    );
+    let page = text(f.send(get(&format!("/jobs/{}", job.id), Some(&cookie))).await?).await?;
+    assert!(!page.contains("http-equiv=\"refresh\""), "finished job page does not refresh");
     for expected in [
         "00:00:04.480",
         "00:02:00.400",
@@ -816,23 +567,10 @@ async fn job_page_shows_the_digest_shot_list() -> Result<()> {
     }
 
     // The API returns the same digest.
-    let api = json(
-        f.send(api_get(
-            &format!("/api/v1/jobs/{}", job.id),
-            Some(API_TOKEN),
-        ))
-        .await?,
-    )
-    .await?;
+    let api = json(f.send(api_get(&format!("/api/v1/jobs/{}", job.id), Some(API_TOKEN))).await?).await?;
     assert_eq!(api["state"], "succeeded");
-    assert_eq!(
-        api["digest"]["shots"]["shots"].as_array().map(Vec::len),
-        Some(3)
-    );
-    assert_eq!(
-        serde_json::from_value::<Digest>(api["digest"].clone())?,
-        digest(&job.path)
-    );
+    assert_eq!(api["digest"]["shots"]["shots"].as_array().map(Vec::len), Some(3));
+    assert_eq!(serde_json::from_value::<Digest>(api["digest"].clone())?, digest(&job.path));
     Ok(())
 }
 
@@ -840,30 +578,15 @@ async fn job_page_shows_the_digest_shot_list() -> Result<()> {
 async fn metrics_and_stylesheet_are_public() -> Result<()> {
     let f = Fixture::new()?;
     f.state.metrics.message_received("heartbeat");
-    f.send(api_post(
-        "/api/v1/jobs",
-        r#"{"path": "/mnt/media/a.mov", "site": "stage-a"}"#,
-    ))
-    .await?;
+    f.send(api_post("/api/v1/jobs", r#"{"path": "/mnt/media/a.mov", "site": "stage-a"}"#)).await?;
     let resp = f.send(get("/metrics", None)).await?;
     assert_eq!(resp.status(), StatusCode::OK);
-    let ct = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
     let body = text(resp).await?;
-    assert!(
-        body.contains("gaffer_agents{state=\"connected\"} 1"),
-        "{body}"
-    );
+    assert!(body.contains("gaffer_agents{state=\"connected\"} 1"), "{body}");
     assert!(body.contains("gaffer_jobs{state=\"queued\"} 1"), "{body}");
-    assert!(
-        body.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 1"),
-        "{body}"
-    );
+    assert!(body.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 1"), "{body}");
 
     let css = f.send(get("/static/app.css", None)).await?;
     assert_eq!(css.status(), StatusCode::OK);

@@ -7,71 +7,39 @@
 use std::collections::BTreeMap;
 
 use gaffer_control::store::sled_store::SledStore;
-use gaffer_control::store::{
-    EnrollmentTokenRecord, JobOrigin, JobRecord, JobState, Store, StoreError,
-};
+use gaffer_control::store::{EnrollmentTokenRecord, JobOrigin, JobRecord, JobState, Store, StoreError};
 use gaffer_protocol::messages::Profile;
 use proptest::prelude::*;
 use uuid::Uuid;
 
 const IDS: u8 = 6;
-const STATES: [JobState; 5] = [
-    JobState::Queued,
-    JobState::Assigned,
-    JobState::Running,
-    JobState::Succeeded,
-    JobState::Failed,
-];
+const STATES: [JobState; 5] =
+    [JobState::Queued, JobState::Assigned, JobState::Running, JobState::Succeeded, JobState::Failed];
 
 #[derive(Debug, Clone)]
 enum Op {
-    InsertJob {
-        id: u8,
-        created_at_ms: u64,
-    },
-    UpdateJob {
-        id: u8,
-        state: usize,
-        frames: u64,
-        write: bool,
-    },
-    ListJobs {
-        limit: usize,
-    },
-    JobsInState {
-        state: usize,
-    },
-    InsertToken {
-        id: u8,
-        expires_at_ms: u64,
-    },
-    Consume {
-        id: u8,
-        agent: u8,
-        now_ms: u64,
-    },
+    InsertJob { id: u8, created_at_ms: u64 },
+    UpdateJob { id: u8, state: usize, frames: u64, write: bool },
+    ListJobs { limit: usize },
+    JobsInState { state: usize },
+    InsertToken { id: u8, expires_at_ms: u64 },
+    Consume { id: u8, agent: u8, now_ms: u64 },
     Reopen,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0..IDS, 0..20u64).prop_map(|(id, created_at_ms)| Op::InsertJob { id, created_at_ms }),
-        (0..IDS, 0..STATES.len(), 0..1000u64, any::<bool>()).prop_map(
-            |(id, state, frames, write)| Op::UpdateJob {
-                id,
-                state,
-                frames,
-                write
-            }
-        ),
+        (0..IDS, 0..STATES.len(), 0..1000u64, any::<bool>()).prop_map(|(id, state, frames, write)| Op::UpdateJob {
+            id,
+            state,
+            frames,
+            write
+        }),
         (0..10usize).prop_map(|limit| Op::ListJobs { limit }),
         (0..STATES.len()).prop_map(|state| Op::JobsInState { state }),
         (0..IDS, 0..100u64).prop_map(|(id, expires_at_ms)| Op::InsertToken { id, expires_at_ms }),
-        (0..IDS, 0..3u8, 0..100u64).prop_map(|(id, agent, now_ms)| Op::Consume {
-            id,
-            agent,
-            now_ms
-        }),
+        (0..IDS, 0..3u8, 0..100u64).prop_map(|(id, agent, now_ms)| Op::Consume { id, agent, now_ms }),
         Just(Op::Reopen),
     ]
 }
@@ -121,33 +89,22 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut store = Some(open()?);
     let mut model = Model::default();
     for op in ops {
-        let s = store
-            .as_ref()
-            .ok_or_else(|| TestCaseError::fail("store missing"))?;
+        let s = store.as_ref().ok_or_else(|| TestCaseError::fail("store missing"))?;
         match op {
             Op::InsertJob { id, created_at_ms } => {
                 let rec = new_job(uuid(id), created_at_ms);
-                let inserted = s
-                    .insert_job(&rec)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let inserted = s.insert_job(&rec).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let expected = !model.jobs.contains_key(&rec.id);
                 prop_assert_eq!(inserted, expected);
                 model.jobs.entry(rec.id).or_insert(rec);
             }
-            Op::UpdateJob {
-                id,
-                state,
-                frames,
-                write,
-            } => {
+            Op::UpdateJob { id, state, frames, write } => {
                 let mut f = |j: &mut JobRecord| {
                     j.state = STATES[state];
                     j.frames_decoded = frames;
                     write
                 };
-                let got = s
-                    .update_job(uuid(id), &mut f)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let got = s.update_job(uuid(id), &mut f).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let expected = model.jobs.get_mut(&uuid(id)).map(|j| {
                     let mut changed = j.clone();
                     if f(&mut changed) {
@@ -158,22 +115,14 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, expected);
             }
             Op::ListJobs { limit } => {
-                let got = s
-                    .list_jobs(limit)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let expected: Vec<JobRecord> =
-                    model.ordered().into_iter().rev().take(limit).collect();
+                let got = s.list_jobs(limit).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expected: Vec<JobRecord> = model.ordered().into_iter().rev().take(limit).collect();
                 prop_assert_eq!(got, expected);
             }
             Op::JobsInState { state } => {
-                let got = s
-                    .jobs_in_state(STATES[state])
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let expected: Vec<JobRecord> = model
-                    .ordered()
-                    .into_iter()
-                    .filter(|j| j.state == STATES[state])
-                    .collect();
+                let got = s.jobs_in_state(STATES[state]).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expected: Vec<JobRecord> =
+                    model.ordered().into_iter().filter(|j| j.state == STATES[state]).collect();
                 prop_assert_eq!(got, expected);
             }
             Op::InsertToken { id, expires_at_ms } => {
@@ -185,8 +134,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     used_at_ms: None,
                     used_by: None,
                 };
-                s.insert_enrollment_token(&rec)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                s.insert_enrollment_token(&rec).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 model.tokens.insert(rec.hash, rec);
             }
             Op::Consume { id, agent, now_ms } => {

@@ -63,8 +63,7 @@ fn config() -> bincode::config::Configuration {
 /// [`CodecError::FrameTooLarge`] if the payload exceeds `frame_bytes_max`, so an oversize message is
 /// refused by the sender with a clear error instead of being cut off by the receiver.
 pub fn encode_frame<T: Serialize>(msg: &T, frame_bytes_max: usize) -> Result<Vec<u8>, CodecError> {
-    let payload =
-        bincode::serde::encode_to_vec(msg, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let payload = bincode::serde::encode_to_vec(msg, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
     if payload.len() > frame_bytes_max || payload.len() > u32::MAX as usize {
         return Err(CodecError::FrameTooLarge { len_bytes: payload.len(), max_bytes: frame_bytes_max });
     }
@@ -80,8 +79,9 @@ pub fn encode_frame<T: Serialize>(msg: &T, frame_bytes_max: usize) -> Result<Vec
 /// # Errors
 /// [`CodecError::Malformed`] on invalid encodings or trailing bytes.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (msg, used) = bincode::serde::decode_from_slice::<T, _>(payload, config().with_limit::<FRAME_BYTES_MAX_DEFAULT>())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (msg, used) =
+        bincode::serde::decode_from_slice::<T, _>(payload, config().with_limit::<FRAME_BYTES_MAX_DEFAULT>())
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != payload.len() {
         return Err(CodecError::Malformed(format!("{} trailing bytes after message", payload.len() - used)));
     }

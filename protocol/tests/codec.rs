@@ -31,7 +31,10 @@ fn health() -> impl Strategy<Value = Health> {
         finite(),
         any::<(u64, u64)>(),
         prop::collection::vec((text(), any::<u64>(), any::<u64>()), 0..3),
-        prop::collection::vec((any::<u32>(), text(), any::<(u32, u64, u64, u32)>(), prop::option::of(0f32..1000.0)), 0..3),
+        prop::collection::vec(
+            (any::<u32>(), text(), any::<(u32, u64, u64, u32)>(), prop::option::of(0f32..1000.0)),
+            0..3,
+        ),
         any::<(u32, u32)>(),
     )
         .prop_map(|(at, source, cpu, load, (mu, mt), disks, gpus, (jr, js))| Health {
@@ -126,43 +129,75 @@ fn digest() -> impl Strategy<Value = Digest> {
 
 fn agent_message() -> impl Strategy<Value = AgentMessage> {
     prop_oneof![
-        (any::<(u16, u16)>(), text(), text(), prop::collection::vec(text(), 0..4), any::<u32>(), prop::collection::vec(uuid(), 0..3))
-            .prop_map(|((min, max), agent_version, hostname, volumes, job_slots, running_jobs)| AgentMessage::Hello {
-                versions: VersionRange { min, max },
-                agent_version,
-                hostname,
-                capabilities: Capabilities {
-                    gpus: vec![GpuInfo { index: 0, name: "NVIDIA RTX A6000".into(), uuid: "GPU-1".into(), memory_total_bytes: 48 << 30 }],
-                    watch_roots: volumes.iter().take(1).cloned().collect(),
-                    volumes,
-                    job_slots,
-                    profiles: vec![Profile::Shots],
-                    models: vec![ModelRef { name: "silero-vad".into(), version: "6.2.3".into(), sha256: "ab".repeat(32) }],
-                },
-                running_jobs,
+        (
+            any::<(u16, u16)>(),
+            text(),
+            text(),
+            prop::collection::vec(text(), 0..4),
+            any::<u32>(),
+            prop::collection::vec(uuid(), 0..3)
+        )
+            .prop_map(|((min, max), agent_version, hostname, volumes, job_slots, running_jobs)| {
+                AgentMessage::Hello {
+                    versions: VersionRange { min, max },
+                    agent_version,
+                    hostname,
+                    capabilities: Capabilities {
+                        gpus: vec![GpuInfo {
+                            index: 0,
+                            name: "NVIDIA RTX A6000".into(),
+                            uuid: "GPU-1".into(),
+                            memory_total_bytes: 48 << 30,
+                        }],
+                        watch_roots: volumes.iter().take(1).cloned().collect(),
+                        volumes,
+                        job_slots,
+                        profiles: vec![Profile::Shots],
+                        models: vec![ModelRef {
+                            name: "silero-vad".into(),
+                            version: "6.2.3".into(),
+                            sha256: "ab".repeat(32),
+                        }],
+                    },
+                    running_jobs,
+                }
             }),
         health().prop_map(AgentMessage::Heartbeat),
         uuid().prop_map(|job_id| AgentMessage::JobAccepted { job_id }),
         (uuid(), text()).prop_map(|(job_id, reason)| AgentMessage::JobRejected { job_id, reason }),
-        (uuid(), 0f32..=1.0, any::<u64>()).prop_map(|(job_id, fraction, frames_decoded)| AgentMessage::Progress { job_id, fraction, frames_decoded }),
+        (uuid(), 0f32..=1.0, any::<u64>()).prop_map(|(job_id, fraction, frames_decoded)| AgentMessage::Progress {
+            job_id,
+            fraction,
+            frames_decoded
+        }),
         (uuid(), digest()).prop_map(|(job_id, d)| AgentMessage::Digest { job_id, digest: Box::new(d) }),
         (uuid(), text()).prop_map(|(job_id, reason)| AgentMessage::JobFailed { job_id, reason }),
-        (uuid(), text()).prop_map(|(job_id, path)| AgentMessage::SubmitWatched { job_id, path, profile: Profile::Shots }),
+        (uuid(), text()).prop_map(|(job_id, path)| AgentMessage::SubmitWatched {
+            job_id,
+            path,
+            profile: Profile::Shots
+        }),
     ]
 }
 
 fn control_message() -> impl Strategy<Value = ControlMessage> {
     prop_oneof![
-        (any::<u16>(), text(), any::<u32>()).prop_map(|(protocol_version, server_version, heartbeat_interval_secs)| ControlMessage::Welcome {
-            protocol_version,
-            server_version,
-            heartbeat_interval_secs
+        (any::<u16>(), text(), any::<u32>()).prop_map(|(protocol_version, server_version, heartbeat_interval_secs)| {
+            ControlMessage::Welcome { protocol_version, server_version, heartbeat_interval_secs }
         }),
         text().prop_map(|reason| ControlMessage::Refused { reason }),
-        (uuid(), text()).prop_map(|(job_id, path)| ControlMessage::Assign(Assignment { job_id, path, profile: Profile::Shots })),
+        (uuid(), text()).prop_map(|(job_id, path)| ControlMessage::Assign(Assignment {
+            job_id,
+            path,
+            profile: Profile::Shots
+        })),
         uuid().prop_map(|job_id| ControlMessage::Cancel { job_id }),
         any::<u64>().prop_map(|seq| ControlMessage::Ack { seq }),
-        (any::<u64>(), text(), any::<bool>()).prop_map(|(seq, message, retry)| ControlMessage::Error { seq, message, retry }),
+        (any::<u64>(), text(), any::<bool>()).prop_map(|(seq, message, retry)| ControlMessage::Error {
+            seq,
+            message,
+            retry
+        }),
     ]
 }
 

@@ -72,26 +72,22 @@ const HSV_TABLES: HsvTables = {
 
 /// Converts one 8-bit BGR pixel to HSV bit-exactly as OpenCV's `cv2.cvtColor(img,
 /// cv2.COLOR_BGR2HSV)` on `uint8` images: H in 0..180 (degrees / 2), S and V in 0..=255.
-#[inline]
+#[inline(always)]
 pub fn bgr_to_hsv(b: u8, g: u8, r: u8) -> (u8, u8, u8) {
+    let v8 = b.max(g).max(r);
+    let diff8 = v8 - b.min(g).min(r);
     let (b, g, r) = (i32::from(b), i32::from(g), i32::from(r));
-    let v = b.max(g).max(r);
-    let vmin = b.min(g).min(r);
-    let diff = v - vmin;
+    let (v, diff) = (i32::from(v8), i32::from(diff8));
     let round = 1i32 << (HSV_SHIFT - 1);
-    let s = (diff * HSV_TABLES.sdiv[v as usize] + round) >> HSV_SHIFT;
-    let h_raw = if v == r {
-        g - b
-    } else if v == g {
-        b - r + 2 * diff
-    } else {
-        r - g + 4 * diff
-    };
-    let mut h = (h_raw * HSV_TABLES.hdiv180[diff as usize] + round) >> HSV_SHIFT;
-    if h < 0 {
-        h += 180;
-    }
-    (h.clamp(0, 255) as u8, s as u8, v as u8)
+    // Indexing with a u8 needs no bounds check; the selects below are branch-free like
+    // OpenCV's masks (unpredictable branches would dominate the cost).
+    let s = (diff * HSV_TABLES.sdiv[usize::from(v8)] + round) >> HSV_SHIFT;
+    let vr = -i32::from(v == r);
+    let vg = -i32::from(v == g);
+    let h_raw = (vr & (g - b)) + (!vr & ((vg & (b - r + 2 * diff)) + (!vg & (r - g + 4 * diff))));
+    let h = (h_raw * HSV_TABLES.hdiv180[usize::from(diff8)] + round) >> HSV_SHIFT;
+    let h = h + ((h >> 31) & 180);
+    (h as u8, s as u8, v8)
 }
 
 /// Scores consecutive frames by their HSV content change.
@@ -125,33 +121,35 @@ impl ContentScorer {
         let plane = w * h;
         let (hue, rest) = self.cur.split_at_mut(plane);
         let (sat, val) = rest.split_at_mut(plane);
+        let (ph, prest) = self.prev.split_at(plane);
+        let (ps, pv) = prest.split_at(plane);
+        // One pass per row: convert, store for the next frame, and accumulate |Δ| against the
+        // previous frame (u64 sums: a 16384² frame of 255s cannot overflow them).
+        let (mut sum_h, mut sum_s, mut sum_v) = (0u64, 0u64, 0u64);
         for y in 0..h {
             let row = &bgr[y * stride..y * stride + w * 3];
-            let out = y * w..(y + 1) * w;
-            for (((px, ho), so), vo) in row
-                .chunks_exact(3)
-                .zip(&mut hue[out.clone()])
-                .zip(&mut sat[out.clone()])
-                .zip(&mut val[out])
-            {
+            let o = y * w;
+            let (rh, rs, rv) = (&mut hue[o..o + w], &mut sat[o..o + w], &mut val[o..o + w]);
+            let (qh, qs, qv) = (&ph[o..o + w], &ps[o..o + w], &pv[o..o + w]);
+            let (mut acc_h, mut acc_s, mut acc_v) = (0u32, 0u32, 0u32);
+            for (x, px) in row.chunks_exact(3).enumerate() {
                 let (hh, ss, vv) = bgr_to_hsv(px[0], px[1], px[2]);
-                *ho = hh;
-                *so = ss;
-                *vo = vv;
+                rh[x] = hh;
+                rs[x] = ss;
+                rv[x] = vv;
+                acc_h += u32::from(hh.abs_diff(qh[x]));
+                acc_s += u32::from(ss.abs_diff(qs[x]));
+                acc_v += u32::from(vv.abs_diff(qv[x]));
             }
+            sum_h += u64::from(acc_h);
+            sum_s += u64::from(acc_s);
+            sum_v += u64::from(acc_v);
         }
         let score = if self.has_prev {
-            let sum_abs = |a: &[u8], b: &[u8]| -> u64 {
-                a.iter().zip(b).map(|(&x, &y)| u64::from(x.abs_diff(y))).sum()
-            };
             let n = plane as f64;
-            let (ph, prest) = self.prev.split_at(plane);
-            let (ps, pv) = prest.split_at(plane);
-            let (ch, crest) = self.cur.split_at(plane);
-            let (cs, cv) = crest.split_at(plane);
-            let delta_hue = sum_abs(ch, ph) as f64 / n;
-            let delta_sat = sum_abs(cs, ps) as f64 / n;
-            let delta_lum = sum_abs(cv, pv) as f64 / n;
+            let delta_hue = sum_h as f64 / n;
+            let delta_sat = sum_s as f64 / n;
+            let delta_lum = sum_v as f64 / n;
             // Same summation order as PySceneDetect: sum(component * weight) / sum(|weight|),
             // weights (1, 1, 1, 0).
             (delta_hue + delta_sat + delta_lum + 0.0) / 3.0
@@ -219,10 +217,7 @@ impl FlashFilter {
         }
         if self.merge_triggered {
             let last = self.last_above.unwrap_or(cur);
-            if min_length_met
-                && !above_threshold
-                && last.frame.saturating_sub(self.merge_start) >= self.length
-            {
+            if min_length_met && !above_threshold && last.frame.saturating_sub(self.merge_start) >= self.length {
                 self.merge_triggered = false;
                 return Some(last);
             }
@@ -255,23 +250,13 @@ impl ContentDetector {
     /// A detector for frames of the processing size `width` × `height` pixels, cutting at
     /// scores `>= threshold` (HSV delta units 0–255) with minimum shot length `min_shot_frames`.
     pub fn new(width: usize, height: usize, threshold: f64, min_shot_frames: u32) -> Self {
-        Self {
-            scorer: ContentScorer::new(width, height),
-            filter: FlashFilter::new(min_shot_frames),
-            threshold,
-        }
+        Self { scorer: ContentScorer::new(width, height), filter: FlashFilter::new(min_shot_frames), threshold }
     }
 
     /// Processes frame `frame` (BGR24 at the processing size, rows every `stride` bytes) and
     /// returns a cut it completes, if any. `None` as well when the buffer is too short (the
     /// caller sizes it, so this does not happen).
-    pub fn process(
-        &mut self,
-        frame: u64,
-        time_secs: f64,
-        bgr: &[u8],
-        stride: usize,
-    ) -> Option<ScoredFrame> {
+    pub fn process(&mut self, frame: u64, time_secs: f64, bgr: &[u8], stride: usize) -> Option<ScoredFrame> {
         let score = self.scorer.score_bgr(bgr, stride)?;
         let scored = ScoredFrame { frame, time_secs, score };
         self.filter.filter(scored, score >= self.threshold)
@@ -287,7 +272,8 @@ mod tests {
         // Expected values computed with cv2 5.0.0: cv2.cvtColor(np.array([[[b, g, r]]],
         // np.uint8), cv2.COLOR_BGR2HSV). The formula was also checked against OpenCV on all
         // 2^24 colours.
-        let cases: [((u8, u8, u8), (u8, u8, u8)); 8] = [
+        type Bgr = (u8, u8, u8);
+        let cases: [(Bgr, Bgr); 8] = [
             ((0, 0, 0), (0, 0, 0)),
             ((255, 255, 255), (0, 0, 255)),
             ((10, 200, 30), (57, 242, 200)),

@@ -18,14 +18,19 @@ use image_hasher::{HashAlg, Hasher, HasherConfig};
 /// works on a 16 × 16 image (twice the 8 × 8 hash size), so nothing is lost.
 pub const THUMB_SIDE: usize = 16;
 
+/// Thumbnails sample every `SUBSAMPLE`-th pixel and row.
+const SUBSAMPLE: usize = 2;
+
 /// Most thumbnails kept for the older part of the open shot.
 pub const HISTORY_THUMBS_MAX: usize = 256;
 
 /// A grayscale thumbnail, row-major, [`THUMB_SIDE`]² luma bytes.
 pub type Thumb = [u8; THUMB_SIDE * THUMB_SIDE];
 
-/// Computes the luma thumbnail of a packed BGR24 frame by box averaging
-/// (luma = (77 R + 150 G + 29 B) / 256, BT.601 weights).
+/// Computes the luma thumbnail of a packed BGR24 frame by box averaging every other pixel of
+/// every other row (luma = (77 R + 150 G + 29 B) / 256, BT.601 weights). The 2 × 2 subsampling
+/// keeps this at a quarter of a pass over the frame; each bin still averages ≥ 12 samples at
+/// the usual processing sizes (≥ 160 × 90).
 ///
 /// Precomputes the column-to-bin table for one frame size; reuse it for every frame.
 #[derive(Debug)]
@@ -44,9 +49,9 @@ impl Thumbnailer {
         let height = height.max(1);
         let col_bin: Vec<usize> = (0..width).map(|x| x * THUMB_SIDE / width).collect();
         let mut counts = vec![0u32; THUMB_SIDE * THUMB_SIDE];
-        for y in 0..height {
+        for y in (0..height).step_by(SUBSAMPLE) {
             let row = y * THUMB_SIDE / height * THUMB_SIDE;
-            for &c in &col_bin {
+            for &c in col_bin.iter().step_by(SUBSAMPLE) {
                 counts[row + c] += 1;
             }
         }
@@ -61,10 +66,10 @@ impl Thumbnailer {
             return None;
         }
         self.sums.fill(0);
-        for y in 0..h {
+        for y in (0..h).step_by(SUBSAMPLE) {
             let row_bin = y * THUMB_SIDE / h * THUMB_SIDE;
             let row = &bgr[y * stride..y * stride + w * 3];
-            for (px, &c) in row.chunks_exact(3).zip(&self.col_bin) {
+            for (px, &c) in row.chunks(3 * SUBSAMPLE).zip(self.col_bin.iter().step_by(SUBSAMPLE)) {
                 let luma = (77 * u32::from(px[2]) + 150 * u32::from(px[1]) + 29 * u32::from(px[0])) >> 8;
                 self.sums[row_bin + c] += luma;
             }
@@ -72,7 +77,7 @@ impl Thumbnailer {
         let mut out = [0u8; THUMB_SIDE * THUMB_SIDE];
         for ((o, &s), &n) in out.iter_mut().zip(&self.sums).zip(&self.counts) {
             // Bins without pixels (frames narrower than THUMB_SIDE) stay black.
-            *o = if n == 0 { 0 } else { ((s + n / 2) / n).min(255) as u8 };
+            *o = (s + n / 2).checked_div(n).map_or(0, |avg| avg.min(255) as u8);
         }
         Some(out)
     }
@@ -130,7 +135,9 @@ impl KeyframePicker {
     pub fn push(&mut self, frame: u64, time_secs: f64, thumb: Thumb) {
         self.recent.push_back(Kept { frame, time_secs, thumb });
         while self.recent.len() > self.window {
-            let Some(old) = self.recent.pop_front() else { break };
+            let Some(old) = self.recent.pop_front() else {
+                break;
+            };
             if old.frame < self.shot_start {
                 continue;
             }

@@ -78,7 +78,10 @@ pub const SHOTS_ANALYZER_VERSION: &str = "1";
 /// Options of one analysis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnalyzeOptions {
-    /// What to run. Default [`Profile::Shots`].
+    /// What to run. Default [`Profile::Shots`]. This pipeline runs the `shots` stages (decode,
+    /// shot boundaries, keyframes, technical metadata), which every profile includes; for
+    /// [`Profile::Full`] the digest's `moderation`, `text` and `speech` sections are left `None`
+    /// for the ONNX analyzers to fill.
     pub profile: Profile,
     /// Cut threshold, HSV delta units 0–255. Default 27.0, as PySceneDetect's
     /// `ContentDetector`. Must be finite and in 0..=255.
@@ -320,32 +323,101 @@ fn describe_streams(technical: &gaffer_protocol::digest::TechnicalMetadata) -> S
         .join(", ")
 }
 
-/// Per-frame state of the `shots` pipeline.
+/// A converted frame on its way from the decode thread to the analysis thread.
+struct SmallFrame {
+    frame: u64,
+    time_secs: f64,
+    width: u32,
+    height: u32,
+    /// Packed BGR24, rows of `3 * width` bytes.
+    bgr: Vec<u8>,
+}
+
+/// Most converted frames queued between the decode and analysis threads (bounds memory:
+/// 16 × 110 KB at 256 × 144).
+const ANALYSIS_QUEUE_FRAMES: usize = 16;
+
+/// The analysis side of the `shots` pipeline, run on its own thread: content detection and
+/// keyframes over converted frames, in order.
+struct ShotAnalyzer {
+    threshold: f64,
+    min_shot_frames: u32,
+    detector: Option<ContentDetector>,
+    thumbnailer: Option<Thumbnailer>,
+    keyframes: KeyframePicker,
+    cuts: Vec<Cut>,
+    shot_keys: Vec<Option<Keyframe>>,
+}
+
+impl ShotAnalyzer {
+    fn new(threshold: f64, min_shot_frames: u32) -> Self {
+        Self {
+            threshold,
+            min_shot_frames,
+            detector: None,
+            thumbnailer: None,
+            keyframes: KeyframePicker::new(min_shot_frames),
+            cuts: Vec::new(),
+            shot_keys: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, f: &SmallFrame) -> Result<(), AnalysisError> {
+        let (w, h) = (f.width as usize, f.height as usize);
+        let (threshold, min_shot_frames) = (self.threshold, self.min_shot_frames);
+        let detector = self.detector.get_or_insert_with(|| ContentDetector::new(w, h, threshold, min_shot_frames));
+        let thumbnailer = self.thumbnailer.get_or_insert_with(|| Thumbnailer::new(w, h));
+        let stride = w * 3;
+        let cut = detector.process(f.frame, f.time_secs, &f.bgr, stride);
+        let thumb = thumbnailer
+            .thumb(&f.bgr, stride)
+            .ok_or_else(|| AnalysisError::Internal("converted frame smaller than its size".into()))?;
+        self.keyframes.push(f.frame, f.time_secs, thumb);
+        if let Some(ScoredFrame { frame: cut_frame, time_secs: cut_secs, score }) = cut {
+            tracing::debug!(frame = cut_frame, time_secs = cut_secs, score, "cut");
+            self.cuts.push(Cut { frame: cut_frame, time_secs: cut_secs, score });
+            let key = self.keyframes.cut(cut_frame);
+            self.shot_keys.push(key);
+        }
+        Ok(())
+    }
+
+    /// Runs until the sender hangs up; stops early (dropping the receiver) on an error.
+    fn run(
+        mut self,
+        frames: std::sync::mpsc::Receiver<SmallFrame>,
+        recycle: std::sync::mpsc::SyncSender<Vec<u8>>,
+    ) -> Result<Self, AnalysisError> {
+        for f in frames {
+            self.push(&f)?;
+            // The decode side may have stopped; then the buffer is simply dropped.
+            let _ = recycle.try_send(f.bgr);
+        }
+        Ok(self)
+    }
+}
+
+/// Decode-side state of the `shots` pipeline: timing, conversion, counters, progress.
 struct ShotsPipeline<'a> {
     cancel: &'a AtomicBool,
     on_progress: &'a mut dyn FnMut(ProgressUpdate),
-    threshold: f64,
-    min_shot_frames: u32,
     time_base: f64,
     start_ts: Option<i64>,
     frame_duration_secs: f64,
     duration_secs: Option<f64>,
     last_progress: Instant,
-    // Set up on the first frame, when the decoded size is known.
     scaler: Option<scaling::Context>,
     processing: Option<(u32, u32)>,
     small: ffmpeg::frame::Video,
-    detector: Option<ContentDetector>,
-    thumbnailer: Option<Thumbnailer>,
-    keyframes: KeyframePicker,
+    /// `None` once decoding is over (hangs up on the analysis thread).
+    to_analyzer: Option<std::sync::mpsc::SyncSender<SmallFrame>>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
     frames_decoded: u64,
     frames_corrupt: u64,
     consecutive_errors: u64,
     last_error: Option<String>,
     first_time_secs: Option<f64>,
     last_time_secs: f64,
-    cuts: Vec<Cut>,
-    shot_keys: Vec<Option<Keyframe>>,
 }
 
 impl ShotsPipeline<'_> {
@@ -385,18 +457,6 @@ impl ShotsPipeline<'_> {
         }
     }
 
-    fn setup(&mut self, frame: &ffmpeg::frame::Video) -> Result<(u32, u32), AnalysisError> {
-        if let Some(size) = self.processing {
-            return Ok(size);
-        }
-        let (pw, ph) = content::processing_size(frame.width(), frame.height());
-        self.detector = Some(ContentDetector::new(pw as usize, ph as usize, self.threshold, self.min_shot_frames));
-        self.thumbnailer = Some(Thumbnailer::new(pw as usize, ph as usize));
-        self.processing = Some((pw, ph));
-        tracing::debug!(width = frame.width(), height = frame.height(), pw, ph, "processing size");
-        Ok((pw, ph))
-    }
-
     fn on_frame(&mut self, frame: &ffmpeg::frame::Video) -> Result<(), AnalysisError> {
         self.check_cancel()?;
         let (w, h) = (frame.width(), frame.height());
@@ -408,7 +468,9 @@ impl ShotsPipeline<'_> {
             return Ok(());
         }
         self.consecutive_errors = 0;
-        let (pw, ph) = self.setup(frame)?;
+        // The processing size is fixed by the first frame (PySceneDetect: by the container's
+        // frame size, which is the same); later frames of another size are scaled to it.
+        let (pw, ph) = *self.processing.get_or_insert_with(|| content::processing_size(w, h));
         let input_matches = self.scaler.as_ref().is_some_and(|s| {
             let i = s.input();
             i.format == frame.format() && i.width == w && i.height == h
@@ -420,6 +482,7 @@ impl ShotsPipeline<'_> {
                     reason: format!("cannot convert pixel format {:?} {w}x{h} to BGR: {e}", frame.format()),
                 }
             })?;
+            tracing::debug!(width = w, height = h, pw, ph, "converter set up");
             self.scaler = Some(scaler);
         }
         let Some(scaler) = self.scaler.as_mut() else {
@@ -435,21 +498,23 @@ impl ShotsPipeline<'_> {
         self.first_time_secs.get_or_insert(time_secs);
         self.last_time_secs = time_secs;
 
-        let (Some(detector), Some(thumbnailer)) = (self.detector.as_mut(), self.thumbnailer.as_mut()) else {
-            return Err(AnalysisError::Internal("detector missing after setup".into()));
-        };
-        let bgr = self.small.data(0);
+        // Pack the converted rows (swscale pads them to its stride) into a recycled buffer.
+        let row_bytes = pw as usize * 3;
         let stride = self.small.stride(0);
-        let cut = detector.process(n, time_secs, bgr, stride);
-        let thumb = thumbnailer
-            .thumb(bgr, stride)
-            .ok_or_else(|| AnalysisError::Internal("converted frame smaller than its size".into()))?;
-        self.keyframes.push(n, time_secs, thumb);
-        if let Some(ScoredFrame { frame: cut_frame, time_secs: cut_secs, score }) = cut {
-            tracing::debug!(frame = cut_frame, time_secs = cut_secs, score, "cut");
-            self.cuts.push(Cut { frame: cut_frame, time_secs: cut_secs, score });
-            let key = self.keyframes.cut(cut_frame);
-            self.shot_keys.push(key);
+        let data = self.small.data(0);
+        let mut bgr = self.recycled.try_recv().unwrap_or_default();
+        bgr.clear();
+        for y in 0..ph as usize {
+            let row = data
+                .get(y * stride..y * stride + row_bytes)
+                .ok_or_else(|| AnalysisError::Internal("converted frame smaller than its size".into()))?;
+            bgr.extend_from_slice(row);
+        }
+        let small = SmallFrame { frame: n, time_secs, width: pw, height: ph, bgr };
+        let sent = self.to_analyzer.as_ref().is_some_and(|tx| tx.send(small).is_ok());
+        if !sent {
+            // The analysis thread stopped on an error; the caller collects it from the join.
+            return Err(AnalysisError::Internal("analysis thread stopped".into()));
         }
         self.maybe_progress(time_secs);
         Ok(())
@@ -481,18 +546,25 @@ impl ShotsPipeline<'_> {
             }
         }
     }
+}
 
-    /// Builds the shot list once every frame went through.
-    fn finish(mut self, n: u64) -> Result<ShotAnalysis, AnalysisError> {
+impl ShotAnalyzer {
+    /// Builds the shot list once all `n` frames went through; `first_secs` and `end_secs` are
+    /// the times of the first frame and of the end of the last one.
+    fn finish(
+        mut self,
+        n: u64,
+        first_secs: f64,
+        end_secs: f64,
+        frames_corrupt: u64,
+    ) -> Result<ShotAnalysis, AnalysisError> {
         let last_key = self.keyframes.finish(n);
         self.shot_keys.push(last_key);
-        let end_secs_stream = self.last_time_secs + self.frame_duration_secs;
-        let first_secs = self.first_time_secs.unwrap_or(0.0);
         let mut shots = Vec::with_capacity(self.cuts.len() + 1);
         let starts: Vec<(u64, f64)> =
             std::iter::once((0, first_secs)).chain(self.cuts.iter().map(|c| (c.frame, c.time_secs))).collect();
         for (i, &(start_frame, start_secs)) in starts.iter().enumerate() {
-            let (end_frame, end_secs) = starts.get(i + 1).copied().unwrap_or((n, end_secs_stream));
+            let (end_frame, end_secs) = starts.get(i + 1).copied().unwrap_or((n, end_secs));
             let keyframe = self.shot_keys.get_mut(i).and_then(Option::take).ok_or_else(|| {
                 AnalysisError::Internal(format!("no keyframe for shot {i} (frames {start_frame}..{end_frame})"))
             })?;
@@ -510,11 +582,51 @@ impl ShotsPipeline<'_> {
             threshold: self.threshold,
             min_shot_frames: self.min_shot_frames,
             frames_decoded: n,
-            frames_corrupt: self.frames_corrupt,
+            frames_corrupt,
             cuts: self.cuts,
             shots,
         })
     }
+}
+
+/// Reads and decodes every packet of the video stream, feeding frames to `pipe`, then flushes
+/// the decoder. Returns the read error that ended reading early, if any (EOF is not an error).
+fn decode_all(
+    pipe: &mut ShotsPipeline<'_>,
+    input: &mut ffmpeg::format::context::Input,
+    decoder: &mut ffmpeg::decoder::Video,
+    stream_index: usize,
+) -> Result<Option<ffmpeg::Error>, AnalysisError> {
+    let mut packet = ffmpeg::Packet::empty();
+    let mut frame = ffmpeg::frame::Video::empty();
+    loop {
+        pipe.check_cancel()?;
+        match packet.read(input) {
+            Ok(()) => {}
+            Err(ffmpeg::Error::Eof) => break,
+            Err(e) => return finish_decode(pipe, decoder, &mut frame).map(|()| Some(e)),
+        }
+        if packet.stream() != stream_index {
+            continue;
+        }
+        if let Err(e) = decoder.send_packet(&packet) {
+            pipe.decode_error(e)?;
+        }
+        pipe.drain(decoder, &mut frame)?;
+    }
+    finish_decode(pipe, decoder, &mut frame).map(|()| None)
+}
+
+/// Flushes the decoder: frame threading and B-frames hold frames back until EOF.
+fn finish_decode(
+    pipe: &mut ShotsPipeline<'_>,
+    decoder: &mut ffmpeg::decoder::Video,
+    frame: &mut ffmpeg::frame::Video,
+) -> Result<(), AnalysisError> {
+    if decoder.send_eof().is_ok() {
+        pipe.drain(decoder, frame)?;
+    }
+    Ok(())
 }
 
 fn version_text(v: u32) -> String {
@@ -543,8 +655,10 @@ pub fn analyze_file(
 ) -> Result<Digest, AnalysisError> {
     let started = Instant::now();
     opts.validate()?;
+    // Every profile starts with the `shots` stages; `full` adds ONNX analyzers that are not part
+    // of this pipeline (their sections stay `None` here, for the caller to fill).
     match opts.profile {
-        Profile::Shots => {}
+        Profile::Shots | Profile::Full => {}
     }
     init_ffmpeg()?;
     let (source, canonical) = source_info(path)?;
@@ -594,8 +708,8 @@ pub fn analyze_file(
         count: threads,
         ..Default::default()
     });
-    let codec = ffmpeg::decoder::find(ctx.id())
-        .ok_or_else(|| AnalysisError::UnsupportedCodec { codec: codec_name.clone() })?;
+    let codec =
+        ffmpeg::decoder::find(ctx.id()).ok_or_else(|| AnalysisError::UnsupportedCodec { codec: codec_name.clone() })?;
     let decoder_name = codec.name().to_string();
     let mut decoder = ctx.decoder();
     decoder.set_packet_time_base(time_base);
@@ -613,11 +727,15 @@ pub fn analyze_file(
     } else {
         f64::from(time_base.numerator()) / f64::from(time_base.denominator())
     };
+    // Two threads: this one demuxes, decodes (with FFmpeg's own frame threads) and converts;
+    // the analysis thread scores frames and picks keyframes, so the two overlap on a multi-core
+    // box. Frames cross in order through a bounded queue; their buffers come back for reuse.
+    let (to_analyzer, frames_rx) = std::sync::mpsc::sync_channel::<SmallFrame>(ANALYSIS_QUEUE_FRAMES);
+    let (recycle_tx, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(ANALYSIS_QUEUE_FRAMES + 2);
+    let analyzer = ShotAnalyzer::new(opts.content_threshold, opts.min_shot_frames);
     let mut pipe = ShotsPipeline {
         cancel,
         on_progress,
-        threshold: opts.content_threshold,
-        min_shot_frames: opts.min_shot_frames,
         time_base: tb_secs,
         start_ts,
         frame_duration_secs: fps.map_or(0.0, |f| 1.0 / f),
@@ -626,45 +744,41 @@ pub fn analyze_file(
         scaler: None,
         processing: None,
         small: ffmpeg::frame::Video::empty(),
-        detector: None,
-        thumbnailer: None,
-        keyframes: KeyframePicker::new(opts.min_shot_frames),
+        to_analyzer: Some(to_analyzer),
+        recycled,
         frames_decoded: 0,
         frames_corrupt: 0,
         consecutive_errors: 0,
         last_error: None,
         first_time_secs: None,
         last_time_secs: 0.0,
-        cuts: Vec::new(),
-        shot_keys: Vec::new(),
     };
-
-    let mut packet = ffmpeg::Packet::empty();
-    let mut frame = ffmpeg::frame::Video::empty();
-    let mut read_error: Option<ffmpeg::Error> = None;
-    loop {
-        pipe.check_cancel()?;
-        match packet.read(&mut input) {
-            Ok(()) => {}
-            Err(ffmpeg::Error::Eof) => break,
+    let (decoded, analyzed) = std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("gaffer-shots".to_string())
+            .spawn_scoped(scope, move || analyzer.run(frames_rx, recycle_tx));
+        let worker = match worker {
+            Ok(w) => w,
             Err(e) => {
-                read_error = Some(e);
-                break;
+                let err = AnalysisError::Internal(format!("cannot start the analysis thread: {e}"));
+                return (Err(err), None);
             }
-        }
-        if packet.stream() != stream_index {
-            continue;
-        }
-        match decoder.send_packet(&packet) {
-            Ok(()) => {}
-            Err(e) => pipe.decode_error(e)?,
-        }
-        pipe.drain(&mut decoder, &mut frame)?;
-    }
-    // Flush the decoder: frame threading and B-frames hold frames back until EOF.
-    if decoder.send_eof().is_ok() {
-        pipe.drain(&mut decoder, &mut frame)?;
-    }
+        };
+        let decoded = decode_all(&mut pipe, &mut input, &mut decoder, stream_index);
+        // Hanging up lets the analysis thread finish the queued frames and return.
+        pipe.to_analyzer = None;
+        let analyzed =
+            worker.join().unwrap_or_else(|_| Err(AnalysisError::Internal("the analysis thread panicked".into())));
+        (decoded, Some(analyzed))
+    });
+    let analyzer = match (decoded, analyzed) {
+        (_, None) => return Err(AnalysisError::Internal("the analysis thread did not run".into())),
+        // An error of the analysis thread explains a failed send on the decode side.
+        (_, Some(Err(e))) => return Err(e),
+        (Err(e), Some(Ok(_))) => return Err(e),
+        (Ok(read_error), Some(Ok(a))) => (a, read_error),
+    };
+    let (analyzer, read_error) = analyzer;
 
     let n = pipe.frames_decoded;
     if n == 0 {
@@ -704,15 +818,12 @@ pub fn analyze_file(
     }
 
     let (pw, ph) = pipe.processing.unwrap_or((0, 0));
-    let scale_flags = if technical
-        .streams
-        .get(stream_index)
-        .is_some_and(|s| s.width == Some(pw) && s.height == Some(ph))
-    {
-        "bicubic (convert only)"
-    } else {
-        "fast_bilinear"
-    };
+    let scale_flags =
+        if technical.streams.get(stream_index).is_some_and(|s| s.width == Some(pw) && s.height == Some(ph)) {
+            "bicubic (convert only)"
+        } else {
+            "fast_bilinear"
+        };
     let analyzers = vec![
         AnalyzerInfo {
             name: "decode.ffmpeg".to_string(),
@@ -750,13 +861,17 @@ pub fn analyze_file(
             ],
         },
     ];
-    let shots = pipe.finish(n)?;
+    let end_secs = pipe.last_time_secs + pipe.frame_duration_secs;
+    let shots = analyzer.finish(n, pipe.first_time_secs.unwrap_or(0.0), end_secs, pipe.frames_corrupt)?;
     Ok(Digest {
         schema_version: DIGEST_SCHEMA_VERSION,
         profile: opts.profile.as_str().to_string(),
         source,
         technical,
         shots,
+        moderation: None,
+        text: None,
+        speech: None,
         analyzers,
         analysis_secs: started.elapsed().as_secs_f64(),
     })

@@ -1,9 +1,9 @@
 //! Container and stream metadata, read from an opened FFmpeg input (what `ffprobe` shows).
 
-use ffmpeg_next as ffmpeg;
 use ffmpeg::format::context::Input;
 use ffmpeg::media::Type as MediaType;
 use ffmpeg::{Rational, Stream};
+use ffmpeg_next as ffmpeg;
 use gaffer_protocol::digest::{StreamInfo, StreamKind, TechnicalMetadata};
 
 /// FFmpeg's `AV_TIME_BASE`: container durations are in microseconds.
@@ -93,9 +93,7 @@ fn stream_info(stream: &Stream<'_>) -> StreamInfo {
 /// sets it once it has chosen the stream to analyze.
 pub(crate) fn technical_metadata(input: &Input) -> TechnicalMetadata {
     let format = input.format();
-    let duration_secs = Some(input.duration())
-        .filter(|&d| d > 0)
-        .map(|d| d as f64 / AV_TIME_BASE);
+    let duration_secs = Some(input.duration()).filter(|&d| d > 0).map(|d| d as f64 / AV_TIME_BASE);
     TechnicalMetadata {
         container: format.name().to_string(),
         container_long_name: format.description().to_string(),

@@ -133,9 +133,7 @@ fn job_json(j: JobRecord) -> JobJson {
 }
 
 /// Jobs leased (assigned or running) per agent.
-pub(crate) fn jobs_running_by_agent(
-    store: &dyn Store,
-) -> Result<HashMap<AgentId, usize>, AppError> {
+pub(crate) fn jobs_running_by_agent(store: &dyn Store) -> Result<HashMap<AgentId, usize>, AppError> {
     let mut counts = HashMap::new();
     for state in [JobState::Assigned, JobState::Running] {
         for job in store.jobs_in_state(state)? {
@@ -149,14 +147,10 @@ pub(crate) fn jobs_running_by_agent(
 
 /// Parses a path id, 400 on a malformed one.
 pub(crate) fn parse_id(raw: &str, what: &str) -> Result<uuid::Uuid, AppError> {
-    uuid::Uuid::parse_str(raw)
-        .map_err(|_| AppError::BadRequest(format!("{what} id must be a UUID")))
+    uuid::Uuid::parse_str(raw).map_err(|_| AppError::BadRequest(format!("{what} id must be a UUID")))
 }
 
-pub(crate) async fn list_agents(
-    _: ApiCaller,
-    State(state): State<HttpState>,
-) -> Result<impl IntoResponse, AppError> {
+pub(crate) async fn list_agents(_: ApiCaller, State(state): State<HttpState>) -> Result<impl IntoResponse, AppError> {
     let store = state.app.store.as_ref();
     let running = jobs_running_by_agent(store)?;
     let agents: Vec<AgentJson> = store
@@ -177,15 +171,10 @@ pub(crate) async fn get_agent(
 ) -> Result<impl IntoResponse, AppError> {
     let id = parse_id(&id, "agent")?;
     let store = state.app.store.as_ref();
-    let agent = store
-        .get_agent(id)?
-        .ok_or_else(|| AppError::NotFound(format!("agent {id}")))?;
+    let agent = store.get_agent(id)?.ok_or_else(|| AppError::NotFound(format!("agent {id}")))?;
     let running = jobs_running_by_agent(store)?.get(&id).copied().unwrap_or(0);
     let health_history = store.health_history(id, HEALTH_HISTORY_MAX)?;
-    Ok(Json(AgentDetailJson {
-        agent: agent_json(agent, running),
-        health_history,
-    }))
+    Ok(Json(AgentDetailJson { agent: agent_json(agent, running), health_history }))
 }
 
 pub(crate) async fn list_jobs(
@@ -194,17 +183,8 @@ pub(crate) async fn list_jobs(
     query: Result<Query<ListJobsQuery>, QueryRejection>,
 ) -> Result<impl IntoResponse, AppError> {
     let Query(query) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    let limit = query
-        .limit
-        .unwrap_or(JOBS_LIMIT_DEFAULT)
-        .min(JOBS_LIMIT_MAX);
-    let jobs: Vec<JobJson> = state
-        .app
-        .store
-        .list_jobs(limit)?
-        .into_iter()
-        .map(job_json)
-        .collect();
+    let limit = query.limit.unwrap_or(JOBS_LIMIT_DEFAULT).min(JOBS_LIMIT_MAX);
+    let jobs: Vec<JobJson> = state.app.store.list_jobs(limit)?.into_iter().map(job_json).collect();
     Ok(Json(jobs))
 }
 
@@ -215,14 +195,9 @@ pub(crate) async fn get_job(
 ) -> Result<impl IntoResponse, AppError> {
     let id = parse_id(&id, "job")?;
     let store = state.app.store.as_ref();
-    let job = store
-        .get_job(id)?
-        .ok_or_else(|| AppError::NotFound(format!("job {id}")))?;
+    let job = store.get_job(id)?.ok_or_else(|| AppError::NotFound(format!("job {id}")))?;
     let digest = store.get_digest(id)?;
-    Ok(Json(JobDetailJson {
-        job: job_json(job),
-        digest,
-    }))
+    Ok(Json(JobDetailJson { job: job_json(job), digest }))
 }
 
 pub(crate) async fn submit_job(
@@ -239,18 +214,10 @@ pub(crate) async fn submit_job(
         None => Profile::Shots,
         Some(p) => p.parse::<Profile>().map_err(AppError::Unprocessable)?,
     };
-    let req = JobRequest {
-        path: body.path,
-        site: body.site,
-        agent,
-        profile,
-    };
+    let req = JobRequest { path: body.path, site: body.site, agent, profile };
     let job = state.app.scheduler.submit(req, JobOrigin::Api, None)?;
     tracing::info!(job = %job.id, site = %job.site, "job submitted through the API");
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::json!({ "id": job.id })),
-    ))
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": job.id }))))
 }
 
 /// Maps axum's JSON rejection (syntax, types, unknown fields, content type, size) to [`AppError`].

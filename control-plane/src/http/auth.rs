@@ -58,26 +58,16 @@ impl FromRequestParts<HttpState> for ApiCaller {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, AppError> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or(AppError::Unauthorized)?;
+        let value = parts.headers.get(header::AUTHORIZATION).ok_or(AppError::Unauthorized)?;
         if value.len() > CREDENTIAL_BYTES_MAX {
             return Err(AppError::Unauthorized);
         }
         let value = value.to_str().map_err(|_| AppError::Unauthorized)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .ok_or(AppError::Unauthorized)?;
+        let token = value.strip_prefix("Bearer ").map(str::trim).ok_or(AppError::Unauthorized)?;
         if token.is_empty() {
             return Err(AppError::Unauthorized);
         }
-        if state
-            .app
-            .store
-            .api_token_exists(&sha256(token.as_bytes()))?
-        {
+        if state.app.store.api_token_exists(&sha256(token.as_bytes()))? {
             Ok(ApiCaller)
         } else {
             Err(AppError::Unauthorized)
@@ -104,19 +94,11 @@ impl FromRequestParts<HttpState> for Session {
             return Err(to_login());
         }
         let id_hash = sha256(cookie.value().as_bytes());
-        let record = state
-            .app
-            .store
-            .get_session(&id_hash)
-            .map_err(|e| PageError::from(e).into_response())?;
+        let record = state.app.store.get_session(&id_hash).map_err(|e| PageError::from(e).into_response())?;
         match record {
             Some(record) if record.expires_at_ms > crate::now_ms() => Ok(Session { record }),
             Some(_) => {
-                state
-                    .app
-                    .store
-                    .delete_session(&id_hash)
-                    .map_err(|e| PageError::from(e).into_response())?;
+                state.app.store.delete_session(&id_hash).map_err(|e| PageError::from(e).into_response())?;
                 Err(to_login())
             }
             None => Err(to_login()),
@@ -131,8 +113,7 @@ impl Session {
             Ok(())
         } else {
             Err(AppError::Forbidden(
-                "the form's CSRF token does not match your session; reload the page and retry"
-                    .into(),
+                "the form's CSRF token does not match your session; reload the page and retry".into(),
             ))
         }
     }

@@ -54,10 +54,7 @@ pub(crate) struct HttpState {
 /// The whole HTTP surface: `/api/v1/*`, the dashboard, `/metrics`, `/static/app.css`, with the
 /// body-size limit, the request timeout and request tracing applied.
 pub fn router(state: AppState) -> Router {
-    let state = HttpState {
-        app: state,
-        logins: Arc::new(LoginThrottle::default()),
-    };
+    let state = HttpState { app: state, logins: Arc::new(LoginThrottle::default()) };
     let api = Router::new()
         .route("/agents", get(api::list_agents))
         .route("/agents/{id}", get(api::get_agent))
@@ -70,10 +67,7 @@ pub fn router(state: AppState) -> Router {
         .route("/login", get(dashboard::login_form).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .route("/agents/{id}", get(dashboard::agent_page))
-        .route(
-            "/jobs",
-            get(dashboard::jobs_page).post(dashboard::submit_job),
-        )
+        .route("/jobs", get(dashboard::jobs_page).post(dashboard::submit_job))
         .route("/jobs/new", get(dashboard::new_job_form))
         .route("/jobs/{id}", get(dashboard::job_page))
         .route("/metrics", get(metrics))
@@ -91,24 +85,11 @@ pub fn router(state: AppState) -> Router {
 
 async fn metrics(axum::extract::State(state): axum::extract::State<HttpState>) -> Response {
     let text = state.app.metrics.encode(state.app.store.as_ref());
-    (
-        [(
-            header::CONTENT_TYPE,
-            crate::metrics::OPENMETRICS_CONTENT_TYPE,
-        )],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)], text).into_response()
 }
 
 async fn stylesheet() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::CACHE_CONTROL, "public, max-age=3600"),
-        ],
-        APP_CSS,
-    )
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")], APP_CSS)
         .into_response()
 }
 
@@ -241,10 +222,7 @@ impl<T: askama::Template> IntoResponse for Page<T> {
                         "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
                     ),
                 );
-                headers.insert(
-                    header::X_CONTENT_TYPE_OPTIONS,
-                    HeaderValue::from_static("nosniff"),
-                );
+                headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
                 response
             }
             Err(e) => {

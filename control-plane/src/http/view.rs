@@ -10,11 +10,7 @@ use crate::store::{AgentRecord, HealthSample, JobRecord, UnixMs};
 
 /// `HH:MM:SS.mmm` of a presentation time in seconds (negative or non-finite shown as 0).
 pub(crate) fn timecode(secs: f64) -> String {
-    let ms_total = if secs.is_finite() && secs > 0.0 {
-        (secs * 1000.0).round() as u64
-    } else {
-        0
-    };
+    let ms_total = if secs.is_finite() && secs > 0.0 { (secs * 1000.0).round() as u64 } else { 0 };
     let (h, rem) = (ms_total / 3_600_000, ms_total % 3_600_000);
     let (m, rem) = (rem / 60_000, rem % 60_000);
     let (s, ms) = (rem / 1000, rem % 1000);
@@ -50,8 +46,7 @@ pub(crate) fn bytes(n: u64) -> String {
 
 /// UTC date-time `YYYY-MM-DD HH:MM:SS UTC` of Unix milliseconds.
 pub(crate) fn utc(ms: UnixMs) -> String {
-    let fmt =
-        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| t.format(&fmt).ok())
@@ -63,9 +58,7 @@ fn percent(used: u64, total: u64) -> u32 {
     if total == 0 {
         0
     } else {
-        ((used as f64 / total as f64) * 100.0)
-            .round()
-            .clamp(0.0, 100.0) as u32
+        ((used as f64 / total as f64) * 100.0).round().clamp(0.0, 100.0) as u32
     }
 }
 
@@ -106,11 +99,7 @@ impl HealthView {
             cpu_only_reason,
             driver,
             cpu_percent: format!("{:.0}%", h.cpu_percent),
-            memory: format!(
-                "{} / {}",
-                bytes(h.memory_used_bytes),
-                bytes(h.memory_total_bytes)
-            ),
+            memory: format!("{} / {}", bytes(h.memory_used_bytes), bytes(h.memory_total_bytes)),
             memory_percent: percent(h.memory_used_bytes, h.memory_total_bytes),
             load: format!("{:.2}", h.load_avg_1m),
             gpus: h
@@ -120,30 +109,16 @@ impl HealthView {
                     index: g.index,
                     name: g.name.clone(),
                     util_percent: g.utilization_percent.min(100),
-                    memory: format!(
-                        "{} / {}",
-                        bytes(g.memory_used_bytes),
-                        bytes(g.memory_total_bytes)
-                    ),
+                    memory: format!("{} / {}", bytes(g.memory_used_bytes), bytes(g.memory_total_bytes)),
                     memory_percent: percent(g.memory_used_bytes, g.memory_total_bytes),
                     temperature_c: g.temperature_c,
-                    power: g
-                        .power_w
-                        .map(|w| format!("{w:.0} W"))
-                        .unwrap_or_else(|| "–".into()),
+                    power: g.power_w.map(|w| format!("{w:.0} W")).unwrap_or_else(|| "–".into()),
                 })
                 .collect(),
             disks: h
                 .disks
                 .iter()
-                .map(|d| {
-                    format!(
-                        "{}: {} free of {}",
-                        d.path,
-                        bytes(d.available_bytes),
-                        bytes(d.total_bytes)
-                    )
-                })
+                .map(|d| format!("{}: {} free of {}", d.path, bytes(d.available_bytes), bytes(d.total_bytes)))
                 .collect(),
             received: relative(Some(sample.received_at_ms), now_ms),
         }
@@ -174,11 +149,7 @@ impl AgentRow {
             version: a.agent_version.clone().unwrap_or_else(|| "–".into()),
             health: a.last_health.as_ref().map(|s| HealthView::new(s, now_ms)),
             jobs_running,
-            slots: a
-                .capabilities
-                .as_ref()
-                .map(|c| c.job_slots.to_string())
-                .unwrap_or_else(|| "?".into()),
+            slots: a.capabilities.as_ref().map(|c| c.job_slots.to_string()).unwrap_or_else(|| "?".into()),
         }
     }
 }
@@ -206,11 +177,7 @@ pub(crate) struct JobRow {
 
 impl JobRow {
     pub(crate) fn new(j: &JobRecord, now_ms: UnixMs) -> Self {
-        let progress = if j.progress.is_finite() {
-            j.progress.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let progress = if j.progress.is_finite() { j.progress.clamp(0.0, 1.0) } else { 0.0 };
         JobRow {
             id: j.id.to_string(),
             path: j.path.clone(),
@@ -281,10 +248,7 @@ impl StreamRow {
             codec: s.codec.clone(),
             detail: detail.join(", "),
             duration: s.duration_secs.map(timecode).unwrap_or_else(|| "–".into()),
-            bit_rate: s
-                .bit_rate_bps
-                .map(|b| format!("{} kb/s", b / 1000))
-                .unwrap_or_else(|| "–".into()),
+            bit_rate: s.bit_rate_bps.map(|b| format!("{} kb/s", b / 1000)).unwrap_or_else(|| "–".into()),
             language: s.language.clone().unwrap_or_else(|| "–".into()),
         }
     }
@@ -330,10 +294,7 @@ impl DigestView {
             container: t.container.clone(),
             container_long_name: t.container_long_name.clone(),
             duration: t.duration_secs.map(timecode).unwrap_or_else(|| "–".into()),
-            bit_rate: t
-                .bit_rate_bps
-                .map(|b| format!("{} kb/s", b / 1000))
-                .unwrap_or_else(|| "–".into()),
+            bit_rate: t.bit_rate_bps.map(|b| format!("{} kb/s", b / 1000)).unwrap_or_else(|| "–".into()),
             streams: t.streams.iter().map(StreamRow::new).collect(),
             detector: d.shots.detector.clone(),
             threshold: format!("{:.1}", d.shots.threshold),
@@ -361,11 +322,7 @@ impl DigestView {
                 .analyzers
                 .iter()
                 .map(|a| {
-                    let params: Vec<String> = a
-                        .parameters
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect();
+                    let params: Vec<String> = a.parameters.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     format!("{} {} ({})", a.name, a.version, params.join(", "))
                 })
                 .collect(),
@@ -402,16 +359,8 @@ pub(crate) fn sparkline(values: &[f64]) -> String {
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            let v = if v.is_finite() {
-                v.clamp(0.0, 100.0)
-            } else {
-                0.0
-            };
-            format!(
-                "{:.1},{:.1}",
-                i as f64 * step,
-                f64::from(SPARK_H) * (1.0 - v / 100.0)
-            )
+            let v = if v.is_finite() { v.clamp(0.0, 100.0) } else { 0.0 };
+            format!("{:.1},{:.1}", i as f64 * step, f64::from(SPARK_H) * (1.0 - v / 100.0))
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -422,13 +371,7 @@ pub(crate) fn mean_gpu_util(h: &Health) -> Option<f64> {
     if h.gpus.is_empty() {
         None
     } else {
-        Some(
-            h.gpus
-                .iter()
-                .map(|g| f64::from(g.utilization_percent))
-                .sum::<f64>()
-                / h.gpus.len() as f64,
-        )
+        Some(h.gpus.iter().map(|g| f64::from(g.utilization_percent)).sum::<f64>() / h.gpus.len() as f64)
     }
 }
 
@@ -438,21 +381,12 @@ impl HistoryRow {
         HistoryRow {
             at: utc(s.received_at_ms),
             cpu_percent: format!("{:.0}%", h.cpu_percent),
-            memory: format!(
-                "{} / {}",
-                bytes(h.memory_used_bytes),
-                bytes(h.memory_total_bytes)
-            ),
+            memory: format!("{} / {}", bytes(h.memory_used_bytes), bytes(h.memory_total_bytes)),
             load: format!("{:.2}", h.load_avg_1m),
             gpu_util: h
                 .gpus
                 .iter()
-                .map(|g| {
-                    format!(
-                        "GPU{} {}% {}°C",
-                        g.index, g.utilization_percent, g.temperature_c
-                    )
-                })
+                .map(|g| format!("GPU{} {}% {}°C", g.index, g.utilization_percent, g.temperature_c))
                 .collect::<Vec<_>>()
                 .join(", "),
             jobs: format!("{} / {}", h.jobs_running, h.job_slots),
@@ -583,9 +517,6 @@ mod tests {
     #[test]
     fn sparkline_spans_the_box() {
         assert_eq!(sparkline(&[50.0]), "");
-        assert_eq!(
-            sparkline(&[0.0, 100.0, 250.0]),
-            "0.0,40.0 150.0,0.0 300.0,0.0"
-        );
+        assert_eq!(sparkline(&[0.0, 100.0, 250.0]), "0.0,40.0 150.0,0.0 300.0,0.0");
     }
 }

@@ -216,7 +216,12 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::TokenUnknown`], [`StoreError::TokenAlreadyUsed`], [`StoreError::TokenExpired`]
     /// (checked in that order); the token is unchanged on error.
-    fn consume_enrollment_token(&self, hash: &[u8; 32], agent: AgentId, now_ms: UnixMs) -> StoreResult<EnrollmentTokenRecord>;
+    fn consume_enrollment_token(
+        &self,
+        hash: &[u8; 32],
+        agent: AgentId,
+        now_ms: UnixMs,
+    ) -> StoreResult<EnrollmentTokenRecord>;
 
     /// Stores the hash of a new API bearer token.
     fn insert_api_token(&self, hash: &[u8; 32], created_at_ms: UnixMs) -> StoreResult<()>;

@@ -43,8 +43,8 @@ use sled::Transactional;
 use uuid::Uuid;
 
 use super::{
-    AgentRecord, EnrollmentTokenRecord, HealthSample, JobRecord, JobState, SessionRecord, Store,
-    StoreError, StoreResult, UnixMs,
+    AgentRecord, EnrollmentTokenRecord, HealthSample, JobRecord, JobState, SessionRecord, Store, StoreError,
+    StoreResult, UnixMs,
 };
 use gaffer_protocol::messages::{AgentId, JobId};
 
@@ -81,10 +81,8 @@ fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
 }
 
 fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: format!("{tree}/{}", hex::encode(key)),
-        detail: e.to_string(),
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt { key: format!("{tree}/{}", hex::encode(key)), detail: e.to_string() })
 }
 
 fn created_key(created_at_ms: UnixMs, id: JobId) -> [u8; 24] {
@@ -109,10 +107,7 @@ impl SledStore {
     /// [`StoreError::Open`] when the directory cannot be created or read, or another process holds
     /// the database lock.
     pub fn open(path: &Path) -> StoreResult<SledStore> {
-        let open_err = |e: sled::Error| StoreError::Open {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        };
+        let open_err = |e: sled::Error| StoreError::Open { path: path.display().to_string(), detail: e.to_string() };
         let db = sled::open(path).map_err(open_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         Ok(SledStore {
@@ -130,12 +125,7 @@ impl SledStore {
         })
     }
 
-    fn get_json<T: DeserializeOwned>(
-        &self,
-        tree: &sled::Tree,
-        name: &str,
-        key: &[u8],
-    ) -> StoreResult<Option<T>> {
+    fn get_json<T: DeserializeOwned>(&self, tree: &sled::Tree, name: &str, key: &[u8]) -> StoreResult<Option<T>> {
         match tree.get(key).map_err(io)? {
             Some(bytes) => Ok(Some(decode(name, key, &bytes)?)),
             None => Ok(None),
@@ -165,10 +155,7 @@ impl SledStore {
                 return Ok(Some(rec));
             }
             let new = encode(&rec)?;
-            match tree
-                .compare_and_swap(key, Some(&old), Some(new))
-                .map_err(io)?
-            {
+            match tree.compare_and_swap(key, Some(&old), Some(new)).map_err(io)? {
                 Ok(()) => return Ok(Some(rec)),
                 Err(_conflict) => continue,
             }
@@ -179,29 +166,20 @@ impl SledStore {
 impl Store for SledStore {
     fn admin_password_hash(&self) -> StoreResult<Option<String>> {
         match self.meta.get(ADMIN_HASH_KEY).map_err(io)? {
-            Some(bytes) => {
-                String::from_utf8(bytes.to_vec())
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        key: "meta/admin_password_hash".into(),
-                        detail: e.to_string(),
-                    })
-            }
+            Some(bytes) => String::from_utf8(bytes.to_vec())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt { key: "meta/admin_password_hash".into(), detail: e.to_string() }),
             None => Ok(None),
         }
     }
 
     fn set_admin_password_hash(&self, phc: &str) -> StoreResult<()> {
-        self.meta
-            .insert(ADMIN_HASH_KEY, phc.as_bytes())
-            .map_err(io)?;
+        self.meta.insert(ADMIN_HASH_KEY, phc.as_bytes()).map_err(io)?;
         Ok(())
     }
 
     fn insert_enrollment_token(&self, rec: &EnrollmentTokenRecord) -> StoreResult<()> {
-        self.enroll_tokens
-            .insert(rec.hash, encode(rec)?)
-            .map_err(io)?;
+        self.enroll_tokens.insert(rec.hash, encode(rec)?).map_err(io)?;
         Ok(())
     }
 
@@ -222,14 +200,11 @@ impl Store for SledStore {
             rec.used_by = Some(agent);
             Ok(true)
         };
-        self.cas_loop(&self.enroll_tokens, "enroll_tokens", hash, &mut apply)?
-            .ok_or(StoreError::TokenUnknown)
+        self.cas_loop(&self.enroll_tokens, "enroll_tokens", hash, &mut apply)?.ok_or(StoreError::TokenUnknown)
     }
 
     fn insert_api_token(&self, hash: &[u8; 32], created_at_ms: UnixMs) -> StoreResult<()> {
-        self.api_tokens
-            .insert(hash, encode(&ApiTokenRecord { created_at_ms })?)
-            .map_err(io)?;
+        self.api_tokens.insert(hash, encode(&ApiTokenRecord { created_at_ms })?).map_err(io)?;
         Ok(())
     }
 
@@ -238,9 +213,7 @@ impl Store for SledStore {
     }
 
     fn insert_session(&self, rec: &SessionRecord) -> StoreResult<()> {
-        self.sessions
-            .insert(rec.id_hash, encode(rec)?)
-            .map_err(io)?;
+        self.sessions.insert(rec.id_hash, encode(rec)?).map_err(io)?;
         Ok(())
     }
 
@@ -254,9 +227,7 @@ impl Store for SledStore {
     }
 
     fn insert_agent(&self, rec: &AgentRecord) -> StoreResult<()> {
-        self.agents
-            .insert(rec.id.as_bytes(), encode(rec)?)
-            .map_err(io)?;
+        self.agents.insert(rec.id.as_bytes(), encode(rec)?).map_err(io)?;
         Ok(())
     }
 
@@ -274,11 +245,7 @@ impl Store for SledStore {
         Ok(agents)
     }
 
-    fn update_agent(
-        &self,
-        id: AgentId,
-        f: &mut dyn FnMut(&mut AgentRecord),
-    ) -> StoreResult<Option<AgentRecord>> {
+    fn update_agent(&self, id: AgentId, f: &mut dyn FnMut(&mut AgentRecord)) -> StoreResult<Option<AgentRecord>> {
         let mut apply = |rec: &mut AgentRecord| -> StoreResult<bool> {
             f(rec);
             Ok(true)
@@ -288,28 +255,16 @@ impl Store for SledStore {
 
     fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize) -> StoreResult<()> {
         let counter = self.db.generate_id().map_err(io)?;
-        self.health
-            .insert(
-                health_key(id, sample.received_at_ms, counter),
-                encode(sample)?,
-            )
-            .map_err(io)?;
+        self.health.insert(health_key(id, sample.received_at_ms, counter), encode(sample)?).map_err(io)?;
         // Trim: keys of one agent sort oldest first, so drop the first (len - keep_max).
-        let keys: Vec<sled::IVec> = self
-            .health
-            .scan_prefix(id.as_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
+        let keys: Vec<sled::IVec> =
+            self.health.scan_prefix(id.as_bytes()).keys().collect::<Result<_, _>>().map_err(io)?;
         let excess = keys.len().saturating_sub(keep_max);
         for key in keys.into_iter().take(excess) {
             self.health.remove(key).map_err(io)?;
         }
         let mut set = |rec: &mut AgentRecord| {
-            let newer = rec
-                .last_health
-                .as_ref()
-                .is_none_or(|h| h.received_at_ms <= sample.received_at_ms);
+            let newer = rec.last_health.as_ref().is_none_or(|h| h.received_at_ms <= sample.received_at_ms);
             if newer {
                 rec.last_health = Some(sample.clone());
             }
@@ -377,21 +332,14 @@ impl Store for SledStore {
         Ok(jobs)
     }
 
-    fn update_job(
-        &self,
-        id: JobId,
-        f: &mut dyn FnMut(&mut JobRecord) -> bool,
-    ) -> StoreResult<Option<JobRecord>> {
+    fn update_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>> {
         let mut apply = |rec: &mut JobRecord| -> StoreResult<bool> { Ok(f(rec)) };
         self.cas_loop(&self.jobs, "jobs", id.as_bytes(), &mut apply)
     }
 
     fn put_digest(&self, id: JobId, digest: &Digest) -> StoreResult<bool> {
         let value = encode(digest)?;
-        let swapped = self
-            .digests
-            .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(value))
-            .map_err(io)?;
+        let swapped = self.digests.compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(value)).map_err(io)?;
         Ok(swapped.is_ok())
     }
 
@@ -413,9 +361,7 @@ impl Store for SledStore {
     }
 
     fn set_last_applied_seq(&self, agent: AgentId, seq: u64) -> StoreResult<()> {
-        self.agent_seq
-            .insert(agent.as_bytes(), &seq.to_be_bytes())
-            .map_err(io)?;
+        self.agent_seq.insert(agent.as_bytes(), &seq.to_be_bytes()).map_err(io)?;
         Ok(())
     }
 
@@ -427,13 +373,10 @@ impl Store for SledStore {
 
 impl SledStore {
     fn job_for_index_key(&self, key: &[u8]) -> StoreResult<Option<JobRecord>> {
-        let id_bytes: [u8; 16] =
-            key.get(8..24)
-                .and_then(|s| s.try_into().ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: format!("jobs_by_created/{}", hex::encode(key)),
-                    detail: "index key is not 24 bytes".into(),
-                })?;
+        let id_bytes: [u8; 16] = key.get(8..24).and_then(|s| s.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
+            key: format!("jobs_by_created/{}", hex::encode(key)),
+            detail: "index key is not 24 bytes".into(),
+        })?;
         self.get_job(Uuid::from_bytes(id_bytes))
     }
 }
@@ -485,9 +428,7 @@ mod tests {
             received_at_ms,
             health: Health {
                 sampled_at_unix_ms: received_at_ms,
-                source: HealthSource::CpuOnly {
-                    reason: "no NVML".into(),
-                },
+                source: HealthSource::CpuOnly { reason: "no NVML".into() },
                 cpu_percent: 12.5,
                 load_avg_1m: 0.5,
                 memory_used_bytes: 1 << 30,
@@ -516,16 +457,10 @@ mod tests {
             store.flush()?;
         }
         let store = SledStore::open(dir.path())?;
-        assert_eq!(
-            store.admin_password_hash()?.as_deref(),
-            Some("$argon2id$v=19$m=19456,t=2,p=1$abc$def")
-        );
+        assert_eq!(store.admin_password_hash()?.as_deref(), Some("$argon2id$v=19$m=19456,t=2,p=1$abc$def"));
         assert_eq!(store.get_job(job_id)?, Some(job(job_id, 10)));
         assert_eq!(store.list_jobs(10)?.len(), 1);
-        assert_eq!(
-            store.get_agent(agent_id)?.map(|a| a.hostname),
-            Some("gpu-01".to_string())
-        );
+        assert_eq!(store.get_agent(agent_id)?.map(|a| a.hostname), Some("gpu-01".to_string()));
         assert_eq!(store.last_applied_seq(agent_id)?, Some(41));
         assert!(store.api_token_exists(&[7; 32])?);
         assert!(!store.api_token_exists(&[8; 32])?);
@@ -548,20 +483,10 @@ mod tests {
         let times: Vec<u64> = history.iter().map(|s| s.received_at_ms).collect();
         assert_eq!(times, (1015..1025).collect::<Vec<_>>());
         assert_eq!(
-            store
-                .health_history(a, 3)?
-                .iter()
-                .map(|s| s.received_at_ms)
-                .collect::<Vec<_>>(),
+            store.health_history(a, 3)?.iter().map(|s| s.received_at_ms).collect::<Vec<_>>(),
             [1022, 1023, 1024]
         );
-        assert_eq!(
-            store
-                .get_agent(a)?
-                .and_then(|r| r.last_health)
-                .map(|h| h.received_at_ms),
-            Some(1024)
-        );
+        assert_eq!(store.get_agent(a)?.and_then(|r| r.last_health).map(|h| h.received_at_ms), Some(1024));
         assert_eq!(store.health_history(other, 100)?.len(), 1);
         Ok(())
     }
@@ -593,9 +518,7 @@ mod tests {
             .collect();
         let mut winners = Vec::new();
         for h in handles {
-            let (me, result) = h
-                .join()
-                .map_err(|_| anyhow::anyhow!("consumer thread panicked"))?;
+            let (me, result) = h.join().map_err(|_| anyhow::anyhow!("consumer thread panicked"))?;
             match result {
                 Ok(rec) => {
                     assert_eq!(rec.used_by, Some(me));
@@ -630,8 +553,7 @@ mod tests {
             })
             .collect();
         for h in handles {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("updater thread panicked"))??;
+            h.join().map_err(|_| anyhow::anyhow!("updater thread panicked"))??;
         }
         assert_eq!(store.get_job(id)?.map(|j| j.frames_decoded), Some(200));
         Ok(())

@@ -1,0 +1,372 @@
+//! End-to-end test harness: builders that run the real `gaffer-control` and `gaffer-agent`
+//! binaries on loopback, each in its own temp directory with fresh certificates.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use gaffer_tests::{Agent, ControlPlane};
+//! let cp = ControlPlane::start()?;
+//! let mut agent = Agent::enroll(&cp, "stage-a")?;
+//! agent.run(&[gaffer_tests::media_dir()])?;
+//! let job = cp.submit_job(&gaffer_tests::media("bikes.mp4"), "stage-a")?;
+//! cp.wait_job(&job, &["succeeded"], std::time::Duration::from_secs(60))?;
+//! # Ok(()) }
+//! ```
+//!
+//! Binaries are taken from the cargo target directory this test binary lives in
+//! (`target/<profile>/`); build them first (`cargo build -p gaffer-control -p gaffer-agent`), which
+//! the README's test command does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use serde_json::Value;
+
+/// Directory of the sample media (`GAFFER_MEDIA_DIR`, default `~/.cache/gaffer/media`, filled by
+/// `scripts/setup.sh`).
+pub fn media_dir() -> PathBuf {
+    std::env::var_os("GAFFER_MEDIA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/media"))
+}
+
+/// A sample media file, checked to exist.
+pub fn media(name: &str) -> PathBuf {
+    let p = media_dir().join(name);
+    assert!(p.is_file(), "{} is missing: run scripts/setup.sh (or set GAFFER_MEDIA_DIR)", p.display());
+    p
+}
+
+/// Path of one of the workspace binaries next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} not built: run `cargo build -p gaffer-control -p gaffer-agent` first", p.display());
+    p
+}
+
+fn json_output(out: &Output, what: &str) -> anyhow::Result<Value> {
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{what}: output is not JSON: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends SIGKILL to a child and reaps it.
+fn sigkill(child: &mut Child) {
+    let _ = Command::new("kill").arg("-KILL").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+/// Settings for [`ControlPlane::start_with`].
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// `--lease-grace-secs`.
+    pub lease_grace_secs: u64,
+    /// `--idle-timeout-secs`.
+    pub idle_timeout_secs: u64,
+    /// `--heartbeat-interval-secs`.
+    pub heartbeat_interval_secs: u32,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self { lease_grace_secs: 2, idle_timeout_secs: 3, heartbeat_interval_secs: 1 }
+    }
+}
+
+/// A running `gaffer-control serve` in a temp data dir.
+pub struct ControlPlane {
+    /// The temp dir holding the data dir, logs and the wire audit log.
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// QUIC address agents connect to.
+    pub quic_addr: String,
+    /// HTTP base URL, e.g. `http://127.0.0.1:1234`.
+    pub http_url: String,
+    /// Admin password printed by `init`.
+    pub admin_password: String,
+    /// CA fingerprint printed by `init`.
+    pub ca_fingerprint: String,
+    /// An API bearer token.
+    pub api_token: String,
+    opts: ControlPlaneOptions,
+}
+
+impl ControlPlane {
+    /// `init` + `serve` with test timings (short lease grace and idle timeout).
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(ControlPlaneOptions::default())
+    }
+
+    /// `init` + `serve` with `opts`.
+    pub fn start_with(opts: ControlPlaneOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("control");
+        let out = Command::new(bin("gaffer-control"))
+            .args(["init", "--json", "--quic-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--server-name", "localhost", "--server-name", "127.0.0.1", "--data-dir"])
+            .arg(&data)
+            .output()?;
+        let init = json_output(&out, "gaffer-control init")?;
+        let mut cp = ControlPlane {
+            admin_password: init["admin_password"].as_str().unwrap_or_default().to_owned(),
+            ca_fingerprint: init["ca_fingerprint"].as_str().unwrap_or_default().to_owned(),
+            dir,
+            child: None,
+            quic_addr: String::new(),
+            http_url: String::new(),
+            api_token: String::new(),
+            opts,
+        };
+        cp.serve()?;
+        let out = Command::new(bin("gaffer-control"))
+            .args(["api-token", "create", "--json", "--data-dir"])
+            .arg(&data)
+            .output()?;
+        cp.api_token = json_output(&out, "api-token create")?["token"].as_str().unwrap_or_default().to_owned();
+        Ok(cp)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("control")
+    }
+
+    /// The wire audit log (every frame agents sent, as JSON lines).
+    pub fn wire_audit_log(&self) -> PathBuf {
+        self.dir.path().join("wire-audit.jsonl")
+    }
+
+    /// The server's stderr log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("control.log")).unwrap_or_default()
+    }
+
+    fn serve(&mut self) -> anyhow::Result<()> {
+        let serve_json = self.data_dir().join("serve.json");
+        let _ = std::fs::remove_file(&serve_json);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("control.log"))?;
+        let mut cmd = Command::new(bin("gaffer-control"));
+        cmd.arg("serve").arg("--data-dir").arg(self.data_dir());
+        cmd.args(["--lease-grace-secs", &self.opts.lease_grace_secs.to_string()]);
+        cmd.args(["--idle-timeout-secs", &self.opts.idle_timeout_secs.to_string()]);
+        cmd.args(["--heartbeat-interval-secs", &self.opts.heartbeat_interval_secs.to_string()]);
+        cmd.arg("--wire-audit-log").arg(self.wire_audit_log());
+        if !self.quic_addr.is_empty() {
+            // Restart on the same ports so agents find it again.
+            cmd.args(["--quic-listen", &self.quic_addr, "--http-listen", self.http_url.trim_start_matches("http://")]);
+        }
+        cmd.env("GAFFER_LOG", "info,gaffer_control=debug").stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn()?);
+        let info: Value = wait_for(Duration::from_secs(20), "serve.json", || {
+            Ok(std::fs::read(&serve_json).ok().and_then(|b| serde_json::from_slice(&b).ok()))
+        })
+        .with_context(|| format!("control plane did not start; log:\n{}", self.log()))?;
+        self.quic_addr = info["quic_addr"].as_str().unwrap_or_default().to_owned();
+        self.http_url = format!("http://{}", info["http_addr"].as_str().unwrap_or_default());
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigkill(&mut c);
+        }
+    }
+
+    /// Starts the server again on the same addresses.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.serve()
+    }
+
+    /// `gaffer-control token create --json`, with `ttl` like "1h" or "1s".
+    pub fn token(&self, site: &str, ttl: &str) -> anyhow::Result<Value> {
+        let out = Command::new(bin("gaffer-control"))
+            .args(["token", "create", "--json", "--site", site, "--ttl", ttl, "--data-dir"])
+            .arg(self.data_dir())
+            .output()?;
+        json_output(&out, "token create")
+    }
+
+    fn http(&self) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default()
+    }
+
+    /// GET an API path (under `/api/v1`) and return the JSON body.
+    pub fn api_get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self.http().get(format!("{}/api/v1{path}", self.http_url)).bearer_auth(&self.api_token).send()?;
+        let status = resp.status();
+        let body: Value = resp.json()?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Submits a `shots` job for `path` in `site` and returns its id.
+    pub fn submit_job(&self, path: &Path, site: &str) -> anyhow::Result<String> {
+        let body = serde_json::json!({ "path": path, "site": site, "profile": "shots" });
+        let resp = self
+            .http()
+            .post(format!("{}/api/v1/jobs", self.http_url))
+            .bearer_auth(&self.api_token)
+            .json(&body)
+            .send()?;
+        let status = resp.status();
+        let v: Value = resp.json()?;
+        if !status.is_success() {
+            bail!("POST /jobs: {status}: {v}");
+        }
+        v["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no id in {v}"))
+    }
+
+    /// Waits until the job is in one of `states` and returns it (with its digest).
+    pub fn wait_job(&self, id: &str, states: &[&str], timeout: Duration) -> anyhow::Result<Value> {
+        let mut last = Value::Null;
+        wait_for(timeout, &format!("job {id} to be {states:?}"), || {
+            let job = self.api_get(&format!("/jobs/{id}"))?;
+            let state = job["state"].as_str().unwrap_or_default().to_owned();
+            last = job.clone();
+            Ok(states.contains(&state.as_str()).then_some(job))
+        })
+        .with_context(|| format!("last seen: {last}\ncontrol plane log:\n{}", self.log()))
+    }
+
+    /// Waits until `agent_id` is listed online (or offline when `online` is false).
+    pub fn wait_agent_online(&self, agent_id: &str, online: bool, timeout: Duration) -> anyhow::Result<Value> {
+        wait_for(timeout, &format!("agent {agent_id} online={online}"), || {
+            let agents = self.api_get("/agents")?;
+            let found = agents.as_array().into_iter().flatten().find(|a| a["id"] == agent_id).cloned();
+            Ok(found.filter(|a| a["online"] == online))
+        })
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An enrolled `gaffer-agent` in a temp data dir.
+pub struct Agent {
+    /// The temp dir holding the data dir and the log.
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// The agent's id.
+    pub agent_id: String,
+}
+
+impl Agent {
+    /// Runs `gaffer-agent enroll` into `data_dir` with the given arguments; returns the output
+    /// whatever the outcome (for tests of refusals).
+    pub fn enroll_raw(
+        data_dir: &Path,
+        control: &str,
+        token: &str,
+        fingerprint: &str,
+        site: Option<&str>,
+    ) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(bin("gaffer-agent"));
+        cmd.args([
+            "enroll",
+            "--json",
+            "--control",
+            control,
+            "--token",
+            token,
+            "--ca-fingerprint",
+            fingerprint,
+            "--data-dir",
+        ])
+        .arg(data_dir);
+        if let Some(s) = site {
+            cmd.args(["--site", s]);
+        }
+        Ok(cmd.output()?)
+    }
+
+    /// Mints a token on `cp` and enrolls a new agent into `site`.
+    pub fn enroll(cp: &ControlPlane, site: &str) -> anyhow::Result<Agent> {
+        let token = cp.token(site, "10m")?;
+        let dir = tempfile::tempdir()?;
+        let out = Self::enroll_raw(
+            &dir.path().join("agent"),
+            &cp.quic_addr,
+            token["token"].as_str().unwrap_or_default(),
+            &cp.ca_fingerprint,
+            Some(site),
+        )?;
+        let v = json_output(&out, "gaffer-agent enroll")?;
+        let agent_id = v["agent_id"].as_str().unwrap_or_default().to_owned();
+        Ok(Agent { dir, child: None, agent_id })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// The agent's stderr log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Starts `gaffer-agent run` with these volumes.
+    pub fn run(&mut self, volumes: &[PathBuf]) -> anyhow::Result<()> {
+        self.run_with(volumes, &[], 1)
+    }
+
+    /// Starts `gaffer-agent run` with volumes, watch folders and slots.
+    pub fn run_with(&mut self, volumes: &[PathBuf], watches: &[PathBuf], slots: u32) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
+        let mut cmd = Command::new(bin("gaffer-agent"));
+        cmd.arg("run").arg("--data-dir").arg(self.data_dir()).args(["--slots", &slots.to_string()]);
+        for v in volumes {
+            cmd.arg("--volume").arg(v);
+        }
+        for w in watches {
+            cmd.arg("--watch").arg(w).args(["--watch-settle-secs", "1"]);
+        }
+        cmd.env("GAFFER_LOG", "info,gaffer_agent=debug").stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn()?);
+        Ok(())
+    }
+
+    /// Whether the `run` process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Kills `run` with SIGKILL (no goodbye on the link).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigkill(&mut c);
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
