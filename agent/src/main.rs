@@ -1,6 +1,7 @@
 //! `gaffer-agent`: command-line entry point.
 
 mod cmd_analyze;
+mod cmd_models;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,8 @@ enum Command {
     Run(RunArgs),
     /// Analyze one media file locally, with no control plane, and print its digest.
     Analyze(cmd_analyze::AnalyzeArgs),
+    /// Install, verify and list the ONNX Runtime and the analysis models.
+    Models(cmd_models::ModelsArgs),
 }
 
 #[derive(clap::Args)]
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Analyze(args) => cmd_analyze::run(args),
+        Command::Models(args) => cmd_models::run(args),
         Command::Enroll(args) => tokio::runtime::Runtime::new()?.block_on(enroll_cmd(args)),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run_cmd(args)),
     }
@@ -144,7 +148,19 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         },
         outbox.clone(),
     );
-    let health = HealthSampler::new(volumes.clone());
+    let mut health = HealthSampler::new(volumes.clone());
+    let registry = gaffer_agent::models::Registry::open(dd.root())?;
+    let installed_models = registry.installed();
+    match gaffer_agent::models::Runtime::init(&registry, health.gpus().len()) {
+        Ok(runtime) => {
+            let provider = runtime.provider();
+            tracing::info!(provider = %provider.provider, runtime = %provider.runtime_version, note = %provider.note, "ONNX Runtime ready");
+            health.set_inference(Some(provider));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no ONNX Runtime: profile `full` is unavailable (run `gaffer-agent models fetch`)")
+        }
+    }
     let to_strings = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
     let capabilities = Capabilities {
         gpus: health.gpus(),
@@ -152,7 +168,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         watch_roots: to_strings(&watch_roots),
         job_slots: args.slots,
         profiles: vec![Profile::Shots],
-        models: Vec::new(),
+        models: installed_models,
     };
     let health = Arc::new(Mutex::new(health));
 

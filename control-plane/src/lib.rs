@@ -2,6 +2,7 @@
 //!
 //! * [`store`]: persistent state behind the [`store::Store`] trait (sled implementation).
 //! * [`scheduler`]: the job state machine and leases: which agent runs which job.
+//! * [`ingest`]: applies agent messages exactly once in effect (link and bundles).
 //! * [`link`]: the QUIC endpoint: enrollment (`gaffer-enroll/1`) and the agent link (`gaffer/1`).
 //! * [`http`]: the JSON API under `/api/v1` and the server-rendered dashboard.
 //! * [`admin`]: the local admin socket that CLI commands use while `serve` holds the store.
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod datadir;
 pub mod http;
+pub mod ingest;
 pub mod link;
 pub mod metrics;
 pub mod scheduler;

@@ -22,14 +22,16 @@ use base64::Engine as _;
 use gaffer_certs::{EnrollmentToken, FleetCa};
 use gaffer_protocol::codec::{encode_frame, CodecError, FrameDecoder};
 use gaffer_protocol::enroll::{EnrollRequest, EnrollResponse, ENROLL_FRAME_BYTES_MAX};
-use gaffer_protocol::messages::{AgentId, AgentMessage, ControlMessage, JobId};
+use gaffer_protocol::messages::{AgentId, AgentMessage, ControlMessage};
 use gaffer_protocol::version::{negotiate, VersionRange};
 use gaffer_protocol::{AgentEnvelope, ALPN_AGENT_LINK, ALPN_ENROLL, FRAME_BYTES_MAX_DEFAULT};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+use crate::ingest::truncate;
+use crate::ingest::{Ingest, IngestError, Ingested};
 use crate::scheduler::{AgentSession, Fleet};
-use crate::store::{AgentRecord, HealthSample, JobOrigin, JobState, StoreError};
+use crate::store::{AgentRecord, JobState, StoreError};
 use crate::AppState;
 
 /// Link settings.
@@ -126,6 +128,7 @@ pub fn quinn_server_config(
 /// Shared state of the endpoint.
 pub struct Link {
     state: AppState,
+    ingest: Arc<Ingest>,
     fleet: Arc<Fleet>,
     ca: Arc<FleetCa>,
     cfg: LinkConfig,
@@ -149,7 +152,8 @@ impl Link {
             )),
             None => None,
         };
-        Ok(Arc::new(Self { state, fleet, ca, cfg, conn_ids: AtomicU64::new(1), audit }))
+        let ingest = Arc::new(Ingest::new(state.clone(), fleet.clone(), cfg.health_history_max));
+        Ok(Arc::new(Self { state, ingest, fleet, ca, cfg, conn_ids: AtomicU64::new(1), audit }))
     }
 
     /// Accepts connections until the endpoint closes.
@@ -407,152 +411,23 @@ impl Link {
 
     async fn on_message(&self, agent_id: AgentId, env: AgentEnvelope) -> Result<(), LinkError> {
         let seq = env.seq;
-        if seq == 0 {
-            // Not durable at the agent: only heartbeats may come this way.
-            return match env.body {
-                AgentMessage::Heartbeat(health) => {
-                    let store = self.state.store.clone();
-                    let keep = self.cfg.health_history_max;
-                    let now = crate::now_ms();
-                    tokio::task::spawn_blocking(move || {
-                        store.push_health(agent_id, &HealthSample { received_at_ms: now, health }, keep)?;
-                        store.update_agent(agent_id, &mut |a| a.last_seen_ms = Some(now)).map(|_| ())
-                    })
-                    .await
-                    .map_err(|e| LinkError::Protocol(e.to_string()))??;
-                    Ok(())
-                }
-                other => Err(LinkError::Protocol(format!("{} without a sequence number", other.kind()))),
-            };
-        }
-        let store = self.state.store.clone();
-        if store.last_applied_seq(agent_id)?.is_some_and(|last| seq <= last) {
-            tracing::debug!(seq, "redelivered message acknowledged again");
-            self.fleet.send(agent_id, ControlMessage::Ack { seq });
-            return Ok(());
-        }
-        let applied = self.apply(agent_id, env.body).await;
-        match applied {
-            Ok(()) => {
-                let store2 = store.clone();
-                tokio::task::spawn_blocking(move || {
-                    store2.set_last_applied_seq(agent_id, seq)?;
-                    store2.flush()
-                })
-                .await
-                .map_err(|e| LinkError::Protocol(e.to_string()))??;
+        let ingest = self.ingest.clone();
+        let outcome = tokio::task::spawn_blocking(move || ingest.ingest(agent_id, env))
+            .await
+            .map_err(|e| LinkError::Protocol(format!("ingest task failed: {e}")))?;
+        match outcome {
+            Ok(Ingested::Applied) | Ok(Ingested::Duplicate) => {
                 self.fleet.send(agent_id, ControlMessage::Ack { seq });
                 Ok(())
             }
-            Err(e) => {
+            Ok(Ingested::Ephemeral) => Ok(()),
+            Err(IngestError::Store(e)) => {
                 // Not applied: tell the agent to keep it and retry on a new connection.
                 self.fleet.send(agent_id, ControlMessage::Error { seq, message: e.to_string(), retry: true });
-                Err(e)
+                Err(e.into())
             }
+            Err(IngestError::Protocol(m)) => Err(LinkError::Protocol(m)),
         }
-    }
-
-    async fn apply(&self, agent_id: AgentId, msg: AgentMessage) -> Result<(), LinkError> {
-        let now = crate::now_ms();
-        let store = &self.state.store;
-        store.update_agent(agent_id, &mut |a| a.last_seen_ms = Some(now))?;
-        match msg {
-            AgentMessage::Hello { .. } => return Err(LinkError::Protocol("second Hello".into())),
-            AgentMessage::Heartbeat(_) => return Err(LinkError::Protocol("heartbeat with a sequence number".into())),
-            AgentMessage::JobAccepted { job_id } => {
-                let mut ours = false;
-                store.update_job(job_id, &mut |j| {
-                    ours = j.agent == Some(agent_id) && matches!(j.state, JobState::Assigned | JobState::Running);
-                    let change = ours && j.state == JobState::Assigned;
-                    if change {
-                        j.state = JobState::Running;
-                        j.updated_at_ms = now;
-                    }
-                    change
-                })?;
-                if !ours {
-                    self.fleet.send(agent_id, ControlMessage::Cancel { job_id });
-                }
-            }
-            AgentMessage::Progress { job_id, fraction, frames_decoded } => {
-                store.update_job(job_id, &mut |j| {
-                    let change = j.agent == Some(agent_id) && matches!(j.state, JobState::Assigned | JobState::Running);
-                    if change {
-                        j.state = JobState::Running;
-                        j.progress = fraction.clamp(0.0, 1.0);
-                        j.frames_decoded = frames_decoded;
-                        j.updated_at_ms = now;
-                    }
-                    change
-                })?;
-            }
-            AgentMessage::Digest { job_id, digest } => {
-                let first = store.put_digest(job_id, &digest)?;
-                let mut finished = None;
-                store.update_job(job_id, &mut |j| {
-                    if j.state.is_terminal() {
-                        return false;
-                    }
-                    finished = Some((j.agent, j.created_at_ms));
-                    j.state = JobState::Succeeded;
-                    j.agent = Some(agent_id);
-                    j.progress = 1.0;
-                    j.error = None;
-                    j.frames_decoded = digest.shots.frames_decoded;
-                    j.finished_at_ms = Some(now);
-                    j.updated_at_ms = now;
-                    true
-                })?;
-                if let Some((holder, created)) = finished {
-                    self.state.metrics.job_finished("succeeded");
-                    self.state.metrics.job_duration(now.saturating_sub(created) as f64 / 1000.0);
-                    tracing::info!(job_id = %job_id, shots = digest.shot_count(), "job succeeded");
-                    if let Some(other) = holder.filter(|h| *h != agent_id) {
-                        // Another agent holds the lease: its copy is redundant now.
-                        self.fleet.send(other, ControlMessage::Cancel { job_id });
-                        self.fleet.release(other, job_id);
-                    }
-                } else if !first {
-                    tracing::debug!(job_id = %job_id, "digest for a finished job ignored");
-                }
-                self.release(agent_id, job_id);
-            }
-            AgentMessage::JobFailed { job_id, reason } | AgentMessage::JobRejected { job_id, reason } => {
-                let reason = truncate(&reason, 4096);
-                let mut failed = false;
-                store.update_job(job_id, &mut |j| {
-                    failed = j.agent == Some(agent_id) && !j.state.is_terminal();
-                    if failed {
-                        j.state = JobState::Failed;
-                        j.error = Some(reason.clone());
-                        j.finished_at_ms = Some(now);
-                        j.updated_at_ms = now;
-                    }
-                    failed
-                })?;
-                if failed {
-                    self.state.metrics.job_finished("failed");
-                    tracing::warn!(job_id = %job_id, %reason, "job failed");
-                }
-                self.release(agent_id, job_id);
-            }
-            AgentMessage::SubmitWatched { job_id, path, profile } => {
-                let site = store.get_agent(agent_id)?.map(|a| a.site).unwrap_or_default();
-                let req = crate::scheduler::JobRequest { path, site, agent: Some(agent_id), profile };
-                match self.state.scheduler.submit(req, JobOrigin::WatchFolder { agent: agent_id }, Some(job_id)) {
-                    Ok(job) => tracing::info!(job_id = %job.id, path = %job.path, "watch-folder job queued"),
-                    Err(crate::scheduler::SubmitError::Store(e)) => return Err(e.into()),
-                    // Invalid submissions can never succeed: log and acknowledge so the agent drops them.
-                    Err(e) => tracing::warn!(job_id = %job_id, error = %e, "watch-folder submission refused"),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn release(&self, agent_id: AgentId, job_id: JobId) {
-        self.fleet.release(agent_id, job_id);
-        self.state.scheduler.wake();
     }
 
     fn on_disconnect(&self, agent_id: AgentId, conn_id: u64) {
@@ -606,15 +481,4 @@ async fn read_one<T: serde::de::DeserializeOwned>(
             }
         }
     }
-}
-
-fn truncate(s: &str, max_bytes: usize) -> String {
-    if s.len() <= max_bytes {
-        return s.to_owned();
-    }
-    let mut end = max_bytes;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
