@@ -6,7 +6,8 @@
 //!   agent.key        the agent's private key, generated here, 0600; never leaves the box
 //!   agent.pem        the agent's certificate (URI SAN urn:gaffer:agent:<id>), signed by the fleet CA
 //!   ca.pem           the fleet CA, the only root the agent trusts
-//!   state/           sled database: the outbox and the watch-folder ledger (see outbox, runner)
+//!   state/           sled database: the outbox, the job queue and the watch-folder ledger (see outbox, runner)
+//!   agent.sock       control socket, 0600, while `run` runs (see control_socket)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,10 @@ pub struct AgentIdentity {
     pub ca_fingerprint: String,
     /// When it enrolled, Unix milliseconds.
     pub enrolled_at_ms: u64,
+    /// The control plane's age X25519 recipient (`age1...`) that offline-sync bundles are
+    /// encrypted to; None for agents enrolled before offline sync.
+    #[serde(default)]
+    pub bundle_recipient: Option<String>,
 }
 
 /// Paths inside an agent data directory.
@@ -66,6 +71,10 @@ impl DataDir {
     /// sled state.
     pub fn state_path(&self) -> PathBuf {
         self.root.join("state")
+    }
+    /// Control socket of the running agent.
+    pub fn socket_path(&self) -> PathBuf {
+        self.root.join("agent.sock")
     }
 
     /// Reads `agent.json`.

@@ -46,6 +46,8 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
     let key = AgentKey::generate()?;
     gaffer_certs::write_secret_file(&data_dir.key_path(), key.key_pem().as_bytes())?;
     let csr_pem = key.csr_pem(agent_id)?;
+    let bundle_key = gaffer_certs::BundleKey::generate();
+    gaffer_certs::write_secret_file(&crate::bundle::bundle_key_path(data_dir), bundle_key.secret_string().as_bytes())?;
 
     let addr = resolve(&params.control_addr).await?;
     let server_name = server_name_of(&params.control_addr)?;
@@ -73,6 +75,7 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
             hostname: crate::hostname(),
             site: params.site.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            bundle_recipient: Some(bundle_key.recipient()),
         };
         send.write_all(&encode_frame(&req, ENROLL_FRAME_BYTES_MAX)?).await.map_err(|e| unreachable(e.to_string()))?;
         let _ = send.finish();
@@ -98,18 +101,22 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
         .map_err(|_| unreachable(format!("no answer within {}s", ENROLL_TIMEOUT.as_secs())))??;
     endpoint.wait_idle().await;
 
-    let (site, cert_pem) = match resp {
-        EnrollResponse::Enrolled { agent_id: granted, site, cert_pem, ca_pem: _ } => {
+    let (site, cert_pem, cp_recipient) = match resp {
+        EnrollResponse::Enrolled { agent_id: granted, site, cert_pem, ca_pem: _, bundle_recipient } => {
             if granted != agent_id {
                 return Err(AgentError::Protocol(format!(
                     "asked to enroll {agent_id}, got a certificate for {granted}"
                 )));
             }
-            (site, cert_pem)
+            if let Some(r) = &bundle_recipient {
+                gaffer_certs::check_bundle_recipient(r)?;
+            }
+            (site, cert_pem, bundle_recipient)
         }
         EnrollResponse::Refused { reason } => {
             // Nothing usable was written but the key: remove it so the directory can be reused.
             let _ = std::fs::remove_file(data_dir.key_path());
+            let _ = std::fs::remove_file(crate::bundle::bundle_key_path(data_dir));
             return Err(AgentError::Refused(reason));
         }
     };
@@ -125,6 +132,7 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
         control_addr: params.control_addr.clone(),
         ca_fingerprint: params.ca_fingerprint.to_string(),
         enrolled_at_ms: crate::now_ms(),
+        bundle_recipient: cp_recipient,
     };
     let json = serde_json::to_string_pretty(&identity).map_err(|e| AgentError::Config(e.to_string()))?;
     std::fs::write(data_dir.identity_path(), json).map_err(|e| AgentError::io(&data_dir.identity_path(), e))?;
@@ -144,4 +152,135 @@ fn explain_connection_error(e: &quinn::ConnectionError, expected: &CaFingerprint
          Check --ca-fingerprint against the output of `gaffer-control token create`, and that --control points at the \
          right host"
     )
+}
+
+/// `DATA_DIR/offline-request.json`: present while an offline enrollment waits for its reply.
+pub fn pending_offline_path(data_dir: &DataDir) -> std::path::PathBuf {
+    data_dir.root().join("offline-request.json")
+}
+
+/// Offline enrollment, step 1 (`gaffer-agent enroll --offline-request FILE`): creates the data
+/// dir, generates the agent id, its ECDSA P-256 key (0600) and its age bundle key (0600), and
+/// writes the request (CSR, id, site, host name, bundle recipient; nothing secret) to `out` and to
+/// the data dir, which is then "pending offline enrollment".
+///
+/// # Errors
+/// [`AgentError::AlreadyEnrolled`]; [`AgentError::Config`] if a request is already pending;
+/// [`AgentError::Cert`], [`AgentError::Io`].
+pub fn write_offline_request(
+    data_dir: &DataDir,
+    site: &str,
+    out: &std::path::Path,
+) -> Result<gaffer_protocol::enroll::OfflineEnrollRequest, AgentError> {
+    if pending_offline_path(data_dir).exists() {
+        return Err(AgentError::Config(format!(
+            "{} already has a pending offline enrollment request; install the reply with --offline-reply",
+            data_dir.root().display()
+        )));
+    }
+    data_dir.create()?;
+    let agent_id = uuid::Uuid::new_v4();
+    let key = AgentKey::generate()?;
+    gaffer_certs::write_secret_file(&data_dir.key_path(), key.key_pem().as_bytes())?;
+    let bundle_key = gaffer_certs::BundleKey::generate();
+    gaffer_certs::write_secret_file(&crate::bundle::bundle_key_path(data_dir), bundle_key.secret_string().as_bytes())?;
+    let req = gaffer_protocol::enroll::OfflineEnrollRequest {
+        versions: VersionRange::ours(),
+        agent_id,
+        csr_pem: key.csr_pem(agent_id)?,
+        hostname: crate::hostname(),
+        site: site.to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        bundle_recipient: bundle_key.recipient(),
+    };
+    let json = serde_json::to_string_pretty(&req).map_err(|e| AgentError::Config(e.to_string()))?;
+    std::fs::write(out, &json).map_err(|e| AgentError::io(out, e))?;
+    let pending = pending_offline_path(data_dir);
+    std::fs::write(&pending, &json).map_err(|e| AgentError::io(&pending, e))?;
+    Ok(req)
+}
+
+/// Offline enrollment, step 2 (`gaffer-agent enroll --offline-reply FILE --ca-fingerprint FP`):
+/// checks the reply and installs the certificate, the CA and the control plane's bundle recipient.
+///
+/// Checks, before writing anything: the reply's CA has the operator's fingerprint; the signing
+/// certificate chains to that CA as a server certificate; the signature over the grant verifies;
+/// the grant is for the pending agent id; the certificate is for our key and id.
+///
+/// # Errors
+/// [`AgentError::Config`] if no request is pending or the reply is unreadable;
+/// [`AgentError::Cert`] for a fingerprint mismatch ([`gaffer_certs::CertError::FingerprintMismatch`]),
+/// a bad signer or signature; [`AgentError::Protocol`] for a grant to another agent.
+pub fn install_offline_reply(
+    data_dir: &DataDir,
+    reply_path: &std::path::Path,
+    ca_fingerprint: CaFingerprint,
+) -> Result<AgentIdentity, AgentError> {
+    use base64::Engine as _;
+    use gaffer_protocol::enroll::{OfflineEnrollGrant, OfflineEnrollReply, OfflineEnrollRequest, OFFLINE_ENROLL_BYTES_MAX};
+    let pending_path = pending_offline_path(data_dir);
+    let pending: OfflineEnrollRequest = match std::fs::read_to_string(&pending_path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| AgentError::Config(format!("{}: {e}", pending_path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(AgentError::Config(format!(
+                "{} has no pending offline enrollment: run `gaffer-agent enroll --offline-request` first",
+                data_dir.root().display()
+            )))
+        }
+        Err(e) => return Err(AgentError::io(&pending_path, e)),
+    };
+    let len = std::fs::metadata(reply_path).map_err(|e| AgentError::io(reply_path, e))?.len();
+    if len > OFFLINE_ENROLL_BYTES_MAX {
+        return Err(AgentError::Config(format!("{} is {len} bytes: not an offline enrollment reply", reply_path.display())));
+    }
+    let text = std::fs::read_to_string(reply_path).map_err(|e| AgentError::io(reply_path, e))?;
+    let reply: OfflineEnrollReply = serde_json::from_str(&text)
+        .map_err(|e| AgentError::Config(format!("{} is not an offline enrollment reply: {e}", reply_path.display())))?;
+    let grant: OfflineEnrollGrant = serde_json::from_str(&reply.grant_json)
+        .map_err(|e| AgentError::Config(format!("the reply's grant is unreadable: {e}")))?;
+    let got = CaFingerprint::from_cert_pem(&grant.ca_pem)?;
+    if got != ca_fingerprint {
+        return Err(gaffer_certs::CertError::FingerprintMismatch { expected: ca_fingerprint, got }.into());
+    }
+    let server_der = {
+        use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::CertificateDer::from_pem_slice(grant.server_cert_pem.as_bytes())
+            .map_err(|e| AgentError::Config(format!("the reply's server certificate is unreadable: {e}")))?
+    };
+    gaffer_certs::verify_signer(
+        gaffer_certs::BundleTrust { ca_pem: &grant.ca_pem, crl_pem: "" },
+        &server_der,
+        gaffer_certs::BundleSignerRole::ControlPlane,
+        gaffer_certs::UnixTime::now(),
+    )?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(reply.signature_b64.trim())
+        .map_err(|e| AgentError::Config(format!("the reply's signature is not base64: {e}")))?;
+    gaffer_certs::verify_detached_signature(&server_der, reply.grant_json.as_bytes(), &signature)?;
+    if grant.agent_id != pending.agent_id {
+        return Err(AgentError::Protocol(format!(
+            "the reply enrolls agent {}, but this data dir requested {}",
+            grant.agent_id, pending.agent_id
+        )));
+    }
+    gaffer_certs::check_bundle_recipient(&grant.bundle_recipient)?;
+    let key = AgentKey::from_pem(&data_dir.read(&data_dir.key_path())?)?;
+    let cert_id = key.check_issued_cert(&grant.cert_pem)?;
+    if cert_id != pending.agent_id {
+        return Err(AgentError::Protocol(format!("certificate names agent {cert_id}, expected {}", pending.agent_id)));
+    }
+    std::fs::write(data_dir.cert_path(), &grant.cert_pem).map_err(|e| AgentError::io(&data_dir.cert_path(), e))?;
+    std::fs::write(data_dir.ca_path(), &grant.ca_pem).map_err(|e| AgentError::io(&data_dir.ca_path(), e))?;
+    let identity = AgentIdentity {
+        agent_id: pending.agent_id,
+        site: grant.site,
+        control_addr: String::new(),
+        ca_fingerprint: ca_fingerprint.to_string(),
+        enrolled_at_ms: crate::now_ms(),
+        bundle_recipient: Some(grant.bundle_recipient),
+    };
+    let json = serde_json::to_string_pretty(&identity).map_err(|e| AgentError::Config(e.to_string()))?;
+    std::fs::write(data_dir.identity_path(), json).map_err(|e| AgentError::io(&data_dir.identity_path(), e))?;
+    std::fs::remove_file(&pending_path).map_err(|e| AgentError::io(&pending_path, e))?;
+    Ok(identity)
 }

@@ -178,6 +178,9 @@ impl HealthSampler {
             inference: self.inference.clone(),
             jobs_running,
             job_slots,
+            jobs_queued: 0,
+            outbox_pending: 0,
+            outbox_full: false,
         }
     }
 

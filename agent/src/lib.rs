@@ -8,7 +8,10 @@
 //! * [`health`]: host and GPU (NVML) health.
 //! * [`models`]: ONNX Runtime provisioning, the model registry, execution-provider selection.
 //! * [`speech`]: speech segments from the audio track (FFmpeg resampling + Silero VAD).
+//! * [`vision`]: NudeNet moderation and PP-OCRv4 on-screen text on sampled frames.
 //! * [`watch`]: watch folders that turn new media files into jobs.
+//! * [`control_socket`]: `agent.sock`, through which `status` and bundle commands reach a running agent.
+//! * [`bundle`]: offline-sync bundles (export to, and replies from, the control plane).
 //! * [`datadir`]: the data directory layout.
 //!
 //! Architecture invariant: nothing in this crate sends frames, audio or file bytes to the network;
@@ -16,6 +19,8 @@
 #![warn(missing_docs)]
 
 pub mod analysis;
+pub mod bundle;
+pub mod control_socket;
 pub mod datadir;
 pub mod enroll;
 pub mod health;
@@ -24,6 +29,7 @@ pub mod models;
 pub mod outbox;
 pub mod runner;
 pub mod speech;
+pub mod vision;
 pub mod watch;
 
 use std::path::Path;
@@ -71,6 +77,20 @@ pub enum AgentError {
     /// The peer broke the protocol, or a message could not be framed.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A reply bundle is addressed to another agent; nothing was imported.
+    #[error("this reply bundle is for agent {agent_id}, not this agent; nothing was imported")]
+    BundleNotForThisAgent {
+        /// The agent it is for.
+        agent_id: gaffer_protocol::messages::AgentId,
+    },
+    /// A reply bundle is older than one already imported; nothing was imported.
+    #[error("reply bundle {number} is older than reply {last} already imported; nothing was imported")]
+    BundleOutdated {
+        /// This reply's number.
+        number: u64,
+        /// The last imported.
+        last: u64,
+    },
     /// The local state database failed.
     #[error("agent state database: {0}")]
     State(#[from] sled::Error),

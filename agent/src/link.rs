@@ -250,8 +250,13 @@ async fn session(
             _ = heartbeat.tick() => {
                 let health = health.clone();
                 let (running, slots) = (runner.jobs_running(), runner.job_slots());
+                let (queued, pending, full) = (runner.jobs_queued(), outbox.len(), outbox.is_full());
                 let sample = tokio::task::spawn_blocking(move || {
-                    health.lock().unwrap_or_else(|p| p.into_inner()).sample(running, slots)
+                    let mut h = health.lock().unwrap_or_else(|p| p.into_inner()).sample(running, slots);
+                    h.jobs_queued = queued;
+                    h.outbox_pending = pending;
+                    h.outbox_full = full;
+                    h
                 })
                 .await
                 .map_err(|e| AgentError::Protocol(format!("health sampling failed: {e}")))?;
@@ -264,8 +269,14 @@ async fn session(
 
 fn handle_control(msg: ControlMessage, outbox: &Outbox, runner: &Arc<Runner>) -> Result<(), AgentError> {
     match msg {
-        ControlMessage::Ack { seq } => outbox.ack(seq)?,
-        ControlMessage::Assign(a) => runner.assign(a),
+        ControlMessage::Ack { seq } => {
+            let was_full = outbox.is_full();
+            outbox.ack(seq)?;
+            if was_full && !outbox.is_full() {
+                runner.dispatch();
+            }
+        }
+        ControlMessage::Assign(a) => runner.enqueue_assignment(a),
         ControlMessage::Cancel { job_id } => runner.cancel(job_id),
         ControlMessage::Error { seq, message, retry: true } => {
             return Err(AgentError::Protocol(format!(

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use gaffer_agent::control_socket;
 use gaffer_agent::datadir::DataDir;
 use gaffer_agent::enroll::{self, EnrollParams};
 use gaffer_agent::health::HealthSampler;
@@ -33,6 +34,13 @@ enum Command {
     Run(RunArgs),
     /// Analyze one media file locally, with no control plane, and print its digest.
     Analyze(cmd_analyze::AnalyzeArgs),
+    /// Outbox depth, oldest unacknowledged message, jobs and link state (also while `run` runs).
+    Status(StatusArgs),
+    /// Offline-sync bundles for air-gapped sites.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
     /// Install, verify and list the ONNX Runtime and the analysis models.
     Models(cmd_models::ModelsArgs),
 }
@@ -43,14 +51,23 @@ struct EnrollArgs {
     #[arg(long)]
     data_dir: PathBuf,
     /// Control plane QUIC address, HOST:PORT (HOST must be one of its server names).
-    #[arg(long)]
-    control: String,
+    #[arg(long, required_unless_present_any = ["offline_request", "offline_reply"])]
+    control: Option<String>,
     /// One-time enrollment token from `gaffer-control token create`.
-    #[arg(long, env = "GAFFER_ENROLL_TOKEN", hide_env_values = true)]
-    token: String,
+    #[arg(long, env = "GAFFER_ENROLL_TOKEN", hide_env_values = true,
+          required_unless_present_any = ["offline_request", "offline_reply"])]
+    token: Option<String>,
     /// SHA-256 fingerprint of the fleet CA, printed with the token (hex, colons optional).
-    #[arg(long)]
-    ca_fingerprint: gaffer_certs::CaFingerprint,
+    #[arg(long, required_unless_present = "offline_request")]
+    ca_fingerprint: Option<gaffer_certs::CaFingerprint>,
+    /// Air-gapped enrollment, step 1: write an enrollment request to this file (needs --site) for
+    /// `gaffer-control enroll-offline`.
+    #[arg(long, conflicts_with_all = ["control", "token", "offline_reply"], requires = "site")]
+    offline_request: Option<PathBuf>,
+    /// Air-gapped enrollment, step 2: install the reply from `gaffer-control enroll-offline`
+    /// (with --ca-fingerprint).
+    #[arg(long, conflicts_with_all = ["control", "token"])]
+    offline_reply: Option<PathBuf>,
     /// Site this box belongs to; enrollment is refused if the token is for another site.
     #[arg(long)]
     site: Option<String>,
@@ -76,6 +93,48 @@ struct RunArgs {
     /// Seconds a watched file must stay unchanged before it is analyzed.
     #[arg(long, default_value_t = 2)]
     watch_settle_secs: u64,
+    /// Air-gapped: no link to the control plane; results wait in the outbox for
+    /// `gaffer-agent bundle export`.
+    #[arg(long)]
+    offline: bool,
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Write everything not yet acknowledged into an encrypted, signed bundle for the control plane.
+    Export {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The bundle file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a reply bundle from `gaffer-control bundle import`: acknowledged messages leave the
+    /// outbox, assigned jobs are queued.
+    Import {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The reply bundle.
+        file: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Print `{outbox_pending, oldest_unacked_age_secs, jobs_running, jobs_queued, link, ...}`.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,20 +146,87 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Analyze(args) => cmd_analyze::run(args),
         Command::Models(args) => cmd_models::run(args),
+        Command::Status(args) => tokio::runtime::Runtime::new()?.block_on(status_cmd(args)),
         Command::Enroll(args) => tokio::runtime::Runtime::new()?.block_on(enroll_cmd(args)),
+        Command::Bundle { command } => bundle_cmd(command),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run_cmd(args)),
     }
 }
 
+/// Bundle commands open the state database directly (the running agent holds it: stop it first,
+/// until these go through `agent.sock`).
+fn bundle_cmd(command: BundleCommand) -> anyhow::Result<()> {
+    let open = |data_dir: &PathBuf| {
+        let dd = DataDir::new(data_dir);
+        let db = sled::open(dd.state_path()).with_context(|| {
+            format!("opening {} (is gaffer-agent run using this data dir?)", dd.state_path().display())
+        })?;
+        anyhow::Ok((dd, db))
+    };
+    match command {
+        BundleCommand::Export { data_dir, out, json } => {
+            let (dd, db) = open(&data_dir)?;
+            let report = gaffer_agent::bundle::export(&db, &dd, &out)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "Wrote bundle {} ({} messages, {} bytes) to {}",
+                    report.bundle_number,
+                    report.messages,
+                    report.size_bytes,
+                    report.path.display()
+                );
+            }
+        }
+        BundleCommand::Import { data_dir, file, json } => {
+            let (dd, db) = open(&data_dir)?;
+            let report = gaffer_agent::bundle::import(&db, &dd, &file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                match report {
+                    gaffer_agent::bundle::ReplyImportReport::Imported {
+                        reply_number, acked, assignments, outbox_pending, ..
+                    } => println!(
+                        "Imported reply {reply_number}: {acked} acknowledged, {assignments} jobs queued, \
+                         {outbox_pending} messages still waiting"
+                    ),
+                    gaffer_agent::bundle::ReplyImportReport::AlreadyImported { reply_number } => {
+                        println!("Reply {reply_number} was already imported; nothing changed")
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
     let dd = DataDir::new(&args.data_dir);
-    let params = EnrollParams {
-        control_addr: args.control.clone(),
-        token: args.token.clone(),
-        ca_fingerprint: args.ca_fingerprint,
-        site: args.site.clone(),
+    if let Some(out) = &args.offline_request {
+        let site = args.site.clone().unwrap_or_default();
+        let req = enroll::write_offline_request(&dd, &site, out)?;
+        if args.json {
+            println!("{}", serde_json::json!({ "agent_id": req.agent_id, "site": req.site, "request": out }));
+        } else {
+            println!("Wrote the offline enrollment request for agent {} to {}", req.agent_id, out.display());
+            println!("Carry it to the control plane: gaffer-control enroll-offline --request FILE --out REPLY");
+        }
+        return Ok(());
+    }
+    let ca_fingerprint = args.ca_fingerprint.context("--ca-fingerprint is required")?;
+    let identity = if let Some(reply) = &args.offline_reply {
+        enroll::install_offline_reply(&dd, reply, ca_fingerprint)?
+    } else {
+        let params = EnrollParams {
+            control_addr: args.control.clone().context("--control is required")?,
+            token: args.token.clone().context("--token is required")?,
+            ca_fingerprint,
+            site: args.site.clone(),
+        };
+        enroll::enroll(&dd, &params).await?
     };
-    let identity = enroll::enroll(&dd, &params).await?;
     if args.json {
         println!("{}", serde_json::json!({ "agent_id": identity.agent_id, "site": identity.site }));
     } else {
@@ -141,13 +267,10 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     let outbox = Outbox::open(&db)?;
     let ledger = WatchLedger::open(&db)?;
     let runner = Runner::new(
-        RunnerConfig {
-            volumes: volumes.clone(),
-            job_slots: args.slots,
-            progress_interval: std::time::Duration::from_secs(2),
-        },
+        RunnerConfig { volumes: volumes.clone(), job_slots: args.slots, ..RunnerConfig::default() },
         outbox.clone(),
-    );
+        &db,
+    )?;
     let mut health = HealthSampler::new(volumes.clone());
     let registry = gaffer_agent::models::Registry::open(dd.root())?;
     let installed_models = registry.installed();
@@ -172,6 +295,11 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     };
     let health = Arc::new(Mutex::new(health));
 
+    // Jobs held before a restart, and assignments a bundle import left while the agent was down,
+    // start now, link or no link.
+    runner.enqueue_offline_assignments()?;
+    runner.dispatch();
+
     let _watcher = if watch_roots.is_empty() {
         None
     } else {
@@ -182,12 +310,18 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
             move |f| seen.contains(f),
             tx,
         )?;
-        let outbox = outbox.clone();
+        let runner = runner.clone();
         tokio::spawn(async move {
             while let Some(file) = rx.recv().await {
-                match ledger.submit(&outbox, &file) {
-                    Ok(Some(job_id)) => {
-                        tracing::info!(%job_id, path = %file.path.display(), "new file in watch folder")
+                // Watched files are on this box: the agent runs them itself, with or without a
+                // link; the control plane learns of each job through the outbox.
+                while runner.outbox().is_full() {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                }
+                match ledger.submit(runner.outbox(), &file) {
+                    Ok(Some(assignment)) => {
+                        tracing::info!(job_id = %assignment.job_id, path = %file.path.display(), "new file in watch folder");
+                        runner.enqueue_assignment(assignment);
                     }
                     Ok(None) => {}
                     Err(e) => tracing::error!(path = %file.path.display(), error = %e, "could not submit watched file"),
@@ -197,22 +331,78 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         Some(handle)
     };
 
-    let params = LinkParams {
-        agent_id: identity.agent_id,
-        control_addr: identity.control_addr.clone(),
-        ca_pem: dd.read(&dd.ca_path())?,
-        cert_pem: dd.read(&dd.cert_path())?,
-        key_pem: dd.read(&dd.key_path())?,
-        capabilities,
-    };
+    let link_status = (!args.offline).then(|| Arc::new(LinkStatus::default()));
+    let handles = Arc::new(control_socket::AgentHandles {
+        agent_id: identity.agent_id.to_string(),
+        site: identity.site.clone(),
+        outbox: outbox.clone(),
+        runner: runner.clone(),
+        link: link_status.clone(),
+    });
+    let _socket = control_socket::serve(&dd.socket_path(), handles).await?;
     tracing::info!(agent_id = %identity.agent_id, site = %identity.site, control = %identity.control_addr,
-        volumes = ?volumes, slots = args.slots, pending = outbox.len(), "agent starting");
-    let status = Arc::new(LinkStatus::default());
-    tokio::select! {
-        r = link::run_link(params, outbox, runner, health, status) => r?,
-        _ = shutdown_signal() => tracing::info!("agent stopping; unfinished jobs return to the queue"),
+        offline = args.offline, volumes = ?volumes, slots = args.slots, pending = outbox.len(), "agent starting");
+
+    match link_status {
+        Some(status) => {
+            let params = LinkParams {
+                agent_id: identity.agent_id,
+                control_addr: identity.control_addr.clone(),
+                ca_pem: dd.read(&dd.ca_path())?,
+                cert_pem: dd.read(&dd.cert_path())?,
+                key_pem: dd.read(&dd.key_path())?,
+                capabilities,
+            };
+            tokio::select! {
+                r = link::run_link(params, outbox, runner, health, status) => r?,
+                _ = shutdown_signal() => tracing::info!("agent stopping; held jobs resume at the next start"),
+            }
+        }
+        None => {
+            tracing::info!("offline mode: no link; results stay in the outbox for `gaffer-agent bundle export`");
+            shutdown_signal().await;
+            tracing::info!("agent stopping; held jobs resume at the next start");
+        }
     }
+    let _ = std::fs::remove_file(dd.socket_path());
     db.flush()?;
+    Ok(())
+}
+
+async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
+    let dd = DataDir::new(&args.data_dir);
+    let identity = dd.load_identity()?;
+    let report = match control_socket::request(&dd.socket_path(), &control_socket::ControlRequest::Status).await? {
+        Some(control_socket::ControlResponse::Status(r)) => r,
+        Some(other) => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+        None => {
+            let db = sled::open(dd.state_path())
+                .with_context(|| format!("opening {} (agent not running)", dd.state_path().display()))?;
+            let outbox = Outbox::open(&db)?;
+            let mut r = control_socket::StatusReport::collect(
+                &identity.agent_id.to_string(),
+                &identity.site,
+                "stopped",
+                &outbox,
+                None,
+            )?;
+            r.jobs_queued = db.open_tree("jobs")?.len() as u32;
+            r
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("agent:          {} (site {})", report.agent_id, report.site);
+        println!("link:           {}", report.link);
+        println!("jobs:           {} running, {} queued, {} slots", report.jobs_running, report.jobs_queued, report.job_slots);
+        let full = if report.outbox_full { " (FULL: not taking new jobs)" } else { "" };
+        println!("outbox:         {} messages, {} bytes{full}", report.outbox_pending, report.outbox_bytes);
+        match report.oldest_unacked_age_secs {
+            Some(age) => println!("oldest unacked: {age:.1} s ago"),
+            None => println!("oldest unacked: -"),
+        }
+    }
     Ok(())
 }
 

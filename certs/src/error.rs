@@ -121,6 +121,62 @@ pub enum CertError {
     /// The client-certificate verifier could not be built (e.g. an unparsable CRL or CA).
     #[error("client certificate verifier could not be built: {0}")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// An offline-sync bundle is not a well-formed bundle: not a bundle at all, cut short,
+    /// malformed or over a size limit. Nothing was imported; get an intact copy.
+    #[error(transparent)]
+    Bundle(#[from] gaffer_protocol::bundle::BundleError),
+    /// The bundle travels the other way (e.g. a reply bundle given to the control plane).
+    #[error("this bundle goes {got:?}, expected {expected:?}: import it on the other side")]
+    BundleWrongDirection {
+        /// The direction the importer handles.
+        expected: gaffer_protocol::bundle::BundleDirection,
+        /// The bundle's direction.
+        got: gaffer_protocol::bundle::BundleDirection,
+    },
+    /// The bundle was written for another fleet (its CA fingerprint is not ours). Nothing was
+    /// imported; take it to the control plane of its own fleet.
+    #[error("bundle is from another fleet: its CA fingerprint is {got}, ours is {expected}")]
+    BundleFromAnotherFleet {
+        /// Our CA fingerprint.
+        expected: CaFingerprint,
+        /// The fingerprint in the bundle.
+        got: CaFingerprint,
+    },
+    /// The bundle's signer certificate is revoked. Nothing was imported.
+    #[error("bundle is signed by a revoked certificate (serial {serial_hex}); nothing was imported")]
+    BundleSignerRevoked {
+        /// Serial number of the revoked certificate, hex.
+        serial_hex: String,
+    },
+    /// The bundle's signer certificate does not chain to our CA, is expired, or names another
+    /// party than the bundle claims. Nothing was imported.
+    #[error("bundle signer refused: {reason}")]
+    BundleSignerRejected {
+        /// Why.
+        reason: String,
+    },
+    /// The bundle's signature does not verify: the file was altered after it was written.
+    #[error("bundle signature does not verify: the file was altered or damaged; nothing was imported")]
+    BundleSignatureInvalid,
+    /// The bundle could not be decrypted with our bundle key (encrypted to someone else, or
+    /// damaged).
+    #[error("bundle cannot be decrypted with this side's bundle key: {reason}")]
+    BundleDecryption {
+        /// age's message.
+        reason: String,
+    },
+    /// Encrypting or signing a bundle failed inside age or ring (not caused by input).
+    #[error("bundle could not be encrypted or signed: {reason}")]
+    BundleEncryption {
+        /// What failed.
+        reason: String,
+    },
+    /// A bundle key or recipient is not an age X25519 key.
+    #[error("invalid bundle key: {reason}")]
+    InvalidBundleKey {
+        /// Why (never contains key material).
+        reason: String,
+    },
     /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
     Io {

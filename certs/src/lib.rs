@@ -10,6 +10,8 @@
 //! * Before enrolling, the agent authenticates the control plane by the SHA-256 fingerprint of the CA
 //!   certificate ([`CaFingerprint`]), which the operator copies from `gaffer-control token create`
 //!   ([`client_config_enroll`]).
+//! * Offline-sync bundles are encrypted with age to the importer's X25519 [`BundleKey`] and signed
+//!   with the writer's TLS key ([`BundleSigner`]); [`verify_bundle`] checks them (see `bundle_sig`).
 //! * All TLS is TLS 1.3 only, with the *ring* provider, and without 0-RTT.
 //!
 //! # One port, two ALPNs
@@ -24,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+mod bundle_sig;
 mod ca;
 mod error;
 mod fingerprint;
@@ -33,6 +36,10 @@ mod tls;
 mod token;
 
 pub use agent::AgentKey;
+pub use bundle_sig::{
+    cert_validity_unix, check_bundle_recipient, encrypt_to_recipient, seal_bundle, verify_bundle, verify_detached_signature,
+    verify_signer, BundleKey, BundleSigner, BundleSignerRole, BundleTrust,
+};
 pub use ca::{
     FleetCa, IssuedKeyPair, RevokedCert, AGENT_CERT_VALIDITY_DAYS_DEFAULT, AGENT_CERT_VALIDITY_DAYS_MAX,
     CA_VALIDITY_DAYS, CLOCK_SKEW_BACKDATE_SECS, CRL_NEXT_UPDATE_DAYS, SERVER_CERT_VALIDITY_DAYS,
@@ -53,4 +60,4 @@ pub use token::{
 
 /// Re-exported so callers can name the CRL and certificate types used in this crate's signatures
 /// without depending on `rustls-pki-types` directly.
-pub use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+pub use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};

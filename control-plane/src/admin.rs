@@ -16,12 +16,15 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::offline::{ImportReport, OfflineEnrollReport, OfflineError, OfflineSync, RevokeReport};
 use crate::store::{EnrollmentTokenRecord, Store, StoreError};
 
 /// Largest request or response line on the admin socket, bytes.
 pub const ADMIN_LINE_BYTES_MAX: usize = 64 * 1024;
 /// How long the CLI waits for the server's answer.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the CLI waits for a bundle import (up to 256 MiB to verify, decrypt and apply).
+pub const ADMIN_BUNDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest enrollment token lifetime accepted, seconds (30 days).
 pub const ENROLL_TOKEN_TTL_SECS_MAX: u64 = 30 * 24 * 3600;
 
@@ -60,6 +63,31 @@ pub enum AdminRequest {
     },
     /// Mint an API bearer token.
     CreateApiToken,
+    /// Sign an offline enrollment request ([`OfflineSync::enroll_offline`]).
+    EnrollOffline {
+        /// Absolute path of the request file.
+        request: std::path::PathBuf,
+        /// Absolute path to write the reply to.
+        out: std::path::PathBuf,
+        /// OS user running the command, for the audit log.
+        who: String,
+    },
+    /// Import an agent bundle and write the reply ([`OfflineSync::import_bundle`]).
+    ImportBundle {
+        /// Absolute path of the bundle file.
+        bundle: std::path::PathBuf,
+        /// Absolute path to write the reply bundle to.
+        reply_out: std::path::PathBuf,
+        /// OS user running the command, for the audit log.
+        who: String,
+    },
+    /// Revoke an agent's certificate ([`OfflineSync::revoke_agent`]).
+    RevokeAgent {
+        /// The agent.
+        agent_id: uuid::Uuid,
+        /// OS user running the command, for the audit log.
+        who: String,
+    },
 }
 
 impl AdminRequest {
@@ -68,6 +96,17 @@ impl AdminRequest {
         match self {
             AdminRequest::CreateEnrollmentToken { .. } => "create_enrollment_token",
             AdminRequest::CreateApiToken => "create_api_token",
+            AdminRequest::EnrollOffline { .. } => "enroll_offline",
+            AdminRequest::ImportBundle { .. } => "import_bundle",
+            AdminRequest::RevokeAgent { .. } => "revoke_agent",
+        }
+    }
+
+    /// How long the CLI waits for the answer to this request.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            AdminRequest::ImportBundle { .. } => ADMIN_BUNDLE_TIMEOUT,
+            _ => ADMIN_TIMEOUT,
         }
     }
 }
@@ -101,6 +140,12 @@ pub enum AdminResponse {
     EnrollmentToken(MintedEnrollmentToken),
     /// Answer to [`AdminRequest::CreateApiToken`].
     ApiToken(MintedApiToken),
+    /// Answer to [`AdminRequest::EnrollOffline`].
+    OfflineEnrolled(OfflineEnrollReport),
+    /// Answer to [`AdminRequest::ImportBundle`].
+    BundleImported(ImportReport),
+    /// Answer to [`AdminRequest::RevokeAgent`].
+    AgentRevoked(RevokeReport),
     /// The request failed.
     Error {
         /// Why.
@@ -165,14 +210,36 @@ pub fn rfc3339_ms(ms: u64) -> String {
         .unwrap_or_else(|| format!("@{secs}"))
 }
 
-fn handle(store: &dyn Store, ca_fingerprint: &CaFingerprint, req: AdminRequest) -> AdminResponse {
+/// Performs one admin request against `store` (and `offline` for the offline-sync actions). The
+/// CLI calls it directly when no server runs; the admin socket calls it inside `serve`.
+pub fn handle(
+    store: &dyn Store,
+    ca_fingerprint: &CaFingerprint,
+    offline: Option<&OfflineSync>,
+    req: AdminRequest,
+) -> AdminResponse {
+    let offline_action = |f: &dyn Fn(&OfflineSync) -> Result<AdminResponse, OfflineError>| match offline {
+        Some(o) => f(o).map_err(|e| e.to_string()),
+        None => Err("offline sync is not available in this process".to_owned()),
+    };
     let result = match req {
         AdminRequest::CreateEnrollmentToken { site, ttl_secs } => {
-            mint_enrollment_token(store, ca_fingerprint, &site, ttl_secs).map(AdminResponse::EnrollmentToken)
+            mint_enrollment_token(store, ca_fingerprint, &site, ttl_secs)
+                .map(AdminResponse::EnrollmentToken)
+                .map_err(|e| e.to_string())
         }
-        AdminRequest::CreateApiToken => mint_api_token(store).map(AdminResponse::ApiToken),
+        AdminRequest::CreateApiToken => mint_api_token(store).map(AdminResponse::ApiToken).map_err(|e| e.to_string()),
+        AdminRequest::EnrollOffline { request, out, who } => {
+            offline_action(&|o| o.enroll_offline(&request, &out, &who).map(AdminResponse::OfflineEnrolled))
+        }
+        AdminRequest::ImportBundle { bundle, reply_out, who } => {
+            offline_action(&|o| o.import_bundle(&bundle, &reply_out, &who).map(AdminResponse::BundleImported))
+        }
+        AdminRequest::RevokeAgent { agent_id, who } => {
+            offline_action(&|o| o.revoke_agent(agent_id, &who).map(AdminResponse::AgentRevoked))
+        }
     };
-    result.unwrap_or_else(|e| AdminResponse::Error { message: e.to_string() })
+    result.unwrap_or_else(|message| AdminResponse::Error { message })
 }
 
 /// Listens on the admin socket until the task is dropped. Removes a stale socket file first and
@@ -184,6 +251,7 @@ pub async fn serve_admin_socket(
     path: &Path,
     store: Arc<dyn Store>,
     ca_fingerprint: CaFingerprint,
+    offline: Option<Arc<OfflineSync>>,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     use std::os::unix::fs::PermissionsExt;
     let sock_err = |detail: String| AdminError::Socket { path: path.display().to_string(), detail };
@@ -200,8 +268,9 @@ pub async fn serve_admin_socket(
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let store = store.clone();
+            let offline = offline.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(stream, store, ca_fingerprint).await {
+                if let Err(e) = serve_one(stream, store, ca_fingerprint, offline).await {
                     tracing::warn!(error = %e, "admin socket request failed");
                 }
             });
@@ -209,13 +278,18 @@ pub async fn serve_admin_socket(
     }))
 }
 
-async fn serve_one(stream: UnixStream, store: Arc<dyn Store>, fp: CaFingerprint) -> std::io::Result<()> {
+async fn serve_one(
+    stream: UnixStream,
+    store: Arc<dyn Store>,
+    fp: CaFingerprint,
+    offline: Option<Arc<OfflineSync>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let line = read_line_bounded(read).await?;
     let resp = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(req) => {
             tracing::info!(action = req.action(), "admin request");
-            tokio::task::spawn_blocking(move || handle(store.as_ref(), &fp, req))
+            tokio::task::spawn_blocking(move || handle(store.as_ref(), &fp, offline.as_deref(), req))
                 .await
                 .unwrap_or_else(|e| AdminResponse::Error { message: format!("internal error: {e}") })
         }
@@ -263,7 +337,7 @@ pub async fn request(path: &Path, req: &AdminRequest) -> Result<Option<AdminResp
         write.shutdown().await?;
         read_line_bounded(read).await
     };
-    let line = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+    let line = tokio::time::timeout(req.timeout(), exchange)
         .await
         .map_err(|_| sock_err("timed out waiting for the control plane".into()))?
         .map_err(|e| sock_err(e.to_string()))?;

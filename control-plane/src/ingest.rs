@@ -113,26 +113,21 @@ impl Ingest {
             AgentMessage::JobAccepted { job_id } => {
                 let mut ours = false;
                 store.update_job(job_id, &mut |j| {
-                    ours = j.agent == Some(agent_id) && matches!(j.state, JobState::Assigned | JobState::Running);
-                    let change = ours && j.state == JobState::Assigned;
-                    if change {
-                        j.state = JobState::Running;
-                        j.updated_at_ms = now;
-                    }
-                    change
+                    ours = claim(j, agent_id, now);
+                    ours
                 })?;
-                if !ours {
+                if ours {
+                    self.fleet.note_lease(agent_id, job_id);
+                } else {
                     self.fleet.send(agent_id, ControlMessage::Cancel { job_id });
                 }
             }
             AgentMessage::Progress { job_id, fraction, frames_decoded } => {
                 store.update_job(job_id, &mut |j| {
-                    let change = j.agent == Some(agent_id) && matches!(j.state, JobState::Assigned | JobState::Running);
+                    let change = claim(j, agent_id, now);
                     if change {
-                        j.state = JobState::Running;
                         j.progress = fraction.clamp(0.0, 1.0);
                         j.frames_decoded = frames_decoded;
-                        j.updated_at_ms = now;
                     }
                     change
                 })?;
@@ -206,6 +201,24 @@ impl Ingest {
         self.fleet.release(agent_id, job_id);
         self.state.scheduler.wake();
     }
+}
+
+/// Whether `agent` may report on `j`, making it running on `agent` if so: the agent holds the
+/// lease, or the job is queued and pinned to that agent (a watch-folder job the agent started on
+/// its own before the scheduler leased it back, or while the link was down).
+fn claim(j: &mut crate::store::JobRecord, agent: AgentId, now: u64) -> bool {
+    let holds = j.agent == Some(agent) && matches!(j.state, JobState::Assigned | JobState::Running);
+    let pinned_waiting = j.state == JobState::Queued && j.pinned_agent == Some(agent);
+    if !(holds || pinned_waiting) {
+        return false;
+    }
+    if pinned_waiting {
+        j.agent = Some(agent);
+        j.attempts += 1;
+    }
+    j.state = JobState::Running;
+    j.updated_at_ms = now;
+    true
 }
 
 /// `s` cut to at most `max_bytes` on a character boundary.

@@ -7,6 +7,7 @@
 //! * [`http`]: the JSON API under `/api/v1` and the server-rendered dashboard.
 //! * [`admin`]: the local admin socket that CLI commands use while `serve` holds the store.
 //! * [`metrics`]: Prometheus metrics.
+//! * [`offline`]: air-gapped sites: offline enrollment, bundle import with reply, revocation.
 //! * [`datadir`]: the data directory layout and configuration.
 #![warn(missing_docs)]
 
@@ -16,6 +17,7 @@ pub mod http;
 pub mod ingest;
 pub mod link;
 pub mod metrics;
+pub mod offline;
 pub mod scheduler;
 pub mod store;
 

@@ -49,6 +49,9 @@ pub struct LinkConfig {
     /// If set, every frame received from an agent is appended here as a JSON line (agent id,
     /// sequence, kind, size, payload): an audit trail of exactly what left the boxes.
     pub wire_audit_log: Option<PathBuf>,
+    /// The control plane's age X25519 recipient (`age1...`), sent to agents at enrollment so they
+    /// can encrypt offline-sync bundles to it. Default None.
+    pub bundle_recipient: Option<String>,
 }
 
 impl Default for LinkConfig {
@@ -59,6 +62,7 @@ impl Default for LinkConfig {
             health_history_max: 720,
             agent_cert_validity_days: 90,
             wire_audit_log: None,
+            bundle_recipient: None,
         }
     }
 }
@@ -137,6 +141,12 @@ pub struct Link {
 }
 
 impl Link {
+    /// The ingest path this link applies agent messages through (offline-sync bundles use the
+    /// same one, so one agent's messages are never applied concurrently).
+    pub fn ingest(&self) -> Arc<Ingest> {
+        self.ingest.clone()
+    }
+
     /// A link over `state`.
     ///
     /// # Errors
@@ -219,6 +229,7 @@ impl Link {
             .ok_or_else(|| "no client certificate: enroll first (gaffer-agent enroll)".to_owned())?;
         let agent_id = gaffer_certs::peer_agent_id(&certs).map_err(|e| e.to_string())?;
         match self.state.store.get_agent(agent_id) {
+            Ok(Some(a)) if a.revoked_at_ms.is_some() => Err(format!("agent {agent_id} is revoked")),
             Ok(Some(_)) => Ok(agent_id),
             Ok(None) => Err(format!("agent {agent_id} is not enrolled with this control plane")),
             Err(e) => Err(format!("store error: {e}")),
@@ -262,6 +273,10 @@ impl Link {
         let ca = self.ca.clone();
         let req = req.clone();
         let validity_days = self.cfg.agent_cert_validity_days;
+        let cp_recipient = self.cfg.bundle_recipient.clone();
+        if let Some(r) = &req.bundle_recipient {
+            gaffer_certs::check_bundle_recipient(r).map_err(|e| e.to_string())?;
+        }
         tokio::task::spawn_blocking(move || {
             if store.get_agent(req.agent_id).map_err(|e| e.to_string())?.is_some() {
                 return Err(format!("agent id {} is already enrolled; re-run enroll with a fresh data dir", req.agent_id));
@@ -278,6 +293,7 @@ impl Link {
             }
             let cert_pem = ca.sign_agent_csr(&req.csr_pem, req.agent_id, validity_days).map_err(|e| e.to_string())?;
             let not_after = gaffer_certs::cert_not_after_unix(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+            let serial = gaffer_certs::cert_serial_hex(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
             store
                 .insert_agent(&AgentRecord {
                     id: req.agent_id,
@@ -290,10 +306,21 @@ impl Link {
                     connected: false,
                     last_seen_ms: Some(now),
                     last_health: None,
+                    bundle_recipient: req.bundle_recipient.clone(),
+                    csr_pem: Some(req.csr_pem.clone()),
+                    cert_serial_hex: Some(serial),
+                    revoked_at_ms: None,
+                    offline: false,
                 })
                 .and_then(|()| store.flush())
                 .map_err(|e| e.to_string())?;
-            Ok(EnrollResponse::Enrolled { agent_id: req.agent_id, site: record.site, cert_pem, ca_pem: ca.cert_pem() })
+            Ok(EnrollResponse::Enrolled {
+                agent_id: req.agent_id,
+                site: record.site,
+                cert_pem,
+                ca_pem: ca.cert_pem(),
+                bundle_recipient: cp_recipient,
+            })
         })
         .await
         .map_err(|e| format!("internal error: {e}"))?

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use gaffer_certs::{FleetCa, IssuedKeyPair};
 use gaffer_control::admin::{self, AdminRequest, AdminResponse};
 use gaffer_control::datadir::{ControlConfig, DataDir};
+use gaffer_control::ingest::Ingest;
+use gaffer_control::offline::{self, OfflineSync};
 use gaffer_control::link::{self, Link, LinkConfig};
 use gaffer_control::metrics::Metrics;
 use gaffer_control::scheduler::{Fleet, LeasePolicy, Scheduler};
@@ -41,6 +43,65 @@ enum Command {
     ApiToken {
         #[command(subcommand)]
         command: ApiTokenCommand,
+    },
+    /// Sign an air-gapped agent's offline enrollment request (an audited operator action).
+    EnrollOffline {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Request file from `gaffer-agent enroll --offline-request`.
+        #[arg(long)]
+        request: PathBuf,
+        /// Where to write the reply for `gaffer-agent enroll --offline-reply`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Offline-sync bundles from air-gapped agents.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
+    /// Manage enrolled agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Verify, decrypt and apply an agent's bundle, and write the reply bundle for it.
+    Import {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The bundle from `gaffer-agent bundle export`.
+        file: PathBuf,
+        /// Where to write the reply bundle for `gaffer-agent bundle import`.
+        #[arg(long)]
+        reply_out: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Revoke an agent's certificate: its bundles and link connections are refused.
+    Revoke {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The agent's id.
+        #[arg(long)]
+        agent: uuid::Uuid,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -158,6 +219,69 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::EnrollOffline { data_dir, request, out, json } => {
+            let req = AdminRequest::EnrollOffline {
+                request: std::path::absolute(&request)?,
+                out: std::path::absolute(&out)?,
+                who: offline::os_user(),
+            };
+            let report = match rt.block_on(admin_or_local(&data_dir, &req))? {
+                AdminResponse::OfflineEnrolled(r) => r,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("Enrolled agent {} into site {} (offline)", report.agent_id, report.site);
+                println!("Reply written to {}; carry it to the agent and run:", report.reply_path.display());
+                println!("  gaffer-agent enroll --data-dir DIR --offline-reply FILE --ca-fingerprint FINGERPRINT");
+            }
+            Ok(())
+        }
+        Command::Bundle { command: BundleCommand::Import { data_dir, file, reply_out, json } } => {
+            let req = AdminRequest::ImportBundle {
+                bundle: std::path::absolute(&file)?,
+                reply_out: std::path::absolute(&reply_out)?,
+                who: offline::os_user(),
+            };
+            let report = match rt.block_on(admin_or_local(&data_dir, &req))? {
+                AdminResponse::BundleImported(r) => r,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                match report {
+                    offline::ImportReport::Imported {
+                        agent_id, bundle_number, applied, duplicates, rejected, reply_number, assignments, reply_path, ..
+                    } => {
+                        println!(
+                            "Imported bundle {bundle_number} of agent {agent_id}: {applied} applied, {duplicates} already                              applied, {rejected} refused"
+                        );
+                        println!("Reply {reply_number} ({assignments} jobs) written to {}", reply_path.display());
+                    }
+                    offline::ImportReport::AlreadyImported { agent_id, bundle_number } => {
+                        println!("Bundle {bundle_number} of agent {agent_id} was already imported; nothing changed");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Agent { command: AgentCommand::Revoke { data_dir, agent, json } } => {
+            let req = AdminRequest::RevokeAgent { agent_id: agent, who: offline::os_user() };
+            let report = match rt.block_on(admin_or_local(&data_dir, &req))? {
+                AdminResponse::AgentRevoked(r) => r,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.newly_revoked {
+                println!("Revoked agent {} (certificate serial {})", report.agent_id, report.serial_hex);
+            } else {
+                println!("Agent {} was already revoked", report.agent_id);
+            }
+            Ok(())
+        }
         Command::ApiToken { command: ApiTokenCommand::Create { data_dir, json } } => {
             let minted = match rt.block_on(admin_or_local(&data_dir, &AdminRequest::CreateApiToken))? {
                 AdminResponse::ApiToken(t) => t,
@@ -183,12 +307,28 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
     let store = SledStore::open(&dd.store_path())
         .context("opening the store (is another gaffer-control process using this data dir?)")?;
     let ca_fp = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_cert_path())?)?;
-    Ok(match req {
-        AdminRequest::CreateEnrollmentToken { site, ttl_secs } => {
-            AdminResponse::EnrollmentToken(admin::mint_enrollment_token(&store, &ca_fp, site, *ttl_secs)?)
+    let offline_sync = match req {
+        AdminRequest::EnrollOffline { .. } | AdminRequest::ImportBundle { .. } | AdminRequest::RevokeAgent { .. } => {
+            let ca = Arc::new(FleetCa::from_pem(&dd.read(&dd.ca_cert_path())?, &dd.read(&dd.ca_key_path())?)?);
+            let store: Arc<dyn Store> = Arc::new(store);
+            let state = AppState {
+                store: store.clone(),
+                scheduler: Arc::new(Scheduler::new(store.clone())),
+                metrics: Arc::new(Metrics::new()),
+            };
+            let ingest = Arc::new(Ingest::new(state.clone(), Arc::new(Fleet::default()), LinkConfig::default().health_history_max));
+            let sync = OfflineSync::open(&dd, ca, state, ingest)?;
+            return match admin::handle(store.as_ref(), &ca_fp, Some(&sync), req.clone()) {
+                AdminResponse::Error { message } => bail!("{message}"),
+                resp => Ok(resp),
+            };
         }
-        AdminRequest::CreateApiToken => AdminResponse::ApiToken(admin::mint_api_token(&store)?),
-    })
+        _ => None::<OfflineSync>,
+    };
+    match admin::handle(&store, &ca_fp, offline_sync.as_ref(), req.clone()) {
+        AdminResponse::Error { message } => bail!("{message}"),
+        resp => Ok(resp),
+    }
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
@@ -210,6 +350,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     dd.write_public(&dd.ca_cert_path(), ca.cert_pem().as_bytes())?;
     gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
     dd.write_public(&dd.server_cert_path(), server.cert_pem.as_bytes())?;
+    offline::load_or_create_bundle_key(&dd)?;
 
     let password = gaffer_certs::ApiToken::generate().as_str()["gfa_".len()..].to_owned();
     let salt = SaltString::generate(&mut OsRng);
@@ -275,9 +416,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat_interval_secs: args.heartbeat_interval_secs,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         wire_audit_log: args.wire_audit_log.clone(),
+        bundle_recipient: Some(offline::load_or_create_bundle_key(&dd)?.recipient()),
         ..LinkConfig::default()
     };
-    let tls = gaffer_certs::server_config(&ca_pem, &server, vec![])?;
+    // Revoked agents fail the handshake (this list is read at start; agents revoked while serving
+    // are refused by the link's enrollment check on the agent record).
+    let crls = FleetCa::crls_from_pem(&offline::crl_pem(&ca, store.as_ref())?)?;
+    let tls = gaffer_certs::server_config(&ca_pem, &server, crls)?;
     let quic_addr = args.quic_listen.unwrap_or(config.quic_listen);
     let endpoint = quinn::Endpoint::server(link::quinn_server_config(tls, &link_cfg)?, quic_addr)
         .with_context(|| format!("binding QUIC on udp/{quic_addr}"))?;
@@ -292,8 +437,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(scheduler.clone().run(fleet.clone(), policy));
     let link = Link::new(state.clone(), fleet, ca.clone(), link_cfg)?;
     let bound_quic = endpoint.local_addr()?;
+    let offline_sync = Arc::new(OfflineSync::open(&dd, ca.clone(), state.clone(), link.ingest())?);
     tokio::spawn(link.run(endpoint.clone()));
-    let _admin = admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), ca.fingerprint()).await?;
+    let _admin =
+        admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), ca.fingerprint(), Some(offline_sync)).await?;
 
     let bound_http = http_listener.local_addr()?;
     let serve_info = serde_json::json!({

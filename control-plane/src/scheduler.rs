@@ -238,6 +238,13 @@ impl Fleet {
         Some(inner.disconnected_at.entry(agent).or_insert_with(Instant::now).elapsed())
     }
 
+    /// Records that `agent` holds `job` (it reported on a job it started itself).
+    pub fn note_lease(&self, agent: AgentId, job: JobId) {
+        if let Some(s) = self.lock().sessions.get_mut(&agent) {
+            s.leased.insert(job);
+        }
+    }
+
     /// Forgets the lease of `job` on `agent` (finished, failed, cancelled).
     pub fn release(&self, agent: AgentId, job: JobId) {
         if let Some(s) = self.lock().sessions.get_mut(&agent) {

@@ -59,6 +59,11 @@ impl Fixture {
             connected: true,
             last_seen_ms: Some(gaffer_control::now_ms()),
             last_health: None,
+            bundle_recipient: None,
+            csr_pem: None,
+            cert_serial_hex: None,
+            revoked_at_ms: None,
+            offline: false,
         })?;
         for i in 0..3u64 {
             store.push_health(
@@ -79,6 +84,9 @@ impl Fixture {
                         gpus: vec![],
                         jobs_running: 0,
                         job_slots: 2,
+                        jobs_queued: 0,
+                        outbox_pending: 0,
+                        outbox_full: false,
                     },
                 },
                 100,
@@ -591,5 +599,184 @@ async fn metrics_and_stylesheet_are_public() -> Result<()> {
     let css = f.send(get("/static/app.css", None)).await?;
     assert_eq!(css.status(), StatusCode::OK);
     assert!(text(css).await?.contains(".topbar"));
+    Ok(())
+}
+
+/// `attr="…"` of the element that starts last before `needle` in `page` (the element whose
+/// child or content `needle` is), as a number.
+fn attr_before(page: &str, needle: &str, element: &str, attr: &str) -> Result<f64> {
+    let at = page.find(needle).with_context(|| format!("page lacks {needle}"))?;
+    let start = page[..at].rfind(&format!("<{element} ")).with_context(|| format!("no <{element}> before {needle}"))?;
+    let tag = &page[start..at];
+    let key = format!(" {attr}=\"");
+    let v = tag.find(&key).with_context(|| format!("no {attr} in {tag}"))? + key.len();
+    let end = tag[v..].find('"').context("attribute end")?;
+    Ok(tag[v..v + end].parse()?)
+}
+
+#[tokio::test]
+async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
+    use gaffer_protocol::digest::{
+        BoxPx, ModelStamp, ModerationAnalysis, ModerationRange, SpeechAnalysis, SpeechSegment, TextAnalysis,
+        TextReading,
+    };
+    let f = Fixture::new()?;
+    let session = f.login().await?;
+    let cookie = format!("gaffer_session={session}");
+    let stamp = |name: &str, version: &str, fill: char| ModelStamp {
+        name: name.into(),
+        version: version.into(),
+        sha256: fill.to_string().repeat(64),
+    };
+    let bx = |x: f32, y: f32| BoxPx { x, y, width: 40.0, height: 24.0 };
+    let range = |label: &str, start_secs: f64, end_secs: f64, peak_score: f32| ModerationRange {
+        label: label.into(),
+        start_secs,
+        end_secs,
+        peak_score,
+        peak_time_secs: (start_secs + end_secs) / 2.0,
+        peak_box: bx(12.0, 30.0),
+        frames: 3,
+    };
+    let reading = |text: &str, start_secs: f64, end_secs: f64, confidence: f32| TextReading {
+        text: text.into(),
+        start_secs,
+        end_secs,
+        box_px: bx(8.0, 70.0),
+        confidence,
+    };
+    let submit = |path: &str| {
+        let req = gaffer_control::scheduler::JobRequest {
+            path: path.into(),
+            site: "stage-a".into(),
+            agent: None,
+            profile: Profile::Shots,
+        };
+        f.state.scheduler.submit(req, gaffer_control::store::JobOrigin::Api, None)
+    };
+    let finish = |id: Uuid| {
+        f.store.update_job(id, &mut |j| {
+            j.state = JobState::Succeeded;
+            j.progress = 1.0;
+            j.agent = Some(f.agent_id);
+            j.finished_at_ms = Some(gaffer_control::now_ms());
+            true
+        })
+    };
+
+    let full_job = submit("/mnt/media/reel-full.mov")?;
+    let mut full = digest(&full_job.path);
+    full.profile = "full".into();
+    full.moderation = Some(ModerationAnalysis {
+        model: stamp("nudenet-320n", "3.4.2", 'a'),
+        sample_fps: 2.0,
+        score_threshold: 0.25,
+        frames_analyzed: 430,
+        ranges: vec![
+            range("FACE_FEMALE", 2.0, 8.0, 0.91),
+            range("BELLY_COVERED", 60.0, 61.0, 0.42),
+            range("FEMALE_BREAST_EXPOSED", 100.0, 104.5, 0.87),
+            range("FACE_FEMALE", 150.0, 150.0, 0.55),
+        ],
+    });
+    full.text = Some(TextAnalysis {
+        detector: stamp("ppocrv4-det", "1.4.4", 'b'),
+        recognizer: stamp("ppocrv4-rec", "1.4.4", 'c'),
+        classifier: Some(stamp("ppocr-mobile-v2-cls", "1.4.4", 'd')),
+        frames_analyzed: 430,
+        readings: vec![
+            reading("EXT. ROOFTOP - NIGHT", 0.5, 3.0, 0.97),
+            reading("<script>alert('gaffer')</script>", 30.0, 31.0, 0.88),
+            reading("Scene 42 / Take 3", 120.0, 121.0, 0.93),
+        ],
+    });
+    let segments = vec![
+        SpeechSegment { start_secs: 10.0, end_secs: 60.0 },
+        SpeechSegment { start_secs: 70.0, end_secs: 99.515 },
+    ];
+    let speech_secs: f64 = segments.iter().map(|s| s.end_secs - s.start_secs).sum();
+    full.speech = Some(SpeechAnalysis {
+        model: stamp("silero-vad", "6.2.3", 'e'),
+        audio_stream: 1,
+        audio_secs: 212.04,
+        speech_fraction: speech_secs / 212.04,
+        segments,
+    });
+    assert!(f.store.put_digest(full_job.id, &full)?);
+    finish(full_job.id)?;
+
+    let resp = f.send(get(&format!("/jobs/{}", full_job.id), Some(&cookie))).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let csp = resp.headers().get(header::CONTENT_SECURITY_POLICY).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert!(csp.contains("default-src 'none'") && !csp.contains("unsafe-inline"), "CSP stays strict: {csp}");
+    let page = text(resp).await?;
+
+    // The timeline: shots, one lane per moderation label, speech, text.
+    assert_eq!(page.matches("<svg class=\"timeline\"").count(), 1, "one timeline SVG");
+    assert!(!page.contains("style=\""), "no inline styles (CSP style-src 'self')");
+    assert_eq!(page.matches("class=\"lane lane-shots\"").count(), 1);
+    assert_eq!(page.matches("class=\"lane lane-moderation\"").count(), 3, "one lane per label");
+    for label in ["BELLY_COVERED", "FACE_FEMALE", "FEMALE_BREAST_EXPOSED"] {
+        assert!(page.contains(&format!(">{label}<title>")), "lane labelled {label}");
+    }
+    assert_eq!(page.matches("class=\"lane lane-speech\"").count(), 1);
+    assert_eq!(page.matches("class=\"lane lane-text\"").count(), 1);
+    assert_eq!(page.matches("class=\"mark mod-other\"").count(), 2, "FACE_FEMALE's two ranges");
+    assert_eq!(page.matches("class=\"mark speech\"").count(), 2);
+    assert_eq!(page.matches("class=\"cut\"").count(), 2, "a mark per cut");
+    assert!(page.contains("<title>FEMALE_BREAST_EXPOSED · 00:01:40.000–00:01:44.500 · peak 0.87</title>"), "tooltip");
+    // Marks sit where their times are on the axis: 100 s is 100/210 of the way from the
+    // 00:00:00 tick to the 00:03:30 tick.
+    let x0 = attr_before(&page, ">00:00:00</text>", "text", "x")?;
+    let x210 = attr_before(&page, ">00:03:30</text>", "text", "x")?;
+    let x100 = attr_before(&page, "<title>FEMALE_BREAST_EXPOSED · 00:01:40", "rect", "x")?;
+    let at = (x100 - x0) / (x210 - x0);
+    assert!((at - 100.0 / 210.0).abs() < 0.002, "mark at {at} of the axis");
+    let w_exposed = attr_before(&page, "<title>FEMALE_BREAST_EXPOSED · 00:01:40", "rect", "width")?;
+    assert!((w_exposed / (x210 - x0) - 4.5 / 210.0).abs() < 0.002, "mark width {w_exposed}");
+    assert!(attr_before(&page, "<title>FACE_FEMALE · 00:02:30.000–00:02:30.000", "rect", "width")? > 1.0, "instants stay visible");
+
+    // Tables: moderation, text, speech, model stamps.
+    for expected in [
+        "4 ranges · 3 labels · 430 frames analyzed",
+        "x 12, y 30, 40×24 px",
+        "00:01:42.250",
+        "EXT. ROOFTOP - NIGHT",
+        "Scene 42 / Take 3",
+        "0.93",
+        "3 readings",
+        "2 segments · 37.5% speech",
+        "00:01:39.515",
+        "nudenet-320n",
+        "3.4.2",
+        "ppocr-mobile-v2-cls",
+        "silero-vad",
+        "6.2.3",
+        &format!(">{}</code>", "e".repeat(12)),
+        &format!(">{}</code>", "a".repeat(12)),
+    ] {
+        assert!(page.contains(expected), "job page lacks {expected}");
+    }
+    // Text read on screen is untrusted: shown as text, never as markup.
+    assert!(!page.contains("<script"), "on-screen text is escaped");
+    let escaped = ["&#60;script&#62;alert(&#39;gaffer&#39;)&#60;/script&#62;", "&lt;script&gt;alert(&#39;gaffer&#39;)&lt;/script&gt;"];
+    assert!(
+        escaped.iter().any(|e| page.contains(&format!("<td class=\"reading\">{e}</td>"))),
+        "the reading is shown, escaped, in the text table"
+    );
+
+    // A shots-only digest: the page renders as before, with a shots lane and no findings.
+    let shots_job = submit("/mnt/media/reel-shots.mov")?;
+    assert!(f.store.put_digest(shots_job.id, &digest(&shots_job.path))?);
+    finish(shots_job.id)?;
+    let resp = f.send(get(&format!("/jobs/{}", shots_job.id), Some(&cookie))).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let page = text(resp).await?;
+    for expected in ["3 shots", "2 cuts", "c3a5e1f00f1e5a3c", "class=\"lane lane-shots\""] {
+        assert!(page.contains(expected), "shots-only job page lacks {expected}");
+    }
+    for absent in ["lane-moderation", "lane-speech", "lane-text", "<h2>Moderation", "<h2>Speech", "<h2>On-screen text"] {
+        assert!(!page.contains(absent), "shots-only job page shows {absent}");
+    }
     Ok(())
 }

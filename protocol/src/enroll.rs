@@ -38,6 +38,9 @@ pub struct EnrollRequest {
     pub site: Option<String>,
     /// The agent's build version.
     pub agent_version: String,
+    /// The agent's age X25519 recipient (`age1...`) for offline-sync reply bundles; None from
+    /// agents that predate offline sync.
+    pub bundle_recipient: Option<String>,
 }
 
 /// Sent by the control plane, then the connection closes.
@@ -53,6 +56,9 @@ pub enum EnrollResponse {
         cert_pem: String,
         /// PEM fleet CA certificate: the only root the agent trusts from now on.
         ca_pem: String,
+        /// The control plane's age X25519 recipient (`age1...`): agent bundles are encrypted to
+        /// it. None from control planes without offline sync.
+        bundle_recipient: Option<String>,
     },
     /// Not enrolled; the reason tells the operator what to do.
     Refused {
@@ -60,3 +66,61 @@ pub enum EnrollResponse {
         reason: String,
     },
 }
+
+/// Offline enrollment request, written by `gaffer-agent enroll --offline-request FILE` and carried
+/// to the control plane on removable media. JSON; holds nothing secret (a CSR and public keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfflineEnrollRequest {
+    /// Protocol versions the agent speaks.
+    pub versions: VersionRange,
+    /// Id the agent chose for itself (UUID v4).
+    pub agent_id: AgentId,
+    /// PEM CSR for the agent's locally generated key.
+    pub csr_pem: String,
+    /// The agent's host name, for display.
+    pub hostname: String,
+    /// Site the agent asks to join.
+    pub site: String,
+    /// The agent's build version.
+    pub agent_version: String,
+    /// The agent's age X25519 recipient (`age1...`) for reply bundles.
+    pub bundle_recipient: String,
+}
+
+/// What the control plane grants an offline agent: the signed content of an offline enrollment
+/// reply ([`OfflineEnrollReply::grant_json`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfflineEnrollGrant {
+    /// The agent's id (as requested).
+    pub agent_id: AgentId,
+    /// The site it was enrolled into.
+    pub site: String,
+    /// PEM certificate for the agent's key, signed by the fleet CA.
+    pub cert_pem: String,
+    /// PEM fleet CA certificate; the agent checks its SHA-256 against `--ca-fingerprint`.
+    pub ca_pem: String,
+    /// PEM certificate of the control plane's server key, which signed this grant (it chains to
+    /// the CA and carries EKU serverAuth).
+    pub server_cert_pem: String,
+    /// The control plane's age X25519 recipient (`age1...`): agent bundles are encrypted to it.
+    pub bundle_recipient: String,
+    /// When it was granted, Unix milliseconds.
+    pub granted_at_ms: u64,
+}
+
+/// Offline enrollment reply, written by `gaffer-control enroll-offline --out FILE`. JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfflineEnrollReply {
+    /// The exact JSON text of an [`OfflineEnrollGrant`] that the signature covers (kept as text so
+    /// the signed bytes survive re-serialization).
+    pub grant_json: String,
+    /// ECDSA P-256 SHA-256 signature (ASN.1 DER, standard base64) over the UTF-8 bytes of
+    /// `grant_json`, by the key of the grant's `server_cert_pem`.
+    pub signature_b64: String,
+}
+
+/// Largest offline enrollment request or reply file accepted, bytes (they are ~3 KiB).
+pub const OFFLINE_ENROLL_BYTES_MAX: u64 = 64 * 1024;

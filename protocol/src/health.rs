@@ -87,6 +87,12 @@ pub struct Health {
     pub jobs_running: u32,
     /// Configured concurrent job slots.
     pub job_slots: u32,
+    /// Jobs accepted and waiting for a slot.
+    pub jobs_queued: u32,
+    /// Messages in the agent's outbox not yet acknowledged.
+    pub outbox_pending: u64,
+    /// The outbox is at its bound: the agent takes no new jobs until it drains.
+    pub outbox_full: bool,
 }
 
 /// The ONNX Runtime execution provider in use.

@@ -11,12 +11,14 @@
 //! * [`version`]: protocol version negotiation.
 //! * [`digest`]: the versioned analysis result schema (shots, cuts, keyframes, technical metadata).
 //! * [`health`]: the host/GPU health report sent on every heartbeat.
+//! * [`bundle`]: the offline-sync bundle file format (air-gapped sites).
 //!
 //! Architecture invariant: the serde types in this crate *are* the wire format. Changing a field's
 //! type, order or meaning requires bumping [`version::PROTOCOL_VERSION`]; changing the digest requires
 //! bumping [`digest::DIGEST_SCHEMA_VERSION`].
 #![warn(missing_docs)]
 
+pub mod bundle;
 pub mod codec;
 pub mod digest;
 pub mod enroll;

@@ -63,6 +63,9 @@ fn health() -> impl Strategy<Value = Health> {
             inference: None,
             jobs_running: jr,
             job_slots: js,
+            jobs_queued: 0,
+            outbox_pending: mu % 100,
+            outbox_full: mt % 2 == 0,
         })
 }
 

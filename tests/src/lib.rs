@@ -251,6 +251,32 @@ impl ControlPlane {
         .with_context(|| format!("last seen: {last}\ncontrol plane log:\n{}", self.log()))
     }
 
+    /// The value of one Prometheus sample, e.g. `gaffer_jobs_finished_total{state="succeeded"}`
+    /// (0 when absent).
+    pub fn metric(&self, sample: &str) -> anyhow::Result<f64> {
+        let text = self.http().get(format!("{}/metrics", self.http_url)).send()?.text()?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0))
+    }
+
+    /// All jobs (newest first, up to 1000).
+    pub fn jobs(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(self.api_get("/jobs?limit=1000")?.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `gaffer-control bundle import --json FILE --reply-out REPLY`; returns the raw output.
+    pub fn bundle_import_raw(&self, file: &Path, reply_out: &Path) -> anyhow::Result<Output> {
+        Ok(Command::new(bin("gaffer-control"))
+            .args(["bundle", "import", "--json", "--data-dir"])
+            .arg(self.data_dir())
+            .arg(file)
+            .arg("--reply-out")
+            .arg(reply_out)
+            .output()?)
+    }
+
     /// Waits until `agent_id` is listed online (or offline when `online` is false).
     pub fn wait_agent_online(&self, agent_id: &str, online: bool, timeout: Duration) -> anyhow::Result<Value> {
         wait_for(timeout, &format!("agent {agent_id} online={online}"), || {
@@ -326,6 +352,77 @@ impl Agent {
         self.dir.path().join("agent")
     }
 
+    /// Air-gapped enrollment: `gaffer-agent enroll --offline-request`, then `gaffer-control
+    /// enroll-offline` on `cp` (through its admin socket while it serves), then `gaffer-agent enroll
+    /// --offline-reply` with the CA fingerprint.
+    pub fn enroll_offline(cp: &ControlPlane, site: &str) -> anyhow::Result<Agent> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("agent");
+        let request = dir.path().join("enroll-request.json");
+        let reply = dir.path().join("enroll-reply.json");
+        let out = Command::new(bin("gaffer-agent"))
+            .args(["enroll", "--json", "--site", site, "--offline-request"])
+            .arg(&request)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()?;
+        let agent_id = json_output(&out, "gaffer-agent enroll --offline-request")?["agent_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let out = Command::new(bin("gaffer-control"))
+            .args(["enroll-offline", "--json", "--data-dir"])
+            .arg(cp.data_dir())
+            .arg("--request")
+            .arg(&request)
+            .arg("--out")
+            .arg(&reply)
+            .output()?;
+        json_output(&out, "gaffer-control enroll-offline")?;
+        let out = Command::new(bin("gaffer-agent"))
+            .args(["enroll", "--json", "--ca-fingerprint", &cp.ca_fingerprint, "--offline-reply"])
+            .arg(&reply)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()?;
+        let v = json_output(&out, "gaffer-agent enroll --offline-reply")?;
+        anyhow::ensure!(v["agent_id"] == agent_id.as_str(), "offline reply installed {v}, expected agent {agent_id}");
+        Ok(Agent { dir, child: None, agent_id })
+    }
+
+    /// Starts `gaffer-agent run --offline` watching `watches`.
+    pub fn run_offline(&mut self, watches: &[PathBuf]) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
+        let mut cmd = Command::new(bin("gaffer-agent"));
+        cmd.arg("run").arg("--offline").arg("--data-dir").arg(self.data_dir());
+        for w in watches {
+            cmd.arg("--watch").arg(w).args(["--watch-settle-secs", "1"]);
+        }
+        cmd.env("GAFFER_LOG", "info,gaffer_agent=debug").stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn()?);
+        Ok(())
+    }
+
+    /// `gaffer-agent bundle export --json --out FILE`, returning its report.
+    pub fn bundle_export(&self, out: &Path) -> anyhow::Result<Value> {
+        let o = Command::new(bin("gaffer-agent"))
+            .args(["bundle", "export", "--json", "--data-dir"])
+            .arg(self.data_dir())
+            .arg("--out")
+            .arg(out)
+            .output()?;
+        json_output(&o, "gaffer-agent bundle export")
+    }
+
+    /// `gaffer-agent bundle import --json FILE`; returns the raw output (for refusal tests).
+    pub fn bundle_import_raw(&self, file: &Path) -> anyhow::Result<Output> {
+        Ok(Command::new(bin("gaffer-agent"))
+            .args(["bundle", "import", "--json", "--data-dir"])
+            .arg(self.data_dir())
+            .arg(file)
+            .output()?)
+    }
+
     /// The agent's stderr log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
@@ -350,6 +447,12 @@ impl Agent {
         cmd.env("GAFFER_LOG", "info,gaffer_agent=debug").stdout(Stdio::null()).stderr(log);
         self.child = Some(cmd.spawn()?);
         Ok(())
+    }
+
+    /// `gaffer-agent status --json` (works whether or not `run` is running).
+    pub fn status(&self) -> anyhow::Result<Value> {
+        let out = Command::new(bin("gaffer-agent")).args(["status", "--json", "--data-dir"]).arg(self.data_dir()).output()?;
+        json_output(&out, "gaffer-agent status")
     }
 
     /// Whether the `run` process is still alive.

@@ -27,19 +27,82 @@ pub const HISTORY_THUMBS_MAX: usize = 256;
 /// A grayscale thumbnail, row-major, [`THUMB_SIDE`]² luma bytes.
 pub type Thumb = [u8; THUMB_SIDE * THUMB_SIDE];
 
-/// Computes the luma thumbnail of a packed BGR24 frame by box averaging every other pixel of
-/// every other row (luma = (77 R + 150 G + 29 B) / 256, BT.601 weights). The 2 × 2 subsampling
-/// keeps this at a quarter of a pass over the frame; each bin still averages ≥ 12 samples at
-/// the usual processing sizes (≥ 160 × 90).
+/// Computes the luma thumbnail of a BGRx frame (4 bytes a pixel: B, G, R, ignored) by box
+/// averaging every other pixel of every other row (luma = (77 R + 150 G + 29 B) / 256, BT.601
+/// weights). The 2 × 2 subsampling keeps this at a quarter of a pass over the frame; each bin
+/// still averages ≥ 12 samples at the usual processing sizes (≥ 160 × 90).
 ///
-/// Precomputes the column-to-bin table for one frame size; reuse it for every frame.
+/// Precomputes, for one frame size, which sampled columns fall in each of the
+/// [`THUMB_SIDE`] bin columns; reuse it for every frame.
 #[derive(Debug)]
 pub struct Thumbnailer {
     width: usize,
     height: usize,
-    col_bin: Vec<usize>,
+    /// Per bin column, the range of sampled columns in it (sample `k` is pixel column `2k`).
+    col_samples: Vec<std::ops::Range<usize>>,
     counts: Vec<u32>,
     sums: Vec<u32>,
+    /// Per sampled column, the luma summed over the sampled rows of the current bin row.
+    col_sums: Vec<u32>,
+    arch: pulp::Arch,
+}
+
+/// Luma of one BGRx pixel (`px` read little-endian), 0..=255.
+#[inline(always)]
+fn luma(px: u32) -> u32 {
+    (77 * ((px >> 16) & 0xff) + 150 * ((px >> 8) & 0xff) + 29 * (px & 0xff)) >> 8
+}
+
+/// One frame's thumbnail sums, run through [`pulp`] so the per-row loop is vectorized for the
+/// CPU at hand: sampled rows are summed column-wise into `col_sums` (a loop that vectorizes),
+/// and each bin row's column sums are folded into its [`THUMB_SIDE`] bins once.
+struct ThumbSums<'a> {
+    bgrx: &'a [u8],
+    stride: usize,
+    width: usize,
+    height: usize,
+    col_samples: &'a [std::ops::Range<usize>],
+    col_sums: &'a mut [u32],
+    sums: &'a mut [u32],
+}
+
+impl ThumbSums<'_> {
+    fn flush(&mut self, row_bin: usize) {
+        let bins = &mut self.sums[row_bin * THUMB_SIDE..(row_bin + 1) * THUMB_SIDE];
+        for (bin, cols) in bins.iter_mut().zip(self.col_samples) {
+            *bin += self.col_sums[cols.clone()].iter().sum::<u32>();
+        }
+        self.col_sums.fill(0);
+    }
+}
+
+impl pulp::WithSimd for ThumbSums<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(mut self, _simd: S) {
+        let (w, h) = (self.width, self.height);
+        self.col_sums.fill(0);
+        let mut row_bin = 0;
+        for y in (0..h).step_by(SUBSAMPLE) {
+            let bin = y * THUMB_SIDE / h;
+            if bin != row_bin {
+                self.flush(row_bin);
+                row_bin = bin;
+            }
+            let row = &self.bgrx[y * self.stride..y * self.stride + w * 4];
+            // Pairs of pixels, the first of each sampled; an odd width leaves one last pixel.
+            let pairs = row.chunks_exact(4 * SUBSAMPLE);
+            let last = pairs.remainder();
+            for (acc, px) in self.col_sums.iter_mut().zip(pairs) {
+                *acc += luma(u32::from_le_bytes([px[0], px[1], px[2], px[3]]));
+            }
+            if let ([b, g, r, x], Some(acc)) = (last, self.col_sums.last_mut()) {
+                *acc += luma(u32::from_le_bytes([*b, *g, *r, *x]));
+            }
+        }
+        self.flush(row_bin);
+    }
 }
 
 impl Thumbnailer {
@@ -47,33 +110,53 @@ impl Thumbnailer {
     pub fn new(width: usize, height: usize) -> Self {
         let width = width.max(1);
         let height = height.max(1);
-        let col_bin: Vec<usize> = (0..width).map(|x| x * THUMB_SIDE / width).collect();
+        let bin_of = |x: usize| x * THUMB_SIDE / width;
+        let samples = width.div_ceil(SUBSAMPLE);
+        // Bins are monotonic in x: each bin column is a run of sampled columns.
+        let col_samples: Vec<std::ops::Range<usize>> = (0..THUMB_SIDE)
+            .map(|c| {
+                let mut ks = (0..samples).filter(|&k| bin_of(k * SUBSAMPLE) == c);
+                match (ks.next(), ks.last()) {
+                    (Some(first), last) => first..last.unwrap_or(first) + 1,
+                    (None, _) => 0..0,
+                }
+            })
+            .collect();
         let mut counts = vec![0u32; THUMB_SIDE * THUMB_SIDE];
         for y in (0..height).step_by(SUBSAMPLE) {
             let row = y * THUMB_SIDE / height * THUMB_SIDE;
-            for &c in col_bin.iter().step_by(SUBSAMPLE) {
-                counts[row + c] += 1;
+            for x in (0..width).step_by(SUBSAMPLE) {
+                counts[row + bin_of(x)] += 1;
             }
         }
-        Self { width, height, col_bin, counts, sums: vec![0; THUMB_SIDE * THUMB_SIDE] }
+        Self {
+            width,
+            height,
+            col_samples,
+            counts,
+            sums: vec![0; THUMB_SIDE * THUMB_SIDE],
+            col_sums: vec![0; samples],
+            arch: pulp::Arch::new(),
+        }
     }
 
-    /// Thumbnail of a BGR24 frame whose rows start every `stride` bytes; `None` if `bgr` is too
+    /// Thumbnail of a BGRx frame whose rows start every `stride` bytes; `None` if `bgrx` is too
     /// short for the configured size.
-    pub fn thumb(&mut self, bgr: &[u8], stride: usize) -> Option<Thumb> {
+    pub fn thumb(&mut self, bgrx: &[u8], stride: usize) -> Option<Thumb> {
         let (w, h) = (self.width, self.height);
-        if stride < w * 3 || bgr.len() < stride * (h - 1) + w * 3 {
+        if stride < w * 4 || bgrx.len() < stride * (h - 1) + w * 4 {
             return None;
         }
         self.sums.fill(0);
-        for y in (0..h).step_by(SUBSAMPLE) {
-            let row_bin = y * THUMB_SIDE / h * THUMB_SIDE;
-            let row = &bgr[y * stride..y * stride + w * 3];
-            for (px, &c) in row.chunks(3 * SUBSAMPLE).zip(self.col_bin.iter().step_by(SUBSAMPLE)) {
-                let luma = (77 * u32::from(px[2]) + 150 * u32::from(px[1]) + 29 * u32::from(px[0])) >> 8;
-                self.sums[row_bin + c] += luma;
-            }
-        }
+        self.arch.dispatch(ThumbSums {
+            bgrx,
+            stride,
+            width: w,
+            height: h,
+            col_samples: &self.col_samples,
+            col_sums: &mut self.col_sums,
+            sums: &mut self.sums,
+        });
         let mut out = [0u8; THUMB_SIDE * THUMB_SIDE];
         for ((o, &s), &n) in out.iter_mut().zip(&self.sums).zip(&self.counts) {
             // Bins without pixels (frames narrower than THUMB_SIDE) stay black.
@@ -251,9 +334,45 @@ mod tests {
     #[test]
     fn thumbnail_averages_luma() {
         let mut t = Thumbnailer::new(32, 32);
-        // White BGR frame: luma (77 + 150 + 29) * 255 / 256 = 255.
-        let frame = vec![255u8; 32 * 32 * 3];
-        assert_eq!(t.thumb(&frame, 32 * 3), Some(flat(255)));
-        assert_eq!(t.thumb(&frame[..10], 32 * 3), None);
+        // White BGRx frame: luma (77 + 150 + 29) * 255 / 256 = 255.
+        let frame = vec![255u8; 32 * 32 * 4];
+        assert_eq!(t.thumb(&frame, 32 * 4), Some(flat(255)));
+        assert_eq!(t.thumb(&frame[..10], 32 * 4), None);
+    }
+
+    /// The straightforward definition: every other pixel of every other row, binned by
+    /// `x * 16 / width` and `y * 16 / height`, rounded mean of the luma per bin.
+    fn thumb_reference(bgrx: &[u8], stride: usize, w: usize, h: usize) -> Thumb {
+        let mut sums = [0u32; THUMB_SIDE * THUMB_SIDE];
+        let mut counts = [0u32; THUMB_SIDE * THUMB_SIDE];
+        for y in (0..h).step_by(2) {
+            for x in (0..w).step_by(2) {
+                let p = &bgrx[y * stride + 4 * x..];
+                let bin = y * THUMB_SIDE / h * THUMB_SIDE + x * THUMB_SIDE / w;
+                sums[bin] += (77 * u32::from(p[2]) + 150 * u32::from(p[1]) + 29 * u32::from(p[0])) >> 8;
+                counts[bin] += 1;
+            }
+        }
+        let mut out = flat(0);
+        for i in 0..out.len() {
+            out[i] = if counts[i] == 0 { 0 } else { ((sums[i] + counts[i] / 2) / counts[i]) as u8 };
+        }
+        out
+    }
+
+    #[test]
+    fn thumbnail_matches_reference_on_odd_sizes_and_padded_rows() {
+        for (w, h) in [(160, 90), (256, 109), (256, 188), (5, 3), (17, 33), (255, 143), (1, 1)] {
+            let stride = w * 4 + 12;
+            let mut x = (w * 31 + h) as u64;
+            let frame: Vec<u8> = (0..stride * h)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (x >> 56) as u8
+                })
+                .collect();
+            let mut t = Thumbnailer::new(w, h);
+            assert_eq!(t.thumb(&frame, stride), Some(thumb_reference(&frame, stride, w, h)), "{w}x{h}");
+        }
     }
 }

@@ -3,19 +3,29 @@
 //! Profile `shots` (the only one in protocol version 1):
 //!
 //! ```text
+//! decode thread:
 //! file ──libavformat──▶ packets of the primary video stream
-//!      ──libavcodec (frame threads)──▶ frames, presentation order, numbered from 0
-//!      ──swscale──▶ small BGR24 frame (PySceneDetect's processing size, ≤ 256 px wide)
+//!      ──libavcodec (frame threads for frames ≥ 320×240)──▶ pictures, presentation order, numbered from 0
+//!      ──batches of ≤ 8 picture references (bounded queue)──▶
+//! analysis thread:
+//!      ──swscale──▶ small BGRx frame (PySceneDetect's processing size, ≤ 256 px wide)
 //!      ├─▶ content::ContentDetector  (HSV delta score, threshold, flash filter) ──▶ cuts
 //!      └─▶ keyframes::KeyframePicker (16×16 luma thumbnails, DCT pHash)     ──▶ one keyframe per shot
 //! container + streams ──▶ technical metadata
 //! ```
 //!
+//! Speed (release build, 2 cores): the per-pixel work (HSV conversion and deltas, thumbnails) is
+//! vectorized through [`pulp`] (AVX2 where the CPU has it); the decode thread only demuxes and
+//! decodes, so the analysis overlaps decoding. Tiny frames are decoded single-threaded (see
+//! [`FRAME_THREADING_PIXELS_MIN`]). `scripts/bench-shots.sh` compares the wall time with
+//! decode-only FFmpeg.
+//!
 //! Shot detection reproduces PySceneDetect 0.7.2's `detect-content` with its defaults; see
 //! [`content`]. Times are PTS × time base minus the stream's start time, in seconds.
 //!
-//! Nothing here keeps a full-resolution frame beyond the decoder's own buffers: per frame the
-//! pipeline holds one small BGR frame, the previous frame's HSV planes and a bounded set of
+//! Full-resolution pictures are held only as references to the decoder's buffers while queued
+//! for the analysis thread (at most 4 batches, see [`ANALYSIS_BATCH_BYTES_MAX`]); beyond that
+//! the pipeline holds one small BGRx frame, two frames' HSV planes and a bounded set of
 //! 256-byte thumbnails.
 //!
 //! Entry points: [`init_ffmpeg`] once per process, then [`analyze_file`] on a blocking thread.
@@ -60,6 +70,12 @@ pub const TRUNCATED_DECODED_FRACTION_MIN: f64 = 0.1;
 /// file usually ends without a read error): 0.9.
 const TRUNCATED_SHORT_FRACTION: f64 = 0.9;
 
+/// Smallest frame, in pixels, that [`AnalyzeOptions::decode_threads`]' auto setting decodes with
+/// frame threading: 76 800 (320 × 240). Below it FFmpeg's per-frame hand-over between decoder
+/// threads costs more than the decoding: on test.mp4 (160 × 90) `ffmpeg -threads 2` uses about
+/// twice the CPU time of `-threads 1` for the same wall time.
+pub const FRAME_THREADING_PIXELS_MIN: u64 = 320 * 240;
+
 /// Most decoder threads [`AnalyzeOptions::decode_threads`] may ask for: 64.
 pub const DECODE_THREADS_MAX: usize = 64;
 
@@ -89,8 +105,11 @@ pub struct AnalyzeOptions {
     /// Minimum shot length, frames. Default 15 (PySceneDetect's default; its CLI's 0.6 s at
     /// 25 fps). At most [`content::MIN_SHOT_FRAMES_MAX`]; 0 disables the filter.
     pub min_shot_frames: u32,
-    /// Decoder threads (frame threading). 0 = auto: the number of CPUs available to the process,
-    /// at most 16 (2 on a 2-core box, like `ffmpeg -threads 2`). At most [`DECODE_THREADS_MAX`].
+    /// Decoder threads (frame threading). 0 = auto: for frames of at least
+    /// [`FRAME_THREADING_PIXELS_MIN`] pixels, the number of CPUs available to the process, at most
+    /// 16 (2 on a 2-core box, like `ffmpeg -threads 2`); for smaller frames 1, because handing
+    /// each frame between decoder threads then costs more than decoding it, and the analysis
+    /// thread uses the other core. At most [`DECODE_THREADS_MAX`].
     pub decode_threads: usize,
 }
 
@@ -129,9 +148,13 @@ impl AnalyzeOptions {
         Ok(())
     }
 
-    fn effective_decode_threads(&self) -> usize {
+    /// Decoder threads for frames of `width` × `height` pixels (as declared by the container).
+    fn effective_decode_threads(&self, width: u32, height: u32) -> usize {
         if self.decode_threads > 0 {
             return self.decode_threads;
+        }
+        if u64::from(width) * u64::from(height) < FRAME_THREADING_PIXELS_MIN {
+            return 1;
         }
         std::thread::available_parallelism().map_or(2, |n| n.get()).min(16)
     }
@@ -323,22 +346,83 @@ fn describe_streams(technical: &gaffer_protocol::digest::TechnicalMetadata) -> S
         .join(", ")
 }
 
-/// A converted frame on its way from the decode thread to the analysis thread.
-struct SmallFrame {
+/// One decoded frame on its way to the analysis thread: its number, presentation time
+/// (seconds) and the decoder's picture (a reference to the decoder's buffer, not a copy).
+struct DecodedFrame {
     frame: u64,
     time_secs: f64,
-    width: u32,
-    height: u32,
-    /// Packed BGR24, rows of `3 * width` bytes.
-    bgr: Vec<u8>,
+    picture: ffmpeg::frame::Video,
 }
 
-/// Most converted frames queued between the decode and analysis threads (bounds memory:
-/// 16 × 110 KB at 256 × 144).
-const ANALYSIS_QUEUE_FRAMES: usize = 16;
+/// Decoded frames on their way from the decode thread to the analysis thread, in order.
+struct FrameBatch {
+    /// Processing size (width, height) in pixels, fixed by the first frame.
+    processing: (u32, u32),
+    frames: Vec<DecodedFrame>,
+}
 
-/// The analysis side of the `shots` pipeline, run on its own thread: content detection and
-/// keyframes over converted frames, in order.
+/// Most frames per [`FrameBatch`]: 8. The decode thread hands frames over in batches so that the
+/// analysis thread wakes up once per batch rather than once per frame; for tiny frames the
+/// wake-ups cost more than the analysis.
+const ANALYSIS_BATCH_FRAMES: usize = 8;
+
+/// Most decoded picture bytes per [`FrameBatch`] (fewer frames per batch for large frames):
+/// 4 MiB, e.g. 2 frames of 1280 × 720 YUV 4:2:0. A batch holds at least one frame.
+const ANALYSIS_BATCH_BYTES_MAX: usize = 4 << 20;
+
+/// Batches queued between the decode and analysis threads: 2. With one batch being filled and
+/// one being analyzed, at most 4 batches of decoded pictures are held beyond the decoder's own:
+/// 32 frames of 160 × 90, 8 of 1280 × 720, 4 of a larger frame.
+const ANALYSIS_QUEUE_BATCHES: usize = 2;
+
+/// Converts decoded pictures to BGRx at the processing size with swscale. Lives on the analysis
+/// thread (swscale contexts are not `Send`), which takes the conversion off the decode thread.
+struct Converter {
+    scaler: Option<scaling::Context>,
+    small: ffmpeg::frame::Video,
+}
+
+impl Converter {
+    fn new() -> Self {
+        Self { scaler: None, small: ffmpeg::frame::Video::empty() }
+    }
+
+    /// Converts `picture` to BGRx of `pw` × `ph` pixels; returns the rows and their stride.
+    fn convert(&mut self, picture: &ffmpeg::frame::Video, (pw, ph): (u32, u32)) -> Result<(&[u8], usize), AnalysisError> {
+        let (w, h) = (picture.width(), picture.height());
+        let input_matches = self.scaler.as_ref().is_some_and(|s| {
+            let i = s.input();
+            i.format == picture.format() && i.width == w && i.height == h
+        });
+        if !input_matches {
+            let flags = if (pw, ph) == (w, h) { SCALE_FLAGS_CONVERT } else { SCALE_FLAGS_DOWNSCALE };
+            let scaler = scaling::Context::get(picture.format(), w, h, Pixel::BGRZ, pw, ph, flags).map_err(|e| {
+                AnalysisError::DecodeFailed {
+                    reason: format!("cannot convert pixel format {:?} {w}x{h} to BGR: {e}", picture.format()),
+                }
+            })?;
+            tracing::debug!(width = w, height = h, pw, ph, "converter set up");
+            self.scaler = Some(scaler);
+        }
+        let Some(scaler) = self.scaler.as_mut() else {
+            return Err(AnalysisError::Internal("scaler missing after setup".into()));
+        };
+        scaler
+            .run(picture, &mut self.small)
+            .map_err(|e| AnalysisError::DecodeFailed { reason: format!("pixel conversion failed: {e}") })?;
+        let stride = self.small.stride(0);
+        let rows = (ph as usize).saturating_sub(1) * stride + pw as usize * 4;
+        let data = self
+            .small
+            .data(0)
+            .get(..rows)
+            .ok_or_else(|| AnalysisError::Internal("converted frame smaller than its size".into()))?;
+        Ok((data, stride))
+    }
+}
+
+/// The analysis side of the `shots` pipeline, run on its own thread: conversion, content
+/// detection and keyframes over decoded frames, in order.
 struct ShotAnalyzer {
     threshold: f64,
     min_shot_frames: u32,
@@ -362,17 +446,16 @@ impl ShotAnalyzer {
         }
     }
 
-    fn push(&mut self, f: &SmallFrame) -> Result<(), AnalysisError> {
-        let (w, h) = (f.width as usize, f.height as usize);
+    /// Analyzes one BGRx frame of `w` × `h` pixels whose rows start every `stride` bytes.
+    fn push(&mut self, frame: u64, time_secs: f64, w: usize, h: usize, bgrx: &[u8], stride: usize) -> Result<(), AnalysisError> {
         let (threshold, min_shot_frames) = (self.threshold, self.min_shot_frames);
         let detector = self.detector.get_or_insert_with(|| ContentDetector::new(w, h, threshold, min_shot_frames));
         let thumbnailer = self.thumbnailer.get_or_insert_with(|| Thumbnailer::new(w, h));
-        let stride = w * 3;
-        let cut = detector.process(f.frame, f.time_secs, &f.bgr, stride);
+        let cut = detector.process(frame, time_secs, bgrx, stride);
         let thumb = thumbnailer
-            .thumb(&f.bgr, stride)
+            .thumb(bgrx, stride)
             .ok_or_else(|| AnalysisError::Internal("converted frame smaller than its size".into()))?;
-        self.keyframes.push(f.frame, f.time_secs, thumb);
+        self.keyframes.push(frame, time_secs, thumb);
         if let Some(ScoredFrame { frame: cut_frame, time_secs: cut_secs, score }) = cut {
             tracing::debug!(frame = cut_frame, time_secs = cut_secs, score, "cut");
             self.cuts.push(Cut { frame: cut_frame, time_secs: cut_secs, score });
@@ -383,15 +466,14 @@ impl ShotAnalyzer {
     }
 
     /// Runs until the sender hangs up; stops early (dropping the receiver) on an error.
-    fn run(
-        mut self,
-        frames: std::sync::mpsc::Receiver<SmallFrame>,
-        recycle: std::sync::mpsc::SyncSender<Vec<u8>>,
-    ) -> Result<Self, AnalysisError> {
-        for f in frames {
-            self.push(&f)?;
-            // The decode side may have stopped; then the buffer is simply dropped.
-            let _ = recycle.try_send(f.bgr);
+    fn run(mut self, batches: std::sync::mpsc::Receiver<FrameBatch>) -> Result<Self, AnalysisError> {
+        let mut converter = Converter::new();
+        for batch in batches {
+            let (pw, ph) = batch.processing;
+            for f in &batch.frames {
+                let (bgrx, stride) = converter.convert(&f.picture, (pw, ph))?;
+                self.push(f.frame, f.time_secs, pw as usize, ph as usize, bgrx, stride)?;
+            }
         }
         Ok(self)
     }
@@ -406,12 +488,16 @@ struct ShotsPipeline<'a> {
     frame_duration_secs: f64,
     duration_secs: Option<f64>,
     last_progress: Instant,
-    scaler: Option<scaling::Context>,
     processing: Option<(u32, u32)>,
-    small: ffmpeg::frame::Video,
     /// `None` once decoding is over (hangs up on the analysis thread).
-    to_analyzer: Option<std::sync::mpsc::SyncSender<SmallFrame>>,
-    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    to_analyzer: Option<std::sync::mpsc::SyncSender<FrameBatch>>,
+    /// Frames being batched; sent when [`ShotsPipeline::batch_frames`] are in, and by
+    /// [`ShotsPipeline::flush`].
+    batch: Vec<DecodedFrame>,
+    /// Frames per batch for this video's frame size (see [`ANALYSIS_BATCH_BYTES_MAX`]).
+    batch_frames: usize,
+    /// The frame the decoder writes the next picture into.
+    spare: ffmpeg::frame::Video,
     frames_decoded: u64,
     frames_corrupt: u64,
     consecutive_errors: u64,
@@ -457,66 +543,52 @@ impl ShotsPipeline<'_> {
         }
     }
 
-    fn on_frame(&mut self, frame: &ffmpeg::frame::Video) -> Result<(), AnalysisError> {
+    /// Takes a decoded picture: checks it, numbers and times it, and batches it for the
+    /// analysis thread.
+    fn on_frame(&mut self, picture: ffmpeg::frame::Video) -> Result<(), AnalysisError> {
         self.check_cancel()?;
-        let (w, h) = (frame.width(), frame.height());
+        let (w, h) = (picture.width(), picture.height());
         if w > FRAME_SIDE_PX_MAX || h > FRAME_SIDE_PX_MAX {
             return Err(AnalysisError::FrameTooLarge { width: w, height: h, max_px: FRAME_SIDE_PX_MAX });
         }
-        if w == 0 || h == 0 || frame.format() == Pixel::None {
+        if w == 0 || h == 0 || picture.format() == Pixel::None {
             self.frames_corrupt += 1;
             return Ok(());
         }
         self.consecutive_errors = 0;
         // The processing size is fixed by the first frame (PySceneDetect: by the container's
         // frame size, which is the same); later frames of another size are scaled to it.
-        let (pw, ph) = *self.processing.get_or_insert_with(|| content::processing_size(w, h));
-        let input_matches = self.scaler.as_ref().is_some_and(|s| {
-            let i = s.input();
-            i.format == frame.format() && i.width == w && i.height == h
-        });
-        if !input_matches {
-            let flags = if (pw, ph) == (w, h) { SCALE_FLAGS_CONVERT } else { SCALE_FLAGS_DOWNSCALE };
-            let scaler = scaling::Context::get(frame.format(), w, h, Pixel::BGR24, pw, ph, flags).map_err(|e| {
-                AnalysisError::DecodeFailed {
-                    reason: format!("cannot convert pixel format {:?} {w}x{h} to BGR: {e}", frame.format()),
-                }
-            })?;
-            tracing::debug!(width = w, height = h, pw, ph, "converter set up");
-            self.scaler = Some(scaler);
+        if self.processing.is_none() {
+            self.processing = Some(content::processing_size(w, h));
+            // YUV 4:2:0 is 1.5 bytes a pixel; other formats are rarer and at most 4 × that.
+            let picture_bytes = (w as usize * h as usize * 3 / 2).max(1);
+            self.batch_frames = (ANALYSIS_BATCH_BYTES_MAX / picture_bytes).clamp(1, ANALYSIS_BATCH_FRAMES);
         }
-        let Some(scaler) = self.scaler.as_mut() else {
-            return Err(AnalysisError::Internal("scaler missing after setup".into()));
-        };
-        scaler
-            .run(frame, &mut self.small)
-            .map_err(|e| AnalysisError::DecodeFailed { reason: format!("pixel conversion failed: {e}") })?;
 
         let n = self.frames_decoded;
         self.frames_decoded += 1;
-        let time_secs = self.frame_time_secs(frame);
+        let time_secs = self.frame_time_secs(&picture);
         self.first_time_secs.get_or_insert(time_secs);
         self.last_time_secs = time_secs;
-
-        // Pack the converted rows (swscale pads them to its stride) into a recycled buffer.
-        let row_bytes = pw as usize * 3;
-        let stride = self.small.stride(0);
-        let data = self.small.data(0);
-        let mut bgr = self.recycled.try_recv().unwrap_or_default();
-        bgr.clear();
-        for y in 0..ph as usize {
-            let row = data
-                .get(y * stride..y * stride + row_bytes)
-                .ok_or_else(|| AnalysisError::Internal("converted frame smaller than its size".into()))?;
-            bgr.extend_from_slice(row);
+        self.batch.push(DecodedFrame { frame: n, time_secs, picture });
+        if self.batch.len() >= self.batch_frames {
+            self.flush()?;
         }
-        let small = SmallFrame { frame: n, time_secs, width: pw, height: ph, bgr };
-        let sent = self.to_analyzer.as_ref().is_some_and(|tx| tx.send(small).is_ok());
+        self.maybe_progress(time_secs);
+        Ok(())
+    }
+
+    /// Sends the frames batched so far (if any) to the analysis thread.
+    fn flush(&mut self) -> Result<(), AnalysisError> {
+        let (Some(processing), false) = (self.processing, self.batch.is_empty()) else {
+            return Ok(());
+        };
+        let frames = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_frames));
+        let sent = self.to_analyzer.as_ref().is_some_and(|tx| tx.send(FrameBatch { processing, frames }).is_ok());
         if !sent {
             // The analysis thread stopped on an error; the caller collects it from the join.
             return Err(AnalysisError::Internal("analysis thread stopped".into()));
         }
-        self.maybe_progress(time_secs);
         Ok(())
     }
 
@@ -532,14 +604,14 @@ impl ShotsPipeline<'_> {
         (self.on_progress)(ProgressUpdate { fraction, frames_decoded: self.frames_decoded });
     }
 
-    fn drain(
-        &mut self,
-        decoder: &mut ffmpeg::decoder::Video,
-        frame: &mut ffmpeg::frame::Video,
-    ) -> Result<(), AnalysisError> {
+    fn drain(&mut self, decoder: &mut ffmpeg::decoder::Video) -> Result<(), AnalysisError> {
         loop {
-            match decoder.receive_frame(frame) {
-                Ok(()) => self.on_frame(frame)?,
+            match decoder.receive_frame(&mut self.spare) {
+                Ok(()) => {
+                    // The picture moves on to the analysis thread; the decoder gets a new frame.
+                    let picture = std::mem::replace(&mut self.spare, ffmpeg::frame::Video::empty());
+                    self.on_frame(picture)?;
+                }
                 Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::error::EAGAIN => return Ok(()),
                 Err(ffmpeg::Error::Eof) => return Ok(()),
                 Err(e) => return self.decode_error(e),
@@ -598,13 +670,12 @@ fn decode_all(
     stream_index: usize,
 ) -> Result<Option<ffmpeg::Error>, AnalysisError> {
     let mut packet = ffmpeg::Packet::empty();
-    let mut frame = ffmpeg::frame::Video::empty();
     loop {
         pipe.check_cancel()?;
         match packet.read(input) {
             Ok(()) => {}
             Err(ffmpeg::Error::Eof) => break,
-            Err(e) => return finish_decode(pipe, decoder, &mut frame).map(|()| Some(e)),
+            Err(e) => return finish_decode(pipe, decoder).map(|()| Some(e)),
         }
         if packet.stream() != stream_index {
             continue;
@@ -612,19 +683,15 @@ fn decode_all(
         if let Err(e) = decoder.send_packet(&packet) {
             pipe.decode_error(e)?;
         }
-        pipe.drain(decoder, &mut frame)?;
+        pipe.drain(decoder)?;
     }
-    finish_decode(pipe, decoder, &mut frame).map(|()| None)
+    finish_decode(pipe, decoder).map(|()| None)
 }
 
 /// Flushes the decoder: frame threading and B-frames hold frames back until EOF.
-fn finish_decode(
-    pipe: &mut ShotsPipeline<'_>,
-    decoder: &mut ffmpeg::decoder::Video,
-    frame: &mut ffmpeg::frame::Video,
-) -> Result<(), AnalysisError> {
+fn finish_decode(pipe: &mut ShotsPipeline<'_>, decoder: &mut ffmpeg::decoder::Video) -> Result<(), AnalysisError> {
     if decoder.send_eof().is_ok() {
-        pipe.drain(decoder, frame)?;
+        pipe.drain(decoder)?;
     }
     Ok(())
 }
@@ -700,7 +767,7 @@ pub fn analyze_file(
     }
     let codec_name = declared.map(|s| s.codec.clone()).unwrap_or_default();
 
-    let threads = opts.effective_decode_threads();
+    let threads = opts.effective_decode_threads(declared_w, declared_h);
     let mut ctx = ffmpeg::codec::context::Context::from_parameters(parameters)
         .map_err(|e| AnalysisError::DecodeFailed { reason: format!("bad codec parameters: {e}") })?;
     ctx.set_threading(ffmpeg::threading::Config {
@@ -727,11 +794,10 @@ pub fn analyze_file(
     } else {
         f64::from(time_base.numerator()) / f64::from(time_base.denominator())
     };
-    // Two threads: this one demuxes, decodes (with FFmpeg's own frame threads) and converts;
-    // the analysis thread scores frames and picks keyframes, so the two overlap on a multi-core
-    // box. Frames cross in order through a bounded queue; their buffers come back for reuse.
-    let (to_analyzer, frames_rx) = std::sync::mpsc::sync_channel::<SmallFrame>(ANALYSIS_QUEUE_FRAMES);
-    let (recycle_tx, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(ANALYSIS_QUEUE_FRAMES + 2);
+    // Two threads: this one demuxes and decodes (with FFmpeg's own frame threads for large
+    // frames); the analysis thread converts, scores frames and picks keyframes, so the two
+    // overlap on a multi-core box. Pictures cross in order, in batches, through a bounded queue.
+    let (to_analyzer, frames_rx) = std::sync::mpsc::sync_channel::<FrameBatch>(ANALYSIS_QUEUE_BATCHES);
     let analyzer = ShotAnalyzer::new(opts.content_threshold, opts.min_shot_frames);
     let mut pipe = ShotsPipeline {
         cancel,
@@ -741,11 +807,11 @@ pub fn analyze_file(
         frame_duration_secs: fps.map_or(0.0, |f| 1.0 / f),
         duration_secs,
         last_progress: Instant::now(),
-        scaler: None,
         processing: None,
-        small: ffmpeg::frame::Video::empty(),
         to_analyzer: Some(to_analyzer),
-        recycled,
+        batch: Vec::with_capacity(ANALYSIS_BATCH_FRAMES),
+        batch_frames: 1,
+        spare: ffmpeg::frame::Video::empty(),
         frames_decoded: 0,
         frames_corrupt: 0,
         consecutive_errors: 0,
@@ -756,7 +822,7 @@ pub fn analyze_file(
     let (decoded, analyzed) = std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
             .name("gaffer-shots".to_string())
-            .spawn_scoped(scope, move || analyzer.run(frames_rx, recycle_tx));
+            .spawn_scoped(scope, move || analyzer.run(frames_rx));
         let worker = match worker {
             Ok(w) => w,
             Err(e) => {
@@ -765,6 +831,12 @@ pub fn analyze_file(
             }
         };
         let decoded = decode_all(&mut pipe, &mut input, &mut decoder, stream_index);
+        // The last, partly filled batch; also after a decode error (a truncated file still
+        // gets the digest of its decoded part).
+        let decoded = match (decoded, pipe.flush()) {
+            (Ok(read_error), Ok(())) => Ok(read_error),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        };
         // Hanging up lets the analysis thread finish the queued frames and return.
         pipe.to_analyzer = None;
         let analyzed =

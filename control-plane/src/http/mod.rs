@@ -16,6 +16,7 @@
 mod api;
 mod auth;
 mod dashboard;
+mod timeline;
 mod view;
 
 use std::sync::Arc;

@@ -6,6 +6,7 @@ use askama::Template;
 use gaffer_protocol::digest::{Digest, StreamInfo, StreamKind};
 use gaffer_protocol::health::{Health, HealthSource};
 
+use super::timeline::{ModerationView, SpeechView, TextView, TimelineView};
 use crate::store::{AgentRecord, HealthSample, JobRecord, UnixMs};
 
 /// `HH:MM:SS.mmm` of a presentation time in seconds (negative or non-finite shown as 0).
@@ -285,6 +286,11 @@ pub(crate) struct DigestView {
     pub analysis_secs: String,
     pub schema_version: u32,
     pub source_size: String,
+    /// The timeline (shots and the `full` profile's findings); `None` without a positive duration.
+    pub timeline: Option<TimelineView>,
+    pub moderation: Option<ModerationView>,
+    pub text: Option<TextView>,
+    pub speech: Option<SpeechView>,
 }
 
 impl DigestView {
@@ -329,6 +335,10 @@ impl DigestView {
             analysis_secs: format!("{:.1} s", d.analysis_secs),
             schema_version: d.schema_version,
             source_size: bytes(d.source.size_bytes),
+            timeline: TimelineView::new(d),
+            moderation: d.moderation.as_ref().map(ModerationView::new),
+            text: d.text.as_ref().map(TextView::new),
+            speech: d.speech.as_ref().map(SpeechView::new),
         }
     }
 }

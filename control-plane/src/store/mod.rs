@@ -109,6 +109,61 @@ pub struct AgentRecord {
     pub last_seen_ms: Option<UnixMs>,
     /// Latest health report.
     pub last_health: Option<HealthSample>,
+    /// The agent's age X25519 recipient (`age1...`) for reply bundles (offline sync); None for
+    /// agents enrolled before offline sync existed.
+    #[serde(default)]
+    pub bundle_recipient: Option<String>,
+    /// The CSR the agent enrolled with (PEM): lets the control plane re-issue a certificate for the
+    /// same key (renewal in reply bundles) without ever holding the key.
+    #[serde(default)]
+    pub csr_pem: Option<String>,
+    /// Serial number of the agent's current certificate, hex (for revocation).
+    #[serde(default)]
+    pub cert_serial_hex: Option<String>,
+    /// When the agent was revoked (`gaffer-control agent revoke`); None while it is trusted.
+    #[serde(default)]
+    pub revoked_at_ms: Option<UnixMs>,
+    /// Enrolled offline (`gaffer-control enroll-offline`): it syncs by bundles, not the link.
+    #[serde(default)]
+    pub offline: bool,
+}
+
+/// One operator action, for the audit log (`gaffer-control enroll-offline`, `agent revoke`,
+/// `bundle import`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When, control-plane clock.
+    pub at_ms: UnixMs,
+    /// Who: the OS user that ran the command (`$USER`, else `uid <n>`).
+    pub who: String,
+    /// What, e.g. `enroll_offline`, `revoke_agent`, `bundle_import`.
+    pub action: String,
+    /// The agent concerned, if any.
+    pub agent: Option<AgentId>,
+    /// The site concerned, if any.
+    pub site: Option<String>,
+    /// Human-readable detail (counts, bundle numbers); never secrets.
+    pub detail: String,
+}
+
+/// Offline-sync bundle numbers of one agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleNumbers {
+    /// Highest agent bundle number imported (0: none yet).
+    pub last_imported_bundle: u64,
+    /// Number of the last reply bundle written to the agent (0: none yet).
+    pub last_reply_number: u64,
+}
+
+/// A revoked certificate, as listed on the fleet's CRL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedCertRecord {
+    /// Certificate serial number, lowercase hex (as `gaffer_certs::cert_serial_hex` gives it).
+    pub serial_hex: String,
+    /// The agent it belonged to.
+    pub agent: AgentId,
+    /// When it was revoked.
+    pub revoked_at_ms: UnixMs,
 }
 
 /// One health report as received.
@@ -270,6 +325,21 @@ pub trait Store: Send + Sync + 'static {
     fn last_applied_seq(&self, agent: AgentId) -> StoreResult<Option<u64>>;
     /// Records that every message up to `seq` from `agent` has been applied.
     fn set_last_applied_seq(&self, agent: AgentId, seq: u64) -> StoreResult<()>;
+
+    /// Appends an operator action to the audit log.
+    fn append_audit(&self, rec: &AuditRecord) -> StoreResult<()>;
+    /// Up to `limit` newest audit entries, newest first.
+    fn list_audit(&self, limit: usize) -> StoreResult<Vec<AuditRecord>>;
+
+    /// Offline-sync bundle numbers of `agent` (zeros if none were exchanged).
+    fn bundle_numbers(&self, agent: AgentId) -> StoreResult<BundleNumbers>;
+    /// Replaces the offline-sync bundle numbers of `agent`.
+    fn set_bundle_numbers(&self, agent: AgentId, numbers: &BundleNumbers) -> StoreResult<()>;
+
+    /// Adds a certificate to the revocation list (replacing an entry with the same serial).
+    fn insert_revoked_cert(&self, rec: &RevokedCertRecord) -> StoreResult<()>;
+    /// Every revoked certificate, by serial.
+    fn list_revoked_certs(&self) -> StoreResult<Vec<RevokedCertRecord>>;
 
     /// Makes every write so far durable (fsync). Acknowledgements to agents wait for this.
     fn flush(&self) -> StoreResult<()>;

@@ -17,6 +17,9 @@
 //! | `jobs_by_created`  | `created_at_ms` u64 BE (8) ++ job UUID (16)           | empty                                |
 //! | `digests`          | job UUID (16 bytes)                                   | JSON [`Digest`]                      |
 //! | `agent_seq`        | agent UUID (16 bytes)                                 | u64 BE (8): last applied sequence    |
+//! | `audit`            | `at_ms` u64 BE (8) ++ counter u64 BE (8)              | JSON [`AuditRecord`]                 |
+//! | `bundle_numbers`   | agent UUID (16 bytes)                                 | JSON [`BundleNumbers`]               |
+//! | `revoked_certs`    | certificate serial, lowercase hex (UTF-8)             | JSON [`RevokedCertRecord`]           |
 //!
 //! Big-endian integers make sled's byte order the numeric order, so `health` scans one agent's
 //! samples oldest → newest (the counter, from [`sled::Db::generate_id`], breaks ties within one
@@ -43,6 +46,9 @@ use sled::Transactional;
 use uuid::Uuid;
 
 use super::{
+    AuditRecord, BundleNumbers, RevokedCertRecord,
+};
+use super::{
     AgentRecord, EnrollmentTokenRecord, HealthSample, JobRecord, JobState, SessionRecord, Store, StoreError,
     StoreResult, UnixMs,
 };
@@ -63,6 +69,9 @@ pub struct SledStore {
     jobs_by_created: sled::Tree,
     digests: sled::Tree,
     agent_seq: sled::Tree,
+    audit: sled::Tree,
+    bundle_numbers: sled::Tree,
+    revoked_certs: sled::Tree,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,6 +130,9 @@ impl SledStore {
             jobs_by_created: tree("jobs_by_created")?,
             digests: tree("digests")?,
             agent_seq: tree("agent_seq")?,
+            audit: tree("audit")?,
+            bundle_numbers: tree("bundle_numbers")?,
+            revoked_certs: tree("revoked_certs")?,
             db,
         })
     }
@@ -365,6 +377,51 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn append_audit(&self, rec: &AuditRecord) -> StoreResult<()> {
+        let counter = self.db.generate_id().map_err(io)?;
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&rec.at_ms.to_be_bytes());
+        key[8..].copy_from_slice(&counter.to_be_bytes());
+        self.audit.insert(key, encode(rec)?).map_err(io)?;
+        Ok(())
+    }
+
+    fn list_audit(&self, limit: usize) -> StoreResult<Vec<AuditRecord>> {
+        self.audit
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                decode("audit", &k, &v)
+            })
+            .collect()
+    }
+
+    fn bundle_numbers(&self, agent: AgentId) -> StoreResult<BundleNumbers> {
+        Ok(self.get_json(&self.bundle_numbers, "bundle_numbers", agent.as_bytes())?.unwrap_or_default())
+    }
+
+    fn set_bundle_numbers(&self, agent: AgentId, numbers: &BundleNumbers) -> StoreResult<()> {
+        self.bundle_numbers.insert(agent.as_bytes(), encode(numbers)?).map_err(io)?;
+        Ok(())
+    }
+
+    fn insert_revoked_cert(&self, rec: &RevokedCertRecord) -> StoreResult<()> {
+        self.revoked_certs.insert(rec.serial_hex.as_bytes(), encode(rec)?).map_err(io)?;
+        Ok(())
+    }
+
+    fn list_revoked_certs(&self) -> StoreResult<Vec<RevokedCertRecord>> {
+        self.revoked_certs
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                decode("revoked_certs", &k, &v)
+            })
+            .collect()
+    }
+
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map_err(io)?;
         Ok(())
@@ -420,6 +477,11 @@ mod tests {
             connected: false,
             last_seen_ms: None,
             last_health: None,
+            bundle_recipient: None,
+            csr_pem: None,
+            cert_serial_hex: None,
+            revoked_at_ms: None,
+            offline: false,
         }
     }
 
@@ -438,6 +500,9 @@ mod tests {
                 inference: None,
                 jobs_running: 0,
                 job_slots: 2,
+                jobs_queued: 0,
+                outbox_pending: 0,
+                outbox_full: false,
             },
         }
     }
