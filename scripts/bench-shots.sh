@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks `gaffer-agent analyze --profile shots` (release build) against decode-only FFmpeg
 # (`ffmpeg -threads 2 -i FILE -an -f null -`) and PySceneDetect (`scenedetect -i FILE detect-content`)
-# on test.mp4 and bbb-720p-x10.mp4, and prints a table of median wall times and ratios.
+# on test.mp4 and bbb-720p-x10.mp4, and prints a table of median wall times and ratios, and the
+# median CPU times of ours and decode-only (steadier than wall times on a shared machine).
 #
 #   scripts/bench-shots.sh
 #

@@ -12,7 +12,9 @@
 //! * decode-only: `ffmpeg -threads 2 -i FILE -an -f null -`;
 //! * scenedetect: `scenedetect -i FILE detect-content` (PySceneDetect, if installed);
 //!
-//! and prints the median wall times and their ratios. Target: ours ≤ 1.1 × decode-only.
+//! and prints the median wall times and their ratios, and the median CPU time (user + system, all
+//! threads) of ours and of decode-only FFmpeg: on a shared, loaded machine the CPU times are the
+//! steadier comparison. Target: ours ≤ 1.1 × decode-only (wall).
 //!
 //! Environment: `GAFFER_MEDIA_DIR` (default `~/.cache/gaffer/media`), `GAFFER_BENCH_REPS`,
 //! `GAFFER_BENCH_FILES` (comma-separated names in the media dir; default
@@ -34,8 +36,36 @@ fn media_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/gaffer/media"))
 }
 
-/// Runs `cmd` with stdout and stderr discarded; returns its wall time in seconds.
-fn time(cmd: &mut Command) -> anyhow::Result<f64> {
+/// Wall and CPU time of one run, seconds.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+/// Linux's `USER_HZ`: `/proc` reports CPU times in ticks of 1/100 s on every architecture the
+/// kernel supports (see proc(5), "clock ticks").
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU time of this process's waited-for children so far, seconds (fields 16 and
+/// 17 of `/proc/self/stat`, `cutime` and `cstime`); 0 where `/proc` is unavailable.
+fn children_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // The command name (field 2) is parenthesized and may contain spaces: split after it.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    // `rest` starts at field 3; cutime and cstime are fields 16 and 17.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(16 - 3) + ticks(17 - 3)) / USER_HZ
+}
+
+/// Runs `cmd` with stdout and stderr discarded; returns its wall and CPU time.
+fn time(cmd: &mut Command) -> anyhow::Result<Timing> {
+    let cpu_before = children_cpu_secs();
     let started = Instant::now();
     let status = cmd
         .stdin(Stdio::null())
@@ -43,11 +73,11 @@ fn time(cmd: &mut Command) -> anyhow::Result<f64> {
         .stderr(Stdio::null())
         .status()
         .with_context(|| format!("cannot run {cmd:?}"))?;
-    let secs = started.elapsed().as_secs_f64();
+    let wall = started.elapsed().as_secs_f64();
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
-    Ok(secs)
+    Ok(Timing { wall, cpu: children_cpu_secs() - cpu_before })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -94,9 +124,13 @@ fn scenedetect_available() -> bool {
 
 struct Row {
     name: String,
+    /// Median wall times, seconds.
     ours: f64,
     decode: f64,
     scenedetect: Option<f64>,
+    /// Median CPU times (user + system), seconds.
+    ours_cpu: f64,
+    decode_cpu: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,27 +168,39 @@ fn main() -> anyhow::Result<()> {
                 s.push(time(&mut scenedetect(&file))?);
             }
         }
+        let wall = |v: &[Timing]| v.iter().map(|t| t.wall).collect::<Vec<_>>();
+        let cpu = |v: &[Timing]| v.iter().map(|t| t.cpu).collect::<Vec<_>>();
         rows.push(Row {
             name: name.to_string(),
-            ours: median(&mut o),
-            decode: median(&mut d),
-            scenedetect: with_scenedetect.then(|| median(&mut s)),
+            ours: median(&mut wall(&o)),
+            decode: median(&mut wall(&d)),
+            scenedetect: with_scenedetect.then(|| median(&mut wall(&s))),
+            ours_cpu: median(&mut cpu(&o)),
+            decode_cpu: median(&mut cpu(&d)),
         });
     }
 
     println!();
     println!(
-        "shots benchmark: median wall time of {reps} runs, seconds (cores: {})",
+        "shots benchmark: median wall time (and CPU time, user + system) of {reps} runs, seconds (cores: {})",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<20} {:>9} {:>12} {:>12} {:>12} {:>19} {:>17}",
-        "file", "ours", "decode-only", "scenedetect", "ours/decode", "scenedetect/decode", "scenedetect/ours"
+        "{:<20} {:>9} {:>12} {:>12} {:>12} {:>19} {:>17} {:>9} {:>11}",
+        "file",
+        "ours",
+        "decode-only",
+        "scenedetect",
+        "ours/decode",
+        "scenedetect/decode",
+        "scenedetect/ours",
+        "ours cpu",
+        "decode cpu"
     );
     let opt = |v: Option<f64>, prec: usize| v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.prec$}"));
     for r in &rows {
         println!(
-            "{:<20} {:>9.3} {:>12.3} {:>12} {:>12.2} {:>19} {:>17}",
+            "{:<20} {:>9.3} {:>12.3} {:>12} {:>12.2} {:>19} {:>17} {:>9.2} {:>11.2}",
             r.name,
             r.ours,
             r.decode,
@@ -162,6 +208,8 @@ fn main() -> anyhow::Result<()> {
             r.ours / r.decode,
             opt(r.scenedetect.map(|s| s / r.decode), 2),
             opt(r.scenedetect.map(|s| s / r.ours), 2),
+            r.ours_cpu,
+            r.decode_cpu,
         );
     }
     let worst = rows.iter().map(|r| r.ours / r.decode).fold(0.0, f64::max);

@@ -32,9 +32,7 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use gaffer_certs::{AgentKey, BundleKey, BundleSigner, BundleSignerRole, BundleTrust};
-use gaffer_protocol::bundle::{
-    self, AgentBundle, BundleDirection, BundleHeader, ControlReply, BUNDLE_BYTES_MAX,
-};
+use gaffer_protocol::bundle::{self, AgentBundle, BundleDirection, BundleHeader, ControlReply, BUNDLE_BYTES_MAX};
 use gaffer_protocol::codec::{encode_frame, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};
 use gaffer_protocol::messages::{AgentEnvelope, Assignment};
 use serde::{Deserialize, Serialize};
@@ -97,7 +95,9 @@ fn meta_get(tree: &sled::Tree, key: &[u8]) -> Result<u64, AgentError> {
     match tree.get(key)? {
         None => Ok(0),
         Some(v) => Ok(u64::from_be_bytes(
-            v.as_ref().try_into().map_err(|_| AgentError::Config(format!("corrupt bundle_meta entry ({} bytes)", v.len())))?,
+            v.as_ref()
+                .try_into()
+                .map_err(|_| AgentError::Config(format!("corrupt bundle_meta entry ({} bytes)", v.len())))?,
         )),
     }
 }
@@ -140,7 +140,9 @@ pub fn load_bundle_key(dd: &DataDir) -> Result<BundleKey, AgentError> {
 pub fn export(db: &sled::Db, dd: &DataDir, out: &Path) -> Result<ExportReport, AgentError> {
     let identity = dd.load_identity()?;
     let recipient = identity.bundle_recipient.clone().ok_or_else(|| {
-        AgentError::Config("this agent has no control-plane bundle key (enrolled before offline sync); re-enroll".into())
+        AgentError::Config(
+            "this agent has no control-plane bundle key (enrolled before offline sync); re-enroll".into(),
+        )
     })?;
     let signer = BundleSigner::from_pem(&dd.read(&dd.cert_path())?, &dd.read(&dd.key_path())?)?;
     let ca_fingerprint = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_path())?)?;
@@ -218,7 +220,10 @@ pub fn import(db: &sled::Db, dd: &DataDir, file: &Path) -> Result<ReplyImportRep
         let key = AgentKey::from_pem(&dd.read(&dd.key_path())?)?;
         let id = key.check_issued_cert(cert)?;
         if id != identity.agent_id {
-            return Err(AgentError::Protocol(format!("renewed certificate names agent {id}, not {}", identity.agent_id)));
+            return Err(AgentError::Protocol(format!(
+                "renewed certificate names agent {id}, not {}",
+                identity.agent_id
+            )));
         }
     }
     let mut encoded = Vec::with_capacity(reply.assignments.len());

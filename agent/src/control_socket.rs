@@ -142,7 +142,10 @@ pub async fn serve(path: &Path, handles: Arc<AgentHandles>) -> Result<tokio::tas
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            return Err(AgentError::Config(format!("another gaffer-agent is running on this data dir ({})", path.display())));
+            return Err(AgentError::Config(format!(
+                "another gaffer-agent is running on this data dir ({})",
+                path.display()
+            )));
         }
         std::fs::remove_file(path).map_err(|e| AgentError::io(path, e))?;
     }

@@ -106,16 +106,9 @@ impl DataDir {
     /// # Errors
     /// [`AgentError::AlreadyEnrolled`] if `agent.json` exists, [`AgentError::Io`].
     pub fn create(&self) -> Result<(), AgentError> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         if self.identity_path().exists() {
             return Err(AgentError::AlreadyEnrolled { data_dir: self.root.display().to_string() });
         }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.root)
-            .map_err(|e| AgentError::io(&self.root, e))?;
-        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| AgentError::io(&self.root, e))
+        Ok(gaffer_certs::create_private_dir(&self.root)?)
     }
 }

@@ -217,10 +217,14 @@ pub fn install_offline_reply(
     ca_fingerprint: CaFingerprint,
 ) -> Result<AgentIdentity, AgentError> {
     use base64::Engine as _;
-    use gaffer_protocol::enroll::{OfflineEnrollGrant, OfflineEnrollReply, OfflineEnrollRequest, OFFLINE_ENROLL_BYTES_MAX};
+    use gaffer_protocol::enroll::{
+        OfflineEnrollGrant, OfflineEnrollReply, OfflineEnrollRequest, OFFLINE_ENROLL_BYTES_MAX,
+    };
     let pending_path = pending_offline_path(data_dir);
     let pending: OfflineEnrollRequest = match std::fs::read_to_string(&pending_path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| AgentError::Config(format!("{}: {e}", pending_path.display())))?,
+        Ok(text) => {
+            serde_json::from_str(&text).map_err(|e| AgentError::Config(format!("{}: {e}", pending_path.display())))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(AgentError::Config(format!(
                 "{} has no pending offline enrollment: run `gaffer-agent enroll --offline-request` first",
@@ -231,7 +235,10 @@ pub fn install_offline_reply(
     };
     let len = std::fs::metadata(reply_path).map_err(|e| AgentError::io(reply_path, e))?.len();
     if len > OFFLINE_ENROLL_BYTES_MAX {
-        return Err(AgentError::Config(format!("{} is {len} bytes: not an offline enrollment reply", reply_path.display())));
+        return Err(AgentError::Config(format!(
+            "{} is {len} bytes: not an offline enrollment reply",
+            reply_path.display()
+        )));
     }
     let text = std::fs::read_to_string(reply_path).map_err(|e| AgentError::io(reply_path, e))?;
     let reply: OfflineEnrollReply = serde_json::from_str(&text)

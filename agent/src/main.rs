@@ -187,7 +187,11 @@ fn bundle_cmd(command: BundleCommand) -> anyhow::Result<()> {
             } else {
                 match report {
                     gaffer_agent::bundle::ReplyImportReport::Imported {
-                        reply_number, acked, assignments, outbox_pending, ..
+                        reply_number,
+                        acked,
+                        assignments,
+                        outbox_pending,
+                        ..
                     } => println!(
                         "Imported reply {reply_number}: {acked} acknowledged, {assignments} jobs queued, \
                          {outbox_pending} messages still waiting"
@@ -395,7 +399,10 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
     } else {
         println!("agent:          {} (site {})", report.agent_id, report.site);
         println!("link:           {}", report.link);
-        println!("jobs:           {} running, {} queued, {} slots", report.jobs_running, report.jobs_queued, report.job_slots);
+        println!(
+            "jobs:           {} running, {} queued, {} slots",
+            report.jobs_running, report.jobs_queued, report.job_slots
+        );
         let full = if report.outbox_full { " (FULL: not taking new jobs)" } else { "" };
         println!("outbox:         {} messages, {} bytes{full}", report.outbox_pending, report.outbox_bytes);
         match report.oldest_unacked_age_secs {

@@ -144,7 +144,10 @@ impl Runner {
         match Path::new(path).canonicalize() {
             Ok(c) if self.cfg.volumes.iter().any(|v| c.starts_with(v)) => Ok(c),
             Ok(_) => Err(outside()),
-            Err(_) if !path.split('/').any(|c| c == "..") && self.cfg.volumes.iter().any(|v| Path::new(path).starts_with(v)) => {
+            Err(_)
+                if !path.split('/').any(|c| c == "..")
+                    && self.cfg.volumes.iter().any(|v| Path::new(path).starts_with(v)) =>
+            {
                 Ok(PathBuf::from(path))
             }
             Err(e) => Err(format!("cannot open {path}: {e}")),

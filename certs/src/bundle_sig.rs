@@ -255,15 +255,7 @@ pub fn verify_signer(
         BundleSignerRole::Agent(_) => webpki::KeyUsage::client_auth(),
         BundleSignerRole::ControlPlane => webpki::KeyUsage::server_auth(),
     };
-    match ee.verify_for_usage(
-        &[webpki::ring::ECDSA_P256_SHA256],
-        &[anchor],
-        &[],
-        now,
-        usage,
-        revocation,
-        None,
-    ) {
+    match ee.verify_for_usage(&[webpki::ring::ECDSA_P256_SHA256], &[anchor], &[], now, usage, revocation, None) {
         Ok(_) => {}
         Err(webpki::Error::CertRevoked) => {
             return Err(CertError::BundleSignerRevoked {
@@ -306,8 +298,7 @@ pub fn cert_validity_unix(cert_der: &[u8]) -> Result<(i64, i64), CertError> {
 pub fn verify_detached_signature(signer: &CertificateDer<'_>, msg: &[u8], signature: &[u8]) -> Result<(), CertError> {
     let ee = webpki::EndEntityCert::try_from(signer)
         .map_err(|e| CertError::BundleSignerRejected { reason: format!("unreadable certificate: {e}") })?;
-    ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, signature)
-        .map_err(|_| CertError::BundleSignatureInvalid)
+    ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, signature).map_err(|_| CertError::BundleSignatureInvalid)
 }
 
 #[cfg(test)]
@@ -397,7 +388,13 @@ mod tests {
         ));
         // Wrong direction.
         assert!(matches!(
-            verify_bundle(&file, trust, BundleDirection::ControlToAgent, |_| BundleSignerRole::ControlPlane, UnixTime::now()),
+            verify_bundle(
+                &file,
+                trust,
+                BundleDirection::ControlToAgent,
+                |_| BundleSignerRole::ControlPlane,
+                UnixTime::now()
+            ),
             Err(CertError::BundleWrongDirection { .. })
         ));
         Ok(())

@@ -37,8 +37,8 @@ mod token;
 
 pub use agent::AgentKey;
 pub use bundle_sig::{
-    cert_validity_unix, check_bundle_recipient, encrypt_to_recipient, seal_bundle, verify_bundle, verify_detached_signature,
-    verify_signer, BundleKey, BundleSigner, BundleSignerRole, BundleTrust,
+    cert_validity_unix, check_bundle_recipient, encrypt_to_recipient, seal_bundle, verify_bundle,
+    verify_detached_signature, verify_signer, BundleKey, BundleSigner, BundleSignerRole, BundleTrust,
 };
 pub use ca::{
     FleetCa, IssuedKeyPair, RevokedCert, AGENT_CERT_VALIDITY_DAYS_DEFAULT, AGENT_CERT_VALIDITY_DAYS_MAX,
@@ -50,7 +50,7 @@ pub use inspect::{
     agent_id_from_cert_der, agent_uri_san, cert_not_after_unix, cert_serial_hex, peer_agent_id, AGENT_URI_SAN_PREFIX,
     PEM_BYTES_MAX,
 };
-pub use secret_file::write_secret_file;
+pub use secret_file::{create_private_dir, write_secret_file};
 pub use tls::{
     client_config_enroll, client_config_link, enrolled_ca_pem, server_config, tls_cert_error, EnrollServerVerifier,
 };

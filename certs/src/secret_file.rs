@@ -55,6 +55,25 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), CertError> 
     Ok(())
 }
 
+/// Creates `dir` (and its parents) and sets its mode to 0700, so secrets and sockets inside it are
+/// reachable by the owner only. An existing directory gets its mode tightened.
+///
+/// Errors: [`CertError::Io`] naming the directory.
+pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
+    let io_err = |source| CertError::Io { path: dir.to_path_buf(), source };
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder.create(dir).map_err(io_err)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)
+    }
+    #[cfg(not(unix))]
+    builder.create(dir).map_err(io_err)
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;

@@ -145,13 +145,14 @@ impl DataDir {
     /// # Errors
     /// [`DataDirError::AlreadyInitialized`], [`DataDirError::Io`].
     pub fn create(&self) -> Result<(), DataDirError> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         if self.config_path().exists() {
             return Err(DataDirError::AlreadyInitialized { path: self.root.display().to_string() });
         }
-        let io = |e| DataDirError::Io { path: self.root.display().to_string(), source: e };
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(io)?;
-        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-        Ok(())
+        gaffer_certs::create_private_dir(&self.root).map_err(|e| match e {
+            gaffer_certs::CertError::Io { source, .. } => {
+                DataDirError::Io { path: self.root.display().to_string(), source }
+            }
+            other => DataDirError::Io { path: self.root.display().to_string(), source: std::io::Error::other(other) },
+        })
     }
 }

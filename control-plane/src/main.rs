@@ -11,9 +11,9 @@ use gaffer_certs::{FleetCa, IssuedKeyPair};
 use gaffer_control::admin::{self, AdminRequest, AdminResponse};
 use gaffer_control::datadir::{ControlConfig, DataDir};
 use gaffer_control::ingest::Ingest;
-use gaffer_control::offline::{self, OfflineSync};
 use gaffer_control::link::{self, Link, LinkConfig};
 use gaffer_control::metrics::Metrics;
+use gaffer_control::offline::{self, OfflineSync};
 use gaffer_control::scheduler::{Fleet, LeasePolicy, Scheduler};
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::Store;
@@ -253,7 +253,15 @@ fn main() -> anyhow::Result<()> {
             } else {
                 match report {
                     offline::ImportReport::Imported {
-                        agent_id, bundle_number, applied, duplicates, rejected, reply_number, assignments, reply_path, ..
+                        agent_id,
+                        bundle_number,
+                        applied,
+                        duplicates,
+                        rejected,
+                        reply_number,
+                        assignments,
+                        reply_path,
+                        ..
                     } => {
                         println!(
                             "Imported bundle {bundle_number} of agent {agent_id}: {applied} applied, {duplicates} already                              applied, {rejected} refused"
@@ -316,7 +324,11 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
                 scheduler: Arc::new(Scheduler::new(store.clone())),
                 metrics: Arc::new(Metrics::new()),
             };
-            let ingest = Arc::new(Ingest::new(state.clone(), Arc::new(Fleet::default()), LinkConfig::default().health_history_max));
+            let ingest = Arc::new(Ingest::new(
+                state.clone(),
+                Arc::new(Fleet::default()),
+                LinkConfig::default().health_history_max,
+            ));
             let sync = OfflineSync::open(&dd, ca, state, ingest)?;
             return match admin::handle(store.as_ref(), &ca_fp, Some(&sync), req.clone()) {
                 AdminResponse::Error { message } => bail!("{message}"),

@@ -30,9 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use gaffer_certs::{BundleKey, BundleSigner, BundleSignerRole, BundleTrust, CertError, FleetCa, RevokedCert};
-use gaffer_protocol::bundle::{
-    self, AgentBundle, BundleDirection, BundleHeader, ControlReply, BUNDLE_BYTES_MAX,
-};
+use gaffer_protocol::bundle::{self, AgentBundle, BundleDirection, BundleHeader, ControlReply, BUNDLE_BYTES_MAX};
 use gaffer_protocol::enroll::{OfflineEnrollGrant, OfflineEnrollReply, OfflineEnrollRequest, OFFLINE_ENROLL_BYTES_MAX};
 use gaffer_protocol::messages::{AgentId, Assignment};
 use gaffer_protocol::version::{negotiate, VersionRange};
@@ -257,7 +255,14 @@ impl OfflineSync {
         crl_pem(&self.ca, self.state.store.as_ref())
     }
 
-    fn audit(&self, who: &str, action: &str, agent: Option<AgentId>, site: Option<String>, detail: String) -> Result<(), OfflineError> {
+    fn audit(
+        &self,
+        who: &str,
+        action: &str,
+        agent: Option<AgentId>,
+        site: Option<String>,
+        detail: String,
+    ) -> Result<(), OfflineError> {
         self.state.store.append_audit(&AuditRecord {
             at_ms: crate::now_ms(),
             who: crate::ingest::truncate(who, 128),
@@ -278,8 +283,9 @@ impl OfflineSync {
     /// [`OfflineError::Store`].
     pub fn enroll_offline(&self, request: &Path, out: &Path, who: &str) -> Result<OfflineEnrollReport, OfflineError> {
         let bytes = read_bounded(request, OFFLINE_ENROLL_BYTES_MAX, "offline enrollment request")?;
-        let req: OfflineEnrollRequest = serde_json::from_slice(&bytes)
-            .map_err(|e| OfflineError::Invalid(format!("{} is not an offline enrollment request: {e}", request.display())))?;
+        let req: OfflineEnrollRequest = serde_json::from_slice(&bytes).map_err(|e| {
+            OfflineError::Invalid(format!("{} is not an offline enrollment request: {e}", request.display()))
+        })?;
         negotiate(VersionRange::ours(), req.versions).map_err(|e| OfflineError::Invalid(e.to_string()))?;
         crate::scheduler::validate_site(&req.site).map_err(|e| OfflineError::Invalid(e.to_string()))?;
         gaffer_certs::check_bundle_recipient(&req.bundle_recipient)?;
@@ -359,9 +365,19 @@ impl OfflineSync {
             return Ok(RevokeReport { agent_id, serial_hex, newly_revoked: false });
         }
         let now = crate::now_ms();
-        store.insert_revoked_cert(&RevokedCertRecord { serial_hex: serial_hex.clone(), agent: agent_id, revoked_at_ms: now })?;
+        store.insert_revoked_cert(&RevokedCertRecord {
+            serial_hex: serial_hex.clone(),
+            agent: agent_id,
+            revoked_at_ms: now,
+        })?;
         store.update_agent(agent_id, &mut |a| a.revoked_at_ms = Some(now))?;
-        self.audit(who, "revoke_agent", Some(agent_id), Some(agent.site.clone()), format!("certificate serial {serial_hex}"))?;
+        self.audit(
+            who,
+            "revoke_agent",
+            Some(agent_id),
+            Some(agent.site.clone()),
+            format!("certificate serial {serial_hex}"),
+        )?;
         store.flush()?;
         tracing::warn!(agent_id = %agent_id, %who, serial = %serial_hex, "agent revoked");
         Ok(RevokeReport { agent_id, serial_hex, newly_revoked: true })
@@ -394,7 +410,9 @@ impl OfflineSync {
             return Err(OfflineError::AgentRevoked(agent_id));
         }
         let recipient = agent.bundle_recipient.clone().ok_or_else(|| {
-            OfflineError::Invalid(format!("agent {agent_id} enrolled without a bundle key; re-enroll it to use bundles"))
+            OfflineError::Invalid(format!(
+                "agent {agent_id} enrolled without a bundle key; re-enroll it to use bundles"
+            ))
         })?;
         let numbers = store.bundle_numbers(agent_id)?;
         if number < numbers.last_imported_bundle {

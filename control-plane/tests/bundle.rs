@@ -14,9 +14,7 @@ use gaffer_control::scheduler::{Fleet, Scheduler};
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{BundleNumbers, JobState, Store};
 use gaffer_control::AppState;
-use gaffer_protocol::bundle::{
-    self, AgentBundle, BundleDirection, BundleError, BundleHeader, ControlReply,
-};
+use gaffer_protocol::bundle::{self, AgentBundle, BundleDirection, BundleError, BundleHeader, ControlReply};
 use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
 use gaffer_protocol::enroll::{OfflineEnrollGrant, OfflineEnrollReply, OfflineEnrollRequest};
 use gaffer_protocol::messages::{AgentEnvelope, AgentId, AgentMessage, Profile};
@@ -48,8 +46,11 @@ fn control_plane(dir: &Path) -> Result<(Arc<FleetCa>, Arc<dyn Store>, OfflineSyn
     gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
     std::fs::write(dd.server_cert_path(), server.cert_pem)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dd.store_path())?);
-    let state =
-        AppState { store: store.clone(), scheduler: Arc::new(Scheduler::new(store.clone())), metrics: Arc::new(Metrics::new()) };
+    let state = AppState {
+        store: store.clone(),
+        scheduler: Arc::new(Scheduler::new(store.clone())),
+        metrics: Arc::new(Metrics::new()),
+    };
     let ingest = Arc::new(Ingest::new(state.clone(), Arc::new(Fleet::default()), 100));
     let ca = Arc::new(ca);
     let sync = OfflineSync::open(&dd, ca.clone(), state, ingest)?;
@@ -207,10 +208,15 @@ fn offline_jobs_arrive_once_with_digests_and_a_second_import_changes_nothing() -
     // The reply is for this agent, from the control plane, decryptable only with the agent's key,
     // and acknowledges every message.
     let (header, reply) = open_reply(&fx)?;
-    assert_eq!((header.direction, header.agent_id, header.bundle_number), (BundleDirection::ControlToAgent, fx.agent_id, 1));
+    assert_eq!(
+        (header.direction, header.agent_id, header.bundle_number),
+        (BundleDirection::ControlToAgent, fx.agent_id, 1)
+    );
     assert_eq!(reply.acks, vec![1, 2, 3, 4, 5, 6]);
     assert!(reply.crl_pem.contains("BEGIN X509 CRL"));
-    assert!(BundleKey::generate().decrypt(bundle::parse_bundle(&std::fs::read(fx.path("reply.gbundle"))?)?.ciphertext).is_err());
+    assert!(BundleKey::generate()
+        .decrypt(bundle::parse_bundle(&std::fs::read(fx.path("reply.gbundle"))?)?.ciphertext)
+        .is_err());
     // The audit log names the operator and the action.
     let audit = fx.store.list_audit(10)?;
     assert_eq!(audit[0].action, "bundle_import");

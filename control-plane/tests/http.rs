@@ -690,10 +690,8 @@ async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
             reading("Scene 42 / Take 3", 120.0, 121.0, 0.93),
         ],
     });
-    let segments = vec![
-        SpeechSegment { start_secs: 10.0, end_secs: 60.0 },
-        SpeechSegment { start_secs: 70.0, end_secs: 99.515 },
-    ];
+    let segments =
+        vec![SpeechSegment { start_secs: 10.0, end_secs: 60.0 }, SpeechSegment { start_secs: 70.0, end_secs: 99.515 }];
     let speech_secs: f64 = segments.iter().map(|s| s.end_secs - s.start_secs).sum();
     full.speech = Some(SpeechAnalysis {
         model: stamp("silero-vad", "6.2.3", 'e'),
@@ -707,7 +705,8 @@ async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
 
     let resp = f.send(get(&format!("/jobs/{}", full_job.id), Some(&cookie))).await?;
     assert_eq!(resp.status(), StatusCode::OK);
-    let csp = resp.headers().get(header::CONTENT_SECURITY_POLICY).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let csp =
+        resp.headers().get(header::CONTENT_SECURITY_POLICY).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     assert!(csp.contains("default-src 'none'") && !csp.contains("unsafe-inline"), "CSP stays strict: {csp}");
     let page = text(resp).await?;
 
@@ -734,7 +733,10 @@ async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
     assert!((at - 100.0 / 210.0).abs() < 0.002, "mark at {at} of the axis");
     let w_exposed = attr_before(&page, "<title>FEMALE_BREAST_EXPOSED · 00:01:40", "rect", "width")?;
     assert!((w_exposed / (x210 - x0) - 4.5 / 210.0).abs() < 0.002, "mark width {w_exposed}");
-    assert!(attr_before(&page, "<title>FACE_FEMALE · 00:02:30.000–00:02:30.000", "rect", "width")? > 1.0, "instants stay visible");
+    assert!(
+        attr_before(&page, "<title>FACE_FEMALE · 00:02:30.000–00:02:30.000", "rect", "width")? > 1.0,
+        "instants stay visible"
+    );
 
     // Tables: moderation, text, speech, model stamps.
     for expected in [
@@ -759,7 +761,10 @@ async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
     }
     // Text read on screen is untrusted: shown as text, never as markup.
     assert!(!page.contains("<script"), "on-screen text is escaped");
-    let escaped = ["&#60;script&#62;alert(&#39;gaffer&#39;)&#60;/script&#62;", "&lt;script&gt;alert(&#39;gaffer&#39;)&lt;/script&gt;"];
+    let escaped = [
+        "&#60;script&#62;alert(&#39;gaffer&#39;)&#60;/script&#62;",
+        "&lt;script&gt;alert(&#39;gaffer&#39;)&lt;/script&gt;",
+    ];
     assert!(
         escaped.iter().any(|e| page.contains(&format!("<td class=\"reading\">{e}</td>"))),
         "the reading is shown, escaped, in the text table"
@@ -775,7 +780,8 @@ async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
     for expected in ["3 shots", "2 cuts", "c3a5e1f00f1e5a3c", "class=\"lane lane-shots\""] {
         assert!(page.contains(expected), "shots-only job page lacks {expected}");
     }
-    for absent in ["lane-moderation", "lane-speech", "lane-text", "<h2>Moderation", "<h2>Speech", "<h2>On-screen text"] {
+    for absent in ["lane-moderation", "lane-speech", "lane-text", "<h2>Moderation", "<h2>Speech", "<h2>On-screen text"]
+    {
         assert!(!page.contains(absent), "shots-only job page shows {absent}");
     }
     Ok(())

@@ -240,7 +240,11 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<ParsedBundle<'_>, BundleError> {
             .map_err(|_| BundleError::Truncated("ciphertext length"))?,
     );
     if ct_len > BUNDLE_BYTES_MAX {
-        return Err(BundleError::TooLarge { what: "bundle ciphertext", len_bytes: ct_len, max_bytes: BUNDLE_BYTES_MAX });
+        return Err(BundleError::TooLarge {
+            what: "bundle ciphertext",
+            len_bytes: ct_len,
+            max_bytes: BUNDLE_BYTES_MAX,
+        });
     }
     let ciphertext = take(bytes, &mut at, ct_len as usize, "ciphertext")?;
     let signed_end = at;

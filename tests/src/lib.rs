@@ -451,7 +451,8 @@ impl Agent {
 
     /// `gaffer-agent status --json` (works whether or not `run` is running).
     pub fn status(&self) -> anyhow::Result<Value> {
-        let out = Command::new(bin("gaffer-agent")).args(["status", "--json", "--data-dir"]).arg(self.data_dir()).output()?;
+        let out =
+            Command::new(bin("gaffer-agent")).args(["status", "--json", "--data-dir"]).arg(self.data_dir()).output()?;
         json_output(&out, "gaffer-agent status")
     }
 

@@ -24,7 +24,7 @@
 //! [`content`]. Times are PTS × time base minus the stream's start time, in seconds.
 //!
 //! Full-resolution pictures are held only as references to the decoder's buffers while queued
-//! for the analysis thread (at most 4 batches, see [`ANALYSIS_BATCH_BYTES_MAX`]); beyond that
+//! for the analysis thread (at most 4 batches of at most 8 frames or 4 MiB); beyond that
 //! the pipeline holds one small BGRx frame, two frames' HSV planes and a bounded set of
 //! 256-byte thumbnails.
 //!
@@ -388,7 +388,11 @@ impl Converter {
     }
 
     /// Converts `picture` to BGRx of `pw` × `ph` pixels; returns the rows and their stride.
-    fn convert(&mut self, picture: &ffmpeg::frame::Video, (pw, ph): (u32, u32)) -> Result<(&[u8], usize), AnalysisError> {
+    fn convert(
+        &mut self,
+        picture: &ffmpeg::frame::Video,
+        (pw, ph): (u32, u32),
+    ) -> Result<(&[u8], usize), AnalysisError> {
         let (w, h) = (picture.width(), picture.height());
         let input_matches = self.scaler.as_ref().is_some_and(|s| {
             let i = s.input();
@@ -447,7 +451,15 @@ impl ShotAnalyzer {
     }
 
     /// Analyzes one BGRx frame of `w` × `h` pixels whose rows start every `stride` bytes.
-    fn push(&mut self, frame: u64, time_secs: f64, w: usize, h: usize, bgrx: &[u8], stride: usize) -> Result<(), AnalysisError> {
+    fn push(
+        &mut self,
+        frame: u64,
+        time_secs: f64,
+        w: usize,
+        h: usize,
+        bgrx: &[u8],
+        stride: usize,
+    ) -> Result<(), AnalysisError> {
         let (threshold, min_shot_frames) = (self.threshold, self.min_shot_frames);
         let detector = self.detector.get_or_insert_with(|| ContentDetector::new(w, h, threshold, min_shot_frames));
         let thumbnailer = self.thumbnailer.get_or_insert_with(|| Thumbnailer::new(w, h));

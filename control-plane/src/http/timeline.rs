@@ -279,13 +279,7 @@ impl TimelineView {
         };
 
         let (shot_marks, cuts) = shot_lane(scale, d);
-        lane(
-            "shots",
-            format!("{} shots, {} cuts", d.shots.shots.len(), d.shots.cuts.len()),
-            "shots",
-            shot_marks,
-            cuts,
-        );
+        lane("shots", format!("{} shots, {} cuts", d.shots.shots.len(), d.shots.cuts.len()), "shots", shot_marks, cuts);
 
         let mut labels_omitted = 0;
         if let Some(m) = &d.moderation {
@@ -427,13 +421,7 @@ fn shot_lane(scale: Scale, d: &Digest) -> (Vec<Mark>, Vec<String>) {
         let title = if i == j {
             format!("Shot {} · {}–{}", first.index, timecode(first.start_secs), timecode(first.end_secs))
         } else {
-            format!(
-                "Shots {}–{} · {}–{}",
-                first.index,
-                last.index,
-                timecode(first.start_secs),
-                timecode(last.end_secs)
-            )
+            format!("Shots {}–{} · {}–{}", first.index, last.index, timecode(first.start_secs), timecode(last.end_secs))
         };
         let class = if marks.len() % 2 == 0 { "shot-a" } else { "shot-b" };
         marks.push(Mark { x: units(x0), width: units(x1 - x0), class, title });

@@ -46,12 +46,10 @@ use sled::Transactional;
 use uuid::Uuid;
 
 use super::{
-    AuditRecord, BundleNumbers, RevokedCertRecord,
-};
-use super::{
     AgentRecord, EnrollmentTokenRecord, HealthSample, JobRecord, JobState, SessionRecord, Store, StoreError,
     StoreResult, UnixMs,
 };
+use super::{AuditRecord, BundleNumbers, RevokedCertRecord};
 use gaffer_protocol::messages::{AgentId, JobId};
 
 const ADMIN_HASH_KEY: &[u8] = b"admin_password_hash";
