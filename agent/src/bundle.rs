@@ -137,7 +137,7 @@ pub fn load_bundle_key(dd: &DataDir) -> Result<BundleKey, AgentError> {
 /// [`AgentError::NotEnrolled`]; [`AgentError::Config`] if the agent has no control-plane bundle
 /// recipient (enrolled before offline sync); [`AgentError::Cert`] if the keys are unusable or the
 /// bundle exceeds the size limit; [`AgentError::State`], [`AgentError::Io`].
-pub fn export(db: &sled::Db, dd: &DataDir, out: &Path) -> Result<ExportReport, AgentError> {
+pub fn export(db: &sled::Db, dd: &DataDir, outbox: &Outbox, out: &Path) -> Result<ExportReport, AgentError> {
     let identity = dd.load_identity()?;
     let recipient = identity.bundle_recipient.clone().ok_or_else(|| {
         AgentError::Config(
@@ -146,15 +146,17 @@ pub fn export(db: &sled::Db, dd: &DataDir, out: &Path) -> Result<ExportReport, A
     })?;
     let signer = BundleSigner::from_pem(&dd.read(&dd.cert_path())?, &dd.read(&dd.key_path())?)?;
     let ca_fingerprint = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_path())?)?;
-    let outbox = Outbox::open(db)?;
     let envelopes: Vec<AgentEnvelope> = outbox
         .entries()?
         .into_iter()
         .map(|e| AgentEnvelope { agent_id: identity.agent_id, seq: e.seq, body: e.message })
         .collect();
     let messages = envelopes.len();
-    let payload = bundle::encode_payload(&AgentBundle { envelopes, capabilities: None })
-        .map_err(gaffer_certs::CertError::from)?;
+    // What `run` last advertised, so the control plane can also send site-wide jobs this agent
+    // can reach (absent if the agent never ran: then only jobs pinned to it come back).
+    let capabilities = std::fs::read(dd.capabilities_path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let payload =
+        bundle::encode_payload(&AgentBundle { envelopes, capabilities }).map_err(gaffer_certs::CertError::from)?;
 
     let meta = db.open_tree("bundle_meta")?;
     let number = meta_get(&meta, LAST_EXPORTED)? + 1;
@@ -183,7 +185,7 @@ pub fn export(db: &sled::Db, dd: &DataDir, out: &Path) -> Result<ExportReport, A
 /// by a revoked or wrong certificate, or undecryptable; [`AgentError::BundleNotForThisAgent`];
 /// [`AgentError::BundleOutdated`]; [`AgentError::Protocol`] for a payload that does not decode or
 /// a renewed certificate that is not for our key; [`AgentError::State`], [`AgentError::Io`].
-pub fn import(db: &sled::Db, dd: &DataDir, file: &Path) -> Result<ReplyImportReport, AgentError> {
+pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Result<ReplyImportReport, AgentError> {
     let identity = dd.load_identity()?;
     let ca_pem = dd.read(&dd.ca_path())?;
     let crl_pem = match std::fs::read_to_string(crl_path(dd)) {
@@ -232,7 +234,6 @@ pub fn import(db: &sled::Db, dd: &DataDir, file: &Path) -> Result<ReplyImportRep
     }
 
     // Apply.
-    let outbox = Outbox::open(db)?;
     for seq in &reply.acks {
         outbox.ack(*seq)?;
     }

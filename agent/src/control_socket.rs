@@ -83,6 +83,16 @@ impl StatusReport {
 pub enum ControlRequest {
     /// Report status.
     Status,
+    /// Write an offline-sync bundle of everything unacknowledged to `out` (absolute path).
+    BundleExport {
+        /// Where to write it.
+        out: std::path::PathBuf,
+    },
+    /// Apply a reply bundle (absolute path) and queue its jobs.
+    BundleImport {
+        /// The reply bundle.
+        file: std::path::PathBuf,
+    },
 }
 
 /// A response on the socket.
@@ -91,6 +101,10 @@ pub enum ControlRequest {
 pub enum ControlResponse {
     /// Answer to [`ControlRequest::Status`].
     Status(StatusReport),
+    /// Answer to [`ControlRequest::BundleExport`].
+    BundleExported(crate::bundle::ExportReport),
+    /// Answer to [`ControlRequest::BundleImport`].
+    BundleImported(crate::bundle::ReplyImportReport),
     /// The request failed.
     Error {
         /// Why.
@@ -110,6 +124,10 @@ pub struct AgentHandles {
     pub runner: Arc<Runner>,
     /// Link state (None in `--offline` mode).
     pub link: Option<Arc<LinkStatus>>,
+    /// The state database.
+    pub db: sled::Db,
+    /// The data directory.
+    pub data_dir: crate::datadir::DataDir,
 }
 
 impl AgentHandles {
@@ -127,6 +145,16 @@ impl AgentHandles {
             ControlRequest::Status => {
                 StatusReport::collect(&self.agent_id, &self.site, self.link_name(), &self.outbox, Some(&self.runner))
                     .map(ControlResponse::Status)
+            }
+            ControlRequest::BundleExport { out } => {
+                crate::bundle::export(&self.db, &self.data_dir, &self.outbox, &out).map(ControlResponse::BundleExported)
+            }
+            ControlRequest::BundleImport { file } => {
+                crate::bundle::import(&self.db, &self.data_dir, &self.outbox, &file).and_then(|report| {
+                    // Jobs the reply brought start now.
+                    self.runner.enqueue_offline_assignments()?;
+                    Ok(ControlResponse::BundleImported(report))
+                })
             }
         };
         result.unwrap_or_else(|e| ControlResponse::Error { message: e.to_string() })

@@ -72,6 +72,10 @@ impl DataDir {
     pub fn state_path(&self) -> PathBuf {
         self.root.join("state")
     }
+    /// The capabilities `run` last advertised (JSON), for offline-sync bundles.
+    pub fn capabilities_path(&self) -> PathBuf {
+        self.root.join("capabilities.json")
+    }
     /// Control socket of the running agent.
     pub fn socket_path(&self) -> PathBuf {
         self.root.join("agent.sock")

@@ -148,59 +148,67 @@ fn main() -> anyhow::Result<()> {
         Command::Models(args) => cmd_models::run(args),
         Command::Status(args) => tokio::runtime::Runtime::new()?.block_on(status_cmd(args)),
         Command::Enroll(args) => tokio::runtime::Runtime::new()?.block_on(enroll_cmd(args)),
-        Command::Bundle { command } => bundle_cmd(command),
+        Command::Bundle { command } => tokio::runtime::Runtime::new()?.block_on(bundle_cmd(command)),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run_cmd(args)),
     }
 }
 
-/// Bundle commands open the state database directly (the running agent holds it: stop it first,
-/// until these go through `agent.sock`).
-fn bundle_cmd(command: BundleCommand) -> anyhow::Result<()> {
-    let open = |data_dir: &PathBuf| {
-        let dd = DataDir::new(data_dir);
-        let db = sled::open(dd.state_path()).with_context(|| {
-            format!("opening {} (is gaffer-agent run using this data dir?)", dd.state_path().display())
-        })?;
-        anyhow::Ok((dd, db))
-    };
-    match command {
+/// Bundle commands go through `agent.sock` when the agent runs (it holds the state database), and
+/// open the state themselves when it does not.
+async fn bundle_cmd(command: BundleCommand) -> anyhow::Result<()> {
+    use gaffer_agent::bundle::{ExportReport, ReplyImportReport};
+    use gaffer_agent::control_socket::{ControlRequest, ControlResponse};
+    enum Done {
+        Exported(ExportReport),
+        Imported(ReplyImportReport),
+    }
+    let (data_dir, req, json) = match &command {
         BundleCommand::Export { data_dir, out, json } => {
-            let (dd, db) = open(&data_dir)?;
-            let report = gaffer_agent::bundle::export(&db, &dd, &out)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!(
-                    "Wrote bundle {} ({} messages, {} bytes) to {}",
-                    report.bundle_number,
-                    report.messages,
-                    report.size_bytes,
-                    report.path.display()
-                );
-            }
+            (data_dir, ControlRequest::BundleExport { out: std::path::absolute(out)? }, *json)
         }
         BundleCommand::Import { data_dir, file, json } => {
-            let (dd, db) = open(&data_dir)?;
-            let report = gaffer_agent::bundle::import(&db, &dd, &file)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                match report {
-                    gaffer_agent::bundle::ReplyImportReport::Imported {
-                        reply_number,
-                        acked,
-                        assignments,
-                        outbox_pending,
-                        ..
-                    } => println!(
-                        "Imported reply {reply_number}: {acked} acknowledged, {assignments} jobs queued, \
-                         {outbox_pending} messages still waiting"
-                    ),
-                    gaffer_agent::bundle::ReplyImportReport::AlreadyImported { reply_number } => {
-                        println!("Reply {reply_number} was already imported; nothing changed")
-                    }
+            (data_dir, ControlRequest::BundleImport { file: std::path::absolute(file)? }, *json)
+        }
+    };
+    let dd = DataDir::new(data_dir);
+    let done = match control_socket::request(&dd.socket_path(), &req).await? {
+        Some(ControlResponse::BundleExported(r)) => Done::Exported(r),
+        Some(ControlResponse::BundleImported(r)) => Done::Imported(r),
+        Some(other) => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+        None => {
+            let db = sled::open(dd.state_path()).with_context(|| format!("opening {}", dd.state_path().display()))?;
+            let outbox = Outbox::open(&db)?;
+            let done = match req {
+                ControlRequest::BundleExport { out } => {
+                    Done::Exported(gaffer_agent::bundle::export(&db, &dd, &outbox, &out)?)
                 }
-            }
+                ControlRequest::BundleImport { file } => {
+                    Done::Imported(gaffer_agent::bundle::import(&db, &dd, &outbox, &file)?)
+                }
+                ControlRequest::Status => unreachable!("only bundle requests are built above"),
+            };
+            db.flush()?;
+            done
+        }
+    };
+    match done {
+        Done::Exported(report) if json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Done::Exported(report) => println!(
+            "Wrote bundle {} ({} messages, {} bytes) to {}",
+            report.bundle_number,
+            report.messages,
+            report.size_bytes,
+            report.path.display()
+        ),
+        Done::Imported(report) if json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Done::Imported(ReplyImportReport::Imported { reply_number, acked, assignments, outbox_pending, .. }) => {
+            println!(
+                "Imported reply {reply_number}: {acked} acknowledged, {assignments} jobs queued, \
+             {outbox_pending} messages still waiting"
+            )
+        }
+        Done::Imported(ReplyImportReport::AlreadyImported { reply_number }) => {
+            println!("Reply {reply_number} was already imported; nothing changed")
         }
     }
     Ok(())
@@ -298,6 +306,8 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         models: installed_models,
     };
     let health = Arc::new(Mutex::new(health));
+    std::fs::write(dd.capabilities_path(), serde_json::to_vec_pretty(&capabilities)?)
+        .with_context(|| format!("writing {}", dd.capabilities_path().display()))?;
 
     // Jobs held before a restart, and assignments a bundle import left while the agent was down,
     // start now, link or no link.
@@ -342,6 +352,8 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         outbox: outbox.clone(),
         runner: runner.clone(),
         link: link_status.clone(),
+        db: db.clone(),
+        data_dir: dd.clone(),
     });
     let _socket = control_socket::serve(&dd.socket_path(), handles).await?;
     tracing::info!(agent_id = %identity.agent_id, site = %identity.site, control = %identity.control_addr,
@@ -376,22 +388,35 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
 async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
     let dd = DataDir::new(&args.data_dir);
     let identity = dd.load_identity()?;
-    let report = match control_socket::request(&dd.socket_path(), &control_socket::ControlRequest::Status).await? {
-        Some(control_socket::ControlResponse::Status(r)) => r,
-        Some(other) => anyhow::bail!("unexpected answer from the agent: {other:?}"),
-        None => {
-            let db = sled::open(dd.state_path())
-                .with_context(|| format!("opening {} (agent not running)", dd.state_path().display()))?;
-            let outbox = Outbox::open(&db)?;
-            let mut r = control_socket::StatusReport::collect(
-                &identity.agent_id.to_string(),
-                &identity.site,
-                "stopped",
-                &outbox,
-                None,
-            )?;
-            r.jobs_queued = db.open_tree("jobs")?.len() as u32;
-            r
+    // An agent that is starting holds the database before its socket is up: retry for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let report = loop {
+        match control_socket::request(&dd.socket_path(), &control_socket::ControlRequest::Status).await? {
+            Some(control_socket::ControlResponse::Status(r)) => break r,
+            Some(other) => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+            None => {}
+        }
+        match sled::open(dd.state_path()) {
+            Ok(db) => {
+                let outbox = Outbox::open(&db)?;
+                let mut r = control_socket::StatusReport::collect(
+                    &identity.agent_id.to_string(),
+                    &identity.site,
+                    "stopped",
+                    &outbox,
+                    None,
+                )?;
+                r.jobs_queued = db.open_tree("jobs")?.len() as u32;
+                break r;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "state database busy; waiting for the agent's socket");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!(
+                "cannot read {}: {e}; if gaffer-agent run is starting, try again in a moment",
+                dd.state_path().display()
+            ),
         }
     };
     if args.json {

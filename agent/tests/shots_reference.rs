@@ -82,6 +82,33 @@ fn matching_is_one_to_one() {
     assert_eq!(match_cuts(&[], &[1], 2), 0);
 }
 
+/// The `threads` parameter the digest reports for the decoder.
+fn decode_threads(d: &Digest) -> String {
+    let decode = d.analyzers.iter().find(|a| a.name == "decode.ffmpeg").expect("decode.ffmpeg analyzer");
+    decode.parameters.iter().find(|(k, _)| k == "threads").map(|(_, v)| v.clone()).expect("threads parameter")
+}
+
+/// Decoder threading is a speed choice only: frame-threaded and single-threaded decoding give the
+/// same frames, cuts, scores and keyframes.
+#[test]
+fn decoder_threading_does_not_change_the_digest() {
+    let path = media("bikes.mp4");
+    let cancel = AtomicBool::new(false);
+    let run = |threads: usize| {
+        let opts = AnalyzeOptions { decode_threads: threads, ..AnalyzeOptions::default() };
+        analyze_file(&path, &opts, &mut |_| {}, &cancel).expect("bikes.mp4 analyzes")
+    };
+    let auto = run(0);
+    let single = run(1);
+    // 640x272 is above the frame-threading threshold: auto uses more than one thread.
+    assert_ne!(decode_threads(&auto), "1");
+    assert_eq!(decode_threads(&single), "1");
+    assert_eq!(auto.shots.frames_decoded, single.shots.frames_decoded);
+    assert!(!auto.shots.cuts.is_empty(), "bikes.mp4 has cuts");
+    assert_eq!(auto.shots.cuts, single.shots.cuts);
+    assert_eq!(auto.shots.shots, single.shots.shots);
+}
+
 #[test]
 fn test_mp4_cuts_match_pyscenedetect() {
     let (reference, reference_frames) = reference_cuts();
@@ -140,6 +167,8 @@ fn test_mp4_cuts_match_pyscenedetect() {
     // The digest names its analyzers and their parameters and survives a JSON round trip.
     let names: Vec<&str> = digest.analyzers.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["decode.ffmpeg", "shots.content", "keyframes.phash"]);
+    // 160x90 is below the frame-threading threshold: auto decodes it with one thread.
+    assert_eq!(decode_threads(&digest), "1");
     let json = serde_json::to_string(&digest).expect("serialize");
     let back: Digest = serde_json::from_str(&json).expect("deserialize");
     assert_eq!((&back.source, &back.technical.container), (&digest.source, &digest.technical.container));

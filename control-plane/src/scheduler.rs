@@ -327,6 +327,11 @@ impl Scheduler {
         for job in leased {
             let Some(agent) = job.agent else { continue };
             if fleet.disconnected_for(agent).is_some_and(|d| d >= grace) {
+                // Air-gapped agents never connect: their leases last until a bundle brings the
+                // result (or an operator revokes the agent).
+                if self.store.get_agent(agent)?.is_some_and(|a| a.offline && a.revoked_at_ms.is_none()) {
+                    continue;
+                }
                 let reason = format!("lease lost: agent {agent} disconnected for more than {}s", grace.as_secs());
                 if self.requeue(job.id, agent, &reason)? {
                     tracing::warn!(job_id = %job.id, agent_id = %agent, "requeued job of a disconnected agent");

@@ -34,8 +34,7 @@ fn air_gapped_round_trip_delivers_every_digest_once() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    // Bundle commands open the agent's state directly: stop the agent first.
-    agent.kill();
+    // The agent keeps running: bundle commands reach it through its control socket.
 
     let bundle = agent.dir.path().join("out-1.gbundle");
     let export = agent.bundle_export(&bundle)?;
@@ -79,7 +78,10 @@ fn air_gapped_round_trip_delivers_every_digest_once() -> anyhow::Result<()> {
     assert_eq!(applied["outbox_pending"], 0, "{applied}");
     let again: serde_json::Value = serde_json::from_slice(&agent.bundle_import_raw(&reply)?.stdout)?;
     assert_eq!(again["outcome"], "already_imported", "{again}");
-    assert_eq!(agent.status()?["outbox_pending"], 0);
+    let status = agent.status()?;
+    assert_eq!(status["outbox_pending"], 0, "{status}");
+    assert_eq!(status["link"], "offline", "{status}");
+    assert!(agent.is_running(), "the agent stayed up through export and import");
 
     // Re-importing the agent bundle is a no-op at the control plane.
     let out = cp.bundle_import_raw(&bundle, &agent.dir.path().join("reply-again.gbundle"))?;

@@ -116,7 +116,7 @@ impl Thumbnailer {
         let col_samples: Vec<std::ops::Range<usize>> = (0..THUMB_SIDE)
             .map(|c| {
                 let mut ks = (0..samples).filter(|&k| bin_of(k * SUBSAMPLE) == c);
-                match (ks.next(), ks.last()) {
+                match (ks.next(), ks.next_back()) {
                     (Some(first), last) => first..last.unwrap_or(first) + 1,
                     (None, _) => 0..0,
                 }
@@ -354,8 +354,8 @@ mod tests {
             }
         }
         let mut out = flat(0);
-        for i in 0..out.len() {
-            out[i] = if counts[i] == 0 { 0 } else { ((sums[i] + counts[i] / 2) / counts[i]) as u8 };
+        for ((o, s), n) in out.iter_mut().zip(sums).zip(counts) {
+            *o = (s + n / 2).checked_div(n).unwrap_or(0) as u8;
         }
         out
     }
