@@ -7,6 +7,8 @@
 //! proptest prints the shrunk failing case and records it under `proptest-regressions/`, so a
 //! failure replays on the next run.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
 use std::collections::BTreeMap;
 
 use gaffer_agent::outbox::{Outbox, OutboxLimits};

@@ -1,5 +1,7 @@
 //! Codec properties: every message round-trips, and hostile byte streams fail with typed errors.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
 use gaffer_protocol::codec::{decode_payload, encode_frame, CodecError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
 use gaffer_protocol::digest::*;
 use gaffer_protocol::health::*;
