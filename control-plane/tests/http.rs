@@ -786,3 +786,81 @@ async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn audit_log_page_and_fleet_page_show_operator_actions_escaped() -> Result<()> {
+    use gaffer_control::store::AuditRecord;
+    let f = Fixture::new()?;
+    let now = gaffer_control::now_ms();
+    // Without a session: to the login page, like every dashboard page.
+    for cookie in [None, Some("gaffer_session=forged")] {
+        let resp = f.send(get("/audit", cookie)).await?;
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER, "/audit with {cookie:?}");
+        assert_eq!(resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/login"));
+    }
+
+    f.store.append_audit(&AuditRecord {
+        at_ms: now - 120_000,
+        who: "o'brien & <ops>".into(),
+        action: "enroll_offline".into(),
+        agent: Some(f.agent_id),
+        site: Some("stage-a".into()),
+        detail: "host \"gpu-box-9\", reply written to /tmp/<script>alert(1)</script>.json".into(),
+    })?;
+    f.store.append_audit(&AuditRecord {
+        at_ms: now - 1_000,
+        who: "alice".into(),
+        action: "bundle_import".into(),
+        agent: Some(f.agent_id),
+        site: Some("stage-a".into()),
+        detail: "bundle 7: 12 applied, 0 duplicates, 0 rejected; reply 7 with 12 acks, 1 jobs".into(),
+    })?;
+    let session = f.login().await?;
+    let cookie = format!("gaffer_session={session}");
+
+    let resp = f.send(get("/audit", Some(&cookie))).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let page = text(resp).await?;
+    // Escaped, never raw markup from the store.
+    assert!(!page.contains("<script>"), "raw markup from an audit entry reached the page");
+    assert!(!page.contains("<ops>"));
+    assert!(page.contains("&#60;script&#62;alert(1)&#60;/script&#62;"), "detail is shown, escaped");
+    assert!(page.contains("o&#39;brien &#38; &#60;ops&#62;"), "who is shown, escaped");
+    // Who, what, when, which agent; newest first.
+    let newer = page.find("bundle 7: 12 applied").context("newer entry listed")?;
+    let older = page.find("enroll_offline").context("older entry listed")?;
+    assert!(newer < older, "entries are not newest first");
+    assert!(page.contains("alice"));
+    assert!(page.contains(&format!("/agents/{}", f.agent_id)), "links to the agent");
+    let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now - 1_000) * 1_000_000)?
+        .format(&time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC"))?;
+    assert!(page.contains(&when), "when, as UTC date-time ({when})");
+    assert!(page.contains("2 min ago"), "when, relative");
+    assert!(page.contains("href=\"/audit\""), "nav link");
+
+    // The fleet page shows them too, with the nav link.
+    let fleet = text(f.send(get("/", Some(&cookie))).await?).await?;
+    assert!(fleet.contains("bundle 7: 12 applied"));
+    assert!(fleet.contains("o&#39;brien &#38; &#60;ops&#62;"));
+    assert!(!fleet.contains("<script>"));
+    assert!(fleet.contains("href=\"/audit\""));
+
+    // Only the latest five on the fleet page; the audit page keeps them all.
+    for i in 0..5 {
+        f.store.append_audit(&AuditRecord {
+            at_ms: now + i,
+            who: "bob".into(),
+            action: "revoke_agent".into(),
+            agent: None,
+            site: None,
+            detail: format!("certificate serial 0{i}ab"),
+        })?;
+    }
+    let fleet = text(f.send(get("/", Some(&cookie))).await?).await?;
+    assert_eq!(fleet.matches("revoke_agent").count(), 5);
+    assert!(!fleet.contains("bundle 7: 12 applied"), "the fleet page shows more than the latest five");
+    let page = text(f.send(get("/audit", Some(&cookie))).await?).await?;
+    assert!(page.contains("bundle 7: 12 applied") && page.contains("enroll_offline"));
+    assert_eq!(page.matches("revoke_agent").count(), 5);
+    Ok(())
+}

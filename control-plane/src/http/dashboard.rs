@@ -52,7 +52,8 @@ pub(crate) async fn fleet(session: Session, State(state): State<HttpState>) -> R
         job_counts.push(Count { label: s.as_str(), count: store.jobs_in_state(s)?.len() });
     }
     let online_count = agents.iter().filter(|a| a.online).count();
-    Ok(Page(FleetPage { csrf: session.record.csrf_token, agents, job_counts, online_count }).into_response())
+    let audit = super::audit::AuditRow::latest(store, super::audit::FLEET_AUDIT_MAX, now)?;
+    Ok(Page(FleetPage { csrf: session.record.csrf_token, agents, job_counts, online_count, audit }).into_response())
 }
 
 pub(crate) async fn agent_page(

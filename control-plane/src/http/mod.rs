@@ -14,6 +14,7 @@
 //! every request at [`REQUEST_TIMEOUT_SECS`] (30 s, then 503).
 
 mod api;
+mod audit;
 mod auth;
 mod dashboard;
 mod timeline;
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs", get(dashboard::jobs_page).post(dashboard::submit_job))
         .route("/jobs/new", get(dashboard::new_job_form))
         .route("/jobs/{id}", get(dashboard::job_page))
+        .route("/audit", get(audit::audit_page))
         .route("/metrics", get(metrics))
         .route("/static/app.css", get(stylesheet))
         .fallback(dashboard::not_found)

@@ -418,6 +418,8 @@ pub(crate) struct FleetPage {
     pub agents: Vec<AgentRow>,
     pub job_counts: Vec<Count>,
     pub online_count: usize,
+    /// The newest operator actions (`audit_table.html`), newest first.
+    pub audit: Vec<super::audit::AuditRow>,
 }
 
 /// A GPU from the agent's capabilities.
