@@ -79,7 +79,7 @@ pub const FRAME_THREADING_PIXELS_MIN: u64 = 320 * 240;
 /// Most decoder threads [`AnalyzeOptions::decode_threads`] may ask for: 64.
 pub const DECODE_THREADS_MAX: usize = 64;
 
-/// swscale flags when the frame is only converted (YUV → BGR24), not resized: `SWS_BICUBIC`,
+/// swscale flags when the frame is only converted (YUV → BGRx), not resized: `SWS_BICUBIC`,
 /// the flags OpenCV's FFmpeg capture backend uses, so PySceneDetect sees the same pixels.
 const SCALE_FLAGS_CONVERT: scaling::Flags = scaling::Flags::BICUBIC;
 
