@@ -25,10 +25,12 @@
 //!    from top-left, clipped, dropped when a side is ≤ 3 px, and sorted top-to-bottom,
 //!    left-to-right (`sorted_boxes`, same 10-pixel line tolerance).
 //! 4. **Crops** (`get_crop_img_list`): each box is rectified with a perspective warp to
-//!    `int(longest opposite sides)`, bicubic, replicated borders (`cv2.warpPerspective`; here
-//!    `imageproc::geometric_transformations`, whose bicubic kernel is a = −0.5 where OpenCV's is
-//!    a = −0.75: identical for axis-aligned text, slightly different for rotated text); crops at
-//!    least 1.5× taller than wide are turned 90° counter-clockwise.
+//!    `int(longest opposite sides)`, bicubic, replicated borders (`cv2.warpPerspective`
+//!    `INTER_CUBIC`, `BORDER_REPLICATE`; here `warp_perspective_cubic`, which reproduces
+//!    OpenCV 5's float computation with its A = −0.75 kernel); crops at least 1.5× taller than
+//!    wide are turned 90° counter-clockwise. All resizes (steps 2, 5, 6) reproduce
+//!    `cv2.resize`'s fixed-point arithmetic bit for bit ([`super::resize`]): the recognizer's
+//!    choice of a space between two words changes with one-level differences in its input.
 //! 5. **Orientation** (`ch_ppocr_cls`): crops resized to height 48, width ⌈48·w/h⌉ ≤ 192,
 //!    zero-padded to 192, `(v/255 − 0.5)/0.5`; label `180` with probability >
 //!    [`CLS_THRESH`] (0.9) turns the crop 180°.
@@ -700,6 +702,21 @@ mod tests {
         let b = |x: i32, y: i32| [[x, y], [x + 10, y], [x + 10, y + 5], [x, y + 5]];
         let sorted = sorted_boxes(vec![b(50, 104), b(10, 100), b(0, 300)]);
         assert_eq!(sorted, vec![b(10, 100), b(50, 104), b(0, 300)]);
+    }
+
+    #[test]
+    fn axis_aligned_crops_copy_pixels_exactly() {
+        // A translation-only warp samples whole pixels: OpenCV's cubic kernel is (0, 1, 0, 0)
+        // there, so the crop is the frame's pixels unchanged.
+        let (w, h) = (9u32, 6u32);
+        let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let img = WorkImage { data: std::borrow::Cow::Borrowed(&data), width: w, height: h };
+        let crop = Ocr::rotate_crop(&img, &[[2, 1], [7, 1], [7, 4], [2, 4]]);
+        assert_eq!(crop.dimensions(), (5, 3));
+        for (x, y, p) in crop.enumerate_pixels() {
+            let at = (((y + 1) * w + x + 2) * 3) as usize;
+            assert_eq!(p.0, [data[at], data[at + 1], data[at + 2]], "at {x},{y}");
+        }
     }
 
     #[test]

@@ -257,6 +257,23 @@ mod tests {
     }
 
     #[test]
+    fn upscaling_matches_cv2_resize_bit_for_bit() {
+        // `cv2.resize(a, (7, 5))` (opencv-python 5.0.0) on this 3x2 image: the edge rows keep
+        // their fraction and the fixed-point rounding differs from exact rounding.
+        let data = [10u8, 200, 33, 77, 5, 250, 128, 129, 130, 255, 0, 17, 90, 91, 92, 3, 250, 61];
+        let cv2 = [
+            10u8, 200, 33, 19, 172, 64, 48, 89, 157, 77, 5, 250, 99, 58, 199, 121, 111, 147, 128, 129, 130, 34, 180,
+            31, 41, 156, 60, 59, 85, 147, 78, 13, 234, 94, 68, 186, 110, 123, 139, 115, 141, 123, 133, 100, 25, 125,
+            93, 46, 104, 70, 108, 84, 48, 171, 76, 109, 139, 68, 169, 106, 66, 190, 96, 230, 20, 19, 210, 29, 31, 149,
+            56, 69, 88, 82, 108, 57, 149, 91, 26, 216, 73, 15, 238, 68, 255, 0, 17, 231, 13, 28, 161, 52, 60, 90, 91,
+            92, 53, 159, 79, 15, 227, 65, 3, 250, 61,
+        ];
+        let mut out = Vec::new();
+        Resizer::new().resize_rgb(&Source::packed(&data, 3, 2), 7, 5, &mut out);
+        assert_eq!(out, cv2);
+    }
+
+    #[test]
     fn padding_reads_black_and_bgr_swaps_planes() {
         let data = [200u8, 100, 50];
         let src = Source { padded_width: 2, padded_height: 1, ..Source::packed(&data, 1, 1) };
