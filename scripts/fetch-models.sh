@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:-${GAFFER_MODELS_DIR:-$HOME/.cache/gaffer/models-datadir}}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build -p gaffer-agent --bin gaffer-agent
+# Same package set as scripts/test.sh builds, so features unify the same way and nothing rebuilds.
+cargo build -q -p gaffer-control -p gaffer-agent
 mkdir -p "$dir"
 "$CARGO_TARGET_DIR/debug/gaffer-agent" models fetch --data-dir "$dir" "${@:2}"
 "$CARGO_TARGET_DIR/debug/gaffer-agent" models list --data-dir "$dir"
