@@ -1,8 +1,12 @@
-//! `gaffer-agent analyze FILE [--profile shots] [--json]`: run the local analysis pipeline on one
-//! file and print the digest, without a control plane.
+//! `gaffer-agent analyze FILE [--profile shots|full] [--data-dir DIR] [--json]`: run the local
+//! analysis pipeline on one file and print the digest, without a control plane.
+//!
+//! `--profile full` also runs moderation, on-screen text and speech with the ONNX Runtime and
+//! models provisioned in `--data-dir` (or `$GAFFER_MODELS_DIR`) by `gaffer-agent models fetch`.
 //!
 //! stdout carries only the result: the digest as pretty JSON with `--json`, otherwise a human
-//! summary (container, duration, resolution, frame rate, shots with HH:MM:SS.mmm timecodes).
+//! summary (container, duration, resolution, frame rate, shots with HH:MM:SS.mmm timecodes, and
+//! for `full` the moderation ranges, text readings and speech segments).
 //! The progress bar goes to stderr, and only when stderr is a terminal.
 
 use std::io::{IsTerminal, Write};
@@ -10,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
+use gaffer_agent::analysis::full::{FullAnalysis, FullOptions, Models};
 use gaffer_agent::analysis::{self, AnalyzeOptions, Profile, ProgressUpdate};
 use gaffer_protocol::digest::{Digest, StreamKind};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -31,6 +36,16 @@ pub struct AnalyzeArgs {
     /// Minimum shot length, frames.
     #[arg(long, default_value_t = analysis::content::MIN_SHOT_FRAMES_DEFAULT)]
     pub min_shot_frames: u32,
+    /// Agent data directory holding the ONNX Runtime and models (`gaffer-agent models fetch
+    /// --data-dir DIR`); needed by `--profile full`.
+    #[arg(long, env = "GAFFER_MODELS_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `full`: moderation samples per second of media (each shot's first frame comes on top).
+    #[arg(long, default_value_t = analysis::full::MODERATION_SAMPLE_FPS_DEFAULT)]
+    pub moderation_fps: f64,
+    /// `full`: OCR samples per second of media (each shot's first frame comes on top).
+    #[arg(long, default_value_t = analysis::full::OCR_SAMPLE_FPS_DEFAULT)]
+    pub ocr_fps: f64,
 }
 
 /// Formats seconds as `HH:MM:SS.mmm` (negative or non-finite values print as zero).
@@ -66,8 +81,18 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
         bar.set_position((f64::from(p.fraction) * 1000.0) as u64);
         bar.set_message(format!("{} frames", p.frames_decoded));
     };
+    let models = match args.profile {
+        Profile::Shots => None,
+        Profile::Full => Some(open_models(args.data_dir.as_deref())?),
+    };
+    let full_opts = FullOptions {
+        moderation_sample_fps: args.moderation_fps,
+        ocr_sample_fps: args.ocr_fps,
+        ..FullOptions::default()
+    };
+    let full = models.as_ref().map(|models| FullAnalysis { models, options: &full_opts });
     let cancel = AtomicBool::new(false);
-    let result = analysis::analyze_file(&args.file, &opts, &mut on_progress, &cancel);
+    let result = analysis::analyze_file_with(&args.file, &opts, full.as_ref(), &mut on_progress, &cancel);
     bar.finish_and_clear();
     let digest = match result {
         Ok(d) => d,
@@ -85,6 +110,30 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
     }
     out.flush().context("writing to stdout")?;
     Ok(())
+}
+
+/// Opens the runtime and models of `data_dir` for `--profile full`, with what to run when they
+/// are missing.
+fn open_models(data_dir: Option<&std::path::Path>) -> anyhow::Result<Models> {
+    let Some(dir) = data_dir else {
+        anyhow::bail!(
+            "--profile full needs the ONNX Runtime and models: pass --data-dir DIR (or set GAFFER_MODELS_DIR) \
+             after `gaffer-agent models fetch --data-dir DIR`"
+        );
+    };
+    // GPUs NVML sees (0 without an NVIDIA driver): CUDA is chosen when there are any.
+    let gpus = nvml_wrapper::Nvml::init().ok().and_then(|n| n.device_count().ok()).unwrap_or(0) as usize;
+    let models = Models::open(dir, gpus).with_context(|| format!("loading the models of {}", dir.display()))?;
+    let missing = models.missing();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "models missing or unverified in {}: {}; run `gaffer-agent models fetch --data-dir {}`",
+            dir.display(),
+            missing.join(", "),
+            dir.display()
+        );
+    }
+    Ok(models)
 }
 
 fn write_summary(out: &mut impl Write, d: &Digest) -> std::io::Result<()> {
@@ -156,6 +205,81 @@ fn write_summary(out: &mut impl Write, d: &Digest) -> std::io::Result<()> {
             timecode(s.keyframe.time_secs),
             s.keyframe.phash
         )?;
+    }
+    write_full_sections(out, d)
+}
+
+fn write_full_sections(out: &mut impl Write, d: &Digest) -> std::io::Result<()> {
+    if let Some(m) = &d.moderation {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "moderation:  {} ranges on {} frames ({} {}, {} samples/s + shot first frames, score > {})",
+            m.ranges.len(),
+            m.frames_analyzed,
+            m.model.name,
+            m.model.version,
+            m.sample_fps,
+            m.score_threshold
+        )?;
+        for r in &m.ranges {
+            writeln!(
+                out,
+                "  {:<12}  {:<12}  {:<24}  peak {:.2} at {}  ({} frames)",
+                timecode(r.start_secs),
+                timecode(r.end_secs),
+                r.label,
+                r.peak_score,
+                timecode(r.peak_time_secs),
+                r.frames
+            )?;
+        }
+    }
+    if let Some(t) = &d.text {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "text:        {} readings on {} frames ({} + {})",
+            t.readings.len(),
+            t.frames_analyzed,
+            t.detector.name,
+            t.recognizer.name
+        )?;
+        for r in &t.readings {
+            writeln!(
+                out,
+                "  {:<12}  {:<12}  {:.2}  at ({:.0}, {:.0}) {:.0}x{:.0}  {:?}",
+                timecode(r.start_secs),
+                timecode(r.end_secs),
+                r.confidence,
+                r.box_px.x,
+                r.box_px.y,
+                r.box_px.width,
+                r.box_px.height,
+                r.text
+            )?;
+        }
+    }
+    if d.profile == Profile::Full.as_str() {
+        writeln!(out)?;
+        match &d.speech {
+            None => writeln!(out, "speech:      no audio stream")?,
+            Some(s) => {
+                writeln!(
+                    out,
+                    "speech:      {} segments, {:.1} % of {:.2} s of audio (stream {}, {} {})",
+                    s.segments.len(),
+                    s.speech_fraction * 100.0,
+                    s.audio_secs,
+                    s.audio_stream,
+                    s.model.name,
+                    s.model.version
+                )?;
+                for seg in &s.segments {
+                    writeln!(out, "  {:<12}  {:<12}", timecode(seg.start_secs), timecode(seg.end_secs))?;
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use gaffer_agent::analysis::full::Models;
 use gaffer_agent::control_socket;
 use gaffer_agent::datadir::DataDir;
 use gaffer_agent::enroll::{self, EnrollParams};
@@ -140,7 +141,9 @@ struct StatusArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -278,31 +281,42 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     })?;
     let outbox = Outbox::open(&db)?;
     let ledger = WatchLedger::open(&db)?;
-    let runner = Runner::new(
-        RunnerConfig { volumes: volumes.clone(), job_slots: args.slots, ..RunnerConfig::default() },
-        outbox.clone(),
-        &db,
-    )?;
     let mut health = HealthSampler::new(volumes.clone());
     let registry = gaffer_agent::models::Registry::open(dd.root())?;
     let installed_models = registry.installed();
+    let mut profiles = vec![Profile::Shots];
+    let mut models = None;
     match gaffer_agent::models::Runtime::init(&registry, health.gpus().len()) {
         Ok(runtime) => {
             let provider = runtime.provider();
             tracing::info!(provider = %provider.provider, runtime = %provider.runtime_version, note = %provider.note, "ONNX Runtime ready");
             health.set_inference(Some(provider));
+            let m = Models { runtime, registry };
+            let missing = m.missing();
+            if missing.is_empty() {
+                profiles.push(Profile::Full);
+                models = Some(Arc::new(m));
+            } else {
+                tracing::warn!(missing = %missing.join(", "), "profile `full` is unavailable: models missing (run `gaffer-agent models fetch`)");
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, "no ONNX Runtime: profile `full` is unavailable (run `gaffer-agent models fetch`)")
         }
     }
+    tracing::info!(profiles = ?profiles.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "analysis profiles available");
+    let runner = Runner::new(
+        RunnerConfig { volumes: volumes.clone(), job_slots: args.slots, models, ..RunnerConfig::default() },
+        outbox.clone(),
+        &db,
+    )?;
     let to_strings = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
     let capabilities = Capabilities {
         gpus: health.gpus(),
         volumes: to_strings(&volumes),
         watch_roots: to_strings(&watch_roots),
         job_slots: args.slots,
-        profiles: vec![Profile::Shots],
+        profiles,
         models: installed_models,
     };
     let health = Arc::new(Mutex::new(health));

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use gaffer_protocol::messages::{AgentMessage, Assignment, JobId, Profile};
 use tracing::Instrument as _;
 
+use crate::analysis::full::{FullAnalysis, FullOptions, Models};
 use crate::analysis::{self, AnalysisError, AnalyzeOptions};
 use crate::outbox::Outbox;
 use crate::watch::WatchedFile;
@@ -45,11 +46,23 @@ pub struct RunnerConfig {
     pub progress_interval: Duration,
     /// Most jobs held (queued + running). Default 10 000.
     pub jobs_held_max: usize,
+    /// ONNX Runtime and verified models for `full` jobs (None: this agent runs `shots` only,
+    /// and a `full` job fails with [`AnalysisError::ModelsUnavailable`]). Default None.
+    pub models: Option<Arc<Models>>,
+    /// Sampling and queue options of `full` jobs. Default [`FullOptions::default`].
+    pub full: FullOptions,
 }
 
 impl Default for RunnerConfig {
     fn default() -> Self {
-        Self { volumes: Vec::new(), job_slots: 1, progress_interval: Duration::from_secs(2), jobs_held_max: 10_000 }
+        Self {
+            volumes: Vec::new(),
+            job_slots: 1,
+            progress_interval: Duration::from_secs(2),
+            jobs_held_max: 10_000,
+            models: None,
+            full: FullOptions::default(),
+        }
     }
 }
 
@@ -287,7 +300,8 @@ impl Runner {
                 self.push(&AgentMessage::Progress { job_id, fraction: p.fraction, frames_decoded: p.frames_decoded });
             }
         };
-        analysis::analyze_file(path, &opts, &mut on_progress, cancel)
+        let full = self.cfg.models.as_deref().map(|models| FullAnalysis { models, options: &self.cfg.full });
+        analysis::analyze_file_with(path, &opts, full.as_ref(), &mut on_progress, cancel)
     }
 
     /// Stops a job (the control plane cancelled or reassigned it): a queued one is dropped, a

@@ -28,9 +28,15 @@
 //! the pipeline holds one small BGRx frame, two frames' HSV planes and a bounded set of
 //! 256-byte thumbnails.
 //!
-//! Entry points: [`init_ffmpeg`] once per process, then [`analyze_file`] on a blocking thread.
+//! Profile `full` adds, from the same demux and decode pass, NudeNet moderation and PP-OCR text
+//! on sampled frames (an inference thread fed by the analysis thread) and Silero VAD speech on
+//! the first audio stream (decoded on the decode thread); see [`full`].
+//!
+//! Entry points: [`init_ffmpeg`] once per process, then [`analyze_file`] (`shots`) or
+//! [`analyze_file_with`] (any profile) on a blocking thread.
 
 pub mod content;
+pub mod full;
 pub mod keyframes;
 mod probe;
 
@@ -94,10 +100,10 @@ pub const SHOTS_ANALYZER_VERSION: &str = "1";
 /// Options of one analysis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnalyzeOptions {
-    /// What to run. Default [`Profile::Shots`]. This pipeline runs the `shots` stages (decode,
-    /// shot boundaries, keyframes, technical metadata), which every profile includes; for
-    /// [`Profile::Full`] the digest's `moderation`, `text` and `speech` sections are left `None`
-    /// for the ONNX analyzers to fill.
+    /// What to run. Default [`Profile::Shots`]. Every profile includes the `shots` stages
+    /// (decode, shot boundaries, keyframes, technical metadata); [`Profile::Full`] adds
+    /// moderation, on-screen text and speech from the same decode pass and needs the models
+    /// (see [`analyze_file_with`] and [`full`]).
     pub profile: Profile,
     /// Cut threshold, HSV delta units 0–255. Default 27.0, as PySceneDetect's
     /// `ContentDetector`. Must be finite and in 0..=255.
@@ -245,6 +251,19 @@ pub enum AnalysisError {
     /// An invariant of the pipeline did not hold (a bug in the agent).
     #[error("internal analysis error: {0}")]
     Internal(String),
+    /// The `full` profile was asked for but its ONNX Runtime or models are not available here:
+    /// provision them (`gaffer-agent models fetch --data-dir DIR`).
+    #[error("the `full` profile's models are not available: {0}")]
+    ModelsUnavailable(String),
+    /// An ONNX analyzer of the `full` profile (moderation, text, speech) failed: a model
+    /// session or inference error, or audio it cannot analyze.
+    #[error("{analyzer} failed: {reason}")]
+    AnalyzerFailed {
+        /// The analyzer, e.g. `"moderation.nudenet"`.
+        analyzer: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl AnalysisError {
@@ -265,6 +284,12 @@ impl AnalysisError {
             AnalysisError::Cancelled => "Nothing to do: the analysis was stopped on request.",
             AnalysisError::FfmpegInit(_) => "Check the FFmpeg shared libraries installed on this machine.",
             AnalysisError::Internal(_) => "Report this as a bug, with the file's ffprobe output.",
+            AnalysisError::ModelsUnavailable(_) => {
+                "Run `gaffer-agent models fetch --data-dir DIR` (or `models install` on an air-gapped box), or use `--profile shots`."
+            }
+            AnalysisError::AnalyzerFailed { .. } => {
+                "Check the models with `gaffer-agent models list` and the agent log; if the file's audio or video is unusual, try `--profile shots`."
+            }
         }
     }
 }
@@ -435,6 +460,10 @@ struct ShotAnalyzer {
     keyframes: KeyframePicker,
     cuts: Vec<Cut>,
     shot_keys: Vec<Option<Keyframe>>,
+    /// The `full` profile's frame selection, handed every picture after its analysis.
+    tap: Option<full::FrameTap>,
+    /// (shot first frames analyzed, missed) by the tap, once it finished.
+    tap_stats: (u64, u64),
 }
 
 impl ShotAnalyzer {
@@ -447,6 +476,8 @@ impl ShotAnalyzer {
             keyframes: KeyframePicker::new(min_shot_frames),
             cuts: Vec::new(),
             shot_keys: Vec::new(),
+            tap: None,
+            tap_stats: (0, 0),
         }
     }
 
@@ -482,10 +513,20 @@ impl ShotAnalyzer {
         let mut converter = Converter::new();
         for batch in batches {
             let (pw, ph) = batch.processing;
-            for f in &batch.frames {
+            for f in batch.frames {
                 let (bgrx, stride) = converter.convert(&f.picture, (pw, ph))?;
+                let cuts_before = self.cuts.len();
                 self.push(f.frame, f.time_secs, pw as usize, ph as usize, bgrx, stride)?;
+                if let Some(tap) = self.tap.as_mut() {
+                    let cut = self.cuts.get(cuts_before).map(|c| c.frame);
+                    tap.on_frame(f.frame, f.time_secs, f.picture, cut)?;
+                }
             }
+        }
+        // Hanging up lets the inference thread finish.
+        if let Some(mut tap) = self.tap.take() {
+            tap.finish()?;
+            self.tap_stats = (tap.shot_frames, tap.shot_frames_missed);
         }
         Ok(self)
     }
@@ -503,6 +544,8 @@ struct ShotsPipeline<'a> {
     processing: Option<(u32, u32)>,
     /// `None` once decoding is over (hangs up on the analysis thread).
     to_analyzer: Option<std::sync::mpsc::SyncSender<FrameBatch>>,
+    /// The `full` profile's audio analysis, fed the packets of other streams.
+    audio: Option<full::AudioTap>,
     /// Frames being batched; sent when [`ShotsPipeline::batch_frames`] are in, and by
     /// [`ShotsPipeline::flush`].
     batch: Vec<DecodedFrame>,
@@ -690,6 +733,9 @@ fn decode_all(
             Err(e) => return finish_decode(pipe, decoder).map(|()| Some(e)),
         }
         if packet.stream() != stream_index {
+            if let Some(audio) = pipe.audio.as_mut() {
+                audio.on_packet(&packet)?;
+            }
             continue;
         }
         if let Err(e) = decoder.send_packet(&packet) {
@@ -732,13 +778,37 @@ pub fn analyze_file(
     on_progress: &mut dyn FnMut(ProgressUpdate),
     cancel: &AtomicBool,
 ) -> Result<Digest, AnalysisError> {
+    analyze_file_with(path, opts, None, on_progress, cancel)
+}
+
+/// [`analyze_file`] for every profile: with `opts.profile` [`Profile::Full`], `full` gives the
+/// ONNX Runtime, models and sampling options, and the same decode pass also feeds moderation,
+/// on-screen text and speech (see [`full`]); the digest's `moderation` and `text` sections are
+/// then set, and `speech` when the file has an audio stream. With [`Profile::Shots`], `full` is
+/// ignored and this is exactly [`analyze_file`].
+///
+/// # Errors
+/// As [`analyze_file`]; for `full` also [`AnalysisError::ModelsUnavailable`] (no `full` given,
+/// or models missing) and [`AnalysisError::AnalyzerFailed`] (a model or the audio failed).
+pub fn analyze_file_with(
+    path: &Path,
+    opts: &AnalyzeOptions,
+    full: Option<&full::FullAnalysis<'_>>,
+    on_progress: &mut dyn FnMut(ProgressUpdate),
+    cancel: &AtomicBool,
+) -> Result<Digest, AnalysisError> {
     let started = Instant::now();
     opts.validate()?;
-    // Every profile starts with the `shots` stages; `full` adds ONNX analyzers that are not part
-    // of this pipeline (their sections stay `None` here, for the caller to fill).
-    match opts.profile {
-        Profile::Shots | Profile::Full => {}
-    }
+    // Every profile starts with the `shots` stages; `full` adds the ONNX analyzers.
+    let full = match (opts.profile, full) {
+        (Profile::Shots, _) => None,
+        (Profile::Full, Some(f)) => Some(f),
+        (Profile::Full, None) => {
+            return Err(AnalysisError::ModelsUnavailable(
+                "no ONNX Runtime or model registry was given to the analysis".into(),
+            ))
+        }
+    };
     init_ffmpeg()?;
     let (source, canonical) = source_info(path)?;
     if cancel.load(Ordering::Relaxed) {
@@ -801,6 +871,14 @@ pub fn analyze_file(
         .map_err(|e| AnalysisError::DecodeFailed { reason: format!("cannot open the {codec_name} decoder: {e}") })?;
 
     let duration_secs = stream_duration.or(technical.duration_secs);
+    let full_run = match full {
+        Some(f) => Some(full::FullRun::new(f, &input, (declared_w, declared_h), opts.min_shot_frames)?),
+        None => None,
+    };
+    let (frame_tap, inference, audio_tap, full_finish) = match full_run.map(full::FullRun::split) {
+        Some((t, i, a, f)) => (Some(t), Some(i), a, Some(f)),
+        None => (None, None, None, None),
+    };
     let tb_secs = if time_base.denominator() == 0 {
         0.0
     } else {
@@ -810,7 +888,8 @@ pub fn analyze_file(
     // frames); the analysis thread converts, scores frames and picks keyframes, so the two
     // overlap on a multi-core box. Pictures cross in order, in batches, through a bounded queue.
     let (to_analyzer, frames_rx) = std::sync::mpsc::sync_channel::<FrameBatch>(ANALYSIS_QUEUE_BATCHES);
-    let analyzer = ShotAnalyzer::new(opts.content_threshold, opts.min_shot_frames);
+    let mut analyzer = ShotAnalyzer::new(opts.content_threshold, opts.min_shot_frames);
+    analyzer.tap = frame_tap;
     let mut pipe = ShotsPipeline {
         cancel,
         on_progress,
@@ -821,6 +900,7 @@ pub fn analyze_file(
         last_progress: Instant::now(),
         processing: None,
         to_analyzer: Some(to_analyzer),
+        audio: audio_tap,
         batch: Vec::with_capacity(ANALYSIS_BATCH_FRAMES),
         batch_frames: 1,
         spare: ffmpeg::frame::Video::empty(),
@@ -831,7 +911,20 @@ pub fn analyze_file(
         first_time_secs: None,
         last_time_secs: 0.0,
     };
-    let (decoded, analyzed) = std::thread::scope(|scope| {
+    let (decoded, analyzed, inferred) = std::thread::scope(|scope| {
+        // The `full` profile's inference thread; it ends when the shots thread hangs up.
+        let inference = match inference.map(|stage| {
+            std::thread::Builder::new()
+                .name("gaffer-inference".to_string())
+                .spawn_scoped(scope, move || stage.run(cancel))
+        }) {
+            None => None,
+            Some(Ok(h)) => Some(h),
+            Some(Err(e)) => {
+                let err = AnalysisError::Internal(format!("cannot start the inference thread: {e}"));
+                return (Err(err), None, None);
+            }
+        };
         let worker = std::thread::Builder::new()
             .name("gaffer-shots".to_string())
             .spawn_scoped(scope, move || analyzer.run(frames_rx));
@@ -839,7 +932,7 @@ pub fn analyze_file(
             Ok(w) => w,
             Err(e) => {
                 let err = AnalysisError::Internal(format!("cannot start the analysis thread: {e}"));
-                return (Err(err), None);
+                return (Err(err), None, None);
             }
         };
         let decoded = decode_all(&mut pipe, &mut input, &mut decoder, stream_index);
@@ -853,8 +946,16 @@ pub fn analyze_file(
         pipe.to_analyzer = None;
         let analyzed =
             worker.join().unwrap_or_else(|_| Err(AnalysisError::Internal("the analysis thread panicked".into())));
-        (decoded, Some(analyzed))
+        let inferred = inference
+            .map(|h| h.join().unwrap_or_else(|_| Err(AnalysisError::Internal("the inference thread panicked".into()))));
+        (decoded, Some(analyzed), inferred)
     });
+    // An error of the inference thread explains a failed send on the shots thread.
+    let inferred = match inferred {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(v)) => Some(v),
+        None => None,
+    };
     let analyzer = match (decoded, analyzed) {
         (_, None) => return Err(AnalysisError::Internal("the analysis thread did not run".into())),
         // An error of the analysis thread explains a failed send on the decode side.
@@ -945,6 +1046,16 @@ pub fn analyze_file(
             ],
         },
     ];
+    let mut analyzers = analyzers;
+    let (mut moderation, mut text, mut speech) = (None, None, None);
+    if let (Some(finish), Some(vision)) = (full_finish, inferred) {
+        let audio = pipe.audio.take().map(full::AudioTap::finish).transpose()?;
+        let sections = finish.sections(vision, audio, analyzer.tap_stats);
+        moderation = Some(sections.moderation);
+        text = Some(sections.text);
+        speech = sections.speech;
+        analyzers.extend(sections.analyzers);
+    }
     let end_secs = pipe.last_time_secs + pipe.frame_duration_secs;
     let shots = analyzer.finish(n, pipe.first_time_secs.unwrap_or(0.0), end_secs, pipe.frames_corrupt)?;
     Ok(Digest {
@@ -953,9 +1064,9 @@ pub fn analyze_file(
         source,
         technical,
         shots,
-        moderation: None,
-        text: None,
-        speech: None,
+        moderation,
+        text,
+        speech,
         analyzers,
         analysis_secs: started.elapsed().as_secs_f64(),
     })

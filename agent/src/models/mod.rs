@@ -48,7 +48,7 @@ mod registry;
 mod runtime;
 
 pub use registry::{known_item, InstalledManifest, ItemState, ItemStatus, Registry};
-pub use runtime::{Runtime, RuntimeOptions};
+pub use runtime::{GraphOptimizationLevel, Runtime, RuntimeOptions, SessionTuning};
 
 use std::path::Path;
 

@@ -6,7 +6,13 @@ use std::sync::{Mutex, OnceLock};
 use gaffer_protocol::health::InferenceProvider;
 use ort::environment::Environment;
 use ort::ep::ExecutionProviderDispatch;
+use ort::session::builder::BuilderResult;
 use ort::session::Session;
+
+/// ONNX Runtime's graph optimization levels (`ort`'s enum): `Disable` (`ORT_DISABLE_ALL`),
+/// `Level1` (`ORT_ENABLE_BASIC`), `Level2` (`ORT_ENABLE_EXTENDED`), `Level3`
+/// (`ORT_ENABLE_LAYOUT`), `All` (`ORT_ENABLE_ALL`, ONNX Runtime's default).
+pub use ort::session::builder::GraphOptimizationLevel;
 
 use super::manifest::{self, ONNX_RUNTIME_VERSION};
 use super::{ModelsError, Registry};
@@ -30,6 +36,28 @@ impl Default for RuntimeOptions {
     fn default() -> Self {
         Self { intra_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), cuda_device_id: 0 }
     }
+}
+
+/// Per-session ONNX Runtime options for [`Runtime::session_with`]. Every field is optional:
+/// `None` keeps what [`Runtime::session`] does (the runtime's intra-op threads, ONNX Runtime's
+/// defaults for the rest), so `SessionTuning::default()` gives exactly a [`Runtime::session`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionTuning {
+    /// Intra-op threads (at least 1). `None`: [`Runtime::intra_threads`].
+    pub intra_threads: Option<usize>,
+    /// Inter-op threads (only used with parallel execution; at least 1). `None`: ONNX
+    /// Runtime's default.
+    pub inter_threads: Option<usize>,
+    /// Graph optimization level. `None`: ONNX Runtime's default, [`GraphOptimizationLevel::All`].
+    pub optimization_level: Option<GraphOptimizationLevel>,
+    /// The CPU execution provider's memory arena (`enable_cpu_mem_arena`). `None`: ONNX
+    /// Runtime's default (on). Ignored when CUDA is in use.
+    pub cpu_mem_arena: Option<bool>,
+    /// Memory pattern planning (`enable_mem_pattern`). `None`: ONNX Runtime's default (on).
+    pub memory_pattern: Option<bool>,
+    /// Whether idle intra-op threads spin before blocking (`session.intra_op.allow_spinning`).
+    /// `None`: ONNX Runtime's default (spin).
+    pub intra_op_spinning: Option<bool>,
 }
 
 /// The loaded ONNX Runtime and the execution provider sessions use.
@@ -151,16 +179,43 @@ impl Runtime {
     /// # Errors
     /// [`ModelsError::NotInstalled`] or [`ModelsError::Session`].
     pub fn session(&self, registry: &Registry, name: &str) -> Result<Session, ModelsError> {
+        self.session_with(registry, name, &SessionTuning::default())
+    }
+
+    /// [`Runtime::session`] with the options of `tuning` (its `None` fields as there).
+    ///
+    /// # Errors
+    /// [`ModelsError::NotInstalled`] or [`ModelsError::Session`] (also when ONNX Runtime
+    /// rejects an option).
+    pub fn session_with(
+        &self,
+        registry: &Registry,
+        name: &str,
+        tuning: &SessionTuning,
+    ) -> Result<Session, ModelsError> {
         let path = registry.model_path(name)?;
         let fail = |detail: String| ModelsError::Session { model: name.to_owned(), detail };
-        let mut builder = Session::builder(&self.environment)
-            .map_err(|e| fail(e.to_string()))?
-            .with_intra_threads(self.options.intra_threads)
-            .map_err(|e| fail(e.to_string()))?;
+        let step = |r: BuilderResult| r.map_err(|e| fail(e.to_string()));
+        let intra = tuning.intra_threads.unwrap_or(self.options.intra_threads).max(1);
+        let mut builder = Session::builder(&self.environment).map_err(|e| fail(e.to_string()))?;
+        builder = step(builder.with_intra_threads(intra))?;
+        if let Some(threads) = tuning.inter_threads {
+            builder = step(builder.with_inter_threads(threads.max(1)))?;
+        }
+        if let Some(level) = tuning.optimization_level {
+            builder = step(builder.with_optimization_level(level))?;
+        }
+        if let Some(enable) = tuning.memory_pattern {
+            builder = step(builder.with_memory_pattern(enable))?;
+        }
+        if let Some(enable) = tuning.intra_op_spinning {
+            builder = step(builder.with_intra_op_spinning(enable))?;
+        }
         if self.use_cuda {
-            builder = builder
-                .with_execution_providers([cuda_ep(self.options.cuda_device_id)])
-                .map_err(|e| fail(e.to_string()))?;
+            builder = step(builder.with_execution_providers([cuda_ep(self.options.cuda_device_id)]))?;
+        } else if let Some(enable) = tuning.cpu_mem_arena {
+            builder =
+                step(builder.with_execution_providers([ort::ep::CPU::default().with_arena_allocator(enable).build()]))?;
         }
         builder.commit_from_file(&path).map_err(|e| fail(e.to_string()))
     }

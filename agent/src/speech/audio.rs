@@ -103,7 +103,7 @@ pub fn decode_resampled(
     Ok(Some(info))
 }
 
-fn drain(
+pub(crate) fn drain(
     decoder: &mut ffmpeg::decoder::Audio,
     frame: &mut ffmpeg::frame::Audio,
     resampler: &mut Option<resampling::Context>,
@@ -177,7 +177,7 @@ fn drain(
 }
 
 /// Drains the resampler's buffered samples.
-fn flush(
+pub(crate) fn flush(
     r: &mut resampling::Context,
     sink: &mut dyn FnMut(&[f32]) -> Result<(), SpeechError>,
 ) -> Result<(), SpeechError> {

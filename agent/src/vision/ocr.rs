@@ -53,7 +53,7 @@ use ort::value::TensorRef;
 
 use super::resize::{ChannelOrder, Dest, Resizer, Source};
 use super::{RgbFrame, VisionError};
-use crate::models::{Registry, Runtime};
+use crate::models::{Registry, Runtime, SessionTuning};
 
 /// Registry name of the text detector.
 pub const DET_MODEL: &str = "ppocrv4-det";
@@ -116,6 +116,41 @@ pub struct OcrLine {
     pub quad_px: [[f32; 2]; 4],
 }
 
+/// One intra-op thread, ONNX Runtime's defaults otherwise.
+const ONE_THREAD: SessionTuning = SessionTuning {
+    intra_threads: Some(1),
+    inter_threads: None,
+    optimization_level: None,
+    cpu_mem_arena: None,
+    memory_pattern: None,
+    intra_op_spinning: None,
+};
+
+/// ONNX Runtime options of the three PP-OCR sessions ([`Ocr::with_tuning`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OcrTuning {
+    /// The text detector's session.
+    pub det: SessionTuning,
+    /// The orientation classifier's session.
+    pub cls: SessionTuning,
+    /// The text recognizer's session.
+    pub rec: SessionTuning,
+}
+
+impl OcrTuning {
+    /// Plain [`Runtime::session`]s for all three models.
+    pub fn untuned() -> Self {
+        Self { det: SessionTuning::default(), cls: SessionTuning::default(), rec: SessionTuning::default() }
+    }
+}
+
+impl Default for OcrTuning {
+    /// [`OcrTuning::untuned`].
+    fn default() -> Self {
+        Self::untuned()
+    }
+}
+
 /// The three PP-OCR sessions and reusable buffers.
 pub struct Ocr {
     det: Session,
@@ -155,9 +190,28 @@ impl Ocr {
     /// [`VisionError::BadModel`] when the recognizer lacks its `character` metadata or a
     /// model's output is not the expected one.
     pub fn new(runtime: &Runtime, registry: &Registry) -> Result<Self, VisionError> {
-        let det = runtime.session(registry, DET_MODEL)?;
-        let cls = runtime.session(registry, CLS_MODEL)?;
-        let rec = runtime.session(registry, REC_MODEL)?;
+        Self::with_tuning(runtime, registry, &Self::TUNING)
+    }
+
+    /// The session options [`Ocr::new`] uses: one intra-op thread for each model, ONNX
+    /// Runtime's defaults otherwise (they do not change what is read). Measured with
+    /// `benches/vision.rs` on a shared 2-core machine: ~2.1× the frames per CPU-second of
+    /// [`Runtime::session`]'s thread-per-core pools, whose spinning idle threads take the CPU
+    /// from the thread doing the work (DB post-processing and crops run between the three
+    /// models). RapidOCR's options (memory arena off) cost ~5%; memory patterns off, another
+    /// optimization level, two non-spinning threads, and padding recognizer batches to fixed
+    /// widths made no gain. For lower latency on an otherwise idle many-core box use
+    /// [`Ocr::with_tuning`] with more threads and `intra_op_spinning: Some(false)`.
+    pub const TUNING: OcrTuning = OcrTuning { det: ONE_THREAD, cls: ONE_THREAD, rec: ONE_THREAD };
+
+    /// [`Ocr::new`] with the session options of `tuning`.
+    ///
+    /// # Errors
+    /// As [`Ocr::new`].
+    pub fn with_tuning(runtime: &Runtime, registry: &Registry, tuning: &OcrTuning) -> Result<Self, VisionError> {
+        let det = runtime.session_with(registry, DET_MODEL, &tuning.det)?;
+        let cls = runtime.session_with(registry, CLS_MODEL, &tuning.cls)?;
+        let rec = runtime.session_with(registry, REC_MODEL, &tuning.rec)?;
         let bad = |model, detail: String| VisionError::BadModel { model, detail };
         let list = {
             let meta = rec.metadata().map_err(|e| bad(REC_MODEL, e.to_string()))?;
