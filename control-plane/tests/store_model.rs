@@ -71,14 +71,16 @@ fn new_job(id: Uuid, created_at_ms: u64) -> JobRecord {
 #[derive(Default)]
 struct Model {
     jobs: BTreeMap<Uuid, JobRecord>,
+    /// Insertion order of each job, to break ties between jobs created in the same millisecond.
+    inserted: BTreeMap<Uuid, usize>,
     tokens: BTreeMap<[u8; 32], EnrollmentTokenRecord>,
 }
 
 impl Model {
-    /// Oldest first by (created_at_ms, id), the store's index order.
+    /// Oldest first by (created_at_ms, insertion order), the store's index order.
     fn ordered(&self) -> Vec<JobRecord> {
         let mut v: Vec<JobRecord> = self.jobs.values().cloned().collect();
-        v.sort_by_key(|j| (j.created_at_ms, j.id));
+        v.sort_by_key(|j| (j.created_at_ms, self.inserted.get(&j.id).copied().unwrap_or(usize::MAX)));
         v
     }
 }
@@ -96,6 +98,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let inserted = s.insert_job(&rec).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let expected = !model.jobs.contains_key(&rec.id);
                 prop_assert_eq!(inserted, expected);
+                let order = model.inserted.len();
+                model.inserted.entry(rec.id).or_insert(order);
                 model.jobs.entry(rec.id).or_insert(rec);
             }
             Op::UpdateJob { id, state, frames, write } => {

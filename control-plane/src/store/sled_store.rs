@@ -14,7 +14,7 @@
 //! | `agents`           | agent UUID (16 bytes)                                 | JSON [`AgentRecord`]                 |
 //! | `health`           | agent UUID (16) ++ `received_at_ms` u64 BE (8) ++ counter u64 BE (8) | JSON [`HealthSample`] |
 //! | `jobs`             | job UUID (16 bytes)                                   | JSON [`JobRecord`]                   |
-//! | `jobs_by_created`  | `created_at_ms` u64 BE (8) ++ job UUID (16)           | empty                                |
+//! | `jobs_by_created`  | `created_at_ms` u64 BE (8) ++ insertion seq u64 BE (8) ++ job UUID (16) | empty         |
 //! | `digests`          | job UUID (16 bytes)                                   | JSON [`Digest`]                      |
 //! | `agent_seq`        | agent UUID (16 bytes)                                 | u64 BE (8): last applied sequence    |
 //! | `audit`            | `at_ms` u64 BE (8) ++ counter u64 BE (8)              | JSON [`AuditRecord`]                 |
@@ -92,10 +92,13 @@ fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> StoreRes
         .map_err(|e| StoreError::Corrupt { key: format!("{tree}/{}", hex::encode(key)), detail: e.to_string() })
 }
 
-fn created_key(created_at_ms: UnixMs, id: JobId) -> [u8; 24] {
-    let mut key = [0u8; 24];
+/// `created_at_ms` BE ‖ insertion sequence BE ‖ job id: jobs created in the same millisecond
+/// keep their submission order.
+fn created_key(created_at_ms: UnixMs, seq: u64, id: JobId) -> [u8; 32] {
+    let mut key = [0u8; 32];
     key[..8].copy_from_slice(&created_at_ms.to_be_bytes());
-    key[8..].copy_from_slice(id.as_bytes());
+    key[8..16].copy_from_slice(&seq.to_be_bytes());
+    key[16..].copy_from_slice(id.as_bytes());
     key
 }
 
@@ -295,7 +298,7 @@ impl Store for SledStore {
 
     fn insert_job(&self, job: &JobRecord) -> StoreResult<bool> {
         let value = encode(job)?;
-        let index_key = created_key(job.created_at_ms, job.id);
+        let index_key = created_key(job.created_at_ms, self.db.generate_id().map_err(io)?, job.id);
         let result = (&self.jobs, &self.jobs_by_created).transaction(|(jobs, by_created)| {
             if jobs.get(job.id.as_bytes())?.is_some() {
                 return Ok(false);
@@ -428,9 +431,9 @@ impl Store for SledStore {
 
 impl SledStore {
     fn job_for_index_key(&self, key: &[u8]) -> StoreResult<Option<JobRecord>> {
-        let id_bytes: [u8; 16] = key.get(8..24).and_then(|s| s.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
+        let id_bytes: [u8; 16] = key.get(16..32).and_then(|s| s.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
             key: format!("jobs_by_created/{}", hex::encode(key)),
-            detail: "index key is not 24 bytes".into(),
+            detail: "index key is not 32 bytes".into(),
         })?;
         self.get_job(Uuid::from_bytes(id_bytes))
     }
