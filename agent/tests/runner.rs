@@ -103,8 +103,11 @@ async fn a_job_outside_the_volumes_is_rejected() -> anyhow::Result<()> {
     let db = sled::open(dir.path().join("state"))?;
     let outbox = Outbox::open(&db)?;
     let volume = tempfile::tempdir()?;
-    let runner =
-        Runner::new(RunnerConfig { volumes: vec![volume.path().canonicalize()?], ..RunnerConfig::default() }, outbox.clone(), &db)?;
+    let runner = Runner::new(
+        RunnerConfig { volumes: vec![volume.path().canonicalize()?], ..RunnerConfig::default() },
+        outbox.clone(),
+        &db,
+    )?;
     runner.enqueue_assignment(assignment("bikes.mp4")?);
     let entries = outbox.entries()?;
     assert!(

@@ -5,7 +5,7 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 use super::SpeechError;
-use crate::models::{Registry, Runtime};
+use crate::models::{Registry, Runtime, SessionTuning};
 
 /// Sample rate the model runs at, Hz (`silero_vad.onnx` accepts 8000 or 16000; we use 16000).
 pub const SAMPLE_RATE_HZ: u32 = 16_000;
@@ -215,8 +215,20 @@ impl SileroVad {
     /// [`SpeechError::Models`] when the model is not installed or the session fails,
     /// [`SpeechError::BadModel`] when its inputs are not Silero VAD v5/v6's.
     pub fn new(runtime: &Runtime, registry: &Registry) -> Result<Self, SpeechError> {
-        Self::from_session(runtime.session(registry, MODEL_NAME)?, VadParams::default())
+        Self::from_session(runtime.session_with(registry, MODEL_NAME, &Self::TUNING)?, VadParams::default())
     }
+
+    /// Session settings: one intra-op thread. The model runs one 32 ms window at a time, far too
+    /// small to split; a second thread only spins and competes with decoding and the other
+    /// analyzers (measured: steadier and faster under load, `agent/benches/speech.rs`).
+    pub const TUNING: SessionTuning = SessionTuning {
+        intra_threads: Some(1),
+        inter_threads: None,
+        optimization_level: None,
+        cpu_mem_arena: None,
+        memory_pattern: None,
+        intra_op_spinning: None,
+    };
 
     /// Wraps an existing session of `silero_vad.onnx`.
     ///
