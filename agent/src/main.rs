@@ -179,7 +179,7 @@ async fn bundle_cmd(command: BundleCommand) -> anyhow::Result<()> {
         Some(ControlResponse::BundleImported(r)) => Done::Imported(r),
         Some(other) => anyhow::bail!("unexpected answer from the agent: {other:?}"),
         None => {
-            let db = sled::open(dd.state_path()).with_context(|| format!("opening {}", dd.state_path().display()))?;
+            let db = open_state_waiting(&dd).await?;
             let outbox = Outbox::open(&db)?;
             let done = match req {
                 ControlRequest::BundleExport { out } => {
@@ -276,9 +276,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     }
     gaffer_agent::analysis::init_ffmpeg()?;
 
-    let db = sled::open(dd.state_path()).with_context(|| {
-        format!("opening {} (is another gaffer-agent running on this data dir?)", dd.state_path().display())
-    })?;
+    let db = open_state_waiting(&dd).await?;
     let outbox = Outbox::open(&db)?;
     let ledger = WatchLedger::open(&db)?;
     let mut health = HealthSampler::new(volumes.clone());
@@ -450,6 +448,29 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Opens the state database, waiting up to 10 s while another short-lived command (`status`,
+/// `bundle`) holds it; a second `run` on the same data dir holds it for good and is reported.
+async fn open_state_waiting(dd: &DataDir) -> anyhow::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dd.state_path()) {
+            Ok(db) => return Ok(db),
+            // sled reports a held lock as an I/O error of kind Other with this text.
+            Err(sled::Error::Io(e))
+                if (e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("opening {} (is another gaffer-agent running on this data dir?)", dd.state_path().display())
+                })
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {
