@@ -116,3 +116,27 @@ impl DataDir {
         Ok(gaffer_certs::create_private_dir(&self.root)?)
     }
 }
+
+/// Opens a sled database, waiting up to `wait` while another holder releases its lock: a
+/// short-lived command (`status`, `bundle`) or, in the same process, the background flusher of a
+/// just-dropped instance. A holder that keeps it (a second `gaffer-agent run` on the same data
+/// dir) is reported after `wait`.
+///
+/// # Errors
+/// [`AgentError::State`] when the database cannot be opened.
+pub fn open_state_db(path: &Path, wait: std::time::Duration) -> Result<sled::Db, AgentError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match sled::open(path) {
+            Ok(db) => return Ok(db),
+            // sled reports a held lock as an I/O error of kind Other with this text.
+            Err(sled::Error::Io(e))
+                if (e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

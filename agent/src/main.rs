@@ -453,24 +453,12 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
 /// Opens the state database, waiting up to 10 s while another short-lived command (`status`,
 /// `bundle`) holds it; a second `run` on the same data dir holds it for good and is reported.
 async fn open_state_waiting(dd: &DataDir) -> anyhow::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match sled::open(dd.state_path()) {
-            Ok(db) => return Ok(db),
-            // sled reports a held lock as an I/O error of kind Other with this text.
-            Err(sled::Error::Io(e))
-                if (e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock"))
-                    && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("opening {} (is another gaffer-agent running on this data dir?)", dd.state_path().display())
-                })
-            }
-        }
-    }
+    let path = dd.state_path();
+    tokio::task::spawn_blocking(move || {
+        gaffer_agent::datadir::open_state_db(&path, std::time::Duration::from_secs(10))
+            .with_context(|| format!("opening {} (is another gaffer-agent running on this data dir?)", path.display()))
+    })
+    .await?
 }
 
 async fn shutdown_signal() {

@@ -542,7 +542,7 @@ fn export_numbers_bundles_upward_encrypts_to_the_control_plane_only_and_signs_as
     let Agent { dd, db, outbox, id, scratch } = agent;
     drop(outbox);
     drop(db);
-    let db = sled::open(dd.state_path())?;
+    let db = gaffer_agent::datadir::open_state_db(&dd.state_path(), std::time::Duration::from_secs(10))?;
     let outbox = Outbox::open(&db)?;
     let agent = Agent { dd, db, outbox, id, scratch };
     let third = agent.export("three.gbundle")?;

@@ -79,7 +79,8 @@ proptest! {
                     drop(outbox);
                     db.flush().unwrap();
                     drop(db);
-                    db = sled::open(dir.path()).unwrap();
+                    // As a restarted process may find the dying one still holding the lock.
+                    db = gaffer_agent::datadir::open_state_db(dir.path(), std::time::Duration::from_secs(10)).unwrap();
                     outbox = Outbox::open_with(&db, LIMITS).unwrap();
                 }
             }

@@ -80,7 +80,7 @@ async fn queued_jobs_survive_a_restart_and_run_afterwards() -> anyhow::Result<()
         assert_eq!(runner.jobs_queued(), 2);
         db.flush()?;
     }
-    let db = sled::open(dir.path())?;
+    let db = gaffer_agent::datadir::open_state_db(dir.path(), Duration::from_secs(10))?;
     let outbox = Outbox::open(&db)?;
     let runner = Runner::new(RunnerConfig { volumes, ..RunnerConfig::default() }, outbox.clone(), &db)?;
     let mut held = runner.running_jobs();

@@ -118,7 +118,21 @@ impl SledStore {
     /// the database lock.
     pub fn open(path: &Path) -> StoreResult<SledStore> {
         let open_err = |e: sled::Error| StoreError::Open { path: path.display().to_string(), detail: e.to_string() };
-        let db = sled::open(path).map_err(open_err)?;
+        // Wait briefly for a holder that is letting go (a CLI command finishing, or the background
+        // flusher of an instance dropped in this process); a running server keeps it and is
+        // reported after the wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match sled::open(path) {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(open_err(e)),
+            }
+        };
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         Ok(SledStore {
             meta: tree("meta")?,
@@ -431,10 +445,11 @@ impl Store for SledStore {
 
 impl SledStore {
     fn job_for_index_key(&self, key: &[u8]) -> StoreResult<Option<JobRecord>> {
-        let id_bytes: [u8; 16] = key.get(16..32).and_then(|s| s.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
-            key: format!("jobs_by_created/{}", hex::encode(key)),
-            detail: "index key is not 32 bytes".into(),
-        })?;
+        let id_bytes: [u8; 16] =
+            key.get(16..32).and_then(|s| s.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
+                key: format!("jobs_by_created/{}", hex::encode(key)),
+                detail: "index key is not 32 bytes".into(),
+            })?;
         self.get_job(Uuid::from_bytes(id_bytes))
     }
 }
