@@ -54,7 +54,11 @@ impl Fixture {
                 watch_roots: vec!["/mnt/media/incoming".into()],
                 job_slots: 2,
                 profiles: vec![Profile::Shots],
-                models: vec![],
+                models: vec![gaffer_protocol::messages::ModelRef {
+                    name: "silero-vad".into(),
+                    version: "6.2.3".into(),
+                    sha256: "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3".into(),
+                }],
             }),
             connected: true,
             last_seen_ms: Some(gaffer_control::now_ms()),
@@ -80,7 +84,11 @@ impl Fixture {
                         memory_used_bytes: 3 << 30,
                         memory_total_bytes: 16 << 30,
                         disks: vec![],
-                        inference: None,
+                        inference: Some(gaffer_protocol::health::InferenceProvider {
+                            provider: "cpu".into(),
+                            runtime_version: "1.31.1".into(),
+                            note: "NVML found no GPU: CPU execution provider".into(),
+                        }),
                         gpus: vec![],
                         jobs_running: 0,
                         job_slots: 2,
@@ -411,6 +419,12 @@ async fn login_flow_and_dashboard_pages() -> Result<()> {
     let agent_page = text(f.send(get(&format!("/agents/{}", f.agent_id), Some(&cookie))).await?).await?;
     assert!(agent_page.contains("/mnt/media/incoming"), "watch roots shown");
     assert!(agent_page.contains("<polyline class=\"cpu\""), "sparkline rendered");
+    assert!(
+        agent_page.contains("Inference: cpu (ONNX Runtime 1.31.1): NVML found no GPU: CPU execution provider"),
+        "execution provider and why"
+    );
+    assert!(agent_page.contains("silero-vad 6.2.3 (1a153a22f450)"), "installed models listed");
+    assert!(agent_page.contains("Outbox: 0 pending"), "outbox depth shown");
     let missing = f.send(get(&format!("/jobs/{}", Uuid::new_v4()), Some(&cookie))).await?;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     assert!(text(missing).await?.contains("<html"));

@@ -88,6 +88,15 @@ pub(crate) async fn agent_page(
         volumes: caps.as_ref().map(|c| c.volumes.clone()).unwrap_or_default(),
         watch_roots: caps.as_ref().map(|c| c.watch_roots.clone()).unwrap_or_default(),
         profiles: caps.as_ref().map(|c| c.profiles.iter().map(|p| p.to_string()).collect()).unwrap_or_default(),
+        models: caps
+            .as_ref()
+            .map(|c| {
+                c.models
+                    .iter()
+                    .map(|m| format!("{} {} ({})", m.name, m.version, m.sha256.get(..12).unwrap_or(&m.sha256)))
+                    .collect()
+            })
+            .unwrap_or_default(),
         gpus: caps
             .as_ref()
             .map(|c| {

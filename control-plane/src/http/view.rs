@@ -80,6 +80,12 @@ pub(crate) struct HealthView {
     pub cpu_only_reason: Option<String>,
     /// NVIDIA driver version, when NVML loaded.
     pub driver: Option<String>,
+    /// ONNX Runtime execution provider and why, e.g. "cpu (ONNX Runtime 1.31.1): NVML found no
+    /// GPU: CPU execution provider"; None when the agent has no runtime installed.
+    pub inference: Option<String>,
+    /// Messages waiting in the agent's outbox, and whether it is full.
+    pub outbox: String,
+    pub outbox_full: bool,
     pub cpu_percent: String,
     pub memory: String,
     pub memory_percent: u32,
@@ -99,6 +105,12 @@ impl HealthView {
         HealthView {
             cpu_only_reason,
             driver,
+            inference: h
+                .inference
+                .as_ref()
+                .map(|i| format!("{} (ONNX Runtime {}): {}", i.provider, i.runtime_version, i.note)),
+            outbox: format!("{} pending, {} queued jobs", h.outbox_pending, h.jobs_queued),
+            outbox_full: h.outbox_full,
             cpu_percent: format!("{:.0}%", h.cpu_percent),
             memory: format!("{} / {}", bytes(h.memory_used_bytes), bytes(h.memory_total_bytes)),
             memory_percent: percent(h.memory_used_bytes, h.memory_total_bytes),
@@ -441,6 +453,8 @@ pub(crate) struct AgentPage {
     pub volumes: Vec<String>,
     pub watch_roots: Vec<String>,
     pub profiles: Vec<String>,
+    /// Installed models as "name version (sha256 prefix)".
+    pub models: Vec<String>,
     pub gpus: Vec<GpuInfoRow>,
     pub has_capabilities: bool,
     pub history: Vec<HistoryRow>,
