@@ -94,6 +94,10 @@ struct RunArgs {
     /// Seconds a watched file must stay unchanged before it is analyzed.
     #[arg(long, default_value_t = 2)]
     watch_settle_secs: u64,
+    /// Profile of the jobs made from watch-folder files (`full` needs the models: `gaffer-agent
+    /// models fetch`).
+    #[arg(long, default_value = "shots")]
+    watch_profile: Profile,
     /// Air-gapped: no link to the control plane; results wait in the outbox for
     /// `gaffer-agent bundle export`.
     #[arg(long)]
@@ -326,6 +330,15 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     runner.enqueue_offline_assignments()?;
     runner.dispatch();
 
+    let watch_profile = args.watch_profile;
+    if !watch_roots.is_empty() && !capabilities.profiles.contains(&watch_profile) {
+        anyhow::bail!(
+            "--watch-profile {watch_profile} is not available on this agent (it runs: {}); install the models with \
+             `gaffer-agent models fetch --data-dir {}`",
+            capabilities.profiles.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "),
+            args.data_dir.display()
+        );
+    }
     let _watcher = if watch_roots.is_empty() {
         None
     } else {
@@ -344,7 +357,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
                 while runner.outbox().is_full() {
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 }
-                match ledger.submit(runner.outbox(), &file) {
+                match ledger.submit(runner.outbox(), &file, watch_profile) {
                     Ok(Some(assignment)) => {
                         tracing::info!(job_id = %assignment.job_id, path = %file.path.display(), "new file in watch folder");
                         runner.enqueue_assignment(assignment);

@@ -353,12 +353,12 @@ impl WatchLedger {
         self.tree.contains_key(Self::key(f)).unwrap_or(false)
     }
 
-    /// Submits `f` as a job through the outbox, once per file version. Returns the assignment of
+    /// Submits `f` as a `profile` job through the outbox, once per file version. Returns the assignment of
     /// the new job (None if it was submitted before), which an offline agent runs itself.
     ///
     /// # Errors
     /// [`AgentError::State`], or [`AgentError::Config`] for a path that is not UTF-8.
-    pub fn submit(&self, outbox: &Outbox, f: &WatchedFile) -> Result<Option<Assignment>, AgentError> {
+    pub fn submit(&self, outbox: &Outbox, f: &WatchedFile, profile: Profile) -> Result<Option<Assignment>, AgentError> {
         if self.contains(f) {
             return Ok(None);
         }
@@ -366,10 +366,10 @@ impl WatchLedger {
             return Err(AgentError::Config(format!("{} is not valid UTF-8; rename it", f.path.display())));
         };
         let job_id = uuid::Uuid::new_v4();
-        outbox.push(&AgentMessage::SubmitWatched { job_id, path: path.to_owned(), profile: Profile::Shots })?;
+        outbox.push(&AgentMessage::SubmitWatched { job_id, path: path.to_owned(), profile })?;
         self.tree.insert(Self::key(f), job_id.as_bytes())?;
         self.tree.flush()?;
-        Ok(Some(Assignment { job_id, path: path.to_owned(), profile: Profile::Shots }))
+        Ok(Some(Assignment { job_id, path: path.to_owned(), profile }))
     }
 }
 
