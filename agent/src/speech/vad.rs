@@ -1,7 +1,8 @@
 //! Silero VAD v6 over 16 kHz mono samples, and the reference post-processing that turns its
 //! per-window speech probabilities into speech segments.
 
-use ort::session::Session;
+use ort::memory::Allocator;
+use ort::session::{IoBinding, Session};
 use ort::value::Tensor;
 
 use super::SpeechError;
@@ -189,12 +190,21 @@ impl SpeechTimestamps {
 /// `get_speech_timestamps`, a final partial window is zero-padded to 512 samples.
 ///
 /// Feed samples with [`SileroVad::push_samples`] in any chunk sizes (e.g. straight from a
-/// resampler), then [`SileroVad::finish`]. The input tensors are allocated once and reused.
+/// resampler), then [`SileroVad::finish`]. All tensors are allocated once and bound to the
+/// session with an [`IoBinding`]: each window is written into the bound `input` in place, the
+/// model writes `output` and `stateN` into preallocated tensors, and `stateN` is copied into the
+/// bound `state`, so a window costs no allocation and no name lookup.
 pub struct SileroVad {
     session: Session,
+    binding: IoBinding,
+    /// Bound to `input`, `[1, 576]`.
     input: Tensor<f32>,
+    /// Bound to `state`, `[2, 1, 128]`.
     state: Tensor<f32>,
-    sr: Tensor<i64>,
+    /// Bound to the `output` output, `[1, 1]`.
+    prob: Tensor<f32>,
+    /// Bound to the `stateN` output, `[2, 1, 128]`.
+    next_state: Tensor<f32>,
     /// Samples of the window being filled, `input[CONTEXT_SAMPLES + filled]`.
     filled: usize,
     samples: u64,
@@ -253,11 +263,26 @@ impl SileroVad {
         .map_err(tensor_err)?;
         let state = Tensor::from_array(([2usize, 1, 128], vec![0f32; STATE_LEN])).map_err(tensor_err)?;
         let sr = Tensor::from_array(((), vec![i64::from(SAMPLE_RATE_HZ)])).map_err(tensor_err)?;
+        // Outputs must be allocated by ONNX Runtime (`IoBinding::bind_output` rejects Rust-backed
+        // tensors); they are uninitialized until the first run, which writes every value.
+        let allocator = Allocator::default();
+        let mut prob = Tensor::<f32>::new(&allocator, [1usize, 1]).map_err(tensor_err)?;
+        let mut next_state = Tensor::<f32>::new(&allocator, [2usize, 1, 128]).map_err(tensor_err)?;
+        // On the CPU, binding an owned tensor shares its buffer with the session (no copy), so
+        // writing `input` and `state` in place is what the next run sees.
+        let mut binding = session.create_binding().map_err(tensor_err)?;
+        binding.bind_input("input", &input).map_err(tensor_err)?;
+        binding.bind_input("state", &state).map_err(tensor_err)?;
+        binding.bind_input("sr", &sr).map_err(tensor_err)?;
+        binding.bind_output("output", &mut prob).map_err(tensor_err)?;
+        binding.bind_output("stateN", &mut next_state).map_err(tensor_err)?;
         Ok(Self {
             session,
+            binding,
             input,
             state,
-            sr,
+            prob,
+            next_state,
             filled: 0,
             samples: 0,
             windows: 0,
@@ -292,7 +317,17 @@ impl SileroVad {
     ///
     /// # Errors
     /// [`SpeechError::Inference`] when ONNX Runtime fails.
-    pub fn finish(mut self) -> Result<VadResult, SpeechError> {
+    pub fn finish(self) -> Result<VadResult, SpeechError> {
+        self.finish_keeping_session().map(|(result, _session)| result)
+    }
+
+    /// Like [`SileroVad::finish`], and hands the ONNX Runtime session back, so the caller can
+    /// reuse it for the next stream ([`SileroVad::from_session`]) or choose when to pay for
+    /// dropping it (a few milliseconds).
+    ///
+    /// # Errors
+    /// As [`SileroVad::finish`].
+    pub fn finish_keeping_session(mut self) -> Result<(VadResult, Session), SpeechError> {
         if self.filled > 0 {
             {
                 let (_, data) = self.input.try_extract_tensor_mut::<f32>().map_err(inference)?;
@@ -303,7 +338,7 @@ impl SileroVad {
             self.timestamps.push(p);
         }
         let segments_samples = self.timestamps.finish(self.samples);
-        Ok(VadResult { segments_samples, audio_samples: self.samples, windows: self.windows })
+        Ok((VadResult { segments_samples, audio_samples: self.samples, windows: self.windows }, self.session))
     }
 
     /// Samples fed so far.
@@ -314,21 +349,14 @@ impl SileroVad {
     /// Runs the model on the full window in `input`, carries `stateN` into `state` and the
     /// window's last 64 samples into the context; returns the speech probability.
     fn run_window(&mut self) -> Result<f32, SpeechError> {
-        let prob = {
-            let outputs = self
-                .session
-                .run(ort::inputs!["input" => &self.input, "state" => &self.state, "sr" => &self.sr])
-                .map_err(inference)?;
-            let (_, prob) = outputs["output"].try_extract_tensor::<f32>().map_err(inference)?;
-            let prob = *prob.first().ok_or_else(|| SpeechError::Inference { detail: "empty output".into() })?;
-            let (_, next_state) = outputs["stateN"].try_extract_tensor::<f32>().map_err(inference)?;
-            if next_state.len() != STATE_LEN {
-                return Err(SpeechError::Inference { detail: format!("stateN has {} values", next_state.len()) });
-            }
-            let (_, state) = self.state.try_extract_tensor_mut::<f32>().map_err(inference)?;
-            state.copy_from_slice(next_state);
-            prob
-        };
+        // The outputs land in `prob` and `next_state`; the returned `SessionOutputs` only
+        // re-wrap those buffers, so drop it unread.
+        drop(self.session.run_binding(&self.binding).map_err(inference)?);
+        let (_, prob) = self.prob.try_extract_tensor::<f32>().map_err(inference)?;
+        let prob = *prob.first().ok_or_else(|| SpeechError::Inference { detail: "empty output".into() })?;
+        let (_, next_state) = self.next_state.try_extract_tensor::<f32>().map_err(inference)?;
+        let (_, state) = self.state.try_extract_tensor_mut::<f32>().map_err(inference)?;
+        state.copy_from_slice(next_state);
         let (_, data) = self.input.try_extract_tensor_mut::<f32>().map_err(inference)?;
         data.copy_within(WINDOW_SAMPLES.., 0);
         self.filled = 0;
