@@ -6,6 +6,8 @@
 //! Skipped (with a note) when the runtime and models are not provisioned in `$GAFFER_MODELS_DIR`
 //! (default `~/.cache/gaffer/models-datadir`), unless `GAFFER_REQUIRE_MODELS` is set.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -13,26 +15,16 @@ use gaffer_agent::analysis::full::{FullAnalysis, FullOptions, Models};
 use gaffer_agent::analysis::{self, AnalysisError, AnalyzeOptions, Profile};
 
 fn media(name: &str) -> PathBuf {
-    std::env::var_os("GAFFER_MEDIA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/media"))
-        .join(name)
+    common::media_dir().join(name)
 }
 
 fn models() -> Option<Models> {
-    let dir = std::env::var_os("GAFFER_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/models-datadir")
-    });
-    match Models::open(&dir, 0) {
+    match Models::open(&common::models_dir(), 0) {
         Ok(m) if m.missing().is_empty() => Some(m),
         other => {
-            let why = other.map(|m| format!("missing {:?}", m.missing())).unwrap_or_else(|e| e.to_string());
-            assert!(
-                std::env::var_os("GAFFER_REQUIRE_MODELS").is_none(),
-                "GAFFER_REQUIRE_MODELS is set but {} is not provisioned: {why}",
-                dir.display()
+            common::models_missing(
+                &other.map(|m| format!("missing {:?}", m.missing())).unwrap_or_else(|e| e.to_string()),
             );
-            eprintln!("SKIPPED: models not provisioned in {} ({why})", dir.display());
             None
         }
     }

@@ -1,17 +1,13 @@
 //! The runner's durable queue and the outbox bound, with real media and a real sled state.
 
-use std::path::PathBuf;
+mod common;
+use common::media_dir;
+
 use std::time::{Duration, Instant};
 
 use gaffer_agent::outbox::{Outbox, OutboxLimits};
 use gaffer_agent::runner::{Runner, RunnerConfig};
 use gaffer_protocol::messages::{AgentMessage, Assignment, Profile};
-
-fn media_dir() -> PathBuf {
-    std::env::var_os("GAFFER_MEDIA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/media"))
-}
 
 fn assignment(name: &str) -> anyhow::Result<Assignment> {
     let path = media_dir().join(name).canonicalize()?;

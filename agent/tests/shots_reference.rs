@@ -8,6 +8,9 @@
 //!
 //! Sample media: `$GAFFER_MEDIA_DIR`, default `~/.cache/gaffer/media` (`scripts/setup.sh`).
 
+mod common;
+use common::media_dir;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,13 +24,6 @@ use gaffer_protocol::digest::{Digest, StreamKind};
 const TOLERANCE_FRAMES: u64 = 2;
 /// Frames PySceneDetect (OpenCV) decodes from test.mp4; ours must decode the same.
 const TEST_MP4_FRAMES: u64 = 5301;
-
-fn media_dir() -> PathBuf {
-    std::env::var_os("GAFFER_MEDIA_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").expect("HOME is set");
-        PathBuf::from(home).join(".cache/gaffer/media")
-    })
-}
 
 fn media(name: &str) -> PathBuf {
     let p = media_dir().join(name);

@@ -7,6 +7,9 @@
 //! absent unless `GAFFER_REQUIRE_MODELS` is set. Need the sample media (`GAFFER_MEDIA_DIR`),
 //! `ffmpeg` and `espeak-ng`.
 
+mod common;
+use common::media_dir;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -20,18 +23,6 @@ use sha2::Digest as _;
 /// Parity tolerance with the reference, seconds (the 100 ms).
 const PARITY_TOLERANCE_SECS: f64 = 0.100;
 
-fn media_dir() -> PathBuf {
-    std::env::var_os("GAFFER_MEDIA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/media"))
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("GAFFER_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/models-datadir")
-    })
-}
-
 fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/speech").join(format!("{name}.json"));
     serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
@@ -40,24 +31,7 @@ fn fixture(name: &str) -> Value {
 
 /// Registry + CPU runtime, or None (skip) when not provisioned and not required.
 fn setup() -> Option<(Registry, Runtime)> {
-    let dir = models_dir();
-    let registry = Registry::open(&dir).expect("open registry");
-    let ok = registry.has_all(Profile::Full.required_models()) && registry.runtime(manifest::RUNTIME_CPU).is_some();
-    if !ok {
-        if std::env::var_os("GAFFER_REQUIRE_MODELS").is_some() {
-            panic!(
-                "GAFFER_REQUIRE_MODELS is set but {} is not provisioned: run scripts/fetch-models.sh",
-                dir.display()
-            );
-        }
-        eprintln!(
-            "SKIPPED: runtime/models not provisioned in {} (run scripts/fetch-models.sh; set GAFFER_REQUIRE_MODELS=1 to fail instead)",
-            dir.display()
-        );
-        return None;
-    }
-    let runtime = Runtime::init(&registry, 0).expect("runtime");
-    Some((registry, runtime))
+    common::registry_and_runtime(Profile::Full.required_models())
 }
 
 /// Our pipeline on `path`: (segments in samples, audio samples, SHA-256 of our 16 kHz samples).

@@ -7,10 +7,13 @@
 //! absent unless `GAFFER_REQUIRE_MODELS` is set. Need the sample media (`GAFFER_MEDIA_DIR`),
 //! `ffmpeg` and the DejaVu fonts (`fonts-dejavu-core`).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::media_dir;
+
+use std::path::Path;
 use std::process::Command;
 
-use gaffer_agent::models::{manifest, Registry, Runtime};
+use gaffer_agent::models::{Registry, Runtime};
 use gaffer_agent::vision::{self, ModerationAggregator, NudeNet, Ocr, RgbFrame};
 use gaffer_protocol::digest::BoxPx;
 use serde_json::Value;
@@ -25,18 +28,6 @@ const OCR_BOX_IOU_MIN: f32 = 0.5;
 
 const VISION_MODELS: [&str; 4] = ["nudenet-320n", "ppocrv4-det", "ppocrv4-rec", "ppocr-mobile-v2-cls"];
 
-fn media_dir() -> PathBuf {
-    std::env::var_os("GAFFER_MEDIA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/media"))
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("GAFFER_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gaffer/models-datadir")
-    })
-}
-
 fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision").join(format!("{name}.json"));
     serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
@@ -45,23 +36,7 @@ fn fixture(name: &str) -> Value {
 
 /// Registry + CPU runtime, or None (skip) when not provisioned and not required.
 fn setup() -> Option<(Registry, Runtime)> {
-    let dir = models_dir();
-    let registry = Registry::open(&dir).expect("open registry");
-    if !(registry.has_all(&VISION_MODELS) && registry.runtime(manifest::RUNTIME_CPU).is_some()) {
-        if std::env::var_os("GAFFER_REQUIRE_MODELS").is_some() {
-            panic!(
-                "GAFFER_REQUIRE_MODELS is set but {} is not provisioned: run scripts/fetch-models.sh",
-                dir.display()
-            );
-        }
-        eprintln!(
-            "SKIPPED: runtime/models not provisioned in {} (run scripts/fetch-models.sh; set GAFFER_REQUIRE_MODELS=1 to fail instead)",
-            dir.display()
-        );
-        return None;
-    }
-    let runtime = Runtime::init(&registry, 0).expect("runtime");
-    Some((registry, runtime))
+    common::registry_and_runtime(&VISION_MODELS)
 }
 
 /// A decoded fixture frame: RGB24 pixels and size.
