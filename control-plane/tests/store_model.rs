@@ -1,27 +1,32 @@
 //! Model test: `SledStore` jobs and enrollment tokens against a plain in-memory model.
 //!
 //! Random operation sequences run against both; every observation (insert result, update result,
-//! listing order, consume outcome) must agree. Failing cases are shrunk and persisted by proptest
+//! listing order and cursor, state-index order, counts, consume outcome) must agree. The store
+//! assigns each job a `seq`; the model has none, so records are compared with `seq` cleared (the
+//! orderings check that seqs follow insertion order). Failing cases are shrunk and persisted by proptest
 //! under `proptest-regressions/` so they replay.
 
 use std::collections::BTreeMap;
 
 use gaffer_control::store::sled_store::SledStore;
-use gaffer_control::store::{EnrollmentTokenRecord, JobOrigin, JobRecord, JobState, Store, StoreError};
+use gaffer_control::store::{
+    EnrollmentTokenRecord, JobCounts, JobOrigin, JobQuery, JobRecord, JobState, Priority, Store, StoreError,
+};
 use gaffer_protocol::messages::Profile;
 use proptest::prelude::*;
 use uuid::Uuid;
 
 const IDS: u8 = 6;
-const STATES: [JobState; 5] =
-    [JobState::Queued, JobState::Assigned, JobState::Running, JobState::Succeeded, JobState::Failed];
+const STATES: [JobState; 6] = JobState::ALL;
+const PRIORITIES: [Priority; 3] = [Priority::Low, Priority::Normal, Priority::High];
 
 #[derive(Debug, Clone)]
 enum Op {
-    InsertJob { id: u8, created_at_ms: u64 },
-    UpdateJob { id: u8, state: usize, frames: u64, write: bool },
+    InsertJob { id: u8, created_at_ms: u64, priority: usize },
+    UpdateJob { id: u8, state: usize, priority: usize, frames: u64, write: bool },
     ListJobs { limit: usize },
-    JobsInState { state: usize },
+    JobsInState { state: usize, limit: usize },
+    Counts,
     InsertToken { id: u8, expires_at_ms: u64 },
     Consume { id: u8, agent: u8, now_ms: u64 },
     Reopen,
@@ -29,15 +34,16 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0..IDS, 0..20u64).prop_map(|(id, created_at_ms)| Op::InsertJob { id, created_at_ms }),
-        (0..IDS, 0..STATES.len(), 0..1000u64, any::<bool>()).prop_map(|(id, state, frames, write)| Op::UpdateJob {
+        (0..IDS, 0..20u64, 0..PRIORITIES.len()).prop_map(|(id, created_at_ms, priority)| Op::InsertJob {
             id,
-            state,
-            frames,
-            write
+            created_at_ms,
+            priority
         }),
+        (0..IDS, 0..STATES.len(), 0..PRIORITIES.len(), 0..1000u64, any::<bool>())
+            .prop_map(|(id, state, priority, frames, write)| Op::UpdateJob { id, state, priority, frames, write }),
         (0..10usize).prop_map(|limit| Op::ListJobs { limit }),
-        (0..STATES.len()).prop_map(|state| Op::JobsInState { state }),
+        (0..STATES.len(), 0..8usize).prop_map(|(state, limit)| Op::JobsInState { state, limit }),
+        Just(Op::Counts),
         (0..IDS, 0..100u64).prop_map(|(id, expires_at_ms)| Op::InsertToken { id, expires_at_ms }),
         (0..IDS, 0..3u8, 0..100u64).prop_map(|(id, agent, now_ms)| Op::Consume { id, agent, now_ms }),
         Just(Op::Reopen),
@@ -56,12 +62,16 @@ fn new_job(id: Uuid, created_at_ms: u64) -> JobRecord {
         profile: Profile::Shots,
         pinned_agent: None,
         origin: JobOrigin::Api,
+        priority: Priority::Normal,
         state: JobState::Queued,
         agent: None,
+        lease: None,
+        lease_epoch: 0,
         progress: 0.0,
         frames_decoded: 0,
         error: None,
         attempts: 0,
+        seq: 0,
         created_at_ms,
         updated_at_ms: created_at_ms,
         finished_at_ms: None,
@@ -83,6 +93,28 @@ impl Model {
         v.sort_by_key(|j| (j.created_at_ms, self.inserted.get(&j.id).copied().unwrap_or(usize::MAX)));
         v
     }
+
+    /// The state index order: queued jobs by priority (high first), then every state by age.
+    fn in_state(&self, state: JobState) -> Vec<JobRecord> {
+        let mut v: Vec<JobRecord> = self.ordered().into_iter().filter(|j| j.state == state).collect();
+        if state == JobState::Queued {
+            v.sort_by_key(|j| std::cmp::Reverse(j.priority)); // stable: keeps age order within one
+        }
+        v
+    }
+
+    fn counts(&self) -> JobCounts {
+        let mut c = JobCounts::default();
+        for j in self.jobs.values() {
+            c.0[j.state.index()] += 1;
+        }
+        c
+    }
+}
+
+/// The record without its store-assigned `seq`.
+fn norm(j: JobRecord) -> JobRecord {
+    JobRecord { seq: 0, ..j }
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -93,8 +125,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     for op in ops {
         let s = store.as_ref().ok_or_else(|| TestCaseError::fail("store missing"))?;
         match op {
-            Op::InsertJob { id, created_at_ms } => {
-                let rec = new_job(uuid(id), created_at_ms);
+            Op::InsertJob { id, created_at_ms, priority } => {
+                let rec = JobRecord { priority: PRIORITIES[priority], ..new_job(uuid(id), created_at_ms) };
                 let inserted = s.insert_job(&rec).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let expected = !model.jobs.contains_key(&rec.id);
                 prop_assert_eq!(inserted, expected);
@@ -102,32 +134,40 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.inserted.entry(rec.id).or_insert(order);
                 model.jobs.entry(rec.id).or_insert(rec);
             }
-            Op::UpdateJob { id, state, frames, write } => {
+            Op::UpdateJob { id, state, priority, frames, write } => {
                 let mut f = |j: &mut JobRecord| {
                     j.state = STATES[state];
+                    j.priority = PRIORITIES[priority];
                     j.frames_decoded = frames;
                     write
                 };
                 let got = s.update_job(uuid(id), &mut f).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // The record as stored afterwards: the changed one if written, else the old one.
                 let expected = model.jobs.get_mut(&uuid(id)).map(|j| {
                     let mut changed = j.clone();
                     if f(&mut changed) {
-                        *j = changed.clone();
+                        *j = changed;
                     }
-                    changed
+                    j.clone()
                 });
-                prop_assert_eq!(got, expected);
+                prop_assert_eq!(got.map(norm), expected);
             }
             Op::ListJobs { limit } => {
-                let got = s.list_jobs(limit).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let page = s
+                    .list_jobs(&JobQuery { limit, ..JobQuery::default() })
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let expected: Vec<JobRecord> = model.ordered().into_iter().rev().take(limit).collect();
-                prop_assert_eq!(got, expected);
+                prop_assert_eq!(page.next.is_some(), limit > 0 && model.jobs.len() > limit);
+                prop_assert_eq!(page.jobs.into_iter().map(norm).collect::<Vec<_>>(), expected);
             }
-            Op::JobsInState { state } => {
-                let got = s.jobs_in_state(STATES[state]).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let expected: Vec<JobRecord> =
-                    model.ordered().into_iter().filter(|j| j.state == STATES[state]).collect();
-                prop_assert_eq!(got, expected);
+            Op::JobsInState { state, limit } => {
+                let got = s.jobs_in_state(STATES[state], limit).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expected: Vec<JobRecord> = model.in_state(STATES[state]).into_iter().take(limit).collect();
+                prop_assert_eq!(got.into_iter().map(norm).collect::<Vec<_>>(), expected);
+            }
+            Op::Counts => {
+                let got = s.job_counts().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(got, model.counts());
             }
             Op::InsertToken { id, expires_at_ms } => {
                 let rec = EnrollmentTokenRecord {

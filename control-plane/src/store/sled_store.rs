@@ -8,13 +8,15 @@
 //! | tree               | key                                                   | value                                |
 //! |--------------------|-------------------------------------------------------|--------------------------------------|
 //! | `meta`             | `b"admin_password_hash"`                              | argon2 PHC string, UTF-8             |
+//! | `meta`             | `b"job_counts"`                                       | 6 × u64 BE (48 bytes): jobs per state, in [`JobState::ALL`] order |
 //! | `enroll_tokens`    | SHA-256 of the token (32 bytes)                       | JSON [`EnrollmentTokenRecord`]       |
 //! | `api_tokens`       | SHA-256 of the token (32 bytes)                       | JSON `{"created_at_ms": u64}`        |
 //! | `sessions`         | SHA-256 of the cookie value (32 bytes)                | JSON [`SessionRecord`]               |
 //! | `agents`           | agent UUID (16 bytes)                                 | JSON [`AgentRecord`]                 |
 //! | `health`           | agent UUID (16) ++ `received_at_ms` u64 BE (8) ++ counter u64 BE (8) | JSON [`HealthSample`] |
 //! | `jobs`             | job UUID (16 bytes)                                   | JSON [`JobRecord`]                   |
-//! | `jobs_by_created`  | `created_at_ms` u64 BE (8) ++ insertion seq u64 BE (8) ++ job UUID (16) | empty         |
+//! | `jobs_by_created`  | `created_at_ms` u64 BE (8) ++ `seq` u64 BE (8) ++ job UUID (16) | empty               |
+//! | `jobs_by_state`    | state (1: [`JobState::index`]) ++ rank (1) ++ `created_at_ms` u64 BE (8) ++ `seq` u64 BE (8) ++ job UUID (16) | empty |
 //! | `digests`          | job UUID (16 bytes)                                   | JSON [`Digest`]                      |
 //! | `agent_seq`        | agent UUID (16 bytes)                                 | u64 BE (8): last applied sequence    |
 //! | `audit`            | `at_ms` u64 BE (8) ++ counter u64 BE (8)              | JSON [`AuditRecord`]                 |
@@ -24,35 +26,112 @@
 //! Big-endian integers make sled's byte order the numeric order, so `health` scans one agent's
 //! samples oldest → newest (the counter, from [`sled::Db::generate_id`], breaks ties within one
 //! millisecond) and `jobs_by_created` lists jobs by creation time (reverse scan = newest first).
+//! A job's `seq` ([`JobRecord::seq`]) also comes from [`sled::Db::generate_id`] when it is
+//! inserted, so it orders jobs created in the same millisecond.
+//!
+//! The rank byte of `jobs_by_state` is `255 - priority` ([`Priority`]: low 0, normal 1, high 2)
+//! for queued jobs, so a prefix scan of state `queued` yields high before normal before low, each
+//! oldest first; it is 0 for every other state (oldest first). `job_counts` in `meta` always
+//! equals the number of `jobs_by_state` entries per state byte.
 //!
 //! # Atomicity
 //!
-//! * `update_agent`, `update_job` and `consume_enrollment_token` are compare-and-swap loops: read,
-//!   apply, `compare_and_swap(old, new)`, retry on conflict. A concurrent writer is never lost, and
-//!   of two concurrent token consumers exactly one sees the unused token.
-//! * `insert_job` writes `jobs` and `jobs_by_created` in one multi-tree transaction.
-//! * `push_health` inserts the sample, trims the agent's history to `keep_max`, then sets the
-//!   agent's `last_health` with the CAS loop. Trimming races between two pushers for the same agent
-//!   can only remove extra old samples, never keep more than `keep_max` afterwards.
+//! * Every write of a job (`insert_job`, `update_job`, `delete_finished_jobs`,
+//!   `commit_agent_message`) is one sled multi-tree transaction over the record, both indexes and
+//!   `job_counts`, so the indexes and counts never disagree with the records. sled may run a
+//!   transaction's closure more than once; `update_job`'s closure therefore may run more than once.
+//! * `commit_agent_message` is one transaction over `jobs`, `jobs_by_state`, `jobs_by_created`,
+//!   `meta`, `digests`, `agent_seq`, `audit` and `agents`: the watermark check, the `before` check
+//!   and every write happen together or not at all.
+//! * `update_agent` and `consume_enrollment_token` are compare-and-swap loops: read, apply,
+//!   `compare_and_swap(old, new)`, retry on conflict. A concurrent writer is never lost, and of two
+//!   concurrent token consumers exactly one sees the unused token.
+//! * `push_health` inserts the sample, trims the agent's history to `keep_max` samples and
+//!   `bytes_max` bytes of JSON (oldest first, always keeping the newest), then sets the agent's
+//!   `last_health` with the CAS loop. Pushes are serialized by an in-memory lock that also holds
+//!   each agent's running sample count and byte total (computed from the tree on the agent's first
+//!   push after opening, and recomputed after any failed push).
 //! * [`Store::flush`] is sled's `flush` (fsync of the shared log, so it covers every tree).
+//!
+//! # Bounded scans
+//!
+//! * `list_jobs` walks `jobs_by_created` backwards from the cursor and reads each job to apply the
+//!   state and agent filters. It stops after `limit` matches or after [`list_scan_budget`] index
+//!   entries, whichever comes first, and then returns a `next` cursor (the last entry it looked
+//!   at) whenever the index has further entries. A filtered page may therefore hold fewer than
+//!   `limit` jobs — even none — and still have a `next`; paging on until `next` is `None` visits
+//!   every job exactly once.
+//! * `delete_finished_jobs` walks the state index of each terminal state oldest-created first,
+//!   looking at no more than [`delete_scan_budget`] entries per state and stopping at the first job
+//!   created at or after the cutoff. Among the jobs found finished before the cutoff (by
+//!   `finished_at_ms`, or `updated_at_ms` when that is missing) it deletes the `limit` oldest
+//!   finished. A call may therefore delete fewer than it could; the next call goes on.
+//!
+//! # Upgrading an older data directory
+//!
+//! A data directory written before the state index existed has no `job_counts` key. Opening it
+//! rebuilds `jobs_by_state` and `job_counts` by one scan of `jobs`, and gives every job whose
+//! record has no `seq` the seq of its `jobs_by_created` entry.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use gaffer_protocol::digest::Digest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError, TransactionResult, TransactionalTree,
+};
 use sled::Transactional;
 use uuid::Uuid;
 
 use super::{
-    AgentRecord, EnrollmentTokenRecord, HealthSample, JobRecord, JobState, SessionRecord, Store, StoreError,
-    StoreResult, UnixMs,
+    AgentCommit, AgentRecord, AuditRecord, BundleNumbers, CommitOutcome, EnrollmentTokenRecord, HealthSample,
+    JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState, Priority, RevokedCertRecord, SessionRecord, Store,
+    StoreError, StoreResult, UnixMs,
 };
-use super::{AuditRecord, BundleNumbers, RevokedCertRecord};
 use gaffer_protocol::messages::{AgentId, JobId};
 
 const ADMIN_HASH_KEY: &[u8] = b"admin_password_hash";
+const COUNTS_KEY: &[u8] = b"job_counts";
+const EMPTY: &[u8] = &[];
+
+/// The terminal states, in the order `delete_finished_jobs` walks them.
+const TERMINAL: [JobState; 3] = [JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+/// Most index entries one [`Store::list_jobs`] call looks at: `10 × limit + 1000`.
+pub fn list_scan_budget(limit: usize) -> usize {
+    limit.saturating_mul(10).saturating_add(1000)
+}
+
+/// Most index entries one [`Store::delete_finished_jobs`] call looks at per terminal state:
+/// `10 × limit + 100`.
+pub fn delete_scan_budget(limit: usize) -> usize {
+    limit.saturating_mul(10).saturating_add(100)
+}
+
+/// The time a finished job counts as finished for retention: `finished_at_ms`, else its last
+/// update.
+pub(crate) fn finished_time(job: &JobRecord) -> UnixMs {
+    job.finished_at_ms.unwrap_or(job.updated_at_ms)
+}
+
+/// Whether `job` matches the filters of `query` (not the cursor).
+pub(crate) fn query_matches(query: &JobQuery, job: &JobRecord) -> bool {
+    query.state.is_none_or(|s| job.state == s) && query.agent.is_none_or(|a| job.agent == Some(a))
+}
+
+/// The rank byte of a job's `jobs_by_state` key: `255 - priority` for queued jobs (high first),
+/// 0 otherwise.
+pub(crate) fn state_rank(state: JobState, priority: Priority) -> u8 {
+    if state == JobState::Queued {
+        255 - priority as u8
+    } else {
+        0
+    }
+}
 
 /// The sled-backed store. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct SledStore {
@@ -65,11 +144,21 @@ pub struct SledStore {
     health: sled::Tree,
     jobs: sled::Tree,
     jobs_by_created: sled::Tree,
+    jobs_by_state: sled::Tree,
     digests: sled::Tree,
     agent_seq: sled::Tree,
     audit: sled::Tree,
     bundle_numbers: sled::Tree,
     revoked_certs: sled::Tree,
+    /// Running sample count and JSON byte total of each agent's health history (see the module
+    /// docs); the lock also serializes `push_health`.
+    health_tally: Mutex<HashMap<AgentId, HealthTally>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HealthTally {
+    count: usize,
+    bytes: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -92,14 +181,72 @@ fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> StoreRes
         .map_err(|e| StoreError::Corrupt { key: format!("{tree}/{}", hex::encode(key)), detail: e.to_string() })
 }
 
-/// `created_at_ms` BE ‖ insertion sequence BE ‖ job id: jobs created in the same millisecond
-/// keep their submission order.
+fn corrupt_key(tree: &str, key: &[u8], detail: &str) -> StoreError {
+    StoreError::Corrupt { key: format!("{tree}/{}", hex::encode(key)), detail: detail.into() }
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+fn uuid_at(bytes: &[u8]) -> Option<Uuid> {
+    let arr: [u8; 16] = bytes.try_into().ok()?;
+    Some(Uuid::from_bytes(arr))
+}
+
+/// `created_at_ms` BE ‖ seq BE ‖ job id: jobs created in the same millisecond keep their
+/// submission order.
 fn created_key(created_at_ms: UnixMs, seq: u64, id: JobId) -> [u8; 32] {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&created_at_ms.to_be_bytes());
     key[8..16].copy_from_slice(&seq.to_be_bytes());
     key[16..].copy_from_slice(id.as_bytes());
     key
+}
+
+fn created_key_of(job: &JobRecord) -> [u8; 32] {
+    created_key(job.created_at_ms, job.seq, job.id)
+}
+
+/// The `jobs_by_created` prefix of a cursor: every key below it comes after the cursor in the
+/// newest-first listing.
+fn cursor_prefix(cursor: JobCursor) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&cursor.created_at_ms.to_be_bytes());
+    key[8..].copy_from_slice(&cursor.seq.to_be_bytes());
+    key
+}
+
+/// (created_at_ms, seq, id) of a `jobs_by_created` key.
+fn parse_created_key(key: &[u8]) -> StoreResult<(UnixMs, u64, JobId)> {
+    let bad = || corrupt_key("jobs_by_created", key, "index key is not 32 bytes");
+    if key.len() != 32 {
+        return Err(bad());
+    }
+    Ok((be_u64(&key[..8]).ok_or_else(bad)?, be_u64(&key[8..16]).ok_or_else(bad)?, uuid_at(&key[16..]).ok_or_else(bad)?))
+}
+
+fn state_key(job: &JobRecord) -> [u8; 34] {
+    let mut key = [0u8; 34];
+    key[0] = job.state.index() as u8;
+    key[1] = state_rank(job.state, job.priority);
+    key[2..10].copy_from_slice(&job.created_at_ms.to_be_bytes());
+    key[10..18].copy_from_slice(&job.seq.to_be_bytes());
+    key[18..].copy_from_slice(job.id.as_bytes());
+    key
+}
+
+/// (created_at_ms, seq, id) of a `jobs_by_state` key.
+fn parse_state_key(key: &[u8]) -> StoreResult<(UnixMs, u64, JobId)> {
+    let bad = || corrupt_key("jobs_by_state", key, "index key is not 34 bytes");
+    if key.len() != 34 {
+        return Err(bad());
+    }
+    Ok((
+        be_u64(&key[2..10]).ok_or_else(bad)?,
+        be_u64(&key[10..18]).ok_or_else(bad)?,
+        uuid_at(&key[18..]).ok_or_else(bad)?,
+    ))
 }
 
 fn health_key(agent: AgentId, received_at_ms: UnixMs, counter: u64) -> [u8; 32] {
@@ -110,12 +257,127 @@ fn health_key(agent: AgentId, received_at_ms: UnixMs, counter: u64) -> [u8; 32] 
     key
 }
 
+fn audit_key(at_ms: UnixMs, counter: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&at_ms.to_be_bytes());
+    key[8..].copy_from_slice(&counter.to_be_bytes());
+    key
+}
+
+fn encode_counts(counts: &JobCounts) -> [u8; 48] {
+    let mut out = [0u8; 48];
+    for (i, n) in counts.0.iter().enumerate() {
+        out[i * 8..i * 8 + 8].copy_from_slice(&n.to_be_bytes());
+    }
+    out
+}
+
+fn decode_counts(bytes: &[u8]) -> StoreResult<JobCounts> {
+    if bytes.len() != 48 {
+        return Err(corrupt_key("meta", COUNTS_KEY, &format!("expected 48 bytes, found {}", bytes.len())));
+    }
+    let mut counts = JobCounts::default();
+    for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+        counts.0[i] = be_u64(chunk).unwrap_or_default();
+    }
+    Ok(counts)
+}
+
+fn decode_seq(agent: &[u8], bytes: &[u8]) -> StoreResult<u64> {
+    be_u64(bytes).ok_or_else(|| corrupt_key("agent_seq", agent, &format!("expected 8 bytes, found {}", bytes.len())))
+}
+
+type Tx<T> = ConflictableTransactionResult<T, StoreError>;
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn tx_out<T>(result: TransactionResult<T, StoreError>) -> StoreResult<T> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(io(e)),
+    }
+}
+
+/// The job trees inside one transaction: every job write keeps record, indexes and counts
+/// together.
+struct JobTx<'a> {
+    jobs: &'a TransactionalTree,
+    by_state: &'a TransactionalTree,
+    by_created: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+}
+
+impl JobTx<'_> {
+    fn get(&self, id: JobId) -> Tx<Option<JobRecord>> {
+        match self.jobs.get(id.as_bytes())? {
+            Some(bytes) => decode("jobs", id.as_bytes(), &bytes).map(Some).map_err(abort),
+            None => Ok(None),
+        }
+    }
+
+    fn counts(&self) -> Tx<JobCounts> {
+        match self.meta.get(COUNTS_KEY)? {
+            Some(bytes) => decode_counts(&bytes).map_err(abort),
+            None => Ok(JobCounts::default()),
+        }
+    }
+
+    fn set_counts(&self, counts: &JobCounts) -> Tx<()> {
+        self.meta.insert(COUNTS_KEY, &encode_counts(counts)[..])?;
+        Ok(())
+    }
+
+    /// Writes a job that does not exist yet, with both index entries.
+    fn insert(&self, job: &JobRecord, counts: &mut JobCounts) -> Tx<()> {
+        self.jobs.insert(job.id.as_bytes(), encode(job).map_err(abort)?)?;
+        self.by_created.insert(&created_key_of(job), EMPTY)?;
+        self.by_state.insert(&state_key(job)[..], EMPTY)?;
+        counts.0[job.state.index()] += 1;
+        Ok(())
+    }
+
+    /// Replaces `old` (as stored) by `new` (same id), moving index entries that changed.
+    fn replace(&self, old: &JobRecord, new: &JobRecord, counts: &mut JobCounts) -> Tx<()> {
+        self.jobs.insert(new.id.as_bytes(), encode(new).map_err(abort)?)?;
+        let (old_created, new_created) = (created_key_of(old), created_key_of(new));
+        if old_created != new_created {
+            self.by_created.remove(&old_created)?;
+            self.by_created.insert(&new_created, EMPTY)?;
+        }
+        let (old_state, new_state) = (state_key(old), state_key(new));
+        if old_state != new_state {
+            self.by_state.remove(&old_state[..])?;
+            self.by_state.insert(&new_state[..], EMPTY)?;
+        }
+        if old.state != new.state {
+            let from = &mut counts.0[old.state.index()];
+            *from = from.saturating_sub(1);
+            counts.0[new.state.index()] += 1;
+        }
+        Ok(())
+    }
+
+    /// Deletes `old` (as stored) and its index entries.
+    fn remove(&self, old: &JobRecord, counts: &mut JobCounts) -> Tx<()> {
+        self.jobs.remove(old.id.as_bytes())?;
+        self.by_created.remove(&created_key_of(old))?;
+        self.by_state.remove(&state_key(old)[..])?;
+        let n = &mut counts.0[old.state.index()];
+        *n = n.saturating_sub(1);
+        Ok(())
+    }
+}
+
 impl SledStore {
-    /// Opens (creating if needed) the database directory at `path`.
+    /// Opens (creating if needed) the database directory at `path`. An older data directory
+    /// without the state index is upgraded (see the module docs).
     ///
     /// # Errors
     /// [`StoreError::Open`] when the directory cannot be created or read, or another process holds
-    /// the database lock.
+    /// the database lock; [`StoreError::Corrupt`] when upgrading meets an unreadable job record.
     pub fn open(path: &Path) -> StoreResult<SledStore> {
         let open_err = |e: sled::Error| StoreError::Open { path: path.display().to_string(), detail: e.to_string() };
         // Wait briefly for a holder that is letting go (a CLI command finishing, or the background
@@ -134,7 +396,7 @@ impl SledStore {
             }
         };
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
-        Ok(SledStore {
+        let store = SledStore {
             meta: tree("meta")?,
             enroll_tokens: tree("enroll_tokens")?,
             api_tokens: tree("api_tokens")?,
@@ -143,18 +405,65 @@ impl SledStore {
             health: tree("health")?,
             jobs: tree("jobs")?,
             jobs_by_created: tree("jobs_by_created")?,
+            jobs_by_state: tree("jobs_by_state")?,
             digests: tree("digests")?,
             agent_seq: tree("agent_seq")?,
             audit: tree("audit")?,
             bundle_numbers: tree("bundle_numbers")?,
             revoked_certs: tree("revoked_certs")?,
+            health_tally: Mutex::new(HashMap::new()),
             db,
-        })
+        };
+        store.upgrade()?;
+        Ok(store)
+    }
+
+    /// Builds `jobs_by_state` and `job_counts` for a data directory that lacks them, and fills in
+    /// missing `seq`s from `jobs_by_created`. Runs before the store is shared, so plain (not
+    /// transactional) writes are safe; `job_counts` is written last, so an interrupted upgrade
+    /// runs again on the next open.
+    fn upgrade(&self) -> StoreResult<()> {
+        if self.meta.get(COUNTS_KEY).map_err(io)?.is_some() {
+            return Ok(());
+        }
+        // Pass 1: take each job's seq from its creation-index entry; drop entries that point at
+        // nothing.
+        for key in self.jobs_by_created.iter().keys() {
+            let key = key.map_err(io)?;
+            let (created_at_ms, seq, id) = parse_created_key(&key)?;
+            match self.get_job(id)? {
+                Some(mut job) if job.created_at_ms == created_at_ms && job.seq == 0 && seq != 0 => {
+                    job.seq = seq;
+                    self.jobs.insert(id.as_bytes(), encode(&job)?).map_err(io)?;
+                }
+                Some(job) if job.created_at_ms == created_at_ms && job.seq == seq => {}
+                _ => {
+                    self.jobs_by_created.remove(&key).map_err(io)?;
+                }
+            }
+        }
+        // Pass 2: rebuild the state index and the counts; give a job without a creation entry one.
+        self.jobs_by_state.clear().map_err(io)?;
+        let mut counts = JobCounts::default();
+        for item in self.jobs.iter() {
+            let (key, value) = item.map_err(io)?;
+            let mut job: JobRecord = decode("jobs", &key, &value)?;
+            if !self.jobs_by_created.contains_key(created_key_of(&job)).map_err(io)? {
+                job.seq = self.db.generate_id().map_err(io)?;
+                self.jobs.insert(&key, encode(&job)?).map_err(io)?;
+                self.jobs_by_created.insert(created_key_of(&job), EMPTY).map_err(io)?;
+            }
+            self.jobs_by_state.insert(&state_key(&job)[..], EMPTY).map_err(io)?;
+            counts.0[job.state.index()] += 1;
+        }
+        self.meta.insert(COUNTS_KEY, &encode_counts(&counts)[..]).map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(())
     }
 
     fn get_json<T: DeserializeOwned>(&self, tree: &sled::Tree, name: &str, key: &[u8]) -> StoreResult<Option<T>> {
         match tree.get(key).map_err(io)? {
-            Some(bytes) => Ok(Some(decode(name, key, &bytes)?)),
+            Some(bytes) => decode(name, key, &bytes).map(Some),
             None => Ok(None),
         }
     }
@@ -187,6 +496,53 @@ impl SledStore {
                 Err(_conflict) => continue,
             }
         }
+    }
+
+    /// Runs `f` in one transaction over the job trees.
+    fn job_transaction<T>(&self, f: impl Fn(&JobTx<'_>) -> Tx<T>) -> StoreResult<T> {
+        tx_out(
+            (&self.jobs, &self.jobs_by_state, &self.jobs_by_created, &self.meta)
+                .transaction(|(jobs, by_state, by_created, meta)| f(&JobTx { jobs, by_state, by_created, meta })),
+        )
+    }
+
+    /// Inserts the sample and trims the agent's history; the caller holds the tally lock.
+    fn push_health_locked(
+        &self,
+        tallies: &mut HashMap<AgentId, HealthTally>,
+        id: AgentId,
+        key: &[u8],
+        value: Vec<u8>,
+        keep_max: usize,
+        bytes_max: usize,
+    ) -> StoreResult<()> {
+        let tally = match tallies.get(&id) {
+            Some(t) => *t,
+            None => {
+                let mut t = HealthTally { count: 0, bytes: 0 };
+                for item in self.health.scan_prefix(id.as_bytes()).values() {
+                    t.count += 1;
+                    t.bytes += item.map_err(io)?.len();
+                }
+                t
+            }
+        };
+        let mut tally = HealthTally { count: tally.count + 1, bytes: tally.bytes + value.len() };
+        self.health.insert(key, value).map_err(io)?;
+        let over = |t: &HealthTally| t.count > 1 && (t.count > keep_max || t.bytes > bytes_max);
+        if over(&tally) {
+            for item in self.health.scan_prefix(id.as_bytes()) {
+                if !over(&tally) {
+                    break;
+                }
+                let (k, v) = item.map_err(io)?;
+                self.health.remove(&k).map_err(io)?;
+                tally.count -= 1;
+                tally.bytes = tally.bytes.saturating_sub(v.len());
+            }
+        }
+        tallies.insert(id, tally);
+        Ok(())
     }
 }
 
@@ -280,15 +636,18 @@ impl Store for SledStore {
         self.cas_loop(&self.agents, "agents", id.as_bytes(), &mut apply)
     }
 
-    fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize) -> StoreResult<()> {
-        let counter = self.db.generate_id().map_err(io)?;
-        self.health.insert(health_key(id, sample.received_at_ms, counter), encode(sample)?).map_err(io)?;
-        // Trim: keys of one agent sort oldest first, so drop the first (len - keep_max).
-        let keys: Vec<sled::IVec> =
-            self.health.scan_prefix(id.as_bytes()).keys().collect::<Result<_, _>>().map_err(io)?;
-        let excess = keys.len().saturating_sub(keep_max);
-        for key in keys.into_iter().take(excess) {
-            self.health.remove(key).map_err(io)?;
+    fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize, bytes_max: usize) -> StoreResult<()> {
+        let value = encode(sample)?;
+        let key = health_key(id, sample.received_at_ms, self.db.generate_id().map_err(io)?);
+        {
+            let mut tallies =
+                self.health_tally.lock().map_err(|_| StoreError::Io("health history lock poisoned".into()))?;
+            let pushed = self.push_health_locked(&mut tallies, id, &key, value, keep_max, bytes_max);
+            if pushed.is_err() {
+                // Recount from the tree on the next push.
+                tallies.remove(&id);
+            }
+            pushed?;
         }
         let mut set = |rec: &mut AgentRecord| {
             let newer = rec.last_health.as_ref().is_none_or(|h| h.received_at_ms <= sample.received_at_ms);
@@ -311,57 +670,234 @@ impl Store for SledStore {
     }
 
     fn insert_job(&self, job: &JobRecord) -> StoreResult<bool> {
-        let value = encode(job)?;
-        let index_key = created_key(job.created_at_ms, self.db.generate_id().map_err(io)?, job.id);
-        let result = (&self.jobs, &self.jobs_by_created).transaction(|(jobs, by_created)| {
-            if jobs.get(job.id.as_bytes())?.is_some() {
+        let mut job = job.clone();
+        job.seq = self.db.generate_id().map_err(io)?;
+        self.job_transaction(|tx| {
+            if tx.jobs.get(job.id.as_bytes())?.is_some() {
                 return Ok(false);
             }
-            jobs.insert(job.id.as_bytes(), value.as_slice())?;
-            by_created.insert(&index_key, &[] as &[u8])?;
-            Ok::<bool, ConflictableTransactionError<StoreError>>(true)
-        });
-        match result {
-            Ok(inserted) => Ok(inserted),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(io(e)),
-        }
+            let mut counts = tx.counts()?;
+            tx.insert(&job, &mut counts)?;
+            tx.set_counts(&counts)?;
+            Ok(true)
+        })
     }
 
     fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
         self.get_json(&self.jobs, "jobs", id.as_bytes())
     }
 
-    fn list_jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>> {
-        let mut jobs = Vec::new();
-        for item in self.jobs_by_created.iter().keys().rev() {
-            if jobs.len() >= limit {
+    fn list_jobs(&self, query: &JobQuery) -> StoreResult<JobPage> {
+        let mut page = JobPage::default();
+        if query.limit == 0 {
+            return Ok(page);
+        }
+        let budget = list_scan_budget(query.limit);
+        let mut keys = match query.after {
+            Some(cursor) => self.jobs_by_created.range(..cursor_prefix(cursor)),
+            None => self.jobs_by_created.iter(),
+        }
+        .keys()
+        .rev();
+        let mut scanned = 0usize;
+        let mut last: Option<JobCursor> = None;
+        loop {
+            if page.jobs.len() >= query.limit || scanned >= budget {
+                if keys.next().transpose().map_err(io)?.is_some() {
+                    page.next = last;
+                }
                 break;
             }
-            let key = item.map_err(io)?;
-            if let Some(job) = self.job_for_index_key(&key)? {
-                jobs.push(job);
+            let Some(key) = keys.next() else { break };
+            let (created_at_ms, seq, id) = parse_created_key(&key.map_err(io)?)?;
+            scanned += 1;
+            last = Some(JobCursor { created_at_ms, seq });
+            if let Some(job) = self.get_job(id)? {
+                if query_matches(query, &job) {
+                    page.jobs.push(job);
+                }
             }
         }
-        Ok(jobs)
+        Ok(page)
     }
 
-    fn jobs_in_state(&self, state: JobState) -> StoreResult<Vec<JobRecord>> {
+    fn jobs_in_state(&self, state: JobState, limit: usize) -> StoreResult<Vec<JobRecord>> {
         let mut jobs = Vec::new();
-        for item in self.jobs_by_created.iter().keys() {
-            let key = item.map_err(io)?;
-            if let Some(job) = self.job_for_index_key(&key)? {
+        if limit == 0 {
+            return Ok(jobs);
+        }
+        for key in self.jobs_by_state.scan_prefix([state.index() as u8]).keys() {
+            let (_, _, id) = parse_state_key(&key.map_err(io)?)?;
+            // A job that changed state between the index read and this read is skipped.
+            if let Some(job) = self.get_job(id)? {
                 if job.state == state {
                     jobs.push(job);
+                    if jobs.len() >= limit {
+                        break;
+                    }
                 }
             }
         }
         Ok(jobs)
     }
 
+    fn job_counts(&self) -> StoreResult<JobCounts> {
+        match self.meta.get(COUNTS_KEY).map_err(io)? {
+            Some(bytes) => decode_counts(&bytes),
+            None => Ok(JobCounts::default()),
+        }
+    }
+
     fn update_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>> {
-        let mut apply = |rec: &mut JobRecord| -> StoreResult<bool> { Ok(f(rec)) };
-        self.cas_loop(&self.jobs, "jobs", id.as_bytes(), &mut apply)
+        let f = RefCell::new(f);
+        self.job_transaction(|tx| {
+            let Some(old) = tx.get(id)? else {
+                return Ok(None);
+            };
+            let mut new = old.clone();
+            if !(*f.borrow_mut())(&mut new) {
+                return Ok(Some(old));
+            }
+            // The id and seq are the store's.
+            new.id = old.id;
+            new.seq = old.seq;
+            let mut counts = tx.counts()?;
+            tx.replace(&old, &new, &mut counts)?;
+            if old.state != new.state {
+                tx.set_counts(&counts)?;
+            }
+            Ok(Some(new))
+        })
+    }
+
+    fn delete_finished_jobs(&self, finished_before_ms: UnixMs, limit: usize) -> StoreResult<usize> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let budget = delete_scan_budget(limit);
+        // (finished, created, seq, id) of the jobs found finished before the cutoff.
+        let mut found: Vec<(UnixMs, UnixMs, u64, JobId)> = Vec::new();
+        for state in TERMINAL {
+            for key in self.jobs_by_state.scan_prefix([state.index() as u8]).keys().take(budget) {
+                let (created_at_ms, seq, id) = parse_state_key(&key.map_err(io)?)?;
+                if created_at_ms >= finished_before_ms {
+                    break;
+                }
+                if let Some(job) = self.get_job(id)? {
+                    let finished = finished_time(&job);
+                    if job.state == state && finished < finished_before_ms {
+                        found.push((finished, created_at_ms, seq, id));
+                    }
+                }
+            }
+        }
+        found.sort_unstable();
+        found.truncate(limit);
+        let mut deleted = 0;
+        for chunk in found.chunks(256) {
+            deleted += tx_out(
+                (&self.jobs, &self.jobs_by_state, &self.jobs_by_created, &self.meta, &self.digests).transaction(
+                    |(jobs, by_state, by_created, meta, digests)| {
+                        let tx = JobTx { jobs, by_state, by_created, meta };
+                        let mut counts = tx.counts()?;
+                        let mut n = 0usize;
+                        for &(_, _, _, id) in chunk {
+                            // Re-checked here: it may have been retried since the scan.
+                            let Some(job) = tx.get(id)? else { continue };
+                            if !job.state.is_terminal() || finished_time(&job) >= finished_before_ms {
+                                continue;
+                            }
+                            tx.remove(&job, &mut counts)?;
+                            digests.remove(id.as_bytes())?;
+                            n += 1;
+                        }
+                        if n > 0 {
+                            tx.set_counts(&counts)?;
+                        }
+                        Ok(n)
+                    },
+                ),
+            )?;
+        }
+        Ok(deleted)
+    }
+
+    fn commit_agent_message(&self, commit: &AgentCommit) -> StoreResult<CommitOutcome> {
+        // Ids come from outside the transaction (a retried closure must not draw new ones).
+        let new_job = match &commit.new_job {
+            Some(job) => {
+                let mut job = job.clone();
+                job.seq = self.db.generate_id().map_err(io)?;
+                Some(job)
+            }
+            None => None,
+        };
+        let mut audit = Vec::with_capacity(commit.audit.len());
+        for rec in &commit.audit {
+            audit.push((audit_key(rec.at_ms, self.db.generate_id().map_err(io)?), encode(rec)?));
+        }
+        let digest = match &commit.digest {
+            Some((id, digest)) => Some((*id, encode(digest)?)),
+            None => None,
+        };
+        let agent_key = commit.agent.as_bytes();
+        tx_out(
+            (
+                &self.jobs,
+                &self.jobs_by_state,
+                &self.jobs_by_created,
+                &self.meta,
+                &self.digests,
+                &self.agent_seq,
+                &self.audit,
+                &self.agents,
+            )
+                .transaction(
+                    |(jobs, by_state, by_created, meta, digests, agent_seq, audit_tree, agents)| {
+                        if let Some(bytes) = agent_seq.get(agent_key)? {
+                            if commit.seq <= decode_seq(agent_key, &bytes).map_err(abort)? {
+                                return Ok(CommitOutcome::Duplicate);
+                            }
+                        }
+                        let tx = JobTx { jobs, by_state, by_created, meta };
+                        let mut counts = tx.counts()?;
+                        let counted = counts;
+                        if let Some(write) = &commit.job {
+                            let current = tx.get(write.before.id)?;
+                            if current.as_ref() != Some(&write.before) {
+                                return Ok(CommitOutcome::Conflict);
+                            }
+                            let mut after = write.after.clone();
+                            after.id = write.before.id;
+                            after.seq = write.before.seq;
+                            tx.replace(&write.before, &after, &mut counts)?;
+                        }
+                        if let Some((id, bytes)) = &digest {
+                            if digests.get(id.as_bytes())?.is_none() {
+                                digests.insert(id.as_bytes(), bytes.as_slice())?;
+                            }
+                        }
+                        if let Some(job) = &new_job {
+                            if jobs.get(job.id.as_bytes())?.is_none() {
+                                tx.insert(job, &mut counts)?;
+                            }
+                        }
+                        for (key, value) in &audit {
+                            audit_tree.insert(key, value.as_slice())?;
+                        }
+                        if let Some(bytes) = agents.get(agent_key)? {
+                            let mut agent: AgentRecord = decode("agents", agent_key, &bytes).map_err(abort)?;
+                            agent.last_seen_ms = Some(commit.now_ms);
+                            agents.insert(agent_key, encode(&agent).map_err(abort)?)?;
+                        }
+                        agent_seq.insert(agent_key, &commit.seq.to_be_bytes())?;
+                        if counts != counted {
+                            tx.set_counts(&counts)?;
+                        }
+                        Ok(CommitOutcome::Committed)
+                    },
+                ),
+        )
     }
 
     fn put_digest(&self, id: JobId, digest: &Digest) -> StoreResult<bool> {
@@ -376,13 +912,7 @@ impl Store for SledStore {
 
     fn last_applied_seq(&self, agent: AgentId) -> StoreResult<Option<u64>> {
         match self.agent_seq.get(agent.as_bytes()).map_err(io)? {
-            Some(bytes) => {
-                let arr: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                    key: format!("agent_seq/{agent}"),
-                    detail: format!("expected 8 bytes, found {}", bytes.len()),
-                })?;
-                Ok(Some(u64::from_be_bytes(arr)))
-            }
+            Some(bytes) => decode_seq(agent.as_bytes(), &bytes).map(Some),
             None => Ok(None),
         }
     }
@@ -394,10 +924,7 @@ impl Store for SledStore {
 
     fn append_audit(&self, rec: &AuditRecord) -> StoreResult<()> {
         let counter = self.db.generate_id().map_err(io)?;
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&rec.at_ms.to_be_bytes());
-        key[8..].copy_from_slice(&counter.to_be_bytes());
-        self.audit.insert(key, encode(rec)?).map_err(io)?;
+        self.audit.insert(audit_key(rec.at_ms, counter), encode(rec)?).map_err(io)?;
         Ok(())
     }
 
@@ -443,20 +970,10 @@ impl Store for SledStore {
     }
 }
 
-impl SledStore {
-    fn job_for_index_key(&self, key: &[u8]) -> StoreResult<Option<JobRecord>> {
-        let id_bytes: [u8; 16] =
-            key.get(16..32).and_then(|s| s.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
-                key: format!("jobs_by_created/{}", hex::encode(key)),
-                detail: "index key is not 32 bytes".into(),
-            })?;
-        self.get_job(Uuid::from_bytes(id_bytes))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::JobOrigin;
     use gaffer_protocol::health::{Health, HealthSource};
     use gaffer_protocol::messages::Profile;
     use std::sync::{Arc, Barrier};
@@ -468,13 +985,17 @@ mod tests {
             site: "stage-a".into(),
             profile: Profile::Shots,
             pinned_agent: None,
-            origin: super::super::JobOrigin::Api,
+            origin: JobOrigin::Api,
+            priority: Priority::Normal,
             state: JobState::Queued,
             agent: None,
+            lease: None,
+            lease_epoch: 0,
             progress: 0.0,
             frames_decoded: 0,
             error: None,
             attempts: 0,
+            seq: 0,
             created_at_ms,
             updated_at_ms: created_at_ms,
             finished_at_ms: None,
@@ -528,10 +1049,12 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let job_id = Uuid::new_v4();
         let agent_id = Uuid::new_v4();
+        let stored;
         {
             let store = SledStore::open(dir.path())?;
             store.set_admin_password_hash("$argon2id$v=19$m=19456,t=2,p=1$abc$def")?;
             assert!(store.insert_job(&job(job_id, 10))?);
+            stored = store.get_job(job_id)?;
             store.insert_agent(&agent(agent_id))?;
             store.set_last_applied_seq(agent_id, 41)?;
             store.insert_api_token(&[7; 32], 5)?;
@@ -539,12 +1062,61 @@ mod tests {
         }
         let store = SledStore::open(dir.path())?;
         assert_eq!(store.admin_password_hash()?.as_deref(), Some("$argon2id$v=19$m=19456,t=2,p=1$abc$def"));
-        assert_eq!(store.get_job(job_id)?, Some(job(job_id, 10)));
-        assert_eq!(store.list_jobs(10)?.len(), 1);
+        assert!(stored.is_some());
+        assert_eq!(store.get_job(job_id)?, stored);
+        assert_eq!(store.list_jobs(&JobQuery { limit: 10, ..JobQuery::default() })?.jobs.len(), 1);
+        assert_eq!(store.job_counts()?.get(JobState::Queued), 1);
+        assert_eq!(store.jobs_in_state(JobState::Queued, 10)?.len(), 1);
         assert_eq!(store.get_agent(agent_id)?.map(|a| a.hostname), Some("gpu-01".to_string()));
         assert_eq!(store.last_applied_seq(agent_id)?, Some(41));
         assert!(store.api_token_exists(&[7; 32])?);
         assert!(!store.api_token_exists(&[8; 32])?);
+        Ok(())
+    }
+
+    /// A data directory from before the state index: records without `seq`/`priority`, a
+    /// creation index, no counts. Opening it builds the state index and the counts.
+    #[test]
+    fn old_data_dir_is_upgraded_on_open() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (a, b, c) = (Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]), Uuid::from_bytes([3; 16]));
+        {
+            let db = sled::open(dir.path())?;
+            let jobs = db.open_tree("jobs")?;
+            let by_created = db.open_tree("jobs_by_created")?;
+            for (id, created, seq, state) in
+                [(a, 5, 7, JobState::Queued), (b, 5, 9, JobState::Succeeded), (c, 3, 11, JobState::Queued)]
+            {
+                let mut rec = job(id, created);
+                rec.state = state;
+                let mut value = serde_json::to_value(&rec)?;
+                let obj = value.as_object_mut().ok_or_else(|| anyhow::anyhow!("not an object"))?;
+                for field in ["seq", "priority", "lease", "lease_epoch"] {
+                    obj.remove(field);
+                }
+                jobs.insert(id.as_bytes(), serde_json::to_vec(&value)?)?;
+                by_created.insert(created_key(created, seq, id), EMPTY)?;
+            }
+            db.flush()?;
+        }
+        let store = SledStore::open(dir.path())?;
+        let counts = store.job_counts()?;
+        assert_eq!(counts.get(JobState::Queued), 2);
+        assert_eq!(counts.get(JobState::Succeeded), 1);
+        assert_eq!(store.get_job(a)?.map(|j| j.seq), Some(7));
+        assert_eq!(store.get_job(b)?.map(|j| j.seq), Some(9));
+        let queued: Vec<JobId> = store.jobs_in_state(JobState::Queued, 10)?.iter().map(|j| j.id).collect();
+        assert_eq!(queued, [c, a]);
+        let listed: Vec<JobId> =
+            store.list_jobs(&JobQuery { limit: 10, ..JobQuery::default() })?.jobs.iter().map(|j| j.id).collect();
+        assert_eq!(listed, [b, a, c]);
+        // The upgraded store keeps working: a state change moves the index entry.
+        store.update_job(c, &mut |j| {
+            j.state = JobState::Failed;
+            true
+        })?;
+        assert_eq!(store.job_counts()?.get(JobState::Failed), 1);
+        assert_eq!(store.jobs_in_state(JobState::Queued, 10)?.iter().map(|j| j.id).collect::<Vec<_>>(), [a]);
         Ok(())
     }
 
@@ -556,9 +1128,9 @@ mod tests {
         let other = Uuid::new_v4();
         store.insert_agent(&agent(a))?;
         for t in 0..25u64 {
-            store.push_health(a, &sample(1000 + t), 10)?;
+            store.push_health(a, &sample(1000 + t), 10, usize::MAX)?;
         }
-        store.push_health(other, &sample(5), 10)?;
+        store.push_health(other, &sample(5), 10, usize::MAX)?;
         let history = store.health_history(a, 100)?;
         assert_eq!(history.len(), 10);
         let times: Vec<u64> = history.iter().map(|s| s.received_at_ms).collect();
@@ -569,6 +1141,26 @@ mod tests {
         );
         assert_eq!(store.get_agent(a)?.and_then(|r| r.last_health).map(|h| h.received_at_ms), Some(1024));
         assert_eq!(store.health_history(other, 100)?.len(), 1);
+        Ok(())
+    }
+
+    /// The running tally is rebuilt from the tree after a reopen, so the bounds still hold.
+    #[test]
+    fn health_bounds_hold_across_reopen() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let a = Uuid::new_v4();
+        let one = serde_json::to_vec(&sample(1000))?.len();
+        {
+            let store = SledStore::open(dir.path())?;
+            for t in 0..8u64 {
+                store.push_health(a, &sample(1000 + t), 100, usize::MAX)?;
+            }
+            store.flush()?;
+        }
+        let store = SledStore::open(dir.path())?;
+        store.push_health(a, &sample(2000), 100, one * 3)?;
+        let times: Vec<u64> = store.health_history(a, 100)?.iter().map(|s| s.received_at_ms).collect();
+        assert_eq!(times, [1006, 1007, 2000]);
         Ok(())
     }
 
@@ -640,6 +1232,50 @@ mod tests {
         Ok(())
     }
 
+    /// Threads moving jobs between states concurrently: the counts and the state index always
+    /// agree with the records afterwards.
+    #[test]
+    fn concurrent_state_changes_keep_counts_and_index() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(SledStore::open(dir.path())?);
+        let ids: Vec<JobId> = (0..8u8).map(|n| Uuid::from_bytes([n + 1; 16])).collect();
+        for (i, id) in ids.iter().enumerate() {
+            store.insert_job(&job(*id, i as u64))?;
+        }
+        let handles: Vec<_> = (0..4usize)
+            .map(|t| {
+                let store = store.clone();
+                let ids = ids.clone();
+                std::thread::spawn(move || -> StoreResult<()> {
+                    for round in 0..40usize {
+                        let id = ids[(t + round) % ids.len()];
+                        let state = JobState::ALL[(t * 7 + round) % JobState::ALL.len()];
+                        store.update_job(id, &mut |j| {
+                            j.state = state;
+                            true
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("updater thread panicked"))??;
+        }
+        let counts = store.job_counts()?;
+        let mut total = 0;
+        for state in JobState::ALL {
+            let records = ids.iter().filter_map(|id| store.get_job(*id).ok().flatten()).filter(|j| j.state == state);
+            let n = records.count() as u64;
+            assert_eq!(counts.get(state), n, "count of {state:?}");
+            assert_eq!(store.jobs_in_state(state, 100)?.len() as u64, n, "index of {state:?}");
+            assert_eq!(store.jobs_by_state.scan_prefix([state.index() as u8]).count() as u64, n);
+            total += n;
+        }
+        assert_eq!(total, ids.len() as u64);
+        Ok(())
+    }
+
     #[test]
     fn corrupt_record_is_a_typed_error() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -647,6 +1283,7 @@ mod tests {
         let id = Uuid::new_v4();
         store.jobs.insert(id.as_bytes(), b"{not json".as_slice())?;
         assert!(matches!(store.get_job(id), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(store.update_job(id, &mut |_| true), Err(StoreError::Corrupt { .. })));
         Ok(())
     }
 }

@@ -1,0 +1,1045 @@
+//! The [`Store`] contract, run against every implementation: `SledStore` (in a temporary
+//! directory) and `MemStore`. Each contract test is one function over a store factory; the
+//! `contract!` macro at the bottom instantiates it once per implementation (`sled::<name>`,
+//! `mem::<name>`). A proptest at the end runs random operation sequences against both stores side
+//! by side and requires every observation to agree.
+
+use std::ops::Deref;
+
+use gaffer_control::store::mem_store::MemStore;
+use gaffer_control::store::sled_store::SledStore;
+use gaffer_control::store::{
+    AgentCommit, AgentRecord, AuditRecord, CommitOutcome, HealthSample, JobCounts, JobCursor, JobOrigin, JobPage,
+    JobQuery, JobRecord, JobState, JobWrite, Lease, Priority, Store,
+};
+use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
+use gaffer_protocol::health::{Health, HealthSource};
+use gaffer_protocol::messages::{AgentId, JobId, Profile};
+use uuid::Uuid;
+
+type TestResult = anyhow::Result<()>;
+
+/// A store under test, with the directory that must outlive it (sled).
+struct Fixture {
+    store: Box<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Deref for Fixture {
+    type Target = dyn Store;
+    fn deref(&self) -> &Self::Target {
+        self.store.as_ref()
+    }
+}
+
+fn sled_fixture() -> anyhow::Result<Fixture> {
+    let dir = tempfile::tempdir()?;
+    let store = SledStore::open(dir.path())?;
+    Ok(Fixture { store: Box::new(store), _dir: Some(dir) })
+}
+
+fn mem_fixture() -> anyhow::Result<Fixture> {
+    Ok(Fixture { store: Box::new(MemStore::new()), _dir: None })
+}
+
+type Make = fn() -> anyhow::Result<Fixture>;
+
+// ---- record builders ----
+
+fn jid(n: u32) -> JobId {
+    Uuid::from_u128(0x1000 + u128::from(n))
+}
+
+fn aid(n: u32) -> AgentId {
+    Uuid::from_u128(0xa000 + u128::from(n))
+}
+
+fn job(n: u32, created_at_ms: u64) -> JobRecord {
+    let id = jid(n);
+    JobRecord {
+        id,
+        path: format!("/media/{n}.mov"),
+        site: "stage-a".into(),
+        profile: Profile::Shots,
+        pinned_agent: None,
+        origin: JobOrigin::Api,
+        priority: Priority::Normal,
+        state: JobState::Queued,
+        agent: None,
+        lease: None,
+        lease_epoch: 0,
+        progress: 0.0,
+        frames_decoded: 0,
+        error: None,
+        attempts: 0,
+        seq: 0,
+        created_at_ms,
+        updated_at_ms: created_at_ms,
+        finished_at_ms: None,
+    }
+}
+
+fn with_priority(mut j: JobRecord, priority: Priority) -> JobRecord {
+    j.priority = priority;
+    j
+}
+
+fn finished(mut j: JobRecord, state: JobState, at_ms: u64) -> JobRecord {
+    j.state = state;
+    j.finished_at_ms = Some(at_ms);
+    j.updated_at_ms = at_ms;
+    j
+}
+
+fn agent(id: AgentId) -> AgentRecord {
+    AgentRecord {
+        id,
+        site: "stage-a".into(),
+        hostname: format!("gpu-{id}"),
+        enrolled_at_ms: 1,
+        cert_not_after_unix: 2_000_000_000,
+        agent_version: None,
+        capabilities: None,
+        connected: true,
+        last_seen_ms: None,
+        last_health: None,
+        bundle_recipient: None,
+        csr_pem: None,
+        cert_serial_hex: None,
+        revoked_at_ms: None,
+        offline: false,
+    }
+}
+
+fn digest(path: &str, analysis_secs: f64) -> Digest {
+    Digest {
+        schema_version: DIGEST_SCHEMA_VERSION,
+        profile: "shots".into(),
+        source: SourceInfo { path: path.into(), size_bytes: 2_000_000, modified_unix_secs: None },
+        technical: TechnicalMetadata {
+            container: "mov,mp4,m4a,3gp,3g2,mj2".into(),
+            container_long_name: "QuickTime / MOV".into(),
+            duration_secs: Some(5.3),
+            bit_rate_bps: None,
+            streams: vec![],
+            primary_video_stream: None,
+        },
+        shots: ShotAnalysis {
+            detector: "content".into(),
+            threshold: 27.0,
+            min_shot_frames: 15,
+            frames_decoded: 132,
+            frames_corrupt: 0,
+            cuts: vec![],
+            shots: vec![],
+        },
+        moderation: None,
+        text: None,
+        speech: None,
+        analyzers: vec![],
+        analysis_secs,
+    }
+}
+
+/// A health sample whose JSON size grows with `pad`.
+fn sample(received_at_ms: u64, pad: usize) -> HealthSample {
+    HealthSample {
+        received_at_ms,
+        health: Health {
+            sampled_at_unix_ms: received_at_ms,
+            source: HealthSource::CpuOnly { reason: "x".repeat(pad) },
+            cpu_percent: 12.5,
+            load_avg_1m: 0.5,
+            memory_used_bytes: 1 << 30,
+            memory_total_bytes: 8 << 30,
+            disks: vec![],
+            gpus: vec![],
+            inference: None,
+            jobs_running: 0,
+            job_slots: 2,
+            jobs_queued: 0,
+            outbox_pending: 0,
+            outbox_full: false,
+        },
+    }
+}
+
+fn sample_len(s: &HealthSample) -> anyhow::Result<usize> {
+    Ok(serde_json::to_vec(s)?.len())
+}
+
+fn audit(at_ms: u64, detail: &str, job: Option<JobId>) -> AuditRecord {
+    AuditRecord {
+        at_ms,
+        who: "agent".into(),
+        action: "refused_report".into(),
+        agent: Some(aid(1)),
+        site: None,
+        detail: detail.into(),
+        job,
+    }
+}
+
+fn ids(jobs: &[JobRecord]) -> Vec<JobId> {
+    jobs.iter().map(|j| j.id).collect()
+}
+
+fn get(s: &dyn Store, n: u32) -> anyhow::Result<JobRecord> {
+    s.get_job(jid(n))?.ok_or_else(|| anyhow::anyhow!("job {n} missing"))
+}
+
+fn all_pages(
+    s: &dyn Store,
+    state: Option<JobState>,
+    agent: Option<AgentId>,
+    limit: usize,
+) -> anyhow::Result<Vec<JobRecord>> {
+    let mut out = Vec::new();
+    let mut after = None;
+    for _ in 0..10_000 {
+        let page = s.list_jobs(&JobQuery { state, agent, after, limit })?;
+        assert!(page.jobs.len() <= limit, "page longer than its limit");
+        out.extend(page.jobs);
+        match page.next {
+            Some(next) => {
+                assert_ne!(Some(next), after, "cursor did not advance");
+                after = Some(next);
+            }
+            None => return Ok(out),
+        }
+    }
+    anyhow::bail!("paging did not end")
+}
+
+fn counts(pairs: &[(JobState, u64)]) -> JobCounts {
+    let mut c = JobCounts::default();
+    for &(s, n) in pairs {
+        c.0[s.index()] = n;
+    }
+    c
+}
+
+/// Everything a commit could change, for "nothing written" checks.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    counts: JobCounts,
+    jobs: Vec<Option<JobRecord>>,
+    digests: Vec<Option<Digest>>,
+    listed: Vec<JobRecord>,
+    by_state: Vec<Vec<JobRecord>>,
+    watermark: Option<u64>,
+    audit: Vec<AuditRecord>,
+    agent: Option<AgentRecord>,
+}
+
+fn observe(s: &dyn Store, jobs: &[u32], agent_id: AgentId) -> anyhow::Result<Observed> {
+    Ok(Observed {
+        counts: s.job_counts()?,
+        jobs: jobs.iter().map(|n| s.get_job(jid(*n))).collect::<Result<_, _>>()?,
+        digests: jobs.iter().map(|n| s.get_digest(jid(*n))).collect::<Result<_, _>>()?,
+        listed: all_pages(s, None, None, 100)?,
+        by_state: JobState::ALL.iter().map(|st| s.jobs_in_state(*st, 100)).collect::<Result<_, _>>()?,
+        watermark: s.last_applied_seq(agent_id)?,
+        audit: s.list_audit(100)?,
+        agent: s.get_agent(agent_id)?,
+    })
+}
+
+// ---- contract tests ----
+
+fn insert_get_and_duplicate(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let mut j = job(1, 10);
+    j.seq = 12345;
+    assert!(s.insert_job(&j)?);
+    let stored = get(s, 1)?;
+    assert_eq!(JobRecord { seq: j.seq, ..stored.clone() }, j, "stored record differs beyond seq");
+    let mut dup = job(1, 99);
+    dup.path = "/elsewhere.mov".into();
+    assert!(!s.insert_job(&dup)?, "a second insert with the same id must be refused");
+    assert_eq!(get(s, 1)?, stored, "a refused insert changed the record");
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 1)]));
+    assert_eq!(s.get_job(jid(2))?, None);
+    Ok(())
+}
+
+fn seq_orders_insertions(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    for n in 0..5 {
+        let mut j = job(n, 7);
+        j.seq = u64::MAX - u64::from(n); // ignored
+        assert!(s.insert_job(&j)?);
+    }
+    let seqs: Vec<u64> = (0..5).map(|n| get(s, n).map(|j| j.seq)).collect::<Result<_, _>>()?;
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seq must grow with insertion order: {seqs:?}");
+    let listed = all_pages(s, None, None, 10)?;
+    assert_eq!(ids(&listed), (0..5).rev().map(jid).collect::<Vec<_>>(), "same-ms jobs newest (highest seq) first");
+    Ok(())
+}
+
+fn jobs_in_state_order_and_limit(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    // Inserted in this order; same-ms pairs (3, 5) and (4, 6) are ordered by seq.
+    s.insert_job(&with_priority(job(1, 1), Priority::Low))?;
+    s.insert_job(&with_priority(job(2, 5), Priority::Normal))?;
+    s.insert_job(&with_priority(job(3, 9), Priority::High))?;
+    s.insert_job(&with_priority(job(4, 2), Priority::Normal))?;
+    s.insert_job(&with_priority(job(5, 9), Priority::High))?;
+    s.insert_job(&with_priority(job(6, 2), Priority::Normal))?;
+    s.insert_job(&with_priority(job(7, 0), Priority::Low))?;
+    let queued = s.jobs_in_state(JobState::Queued, 100)?;
+    assert_eq!(ids(&queued), [3, 5, 4, 6, 2, 7, 1].map(jid), "high, normal, low; each oldest first, then by seq");
+    assert_eq!(ids(&s.jobs_in_state(JobState::Queued, 3)?), [3, 5, 4].map(jid));
+    assert!(s.jobs_in_state(JobState::Queued, 0)?.is_empty());
+    assert!(s.jobs_in_state(JobState::Running, 10)?.is_empty());
+    // Other states ignore priority: oldest first.
+    for n in [3, 1, 2] {
+        s.update_job(jid(n), &mut |j| {
+            j.state = JobState::Running;
+            true
+        })?;
+    }
+    assert_eq!(ids(&s.jobs_in_state(JobState::Running, 10)?), [1, 2, 3].map(jid));
+    assert_eq!(ids(&s.jobs_in_state(JobState::Running, 2)?), [1, 2].map(jid));
+    assert_eq!(ids(&s.jobs_in_state(JobState::Queued, 100)?), [5, 4, 6, 7].map(jid));
+    Ok(())
+}
+
+fn update_job_moves_index_and_counts(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    for n in 0..4 {
+        s.insert_job(&job(n, u64::from(n)))?;
+    }
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 4)]));
+    let before = get(s, 1)?;
+    let after = s.update_job(jid(1), &mut |j| {
+        j.state = JobState::Assigned;
+        j.agent = Some(aid(1));
+        j.lease_epoch += 1;
+        j.lease = Some(Lease { holder: aid(1), lease_id: j.lease_epoch, deadline_ms: Some(100) });
+        j.id = jid(99); // ignored: the id is the store's
+        j.seq = 424_242; // ignored
+        true
+    })?;
+    let after = after.ok_or_else(|| anyhow::anyhow!("update of an existing job returned None"))?;
+    assert_eq!((after.id, after.seq, after.state), (jid(1), before.seq, JobState::Assigned));
+    assert_eq!(get(s, 1)?, after, "update_job returns the record as stored");
+    assert_eq!(s.get_job(jid(99))?, None);
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 3), (JobState::Assigned, 1)]));
+    assert_eq!(ids(&s.jobs_in_state(JobState::Queued, 10)?), [0, 2, 3].map(jid));
+    assert_eq!(ids(&s.jobs_in_state(JobState::Assigned, 10)?), [jid(1)]);
+
+    // A closure that returns false writes nothing, even if it changed its copy.
+    let kept = s.update_job(jid(2), &mut |j| {
+        j.state = JobState::Failed;
+        false
+    })?;
+    assert_eq!(kept.map(|j| j.state), Some(JobState::Queued));
+    assert_eq!(get(s, 2)?.state, JobState::Queued);
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 3), (JobState::Assigned, 1)]));
+
+    // A priority change reorders the queued index.
+    s.update_job(jid(3), &mut |j| {
+        j.priority = Priority::High;
+        true
+    })?;
+    assert_eq!(ids(&s.jobs_in_state(JobState::Queued, 10)?), [3, 0, 2].map(jid));
+
+    // Through every state and back.
+    for state in JobState::ALL {
+        s.update_job(jid(0), &mut |j| {
+            j.state = state;
+            true
+        })?;
+        let expected = match state {
+            JobState::Queued => 3,   // 0, 2, 3
+            JobState::Assigned => 2, // 0, 1
+            _ => 1,
+        };
+        assert_eq!(s.job_counts()?.get(state), expected, "count of {state:?}");
+        assert!(ids(&s.jobs_in_state(state, 10)?).contains(&jid(0)), "{state:?} index lacks the job");
+    }
+    assert_eq!(s.job_counts()?.0.iter().sum::<u64>(), 4);
+    assert_eq!(s.update_job(jid(50), &mut |_| true)?, None);
+    Ok(())
+}
+
+fn list_jobs_pages_cover_every_job_once(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let states = [JobState::Queued, JobState::Running, JobState::Succeeded];
+    for n in 0..25u32 {
+        let mut j = job(n, u64::from(n / 3)); // three jobs per millisecond
+        j.state = states[(n % 3) as usize];
+        j.agent = (n % 2 == 0).then(|| aid(n % 4));
+        s.insert_job(&j)?;
+    }
+    let mut expected: Vec<JobRecord> = (0..25).map(|n| get(s, n)).collect::<Result<_, _>>()?;
+    expected.sort_by_key(|j| std::cmp::Reverse((j.created_at_ms, j.seq)));
+    for limit in [1, 4, 7, 25, 100] {
+        assert_eq!(all_pages(s, None, None, limit)?, expected, "limit {limit}");
+        for state in states {
+            let want: Vec<JobRecord> = expected.iter().filter(|j| j.state == state).cloned().collect();
+            assert_eq!(all_pages(s, Some(state), None, limit)?, want, "state {state:?} limit {limit}");
+        }
+        let want: Vec<JobRecord> = expected.iter().filter(|j| j.agent == Some(aid(2))).cloned().collect();
+        assert!(!want.is_empty());
+        assert_eq!(all_pages(s, None, Some(aid(2)), limit)?, want, "agent filter, limit {limit}");
+        let want: Vec<JobRecord> = want.into_iter().filter(|j| j.state == JobState::Running).collect();
+        assert_eq!(all_pages(s, Some(JobState::Running), Some(aid(2)), limit)?, want);
+    }
+    // The first page and its cursor.
+    let page = s.list_jobs(&JobQuery { limit: 4, ..JobQuery::default() })?;
+    assert_eq!(page.jobs, expected[..4]);
+    assert_eq!(page.next, Some(JobCursor::of(&expected[3])));
+    let cursor = page.next.ok_or_else(|| anyhow::anyhow!("no cursor"))?;
+    assert_eq!(cursor.to_string().parse::<JobCursor>(), Ok(cursor));
+    // The last page says so.
+    let last = s.list_jobs(&JobQuery { limit: 5, after: Some(JobCursor::of(&expected[19])), ..JobQuery::default() })?;
+    assert_eq!(last, JobPage { jobs: expected[20..].to_vec(), next: None });
+    assert_eq!(s.list_jobs(&JobQuery { limit: 0, ..JobQuery::default() })?.jobs.len(), 0);
+    Ok(())
+}
+
+/// A filter that matches one job under more index entries than one call may scan: pages come
+/// back empty with a cursor until the scan reaches it.
+fn list_jobs_scan_is_bounded(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let total = 1_300u32;
+    for n in 0..total {
+        let mut j = job(n, u64::from(n));
+        if n == 0 {
+            j.state = JobState::Failed;
+        }
+        s.insert_job(&j)?;
+    }
+    let first = s.list_jobs(&JobQuery { state: Some(JobState::Failed), limit: 1, ..JobQuery::default() })?;
+    assert!(first.jobs.is_empty(), "the only match is beyond the scan budget");
+    let next = first.next.ok_or_else(|| anyhow::anyhow!("a bounded page must return a cursor"))?;
+    assert!(next.created_at_ms > 0 && next.created_at_ms < u64::from(total) - 1);
+    let found = all_pages(s, Some(JobState::Failed), None, 1)?;
+    assert_eq!(ids(&found), [jid(0)]);
+    Ok(())
+}
+
+fn counts_follow_every_write(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    assert_eq!(s.job_counts()?, JobCounts::default());
+    for n in 0..6 {
+        s.insert_job(&job(n, 1))?;
+    }
+    s.insert_job(&job(0, 1))?; // refused: not counted
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 6)]));
+    for (n, state) in [(0, JobState::Running), (1, JobState::Succeeded), (2, JobState::Cancelled)] {
+        s.update_job(jid(n), &mut |j| {
+            *j = finished(j.clone(), state, 5);
+            true
+        })?;
+    }
+    assert_eq!(
+        s.job_counts()?,
+        counts(&[(JobState::Queued, 3), (JobState::Running, 1), (JobState::Succeeded, 1), (JobState::Cancelled, 1)])
+    );
+    assert_eq!(s.delete_finished_jobs(10, 10)?, 2);
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 3), (JobState::Running, 1)]));
+    let before = get(s, 3)?;
+    let commit = AgentCommit {
+        agent: aid(1),
+        seq: 1,
+        now_ms: 20,
+        job: Some(JobWrite { after: finished(before.clone(), JobState::Failed, 20), before }),
+        digest: None,
+        new_job: Some(job(10, 20)),
+        audit: vec![],
+    };
+    assert_eq!(s.commit_agent_message(&commit)?, CommitOutcome::Committed);
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 3), (JobState::Running, 1), (JobState::Failed, 1)]));
+    Ok(())
+}
+
+/// An assigned job, a connected agent, and the commit of "job succeeded" from it.
+fn commit_setup(s: &dyn Store) -> anyhow::Result<AgentCommit> {
+    s.insert_agent(&agent(aid(1)))?;
+    s.insert_job(&job(1, 5))?;
+    s.insert_job(&job(2, 6))?;
+    let running = s
+        .update_job(jid(1), &mut |j| {
+            j.state = JobState::Running;
+            j.agent = Some(aid(1));
+            j.lease_epoch = 1;
+            j.lease = Some(Lease { holder: aid(1), lease_id: 1, deadline_ms: None });
+            true
+        })?
+        .ok_or_else(|| anyhow::anyhow!("job 1 missing"))?;
+    let mut done = finished(running.clone(), JobState::Succeeded, 50);
+    done.lease = None;
+    done.progress = 1.0;
+    let mut watch = job(3, 40);
+    watch.origin = JobOrigin::WatchFolder { agent: aid(1) };
+    Ok(AgentCommit {
+        agent: aid(1),
+        seq: 5,
+        now_ms: 50,
+        job: Some(JobWrite { before: running, after: done }),
+        digest: Some((jid(1), digest("/media/1.mov", 0.5))),
+        new_job: Some(watch),
+        audit: vec![audit(50, "first", Some(jid(2))), audit(50, "second", None)],
+    })
+}
+
+fn commit_writes_everything(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let commit = commit_setup(s)?;
+    let mut after = commit.job.as_ref().map(|w| w.after.clone()).ok_or_else(|| anyhow::anyhow!("no job"))?;
+    after.seq = 777; // ignored: the stored seq stays
+    let commit = AgentCommit { job: commit.job.clone().map(|w| JobWrite { after, ..w }), ..commit };
+    let seq_before = get(s, 1)?.seq;
+    assert_eq!(s.commit_agent_message(&commit)?, CommitOutcome::Committed);
+    let stored = get(s, 1)?;
+    assert_eq!((stored.state, stored.seq, stored.progress), (JobState::Succeeded, seq_before, 1.0));
+    assert_eq!(s.get_digest(jid(1))?, Some(digest("/media/1.mov", 0.5)));
+    let watch = get(s, 3)?;
+    assert_eq!(watch.origin, JobOrigin::WatchFolder { agent: aid(1) });
+    assert!(watch.seq > get(s, 2)?.seq, "the new job gets a fresh seq");
+    assert_eq!(ids(&s.jobs_in_state(JobState::Queued, 10)?), [jid(2), jid(3)]);
+    assert_eq!(ids(&s.jobs_in_state(JobState::Succeeded, 10)?), [jid(1)]);
+    assert!(s.jobs_in_state(JobState::Running, 10)?.is_empty());
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 2), (JobState::Succeeded, 1)]));
+    let details: Vec<String> = s.list_audit(10)?.into_iter().map(|a| a.detail).collect();
+    assert_eq!(details, ["second", "first"], "audit newest first");
+    assert_eq!(s.list_audit(10)?.last().and_then(|a| a.job), Some(jid(2)));
+    assert_eq!(s.last_applied_seq(aid(1))?, Some(5));
+    assert_eq!(s.get_agent(aid(1))?.and_then(|a| a.last_seen_ms), Some(50));
+    assert_eq!(all_pages(s, None, None, 10)?.len(), 3);
+    Ok(())
+}
+
+fn commit_duplicate_writes_nothing(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let commit = commit_setup(s)?;
+    s.set_last_applied_seq(aid(1), 5)?;
+    let before = observe(s, &[1, 2, 3], aid(1))?;
+    for seq in [5, 4, 0] {
+        let dup = AgentCommit { seq, ..commit.clone() };
+        assert_eq!(s.commit_agent_message(&dup)?, CommitOutcome::Duplicate, "seq {seq}");
+        assert_eq!(observe(s, &[1, 2, 3], aid(1))?, before, "a duplicate (seq {seq}) wrote something");
+    }
+    // After a commit, the same seq again is a duplicate too.
+    let next = AgentCommit { seq: 6, ..commit.clone() };
+    assert_eq!(s.commit_agent_message(&next)?, CommitOutcome::Committed);
+    let committed = observe(s, &[1, 2, 3], aid(1))?;
+    assert_eq!(s.commit_agent_message(&next)?, CommitOutcome::Duplicate);
+    assert_eq!(observe(s, &[1, 2, 3], aid(1))?, committed);
+    Ok(())
+}
+
+fn commit_conflict_writes_nothing(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let commit = commit_setup(s)?;
+    s.set_last_applied_seq(aid(1), 2)?;
+    // The job moved on after the commit was computed.
+    s.update_job(jid(1), &mut |j| {
+        j.frames_decoded += 10;
+        true
+    })?;
+    let before = observe(s, &[1, 2, 3], aid(1))?;
+    assert_eq!(s.commit_agent_message(&commit)?, CommitOutcome::Conflict);
+    assert_eq!(observe(s, &[1, 2, 3], aid(1))?, before, "a conflicting commit wrote something");
+    // A precondition on a job that does not exist conflicts too.
+    let ghost = JobWrite { before: job(40, 1), after: finished(job(40, 1), JobState::Failed, 2) };
+    let c = AgentCommit { job: Some(ghost), ..commit.clone() };
+    assert_eq!(s.commit_agent_message(&c)?, CommitOutcome::Conflict);
+    assert_eq!(observe(s, &[1, 2, 3, 40], aid(1))?.jobs[3], None);
+    assert_eq!(observe(s, &[1, 2, 3], aid(1))?, before);
+    // Recomputed from a fresh read, it commits.
+    let fresh = get(s, 1)?;
+    let mut after = commit.job.as_ref().map(|w| w.after.clone()).ok_or_else(|| anyhow::anyhow!("no job"))?;
+    after.frames_decoded = fresh.frames_decoded;
+    let c = AgentCommit { job: Some(JobWrite { before: fresh, after }), ..commit };
+    assert_eq!(s.commit_agent_message(&c)?, CommitOutcome::Committed);
+    assert_eq!(get(s, 1)?.state, JobState::Succeeded);
+    Ok(())
+}
+
+fn commit_keeps_first_digest_and_existing_job(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let commit = commit_setup(s)?;
+    assert!(s.put_digest(jid(1), &digest("/first.mov", 1.0))?);
+    let existing = get(s, 2)?;
+    let mut clash = job(2, 99);
+    clash.path = "/clash.mov".into();
+    let c = AgentCommit { new_job: Some(clash), ..commit };
+    assert_eq!(s.commit_agent_message(&c)?, CommitOutcome::Committed);
+    assert_eq!(s.get_digest(jid(1))?, Some(digest("/first.mov", 1.0)), "the first digest is kept");
+    assert_eq!(get(s, 2)?, existing, "a new job with an existing id is skipped");
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 1), (JobState::Succeeded, 1)]));
+    assert_eq!(all_pages(s, None, None, 10)?.len(), 2);
+    assert!(!s.put_digest(jid(1), &digest("/third.mov", 3.0))?);
+    Ok(())
+}
+
+fn commit_without_job_sets_watermark(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    // No job, unknown agent: only the watermark (and no agent record appears).
+    let c = AgentCommit {
+        agent: aid(7),
+        seq: 3,
+        now_ms: 9,
+        job: None,
+        digest: Some((jid(5), digest("/orphan.mov", 2.0))),
+        new_job: None,
+        audit: vec![],
+    };
+    assert_eq!(s.commit_agent_message(&c)?, CommitOutcome::Committed);
+    assert_eq!(s.last_applied_seq(aid(7))?, Some(3));
+    assert_eq!(s.get_agent(aid(7))?, None);
+    assert_eq!(s.get_digest(jid(5))?, Some(digest("/orphan.mov", 2.0)));
+    assert_eq!(s.job_counts()?, JobCounts::default());
+    assert_eq!(s.commit_agent_message(&AgentCommit { seq: 4, ..c.clone() })?, CommitOutcome::Committed);
+    assert_eq!(s.last_applied_seq(aid(7))?, Some(4));
+    assert_eq!(s.last_applied_seq(aid(8))?, None);
+    Ok(())
+}
+
+fn delete_finished_respects_cutoff_and_limit(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    // (n, created, state, finished)
+    let rows = [
+        (1, 1, JobState::Succeeded, Some(30)),
+        (2, 2, JobState::Failed, Some(10)),
+        (3, 3, JobState::Cancelled, Some(20)),
+        (4, 4, JobState::Succeeded, Some(200)), // after the cutoff
+        (5, 5, JobState::Queued, None),
+        (6, 6, JobState::Running, None),
+        (7, 7, JobState::Failed, Some(40)),
+    ];
+    for (n, created, state, fin) in rows {
+        let mut j = job(n, created);
+        j.state = state;
+        j.finished_at_ms = fin;
+        j.updated_at_ms = fin.unwrap_or(created);
+        s.insert_job(&j)?;
+        s.put_digest(jid(n), &digest(&j.path, 0.1))?;
+    }
+    assert_eq!(s.delete_finished_jobs(100, 0)?, 0);
+    assert_eq!(s.delete_finished_jobs(100, 2)?, 2);
+    // The two finished first (2 at 10, 3 at 20) went, with their digests.
+    for n in [2, 3] {
+        assert_eq!(s.get_job(jid(n))?, None, "job {n}");
+        assert_eq!(s.get_digest(jid(n))?, None, "digest of {n}");
+    }
+    assert!(s.get_job(jid(1))?.is_some());
+    assert_eq!(
+        s.job_counts()?,
+        counts(&[(JobState::Queued, 1), (JobState::Running, 1), (JobState::Succeeded, 2), (JobState::Failed, 1)])
+    );
+    assert_eq!(s.delete_finished_jobs(35, 10)?, 1, "only job 1 finished before 35");
+    assert_eq!(s.get_job(jid(1))?, None);
+    assert_eq!(s.delete_finished_jobs(100, 10)?, 1, "job 7");
+    assert_eq!(s.delete_finished_jobs(100, 10)?, 0);
+    let left: Vec<JobId> = all_pages(s, None, None, 10)?.iter().map(|j| j.id).collect();
+    assert_eq!(left, [6, 5, 4].map(jid));
+    assert!(s.get_digest(jid(4))?.is_some());
+    assert_eq!(ids(&s.jobs_in_state(JobState::Failed, 10)?), Vec::<JobId>::new());
+    assert_eq!(ids(&s.jobs_in_state(JobState::Succeeded, 10)?), [jid(4)]);
+    assert_eq!(s.delete_finished_jobs(u64::MAX, 10)?, 1);
+    assert_eq!(s.job_counts()?, counts(&[(JobState::Queued, 1), (JobState::Running, 1)]));
+    Ok(())
+}
+
+fn push_health_bounds_count_and_bytes(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let (a, b) = (aid(1), aid(2));
+    s.insert_agent(&agent(a))?;
+    for t in 0..12u64 {
+        s.push_health(a, &sample(100 + t, 10), 5, usize::MAX)?;
+    }
+    let times =
+        |id| -> anyhow::Result<Vec<u64>> { Ok(s.health_history(id, 100)?.iter().map(|h| h.received_at_ms).collect()) };
+    assert_eq!(times(a)?, (107..112).collect::<Vec<_>>(), "count bound");
+    assert_eq!(s.health_history(a, 2)?.iter().map(|h| h.received_at_ms).collect::<Vec<_>>(), [110, 111]);
+    assert_eq!(s.get_agent(a)?.and_then(|r| r.last_health).map(|h| h.received_at_ms), Some(111));
+
+    // Byte bound: room for exactly three samples of this size.
+    let one = sample_len(&sample(200, 50))?;
+    for t in 0..6u64 {
+        s.push_health(b, &sample(200 + t, 50), 100, 3 * one + one / 2)?;
+    }
+    assert_eq!(times(b)?, [203, 204, 205], "byte bound");
+    // A sample bigger than the whole budget is still kept (the newest always is), alone.
+    s.push_health(b, &sample(300, 2000), 100, 3 * one)?;
+    assert_eq!(times(b)?, [300]);
+    let bytes: usize = s.health_history(b, 100)?.iter().map(sample_len).sum::<anyhow::Result<usize>>()?;
+    assert!(bytes > 3 * one);
+    // keep_max 0 still keeps the newest.
+    s.push_health(b, &sample(301, 1), 0, usize::MAX)?;
+    assert_eq!(times(b)?, [301]);
+    // The other agent's history is untouched; an agent without a record still gets history.
+    assert_eq!(times(a)?.len(), 5);
+    assert_eq!(s.get_agent(b)?, None);
+    // An older sample arriving late does not replace last_health.
+    s.push_health(a, &sample(50, 10), 5, usize::MAX)?;
+    assert_eq!(s.get_agent(a)?.and_then(|r| r.last_health).map(|h| h.received_at_ms), Some(111));
+    assert_eq!(times(a)?, (107..112).collect::<Vec<_>>(), "the late sample sorts oldest and is trimmed first");
+    Ok(())
+}
+
+fn other_records_roundtrip(make: Make) -> TestResult {
+    use gaffer_control::store::{BundleNumbers, EnrollmentTokenRecord, RevokedCertRecord, SessionRecord, StoreError};
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    assert_eq!(s.admin_password_hash()?, None);
+    s.set_admin_password_hash("$argon2id$x")?;
+    assert_eq!(s.admin_password_hash()?.as_deref(), Some("$argon2id$x"));
+    let tok = EnrollmentTokenRecord {
+        hash: [1; 32],
+        site: "s".into(),
+        created_at_ms: 0,
+        expires_at_ms: 100,
+        used_at_ms: None,
+        used_by: None,
+    };
+    s.insert_enrollment_token(&tok)?;
+    assert!(matches!(s.consume_enrollment_token(&[2; 32], aid(1), 5), Err(StoreError::TokenUnknown)));
+    let used = s.consume_enrollment_token(&[1; 32], aid(1), 5)?;
+    assert_eq!((used.used_at_ms, used.used_by), (Some(5), Some(aid(1))));
+    assert!(matches!(s.consume_enrollment_token(&[1; 32], aid(2), 6), Err(StoreError::TokenAlreadyUsed)));
+    s.insert_enrollment_token(&EnrollmentTokenRecord { hash: [3; 32], ..tok })?;
+    assert!(matches!(s.consume_enrollment_token(&[3; 32], aid(2), 100), Err(StoreError::TokenExpired)));
+    s.insert_api_token(&[4; 32], 1)?;
+    assert!(s.api_token_exists(&[4; 32])? && !s.api_token_exists(&[5; 32])?);
+    let sess = SessionRecord { id_hash: [6; 32], csrf_token: "c".into(), created_at_ms: 1, expires_at_ms: 2 };
+    s.insert_session(&sess)?;
+    assert_eq!(s.get_session(&[6; 32])?, Some(sess));
+    s.delete_session(&[6; 32])?;
+    assert_eq!(s.get_session(&[6; 32])?, None);
+    let mut z = agent(aid(9));
+    z.site = "a-site".into();
+    s.insert_agent(&agent(aid(1)))?;
+    s.insert_agent(&z)?;
+    assert_eq!(s.list_agents()?.iter().map(|a| a.id).collect::<Vec<_>>(), [aid(9), aid(1)], "by site then hostname");
+    assert_eq!(s.update_agent(aid(1), &mut |a| a.connected = false)?.map(|a| a.connected), Some(false));
+    assert_eq!(s.update_agent(aid(3), &mut |a| a.connected = false)?, None);
+    assert_eq!(s.bundle_numbers(aid(1))?, BundleNumbers::default());
+    let nums = BundleNumbers { last_imported_bundle: 3, last_reply_number: 4 };
+    s.set_bundle_numbers(aid(1), &nums)?;
+    assert_eq!(s.bundle_numbers(aid(1))?, nums);
+    for serial in ["0b", "0a"] {
+        s.insert_revoked_cert(&RevokedCertRecord { serial_hex: serial.into(), agent: aid(1), revoked_at_ms: 1 })?;
+    }
+    let serials: Vec<String> = s.list_revoked_certs()?.into_iter().map(|r| r.serial_hex).collect();
+    assert_eq!(serials, ["0a", "0b"]);
+    for t in [5, 3, 9] {
+        s.append_audit(&audit(t, &t.to_string(), None))?;
+    }
+    let details: Vec<String> = s.list_audit(2)?.into_iter().map(|a| a.detail).collect();
+    assert_eq!(details, ["9", "5"]);
+    s.flush()?;
+    Ok(())
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sled {
+            $( #[test] fn $name() -> super::TestResult { super::$name(super::sled_fixture) } )*
+        }
+        mod mem {
+            $( #[test] fn $name() -> super::TestResult { super::$name(super::mem_fixture) } )*
+        }
+    };
+}
+
+contract!(
+    insert_get_and_duplicate,
+    seq_orders_insertions,
+    jobs_in_state_order_and_limit,
+    update_job_moves_index_and_counts,
+    list_jobs_pages_cover_every_job_once,
+    list_jobs_scan_is_bounded,
+    counts_follow_every_write,
+    commit_writes_everything,
+    commit_duplicate_writes_nothing,
+    commit_conflict_writes_nothing,
+    commit_keeps_first_digest_and_existing_job,
+    commit_without_job_sets_watermark,
+    delete_finished_respects_cutoff_and_limit,
+    push_health_bounds_count_and_bytes,
+    other_records_roundtrip,
+);
+
+// ---- implementation-specific ----
+
+#[test]
+fn sled_records_survive_reopen() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let before;
+    {
+        let s = SledStore::open(dir.path())?;
+        let commit = commit_setup(&s)?;
+        assert_eq!(s.commit_agent_message(&commit)?, CommitOutcome::Committed);
+        s.push_health(aid(1), &sample(10, 5), 3, usize::MAX)?;
+        s.push_health(aid(1), &sample(11, 5), 3, usize::MAX)?;
+        before = observe(&s, &[1, 2, 3], aid(1))?;
+        s.flush()?;
+    }
+    let s = SledStore::open(dir.path())?;
+    assert_eq!(observe(&s, &[1, 2, 3], aid(1))?, before);
+    assert_eq!(s.health_history(aid(1), 10)?.len(), 2);
+    // Seqs keep growing across the reopen.
+    let max_seq = before.listed.iter().map(|j| j.seq).max().unwrap_or_default();
+    assert!(s.insert_job(&job(9, 1))?);
+    assert!(get(&s, 9)?.seq > max_seq);
+    // The health tally is recomputed: one more push trims to three.
+    s.push_health(aid(1), &sample(12, 5), 3, usize::MAX)?;
+    s.push_health(aid(1), &sample(13, 5), 3, usize::MAX)?;
+    let times: Vec<u64> = s.health_history(aid(1), 10)?.iter().map(|h| h.received_at_ms).collect();
+    assert_eq!(times, [11, 12, 13]);
+    Ok(())
+}
+
+#[test]
+fn mem_snapshot_is_a_deep_copy() -> TestResult {
+    let s = MemStore::new();
+    let commit = commit_setup(&s)?;
+    assert_eq!(s.commit_agent_message(&commit)?, CommitOutcome::Committed);
+    let snap = s.snapshot();
+    let before = observe(&snap, &[1, 2, 3], aid(1))?;
+    assert_eq!(observe(&s, &[1, 2, 3], aid(1))?, before);
+    s.update_job(jid(2), &mut |j| {
+        j.state = JobState::Cancelled;
+        true
+    })?;
+    s.set_last_applied_seq(aid(1), 99)?;
+    assert_eq!(observe(&snap, &[1, 2, 3], aid(1))?, before, "writes to the original reached the snapshot");
+    assert_ne!(observe(&s, &[1, 2, 3], aid(1))?, before);
+    // The snapshot goes on drawing seqs after the ones it has.
+    assert!(snap.insert_job(&job(9, 1))?);
+    let max_seq = before.listed.iter().map(|j| j.seq).max().unwrap_or_default();
+    assert!(get(&snap, 9)?.seq > max_seq);
+    Ok(())
+}
+
+// ---- both stores side by side ----
+
+mod differential {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert {
+            n: u32,
+            created: u64,
+            priority: usize,
+        },
+        Update {
+            n: u32,
+            state: usize,
+            priority: usize,
+            agent: Option<u32>,
+            finished: Option<u64>,
+            write: bool,
+        },
+        List {
+            state: Option<usize>,
+            agent: Option<u32>,
+            limit: usize,
+        },
+        InState {
+            state: usize,
+            limit: usize,
+        },
+        Delete {
+            cutoff: u64,
+            limit: usize,
+        },
+        Commit {
+            agent: u32,
+            seq: u64,
+            job: Option<(u32, bool, usize)>,
+            digest: Option<u32>,
+            new_job: Option<(u32, u64)>,
+            audits: usize,
+        },
+        Health {
+            agent: u32,
+            t: u64,
+            pad: usize,
+            keep: usize,
+            bytes: usize,
+        },
+        History {
+            agent: u32,
+            limit: usize,
+        },
+        Restart,
+    }
+
+    const PRIORITIES: [Priority; 3] = [Priority::Low, Priority::Normal, Priority::High];
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..8u32, 0..6u64, 0..3usize).prop_map(|(n, created, priority)| Op::Insert { n, created, priority }),
+            3 => (0..8u32, 0..6usize, 0..3usize, proptest::option::of(0..3u32), proptest::option::of(0..12u64), any::<bool>())
+                .prop_map(|(n, state, priority, agent, finished, write)| Op::Update { n, state, priority, agent, finished, write }),
+            2 => (proptest::option::of(0..6usize), proptest::option::of(0..3u32), 1..4usize)
+                .prop_map(|(state, agent, limit)| Op::List { state, agent, limit }),
+            2 => (0..6usize, 0..5usize).prop_map(|(state, limit)| Op::InState { state, limit }),
+            1 => (0..14u64, 0..3usize).prop_map(|(cutoff, limit)| Op::Delete { cutoff, limit }),
+            3 => (0..2u32, 0..6u64, proptest::option::of((0..8u32, any::<bool>(), 0..6usize)), proptest::option::of(0..8u32),
+                  proptest::option::of((0..8u32, 0..6u64)), 0..3usize)
+                .prop_map(|(agent, seq, job, digest, new_job, audits)| Op::Commit { agent, seq, job, digest, new_job, audits }),
+            2 => (0..2u32, 0..20u64, 0..40usize, 1..4usize, 300..1200usize)
+                .prop_map(|(agent, t, pad, keep, bytes)| Op::Health { agent, t, pad, keep, bytes }),
+            1 => (0..2u32, 0..5usize).prop_map(|(agent, limit)| Op::History { agent, limit }),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    /// The stores assign different seqs (sled's come from `generate_id`): compare without them.
+    fn norm(jobs: Vec<JobRecord>) -> Vec<JobRecord> {
+        jobs.into_iter().map(|j| JobRecord { seq: 0, ..j }).collect()
+    }
+
+    fn norm1(job: Option<JobRecord>) -> Option<JobRecord> {
+        job.map(|j| JobRecord { seq: 0, ..j })
+    }
+
+    struct Pair {
+        dir: tempfile::TempDir,
+        sled: Option<SledStore>,
+        mem: MemStore,
+    }
+
+    impl Pair {
+        fn both(&self) -> anyhow::Result<[&dyn Store; 2]> {
+            let sled = self.sled.as_ref().ok_or_else(|| anyhow::anyhow!("sled store missing"))?;
+            Ok([sled, &self.mem])
+        }
+    }
+
+    fn apply(s: &dyn Store, op: &Op) -> anyhow::Result<String> {
+        Ok(match op.clone() {
+            Op::Insert { n, created, priority } => {
+                format!("{:?}", s.insert_job(&with_priority(job(n, created), PRIORITIES[priority]))?)
+            }
+            Op::Update { n, state, priority, agent, finished, write } => {
+                let got = s.update_job(jid(n), &mut |j| {
+                    j.state = JobState::ALL[state];
+                    j.priority = PRIORITIES[priority];
+                    j.agent = agent.map(aid);
+                    j.finished_at_ms = finished;
+                    j.updated_at_ms += 1;
+                    write
+                })?;
+                format!("{:?} {:?}", norm1(got), s.job_counts()?)
+            }
+            Op::List { state, agent, limit } => {
+                let pages = all_pages(s, state.map(|i| JobState::ALL[i]), agent.map(aid), limit)?;
+                format!("{:?}", norm(pages))
+            }
+            Op::InState { state, limit } => format!("{:?}", norm(s.jobs_in_state(JobState::ALL[state], limit)?)),
+            Op::Delete { cutoff, limit } => {
+                format!(
+                    "{} {:?} {:?}",
+                    s.delete_finished_jobs(cutoff, limit)?,
+                    s.job_counts()?,
+                    norm(all_pages(s, None, None, 50)?)
+                )
+            }
+            Op::Commit { agent: a, seq, job: jw, digest: d, new_job, audits } => {
+                let write = match jw {
+                    Some((n, stale, state)) => {
+                        let mut before = s.get_job(jid(n))?.unwrap_or_else(|| job(n, 0));
+                        let mut after = before.clone();
+                        after.state = JobState::ALL[state];
+                        after.progress = 0.5;
+                        if stale {
+                            before.frames_decoded += 1;
+                        }
+                        Some(JobWrite { before, after })
+                    }
+                    None => None,
+                };
+                let commit = AgentCommit {
+                    agent: aid(a),
+                    seq,
+                    now_ms: 1000 + seq,
+                    job: write,
+                    digest: d.map(|n| (jid(n), digest(&format!("/d/{n}/{seq}"), 0.1))),
+                    new_job: new_job.map(|(n, created)| job(n, created)),
+                    audit: (0..audits).map(|i| audit(seq, &format!("{a}-{seq}-{i}"), None)).collect(),
+                };
+                let outcome = s.commit_agent_message(&commit)?;
+                format!(
+                    "{outcome:?} {:?} {:?} {:?} {:?} {:?}",
+                    s.job_counts()?,
+                    s.last_applied_seq(aid(a))?,
+                    s.get_agent(aid(a))?,
+                    s.list_audit(100)?,
+                    (0..8)
+                        .map(|n| s.get_digest(jid(n)).map(|d| d.map(|d| d.source.path)))
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            }
+            Op::Health { agent: a, t, pad, keep, bytes } => {
+                s.push_health(aid(a), &sample(t, pad), keep, bytes)?;
+                format!("{:?} {:?}", s.health_history(aid(a), 100)?, s.get_agent(aid(a))?)
+            }
+            Op::History { agent: a, limit } => format!("{:?}", s.health_history(aid(a), limit)?),
+            Op::Restart => String::new(),
+        })
+    }
+
+    fn run(ops: Vec<Op>) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let sled = Some(SledStore::open(dir.path())?);
+        let mut pair = Pair { dir, sled, mem: MemStore::new() };
+        for s in pair.both()? {
+            s.insert_agent(&agent(aid(0)))?;
+        }
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Restart = op {
+                if let Some(s) = pair.sled.take() {
+                    s.flush()?;
+                }
+                pair.sled = Some(SledStore::open(pair.dir.path())?);
+                pair.mem = pair.mem.snapshot();
+                continue;
+            }
+            let [sled, mem] = pair.both()?;
+            let (a, b) = (apply(sled, op)?, apply(mem, op)?);
+            anyhow::ensure!(a == b, "step {i} {op:?}:\n sled: {a}\n  mem: {b}");
+            let (ca, cb) = (sled.job_counts()?, mem.job_counts()?);
+            anyhow::ensure!(ca == cb, "step {i}: counts differ: sled {ca:?}, mem {cb:?}");
+            // The counts always equal the index contents.
+            for st in JobState::ALL {
+                let n = mem.jobs_in_state(st, 1000)?.len() as u64;
+                anyhow::ensure!(ca.get(st) == n, "step {i}: count of {st:?} is {} but {n} indexed", ca.get(st));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn sled_and_mem_agree(ops in proptest::collection::vec(op(), 1..40)) {
+            run(ops).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+        }
+    }
+}
