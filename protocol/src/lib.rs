@@ -1,14 +1,16 @@
 //! The Gaffer wire contract, shared by `gaffer-agent` and `gaffer-control`.
 //!
 //! This crate is **sans-IO** in the manner of `quinn-proto`: it owns the message types, the framing
-//! codec and the version negotiation, and it never touches a socket, a clock, a thread or the disk.
-//! The agent and the control plane each own a small driver that moves bytes between a QUIC stream and
-//! [`codec::FrameDecoder`] / [`codec::encode_frame`].
+//! codec, the version negotiation and the link's session state machines, and it never touches a
+//! socket, a clock, a thread or the disk. The agent and the control plane each own a small driver
+//! that pumps a QUIC stream through a [`session::AgentSession`] / [`session::ControlSession`].
 //!
 //! * [`messages`]: what the agent and the control plane say to each other ([`messages::AgentMessage`],
 //!   [`messages::ControlMessage`]), with the (agent id, sequence) envelope used for dedupe.
 //! * [`codec`]: length-prefixed bincode 2 frames, with the frame size checked before any allocation.
 //! * [`version`]: protocol version negotiation.
+//! * [`session`]: the two ends of the agent link as state machines (handshake, acknowledgements,
+//!   outbox window, heartbeat deadlines): bytes and `now` in, frames, timers and events out.
 //! * [`digest`]: the versioned analysis result schema (shots, cuts, keyframes, technical metadata).
 //! * [`health`]: the host/GPU health report sent on every heartbeat.
 //! * [`bundle`]: the offline-sync bundle file format (air-gapped sites).
@@ -24,6 +26,7 @@ pub mod digest;
 pub mod enroll;
 pub mod health;
 pub mod messages;
+pub mod session;
 pub mod version;
 
 pub use codec::{encode_frame, CodecError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};

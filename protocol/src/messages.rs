@@ -9,10 +9,15 @@
 //!   | -- Hello (versions, capabilities) -->  |
 //!   | <-- Welcome (version, intervals) ----  |   or Refused { reason } and close
 //!   | -- Heartbeat(Health) every N secs -->  |
-//!   | <-- Assign { job } ------------------  |
+//!   | <-- Ack { seq: 0 } ------------------  |   heartbeat answer (liveness only)
+//!   | <-- Assign { job, lease } -----------  |
 //!   | -- JobAccepted / Progress / Digest --> |
 //!   | <-- Ack { seq } ---------------------  |   after the control plane persisted it
+//!   | <-- Cancel { job, reason } ----------  |   when the job or its lease is gone
 //! ```
+//!
+//! [`crate::session`] holds the state machines for both ends (handshake, acknowledgements, the
+//! outbox window, heartbeat deadlines).
 //!
 //! Every agent message carries `(agent_id, seq)`. `seq` is assigned by the agent, strictly
 //! increasing per agent; the control plane acknowledges a message only once its effect is durable
@@ -119,8 +124,10 @@ pub enum AgentMessage {
         hostname: String,
         /// What the agent can do.
         capabilities: Capabilities,
-        /// Jobs the agent is still running from an earlier connection (so their leases stay with it).
-        running_jobs: Vec<JobId>,
+        /// Jobs the agent holds (queued or running) from an earlier connection, with the lease each
+        /// was assigned under, so the control plane keeps the leases that are still current and
+        /// cancels the rest.
+        running_jobs: Vec<HeldJob>,
     },
     /// Periodic health report; also proves liveness.
     Heartbeat(Health),
@@ -128,11 +135,16 @@ pub enum AgentMessage {
     JobAccepted {
         /// The job.
         job_id: JobId,
+        /// The lease the job was assigned under ([`Assignment::lease_id`]); 0 for a watch-folder
+        /// job the agent started on its own before any lease (see [`LEASE_ID_NONE`]).
+        lease_id: LeaseId,
     },
     /// The agent refused an assigned job (path outside its volumes, no free slot, unknown profile).
     JobRejected {
         /// The job.
         job_id: JobId,
+        /// The lease it was assigned under.
+        lease_id: LeaseId,
         /// Human-readable reason, shown on the dashboard.
         reason: String,
     },
@@ -140,6 +152,8 @@ pub enum AgentMessage {
     Progress {
         /// The job.
         job_id: JobId,
+        /// The lease it runs under.
+        lease_id: LeaseId,
         /// Fraction done, 0..=1 (by media time).
         fraction: f32,
         /// Frames decoded so far.
@@ -149,6 +163,8 @@ pub enum AgentMessage {
     Digest {
         /// The job.
         job_id: JobId,
+        /// The lease it ran under; a digest under any other lease is refused.
+        lease_id: LeaseId,
         /// The analysis result.
         digest: Box<Digest>,
     },
@@ -156,8 +172,17 @@ pub enum AgentMessage {
     JobFailed {
         /// The job.
         job_id: JobId,
+        /// The lease it ran under.
+        lease_id: LeaseId,
         /// Human-readable reason, e.g. "not a media file: Invalid data found when processing input".
         reason: String,
+        /// Whether another attempt may succeed: `true` when the attempt died rather than the input
+        /// being bad (the analysis worker crashed or was killed by a signal, the agent's state
+        /// database failed), so the control plane requeues the job until its attempts are spent;
+        /// `false` when the input itself is the problem (not a media file, unreadable, outside the
+        /// volumes) or a limit was passed (`--job-timeout`, `--job-memory-max`: the same file
+        /// would pass it again), so the job fails at once with `reason`.
+        retryable: bool,
     },
     /// A new file appeared in a watch folder: the agent asks for a job for it (which will normally be
     /// leased back to the same agent).
@@ -198,11 +223,31 @@ pub struct AgentEnvelope {
     pub body: AgentMessage,
 }
 
+/// A lease id: the per-job epoch of an assignment (a fencing token). Every assignment of a job
+/// gets a larger one; only messages carrying the job's current lease id from the lease's holder
+/// move the job on.
+pub type LeaseId = u64;
+
+/// The lease id of a watch-folder job an agent started on its own, before the control plane
+/// leased it (offline, or link down). Accepted only for jobs pinned to that agent.
+pub const LEASE_ID_NONE: LeaseId = 0;
+
+/// A job an agent holds, as reported in [`AgentMessage::Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HeldJob {
+    /// The job.
+    pub job_id: JobId,
+    /// The lease it was assigned under ([`LEASE_ID_NONE`] for a self-started watch-folder job).
+    pub lease_id: LeaseId,
+}
+
 /// A job as handed to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
     /// The job.
     pub job_id: JobId,
+    /// This assignment's lease id; the agent sends it back with everything it reports on the job.
+    pub lease_id: LeaseId,
     /// Absolute path of the media file on the agent's box.
     pub path: String,
     /// What to run.
@@ -228,19 +273,26 @@ pub enum ControlMessage {
     },
     /// Run this job.
     Assign(Assignment),
-    /// Stop this job (it was cancelled or reassigned).
+    /// Stop this job (it was cancelled, or the lease is no longer the agent's).
     Cancel {
         /// The job.
         job_id: JobId,
+        /// Why, for the agent's log (e.g. "cancelled by an operator", "lease expired").
+        reason: String,
     },
     /// The agent message with this sequence number is durable at the control plane.
+    ///
+    /// `seq == 0` is the answer to a heartbeat (heartbeats carry sequence 0 and are never kept):
+    /// it only proves the control plane is alive, so an idle link carries traffic both ways every
+    /// heartbeat interval, and agents ignore it otherwise.
     Ack {
         /// The acknowledged sequence number.
         seq: u64,
     },
     /// The control plane could not process the message with this sequence number. `retry` says
-    /// whether sending it again may help (a store error) or not (a message the control plane will
-    /// never accept, which the agent should drop after logging).
+    /// whether sending it again may help (a store error) or not: a message the control plane will
+    /// never accept (a report under a lease that is not the agent's current one, a digest for an
+    /// unknown job), which the agent drops after logging; nothing was applied either way.
     Error {
         /// Sequence number of the message that failed.
         seq: u64,

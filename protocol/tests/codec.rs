@@ -140,7 +140,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
             text(),
             prop::collection::vec(text(), 0..4),
             any::<u32>(),
-            prop::collection::vec(uuid(), 0..3)
+            prop::collection::vec((uuid(), any::<u64>()), 0..3)
         )
             .prop_map(|((min, max), agent_version, hostname, volumes, job_slots, running_jobs)| {
                 AgentMessage::Hello {
@@ -164,19 +164,30 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
                             sha256: "ab".repeat(32),
                         }],
                     },
-                    running_jobs,
+                    running_jobs: running_jobs
+                        .into_iter()
+                        .map(|(job_id, lease_id)| HeldJob { job_id, lease_id })
+                        .collect(),
                 }
             }),
         health().prop_map(AgentMessage::Heartbeat),
-        uuid().prop_map(|job_id| AgentMessage::JobAccepted { job_id }),
-        (uuid(), text()).prop_map(|(job_id, reason)| AgentMessage::JobRejected { job_id, reason }),
-        (uuid(), 0f32..=1.0, any::<u64>()).prop_map(|(job_id, fraction, frames_decoded)| AgentMessage::Progress {
+        (uuid(), any::<u64>()).prop_map(|(job_id, lease_id)| AgentMessage::JobAccepted { job_id, lease_id }),
+        (uuid(), any::<u64>(), text()).prop_map(|(job_id, lease_id, reason)| AgentMessage::JobRejected {
             job_id,
-            fraction,
-            frames_decoded
+            lease_id,
+            reason
         }),
-        (uuid(), digest()).prop_map(|(job_id, d)| AgentMessage::Digest { job_id, digest: Box::new(d) }),
-        (uuid(), text()).prop_map(|(job_id, reason)| AgentMessage::JobFailed { job_id, reason }),
+        (uuid(), any::<u64>(), 0f32..=1.0, any::<u64>()).prop_map(|(job_id, lease_id, fraction, frames_decoded)| {
+            AgentMessage::Progress { job_id, lease_id, fraction, frames_decoded }
+        }),
+        (uuid(), any::<u64>(), digest()).prop_map(|(job_id, lease_id, d)| AgentMessage::Digest {
+            job_id,
+            lease_id,
+            digest: Box::new(d)
+        }),
+        (uuid(), any::<u64>(), text(), any::<bool>()).prop_map(|(job_id, lease_id, reason, retryable)| {
+            AgentMessage::JobFailed { job_id, lease_id, reason, retryable }
+        }),
         (uuid(), text()).prop_map(|(job_id, path)| AgentMessage::SubmitWatched {
             job_id,
             path,
@@ -191,12 +202,13 @@ fn control_message() -> impl Strategy<Value = ControlMessage> {
             ControlMessage::Welcome { protocol_version, server_version, heartbeat_interval_secs }
         }),
         text().prop_map(|reason| ControlMessage::Refused { reason }),
-        (uuid(), text()).prop_map(|(job_id, path)| ControlMessage::Assign(Assignment {
+        (uuid(), any::<u64>(), text()).prop_map(|(job_id, lease_id, path)| ControlMessage::Assign(Assignment {
             job_id,
+            lease_id,
             path,
             profile: Profile::Shots
         })),
-        uuid().prop_map(|job_id| ControlMessage::Cancel { job_id }),
+        (uuid(), text()).prop_map(|(job_id, reason)| ControlMessage::Cancel { job_id, reason }),
         any::<u64>().prop_map(|seq| ControlMessage::Ack { seq }),
         (any::<u64>(), text(), any::<bool>()).prop_map(|(seq, message, retry)| ControlMessage::Error {
             seq,
