@@ -8,10 +8,9 @@ use argon2::{Argon2, PasswordHasher};
 use axum::body::Body;
 use axum::http::{header, Request, Response, StatusCode};
 use axum::Router;
-use gaffer_control::metrics::Metrics;
-use gaffer_control::scheduler::Scheduler;
+use gaffer_control::scheduler::{JobRequest, SchedulerConfig};
 use gaffer_control::store::sled_store::SledStore;
-use gaffer_control::store::{AgentRecord, HealthSample, JobState, Store};
+use gaffer_control::store::{AgentRecord, HealthSample, JobOrigin, JobRecord, JobState, Priority, Store};
 use gaffer_control::{http::router, AppState};
 use gaffer_protocol::digest::{
     AnalyzerInfo, Cut, Digest, Keyframe, Shot, ShotAnalysis, SourceInfo, StreamInfo, StreamKind, TechnicalMetadata,
@@ -98,14 +97,11 @@ impl Fixture {
                     },
                 },
                 100,
+                1 << 20,
             )?;
         }
         let shared: Arc<dyn Store> = store.clone();
-        let state = AppState {
-            store: shared.clone(),
-            scheduler: Arc::new(Scheduler::new(shared)),
-            metrics: Arc::new(Metrics::new()),
-        };
+        let state = AppState::new(shared, SchedulerConfig::default());
         Ok(Fixture { _dir: dir, store, state, agent_id })
     }
 
@@ -133,6 +129,23 @@ impl Fixture {
             .await?;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER);
         cookie_value(&resp, "gaffer_session").context("login sets the session cookie")
+    }
+
+    /// Queues a normal-priority shots job at `path` in site stage-a through the scheduler.
+    fn submit(&self, path: &str) -> Result<JobRecord> {
+        let req = JobRequest {
+            path: path.into(),
+            site: "stage-a".into(),
+            agent: None,
+            profile: Profile::Shots,
+            priority: Priority::Normal,
+        };
+        Ok(self.state.scheduler.submit(req, JobOrigin::Api, None, gaffer_control::now_ms())?)
+    }
+
+    /// Jobs in the store, all states (from the counts).
+    fn job_count(&self) -> Result<u64> {
+        Ok(self.store.job_counts()?.0.iter().sum())
     }
 
     /// The session's CSRF token, read from a rendered form.
@@ -271,9 +284,14 @@ async fn api_rejects_bad_job_submissions_with_json_errors() -> Result<()> {
     let cases = [
         (r#"{"path": "/mnt/a.mov", "site": "#, StatusCode::BAD_REQUEST, "malformed JSON"),
         (
-            r#"{"path": "/mnt/a.mov", "site": "stage-a", "priority": 1}"#,
+            r#"{"path": "/mnt/a.mov", "site": "stage-a", "colour": "red"}"#,
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown field",
+        ),
+        (
+            r#"{"path": "/mnt/a.mov", "site": "stage-a", "priority": 1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "priority of the wrong type",
         ),
         (r#"{"path": 5, "site": "stage-a"}"#, StatusCode::UNPROCESSABLE_ENTITY, "wrong type"),
         (r#"{"site": "stage-a"}"#, StatusCode::UNPROCESSABLE_ENTITY, "missing path"),
@@ -307,7 +325,7 @@ async fn api_rejects_bad_job_submissions_with_json_errors() -> Result<()> {
         .body(Body::from(r#"{"path": "/mnt/a.mov", "site": "stage-a"}"#))?;
     let resp = f.send(no_content_type).await?;
     assert!(resp.status().is_client_error());
-    assert_eq!(f.store.list_jobs(10)?.len(), 0, "no rejected submission created a job");
+    assert_eq!(f.job_count()?, 0, "no rejected submission created a job");
 
     let huge = format!(r#"{{"path": "/{}", "site": "stage-a"}}"#, "a".repeat(100 * 1024));
     let resp = f.send(api_post("/api/v1/jobs", &huge)).await?;
@@ -455,7 +473,7 @@ async fn job_form_requires_the_session_csrf_token() -> Result<()> {
     let other_csrf = f.csrf(&other).await?;
     let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&csrf={other_csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "another session's csrf");
-    assert!(f.store.list_jobs(10)?.is_empty());
+    assert_eq!(f.job_count()?, 0);
 
     let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
@@ -475,7 +493,7 @@ async fn job_form_requires_the_session_csrf_token() -> Result<()> {
     // Without a session, the form post goes to the login page.
     let resp = f.send(post_form("/jobs", None, &format!("{fields}&csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert_eq!(f.store.list_jobs(10)?.len(), 1);
+    assert_eq!(f.job_count()?, 1);
     Ok(())
 }
 
@@ -548,13 +566,7 @@ async fn job_page_shows_the_digest_shot_list() -> Result<()> {
     let f = Fixture::new()?;
     let session = f.login().await?;
     let cookie = format!("gaffer_session={session}");
-    let req = gaffer_control::scheduler::JobRequest {
-        path: "/mnt/media/<script>alert(1)</script>.mp4".into(),
-        site: "stage-a".into(),
-        agent: None,
-        profile: Profile::Shots,
-    };
-    let job = f.state.scheduler.submit(req, gaffer_control::store::JobOrigin::Api, None)?;
+    let job = f.submit("/mnt/media/<script>alert(1)</script>.mp4")?;
 
     let page = text(f.send(get(&format!("/jobs/{}", job.id), Some(&cookie))).await?).await?;
     assert!(page.contains(r#"<meta http-equiv="refresh" content="3">"#), "unfinished job page refreshes");
@@ -659,15 +671,7 @@ async fn job_page_shows_full_profile_findings_on_a_timeline() -> Result<()> {
         box_px: bx(8.0, 70.0),
         confidence,
     };
-    let submit = |path: &str| {
-        let req = gaffer_control::scheduler::JobRequest {
-            path: path.into(),
-            site: "stage-a".into(),
-            agent: None,
-            profile: Profile::Shots,
-        };
-        f.state.scheduler.submit(req, gaffer_control::store::JobOrigin::Api, None)
-    };
+    let submit = |path: &str| f.submit(path);
     let finish = |id: Uuid| {
         f.store.update_job(id, &mut |j| {
             j.state = JobState::Succeeded;
@@ -820,6 +824,7 @@ async fn audit_log_page_and_fleet_page_show_operator_actions_escaped() -> Result
         agent: Some(f.agent_id),
         site: Some("stage-a".into()),
         detail: "host \"gpu-box-9\", reply written to /tmp/<script>alert(1)</script>.json".into(),
+        job: None,
     })?;
     f.store.append_audit(&AuditRecord {
         at_ms: now - 1_000,
@@ -828,6 +833,7 @@ async fn audit_log_page_and_fleet_page_show_operator_actions_escaped() -> Result
         agent: Some(f.agent_id),
         site: Some("stage-a".into()),
         detail: "bundle 7: 12 applied, 0 duplicates, 0 rejected; reply 7 with 12 acks, 1 jobs".into(),
+        job: None,
     })?;
     let session = f.login().await?;
     let cookie = format!("gaffer_session={session}");
@@ -868,6 +874,7 @@ async fn audit_log_page_and_fleet_page_show_operator_actions_escaped() -> Result
             agent: None,
             site: None,
             detail: format!("certificate serial 0{i}ab"),
+            job: None,
         })?;
     }
     let fleet = text(f.send(get("/", Some(&cookie))).await?).await?;
@@ -876,5 +883,453 @@ async fn audit_log_page_and_fleet_page_show_operator_actions_escaped() -> Result
     let page = text(f.send(get("/audit", Some(&cookie))).await?).await?;
     assert!(page.contains("bundle 7: 12 applied") && page.contains("enroll_offline"));
     assert_eq!(page.matches("revoke_agent").count(), 5);
+    Ok(())
+}
+
+fn api_post_empty(uri: &str, token: Option<&str>) -> Request<Body> {
+    let mut b = Request::post(uri);
+    if let Some(t) = token {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    b.body(Body::empty()).expect("static request")
+}
+
+/// The `rel="next"` target of a response's `Link` header.
+fn next_link(resp: &Response<Body>) -> Result<Option<String>> {
+    let Some(v) = resp.headers().get(header::LINK) else { return Ok(None) };
+    let v = v.to_str()?;
+    let url = v.strip_prefix('<').and_then(|r| r.split_once(">; rel=\"next\"")).context("Link header form")?.0;
+    Ok(Some(url.to_owned()))
+}
+
+/// Follows `GET url` and its `Link: rel="next"` pages to the end: every job's id, and the page
+/// sizes.
+async fn all_pages(f: &Fixture, url: &str) -> Result<(Vec<Uuid>, Vec<usize>, Vec<String>)> {
+    let (mut ids, mut sizes, mut links) = (Vec::new(), Vec::new(), Vec::new());
+    let mut next = Some(url.to_owned());
+    while let Some(url) = next.take() {
+        anyhow::ensure!(sizes.len() < 100, "paging does not end");
+        let resp = f.send(api_get(&url, Some(API_TOKEN))).await?;
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        next = next_link(&resp)?;
+        if let Some(n) = &next {
+            links.push(n.clone());
+        }
+        let page = json(resp).await?;
+        let page = page.as_array().context("a page is a JSON array")?;
+        sizes.push(page.len());
+        for j in page {
+            ids.push(j["id"].as_str().context("id")?.parse()?);
+        }
+    }
+    Ok((ids, sizes, links))
+}
+
+/// A fake link for the fixture's agent in the scheduler's fleet (site stage-a, 2 slots, /mnt/media).
+fn connect_agent(f: &Fixture) -> Result<()> {
+    let caps = f.store.get_agent(f.agent_id)?.and_then(|a| a.capabilities).context("fixture capabilities")?;
+    let conn = gaffer_control::scheduler::AgentConn { conn_id: 1, site: "stage-a".into(), capabilities: caps };
+    f.state.scheduler.fleet().connect(f.agent_id, conn);
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_submits_with_priority_and_audits_it() -> Result<()> {
+    let f = Fixture::new()?;
+    let resp = f
+        .send(api_post("/api/v1/jobs", r#"{"path": "/mnt/media/hot.mov", "site": "stage-a", "priority": "high"}"#))
+        .await?;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let high: Uuid = json(resp).await?["id"].as_str().context("id")?.parse()?;
+    let resp = f.send(api_post("/api/v1/jobs", r#"{"path": "/mnt/media/plain.mov", "site": "stage-a"}"#)).await?;
+    let plain: Uuid = json(resp).await?["id"].as_str().context("id")?.parse()?;
+    let resp = f
+        .send(api_post("/api/v1/jobs", r#"{"path": "/mnt/media/later.mov", "site": "stage-a", "priority": "low"}"#))
+        .await?;
+    let low: Uuid = json(resp).await?["id"].as_str().context("id")?.parse()?;
+
+    let job = json(f.send(api_get(&format!("/api/v1/jobs/{high}"), Some(API_TOKEN))).await?).await?;
+    assert_eq!(job["priority"], "high");
+    assert_eq!(job["state"], "queued");
+    for field in ["lease_id", "lease_deadline_ms", "pending_reason"] {
+        assert!(job.get(field).is_some_and(serde_json::Value::is_null), "{field} is present and null: {job}");
+    }
+    assert_eq!(f.store.get_job(high)?.context("stored")?.priority, Priority::High);
+    assert_eq!(f.store.get_job(plain)?.context("stored")?.priority, Priority::Normal, "default priority");
+    let list = json(f.send(api_get("/api/v1/jobs", Some(API_TOKEN))).await?).await?;
+    let priorities: Vec<&str> =
+        list.as_array().context("array")?.iter().filter_map(|j| j["priority"].as_str()).collect();
+    assert_eq!(priorities, ["low", "normal", "high"], "newest first, with priorities");
+    assert_eq!(
+        f.store.jobs_in_state(JobState::Queued, 10)?.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [high, plain, low]
+    );
+
+    let msg = assert_json_error(
+        f.send(api_post("/api/v1/jobs", r#"{"path": "/mnt/media/x.mov", "site": "stage-a", "priority": "urgent"}"#))
+            .await?,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await?;
+    assert!(msg.contains("priority") && msg.contains("low, normal, high"), "{msg}");
+    assert_eq!(f.job_count()?, 3, "the refused submission created no job");
+
+    // Each submission is in the audit log with its actor, site, job and path.
+    let audit = f.store.list_audit(10)?;
+    assert_eq!(audit.len(), 3);
+    let entry = audit.iter().find(|a| a.job == Some(high)).context("audit entry of the high job")?;
+    assert_eq!(entry.action, "job_submit");
+    assert_eq!(entry.who, "api token");
+    assert_eq!(entry.site.as_deref(), Some("stage-a"));
+    assert_eq!(entry.detail, "/mnt/media/hot.mov");
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_lists_jobs_by_state_and_pages_through_link_headers() -> Result<()> {
+    let f = Fixture::new()?;
+    let base = gaffer_control::now_ms() - 1_000_000;
+    let mut expected = Vec::new();
+    for i in 0..250u64 {
+        let req = JobRequest {
+            path: format!("/mnt/media/clip{i:03}.mov"),
+            site: "stage-a".into(),
+            agent: None,
+            profile: Profile::Shots,
+            priority: Priority::Normal,
+        };
+        // Seven jobs per millisecond: pages must also split between jobs created at the same time.
+        let job = gaffer_control::scheduler::new_job(req, JobOrigin::Api, None, base + i / 7)?;
+        assert!(f.store.insert_job(&job)?);
+        expected.push(job.id);
+    }
+    f.store.flush()?;
+    expected.reverse(); // newest first
+
+    let (ids, sizes, links) = all_pages(&f, "/api/v1/jobs?limit=100").await?;
+    assert_eq!(ids, expected, "every job once, newest first");
+    assert_eq!(sizes[..3], [100, 100, 50], "pages of 100: {sizes:?}");
+    assert!(links.iter().all(|l| l.starts_with("/api/v1/jobs?limit=100&") && l.contains("&after=")), "{links:?}");
+    // Without a limit: pages of the default 100.
+    let resp = f.send(api_get("/api/v1/jobs", Some(API_TOKEN))).await?;
+    assert!(next_link(&resp)?.is_some());
+    assert_eq!(json(resp).await?.as_array().map(Vec::len), Some(100));
+    // A limit above the maximum is capped, and one page then holds everything.
+    let resp = f.send(api_get("/api/v1/jobs?limit=5000", Some(API_TOKEN))).await?;
+    assert_eq!(next_link(&resp)?, None);
+    assert_eq!(json(resp).await?.as_array().map(Vec::len), Some(250));
+
+    // Cancel three, finish one on the agent: the filters find exactly those, and the next
+    // links keep the filters.
+    let cancelled: Vec<Uuid> = vec![expected[3], expected[120], expected[240]];
+    for id in &cancelled {
+        f.state.scheduler.cancel(*id, "test", gaffer_control::now_ms())?;
+    }
+    f.store.update_job(expected[200], &mut |j| {
+        j.state = JobState::Succeeded;
+        j.agent = Some(f.agent_id);
+        j.finished_at_ms = Some(gaffer_control::now_ms());
+        true
+    })?;
+    let (ids, _, links) = all_pages(&f, "/api/v1/jobs?state=cancelled&limit=2").await?;
+    assert_eq!(ids, cancelled, "cancelled jobs, newest first");
+    assert!(
+        !links.is_empty() && links.iter().all(|l| l.contains("state=cancelled") && l.contains("limit=2")),
+        "{links:?}"
+    );
+    let (ids, _, _) = all_pages(&f, "/api/v1/jobs?state=queued&limit=100").await?;
+    assert_eq!(ids.len(), 246);
+    assert!(ids.iter().all(|id| !cancelled.contains(id) && *id != expected[200]));
+    let (ids, _, _) = all_pages(&f, &format!("/api/v1/jobs?agent={}", f.agent_id)).await?;
+    assert_eq!(ids, [expected[200]], "the agent filter");
+    let resp = f.send(api_get(&format!("/api/v1/jobs?agent={}&state=succeeded", f.agent_id), Some(API_TOKEN))).await?;
+    assert_eq!(json(resp).await?[0]["state"], "succeeded");
+
+    // Bad filters: 400 saying what is accepted.
+    let msg =
+        assert_json_error(f.send(api_get("/api/v1/jobs?state=done", Some(API_TOKEN))).await?, StatusCode::BAD_REQUEST)
+            .await?;
+    assert!(msg.contains("queued, assigned, running, succeeded, failed, cancelled"), "{msg}");
+    let msg = assert_json_error(
+        f.send(api_get("/api/v1/jobs?after=yesterday", Some(API_TOKEN))).await?,
+        StatusCode::BAD_REQUEST,
+    )
+    .await?;
+    assert!(msg.contains("after") && msg.contains("<created_at_ms>-<seq>"), "{msg}");
+    let msg = assert_json_error(
+        f.send(api_get("/api/v1/jobs?agent=gpu-box-07", Some(API_TOKEN))).await?,
+        StatusCode::BAD_REQUEST,
+    )
+    .await?;
+    assert!(msg.contains("UUID"), "{msg}");
+    assert_json_error(f.send(api_get("/api/v1/jobs?limit=0", Some(API_TOKEN))).await?, StatusCode::BAD_REQUEST).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_cancels_and_retries_jobs() -> Result<()> {
+    let f = Fixture::new()?;
+    connect_agent(&f)?;
+    let job = f.submit("/mnt/media/reel1.mov")?;
+    let before = gaffer_control::now_ms();
+    assert_eq!(f.state.scheduler.lease_pass(before)?, 1);
+    // Leased: the JSON shows the lease, and the agent counts it.
+    let leased = json(f.send(api_get(&format!("/api/v1/jobs/{}", job.id), Some(API_TOKEN))).await?).await?;
+    assert_eq!(leased["state"], "assigned");
+    assert_eq!(leased["lease_id"], 1);
+    assert_eq!(leased["attempts"], 1);
+    let deadline = leased["lease_deadline_ms"].as_u64().context("assignment deadline")?;
+    assert!(deadline >= before + 30_000 && deadline <= gaffer_control::now_ms() + 30_000, "{deadline}");
+    assert!(leased["pending_reason"].is_null());
+    let agents = json(f.send(api_get("/api/v1/agents", Some(API_TOKEN))).await?).await?;
+    assert_eq!(agents[0]["jobs_running"], 1, "the leased job counts for its holder");
+    let page = f.login().await?;
+    let body = text(f.send(get(&format!("/jobs/{}", job.id), Some(&format!("gaffer_session={page}")))).await?).await?;
+    assert!(
+        body.contains(&format!(
+            "held by <a href=\"/agents/{0}\"><code>{0}</code></a> · lease id 1 · deadline",
+            f.agent_id
+        )),
+        "lease shown"
+    );
+
+    // Cancel the assigned job: cancelled, the agent is told, the lease is gone.
+    let resp = f.send(api_post_empty(&format!("/api/v1/jobs/{}/cancel", job.id), Some(API_TOKEN))).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let cancelled = json(resp).await?;
+    assert_eq!(cancelled["id"], job.id.to_string());
+    assert_eq!(cancelled["state"], "cancelled");
+    assert_eq!(cancelled["error"], "cancelled by api token");
+    assert!(cancelled["lease_id"].is_null());
+    let outgoing = f.state.scheduler.fleet().take_outgoing(f.agent_id, 1, 10);
+    assert!(
+        outgoing.iter().any(
+            |m| matches!(m, gaffer_protocol::messages::ControlMessage::Cancel { job_id, .. } if *job_id == job.id)
+        ),
+        "the holder is told to stop: {outgoing:?}"
+    );
+    // Again: 409, nothing changes.
+    let msg = assert_json_error(
+        f.send(api_post_empty(&format!("/api/v1/jobs/{}/cancel", job.id), Some(API_TOKEN))).await?,
+        StatusCode::CONFLICT,
+    )
+    .await?;
+    assert!(msg.contains("cannot cancel") && msg.contains("cancelled"), "{msg}");
+
+    // Retry: queued again with a fresh attempt budget.
+    let resp = f.send(api_post_empty(&format!("/api/v1/jobs/{}/retry", job.id), Some(API_TOKEN))).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let retried = json(resp).await?;
+    assert_eq!(retried["state"], "queued");
+    assert_eq!(retried["attempts"], 0);
+    assert!(retried["agent"].is_null());
+    assert_eq!(f.store.get_job(job.id)?.context("stored")?.state, JobState::Queued);
+    // Retrying a queued job: 409.
+    let msg = assert_json_error(
+        f.send(api_post_empty(&format!("/api/v1/jobs/{}/retry", job.id), Some(API_TOKEN))).await?,
+        StatusCode::CONFLICT,
+    )
+    .await?;
+    assert!(msg.contains("cannot retry") && msg.contains("queued"), "{msg}");
+
+    // Unknown and malformed ids, and no token.
+    for action in ["cancel", "retry"] {
+        let msg = assert_json_error(
+            f.send(api_post_empty(&format!("/api/v1/jobs/{}/{action}", Uuid::new_v4()), Some(API_TOKEN))).await?,
+            StatusCode::NOT_FOUND,
+        )
+        .await?;
+        assert!(msg.contains("job"), "{msg}");
+        assert_json_error(
+            f.send(api_post_empty(&format!("/api/v1/jobs/x/{action}"), Some(API_TOKEN))).await?,
+            StatusCode::BAD_REQUEST,
+        )
+        .await?;
+        assert_json_error(
+            f.send(api_post_empty(&format!("/api/v1/jobs/{}/{action}", job.id), None)).await?,
+            StatusCode::UNAUTHORIZED,
+        )
+        .await?;
+    }
+    assert_eq!(f.store.get_job(job.id)?.context("stored")?.state, JobState::Queued, "refused calls changed nothing");
+
+    // Audit: submit (through the scheduler directly: none), cancel and retry by the API.
+    let audit = f.store.list_audit(10)?;
+    let actions: Vec<(&str, &str)> = audit.iter().map(|a| (a.action.as_str(), a.who.as_str())).collect();
+    assert_eq!(actions, [("job_retry", "api token"), ("job_cancel", "api token")], "newest first");
+    assert!(audit.iter().all(|a| a.job == Some(job.id) && a.site.as_deref() == Some("stage-a")));
+    assert!(audit[1].detail.contains("cancelled by api token"), "{}", audit[1].detail);
+    Ok(())
+}
+
+#[tokio::test]
+async fn queued_job_says_why_it_waits() -> Result<()> {
+    let f = Fixture::new()?;
+    let job = f.submit("/mnt/media/waiting.mov")?;
+    let url = format!("/api/v1/jobs/{}", job.id);
+    let before = json(f.send(api_get(&url, Some(API_TOKEN))).await?).await?;
+    assert!(before["pending_reason"].is_null(), "no reason before a leasing pass");
+    // No agent connected (the store says "connected", but no link is up).
+    assert_eq!(f.state.scheduler.lease_pass(gaffer_control::now_ms())?, 0);
+    let reason = "no agent of site stage-a is connected";
+    let after = json(f.send(api_get(&url, Some(API_TOKEN))).await?).await?;
+    assert_eq!(after["pending_reason"], reason);
+    let list = json(f.send(api_get("/api/v1/jobs", Some(API_TOKEN))).await?).await?;
+    assert_eq!(list[0]["pending_reason"], reason);
+
+    let session = f.login().await?;
+    let cookie = format!("gaffer_session={session}");
+    let page = text(f.send(get(&format!("/jobs/{}", job.id), Some(&cookie))).await?).await?;
+    assert!(page.contains(&format!("<strong>Waiting:</strong> {reason}")), "job page shows the reason");
+    assert!(page.contains("<dt>Priority</dt><dd><span class=\"priority priority-normal\">normal</span>"));
+    assert!(page.contains("<dt>Attempts</dt><dd>0 of 3</dd>"));
+    assert!(page.contains(&format!("action=\"/jobs/{}/cancel\"", job.id)), "cancel button on a queued job");
+    assert!(!page.contains("/retry\""), "no retry button on a queued job");
+    let jobs = text(f.send(get("/jobs", Some(&cookie))).await?).await?;
+    assert!(jobs.contains(&format!("<td class=\"pending\">{reason}</td>")), "jobs page shows the reason");
+
+    // Once cancelled, the reason is gone and the retry button is there.
+    f.state.scheduler.cancel(job.id, "test", gaffer_control::now_ms())?;
+    let cancelled = json(f.send(api_get(&url, Some(API_TOKEN))).await?).await?;
+    assert!(cancelled["pending_reason"].is_null());
+    let page = text(f.send(get(&format!("/jobs/{}", job.id), Some(&cookie))).await?).await?;
+    assert!(!page.contains("Waiting:"));
+    assert!(page.contains(&format!("action=\"/jobs/{}/retry\"", job.id)), "retry button on a cancelled job");
+    assert!(!page.contains("/cancel\""), "no cancel button on a cancelled job");
+    assert!(page.contains("<strong>Cancelled:</strong> cancelled by test"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn dashboard_cancel_and_retry_need_the_csrf_token() -> Result<()> {
+    let f = Fixture::new()?;
+    let session = f.login().await?;
+    let cookie = format!("gaffer_session={session}");
+    let csrf = f.csrf(&session).await?;
+    let job = f.submit("/mnt/media/reel3.mov")?;
+    let cancel = format!("/jobs/{}/cancel", job.id);
+    let retry = format!("/jobs/{}/retry", job.id);
+    let state = || -> Result<JobState> { Ok(f.store.get_job(job.id)?.context("stored")?.state) };
+
+    // The job page's cancel form carries the session's token.
+    let page = text(f.send(get(&format!("/jobs/{}", job.id), Some(&cookie))).await?).await?;
+    let form = page.find(&format!("action=\"{cancel}\"")).context("cancel form")?;
+    assert!(page[form..].contains(&format!("name=\"csrf\" value=\"{csrf}\"")));
+
+    // Without a token, with a wrong one, without a session: refused, the job stays queued.
+    assert_eq!(f.send(post_form(&cancel, Some(&cookie), "")).await?.status(), StatusCode::FORBIDDEN);
+    let resp = f.send(post_form(&cancel, Some(&cookie), &format!("csrf=AAAA{}", &csrf[4..]))).await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(text(resp).await?.contains("CSRF"), "an HTML page saying why");
+    let resp = f.send(post_form(&cancel, None, &format!("csrf={csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/login"));
+    assert_eq!(state()?, JobState::Queued);
+
+    // With it: cancelled, back to the job page.
+    let resp = f.send(post_form(&cancel, Some(&cookie), &format!("csrf={csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()),
+        Some(format!("/jobs/{}", job.id).as_str())
+    );
+    assert_eq!(state()?, JobState::Cancelled);
+    assert_eq!(f.store.get_job(job.id)?.and_then(|j| j.error).as_deref(), Some("cancelled by dashboard admin"));
+    // Cancelling it again: 409 page with the refusal.
+    let resp = f.send(post_form(&cancel, Some(&cookie), &format!("csrf={csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let body = text(resp).await?;
+    assert!(body.contains("<html") && body.contains("cannot cancel"), "{body}");
+
+    // Retry: same rules.
+    assert_eq!(f.send(post_form(&retry, Some(&cookie), "csrf=nope")).await?.status(), StatusCode::FORBIDDEN);
+    assert_eq!(state()?, JobState::Cancelled);
+    let resp = f.send(post_form(&retry, Some(&cookie), &format!("csrf={csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()),
+        Some(format!("/jobs/{}", job.id).as_str())
+    );
+    assert_eq!(state()?, JobState::Queued);
+    assert_eq!(f.send(post_form(&retry, Some(&cookie), &format!("csrf={csrf}"))).await?.status(), StatusCode::CONFLICT);
+    let resp =
+        f.send(post_form(&format!("/jobs/{}/retry", Uuid::new_v4()), Some(&cookie), &format!("csrf={csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    let audit = f.store.list_audit(10)?;
+    let actions: Vec<(&str, &str)> = audit.iter().map(|a| (a.action.as_str(), a.who.as_str())).collect();
+    assert_eq!(actions, [("job_retry", "dashboard admin"), ("job_cancel", "dashboard admin")]);
+    // The audit page shows them.
+    let page = text(f.send(get("/audit", Some(&cookie))).await?).await?;
+    assert!(page.contains("job_cancel") && page.contains("dashboard admin"));
+    assert!(page.contains(&format!("<a href=\"/jobs/{}\">", job.id)), "audit entries link to their job");
+    Ok(())
+}
+
+#[tokio::test]
+async fn dashboard_job_form_priority_jobs_filter_paging_and_fleet_counts() -> Result<()> {
+    let f = Fixture::new()?;
+    let session = f.login().await?;
+    let cookie = format!("gaffer_session={session}");
+    let csrf = f.csrf(&session).await?;
+
+    // The form has a priority select (normal preselected) and takes it.
+    let form = text(f.send(get("/jobs/new", Some(&cookie))).await?).await?;
+    assert!(form.contains("<select name=\"priority\">"));
+    assert!(form.contains("<option value=\"normal\" selected>normal</option>"));
+    let fields = "path=%2Fmnt%2Fmedia%2Furgent.mov&site=stage-a&agent=&profile=shots";
+    let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&priority=high&csrf={csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let location = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).context("location")?.to_owned();
+    let id: Uuid = location.strip_prefix("/jobs/").context("job page")?.parse()?;
+    assert_eq!(f.store.get_job(id)?.context("stored")?.priority, Priority::High);
+    let audit = f.store.list_audit(1)?;
+    assert_eq!(
+        (audit[0].action.as_str(), audit[0].who.as_str(), audit[0].job),
+        ("job_submit", "dashboard admin", Some(id))
+    );
+    let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&priority=asap&csrf={csrf}"))).await?;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(text(resp).await?.contains("unknown priority"));
+    assert_eq!(f.job_count()?, 1);
+
+    // 204 more jobs; cancel one.
+    for i in 0..204 {
+        f.submit(&format!("/mnt/media/batch{i:03}.mov"))?;
+    }
+    f.state.scheduler.cancel(id, "test", gaffer_control::now_ms())?;
+
+    // Page 1: 200 rows and a next link; page 2: the other 5, with a link back.
+    let rows = |page: &str| page.matches("<tr>\n  <td><span class=\"state").count();
+    let first = text(f.send(get("/jobs", Some(&cookie))).await?).await?;
+    assert_eq!(rows(&first), 200);
+    let start = first.find("<a rel=\"next\" href=\"").context("next page link")? + "<a rel=\"next\" href=\"".len();
+    let next = first[start..].split('"').next().context("link end")?.replace("&amp;", "&");
+    assert!(next.starts_with("/jobs?after="), "{next}");
+    let second = text(f.send(get(&next, Some(&cookie))).await?).await?;
+    assert_eq!(rows(&second), 5);
+    assert!(!second.contains("rel=\"next\""));
+    assert!(second.contains("href=\"/jobs\">First page"));
+    assert!(second.contains("urgent.mov"), "the oldest job is on the last page");
+
+    // The state filter: a GET form; only cancelled jobs, shown as cancelled.
+    assert!(first.contains("<form class=\"filter\" method=\"get\" action=\"/jobs\">"));
+    let cancelled = text(f.send(get("/jobs?state=cancelled", Some(&cookie))).await?).await?;
+    assert_eq!(rows(&cancelled), 1);
+    assert!(cancelled.contains("<span class=\"state state-cancelled\">cancelled</span>"));
+    assert!(cancelled.contains("<option value=\"cancelled\" selected>cancelled</option>"));
+    let resp = f.send(get("/jobs?state=bogus", Some(&cookie))).await?;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(text(resp).await?.contains("known: queued"));
+
+    // The fleet page counts all six states from the store's counts.
+    let fleet = text(f.send(get("/", Some(&cookie))).await?).await?;
+    for (state, n) in
+        [("queued", 204), ("assigned", 0), ("running", 0), ("succeeded", 0), ("failed", 0), ("cancelled", 1)]
+    {
+        let count =
+            format!("<a class=\"count state-{state}\" href=\"/jobs?state={state}\"><span class=\"n\">{n}</span>");
+        assert!(fleet.contains(&count), "fleet page lacks {count}");
+    }
     Ok(())
 }

@@ -1,29 +1,40 @@
 //! The JSON API under `/api/v1`. Every route needs `Authorization: Bearer gfa_…` ([`ApiCaller`]).
 //!
-//! | route                | answer |
-//! |----------------------|--------|
-//! | `GET /agents`        | `[agent]`: id, site, hostname, online, last_seen_ms, agent_version, health (latest `Health` or null), health_source (`"nvml"`/`"cpu"`/null), jobs_running, capabilities |
-//! | `GET /agents/{id}`   | agent + `health_history` (latest [`HEALTH_HISTORY_MAX`], oldest first) |
-//! | `POST /jobs`         | body `{"path", "site", "agent"?, "profile"?}` → 201 `{"id"}` |
-//! | `GET /jobs?limit=N`  | `[job]`, newest first; limit default [`JOBS_LIMIT_DEFAULT`], at most [`JOBS_LIMIT_MAX`] |
-//! | `GET /jobs/{id}`     | job + `digest` (the `Digest` JSON or null) |
+//! | route                     | answer |
+//! |---------------------------|--------|
+//! | `GET /agents`             | `[agent]`: id, site, hostname, online, last_seen_ms, agent_version, health (latest `Health` or null), health_source (`"nvml"`/`"cpu"`/null), jobs_running, capabilities |
+//! | `GET /agents/{id}`        | agent + `health_history` (latest [`HEALTH_HISTORY_MAX`], oldest first) |
+//! | `POST /jobs`              | body `{"path", "site", "agent"?, "profile"?, "priority"?}` (priority `low`/`normal`/`high`, default `normal`) → 201 `{"id"}` |
+//! | `GET /jobs`               | `[job]`, newest first, one page: `?limit=N` (default [`JOBS_LIMIT_DEFAULT`], at most [`JOBS_LIMIT_MAX`]), `&state=S`, `&agent=ID` (the job's agent), `&after=CURSOR`; a `Link: <…&after=CURSOR>; rel="next"` header while more pages follow |
+//! | `GET /jobs/{id}`          | job + `digest` (the `Digest` JSON or null) |
+//! | `POST /jobs/{id}/cancel`  | cancels a job that has not finished → 200 job; 404 unknown, 409 finished |
+//! | `POST /jobs/{id}/retry`   | queues a failed or cancelled job again with a fresh attempt budget → 200 job; 404 unknown, 409 otherwise |
+//!
+//! A job is: id, path, site, profile, priority, state, agent, pinned_agent, progress,
+//! frames_decoded, error (failure, or why the last attempt was requeued), attempts, lease_id and
+//! lease_deadline_ms (null unless assigned or running; the deadline is null while the holder is
+//! connected and running it), pending_reason (why a queued job is still waiting, null otherwise or
+//! before the first leasing pass), created_at_ms, updated_at_ms, finished_at_ms.
+//!
+//! Submit, cancel and retry are recorded in the audit log with the actor `"api token"`.
 
 use std::collections::HashMap;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use gaffer_protocol::digest::Digest;
 use gaffer_protocol::health::{Health, HealthSource};
-use gaffer_protocol::messages::{AgentId, Capabilities, JobId, Profile};
+use gaffer_protocol::messages::{AgentId, Capabilities, JobId, LeaseId, Profile};
 use serde::{Deserialize, Serialize};
 
+use super::actions::{self, API_ACTOR};
 use super::auth::ApiCaller;
 use super::{AppError, HttpState};
-use crate::scheduler::JobRequest;
-use crate::store::{AgentRecord, HealthSample, JobOrigin, JobRecord, JobState, Store, UnixMs};
+use crate::scheduler::{JobRequest, Scheduler, DEADLINE_PASS_JOBS_MAX};
+use crate::store::{AgentRecord, HealthSample, JobCursor, JobQuery, JobRecord, JobState, Priority, Store, UnixMs};
 
 /// Health samples returned by `GET /agents/{id}`.
 pub(crate) const HEALTH_HISTORY_MAX: usize = 100;
@@ -31,6 +42,9 @@ pub(crate) const HEALTH_HISTORY_MAX: usize = 100;
 pub(crate) const JOBS_LIMIT_DEFAULT: usize = 100;
 /// Largest `limit` of `GET /jobs`.
 pub(crate) const JOBS_LIMIT_MAX: usize = 1000;
+/// Leased jobs read to count each agent's running jobs: the scheduler's own bound on leased jobs
+/// (in practice the fleet's slots; the read costs what is leased, not the job history).
+pub(crate) const LEASED_JOBS_READ_MAX: usize = DEADLINE_PASS_JOBS_MAX;
 
 #[derive(Serialize)]
 struct AgentJson {
@@ -54,17 +68,22 @@ struct AgentDetailJson {
 }
 
 #[derive(Serialize)]
-struct JobJson {
+pub(crate) struct JobJson {
     id: JobId,
     path: String,
     site: String,
     profile: Profile,
+    priority: Priority,
     state: JobState,
     agent: Option<AgentId>,
+    pinned_agent: Option<AgentId>,
     progress: f32,
     frames_decoded: u64,
     error: Option<String>,
     attempts: u32,
+    lease_id: Option<LeaseId>,
+    lease_deadline_ms: Option<UnixMs>,
+    pending_reason: Option<String>,
     created_at_ms: UnixMs,
     updated_at_ms: UnixMs,
     finished_at_ms: Option<UnixMs>,
@@ -87,11 +106,21 @@ pub(crate) struct SubmitJobBody {
     agent: Option<String>,
     #[serde(default)]
     profile: Option<String>,
+    #[serde(default)]
+    priority: Option<String>,
 }
 
+/// `GET /api/v1/jobs` query. Filters arrive as strings so that a bad one gets a message naming
+/// the accepted values.
 #[derive(Deserialize)]
 pub(crate) struct ListJobsQuery {
     limit: Option<usize>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    after: Option<String>,
 }
 
 fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
@@ -114,31 +143,43 @@ fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
     }
 }
 
-fn job_json(j: JobRecord) -> JobJson {
+/// Why a queued job waits (the scheduler's last placement failure); None for other states.
+pub(crate) fn pending_reason(scheduler: &Scheduler, j: &JobRecord) -> Option<String> {
+    (j.state == JobState::Queued).then(|| scheduler.pending_reason(j.id)).flatten()
+}
+
+pub(crate) fn job_json(j: JobRecord, scheduler: &Scheduler) -> JobJson {
+    let pending_reason = pending_reason(scheduler, &j);
     JobJson {
         id: j.id,
         path: j.path,
         site: j.site,
         profile: j.profile,
+        priority: j.priority,
         state: j.state,
         agent: j.agent,
+        pinned_agent: j.pinned_agent,
         progress: j.progress,
         frames_decoded: j.frames_decoded,
         error: j.error,
         attempts: j.attempts,
+        lease_id: j.lease.map(|l| l.lease_id),
+        lease_deadline_ms: j.lease.and_then(|l| l.deadline_ms),
+        pending_reason,
         created_at_ms: j.created_at_ms,
         updated_at_ms: j.updated_at_ms,
         finished_at_ms: j.finished_at_ms,
     }
 }
 
-/// Jobs leased (assigned or running) per agent.
+/// Jobs leased (assigned or running) per agent, by lease holder, from the state index (never a
+/// scan of job history).
 pub(crate) fn jobs_running_by_agent(store: &dyn Store) -> Result<HashMap<AgentId, usize>, AppError> {
     let mut counts = HashMap::new();
     for state in [JobState::Assigned, JobState::Running] {
-        for job in store.jobs_in_state(state)? {
-            if let Some(agent) = job.agent {
-                *counts.entry(agent).or_insert(0) += 1;
+        for job in store.jobs_in_state(state, LEASED_JOBS_READ_MAX)? {
+            if let Some(lease) = job.lease {
+                *counts.entry(lease.holder).or_insert(0) += 1;
             }
         }
     }
@@ -148,6 +189,22 @@ pub(crate) fn jobs_running_by_agent(store: &dyn Store) -> Result<HashMap<AgentId
 /// Parses a path id, 400 on a malformed one.
 pub(crate) fn parse_id(raw: &str, what: &str) -> Result<uuid::Uuid, AppError> {
     uuid::Uuid::parse_str(raw).map_err(|_| AppError::BadRequest(format!("{what} id must be a UUID")))
+}
+
+/// Parses a `state` filter (empty: none), 400 naming the known states.
+pub(crate) fn parse_state_filter(raw: Option<&str>) -> Result<Option<JobState>, AppError> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(s) => s.parse::<JobState>().map(Some).map_err(AppError::BadRequest),
+    }
+}
+
+/// Parses an `after` cursor (empty: the first page), 400 saying the accepted form.
+pub(crate) fn parse_cursor(raw: Option<&str>) -> Result<Option<JobCursor>, AppError> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(s) => s.parse::<JobCursor>().map(Some).map_err(|e| AppError::BadRequest(format!("after: {e}"))),
+    }
 }
 
 pub(crate) async fn list_agents(_: ApiCaller, State(state): State<HttpState>) -> Result<impl IntoResponse, AppError> {
@@ -181,11 +238,37 @@ pub(crate) async fn list_jobs(
     _: ApiCaller,
     State(state): State<HttpState>,
     query: Result<Query<ListJobsQuery>, QueryRejection>,
-) -> Result<impl IntoResponse, AppError> {
+) -> Result<Response, AppError> {
     let Query(query) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    let limit = query.limit.unwrap_or(JOBS_LIMIT_DEFAULT).min(JOBS_LIMIT_MAX);
-    let jobs: Vec<JobJson> = state.app.store.list_jobs(limit)?.into_iter().map(job_json).collect();
-    Ok(Json(jobs))
+    let limit = query.limit.unwrap_or(JOBS_LIMIT_DEFAULT);
+    if limit == 0 {
+        return Err(AppError::BadRequest(format!("limit must be 1..={JOBS_LIMIT_MAX}")));
+    }
+    let limit = limit.min(JOBS_LIMIT_MAX);
+    let job_state = parse_state_filter(query.state.as_deref())?;
+    let agent = match query.agent.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(raw) => Some(parse_id(raw, "agent")?),
+    };
+    let after = parse_cursor(query.after.as_deref())?;
+    let page = state.app.store.list_jobs(&JobQuery { state: job_state, agent, after, limit })?;
+    let scheduler = state.app.scheduler.as_ref();
+    let jobs: Vec<JobJson> = page.jobs.into_iter().map(|j| job_json(j, scheduler)).collect();
+    let mut response = Json(jobs).into_response();
+    if let Some(next) = page.next {
+        let mut url = format!("/api/v1/jobs?limit={limit}");
+        if let Some(s) = job_state {
+            url.push_str(&format!("&state={}", s.as_str()));
+        }
+        if let Some(a) = agent {
+            url.push_str(&format!("&agent={a}"));
+        }
+        url.push_str(&format!("&after={next}"));
+        let link = HeaderValue::from_str(&format!("<{url}>; rel=\"next\""))
+            .map_err(|e| AppError::Internal(format!("Link header: {e}")))?;
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
 }
 
 pub(crate) async fn get_job(
@@ -197,7 +280,7 @@ pub(crate) async fn get_job(
     let store = state.app.store.as_ref();
     let job = store.get_job(id)?.ok_or_else(|| AppError::NotFound(format!("job {id}")))?;
     let digest = store.get_digest(id)?;
-    Ok(Json(JobDetailJson { job: job_json(job), digest }))
+    Ok(Json(JobDetailJson { job: job_json(job, &state.app.scheduler), digest }))
 }
 
 pub(crate) async fn submit_job(
@@ -214,10 +297,33 @@ pub(crate) async fn submit_job(
         None => Profile::Shots,
         Some(p) => p.parse::<Profile>().map_err(AppError::Unprocessable)?,
     };
-    let req = JobRequest { path: body.path, site: body.site, agent, profile };
-    let job = state.app.scheduler.submit(req, JobOrigin::Api, None)?;
-    tracing::info!(job = %job.id, site = %job.site, "job submitted through the API");
+    let priority = match body.priority.as_deref() {
+        None => Priority::Normal,
+        Some(p) => p.parse::<Priority>().map_err(AppError::Unprocessable)?,
+    };
+    let req = JobRequest { path: body.path, site: body.site, agent, profile, priority };
+    let job = actions::submit(&state.app, req, API_ACTOR.to_owned()).await??;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": job.id }))))
+}
+
+pub(crate) async fn cancel_job(
+    _: ApiCaller,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AppError> {
+    let id = parse_id(&id, "job")?;
+    let job = actions::cancel(&state.app, id, API_ACTOR.to_owned()).await?;
+    Ok(Json(job_json(job, &state.app.scheduler)))
+}
+
+pub(crate) async fn retry_job(
+    _: ApiCaller,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AppError> {
+    let id = parse_id(&id, "job")?;
+    let job = actions::retry(&state.app, id, API_ACTOR.to_owned()).await?;
+    Ok(Json(job_json(job, &state.app.scheduler)))
 }
 
 /// Maps axum's JSON rejection (syntax, types, unknown fields, content type, size) to [`AppError`].

@@ -1,5 +1,6 @@
-//! The operator audit log on the dashboard: `GET /audit` lists the newest entries (who ran which
-//! offline action — `enroll_offline`, `bundle_import`, `revoke_agent` — when, and with what
+//! The operator audit log on the dashboard: `GET /audit` lists the newest entries (who did what —
+//! the offline actions `enroll_offline`, `bundle_import`, `revoke_agent`, and the job actions
+//! `job_submit`, `job_cancel`, `job_retry` from the API and the dashboard — when, and with what
 //! result), and the fleet page shows the latest few. Entries come from
 //! [`crate::store::Store::list_audit`]; every field is escaped by askama like all template output.
 
@@ -28,6 +29,8 @@ pub(crate) struct AuditRow {
     /// The agent's id, if the action concerned one.
     pub agent: Option<String>,
     pub site: Option<String>,
+    /// The job's id, if the action concerned one.
+    pub job: Option<String>,
     pub detail: String,
 }
 
@@ -40,6 +43,7 @@ impl AuditRow {
             action: rec.action.clone(),
             agent: rec.agent.map(|a| a.to_string()),
             site: rec.site.clone(),
+            job: rec.job.map(|j| j.to_string()),
             detail: rec.detail.clone(),
         }
     }

@@ -1,37 +1,49 @@
-//! The server-rendered dashboard: fleet overview, agent and job pages, the job form, login and
-//! logout. Usable without JavaScript. Every page needs a session ([`Session`]); every form is a
-//! POST carrying the session's CSRF token (login: the double-submit cookie).
+//! The server-rendered dashboard: fleet overview, agent and job pages, the job form, job cancel and
+//! retry, login and logout. Usable without JavaScript. Every page needs a session ([`Session`]);
+//! every form that changes something is a POST carrying the session's CSRF token (login: the
+//! double-submit cookie); the jobs page's state filter is a plain GET form.
+//!
+//! | route                     | what |
+//! |---------------------------|------|
+//! | `GET /`                   | fleet: job counts per state ([`crate::store::Store::job_counts`]), agents, latest audit entries |
+//! | `GET /jobs?state=S&after=C` | one page of jobs, newest first, with a state filter and a next-page link |
+//! | `GET /jobs/new`, `POST /jobs` | the job form (with priority) and its submission |
+//! | `GET /jobs/{id}`          | job: state, priority, attempts, lease, why it waits, last error, digest; Cancel / Retry buttons |
+//! | `POST /jobs/{id}/cancel`, `POST /jobs/{id}/retry` | the buttons; 303 back to the job page |
+//!
+//! Submit, cancel and retry are recorded in the audit log with the actor `"dashboard admin"`.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
 
 use argon2::password_hash::PasswordHash;
 use argon2::{Argon2, PasswordVerifier};
-use axum::extract::rejection::FormRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use axum_extra::extract::cookie::CookieJar;
 use serde::Deserialize;
 
-use super::api::{jobs_running_by_agent, parse_id, HEALTH_HISTORY_MAX};
+use super::actions::{self, DASHBOARD_ACTOR};
+use super::api::{
+    jobs_running_by_agent, parse_cursor, parse_id, parse_state_filter, pending_reason, HEALTH_HISTORY_MAX,
+};
 use super::auth::{
     login_csrf_cookie, random_token, removal_cookie, session_cookie, sha256, tokens_equal, LoginThrottle, Session,
     LOGIN_CSRF_COOKIE, LOGIN_FAILED_STATUS, SESSION_COOKIE, SESSION_TTL_MS,
 };
 use super::view::{
     mean_gpu_util, sparkline, utc, AgentOption, AgentPage, AgentRow, Count, DigestView, FleetPage, GpuInfoRow,
-    HistoryRow, JobPage, JobRow, JobsPage, LoginPage, NewJobPage, SPARK_H, SPARK_W,
+    HistoryRow, JobPage, JobRow, JobsPage, LoginPage, NewJobPage, PriorityOption, StateOption, SPARK_H, SPARK_W,
 };
 use super::{AppError, HttpState, Page, PageError};
 use crate::scheduler::{JobRequest, SubmitError};
-use crate::store::{JobOrigin, JobState, SessionRecord};
+use crate::store::{JobQuery, JobState, Priority, SessionRecord};
 
-/// Jobs shown on `/jobs`.
+/// Jobs shown per page of `/jobs`.
 const JOBS_PAGE_MAX: usize = 200;
-/// Jobs scanned for an agent page's "recent jobs".
-const AGENT_JOBS_SCAN_MAX: usize = 500;
 /// Recent jobs listed on an agent page.
 const AGENT_JOBS_MAX: usize = 20;
 /// Longest accepted password, bytes (argon2 work is bounded by this).
@@ -47,10 +59,8 @@ pub(crate) async fn fleet(session: Session, State(state): State<HttpState>) -> R
     let running = jobs_running_by_agent(store)?;
     let agents: Vec<AgentRow> =
         store.list_agents()?.iter().map(|a| AgentRow::new(a, running.get(&a.id).copied().unwrap_or(0), now)).collect();
-    let mut job_counts = Vec::new();
-    for s in [JobState::Queued, JobState::Assigned, JobState::Running, JobState::Succeeded, JobState::Failed] {
-        job_counts.push(Count { label: s.as_str(), count: store.jobs_in_state(s)?.len() });
-    }
+    let counts = store.job_counts()?;
+    let job_counts = JobState::ALL.iter().map(|&s| Count { label: s.as_str(), count: counts.get(s) }).collect();
     let online_count = agents.iter().filter(|a| a.online).count();
     let audit = super::audit::AuditRow::latest(store, super::audit::FLEET_AUDIT_MAX, now)?;
     Ok(Page(FleetPage { csrf: session.record.csrf_token, agents, job_counts, online_count, audit }).into_response())
@@ -70,10 +80,9 @@ pub(crate) async fn agent_page(
     let cpu: Vec<f64> = samples.iter().map(|s| f64::from(s.health.cpu_percent)).collect();
     let gpu: Vec<f64> = samples.iter().filter_map(|s| mean_gpu_util(&s.health)).collect();
     let jobs: Vec<JobRow> = store
-        .list_jobs(AGENT_JOBS_SCAN_MAX)?
+        .list_jobs(&JobQuery { agent: Some(id), limit: AGENT_JOBS_MAX, ..JobQuery::default() })?
+        .jobs
         .iter()
-        .filter(|j| j.agent == Some(id) || j.pinned_agent == Some(id))
-        .take(AGENT_JOBS_MAX)
         .map(|j| JobRow::new(j, now))
         .collect();
     let caps = agent.capabilities.clone();
@@ -121,10 +130,44 @@ pub(crate) async fn agent_page(
     Ok(Page(page).into_response())
 }
 
-pub(crate) async fn jobs_page(session: Session, State(state): State<HttpState>) -> Result<Response, PageError> {
+/// The `GET /jobs` query: the state filter form and the next-page link.
+#[derive(Deserialize)]
+pub(crate) struct JobsQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+pub(crate) async fn jobs_page(
+    session: Session,
+    State(state): State<HttpState>,
+    query: Result<Query<JobsQuery>, QueryRejection>,
+) -> Result<Response, PageError> {
+    let Query(query) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let job_state = parse_state_filter(query.state.as_deref())?;
+    let after = parse_cursor(query.after.as_deref())?;
     let now = crate::now_ms();
-    let jobs = state.app.store.list_jobs(JOBS_PAGE_MAX)?.iter().map(|j| JobRow::new(j, now)).collect();
-    Ok(Page(JobsPage { csrf: session.record.csrf_token, jobs }).into_response())
+    let page = state.app.store.list_jobs(&JobQuery { state: job_state, agent: None, after, limit: JOBS_PAGE_MAX })?;
+    let scheduler = state.app.scheduler.as_ref();
+    let jobs =
+        page.jobs.iter().map(|j| JobRow::new(j, now).with_pending_reason(pending_reason(scheduler, j))).collect();
+    let filter = job_state.map(|s| format!("state={}&", s.as_str())).unwrap_or_default();
+    let page = JobsPage {
+        csrf: session.record.csrf_token,
+        jobs,
+        states: JobState::ALL
+            .iter()
+            .map(|&s| StateOption { name: s.as_str(), selected: Some(s) == job_state })
+            .collect(),
+        state: job_state.map(JobState::as_str),
+        next_url: page.next.map(|c| format!("/jobs?{filter}after={c}")),
+        first_url: after.map(|_| match job_state {
+            Some(s) => format!("/jobs?state={}", s.as_str()),
+            None => "/jobs".to_owned(),
+        }),
+    };
+    Ok(Page(page).into_response())
 }
 
 pub(crate) async fn job_page(
@@ -136,8 +179,44 @@ pub(crate) async fn job_page(
     let store = state.app.store.as_ref();
     let job = store.get_job(id)?.ok_or_else(|| AppError::NotFound(format!("job {id}")))?;
     let digest = store.get_digest(id)?.map(|d| DigestView::new(&d));
-    let page = JobPage { csrf: session.record.csrf_token, job: JobRow::new(&job, crate::now_ms()), digest };
+    let scheduler = state.app.scheduler.as_ref();
+    let row = JobRow::new(&job, crate::now_ms()).with_pending_reason(pending_reason(scheduler, &job));
+    let page =
+        JobPage { csrf: session.record.csrf_token, job: row, max_attempts: scheduler.policy().max_attempts, digest };
     Ok(Page(page).into_response())
+}
+
+/// The Cancel and Retry buttons' form.
+#[derive(Deserialize)]
+pub(crate) struct JobActionForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+pub(crate) async fn cancel_job(
+    session: Session,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    form: Result<Form<JobActionForm>, FormRejection>,
+) -> Result<Response, PageError> {
+    let Form(form) = form.map_err(form_rejection)?;
+    session.check_csrf(&form.csrf)?;
+    let id = parse_id(&id, "job")?;
+    let job = actions::cancel(&state.app, id, DASHBOARD_ACTOR.to_owned()).await?;
+    Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
+}
+
+pub(crate) async fn retry_job(
+    session: Session,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    form: Result<Form<JobActionForm>, FormRejection>,
+) -> Result<Response, PageError> {
+    let Form(form) = form.map_err(form_rejection)?;
+    session.check_csrf(&form.csrf)?;
+    let id = parse_id(&id, "job")?;
+    let job = actions::retry(&state.app, id, DASHBOARD_ACTOR.to_owned()).await?;
+    Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
 }
 
 fn new_job_page(
@@ -147,6 +226,7 @@ fn new_job_page(
     path: String,
     site: String,
     selected: Option<String>,
+    priority: Priority,
 ) -> Result<NewJobPage, AppError> {
     let agents = state.app.store.list_agents()?;
     let sites: BTreeSet<String> = agents.iter().map(|a| a.site.clone()).collect();
@@ -161,11 +241,16 @@ fn new_job_page(
             }
         })
         .collect();
-    Ok(NewJobPage { csrf, error, path, site, sites: sites.into_iter().collect(), agents })
+    let priorities = [Priority::Low, Priority::Normal, Priority::High]
+        .into_iter()
+        .map(|p| PriorityOption { name: p.as_str(), selected: p == priority })
+        .collect();
+    Ok(NewJobPage { csrf, error, path, site, sites: sites.into_iter().collect(), agents, priorities })
 }
 
 pub(crate) async fn new_job_form(session: Session, State(state): State<HttpState>) -> Result<Response, PageError> {
-    let page = new_job_page(&state, session.record.csrf_token, None, String::new(), String::new(), None)?;
+    let page =
+        new_job_page(&state, session.record.csrf_token, None, String::new(), String::new(), None, Priority::default())?;
     Ok(Page(page).into_response())
 }
 
@@ -182,6 +267,8 @@ pub(crate) struct NewJobForm {
     agent: String,
     #[serde(default)]
     profile: String,
+    #[serde(default)]
+    priority: String,
 }
 
 pub(crate) async fn submit_job(
@@ -194,7 +281,8 @@ pub(crate) async fn submit_job(
     let csrf = session.record.csrf_token.clone();
     let rerender = |error: String, form: NewJobForm| -> Result<Response, PageError> {
         let agent = (!form.agent.is_empty()).then_some(form.agent);
-        let page = new_job_page(&state, csrf.clone(), Some(error), form.path, form.site, agent)?;
+        let priority = form.priority.trim().parse().unwrap_or_default();
+        let page = new_job_page(&state, csrf.clone(), Some(error), form.path, form.site, agent, priority)?;
         Ok((StatusCode::UNPROCESSABLE_ENTITY, Page(page)).into_response())
     };
     let agent = match form.agent.trim() {
@@ -211,12 +299,17 @@ pub(crate) async fn submit_job(
             Err(msg) => return rerender(msg, form),
         },
     };
-    let req = JobRequest { path: form.path.trim().to_owned(), site: form.site.trim().to_owned(), agent, profile };
-    match state.app.scheduler.submit(req, JobOrigin::Api, None) {
-        Ok(job) => {
-            tracing::info!(job = %job.id, site = %job.site, "job submitted from the dashboard");
-            Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
-        }
+    let priority = match form.priority.trim() {
+        "" => Priority::default(),
+        raw => match raw.parse() {
+            Ok(p) => p,
+            Err(msg) => return rerender(msg, form),
+        },
+    };
+    let req =
+        JobRequest { path: form.path.trim().to_owned(), site: form.site.trim().to_owned(), agent, profile, priority };
+    match actions::submit(&state.app, req, DASHBOARD_ACTOR.to_owned()).await? {
+        Ok(job) => Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response()),
         Err(e @ (SubmitError::Invalid(_) | SubmitError::UnknownAgent(_))) => rerender(e.to_string(), form),
         Err(e) => Err(e.into()),
     }

@@ -12,7 +12,12 @@
 //!
 //! Limits: request bodies are capped at [`REQUEST_BODY_BYTES_MAX`] (64 KiB, 413 beyond), and
 //! every request at [`REQUEST_TIMEOUT_SECS`] (30 s, then 503).
+//!
+//! Handlers never fsync on an async worker: anything that flushes the store (job submission,
+//! cancel, retry) runs through [`blocking`] on tokio's blocking pool; the operator job actions
+//! both surfaces share live in `actions`, which also writes their audit entries.
 
+mod actions;
 mod api;
 mod audit;
 mod auth;
@@ -62,6 +67,8 @@ pub fn router(state: AppState) -> Router {
         .route("/agents/{id}", get(api::get_agent))
         .route("/jobs", get(api::list_jobs).post(api::submit_job))
         .route("/jobs/{id}", get(api::get_job))
+        .route("/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/jobs/{id}/retry", post(api::retry_job))
         .fallback(api::not_found);
     Router::new()
         .nest("/api/v1", api)
@@ -72,6 +79,8 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs", get(dashboard::jobs_page).post(dashboard::submit_job))
         .route("/jobs/new", get(dashboard::new_job_form))
         .route("/jobs/{id}", get(dashboard::job_page))
+        .route("/jobs/{id}/cancel", post(dashboard::cancel_job))
+        .route("/jobs/{id}/retry", post(dashboard::retry_job))
         .route("/audit", get(audit::audit_page))
         .route("/metrics", get(metrics))
         .route("/static/app.css", get(stylesheet))
@@ -119,6 +128,10 @@ pub enum AppError {
     /// The named thing does not exist. 404.
     #[error("{0} not found")]
     NotFound(String),
+    /// The action does not apply to the thing in its current state (cancel a finished job, retry
+    /// a queued one); the message says why. 409.
+    #[error("{0}")]
+    Conflict(String),
     /// Too many failed logins; retry after the given number of seconds. 429.
     #[error("too many failed logins; try again in {0} s")]
     TooManyAttempts(u64),
@@ -142,6 +155,7 @@ impl AppError {
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::TooManyAttempts(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -170,9 +184,24 @@ impl From<SubmitError> for AppError {
         match e {
             SubmitError::Invalid(msg) => AppError::Unprocessable(msg),
             e @ SubmitError::UnknownAgent(_) => AppError::Unprocessable(e.to_string()),
+            SubmitError::UnknownJob(id) => AppError::NotFound(format!("job {id}")),
+            SubmitError::Refused(r) => AppError::Conflict(r.to_string()),
             SubmitError::Store(e) => AppError::Store(e),
         }
     }
+}
+
+/// Runs `f` on tokio's blocking pool: for handler work that does store writes with an fsync
+/// (scheduler submit/cancel/retry), which must not run on an async worker thread.
+///
+/// # Errors
+/// [`AppError::Internal`] if `f` panicked or the runtime is shutting down.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, AppError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| AppError::Internal(format!("blocking task failed: {e}")))
 }
 
 impl IntoResponse for AppError {

@@ -7,7 +7,7 @@ use gaffer_protocol::digest::{Digest, StreamInfo, StreamKind};
 use gaffer_protocol::health::{Health, HealthSource};
 
 use super::timeline::{ModerationView, SpeechView, TextView, TimelineView};
-use crate::store::{AgentRecord, HealthSample, JobRecord, UnixMs};
+use crate::store::{AgentRecord, HealthSample, JobRecord, JobState, UnixMs};
 
 /// `HH:MM:SS.mmm` of a presentation time in seconds (negative or non-finite shown as 0).
 pub(crate) fn timecode(secs: f64) -> String {
@@ -30,6 +30,23 @@ pub(crate) fn relative(then_ms: Option<UnixMs>, now_ms: UnixMs) -> String {
         60..=3599 => format!("{} min ago", secs / 60),
         3600..=86_399 => format!("{} h ago", secs / 3600),
         _ => format!("{} d ago", secs / 86_400),
+    }
+}
+
+/// Time left until `deadline_ms`: "in 25 s", "in 3 min"; "passed 4 s ago" once it is past.
+pub(crate) fn countdown(deadline_ms: UnixMs, now_ms: UnixMs) -> String {
+    if deadline_ms <= now_ms {
+        return match relative(Some(deadline_ms), now_ms).as_str() {
+            "just now" => "passed just now".into(),
+            ago => format!("passed {ago}"),
+        };
+    }
+    let secs = (deadline_ms - now_ms).div_ceil(1000);
+    match secs {
+        0..=59 => format!("in {secs} s"),
+        60..=3599 => format!("in {} min", secs / 60),
+        3600..=86_399 => format!("in {} h", secs / 3600),
+        _ => format!("in {} d", secs / 86_400),
     }
 }
 
@@ -167,14 +184,32 @@ impl AgentRow {
     }
 }
 
+/// The current lease of a job, ready to show.
+pub(crate) struct LeaseView {
+    /// The holder's agent id.
+    pub holder: String,
+    /// The lease id (fencing token).
+    pub lease_id: u64,
+    /// "2024-… UTC (in 25 s)"; None while the holder runs it connected (no deadline).
+    pub deadline: Option<String>,
+}
+
 /// One job in a table.
 pub(crate) struct JobRow {
     pub id: String,
     pub path: String,
     pub site: String,
     pub profile: String,
+    pub priority: &'static str,
     pub state: String,
     pub finished: bool,
+    /// Not finished: the Cancel button applies.
+    pub can_cancel: bool,
+    /// Failed or cancelled: the Retry button applies.
+    pub can_retry: bool,
+    /// Why a queued job still waits (set with [`JobRow::with_pending_reason`]).
+    pub pending_reason: Option<String>,
+    pub lease: Option<LeaseView>,
     /// 0..=100.
     pub progress_percent: u32,
     pub frames_decoded: u64,
@@ -196,8 +231,17 @@ impl JobRow {
             path: j.path.clone(),
             site: j.site.clone(),
             profile: j.profile.as_str().into(),
+            priority: j.priority.as_str(),
             state: j.state.as_str().into(),
             finished: j.state.is_terminal(),
+            can_cancel: !j.state.is_terminal(),
+            can_retry: matches!(j.state, JobState::Failed | JobState::Cancelled),
+            pending_reason: None,
+            lease: j.lease.map(|l| LeaseView {
+                holder: l.holder.to_string(),
+                lease_id: l.lease_id,
+                deadline: l.deadline_ms.map(|d| format!("{} ({})", utc(d), countdown(d, now_ms))),
+            }),
             progress_percent: (progress * 100.0).round() as u32,
             frames_decoded: j.frames_decoded,
             agent: j.agent.map(|a| a.to_string()),
@@ -214,6 +258,12 @@ impl JobRow {
             updated: relative(Some(j.updated_at_ms), now_ms),
             finished_at: j.finished_at_ms.map(utc),
         }
+    }
+
+    /// The row with the scheduler's reason why the (queued) job waits.
+    pub(crate) fn with_pending_reason(mut self, reason: Option<String>) -> Self {
+        self.pending_reason = reason;
+        self
     }
 }
 
@@ -419,7 +469,7 @@ impl HistoryRow {
 /// A labelled count (jobs by state).
 pub(crate) struct Count {
     pub label: &'static str,
-    pub count: usize,
+    pub count: u64,
 }
 
 /// `GET /` — the fleet overview.
@@ -465,12 +515,26 @@ pub(crate) struct AgentPage {
     pub jobs: Vec<JobRow>,
 }
 
-/// `GET /jobs`.
+/// An option of the jobs page's state filter.
+pub(crate) struct StateOption {
+    pub name: &'static str,
+    pub selected: bool,
+}
+
+/// `GET /jobs` (one page, newest first).
 #[derive(Template)]
 #[template(path = "jobs.html")]
 pub(crate) struct JobsPage {
     pub csrf: String,
     pub jobs: Vec<JobRow>,
+    /// The state filter's options (every state; the one in force selected).
+    pub states: Vec<StateOption>,
+    /// The state filtered on, if any.
+    pub state: Option<&'static str>,
+    /// Link to the next page, while there is one.
+    pub next_url: Option<String>,
+    /// Link back to the first page, when this is a later one.
+    pub first_url: Option<String>,
 }
 
 /// `GET /jobs/{id}`.
@@ -479,6 +543,8 @@ pub(crate) struct JobsPage {
 pub(crate) struct JobPage {
     pub csrf: String,
     pub job: JobRow,
+    /// Attempts allowed before the job fails for good (`--max-attempts`).
+    pub max_attempts: u32,
     pub digest: Option<DigestView>,
 }
 
@@ -499,6 +565,14 @@ pub(crate) struct NewJobPage {
     pub site: String,
     pub sites: Vec<String>,
     pub agents: Vec<AgentOption>,
+    /// The priority select's options (`low`, `normal`, `high`) and the chosen one.
+    pub priorities: Vec<PriorityOption>,
+}
+
+/// An option of the priority select.
+pub(crate) struct PriorityOption {
+    pub name: &'static str,
+    pub selected: bool,
 }
 
 /// `GET /login`.
@@ -538,6 +612,15 @@ mod tests {
         assert_eq!(relative(Some(0), 5 * 60_000), "5 min ago");
         assert_eq!(relative(Some(0), 3 * 3_600_000), "3 h ago");
         assert_eq!(relative(Some(50_000), 10_000), "just now");
+    }
+
+    #[test]
+    fn countdowns() {
+        assert_eq!(countdown(40_000, 15_000), "in 25 s");
+        assert_eq!(countdown(15_001, 15_000), "in 1 s");
+        assert_eq!(countdown(15_000 + 180_000, 15_000), "in 3 min");
+        assert_eq!(countdown(10_000, 14_000), "passed 4 s ago");
+        assert_eq!(countdown(10_000, 10_000), "passed just now");
     }
 
     #[test]
