@@ -1,30 +1,38 @@
-//! Applying agent messages to the store: the one path for messages that arrive over the link and
-//! from offline bundles.
+//! Applying agent messages: the one path for messages that arrive over the link and from offline
+//! bundles.
 //!
 //! Delivery contract (at-least-once in transport, exactly-once in effect):
-//! * A message with `seq > 0` is applied, then `(agent, seq)` is recorded as the agent's applied
-//!   watermark, then the store is flushed (fsync) — and only then does the caller acknowledge it.
-//! * A message whose `seq` is not above the watermark is a redelivery: it is acknowledged again
-//!   and not applied. Agents send their outbox in sequence order on every path, so a watermark is
-//!   an exact dedupe key.
-//! * Every effect is idempotent besides (a digest for a job that has one is not stored twice; state
-//!   changes check the current state), so a crash between apply and watermark is harmless.
+//! * A message with `seq > 0` is turned into a job event, run through [`crate::jobs::transition`],
+//!   and committed with [`Store::commit_agent_message`] — its effect and the agent's sequence
+//!   watermark in one transaction — then the store is flushed (fsync), and only then does the
+//!   caller acknowledge it.
+//! * A message whose `seq` is not above the watermark is a redelivery: acknowledged again, not
+//!   applied. Agents send their outbox in sequence order on every path, so a watermark is an exact
+//!   dedupe key.
+//! * **Fencing**: a report from an agent that is not the current holder of the job's current
+//!   lease, or about a job that does not exist, changes nothing but the watermark and an audit
+//!   entry; it is counted (`gaffer_agent_reports_refused_total`) and answered with a permanent
+//!   error ([`Ingested::Refused`]), so one compromised box cannot write results for jobs that are
+//!   not its own.
 //! * Messages of one agent are ingested one at a time (a per-agent lock), so a reconnecting agent
 //!   whose old connection is still draining cannot interleave two copies of its outbox.
-//! * `seq == 0` marks messages the agent does not keep (heartbeats): applied, never acknowledged.
+//! * `seq == 0` marks messages the agent does not keep (heartbeats): stored (bounded), never
+//!   acknowledged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use gaffer_protocol::messages::{AgentId, AgentMessage, ControlMessage, JobId};
+use gaffer_protocol::health::{Health, HealthSource};
+use gaffer_protocol::messages::{AgentId, AgentMessage, JobId};
 use gaffer_protocol::AgentEnvelope;
 
-use crate::scheduler::{Fleet, JobRequest, SubmitError};
-use crate::store::{HealthSample, JobOrigin, JobState, StoreError};
+use crate::jobs::{self, JobEvent, Refusal, Report};
+use crate::scheduler::{JobRequest, SubmitError};
+use crate::store::{AgentCommit, AuditRecord, CommitOutcome, HealthSample, JobOrigin, JobWrite, Priority, StoreError, UnixMs};
 use crate::AppState;
 
 /// What happened to a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ingested {
     /// Applied and durable: acknowledge it.
     Applied,
@@ -32,6 +40,9 @@ pub enum Ingested {
     Duplicate,
     /// Applied, not to be acknowledged (heartbeat).
     Ephemeral,
+    /// Refused for good (fencing, unknown job, invalid submission); durable as refused: answer
+    /// with a permanent error carrying this text, so the agent drops it.
+    Refused(String),
 }
 
 /// Why a message was not ingested.
@@ -45,29 +56,38 @@ pub enum IngestError {
     Protocol(String),
 }
 
+/// Most health samples kept per agent (an hour at 5 s).
+pub const HEALTH_HISTORY_MAX: usize = 720;
+/// Most bytes of health samples kept per agent (the oldest go first).
+pub const HEALTH_HISTORY_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Most disks and GPUs kept from one health report (a larger report is cut, not refused).
+pub const HEALTH_LIST_MAX: usize = 64;
+/// Most bytes kept of any string in a health report.
+pub const HEALTH_STRING_BYTES_MAX: usize = 256;
+/// How many times a commit is recomputed after a concurrent change of its job.
+const COMMIT_CONFLICT_RETRIES_MAX: usize = 16;
+
 /// The ingest path. One per control plane.
 pub struct Ingest {
     state: AppState,
-    fleet: Arc<Fleet>,
-    health_history_max: usize,
     agent_locks: Mutex<HashMap<AgentId, Arc<Mutex<()>>>>,
 }
 
 impl Ingest {
-    /// An ingest path over `state`; `fleet` receives cancellations and lease releases.
-    pub fn new(state: AppState, fleet: Arc<Fleet>, health_history_max: usize) -> Self {
-        Self { state, fleet, health_history_max, agent_locks: Mutex::new(HashMap::new()) }
+    /// An ingest path over `state` (its scheduler carries out effects).
+    pub fn new(state: AppState) -> Self {
+        Self { state, agent_locks: Mutex::new(HashMap::new()) }
     }
 
     fn agent_lock(&self, agent: AgentId) -> Arc<Mutex<()>> {
         self.agent_locks.lock().unwrap_or_else(|p| p.into_inner()).entry(agent).or_default().clone()
     }
 
-    /// Applies one message from `agent_id` (blocking: store calls and an fsync).
+    /// Applies one message from `agent_id` at `now_ms` (blocking: store calls and an fsync).
     ///
     /// # Errors
     /// [`IngestError::Store`] (retryable), [`IngestError::Protocol`].
-    pub fn ingest(&self, agent_id: AgentId, env: AgentEnvelope) -> Result<Ingested, IngestError> {
+    pub fn ingest(&self, agent_id: AgentId, env: AgentEnvelope, now_ms: UnixMs) -> Result<Ingested, IngestError> {
         if env.agent_id != agent_id {
             return Err(IngestError::Protocol(format!(
                 "message of agent {} on the identity of {agent_id}",
@@ -79,13 +99,9 @@ impl Ingest {
         if seq == 0 {
             return match env.body {
                 AgentMessage::Heartbeat(health) => {
-                    let now = crate::now_ms();
-                    store.push_health(
-                        agent_id,
-                        &HealthSample { received_at_ms: now, health },
-                        self.health_history_max,
-                    )?;
-                    store.update_agent(agent_id, &mut |a| a.last_seen_ms = Some(now))?;
+                    let sample = HealthSample { received_at_ms: now_ms, health: bounded_health(health) };
+                    store.push_health(agent_id, &sample, HEALTH_HISTORY_MAX, HEALTH_HISTORY_BYTES_MAX)?;
+                    store.update_agent(agent_id, &mut |a| a.last_seen_ms = Some(now_ms))?;
                     Ok(Ingested::Ephemeral)
                 }
                 other => Err(IngestError::Protocol(format!("{} without a sequence number", other.kind()))),
@@ -93,132 +109,169 @@ impl Ingest {
         }
         let lock = self.agent_lock(agent_id);
         let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if store.last_applied_seq(agent_id)?.is_some_and(|last| seq <= last) {
-            tracing::debug!(agent_id = %agent_id, seq, "redelivered message acknowledged again");
-            return Ok(Ingested::Duplicate);
-        }
-        self.apply(agent_id, env.body)?;
-        store.set_last_applied_seq(agent_id, seq)?;
+        let outcome = self.apply(agent_id, seq, &env.body, now_ms)?;
         store.flush()?;
-        Ok(Ingested::Applied)
+        Ok(outcome)
     }
 
-    fn apply(&self, agent_id: AgentId, msg: AgentMessage) -> Result<(), IngestError> {
-        let now = crate::now_ms();
+    fn apply(&self, agent: AgentId, seq: u64, msg: &AgentMessage, now_ms: UnixMs) -> Result<Ingested, IngestError> {
         let store = &self.state.store;
-        store.update_agent(agent_id, &mut |a| a.last_seen_ms = Some(now))?;
-        match msg {
-            AgentMessage::Hello { .. } => return Err(IngestError::Protocol("Hello with a sequence number".into())),
-            AgentMessage::Heartbeat(_) => return Err(IngestError::Protocol("heartbeat with a sequence number".into())),
-            AgentMessage::JobAccepted { job_id } => {
-                let mut ours = false;
-                store.update_job(job_id, &mut |j| {
-                    ours = claim(j, agent_id, now);
-                    ours
-                })?;
-                if ours {
-                    self.fleet.note_lease(agent_id, job_id);
-                } else {
-                    self.fleet.send(agent_id, ControlMessage::Cancel { job_id });
+        for _ in 0..COMMIT_CONFLICT_RETRIES_MAX {
+            if store.last_applied_seq(agent)?.is_some_and(|last| seq <= last) {
+                tracing::debug!(agent_id = %agent, seq, "redelivered message acknowledged again");
+                return Ok(Ingested::Duplicate);
+            }
+            let mut commit =
+                AgentCommit { agent, seq, now_ms, job: None, digest: None, new_job: None, audit: Vec::new() };
+            let mut effects = None;
+            let mut refused = None;
+            match msg {
+                AgentMessage::Hello { .. } => return Err(IngestError::Protocol("Hello with a sequence number".into())),
+                AgentMessage::Heartbeat(_) => {
+                    return Err(IngestError::Protocol("heartbeat with a sequence number".into()))
+                }
+                AgentMessage::SubmitWatched { job_id, path, profile } => {
+                    let site = store.get_agent(agent)?.map(|a| a.site).unwrap_or_default();
+                    let req =
+                        JobRequest { path: path.clone(), site, agent: Some(agent), profile: *profile, priority: Priority::Normal };
+                    match crate::scheduler::new_job(req, JobOrigin::WatchFolder { agent }, Some(*job_id), now_ms) {
+                        Ok(job) => commit.new_job = Some(job),
+                        Err(SubmitError::Store(e)) => return Err(e.into()),
+                        Err(e) => {
+                            let reason = format!("watch-folder submission refused: {e}");
+                            commit.audit.push(self.audit(agent, Some(*job_id), "refuse_submission", &reason, now_ms));
+                            refused = Some(reason);
+                        }
+                    }
+                }
+                _ => {
+                    let (job_id, lease_id, report) = report_of(msg)?;
+                    let digest = match msg {
+                        AgentMessage::Digest { digest, .. } => Some(digest),
+                        _ => None,
+                    };
+                    match store.get_job(job_id)? {
+                        None => {
+                            let reason = format!("{} for unknown job {job_id} refused", msg.kind());
+                            self.state.metrics.report_refused("unknown_job");
+                            commit.audit.push(self.audit(agent, Some(job_id), "refuse_report", &reason, now_ms));
+                            refused = Some(reason);
+                        }
+                        Some(before) => {
+                            let event = JobEvent::Report { agent, lease_id, report: report.clone() };
+                            match jobs::transition(&before, &event, now_ms, self.state.scheduler.policy()) {
+                                Ok(t) => {
+                                    if let Some(d) = digest.filter(|_| t.changed) {
+                                        commit.digest = Some((job_id, (**d).clone()));
+                                    }
+                                    if t.changed {
+                                        effects = Some((job_id, t.effects, before.created_at_ms));
+                                        commit.job = Some(JobWrite { before, after: t.job });
+                                    }
+                                }
+                                Err(refusal) => {
+                                    let reason = jobs::describe_refusal(&refusal, &report);
+                                    self.state.metrics.report_refused(refusal_label(&refusal));
+                                    commit.audit.push(self.audit(agent, Some(job_id), "refuse_report", &reason, now_ms));
+                                    refused = Some(reason);
+                                }
+                            }
+                        }
+                    }
                 }
             }
-            AgentMessage::Progress { job_id, fraction, frames_decoded } => {
-                store.update_job(job_id, &mut |j| {
-                    let change = claim(j, agent_id, now);
-                    if change {
-                        j.progress = fraction.clamp(0.0, 1.0);
-                        j.frames_decoded = frames_decoded;
-                    }
-                    change
-                })?;
+            match store.commit_agent_message(&commit)? {
+                CommitOutcome::Duplicate => return Ok(Ingested::Duplicate),
+                CommitOutcome::Conflict => continue,
+                CommitOutcome::Committed => {}
             }
-            AgentMessage::Digest { job_id, digest } => {
-                let first = store.put_digest(job_id, &digest)?;
-                let mut finished = None;
-                store.update_job(job_id, &mut |j| {
-                    if j.state.is_terminal() {
-                        return false;
+            if let Some(reason) = refused {
+                tracing::warn!(agent_id = %agent, seq, %reason, "agent report refused");
+                return Ok(Ingested::Refused(reason));
+            }
+            if let Some(job) = &commit.new_job {
+                tracing::info!(job_id = %job.id, path = %job.path, "watch-folder job queued");
+                self.state.scheduler.wake();
+            }
+            if let Some((job_id, effects, created)) = effects {
+                for e in &effects {
+                    if let jobs::Effect::Finished(state) = e {
+                        tracing::info!(job_id = %job_id, agent_id = %agent, state = state.as_str(), "job finished");
                     }
-                    finished = Some((j.agent, j.created_at_ms));
-                    j.state = JobState::Succeeded;
-                    j.agent = Some(agent_id);
-                    j.progress = 1.0;
-                    j.error = None;
-                    j.frames_decoded = digest.shots.frames_decoded;
-                    j.finished_at_ms = Some(now);
-                    j.updated_at_ms = now;
-                    true
-                })?;
-                if let Some((holder, created)) = finished {
-                    self.state.metrics.job_finished("succeeded");
-                    self.state.metrics.job_duration(now.saturating_sub(created) as f64 / 1000.0);
-                    tracing::info!(job_id = %job_id, agent_id = %agent_id, shots = digest.shot_count(), "job succeeded");
-                    if let Some(other) = holder.filter(|h| *h != agent_id) {
-                        // Another agent holds the lease: its copy is redundant now.
-                        self.fleet.send(other, ControlMessage::Cancel { job_id });
-                        self.fleet.release(other, job_id);
-                    }
-                } else if !first {
-                    tracing::debug!(job_id = %job_id, "digest for a finished job ignored");
                 }
-                self.release(agent_id, job_id);
+                self.state.scheduler.carry_out(job_id, &effects, created, now_ms);
             }
-            AgentMessage::JobFailed { job_id, reason } | AgentMessage::JobRejected { job_id, reason } => {
-                let reason = truncate(&reason, 4096);
-                let mut failed = false;
-                store.update_job(job_id, &mut |j| {
-                    failed = j.agent == Some(agent_id) && !j.state.is_terminal();
-                    if failed {
-                        j.state = JobState::Failed;
-                        j.error = Some(reason.clone());
-                        j.finished_at_ms = Some(now);
-                        j.updated_at_ms = now;
-                    }
-                    failed
-                })?;
-                if failed {
-                    self.state.metrics.job_finished("failed");
-                    tracing::warn!(job_id = %job_id, agent_id = %agent_id, %reason, "job failed");
-                }
-                self.release(agent_id, job_id);
-            }
-            AgentMessage::SubmitWatched { job_id, path, profile } => {
-                let site = store.get_agent(agent_id)?.map(|a| a.site).unwrap_or_default();
-                let req = JobRequest { path, site, agent: Some(agent_id), profile };
-                match self.state.scheduler.submit(req, JobOrigin::WatchFolder { agent: agent_id }, Some(job_id)) {
-                    Ok(job) => tracing::info!(job_id = %job.id, path = %job.path, "watch-folder job queued"),
-                    Err(SubmitError::Store(e)) => return Err(e.into()),
-                    // Invalid submissions can never succeed: log, and let the caller acknowledge them
-                    // so the agent drops them.
-                    Err(e) => tracing::warn!(job_id = %job_id, error = %e, "watch-folder submission refused"),
-                }
-            }
+            return Ok(Ingested::Applied);
         }
-        Ok(())
+        Err(IngestError::Store(StoreError::Io(format!(
+            "job kept changing under message {seq} of agent {agent}; will retry"
+        ))))
     }
 
-    fn release(&self, agent_id: AgentId, job_id: JobId) {
-        self.fleet.release(agent_id, job_id);
-        self.state.scheduler.wake();
+    fn audit(&self, agent: AgentId, job: Option<JobId>, action: &str, detail: &str, now_ms: UnixMs) -> AuditRecord {
+        AuditRecord {
+            at_ms: now_ms,
+            who: format!("agent {agent}"),
+            action: action.to_owned(),
+            agent: Some(agent),
+            site: None,
+            detail: truncate(detail, 1024),
+            job,
+        }
     }
 }
 
-/// Whether `agent` may report on `j`, making it running on `agent` if so: the agent holds the
-/// lease, or the job is queued and pinned to that agent (a watch-folder job the agent started on
-/// its own before the scheduler leased it back, or while the link was down).
-fn claim(j: &mut crate::store::JobRecord, agent: AgentId, now: u64) -> bool {
-    let holds = j.agent == Some(agent) && matches!(j.state, JobState::Assigned | JobState::Running);
-    let pinned_waiting = j.state == JobState::Queued && j.pinned_agent == Some(agent);
-    if !(holds || pinned_waiting) {
-        return false;
+fn report_of(msg: &AgentMessage) -> Result<(JobId, u64, Report), IngestError> {
+    Ok(match msg {
+        AgentMessage::JobAccepted { job_id, lease_id } => (*job_id, *lease_id, Report::Accepted),
+        AgentMessage::Progress { job_id, lease_id, fraction, frames_decoded } => {
+            (*job_id, *lease_id, Report::Progress { fraction: *fraction, frames_decoded: *frames_decoded })
+        }
+        AgentMessage::Digest { job_id, lease_id, digest } => {
+            (*job_id, *lease_id, Report::Digest { frames_decoded: digest.shots.frames_decoded })
+        }
+        AgentMessage::JobFailed { job_id, lease_id, reason, retryable } => {
+            (*job_id, *lease_id, Report::Failed { reason: truncate(reason, 4096), retryable: *retryable })
+        }
+        AgentMessage::JobRejected { job_id, lease_id, reason } => {
+            (*job_id, *lease_id, Report::Rejected { reason: truncate(reason, 4096) })
+        }
+        other => return Err(IngestError::Protocol(format!("{} is not a job report", other.kind()))),
+    })
+}
+
+fn refusal_label(r: &Refusal) -> &'static str {
+    match r {
+        Refusal::NotHolder { .. } => "not_holder",
+        Refusal::StaleLease { .. } => "stale_lease",
+        Refusal::Finished { .. } => "finished",
+        Refusal::WrongState { .. } => "wrong_state",
     }
-    if pinned_waiting {
-        j.agent = Some(agent);
-        j.attempts += 1;
+}
+
+/// `health` with every list and string cut to the limits above, so one report cannot make the
+/// store keep megabytes per agent.
+pub fn bounded_health(mut health: Health) -> Health {
+    health.disks.truncate(HEALTH_LIST_MAX);
+    health.gpus.truncate(HEALTH_LIST_MAX);
+    for d in &mut health.disks {
+        d.path = truncate(&d.path, HEALTH_STRING_BYTES_MAX);
     }
-    j.state = JobState::Running;
-    j.updated_at_ms = now;
-    true
+    for g in &mut health.gpus {
+        g.name = truncate(&g.name, HEALTH_STRING_BYTES_MAX);
+    }
+    if let Some(p) = health.inference.as_mut() {
+        p.provider = truncate(&p.provider, HEALTH_STRING_BYTES_MAX);
+        p.runtime_version = truncate(&p.runtime_version, HEALTH_STRING_BYTES_MAX);
+        p.note = truncate(&p.note, HEALTH_STRING_BYTES_MAX * 4);
+    }
+    health.source = match health.source {
+        HealthSource::CpuOnly { reason } => HealthSource::CpuOnly { reason: truncate(&reason, HEALTH_STRING_BYTES_MAX) },
+        HealthSource::Nvml { driver_version } => {
+            HealthSource::Nvml { driver_version: truncate(&driver_version, HEALTH_STRING_BYTES_MAX) }
+        }
+    };
+    health
 }
 
 /// `s` cut to at most `max_bytes` on a character boundary.

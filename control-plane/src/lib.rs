@@ -1,7 +1,10 @@
 //! `gaffer-control`: the control plane.
 //!
 //! * [`store`]: persistent state behind the [`store::Store`] trait (sled implementation).
-//! * [`scheduler`]: the job state machine and leases: which agent runs which job.
+//! * [`jobs`]: the job state machine: every change of a job's state, leases with fencing,
+//!   deadlines, attempts.
+//! * [`scheduler`]: when jobs change: leasing in priority order, deadlines, operator actions,
+//!   the connected fleet and its outgoing queues.
 //! * [`ingest`]: applies agent messages exactly once in effect (link and bundles).
 //! * [`link`]: the QUIC endpoint: enrollment (`gaffer-enroll/1`) and the agent link (`gaffer/1`).
 //! * [`http`]: the JSON API under `/api/v1` and the server-rendered dashboard.
@@ -15,6 +18,7 @@ pub mod admin;
 pub mod datadir;
 pub mod http;
 pub mod ingest;
+pub mod jobs;
 pub mod link;
 pub mod metrics;
 pub mod offline;
@@ -32,6 +36,16 @@ pub struct AppState {
     pub scheduler: Arc<scheduler::Scheduler>,
     /// Prometheus metrics.
     pub metrics: Arc<metrics::Metrics>,
+}
+
+impl AppState {
+    /// The shared state over `store`: a fresh fleet, metrics registry and scheduler with `cfg`.
+    pub fn new(store: Arc<dyn store::Store>, cfg: scheduler::SchedulerConfig) -> Self {
+        let metrics = Arc::new(metrics::Metrics::new());
+        let fleet = Arc::new(scheduler::Fleet::default());
+        let scheduler = Arc::new(scheduler::Scheduler::new(store.clone(), fleet, metrics.clone(), cfg));
+        Self { store, scheduler, metrics }
+    }
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.

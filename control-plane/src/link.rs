@@ -6,23 +6,31 @@
 //!   and name an enrolled agent (checked here). One bidirectional stream, opened by the agent,
 //!   carries [`AgentEnvelope`]s up and [`ControlMessage`]s down (framing: `gaffer_protocol::codec`).
 //!
-//! Delivery: a message with `seq > 0` is applied, the store is flushed, and only then is it
-//! acknowledged; a message whose `seq` is not above the agent's last applied sequence is a
-//! redelivery and is acknowledged again without being applied. Heartbeats carry `seq == 0`: they
-//! are not durable at the agent and are never acknowledged.
+//! The agent link is a thin driver around [`ControlSession`] (sans-IO, in `gaffer_protocol`): it
+//! feeds the stream's bytes in, handles every event the session has decoded before reading again
+//! (Hello → lease reconciliation and registration in the [`Fleet`]; messages → [`Ingest`], then
+//! an acknowledgement or a permanent/retryable error; heartbeats → bounded health history), moves
+//! the agent's queued assignments and cancellations from the fleet into the session as far as the
+//! session's transmit bound allows (the rest waits, nothing is dropped), and writes the session's
+//! output through a bounded queue to a writer task so reading never waits for a write.
+//!
+//! Delivery: a message with `seq > 0` is applied and flushed before it is acknowledged; a
+//! redelivery is acknowledged again without being applied; a report refused by the lease check is
+//! answered with a permanent error. Heartbeats carry `seq == 0` and are never acknowledged.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use gaffer_certs::{EnrollmentToken, FleetCa};
 use gaffer_protocol::codec::{encode_frame, CodecError, FrameDecoder};
 use gaffer_protocol::enroll::{EnrollRequest, EnrollResponse, ENROLL_FRAME_BYTES_MAX};
-use gaffer_protocol::messages::{AgentId, AgentMessage, ControlMessage};
+use gaffer_protocol::messages::{AgentId, AgentMessage, ControlMessage, HeldJob};
+use gaffer_protocol::session::{CloseReason, ControlEvent, ControlSession, ControlSessionConfig};
 use gaffer_protocol::version::{negotiate, VersionRange};
 use gaffer_protocol::{AgentEnvelope, ALPN_AGENT_LINK, ALPN_ENROLL, FRAME_BYTES_MAX_DEFAULT};
 use tokio::sync::mpsc;
@@ -30,9 +38,20 @@ use tracing::Instrument as _;
 
 use crate::ingest::truncate;
 use crate::ingest::{Ingest, IngestError, Ingested};
-use crate::scheduler::{AgentSession, Fleet};
-use crate::store::{AgentRecord, JobState, StoreError};
+use crate::scheduler::AgentConn;
+use crate::store::{AgentRecord, StoreError, UnixMs};
 use crate::AppState;
+
+/// How long a new link connection has to open its stream and say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat intervals without any frame from the agent before its link is declared dead.
+pub const HEARTBEAT_MISSES_MAX: u32 = 3;
+/// Bound on encoded control messages queued in one session and not yet written, bytes.
+pub const TRANSMIT_BYTES_MAX: usize = 1024 * 1024;
+/// Encoded chunks waiting for the stream writer of one connection.
+pub const WRITE_QUEUE_CHUNKS_MAX: usize = 64;
+/// Outgoing messages moved from the fleet queue into the session per loop turn.
+pub const OUTGOING_BATCH_MAX: usize = 64;
 
 /// Link settings.
 #[derive(Debug, Clone)]
@@ -42,8 +61,6 @@ pub struct LinkConfig {
     /// A connection with no traffic for this long is dead (agents send QUIC keep-alives every
     /// third of it). Default 10 s.
     pub idle_timeout: Duration,
-    /// Health samples kept per agent. Default 720 (an hour at 5 s).
-    pub health_history_max: usize,
     /// Validity of agent certificates issued at enrollment, days. Default 90.
     pub agent_cert_validity_days: u32,
     /// If set, every frame received from an agent is appended here as a JSON line (agent id,
@@ -59,7 +76,6 @@ impl Default for LinkConfig {
         Self {
             heartbeat_interval_secs: 5,
             idle_timeout: Duration::from_secs(10),
-            health_history_max: 720,
             agent_cert_validity_days: 90,
             wire_audit_log: None,
             bundle_recipient: None,
@@ -133,11 +149,10 @@ pub fn quinn_server_config(
 pub struct Link {
     state: AppState,
     ingest: Arc<Ingest>,
-    fleet: Arc<Fleet>,
     ca: Arc<FleetCa>,
     cfg: LinkConfig,
     conn_ids: AtomicU64,
-    audit: Option<Mutex<std::fs::File>>,
+    audit: Option<Arc<WireAudit>>,
 }
 
 impl Link {
@@ -151,19 +166,13 @@ impl Link {
     ///
     /// # Errors
     /// [`LinkError::Setup`] if the wire audit log cannot be opened.
-    pub fn new(state: AppState, fleet: Arc<Fleet>, ca: Arc<FleetCa>, cfg: LinkConfig) -> Result<Arc<Self>, LinkError> {
+    pub fn new(state: AppState, ca: Arc<FleetCa>, cfg: LinkConfig) -> Result<Arc<Self>, LinkError> {
         let audit = match &cfg.wire_audit_log {
-            Some(path) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| LinkError::Setup(format!("{}: {e}", path.display())))?,
-            )),
+            Some(path) => Some(Arc::new(WireAudit::open(path)?)),
             None => None,
         };
-        let ingest = Arc::new(Ingest::new(state.clone(), fleet.clone(), cfg.health_history_max));
-        Ok(Arc::new(Self { state, ingest, fleet, ca, cfg, conn_ids: AtomicU64::new(1), audit }))
+        let ingest = Arc::new(Ingest::new(state.clone()));
+        Ok(Arc::new(Self { state, ingest, ca, cfg, conn_ids: AtomicU64::new(1), audit }))
     }
 
     /// Accepts connections until the endpoint closes.
@@ -208,7 +217,6 @@ impl Link {
                 let conn_id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("link", agent_id = %agent_id, conn_id, %remote);
                 let result = self.clone().session(&conn, agent_id, conn_id).instrument(span.clone()).await;
-                self.on_disconnect(agent_id, conn_id);
                 span.in_scope(|| match result {
                     Ok(()) => tracing::info!("agent link closed"),
                     Err(e) => tracing::warn!(error = %e, "agent link ended"),
@@ -332,147 +340,166 @@ impl Link {
         agent_id: AgentId,
         conn_id: u64,
     ) -> Result<(), LinkError> {
-        let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        let (send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
             .await
             .map_err(|_| LinkError::Protocol("agent opened no stream within 10 s".into()))??;
-        let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
-        let hello: AgentEnvelope = tokio::time::timeout(Duration::from_secs(10), read_one(&mut recv, &mut dec))
-            .await
-            .map_err(|_| LinkError::Protocol("no Hello within 10 s".into()))??;
-        self.audit(agent_id, &hello);
-        let AgentMessage::Hello { versions, agent_version, hostname, capabilities, running_jobs } = hello.body else {
-            return Err(LinkError::Protocol(format!("first message was {}, not hello", hello.body.kind())));
-        };
-        if hello.agent_id != agent_id {
-            conn.close(close_code::PROTOCOL.into(), b"agent id does not match certificate");
-            return Err(LinkError::Protocol("Hello agent id does not match the certificate".into()));
-        }
-        let version = match negotiate(VersionRange::ours(), versions) {
-            Ok(v) => v,
-            Err(e) => {
-                let reason = e.to_string();
-                let frame = encode_frame(&ControlMessage::Refused { reason: reason.clone() }, FRAME_BYTES_MAX_DEFAULT)?;
-                send.write_all(&frame).await?;
-                let _ = send.finish();
-                self.state.metrics.handshake_refused("version");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                conn.close(close_code::VERSION.into(), reason.as_bytes());
-                return Err(LinkError::Protocol(reason));
+        let mut core = Some(AgentConnCore::new(
+            self.state.clone(),
+            self.ingest.clone(),
+            agent_id,
+            conn_id,
+            self.cfg.heartbeat_interval_secs,
+            self.audit.clone(),
+            Instant::now(),
+        ));
+        // Writes go through a bounded queue to a writer task, so reading goes on while a write
+        // waits for the peer's flow control; a full queue holds the next chunk back (pending),
+        // never drops it.
+        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE_CHUNKS_MAX);
+        let mut writer = tokio::spawn(async move {
+            let mut send = send;
+            while let Some(bytes) = wrx.recv().await {
+                send.write_all(&bytes).await?;
             }
-        };
-        let record =
-            self.state.store.get_agent(agent_id)?.ok_or_else(|| LinkError::Protocol("agent vanished".into()))?;
-        let (tx, mut rx) = mpsc::channel::<ControlMessage>(256);
-        tx.try_send(ControlMessage::Welcome {
-            protocol_version: version,
-            server_version: env!("CARGO_PKG_VERSION").to_owned(),
-            heartbeat_interval_secs: self.cfg.heartbeat_interval_secs,
-        })
-        .map_err(|_| LinkError::Protocol("send queue closed".into()))?;
-
-        // Reconcile leases: jobs the store has on this agent vs. jobs the agent says it runs.
-        let mut leased = std::collections::HashSet::new();
-        let mut held = self.state.store.jobs_in_state(JobState::Assigned)?;
-        held.extend(self.state.store.jobs_in_state(JobState::Running)?);
-        for job in held.into_iter().filter(|j| j.agent == Some(agent_id)) {
-            if running_jobs.contains(&job.id) {
-                leased.insert(job.id);
-            } else {
-                self.state.scheduler.requeue(job.id, agent_id, "agent restarted without the job")?;
-            }
-        }
-        for job_id in &running_jobs {
-            if !leased.contains(job_id) {
-                // Requeued or reassigned while the agent was away: stop its copy.
-                let _ = tx.try_send(ControlMessage::Cancel { job_id: *job_id });
-            }
-        }
-        let now = crate::now_ms();
-        let caps = capabilities.clone();
-        self.state.store.update_agent(agent_id, &mut |a| {
-            a.connected = true;
-            a.last_seen_ms = Some(now);
-            a.hostname = truncate(&hostname, 255);
-            a.agent_version = Some(truncate(&agent_version, 64));
-            a.capabilities = Some(caps.clone());
-        })?;
-        self.fleet.connect(agent_id, AgentSession { conn_id, site: record.site.clone(), capabilities, tx, leased });
-        self.state.metrics.agent_connected();
-        self.state.scheduler.wake();
-        tracing::info!(protocol_version = version, %agent_version, site = %record.site, "agent connected");
-
-        let writer = tokio::spawn(async move {
-            while let Some(msg) = rx.recv().await {
-                let frame = encode_frame(&msg, FRAME_BYTES_MAX_DEFAULT)?;
-                send.write_all(&frame).await?;
-            }
+            let _ = send.finish();
             Ok::<(), LinkError>(())
         });
-        let result = self.read_loop(&mut recv, &mut dec, agent_id).await;
+        let mut pending_out: Option<Vec<u8>> = None;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut input = Input::None;
+        let result = loop {
+            // The core handles what arrived and every event it decoded (store work: on a
+            // blocking thread), then the bytes it produced go to the writer.
+            let Some(mut c) = core.take() else { break Err(LinkError::Protocol("connection core lost".into())) };
+            let step = tokio::task::spawn_blocking(move || {
+                let now = Instant::now();
+                let now_ms = crate::now_ms();
+                match input {
+                    Input::None => {}
+                    Input::Bytes(b) => c.session.handle_input(&b, now),
+                    Input::End => c.session.handle_end_of_stream(now),
+                    Input::Timer => c.session.handle_timeout(now),
+                }
+                let closed = c.process(now_ms);
+                (c, closed)
+            })
+            .await;
+            let (mut c, closed) = match step {
+                Ok(v) => v,
+                Err(e) => break Err(LinkError::Protocol(format!("connection task failed: {e}"))),
+            };
+            input = Input::None;
+            let mut writer_gone = false;
+            while pending_out.is_none() {
+                let Some(bytes) = c.session.poll_transmit() else { break };
+                match wtx.try_send(bytes) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(bytes)) => pending_out = Some(bytes),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        writer_gone = true;
+                        break;
+                    }
+                }
+            }
+            let timeout = c.session.poll_timeout().map(tokio::time::Instant::from_std);
+            let notify = c.notifier();
+            core = Some(c);
+            if let Some(result) = closed {
+                if let LinkCloseAction::CloseConnection { code, reason } = &result.action {
+                    conn.close((*code).into(), reason.as_bytes());
+                }
+                break result.result;
+            }
+            if writer_gone {
+                break Err(LinkError::Protocol("stream writer ended".into()));
+            }
+            let notified = async {
+                match &notify {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let timer = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = recv.read(&mut buf) => match read {
+                    Ok(Some(n)) => input = Input::Bytes(buf[..n].to_vec()),
+                    Ok(None) => input = Input::End,
+                    Err(e) => break Err(e.into()),
+                },
+                _ = timer => input = Input::Timer,
+                _ = notified => {}
+                permit = wtx.reserve(), if pending_out.is_some() => match permit {
+                    Ok(permit) => { if let Some(bytes) = pending_out.take() { permit.send(bytes); } }
+                    Err(_) => break Err(LinkError::Protocol("stream writer ended".into())),
+                },
+                done = &mut writer => {
+                    break match done {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(LinkError::Protocol(format!("stream writer failed: {e}"))),
+                    };
+                }
+            }
+        };
+        // Let what the session still has (a Refused, the last acks) reach the agent.
+        if let Some(bytes) = pending_out.take() {
+            let _ = wtx.send(bytes).await;
+        }
+        if let Some(c) = core.as_mut() {
+            while let Some(bytes) = c.session.poll_transmit() {
+                if wtx.send(bytes).await.is_err() {
+                    break;
+                }
+            }
+        }
+        drop(wtx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
         writer.abort();
+        if let Some(c) = core {
+            let done = tokio::task::spawn_blocking(move || c.finish(crate::now_ms())).await;
+            if let Err(e) = done {
+                tracing::error!(error = %e, "disconnect task failed");
+            }
+        }
         result
     }
+}
 
-    async fn read_loop(
-        &self,
-        recv: &mut quinn::RecvStream,
-        dec: &mut FrameDecoder,
-        agent_id: AgentId,
-    ) -> Result<(), LinkError> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            while let Some(env) = dec.next_message::<AgentEnvelope>()? {
-                self.audit(agent_id, &env);
-                if env.agent_id != agent_id {
-                    return Err(LinkError::Protocol("envelope agent id does not match the certificate".into()));
-                }
-                self.state.metrics.message_received(env.body.kind());
-                self.on_message(agent_id, env).await?;
-            }
-            match recv.read(&mut buf).await? {
-                Some(n) => dec.push(&buf[..n]),
-                None => return dec.finish().map_err(Into::into),
-            }
-        }
+/// What the async driver feeds the core on its next turn.
+enum Input {
+    None,
+    Bytes(Vec<u8>),
+    End,
+    Timer,
+}
+
+/// Appends every frame received from agents to a file as JSON lines: an audit trail of exactly
+/// what left the boxes (`serve --wire-audit-log`).
+pub struct WireAudit {
+    file: Mutex<std::fs::File>,
+}
+
+impl WireAudit {
+    /// Opens (appending) `path`.
+    ///
+    /// # Errors
+    /// [`LinkError::Setup`] when it cannot be opened.
+    pub fn open(path: &std::path::Path) -> Result<Self, LinkError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| LinkError::Setup(format!("{}: {e}", path.display())))?;
+        Ok(Self { file: Mutex::new(file) })
     }
 
-    async fn on_message(&self, agent_id: AgentId, env: AgentEnvelope) -> Result<(), LinkError> {
-        let seq = env.seq;
-        let ingest = self.ingest.clone();
-        let outcome = tokio::task::spawn_blocking(move || ingest.ingest(agent_id, env))
-            .await
-            .map_err(|e| LinkError::Protocol(format!("ingest task failed: {e}")))?;
-        match outcome {
-            Ok(Ingested::Applied) | Ok(Ingested::Duplicate) => {
-                self.fleet.send(agent_id, ControlMessage::Ack { seq });
-                Ok(())
-            }
-            Ok(Ingested::Ephemeral) => Ok(()),
-            Err(IngestError::Store(e)) => {
-                // Not applied: tell the agent to keep it and retry on a new connection.
-                self.fleet.send(agent_id, ControlMessage::Error { seq, message: e.to_string(), retry: true });
-                Err(e.into())
-            }
-            Err(IngestError::Protocol(m)) => Err(LinkError::Protocol(m)),
-        }
-    }
-
-    fn on_disconnect(&self, agent_id: AgentId, conn_id: u64) {
-        if self.fleet.disconnect(agent_id, conn_id) {
-            self.state.metrics.agent_disconnected();
-            let now = crate::now_ms();
-            if let Err(e) = self.state.store.update_agent(agent_id, &mut |a| {
-                a.connected = false;
-                a.last_seen_ms = Some(now);
-            }) {
-                tracing::error!(agent_id = %agent_id, error = %e, "could not mark agent disconnected");
-            }
-            self.state.scheduler.wake();
-        }
-    }
-
-    fn audit(&self, agent_id: AgentId, env: &AgentEnvelope) {
-        let Some(file) = &self.audit else { return };
+    /// Records one received envelope.
+    pub fn record(&self, agent_id: AgentId, env: &AgentEnvelope) {
         let payload = match gaffer_protocol::codec::encode_frame(env, FRAME_BYTES_MAX_DEFAULT) {
             Ok(frame) => frame,
             Err(_) => return,
@@ -485,8 +512,238 @@ impl Link {
             "payload_b64": base64::engine::general_purpose::STANDARD.encode(&payload[gaffer_protocol::FRAME_HEADER_BYTES..]),
             "message": env.body,
         });
-        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(f, "{line}");
+    }
+}
+
+/// How a connection ended, from [`AgentConnCore::process`].
+#[derive(Debug)]
+pub struct LinkClosed {
+    /// What the driver does with the QUIC connection.
+    pub action: LinkCloseAction,
+    /// The session's result, for the log.
+    pub result: Result<(), LinkError>,
+}
+
+/// What the driver does with the QUIC connection when the session ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkCloseAction {
+    /// Flush what the session still has to send, then let the stream end.
+    Flush,
+    /// Close the connection at once with this application code and reason.
+    CloseConnection {
+        /// A [`close_code`].
+        code: u32,
+        /// Shown to the peer.
+        reason: String,
+    },
+}
+
+/// One agent connection's logic, without I/O: the [`ControlSession`] plus what the control plane
+/// does with its events. The async driver ([`Link`]) feeds it the stream's bytes and writes what
+/// it produces; the deterministic simulation drives the same struct over a simulated network.
+/// Its methods block (store work and fsyncs): the driver calls them on a blocking thread.
+pub struct AgentConnCore {
+    /// The sans-IO session; the driver feeds `handle_input`/`handle_end_of_stream`/
+    /// `handle_timeout` and drains `poll_transmit`.
+    pub session: ControlSession,
+    state: AppState,
+    ingest: Arc<Ingest>,
+    agent_id: AgentId,
+    conn_id: u64,
+    audit: Option<Arc<WireAudit>>,
+    registered: Option<Arc<tokio::sync::Notify>>,
+}
+
+impl AgentConnCore {
+    /// The core of connection `conn_id` of the authenticated `agent_id`, at `now`.
+    pub fn new(
+        state: AppState,
+        ingest: Arc<Ingest>,
+        agent_id: AgentId,
+        conn_id: u64,
+        heartbeat_interval_secs: u32,
+        audit: Option<Arc<WireAudit>>,
+        now: Instant,
+    ) -> Self {
+        let session = ControlSession::new(
+            ControlSessionConfig {
+                agent_id,
+                server_version: env!("CARGO_PKG_VERSION").to_owned(),
+                heartbeat_interval_secs,
+                hello_timeout: HELLO_TIMEOUT,
+                heartbeat_misses_max: HEARTBEAT_MISSES_MAX,
+                frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+                transmit_bytes_max: TRANSMIT_BYTES_MAX,
+            },
+            now,
+        );
+        Self { session, state, ingest, agent_id, conn_id, audit, registered: None }
+    }
+
+    /// The notifier that says the agent has queued outgoing messages (once registered).
+    pub fn notifier(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.registered.clone()
+    }
+
+    /// Whether the Hello was accepted and the agent registered in the fleet.
+    pub fn is_registered(&self) -> bool {
+        self.registered.is_some()
+    }
+
+    /// Handles every event the session has decoded, in order, then moves the agent's queued
+    /// assignments and cancellations into the session as far as its transmit bound allows.
+    /// Returns `Some` when the connection is over. Blocking.
+    pub fn process(&mut self, now_ms: UnixMs) -> Option<LinkClosed> {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                ControlEvent::Hello { protocol_version, agent_version, hostname, capabilities, running_jobs } => {
+                    match self.on_hello(protocol_version, &agent_version, &hostname, capabilities, &running_jobs, now_ms) {
+                        Ok(notify) => {
+                            if let Err(e) = self.session.accept() {
+                                return Some(self.closed_protocol(e.to_string()));
+                            }
+                            self.state.metrics.agent_connected();
+                            self.registered = Some(notify);
+                        }
+                        Err(reason) => {
+                            tracing::warn!(%reason, "agent refused");
+                            self.state.metrics.handshake_refused("refused");
+                            self.session.refuse(&reason);
+                        }
+                    }
+                }
+                ControlEvent::Message(env) => {
+                    if let Some(a) = &self.audit {
+                        a.record(self.agent_id, &env);
+                    }
+                    self.state.metrics.message_received(env.body.kind());
+                    let seq = env.seq;
+                    match self.ingest.ingest(self.agent_id, env, now_ms) {
+                        Ok(Ingested::Applied | Ingested::Duplicate) => self.session.acknowledge(seq),
+                        Ok(Ingested::Refused(reason)) => self.session.reject(seq, &reason, false),
+                        Ok(Ingested::Ephemeral) => {}
+                        // Not applied: the agent keeps it and resends on a new connection.
+                        Err(IngestError::Store(e)) => self.session.reject(seq, &e.to_string(), true),
+                        Err(IngestError::Protocol(m)) => return Some(self.closed_protocol(m)),
+                    }
+                }
+                ControlEvent::Heartbeat(health) => {
+                    self.state.metrics.message_received("heartbeat");
+                    let env = AgentEnvelope { agent_id: self.agent_id, seq: 0, body: AgentMessage::Heartbeat(health) };
+                    if let Some(a) = &self.audit {
+                        a.record(self.agent_id, &env);
+                    }
+                    if let Err(e) = self.ingest.ingest(self.agent_id, env, now_ms) {
+                        tracing::warn!(error = %e, "could not store a heartbeat");
+                    }
+                }
+                ControlEvent::Closed { reason } => {
+                    if matches!(reason, CloseReason::VersionMismatch(_)) {
+                        self.state.metrics.handshake_refused("version");
+                    }
+                    let result = match reason {
+                        CloseReason::PeerFinished => Ok(()),
+                        other => Err(LinkError::Protocol(other.to_string())),
+                    };
+                    return Some(LinkClosed { action: LinkCloseAction::Flush, result });
+                }
+            }
+        }
+        if self.registered.is_some() && self.session.is_up() {
+            let fleet = self.state.scheduler.fleet();
+            if fleet.conn_id(self.agent_id) != Some(self.conn_id) {
+                return Some(LinkClosed {
+                    action: LinkCloseAction::CloseConnection { code: close_code::OK, reason: "replaced".into() },
+                    result: Err(LinkError::Protocol("replaced by a newer connection of the agent".into())),
+                });
+            }
+            if fleet.overflowed(self.agent_id) {
+                return Some(LinkClosed {
+                    action: LinkCloseAction::CloseConnection { code: close_code::INTERNAL, reason: "not reading".into() },
+                    result: Err(LinkError::Protocol("agent is not reading its link (outgoing queue full)".into())),
+                });
+            }
+            let mut msgs = fleet.take_outgoing(self.agent_id, self.conn_id, OUTGOING_BATCH_MAX).into_iter();
+            while let Some(msg) = msgs.next() {
+                if let Err(back) = self.session.send(msg.clone()) {
+                    tracing::debug!(error = %back, "session transmit queue full; holding the rest");
+                    let rest: Vec<ControlMessage> = std::iter::once(msg).chain(msgs).collect();
+                    fleet.requeue_outgoing(self.agent_id, self.conn_id, rest);
+                    break;
+                }
+            }
+        }
+        if self.session.is_closed() {
+            return Some(LinkClosed { action: LinkCloseAction::Flush, result: Ok(()) });
+        }
+        None
+    }
+
+    fn closed_protocol(&self, m: String) -> LinkClosed {
+        LinkClosed {
+            action: LinkCloseAction::CloseConnection { code: close_code::PROTOCOL, reason: truncate(&m, 200) },
+            result: Err(LinkError::Protocol(m)),
+        }
+    }
+
+    /// The connection is gone: its leases start their grace (unless a newer connection of the
+    /// agent is up) and the agent shows as disconnected. Blocking.
+    pub fn finish(self, now_ms: UnixMs) {
+        if self.registered.is_none() {
+            return;
+        }
+        self.state.metrics.agent_disconnected();
+        match self.state.scheduler.agent_disconnected(self.agent_id, self.conn_id, now_ms) {
+            Ok(true) => {
+                if let Err(e) = self.state.store.update_agent(self.agent_id, &mut |a| {
+                    a.connected = false;
+                    a.last_seen_ms = Some(now_ms);
+                }) {
+                    tracing::error!(error = %e, "could not mark agent disconnected");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "could not start the grace of the agent's leases"),
+        }
+    }
+
+    /// A Hello passed the session's checks: refuse a revoked or vanished agent, else record its
+    /// capabilities, reconcile its leases and register it. Returns the fleet notifier, or the
+    /// refusal reason.
+    fn on_hello(
+        &self,
+        protocol_version: u16,
+        agent_version: &str,
+        hostname: &str,
+        capabilities: gaffer_protocol::messages::Capabilities,
+        running_jobs: &[HeldJob],
+        now_ms: UnixMs,
+    ) -> Result<Arc<tokio::sync::Notify>, String> {
+        let (agent_id, state) = (self.agent_id, &self.state);
+        let store_error = |e: StoreError| format!("control plane store error: {e}; try again later");
+        let record = match state.store.get_agent(agent_id) {
+            Ok(Some(a)) if a.revoked_at_ms.is_some() => return Err(format!("agent {agent_id} is revoked")),
+            Ok(Some(a)) => a,
+            Ok(None) => return Err(format!("agent {agent_id} is not enrolled with this control plane")),
+            Err(e) => return Err(store_error(e)),
+        };
+        let caps = capabilities.clone();
+        state
+            .store
+            .update_agent(agent_id, &mut |a| {
+                a.connected = true;
+                a.last_seen_ms = Some(now_ms);
+                a.hostname = truncate(hostname, 255);
+                a.agent_version = Some(truncate(agent_version, 64));
+                a.capabilities = Some(caps.clone());
+            })
+            .map_err(store_error)?;
+        let conn = AgentConn { conn_id: self.conn_id, site: record.site.clone(), capabilities };
+        state.scheduler.agent_connected(agent_id, conn, running_jobs, now_ms).map_err(store_error)?;
+        tracing::info!(protocol_version, %agent_version, site = %record.site, "agent connected");
+        state.scheduler.fleet().notifier(agent_id).ok_or_else(|| "replaced by a newer connection".to_owned())
     }
 }
 

@@ -11,10 +11,10 @@ use gaffer_certs::{FleetCa, IssuedKeyPair};
 use gaffer_control::admin::{self, AdminRequest, AdminResponse};
 use gaffer_control::datadir::{ControlConfig, DataDir};
 use gaffer_control::ingest::Ingest;
+use gaffer_control::jobs::JobPolicy;
 use gaffer_control::link::{self, Link, LinkConfig};
-use gaffer_control::metrics::Metrics;
 use gaffer_control::offline::{self, OfflineSync};
-use gaffer_control::scheduler::{Fleet, LeasePolicy, Scheduler};
+use gaffer_control::scheduler::SchedulerConfig;
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::Store;
 use gaffer_control::AppState;
@@ -139,9 +139,18 @@ struct ServeArgs {
     /// Override the HTTP address from config.json.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
-    /// How long a disconnected agent keeps its jobs before they are requeued, seconds.
-    #[arg(long, default_value_t = 30)]
+    /// How long a disconnected agent keeps its running jobs before they are requeued, seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_grace_secs: u64,
+    /// How long an agent has to accept an assignment before it is requeued, seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    assign_timeout_secs: u64,
+    /// Attempts (leases) a job gets before it fails for good with "gave up after N attempts".
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_attempts: u32,
+    /// How long finished jobs (and their digests) are kept, e.g. 30d, 12h; older ones are deleted.
+    #[arg(long, default_value = "30d")]
+    finished_job_retention: humantime::Duration,
     /// Heartbeat interval agents are told to use, seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
     heartbeat_interval_secs: u32,
@@ -319,16 +328,10 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
         AdminRequest::EnrollOffline { .. } | AdminRequest::ImportBundle { .. } | AdminRequest::RevokeAgent { .. } => {
             let ca = Arc::new(FleetCa::from_pem(&dd.read(&dd.ca_cert_path())?, &dd.read(&dd.ca_key_path())?)?);
             let store: Arc<dyn Store> = Arc::new(store);
-            let state = AppState {
-                store: store.clone(),
-                scheduler: Arc::new(Scheduler::new(store.clone())),
-                metrics: Arc::new(Metrics::new()),
-            };
-            let ingest = Arc::new(Ingest::new(
-                state.clone(),
-                Arc::new(Fleet::default()),
-                LinkConfig::default().health_history_max,
-            ));
+            // Without a running server, the default deadlines and attempts apply (only leases
+            // for air-gapped agents, which have no deadline, are made here).
+            let state = AppState::new(store.clone(), SchedulerConfig::default());
+            let ingest = Arc::new(Ingest::new(state.clone()));
             let sync = OfflineSync::open(&dd, ca, state, ingest)?;
             return match admin::handle(store.as_ref(), &ca_fp, Some(&sync), req.clone()) {
                 AdminResponse::Error { message } => bail!("{message}"),
@@ -442,12 +445,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let http_listener =
         tokio::net::TcpListener::bind(http_addr).await.with_context(|| format!("binding HTTP on tcp/{http_addr}"))?;
 
-    let scheduler = Arc::new(Scheduler::new(store.clone()));
-    let state = AppState { store: store.clone(), scheduler: scheduler.clone(), metrics: Arc::new(Metrics::new()) };
-    let fleet = Arc::new(Fleet::default());
-    let policy = LeasePolicy { lease_grace: Duration::from_secs(args.lease_grace_secs), ..LeasePolicy::default() };
-    tokio::spawn(scheduler.clone().run(fleet.clone(), policy));
-    let link = Link::new(state.clone(), fleet, ca.clone(), link_cfg)?;
+    let policy = JobPolicy {
+        assign_timeout_ms: args.assign_timeout_secs * 1000,
+        lease_grace_ms: args.lease_grace_secs * 1000,
+        max_attempts: args.max_attempts,
+    };
+    let state = AppState::new(store.clone(), SchedulerConfig { policy, ..SchedulerConfig::default() });
+    let scheduler = state.scheduler.clone();
+    // Leases of agents that are not connected (all of them, now) start their grace.
+    {
+        let scheduler = scheduler.clone();
+        tokio::task::spawn_blocking(move || scheduler.recover(gaffer_control::now_ms())).await??;
+    }
+    tokio::spawn(scheduler.clone().run());
+    tokio::spawn(retention_sweeper(store.clone(), Duration::from(args.finished_job_retention)));
+    let link = Link::new(state.clone(), ca.clone(), link_cfg)?;
     let bound_quic = endpoint.local_addr()?;
     let offline_sync = Arc::new(OfflineSync::open(&dd, ca.clone(), state.clone(), link.ingest())?);
     tokio::spawn(link.run(endpoint.clone()));
@@ -472,6 +484,37 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(dd.root().join("serve.json"));
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// Deletes finished jobs older than `retention`, a bounded batch at a time, once a minute.
+async fn retention_sweeper(store: Arc<dyn Store>, retention: Duration) {
+    const BATCH_MAX: usize = 1000;
+    loop {
+        let store = store.clone();
+        let swept = tokio::task::spawn_blocking(move || -> Result<usize, gaffer_control::store::StoreError> {
+            let cutoff = gaffer_control::now_ms().saturating_sub(retention.as_millis() as u64);
+            let mut total = 0;
+            loop {
+                let n = store.delete_finished_jobs(cutoff, BATCH_MAX)?;
+                total += n;
+                if n < BATCH_MAX {
+                    break;
+                }
+            }
+            if total > 0 {
+                store.flush()?;
+            }
+            Ok(total)
+        })
+        .await;
+        match swept {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(jobs = n, "deleted finished jobs past the retention"),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention sweep failed; retrying in a minute"),
+            Err(e) => tracing::error!(error = %e, "retention sweep panicked; retrying in a minute"),
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -4,10 +4,12 @@
 //! | metric                          | type      | labels                                  | updated by |
 //! |---------------------------------|-----------|-----------------------------------------|------------|
 //! | `gaffer_agents`                 | gauge     | `state` = `connected` \| `disconnected` | refreshed from the store at scrape time |
-//! | `gaffer_jobs`                   | gauge     | `state` = `queued` … `failed`           | refreshed from the store at scrape time |
+//! | `gaffer_jobs`                   | gauge     | `state` = `queued` … `cancelled`        | the store's per-state counts at scrape time (O(1), not a scan) |
 //! | `gaffer_agent_messages_total`   | counter   | `kind` (agent message kind)             | [`Metrics::message_received`] |
 //! | `gaffer_agent_links_open`       | gauge     | –                                       | [`Metrics::agent_connected`] / [`Metrics::agent_disconnected`] |
-//! | `gaffer_jobs_finished_total`    | counter   | `state` = `succeeded` \| `failed`       | [`Metrics::job_finished`] |
+//! | `gaffer_jobs_finished_total`    | counter   | `state` = `succeeded` \| `failed` \| `cancelled` | [`Metrics::job_finished`] |
+//! | `gaffer_jobs_requeued_total`    | counter   | –                                       | [`Metrics::job_requeued`] (a spent attempt with attempts left) |
+//! | `gaffer_agent_reports_refused_total` | counter | `reason` = `not_holder` \| `stale_lease` \| `finished` \| `unknown_job` \| `wrong_state` | [`Metrics::report_refused`]: fenced-off agent reports |
 //! | `gaffer_enrollments_total`      | counter   | `result`                                | [`Metrics::enrollment`] |
 //! | `gaffer_link_refused_total`     | counter   | `reason`                                | [`Metrics::handshake_refused`] |
 //! | `gaffer_job_duration_seconds`   | histogram | –                                       | [`Metrics::job_duration`] |
@@ -47,9 +49,6 @@ struct ReasonLabel {
     reason: String,
 }
 
-const JOB_STATES: [JobState; 5] =
-    [JobState::Queued, JobState::Assigned, JobState::Running, JobState::Succeeded, JobState::Failed];
-
 /// The control plane's metrics registry. One per process, shared behind an `Arc`; every method
 /// takes `&self` and is cheap (atomic increments).
 pub struct Metrics {
@@ -61,6 +60,8 @@ pub struct Metrics {
     jobs_finished: Family<StateLabel, Counter>,
     enrollments: Family<ResultLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
+    reports_refused: Family<ReasonLabel, Counter>,
+    requeued: Counter,
     job_duration: Histogram,
 }
 
@@ -89,13 +90,33 @@ impl Metrics {
         registry.register("gaffer_enrollments", "Enrollment attempts, by result", enrollments.clone());
         let refused = Family::<ReasonLabel, Counter>::default();
         registry.register("gaffer_link_refused", "Agent link handshakes refused, by reason", refused.clone());
+        let reports_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "gaffer_agent_reports_refused",
+            "Agent reports refused by the lease check (not the holder, stale lease, finished or unknown job)",
+            reports_refused.clone(),
+        );
+        let requeued = Counter::default();
+        registry.register("gaffer_jobs_requeued", "Attempts that ended with the job back in the queue", requeued.clone());
         let job_duration = Histogram::new(exponential_buckets(1.0, 2.0, 15));
         registry.register(
             "gaffer_job_duration_seconds",
             "Duration of finished jobs, as recorded by the link when a job finishes",
             job_duration.clone(),
         );
-        Self { registry, agents, jobs, messages, links_open, jobs_finished, enrollments, refused, job_duration }
+        Self {
+            registry,
+            agents,
+            jobs,
+            messages,
+            links_open,
+            jobs_finished,
+            enrollments,
+            refused,
+            reports_refused,
+            requeued,
+            job_duration,
+        }
     }
 
     /// Counts one agent message of `kind` (e.g. `"heartbeat"`, from `AgentMessage::kind`).
@@ -113,7 +134,7 @@ impl Metrics {
         self.links_open.dec();
     }
 
-    /// A job reached its final `state` (`"succeeded"` or `"failed"`).
+    /// A job reached its final `state` (`"succeeded"`, `"failed"` or `"cancelled"`).
     pub fn job_finished(&self, state: &str) {
         self.jobs_finished.get_or_create(&StateLabel { state: state.to_owned() }).inc();
     }
@@ -126,6 +147,16 @@ impl Metrics {
     /// An agent link handshake was refused for `reason` (e.g. `"version"`, `"unknown_agent"`).
     pub fn handshake_refused(&self, reason: &str) {
         self.refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// An agent report was refused by the lease check, for `reason` (a fixed word).
+    pub fn report_refused(&self, reason: &str) {
+        self.reports_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// An attempt ended and the job went back to the queue.
+    pub fn job_requeued(&self) {
+        self.requeued.inc();
     }
 
     /// Records one job's duration, seconds.
@@ -155,15 +186,14 @@ impl Metrics {
             }
             Err(e) => tracing::error!(error = %e, "metrics: cannot list agents"),
         }
-        for state in JOB_STATES {
-            match store.jobs_in_state(state) {
-                Ok(jobs) => {
-                    self.jobs.get_or_create(&StateLabel { state: state.as_str().into() }).set(jobs.len() as i64);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, state = state.as_str(), "metrics: cannot count jobs")
+        match store.job_counts() {
+            Ok(counts) => {
+                for state in JobState::ALL {
+                    let n = i64::try_from(counts.get(state)).unwrap_or(i64::MAX);
+                    self.jobs.get_or_create(&StateLabel { state: state.as_str().into() }).set(n);
                 }
             }
+            Err(e) => tracing::error!(error = %e, "metrics: cannot count jobs"),
         }
     }
 }

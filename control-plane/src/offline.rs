@@ -38,7 +38,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::datadir::DataDir;
 use crate::ingest::{Ingest, IngestError, Ingested};
-use crate::scheduler::path_is_under;
+use crate::jobs::JobEvent;
+use crate::scheduler::SubmitError;
 use crate::store::{AgentRecord, AuditRecord, BundleNumbers, JobState, RevokedCertRecord, StoreError};
 use crate::AppState;
 
@@ -270,6 +271,7 @@ impl OfflineSync {
             agent,
             site,
             detail,
+            job: None,
         })?;
         Ok(())
     }
@@ -436,7 +438,13 @@ impl OfflineSync {
         let mut acks = Vec::with_capacity(payload.envelopes.len());
         for env in payload.envelopes {
             let seq = env.seq;
-            match self.ingest.ingest(agent_id, env) {
+            match self.ingest.ingest(agent_id, env, crate::now_ms()) {
+                Ok(Ingested::Refused(reason)) => {
+                    // Refused for good (lease check): acknowledged so the agent drops it.
+                    tracing::warn!(agent_id = %agent_id, seq, %reason, "message in bundle refused");
+                    rejected += 1;
+                    acks.push(seq);
+                }
                 Ok(Ingested::Applied) => {
                     applied += 1;
                     acks.push(seq);
@@ -522,42 +530,49 @@ impl OfflineSync {
     }
 
     /// Jobs for the agent: those already leased to it and not started (a reply lost on the way is
-    /// re-sent), then queued jobs pinned to it, then queued jobs of its site it can run (known
-    /// only when it reported capabilities), leased to it now.
+    /// re-sent), then queued jobs it may run — by the same eligibility rules as the link's
+    /// scheduler (site, pin, profile and models, volumes), known only once it reported
+    /// capabilities — leased to it now through the job state machine, up to its free slots
+    /// (`job_slots` minus the jobs it holds) and [`REPLY_ASSIGNMENTS_MAX`]. Its leases have no
+    /// deadline (air-gapped).
     fn lease_for(&self, agent: &AgentRecord, now: u64) -> Result<Vec<Assignment>, OfflineError> {
         let store = &self.state.store;
-        let mut out: Vec<Assignment> = store
-            .jobs_in_state(JobState::Assigned)?
-            .into_iter()
-            .filter(|j| j.agent == Some(agent.id))
-            .map(|j| Assignment { job_id: j.id, path: j.path, profile: j.profile })
-            .collect();
-        for job in store.jobs_in_state(JobState::Queued)? {
-            if out.len() >= REPLY_ASSIGNMENTS_MAX {
+        let mut out = Vec::new();
+        let mut held = 0usize;
+        for state in [JobState::Assigned, JobState::Running] {
+            for j in store.jobs_in_state(state, crate::scheduler::DEADLINE_PASS_JOBS_MAX)? {
+                let Some(lease) = j.lease.filter(|l| l.holder == agent.id) else { continue };
+                held += 1;
+                if state == JobState::Assigned && out.len() < REPLY_ASSIGNMENTS_MAX {
+                    out.push(Assignment { job_id: j.id, lease_id: lease.lease_id, path: j.path, profile: j.profile });
+                }
+            }
+        }
+        let Some(caps) = agent.capabilities.as_ref() else { return Ok(out) };
+        let slots = (caps.job_slots as usize).max(1);
+        let room = slots.saturating_sub(held).min(REPLY_ASSIGNMENTS_MAX.saturating_sub(out.len()));
+        if room == 0 {
+            return Ok(out);
+        }
+        let mut leased = 0;
+        for job in store.jobs_in_state(JobState::Queued, crate::scheduler::LEASE_PASS_JOBS_MAX)? {
+            if leased >= room {
                 break;
             }
-            let pinned_here = job.pinned_agent == Some(agent.id);
-            let site_job = job.pinned_agent.is_none()
-                && job.site == agent.site
-                && agent.capabilities.as_ref().is_some_and(|c| {
-                    c.profiles.contains(&job.profile) && c.volumes.iter().any(|v| path_is_under(&job.path, v))
-                });
-            if !(pinned_here || site_job) {
+            if crate::scheduler::eligibility(agent.id, &agent.site, caps, &job).is_err() {
                 continue;
             }
-            let mut leased = false;
-            store.update_job(job.id, &mut |j| {
-                leased = j.state == JobState::Queued;
-                if leased {
-                    j.state = JobState::Assigned;
-                    j.agent = Some(agent.id);
-                    j.attempts += 1;
-                    j.updated_at_ms = now;
+            let event = JobEvent::Lease { agent: agent.id, offline: true };
+            match self.state.scheduler.apply(job.id, &event, now) {
+                Ok(Some(j)) => {
+                    if let Some(lease) = j.lease.filter(|l| l.holder == agent.id && j.state == JobState::Assigned) {
+                        out.push(Assignment { job_id: j.id, lease_id: lease.lease_id, path: j.path, profile: j.profile });
+                        leased += 1;
+                    }
                 }
-                leased
-            })?;
-            if leased {
-                out.push(Assignment { job_id: job.id, path: job.path, profile: job.profile });
+                Ok(None) | Err(SubmitError::Refused(_)) => {}
+                Err(SubmitError::Store(e)) => return Err(e.into()),
+                Err(e) => return Err(OfflineError::Invalid(e.to_string())),
             }
         }
         Ok(out)

@@ -1,29 +1,44 @@
-//! Jobs and leases.
+//! Job submission, leasing, deadlines, operator actions, and the connected fleet.
 //!
-//! A queued job is leased to a connected agent that (a) is in the job's site, (b) can read the
-//! job's path (the path is under one of the agent's volumes), (c) runs the job's profile, (d) has a
-//! free slot, and (e) is the job's pinned agent, if it has one. A lease lasts as long as the agent's
-//! link connection: when the connection goes, its assigned and running jobs return to the queue
-//! (unless the agent reconnects and reports them running within the grace period).
+//! Every job change goes through [`crate::jobs::transition`] via [`Scheduler::apply`]; this module
+//! decides *when*: a leasing pass over the queued jobs in priority order (woken by a submission,
+//! an agent connecting, a slot freeing), a deadline pass over the leased jobs, and the events of
+//! agents connecting and disconnecting. Everything is synchronous and takes `now_ms` explicitly,
+//! so the deterministic simulation drives exactly this code; [`Scheduler::run`] is the thin async
+//! loop the server uses.
+//!
+//! A queued job is leased to a connected agent that (a) is in the job's site, (b) is the job's
+//! pinned agent, if it has one, (c) runs the job's profile with every model it needs, (d) can read
+//! the job's path (under one of its volumes), and (e) has a free slot and room in its outgoing
+//! queue. A job that cannot be placed carries a [`Scheduler::pending_reason`], in the spirit of
+//! Nomad's placement failures.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gaffer_protocol::messages::{AgentId, Assignment, Capabilities, ControlMessage, JobId, Profile};
-use tokio::sync::{mpsc, Notify};
+use gaffer_protocol::messages::{AgentId, Capabilities, ControlMessage, HeldJob, JobId, Profile};
+use tokio::sync::Notify;
 
-use crate::store::{JobOrigin, JobRecord, JobState, Store, StoreError};
+use crate::jobs::{self, Effect, JobEvent, JobPolicy, Refusal};
+use crate::metrics::Metrics;
+use crate::store::{JobOrigin, JobRecord, JobState, Priority, Store, StoreError, UnixMs};
 
-/// Why a job submission was refused.
+/// Why a job submission or an operator action was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     /// The request is invalid; the message says which field and why (HTTP 400/422).
     #[error("{0}")]
     Invalid(String),
-    /// The pinned agent does not exist (HTTP 404/422).
+    /// The pinned agent does not exist (HTTP 422).
     #[error("agent {0} is not enrolled")]
     UnknownAgent(AgentId),
+    /// No such job (HTTP 404).
+    #[error("job {0} does not exist")]
+    UnknownJob(JobId),
+    /// The action does not apply to the job in its state (HTTP 409).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// The store failed (HTTP 503).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -40,64 +55,192 @@ pub struct JobRequest {
     pub agent: Option<AgentId>,
     /// Analysis profile.
     pub profile: Profile,
+    /// Leasing order.
+    pub priority: Priority,
 }
 
 /// Largest accepted job path, bytes.
 pub const JOB_PATH_BYTES_MAX: usize = 4096;
 /// Largest accepted site name, bytes.
 pub const SITE_NAME_BYTES_MAX: usize = 128;
+/// Queued jobs examined per leasing pass (in leasing order). Jobs behind them wait for the next
+/// pass; the pass stops early once no connected agent has a free slot.
+pub const LEASE_PASS_JOBS_MAX: usize = 10_000;
+/// Queued jobs whose placement failure is remembered for `pending_reason` (the first ones in
+/// leasing order).
+pub const PENDING_REASONS_MAX: usize = 1_000;
+/// Leased (assigned or running) jobs examined per deadline pass.
+pub const DEADLINE_PASS_JOBS_MAX: usize = 100_000;
+/// Assignments that may wait in one agent's outgoing queue; beyond it the agent counts as busy
+/// (back-pressure instead of a dropped message).
+pub const MAILBOX_ASSIGN_MAX: usize = 64;
+/// Messages of any kind that may wait in one agent's outgoing queue. Past it the agent is not
+/// reading its link; the link driver closes the connection (its leases then follow the grace
+/// rules) rather than drop a message.
+pub const MAILBOX_MAX: usize = 4096;
+
+/// Scheduling settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Deadlines and attempts.
+    pub policy: JobPolicy,
+    /// How often the deadline pass runs when nothing wakes the loop. Default 1 s.
+    pub tick: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { policy: JobPolicy::default(), tick: Duration::from_secs(1) }
+    }
+}
 
 /// The scheduler. One per control plane.
 pub struct Scheduler {
     store: Arc<dyn Store>,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
+    cfg: SchedulerConfig,
     wake: Notify,
+    pending: Mutex<HashMap<JobId, String>>,
 }
 
 impl Scheduler {
-    /// A scheduler over `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, wake: Notify::new() }
+    /// A scheduler over `store` and `fleet`.
+    pub fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>, metrics: Arc<Metrics>, cfg: SchedulerConfig) -> Self {
+        Self { store, fleet, metrics, cfg, wake: Notify::new(), pending: Mutex::new(HashMap::new()) }
     }
 
-    /// Validates and queues a job, and wakes the scheduling loop.
+    /// The connected agents.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Deadlines and attempts in force.
+    pub fn policy(&self) -> &JobPolicy {
+        &self.cfg.policy
+    }
+
+    /// Validates and queues a job, and wakes the scheduling loop. Blocking (store writes).
     ///
     /// # Errors
     /// [`SubmitError::Invalid`] for a relative or oversize path, an empty or oversize site;
     /// [`SubmitError::UnknownAgent`] for a pinned agent that is not enrolled.
-    pub fn submit(&self, req: JobRequest, origin: JobOrigin, id: Option<JobId>) -> Result<JobRecord, SubmitError> {
-        validate_path(&req.path)?;
-        validate_site(&req.site)?;
+    pub fn submit(
+        &self,
+        req: JobRequest,
+        origin: JobOrigin,
+        id: Option<JobId>,
+        now_ms: UnixMs,
+    ) -> Result<JobRecord, SubmitError> {
         if let Some(agent) = req.agent {
             if self.store.get_agent(agent)?.is_none() {
                 return Err(SubmitError::UnknownAgent(agent));
             }
         }
-        let now = crate::now_ms();
-        let job = JobRecord {
-            id: id.unwrap_or_else(uuid::Uuid::new_v4),
-            path: req.path,
-            site: req.site,
-            profile: req.profile,
-            pinned_agent: req.agent,
-            origin,
-            state: JobState::Queued,
-            agent: None,
-            progress: 0.0,
-            frames_decoded: 0,
-            error: None,
-            attempts: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            finished_at_ms: None,
-        };
+        let job = new_job(req, origin, id, now_ms)?;
         if !self.store.insert_job(&job)? {
             // Same id submitted again (a redelivered watch-folder submission): keep the first.
             if let Some(existing) = self.store.get_job(job.id)? {
                 return Ok(existing);
             }
         }
-        self.wake.notify_one();
-        Ok(job)
+        self.store.flush()?;
+        self.wake();
+        self.store.get_job(job.id)?.ok_or(SubmitError::UnknownJob(job.id))
+    }
+
+    /// Cancels a job that has not finished (a leased one is stopped on its agent).
+    ///
+    /// # Errors
+    /// [`SubmitError::UnknownJob`], [`SubmitError::Refused`] for a finished job, store errors.
+    pub fn cancel(&self, job: JobId, by: &str, now_ms: UnixMs) -> Result<JobRecord, SubmitError> {
+        let out = self.apply(job, &JobEvent::Cancel { by: by.to_owned() }, now_ms)?;
+        self.store.flush()?;
+        out.ok_or(SubmitError::UnknownJob(job))
+    }
+
+    /// Queues a failed or cancelled job again with a fresh attempt budget.
+    ///
+    /// # Errors
+    /// [`SubmitError::UnknownJob`], [`SubmitError::Refused`] for a job that is not failed or
+    /// cancelled, store errors.
+    pub fn retry(&self, job: JobId, now_ms: UnixMs) -> Result<JobRecord, SubmitError> {
+        let out = self.apply(job, &JobEvent::Retry, now_ms)?;
+        self.store.flush()?;
+        out.ok_or(SubmitError::UnknownJob(job))
+    }
+
+    /// Applies `event` to `job` through [`jobs::transition`] in one atomic store update, then
+    /// carries out its effects. Returns the job as stored afterwards (None: no such job).
+    /// Not flushed: callers that acknowledge something flush first.
+    ///
+    /// # Errors
+    /// [`SubmitError::Refused`] when the event does not apply, store errors.
+    pub fn apply(&self, job: JobId, event: &JobEvent, now_ms: UnixMs) -> Result<Option<JobRecord>, SubmitError> {
+        let policy = self.cfg.policy;
+        let mut outcome: Option<Result<jobs::Transition, Refusal>> = None;
+        let stored = self.store.update_job(job, &mut |j| {
+            let t = jobs::transition(j, event, now_ms, &policy);
+            let changed = match &t {
+                Ok(t) if t.changed => {
+                    *j = t.job.clone();
+                    true
+                }
+                _ => false,
+            };
+            outcome = Some(t);
+            changed
+        })?;
+        match outcome {
+            None => Ok(stored),
+            Some(Err(refusal)) => Err(refusal.into()),
+            Some(Ok(t)) => {
+                self.carry_out(job, &t.effects, t.job.created_at_ms, now_ms);
+                Ok(stored)
+            }
+        }
+    }
+
+    /// Carries out the effects of a committed transition of `job`: messages to agents, lease
+    /// bookkeeping in the fleet, metrics, waking the loop.
+    pub fn carry_out(&self, job: JobId, effects: &[Effect], created_at_ms: UnixMs, now_ms: UnixMs) {
+        for effect in effects {
+            match effect {
+                Effect::Assign(agent, a) => {
+                    self.fleet.note_lease(*agent, job);
+                    self.fleet.send(*agent, ControlMessage::Assign(a.clone()));
+                }
+                Effect::Cancel { agent, reason } => {
+                    self.fleet.release(*agent, job);
+                    self.fleet.send(*agent, ControlMessage::Cancel { job_id: job, reason: reason.clone() });
+                }
+                Effect::Finished(state) => {
+                    self.fleet.release_everywhere(job);
+                    self.pending_lock().remove(&job);
+                    self.metrics.job_finished(state.as_str());
+                    if *state == JobState::Succeeded {
+                        self.metrics.job_duration(now_ms.saturating_sub(created_at_ms) as f64 / 1000.0);
+                    }
+                    self.wake();
+                }
+                Effect::Requeued { reason } => {
+                    self.fleet.release_everywhere(job);
+                    self.metrics.job_requeued();
+                    tracing::info!(job_id = %job, %reason, "job back in the queue");
+                    self.wake();
+                }
+            }
+        }
+    }
+
+    /// Why a queued job is still waiting, if the last leasing pass could not place it.
+    pub fn pending_reason(&self, job: JobId) -> Option<String> {
+        self.pending_lock().get(&job).cloned()
+    }
+
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, String>> {
+        // Single inserts and removes: a panic elsewhere cannot leave the map inconsistent.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Wakes the scheduling loop (after an agent connects, frees a slot, or a job is queued).
@@ -105,10 +248,223 @@ impl Scheduler {
         self.wake.notify_one();
     }
 
-    /// Waits until [`Scheduler::wake`] or [`Scheduler::submit`] is called.
+    /// Waits until [`Scheduler::wake`] is called (one stored permit).
     pub async fn woken(&self) {
         self.wake.notified().await;
     }
+
+    /// Leases queued jobs, in leasing order, to connected agents that can run them. Blocking.
+    ///
+    /// # Errors
+    /// Store errors (the pass stops; the next one retries).
+    pub fn lease_pass(&self, now_ms: UnixMs) -> Result<usize, StoreError> {
+        let queued = self.store.jobs_in_state(JobState::Queued, LEASE_PASS_JOBS_MAX)?;
+        let mut pending = HashMap::new();
+        let mut leased = 0;
+        for job in queued {
+            match self.fleet.reserve_for(&job) {
+                Err(reason) => {
+                    if pending.len() < PENDING_REASONS_MAX {
+                        pending.insert(job.id, reason);
+                    }
+                    if !self.fleet.any_free_slot() {
+                        // Nobody can take anything: the rest keep their last reason.
+                        break;
+                    }
+                }
+                Ok(agent) => {
+                    let event = JobEvent::Lease { agent, offline: false };
+                    match self.apply(job.id, &event, now_ms) {
+                        Ok(Some(j)) if j.lease.is_some_and(|l| l.holder == agent) => {
+                            leased += 1;
+                            tracing::info!(job_id = %job.id, agent_id = %agent, path = %job.path, "job leased");
+                        }
+                        Ok(_) | Err(SubmitError::Refused(_)) => {}
+                        Err(SubmitError::Store(e)) => {
+                            self.fleet.unreserve(agent, job.id);
+                            return Err(e);
+                        }
+                        Err(_) => {}
+                    }
+                    self.fleet.unreserve(agent, job.id);
+                }
+            }
+        }
+        if leased > 0 {
+            self.store.flush()?;
+        }
+        let mut kept = self.pending_lock();
+        for (id, reason) in pending {
+            kept.insert(id, reason);
+        }
+        kept.retain(|id, _| !self.fleet.is_reserved_or_leased(*id));
+        if kept.len() > PENDING_REASONS_MAX * 2 {
+            kept.clear();
+        }
+        Ok(leased)
+    }
+
+    /// Spends the attempts of leased jobs whose deadline has passed. Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn deadline_pass(&self, now_ms: UnixMs) -> Result<usize, StoreError> {
+        let mut expired = 0;
+        for state in [JobState::Assigned, JobState::Running] {
+            for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
+                if job.lease.and_then(|l| l.deadline_ms).is_some_and(|d| d <= now_ms) {
+                    match self.apply(job.id, &JobEvent::DeadlineCheck, now_ms) {
+                        Ok(_) | Err(SubmitError::Refused(_)) => expired += 1,
+                        Err(SubmitError::Store(e)) => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        if expired > 0 {
+            self.store.flush()?;
+        }
+        Ok(expired)
+    }
+
+    /// At start: every leased job of an agent that is not connected gets the grace deadline (a
+    /// restarted control plane gives every agent the full grace to reconnect). Air-gapped
+    /// agents' leases have no deadline and keep none. Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn recover(&self, now_ms: UnixMs) -> Result<(), StoreError> {
+        for state in [JobState::Assigned, JobState::Running] {
+            for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
+                let Some(lease) = job.lease else { continue };
+                if self.fleet.is_connected(lease.holder) || lease.deadline_ms.is_some() {
+                    continue;
+                }
+                if self.store.get_agent(lease.holder)?.is_some_and(|a| a.offline && a.revoked_at_ms.is_none()) {
+                    continue;
+                }
+                let _ = self.apply(job.id, &JobEvent::HolderDisconnected { agent: lease.holder }, now_ms);
+            }
+        }
+        self.store.flush()
+    }
+
+    /// An agent's link is up: reconcile its leases with the jobs it says it holds, register it in
+    /// the fleet, and return the jobs it holds that are no longer its own (the caller has already
+    /// been told to cancel them through its outgoing queue). Blocking.
+    ///
+    /// # Errors
+    /// Store errors (the caller refuses the connection).
+    pub fn agent_connected(&self, agent: AgentId, conn: AgentConn, held: &[HeldJob], now_ms: UnixMs) -> Result<(), StoreError> {
+        let held_by_job: HashMap<JobId, u64> = held.iter().map(|h| (h.job_id, h.lease_id)).collect();
+        let notify = self.fleet.connect(agent, conn);
+        let mut still_leased = HashSet::new();
+        for state in [JobState::Assigned, JobState::Running] {
+            for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
+                if !job.lease.is_some_and(|l| l.holder == agent) {
+                    continue;
+                }
+                let event = JobEvent::HolderReconnected { agent, held: held_by_job.get(&job.id).copied() };
+                match self.apply(job.id, &event, now_ms) {
+                    Ok(Some(j)) if j.lease.is_some_and(|l| l.holder == agent) => {
+                        still_leased.insert(job.id);
+                    }
+                    Ok(_) | Err(SubmitError::Refused(_)) => {}
+                    Err(SubmitError::Store(e)) => return Err(e),
+                    Err(_) => {}
+                }
+            }
+        }
+        for h in held {
+            if !still_leased.contains(&h.job_id) {
+                // Requeued, reassigned, cancelled or finished while the agent was away.
+                let reason = "the job is no longer leased to this agent".to_owned();
+                self.fleet.send(agent, ControlMessage::Cancel { job_id: h.job_id, reason });
+            }
+        }
+        self.fleet.set_leases(agent, still_leased);
+        self.store.flush()?;
+        notify.notify_one();
+        self.wake();
+        Ok(())
+    }
+
+    /// The link `conn_id` of `agent` went down: its leases start their grace (unless a newer
+    /// connection of the agent is up). Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn agent_disconnected(&self, agent: AgentId, conn_id: u64, now_ms: UnixMs) -> Result<bool, StoreError> {
+        if !self.fleet.disconnect(agent, conn_id) {
+            return Ok(false);
+        }
+        for state in [JobState::Assigned, JobState::Running] {
+            for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
+                if job.lease.is_some_and(|l| l.holder == agent) {
+                    match self.apply(job.id, &JobEvent::HolderDisconnected { agent }, now_ms) {
+                        Err(SubmitError::Store(e)) => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.store.flush()?;
+        self.wake();
+        Ok(true)
+    }
+
+    /// Runs the scheduling loop forever: deadline pass, then leasing pass, on every wake and
+    /// every tick. Store work runs on a blocking thread.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.woken() => {}
+                _ = tokio::time::sleep(self.cfg.tick) => {}
+            }
+            let this = self.clone();
+            let pass = tokio::task::spawn_blocking(move || {
+                let now = crate::now_ms();
+                this.deadline_pass(now)?;
+                this.lease_pass(now)
+            })
+            .await;
+            match pass {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "scheduling pass failed; retrying"),
+                Err(e) => tracing::error!(error = %e, "scheduling pass panicked; retrying"),
+            }
+        }
+    }
+}
+
+/// A validated new job record (state queued).
+///
+/// # Errors
+/// [`SubmitError::Invalid`] for a bad path or site.
+pub fn new_job(req: JobRequest, origin: JobOrigin, id: Option<JobId>, now_ms: UnixMs) -> Result<JobRecord, SubmitError> {
+    validate_path(&req.path)?;
+    validate_site(&req.site)?;
+    Ok(JobRecord {
+        id: id.unwrap_or_else(uuid::Uuid::new_v4),
+        path: req.path,
+        site: req.site,
+        profile: req.profile,
+        pinned_agent: req.agent,
+        origin,
+        priority: req.priority,
+        state: JobState::Queued,
+        agent: None,
+        lease: None,
+        lease_epoch: 0,
+        progress: 0.0,
+        frames_decoded: 0,
+        error: None,
+        attempts: 0,
+        seq: 0,
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        finished_at_ms: None,
+    })
 }
 
 fn validate_path(path: &str) -> Result<(), SubmitError> {
@@ -141,35 +497,41 @@ pub fn validate_site(site: &str) -> Result<(), SubmitError> {
     Ok(())
 }
 
-/// A connected agent, as the scheduler sees it.
-#[derive(Debug)]
-pub struct AgentSession {
-    /// Distinguishes this connection from an earlier one of the same agent.
-    pub conn_id: u64,
-    /// The agent's site.
-    pub site: String,
-    /// What it said it can do in its Hello.
-    pub capabilities: Capabilities,
-    /// Messages to the agent (the link's writer task drains it).
-    pub tx: mpsc::Sender<ControlMessage>,
-    /// Jobs leased to it (assigned or running).
-    pub leased: HashSet<JobId>,
+/// Why an agent cannot run a job (placement), as words for `pending_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ineligible {
+    /// Another site.
+    Site,
+    /// The job is pinned to another agent.
+    Pinned,
+    /// The agent does not run the profile, or lacks one of its models.
+    Profile,
+    /// The path is under none of the agent's volumes.
+    Volume,
 }
 
-impl AgentSession {
-    fn free_slots(&self) -> usize {
-        (self.capabilities.job_slots as usize).saturating_sub(self.leased.len())
+/// Whether the agent `agent` (in `site`, with `caps`) may run `job`: same site, pinned to it or
+/// unpinned, profile supported with every model the profile needs installed, and the path under
+/// one of its volumes. Shared by the link's scheduler and the offline bundle path.
+///
+/// # Errors
+/// The first check that fails.
+pub fn eligibility(agent: AgentId, site: &str, caps: &Capabilities, job: &JobRecord) -> Result<(), Ineligible> {
+    if site != job.site {
+        return Err(Ineligible::Site);
     }
-
-    /// Whether this agent may run `job`: same site, pinned to it or unpinned, profile supported
-    /// with every model the profile needs installed, and the path under one of its volumes.
-    pub fn can_run(&self, agent: AgentId, job: &JobRecord) -> bool {
-        self.site == job.site
-            && job.pinned_agent.is_none_or(|p| p == agent)
-            && self.capabilities.profiles.contains(&job.profile)
-            && job.profile.required_models().iter().all(|m| self.capabilities.models.iter().any(|have| have.name == *m))
-            && self.capabilities.volumes.iter().any(|v| path_is_under(&job.path, v))
+    if job.pinned_agent.is_some_and(|p| p != agent) {
+        return Err(Ineligible::Pinned);
     }
+    let has_models =
+        job.profile.required_models().iter().all(|m| caps.models.iter().any(|have| have.name == *m));
+    if !caps.profiles.contains(&job.profile) || !has_models {
+        return Err(Ineligible::Profile);
+    }
+    if !caps.volumes.iter().any(|v| path_is_under(&job.path, v)) {
+        return Err(Ineligible::Volume);
+    }
+    Ok(())
 }
 
 /// Whether `path` is `root` or inside it, comparing whole path components (`/media2/x` is not
@@ -182,40 +544,86 @@ pub fn path_is_under(path: &str, root: &str) -> bool {
     path == root || (path.starts_with(root) && path.as_bytes().get(root.len()) == Some(&b'/'))
 }
 
-/// Connected agents and when the others were last connected. Shared by the link and the
-/// scheduling loop.
-#[derive(Debug, Default)]
-pub struct Fleet {
-    inner: Mutex<FleetInner>,
+/// A connected agent, as the scheduler sees it.
+#[derive(Debug)]
+pub struct AgentConn {
+    /// Distinguishes this connection from an earlier one of the same agent.
+    pub conn_id: u64,
+    /// The agent's site.
+    pub site: String,
+    /// What it said it can do in its Hello.
+    pub capabilities: Capabilities,
 }
 
+#[derive(Debug)]
+struct Connected {
+    conn: AgentConn,
+    /// Jobs leased to it (assigned or running).
+    leased: HashSet<JobId>,
+    /// Jobs reserved for it by a leasing pass in progress.
+    reserved: HashSet<JobId>,
+    /// Messages waiting for the link driver, in order.
+    mailbox: VecDeque<ControlMessage>,
+    /// Wakes the link driver when the mailbox gets a message.
+    notify: Arc<Notify>,
+}
+
+impl Connected {
+    fn busy(&self) -> usize {
+        self.leased.len() + self.reserved.len()
+    }
+    fn free_slots(&self) -> usize {
+        (self.conn.capabilities.job_slots as usize).saturating_sub(self.busy())
+    }
+    fn mailbox_has_room_for_assign(&self) -> bool {
+        self.mailbox.len() < MAILBOX_ASSIGN_MAX
+    }
+}
+
+/// Connected agents: their leases and their outgoing queues. Shared by the link drivers and the
+/// scheduler; a plain mutex-protected map with no I/O, so the simulation uses it as is.
 #[derive(Debug, Default)]
-struct FleetInner {
-    sessions: HashMap<AgentId, AgentSession>,
-    disconnected_at: HashMap<AgentId, Instant>,
+pub struct Fleet {
+    inner: Mutex<HashMap<AgentId, Connected>>,
 }
 
 impl Fleet {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FleetInner> {
-        // A panic while holding this lock cannot leave the maps inconsistent (single inserts and
-        // removes), so a poisoned lock is still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, Connected>> {
+        // Single inserts and removes: a panic while holding this lock cannot leave the map
+        // inconsistent, so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new connection of `agent`, replacing an older one.
-    pub fn connect(&self, agent: AgentId, session: AgentSession) {
-        let mut inner = self.lock();
-        inner.disconnected_at.remove(&agent);
-        inner.sessions.insert(agent, session);
+    /// Registers a new connection of `agent`, replacing an older one (whose queued messages go
+    /// with it: they were for a connection that is gone, and the new Hello reconciles; its driver
+    /// is woken to notice it was replaced and close). Returns the notifier the link driver waits
+    /// on for outgoing messages.
+    pub fn connect(&self, agent: AgentId, conn: AgentConn) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let c = Connected {
+            conn,
+            leased: HashSet::new(),
+            reserved: HashSet::new(),
+            mailbox: VecDeque::new(),
+            notify: notify.clone(),
+        };
+        if let Some(old) = self.lock().insert(agent, c) {
+            old.notify.notify_one();
+        }
+        notify
+    }
+
+    /// The notifier of `agent`'s current connection.
+    pub fn notifier(&self, agent: AgentId) -> Option<Arc<Notify>> {
+        self.lock().get(&agent).map(|c| c.notify.clone())
     }
 
     /// Removes the connection `conn_id` of `agent` (a newer connection is left alone). Returns
     /// whether it was the current one.
     pub fn disconnect(&self, agent: AgentId, conn_id: u64) -> bool {
         let mut inner = self.lock();
-        if inner.sessions.get(&agent).is_some_and(|s| s.conn_id == conn_id) {
-            inner.sessions.remove(&agent);
-            inner.disconnected_at.insert(agent, Instant::now());
+        if inner.get(&agent).is_some_and(|s| s.conn.conn_id == conn_id) {
+            inner.remove(&agent);
             true
         } else {
             false
@@ -224,180 +632,197 @@ impl Fleet {
 
     /// Whether `agent` has a link up.
     pub fn is_connected(&self, agent: AgentId) -> bool {
-        self.lock().sessions.contains_key(&agent)
+        self.lock().contains_key(&agent)
     }
 
-    /// How long `agent` has been disconnected; agents never seen since this process started count
-    /// from the first time they are asked about (so a restarted control plane gives every agent
-    /// the full grace period to reconnect).
-    pub fn disconnected_for(&self, agent: AgentId) -> Option<Duration> {
-        let mut inner = self.lock();
-        if inner.sessions.contains_key(&agent) {
-            return None;
+    /// The connection id of `agent`'s current link.
+    pub fn conn_id(&self, agent: AgentId) -> Option<u64> {
+        self.lock().get(&agent).map(|c| c.conn.conn_id)
+    }
+
+    /// Replaces the set of jobs leased to `agent`.
+    pub fn set_leases(&self, agent: AgentId, leased: HashSet<JobId>) {
+        if let Some(c) = self.lock().get_mut(&agent) {
+            c.leased = leased;
         }
-        Some(inner.disconnected_at.entry(agent).or_insert_with(Instant::now).elapsed())
     }
 
-    /// Records that `agent` holds `job` (it reported on a job it started itself).
+    /// Records that `agent` holds `job`.
     pub fn note_lease(&self, agent: AgentId, job: JobId) {
-        if let Some(s) = self.lock().sessions.get_mut(&agent) {
-            s.leased.insert(job);
+        if let Some(c) = self.lock().get_mut(&agent) {
+            c.leased.insert(job);
         }
     }
 
-    /// Forgets the lease of `job` on `agent` (finished, failed, cancelled).
+    /// Forgets the lease of `job` on `agent`.
     pub fn release(&self, agent: AgentId, job: JobId) {
-        if let Some(s) = self.lock().sessions.get_mut(&agent) {
-            s.leased.remove(&job);
+        if let Some(c) = self.lock().get_mut(&agent) {
+            c.leased.remove(&job);
         }
     }
 
-    /// Sends `msg` to `agent` if it is connected; false if not connected or its queue is full.
+    /// Forgets `job` on every agent (it finished or went back to the queue).
+    pub fn release_everywhere(&self, job: JobId) {
+        for c in self.lock().values_mut() {
+            c.leased.remove(&job);
+        }
+    }
+
+    /// Jobs leased to `agent` as the fleet knows them.
+    pub fn leases_of(&self, agent: AgentId) -> Vec<JobId> {
+        self.lock().get(&agent).map(|c| c.leased.iter().copied().collect()).unwrap_or_default()
+    }
+
+    fn is_reserved_or_leased(&self, job: JobId) -> bool {
+        self.lock().values().any(|c| c.leased.contains(&job) || c.reserved.contains(&job))
+    }
+
+    /// Queues `msg` for `agent`'s link driver. False if `agent` is not connected, or its queue is
+    /// at [`MAILBOX_MAX`] (the driver then closes the link: see [`Fleet::overflowed`]).
     pub fn send(&self, agent: AgentId, msg: ControlMessage) -> bool {
-        self.lock().sessions.get(&agent).is_some_and(|s| s.tx.try_send(msg).is_ok())
+        let mut inner = self.lock();
+        let Some(c) = inner.get_mut(&agent) else { return false };
+        if let ControlMessage::Cancel { job_id, .. } = &msg {
+            if c.mailbox.iter().any(|m| matches!(m, ControlMessage::Cancel { job_id: j, .. } if j == job_id)) {
+                return true;
+            }
+        }
+        if c.mailbox.len() >= MAILBOX_MAX {
+            tracing::warn!(agent_id = %agent, "agent's outgoing queue is full; its link will be closed");
+            c.notify.notify_one();
+            return false;
+        }
+        c.mailbox.push_back(msg);
+        c.notify.notify_one();
+        true
+    }
+
+    /// Messages waiting in `agent`'s outgoing queue (0 when not connected).
+    pub fn outgoing_len(&self, agent: AgentId) -> usize {
+        self.lock().get(&agent).map_or(0, |c| c.mailbox.len())
+    }
+
+    /// Whether `agent`'s outgoing queue is full (the driver closes such a link).
+    pub fn overflowed(&self, agent: AgentId) -> bool {
+        self.lock().get(&agent).is_some_and(|c| c.mailbox.len() >= MAILBOX_MAX)
+    }
+
+    /// Takes up to `max` queued messages of connection `conn_id` of `agent`, in order.
+    pub fn take_outgoing(&self, agent: AgentId, conn_id: u64, max: usize) -> Vec<ControlMessage> {
+        let mut inner = self.lock();
+        match inner.get_mut(&agent) {
+            Some(c) if c.conn.conn_id == conn_id => {
+                let n = max.min(c.mailbox.len());
+                c.mailbox.drain(..n).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Puts messages the driver could not send yet back at the front of the queue, in order.
+    pub fn requeue_outgoing(&self, agent: AgentId, conn_id: u64, msgs: Vec<ControlMessage>) {
+        if let Some(c) = self.lock().get_mut(&agent).filter(|c| c.conn.conn_id == conn_id) {
+            for m in msgs.into_iter().rev() {
+                c.mailbox.push_front(m);
+            }
+        }
     }
 
     /// Number of connected agents.
     pub fn connected_count(&self) -> usize {
-        self.lock().sessions.len()
+        self.lock().len()
     }
 
-    /// Picks the connected agent with the most free slots that can run `job`, records the lease
-    /// in memory, and returns it with its sender. The caller commits the lease to the store.
-    fn reserve_for(&self, job: &JobRecord) -> Option<(AgentId, mpsc::Sender<ControlMessage>)> {
+    /// Whether any connected agent has a free slot and room for an assignment.
+    pub fn any_free_slot(&self) -> bool {
+        self.lock().values().any(|c| c.free_slots() > 0 && c.mailbox_has_room_for_assign())
+    }
+
+    /// Picks the connected agent with the most free slots that can run `job` and reserves a slot
+    /// on it (release with [`Fleet::unreserve`] once the lease is committed or abandoned).
+    ///
+    /// # Errors
+    /// Why no agent can take it, in words for `pending_reason`.
+    pub fn reserve_for(&self, job: &JobRecord) -> Result<AgentId, String> {
         let mut inner = self.lock();
-        let (agent, session) = inner
-            .sessions
-            .iter_mut()
-            .filter(|(id, s)| s.free_slots() > 0 && s.can_run(**id, job))
-            .max_by_key(|(_, s)| s.free_slots())?;
-        session.leased.insert(job.id);
-        Some((*agent, session.tx.clone()))
-    }
-}
-
-/// Timing of the scheduling loop.
-#[derive(Debug, Clone, Copy)]
-pub struct LeasePolicy {
-    /// How long a disconnected agent keeps its leases before its jobs are requeued. Default 30 s:
-    /// long enough for a network blip or an agent restart, short enough that a dead box's work
-    /// moves on quickly.
-    pub lease_grace: Duration,
-    /// How often the loop runs when nothing wakes it. Default 1 s.
-    pub tick: Duration,
-}
-
-impl Default for LeasePolicy {
-    fn default() -> Self {
-        Self { lease_grace: Duration::from_secs(30), tick: Duration::from_secs(1) }
-    }
-}
-
-impl Scheduler {
-    /// Runs the scheduling loop forever: requeues expired leases, then leases queued jobs.
-    pub async fn run(self: Arc<Self>, fleet: Arc<Fleet>, policy: LeasePolicy) {
-        loop {
-            tokio::select! {
-                _ = self.woken() => {}
-                _ = tokio::time::sleep(policy.tick) => {}
-            }
-            let this = self.clone();
-            let fleet = fleet.clone();
-            let pass = tokio::task::spawn_blocking(move || {
-                this.requeue_expired_leases(&fleet, policy.lease_grace)?;
-                this.lease_queued_jobs(&fleet)
-            })
-            .await;
-            match pass {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "scheduling pass failed; retrying"),
-                Err(e) => tracing::error!(error = %e, "scheduling pass panicked; retrying"),
-            }
-        }
-    }
-
-    /// Requeues assigned and running jobs whose agent has been disconnected for longer than
-    /// `grace`.
-    ///
-    /// # Errors
-    /// [`StoreError`] from the store.
-    pub fn requeue_expired_leases(&self, fleet: &Fleet, grace: Duration) -> Result<(), StoreError> {
-        let mut leased = self.store.jobs_in_state(JobState::Assigned)?;
-        leased.extend(self.store.jobs_in_state(JobState::Running)?);
-        for job in leased {
-            let Some(agent) = job.agent else { continue };
-            if fleet.disconnected_for(agent).is_some_and(|d| d >= grace) {
-                // Air-gapped agents never connect: their leases last until a bundle brings the
-                // result (or an operator revokes the agent).
-                if self.store.get_agent(agent)?.is_some_and(|a| a.offline && a.revoked_at_ms.is_none()) {
-                    continue;
+        let mut in_site = 0usize;
+        let mut eligible = 0usize;
+        let mut worst = Ineligible::Site;
+        let mut best: Option<(AgentId, usize)> = None;
+        // Deterministic choice among equals: the smallest agent id.
+        let mut ids: Vec<AgentId> = inner.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(c) = inner.get(&id) else { continue };
+            match eligibility(id, &c.conn.site, &c.conn.capabilities, job) {
+                Err(Ineligible::Site) => continue,
+                Err(why) => {
+                    in_site += 1;
+                    worst = worst.max_by_rank(why);
                 }
-                let reason = format!("lease lost: agent {agent} disconnected for more than {}s", grace.as_secs());
-                if self.requeue(job.id, agent, &reason)? {
-                    tracing::warn!(job_id = %job.id, agent_id = %agent, "requeued job of a disconnected agent");
+                Ok(()) => {
+                    in_site += 1;
+                    eligible += 1;
+                    let free = c.free_slots();
+                    if free > 0 && c.mailbox_has_room_for_assign() && best.is_none_or(|(_, f)| free > f) {
+                        best = Some((id, free));
+                    }
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Returns `job` to the queue if `agent` still holds its lease. Returns whether it did.
-    ///
-    /// # Errors
-    /// [`StoreError`] from the store.
-    pub fn requeue(&self, job: JobId, agent: AgentId, reason: &str) -> Result<bool, StoreError> {
-        let mut changed = false;
-        self.store.update_job(job, &mut |j| {
-            changed = j.agent == Some(agent) && matches!(j.state, JobState::Assigned | JobState::Running);
-            if changed {
-                j.state = JobState::Queued;
-                j.agent = None;
-                j.progress = 0.0;
-                j.frames_decoded = 0;
-                j.error = Some(reason.to_owned());
-                j.updated_at_ms = crate::now_ms();
+        if let Some((id, _)) = best {
+            if let Some(c) = inner.get_mut(&id) {
+                c.reserved.insert(job.id);
             }
-            changed
-        })?;
-        if changed {
-            self.wake();
+            return Ok(id);
         }
-        Ok(changed)
-    }
-
-    /// Leases queued jobs, oldest first, to connected agents that can run them.
-    ///
-    /// # Errors
-    /// [`StoreError`] from the store.
-    pub fn lease_queued_jobs(&self, fleet: &Fleet) -> Result<(), StoreError> {
-        for job in self.store.jobs_in_state(JobState::Queued)? {
-            let Some((agent, tx)) = fleet.reserve_for(&job) else { continue };
-            let mut leased = false;
-            self.store.update_job(job.id, &mut |j| {
-                leased = j.state == JobState::Queued;
-                if leased {
-                    j.state = JobState::Assigned;
-                    j.agent = Some(agent);
-                    j.attempts += 1;
-                    j.updated_at_ms = crate::now_ms();
+        Err(if let Some(pinned) = job.pinned_agent.filter(|p| !inner.contains_key(p)) {
+            format!("pinned to agent {pinned}, which is not connected")
+        } else if in_site == 0 {
+            format!("no agent of site {} is connected", job.site)
+        } else if eligible > 0 {
+            format!("all {eligible} eligible agents of site {} are busy", job.site)
+        } else {
+            match worst {
+                Ineligible::Volume => format!(
+                    "no connected agent in site {} has a volume covering {} ({in_site} agents checked)",
+                    job.site, job.path
+                ),
+                Ineligible::Profile => format!(
+                    "needs profile {}: no connected agent in site {} has it{} ({in_site} agents checked)",
+                    job.profile,
+                    job.site,
+                    if job.profile.required_models().is_empty() { "" } else { " with the models" }
+                ),
+                Ineligible::Pinned | Ineligible::Site => {
+                    format!("pinned to an agent that cannot run it ({in_site} agents checked)")
                 }
-                leased
-            })?;
-            if !leased {
-                fleet.release(agent, job.id);
-                continue;
             }
-            let assign =
-                ControlMessage::Assign(Assignment { job_id: job.id, path: job.path.clone(), profile: job.profile });
-            if tx.try_send(assign).is_err() {
-                // The connection is going away or backed up: give the job back at once.
-                fleet.release(agent, job.id);
-                self.requeue(job.id, agent, "could not deliver the assignment")?;
-            } else {
-                tracing::info!(job_id = %job.id, agent_id = %agent, path = %job.path, "job leased");
-            }
+        })
+    }
+
+    /// Releases a reservation made by [`Fleet::reserve_for`].
+    pub fn unreserve(&self, agent: AgentId, job: JobId) {
+        if let Some(c) = self.lock().get_mut(&agent) {
+            c.reserved.remove(&job);
         }
-        Ok(())
+    }
+}
+
+impl Ineligible {
+    /// The reason that gets furthest in the checks (volume is the most specific).
+    fn max_by_rank(self, other: Ineligible) -> Ineligible {
+        let rank = |i: Ineligible| match i {
+            Ineligible::Site => 0,
+            Ineligible::Pinned => 1,
+            Ineligible::Profile => 2,
+            Ineligible::Volume => 3,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
     }
 }
 

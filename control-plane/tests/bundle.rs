@@ -8,16 +8,15 @@ use std::sync::Arc;
 use gaffer_certs::{AgentKey, BundleKey, BundleSigner, CertError, FleetCa};
 use gaffer_control::datadir::DataDir;
 use gaffer_control::ingest::Ingest;
-use gaffer_control::metrics::Metrics;
 use gaffer_control::offline::{ImportReport, OfflineError, OfflineSync};
-use gaffer_control::scheduler::{Fleet, Scheduler};
+use gaffer_control::scheduler::SchedulerConfig;
 use gaffer_control::store::sled_store::SledStore;
-use gaffer_control::store::{BundleNumbers, JobState, Store};
+use gaffer_control::store::{BundleNumbers, JobQuery, JobState, Store};
 use gaffer_control::AppState;
 use gaffer_protocol::bundle::{self, AgentBundle, BundleDirection, BundleError, BundleHeader, ControlReply};
 use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
 use gaffer_protocol::enroll::{OfflineEnrollGrant, OfflineEnrollReply, OfflineEnrollRequest};
-use gaffer_protocol::messages::{AgentEnvelope, AgentId, AgentMessage, Profile};
+use gaffer_protocol::messages::{AgentEnvelope, AgentId, AgentMessage, Capabilities, Profile, LEASE_ID_NONE};
 use gaffer_protocol::version::VersionRange;
 use uuid::Uuid;
 
@@ -46,12 +45,8 @@ fn control_plane(dir: &Path) -> Result<(Arc<FleetCa>, Arc<dyn Store>, OfflineSyn
     gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
     std::fs::write(dd.server_cert_path(), server.cert_pem)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dd.store_path())?);
-    let state = AppState {
-        store: store.clone(),
-        scheduler: Arc::new(Scheduler::new(store.clone())),
-        metrics: Arc::new(Metrics::new()),
-    };
-    let ingest = Arc::new(Ingest::new(state.clone(), Arc::new(Fleet::default()), 100));
+    let state = AppState::new(store.clone(), SchedulerConfig::default());
+    let ingest = Arc::new(Ingest::new(state.clone()));
     let ca = Arc::new(ca);
     let sync = OfflineSync::open(&dd, ca.clone(), state, ingest)?;
     Ok((ca, store, sync))
@@ -100,7 +95,15 @@ impl Fixture {
             created_at_ms: 0,
             signer_cert_der: vec![],
         };
-        let payload = bundle::encode_payload(&AgentBundle { envelopes, capabilities: None })?;
+        let capabilities = Capabilities {
+            gpus: vec![],
+            volumes: vec!["/media".into()],
+            watch_roots: vec![],
+            job_slots: 2,
+            profiles: vec![Profile::Shots],
+            models: vec![],
+        };
+        let payload = bundle::encode_payload(&AgentBundle { envelopes, capabilities: Some(capabilities) })?;
         let file = gaffer_certs::seal_bundle(header, &payload, &self.cp_recipient, &self.agent_signer)?;
         let path = self.path(&format!("bundle-{number}.gbundle"));
         std::fs::write(&path, file)?;
@@ -116,15 +119,15 @@ impl Fixture {
         let job_id = Uuid::new_v4();
         let msgs = vec![
             self.env(first_seq, AgentMessage::SubmitWatched { job_id, path: path.into(), profile: Profile::Shots }),
-            self.env(first_seq + 1, AgentMessage::JobAccepted { job_id }),
-            self.env(first_seq + 2, AgentMessage::Digest { job_id, digest: Box::new(digest(path)) }),
+            self.env(first_seq + 1, AgentMessage::JobAccepted { job_id, lease_id: LEASE_ID_NONE }),
+            self.env(first_seq + 2, AgentMessage::Digest { job_id, lease_id: LEASE_ID_NONE, digest: Box::new(digest(path)) }),
         ];
         (job_id, msgs)
     }
 
     /// Everything an import may change.
     fn snapshot(&self) -> Result<Snapshot, Box<dyn std::error::Error>> {
-        let jobs = self.store.list_jobs(10_000)?;
+        let jobs = self.store.list_jobs(&JobQuery { limit: 10_000, ..JobQuery::default() })?.jobs;
         let digests = jobs.iter().map(|j| self.store.get_digest(j.id)).collect::<Result<Vec<_>, _>>()?;
         Ok(Snapshot {
             jobs: jobs.iter().map(|j| (j.id, j.state, j.attempts)).collect(),
@@ -233,7 +236,7 @@ fn offline_jobs_arrive_once_with_digests_and_a_second_import_changes_nothing() -
     // The next bundle redelivers the last digest (agent crashed before the reply arrived) and adds
     // a new job: the redelivery is acknowledged, not applied, and no digest is stored twice.
     let (job_c, mut envs) = fx.job_messages(7, "/media/c.mov");
-    envs.insert(0, fx.env(6, AgentMessage::Digest { job_id: job_b, digest: Box::new(digest("/media/b.mov")) }));
+    envs.insert(0, fx.env(6, AgentMessage::Digest { job_id: job_b, lease_id: LEASE_ID_NONE, digest: Box::new(digest("/media/b.mov")) }));
     let report = fx.import(&fx.bundle(2, envs)?)?;
     let ImportReport::Imported { applied, duplicates, reply_number, .. } = report else {
         panic!("expected an import, got {report:?}");
@@ -249,27 +252,36 @@ fn offline_jobs_arrive_once_with_digests_and_a_second_import_changes_nothing() -
 fn queued_jobs_for_the_agent_travel_in_the_reply_and_are_leased_to_it() -> TestResult {
     let fx = Fixture::new()?;
     let job = fx.sync_submit_pinned("/media/queued.mov")?;
+    // The same eligibility rules as the link's scheduler: a path outside the agent's volumes
+    // (it reported /media only) and a profile it does not run stay queued.
+    let outside = fx.sync_submit_pinned("/archive/elsewhere.mov")?;
     fx.import(&fx.bundle(1, vec![])?)?;
     let (_, reply) = open_reply(&fx)?;
     assert_eq!(reply.assignments.len(), 1);
     assert_eq!(reply.assignments[0].job_id, job);
     let rec = fx.store.get_job(job)?.ok_or("job missing")?;
     assert_eq!((rec.state, rec.agent), (JobState::Assigned, Some(fx.agent_id)));
+    let lease = rec.lease.ok_or("no lease")?;
+    assert_eq!(reply.assignments[0].lease_id, lease.lease_id, "the reply carries the lease id");
+    assert_eq!(lease.deadline_ms, None, "an air-gapped agent's lease has no deadline");
+    assert_eq!(fx.store.get_job(outside)?.map(|j| j.state), Some(JobState::Queued));
     Ok(())
 }
 
 impl Fixture {
     fn sync_submit_pinned(&self, path: &str) -> Result<Uuid, Box<dyn std::error::Error>> {
-        let scheduler = Scheduler::new(self.store.clone());
-        let job = scheduler.submit(
+        let state = AppState::new(self.store.clone(), SchedulerConfig::default());
+        let job = state.scheduler.submit(
             gaffer_control::scheduler::JobRequest {
                 path: path.into(),
                 site: "stage-a".into(),
                 agent: Some(self.agent_id),
                 profile: Profile::Shots,
+                priority: Default::default(),
             },
             gaffer_control::store::JobOrigin::Api,
             None,
+            gaffer_control::now_ms(),
         )?;
         Ok(job.id)
     }

@@ -1,20 +1,34 @@
 //! The control plane's persistent state, behind the [`Store`] trait.
 //!
 //! The trait is deliberately dumb: typed records, atomic read-modify-write per record, and no
-//! scheduling policy. The job state machine lives in [`crate::scheduler`]; the store only guarantees
+//! scheduling policy. The job state machine lives in [`crate::jobs`]; the store only guarantees
 //! that each `update_*` closure runs against the latest committed value and that its result is
-//! committed atomically (a compare-and-swap loop in the sled implementation). Methods are
-//! synchronous: sled calls take microseconds; [`Store::flush`] (fsync) is the one slow call and
-//! async callers run it on a blocking thread.
+//! committed atomically together with the job indexes and counts. Methods are synchronous and may
+//! block (sled calls take microseconds, [`Store::flush`] is an fsync): async callers run them on a
+//! blocking thread, never on an async worker.
 //!
-//! Implementations: [`sled_store::SledStore`] (embedded, one control plane per studio). A
-//! PostgreSQL implementation is the path to several replicas (see DESIGN.md, "Scale").
+//! Jobs are indexed by state (and, for queued jobs, by priority), so the scheduler, the fleet page
+//! and `/metrics` read what they need — the queued jobs in leasing order, the leased jobs, the
+//! per-state counts — without scanning job history ([`Store::jobs_in_state`],
+//! [`Store::job_counts`], [`Store::list_jobs`] pages).
+//!
+//! Every applied agent message is one [`Store::commit_agent_message`]: its effect on one job, the
+//! digest, a job it creates, audit entries and the agent's sequence watermark, in one transaction,
+//! checked against the job record the effect was computed from. The operations map one to one onto
+//! SQL (`SELECT … FOR UPDATE SKIP LOCKED` for leasing in [`Store::jobs_in_state`] + a conditional
+//! `UPDATE`, a transaction for the commit), which is how a PostgreSQL store for several replicas
+//! implements the same trait.
+//!
+//! Implementations: [`sled_store::SledStore`] (embedded, one control plane per studio) and
+//! [`mem_store::MemStore`] (in memory, for the deterministic simulation and tests). Both pass the
+//! contract suite in `control-plane/tests/store_contract.rs`.
 
+pub mod mem_store;
 pub mod sled_store;
 
 use gaffer_protocol::digest::Digest;
 use gaffer_protocol::health::Health;
-use gaffer_protocol::messages::{AgentId, Capabilities, JobId, Profile};
+use gaffer_protocol::messages::{AgentId, Capabilities, JobId, LeaseId, Profile};
 use serde::{Deserialize, Serialize};
 
 /// Errors from the store.
@@ -144,6 +158,9 @@ pub struct AuditRecord {
     pub site: Option<String>,
     /// Human-readable detail (counts, bundle numbers); never secrets.
     pub detail: String,
+    /// The job concerned, if any (job submit/cancel/retry, refused agent reports).
+    #[serde(default)]
+    pub job: Option<JobId>,
 }
 
 /// Offline-sync bundle numbers of one agent.
@@ -175,14 +192,15 @@ pub struct HealthSample {
     pub health: Health,
 }
 
-/// Lifecycle of a job: `queued → assigned → running → succeeded | failed`; a lease lost with its
-/// agent returns the job to `queued`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Lifecycle of a job: `queued → assigned → running → succeeded | failed | cancelled`; every
+/// change goes through [`crate::jobs::transition`]. A lease that expires returns the job to
+/// `queued` (or ends it `failed` once its attempts are spent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting for an agent.
     Queued,
-    /// Leased to an agent, not yet started.
+    /// Leased to an agent, not yet accepted by it.
     Assigned,
     /// The agent accepted it and is analyzing.
     Running,
@@ -190,9 +208,21 @@ pub enum JobState {
     Succeeded,
     /// Finished with an error.
     Failed,
+    /// Stopped by an operator.
+    Cancelled,
 }
 
 impl JobState {
+    /// Every state, in lifecycle order (the order of [`JobCounts`]).
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Assigned,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
     /// API/dashboard name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -201,13 +231,93 @@ impl JobState {
             JobState::Running => "running",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
         }
     }
 
-    /// Whether the job has finished.
+    /// Whether the job has finished (no further change but an operator's retry).
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed)
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
+
+    /// Position in [`JobState::ALL`] (and in [`JobCounts`]); also the state byte of index keys.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown job state {s:?} (known: queued, assigned, running, succeeded, failed, cancelled)"))
+    }
+}
+
+/// Number of jobs in each state, indexed by [`JobState::index`]. Kept by the store as jobs
+/// change, so reading it costs the same with 10 or 10 million jobs of history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts(pub [u64; 6]);
+
+impl JobCounts {
+    /// Jobs in `state`.
+    pub fn get(&self, state: JobState) -> u64 {
+        self.0[state.index()]
+    }
+}
+
+/// How urgently a job should be leased. Higher priorities lease first; within one priority,
+/// oldest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// After every normal and high job.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Before every normal and low job.
+    High,
+}
+
+impl Priority {
+    /// API/dashboard name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            other => Err(format!("unknown priority {other:?} (known: low, normal, high)")),
+        }
+    }
+}
+
+/// The current lease of an assigned or running job: who holds it, under which lease id (the
+/// fencing token), and until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The agent the job is leased to.
+    pub holder: AgentId,
+    /// The lease id sent in the assignment (the job's lease epoch when it was issued; > 0).
+    pub lease_id: LeaseId,
+    /// When the lease expires unless renewed, Unix ms: for an assignment, when it must have been
+    /// accepted (`--assign-timeout-secs`); for a running job, set when its holder's link goes
+    /// (`--lease-grace-secs` later) and cleared when the holder reconnects holding it. None while
+    /// the holder is connected and running it.
+    pub deadline_ms: Option<UnixMs>,
 }
 
 /// Who created a job.
@@ -237,24 +347,131 @@ pub struct JobRecord {
     pub pinned_agent: Option<AgentId>,
     /// Who created it.
     pub origin: JobOrigin,
+    /// Leasing order among queued jobs.
+    #[serde(default)]
+    pub priority: Priority,
     /// Lifecycle state.
     pub state: JobState,
     /// Agent holding the lease (assigned/running) or that finished it.
     pub agent: Option<AgentId>,
+    /// The current lease: `Some` exactly when the job is assigned or running.
+    #[serde(default)]
+    pub lease: Option<Lease>,
+    /// The last lease id issued for this job (0: never leased); the next lease gets one more.
+    #[serde(default)]
+    pub lease_epoch: LeaseId,
     /// Fraction done, 0..=1.
     pub progress: f32,
     /// Frames decoded so far.
     pub frames_decoded: u64,
     /// Failure reason (failed), or why the last attempt was requeued.
     pub error: Option<String>,
-    /// How many times it was leased.
+    /// How many attempts were started (leases issued, plus self-started watch-folder runs);
+    /// capped by `--max-attempts`.
     pub attempts: u32,
+    /// Insertion sequence assigned by the store when the job is inserted (the value passed to
+    /// [`Store::insert_job`] is ignored): orders jobs created in the same millisecond and is part
+    /// of the index keys.
+    #[serde(default)]
+    pub seq: u64,
     /// When it was created.
     pub created_at_ms: UnixMs,
     /// Last state or progress change.
     pub updated_at_ms: UnixMs,
     /// When it finished.
     pub finished_at_ms: Option<UnixMs>,
+}
+
+/// Which jobs [`Store::list_jobs`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobQuery {
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Only jobs leased to or finished by this agent (`JobRecord::agent`).
+    pub agent: Option<AgentId>,
+    /// Continue after this cursor (from [`JobPage::next`]).
+    pub after: Option<JobCursor>,
+    /// Most jobs returned; callers cap it (the API at 1000).
+    pub limit: usize,
+}
+
+/// Position in the newest-first job listing: the last job of a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCursor {
+    /// `created_at_ms` of the last job returned.
+    pub created_at_ms: UnixMs,
+    /// `seq` of the last job returned.
+    pub seq: u64,
+}
+
+impl JobCursor {
+    /// The cursor of `job`.
+    pub fn of(job: &JobRecord) -> Self {
+        Self { created_at_ms: job.created_at_ms, seq: job.seq }
+    }
+}
+
+impl std::fmt::Display for JobCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.created_at_ms, self.seq)
+    }
+}
+
+impl std::str::FromStr for JobCursor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("cursor {s:?} is not of the form <created_at_ms>-<seq>: pass the `next` of a previous page");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        Ok(Self { created_at_ms: a.parse().map_err(|_| bad())?, seq: b.parse().map_err(|_| bad())? })
+    }
+}
+
+/// One page of [`Store::list_jobs`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobPage {
+    /// The jobs, newest first.
+    pub jobs: Vec<JobRecord>,
+    /// Cursor for the next page; None when this is the last.
+    pub next: Option<JobCursor>,
+}
+
+/// A job change computed from a record read earlier: written only if the record is still `before`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobWrite {
+    /// The record as read (the precondition).
+    pub before: JobRecord,
+    /// The record to write (same id).
+    pub after: JobRecord,
+}
+
+/// Everything one applied agent message writes (see [`Store::commit_agent_message`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentCommit {
+    /// The sending agent.
+    pub agent: AgentId,
+    /// The message's sequence number (> 0); becomes the agent's watermark.
+    pub seq: u64,
+    /// When it was applied (the agent's `last_seen_ms`).
+    pub now_ms: UnixMs,
+    /// The job change, if the message changes a job.
+    pub job: Option<JobWrite>,
+    /// A digest to store for a job (kept if the job already has one).
+    pub digest: Option<(JobId, Digest)>,
+    /// A job the message creates (a watch-folder submission); skipped if the id exists.
+    pub new_job: Option<JobRecord>,
+    /// Audit entries (refused reports).
+    pub audit: Vec<AuditRecord>,
+}
+
+/// What [`Store::commit_agent_message`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Everything was written.
+    Committed,
+    /// The sequence number was already applied: nothing written; acknowledge again.
+    Duplicate,
+    /// The job changed since it was read: nothing written; read it again and recompute.
+    Conflict,
 }
 
 /// The control plane's persistent state. See the module docs for the contract.
@@ -298,24 +515,44 @@ pub trait Store: Send + Sync + 'static {
     fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
     /// Read-modify-write of one agent; `None` if it does not exist.
     fn update_agent(&self, id: AgentId, f: &mut dyn FnMut(&mut AgentRecord)) -> StoreResult<Option<AgentRecord>>;
-    /// Appends a health sample to the agent's history, keeping at most `keep_max` newest samples,
+    /// Appends a health sample to the agent's history, keeping at most `keep_max` newest samples
+    /// and at most `bytes_max` bytes of them (oldest dropped first; the newest is always kept),
     /// and sets it as the agent's `last_health`.
-    fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize) -> StoreResult<()>;
+    fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize, bytes_max: usize) -> StoreResult<()>;
     /// Up to `limit` newest health samples, oldest first.
     fn health_history(&self, id: AgentId, limit: usize) -> StoreResult<Vec<HealthSample>>;
 
-    /// Inserts a job; returns false (and changes nothing) if a job with that id exists.
+    /// Inserts a job (assigning its [`JobRecord::seq`]) and counts it; returns false (and changes
+    /// nothing) if a job with that id exists.
     fn insert_job(&self, job: &JobRecord) -> StoreResult<bool>;
     /// One job.
     fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
-    /// Up to `limit` jobs, newest first.
-    fn list_jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>>;
-    /// Jobs in `state`, oldest first.
-    fn jobs_in_state(&self, state: JobState) -> StoreResult<Vec<JobRecord>>;
+    /// One page of jobs, newest first (by `created_at_ms`, then `seq`), matching `query`.
+    fn list_jobs(&self, query: &JobQuery) -> StoreResult<JobPage>;
+    /// Up to `limit` jobs in `state`, from the state index: queued jobs in leasing order (higher
+    /// [`Priority`] first, then oldest first), other states oldest first. Costs O(limit), however
+    /// many jobs are in other states.
+    fn jobs_in_state(&self, state: JobState, limit: usize) -> StoreResult<Vec<JobRecord>>;
+    /// Number of jobs in each state, O(1).
+    fn job_counts(&self) -> StoreResult<JobCounts>;
     /// Read-modify-write of one job. The closure returns whether it changed the record; if it
-    /// returns false nothing is written. Returns the record as stored afterwards, `None` if the
-    /// job does not exist.
+    /// returns false nothing is written. The state index and counts change with the record in
+    /// one atomic write. Returns the record as stored afterwards, `None` if the job does not
+    /// exist. The closure may run more than once (on a concurrent change) and must not have side
+    /// effects.
     fn update_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>>;
+    /// Deletes up to `limit` finished jobs (and their digests) whose `finished_at_ms` is before
+    /// `finished_before_ms`, oldest first; returns how many were deleted. Retention of finished
+    /// jobs (`--finished-job-retention`).
+    fn delete_finished_jobs(&self, finished_before_ms: UnixMs, limit: usize) -> StoreResult<usize>;
+    /// Applies one agent message in one transaction: if `commit.seq` is not above the agent's
+    /// applied watermark nothing is written ([`CommitOutcome::Duplicate`]); if the job named by
+    /// `commit.job` is no longer exactly `commit.job.before` nothing is written
+    /// ([`CommitOutcome::Conflict`]: re-read and recompute); otherwise the job's new record (with
+    /// index and counts), the digest (kept if one exists), the new job (skipped if its id exists),
+    /// the audit entries, the agent's `last_seen_ms` and the watermark `seq` are written together
+    /// ([`CommitOutcome::Committed`]). Not durable until [`Store::flush`].
+    fn commit_agent_message(&self, commit: &AgentCommit) -> StoreResult<CommitOutcome>;
     /// Stores a job's digest; returns false (and keeps the first) if it already has one.
     fn put_digest(&self, id: JobId, digest: &Digest) -> StoreResult<bool>;
     /// A job's digest.

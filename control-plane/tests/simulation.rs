@@ -1,0 +1,999 @@
+//! Deterministic simulation of the fleet core (quinn-proto's `Pair`, TigerBeetle's VOPR).
+//!
+//! One control plane — the real [`AgentConnCore`] per connection (the sans-IO
+//! [`gaffer_protocol::session::ControlSession`] plus the control plane's handling of its events),
+//! the real scheduler, job state machine and ingest, over the in-memory store — and a few agents,
+//! each the real [`AgentSession`] plus a model of the agent's durable state (outbox, job queue)
+//! and of its runner (jobs take a while, sometimes fail or crash). Between them a simulated
+//! network: byte chunks split and delayed at random, connections severed (the control plane
+//! notices late, so an old connection can still deliver after a new one is up), partitions.
+//! Faults: agent crashes and restarts (with their durable state), control-plane crashes and
+//! restarts (with the store), wall-clock jumps. Operators submit, cancel and retry at random; jobs
+//! are queued before, during and after agents connect.
+//!
+//! After every step the invariants are checked (see [`Sim::check`]); after the chaos phase the
+//! network heals and every job must end within a bounded simulated time. Each seed is one run; a
+//! failure prints its seed, and `GAFFER_SIM_SEED=<seed>` replays exactly that run.
+//! `GAFFER_SIM_SEEDS=N` sets how many seeds run (default 2000; `GAFFER_SIM_FIRST_SEED` the first).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gaffer_control::ingest::Ingest;
+use gaffer_control::jobs::JobPolicy;
+use gaffer_control::link::AgentConnCore;
+use gaffer_control::scheduler::{JobRequest, SchedulerConfig, MAILBOX_ASSIGN_MAX};
+use gaffer_control::store::mem_store::MemStore;
+use gaffer_control::store::{AgentRecord, JobOrigin, JobQuery, JobRecord, JobState, Priority, Store};
+use gaffer_control::AppState;
+use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
+use gaffer_protocol::health::{Health, HealthSource};
+use gaffer_protocol::messages::{AgentId, AgentMessage, Assignment, Capabilities, HeldJob, JobId, Profile};
+use gaffer_protocol::session::{AgentEvent, AgentSession, AgentSessionConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SITE: &str = "s1";
+const HEARTBEAT_SECS: u32 = 5;
+/// Simulated time of one step, ms (the step length itself is random up to this).
+const STEP_MS_MAX: u64 = 250;
+/// Chaos phase length, simulated ms.
+const CHAOS_MS: u64 = 180_000;
+/// After the network heals, every job must be final within this, simulated ms. The worst honest
+/// case: a job whose holder vanished just before the heal waits out the lease grace (30 s) and
+/// then runs (≤ 20 s) — per remaining attempt.
+const HEAL_BOUND_MS: u64 = 300_000;
+/// How long after the control plane loses a connection it notices, at most, ms.
+const NOTICE_DELAY_MS_MAX: u64 = 12_000;
+
+/// Knobs that vary per seed.
+#[derive(Debug, Clone)]
+struct Scenario {
+    agents: usize,
+    jobs: usize,
+    p_submit: f64,
+    p_agent_crash: f64,
+    p_cp_crash: f64,
+    p_sever: f64,
+    p_partition: f64,
+    p_cancel: f64,
+    p_retry: f64,
+    p_clock_jump: f64,
+    p_worker_crash: f64,
+    latency_ms_max: u64,
+}
+
+impl Scenario {
+    fn random(rng: &mut StdRng) -> Self {
+        Self {
+            agents: rng.gen_range(1..=4),
+            jobs: rng.gen_range(1..=24),
+            p_submit: rng.gen_range(0.005..0.08),
+            p_agent_crash: rng.gen_range(0.0..0.004),
+            p_cp_crash: rng.gen_range(0.0..0.0015),
+            p_sever: rng.gen_range(0.0..0.006),
+            p_partition: rng.gen_range(0.0..0.002),
+            p_cancel: rng.gen_range(0.0..0.01),
+            p_retry: rng.gen_range(0.0..0.01),
+            p_clock_jump: rng.gen_range(0.0..0.001),
+            p_worker_crash: rng.gen_range(0.0..0.3),
+            latency_ms_max: rng.gen_range(1..400),
+        }
+    }
+}
+
+/// A byte stream in one direction of one connection.
+#[derive(Default)]
+struct Pipe {
+    chunks: VecDeque<(u64, Vec<u8>)>,
+}
+
+impl Pipe {
+    fn push(&mut self, rng: &mut StdRng, now: u64, latency_max: u64, bytes: Vec<u8>) {
+        // Split at random, keep order: a later chunk never arrives before an earlier one.
+        let last = self.chunks.back().map_or(0, |c| c.0);
+        let mut at = (now + rng.gen_range(0..=latency_max)).max(last);
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let n = if rng.gen_bool(0.3) { rng.gen_range(1..=rest.len()) } else { rest.len() };
+            self.chunks.push_back((at, rest[..n].to_vec()));
+            rest = &rest[n..];
+            at += rng.gen_range(0..3);
+        }
+    }
+
+    fn due(&mut self, now: u64, coalesce: bool) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        while self.chunks.front().is_some_and(|c| c.0 <= now) {
+            let Some((_, bytes)) = self.chunks.pop_front() else { break };
+            match out.last_mut() {
+                // Several chunks in one read: the case the drain bug got wrong.
+                Some(prev) if coalesce => prev.extend_from_slice(&bytes),
+                _ => out.push(bytes),
+            }
+        }
+        out
+    }
+}
+
+struct Conn {
+    agent: usize,
+    to_cp: Pipe,
+    to_agent: Pipe,
+    /// The agent side is gone (severed or agent crashed): nothing more goes to the agent.
+    agent_gone: bool,
+    /// When the control plane notices the connection is gone (then its core finishes).
+    cp_notices_at: Option<u64>,
+    core: Option<AgentConnCore>,
+}
+
+/// A job in an agent's durable queue.
+#[derive(Debug, Clone)]
+struct Held {
+    assignment: Assignment,
+    /// Set while running: when it finishes.
+    finish_at: Option<u64>,
+}
+
+struct SimAgent {
+    id: AgentId,
+    caps: Capabilities,
+    // Durable (survive a crash):
+    outbox: BTreeMap<u64, AgentMessage>,
+    next_seq: u64,
+    held: Vec<Held>,
+    // Volatile:
+    running: bool,
+    restart_at: u64,
+    conn: Option<(u64, AgentSession)>,
+    reconnect_at: u64,
+    backoff_ms: u64,
+    partitioned_until: u64,
+}
+
+impl SimAgent {
+    fn push(&mut self, msg: AgentMessage) {
+        self.next_seq += 1;
+        self.outbox.insert(self.next_seq, msg);
+    }
+}
+
+/// What the simulation remembers about a job to check the invariants.
+#[derive(Debug, Default, Clone)]
+struct Track {
+    finishes: u32,
+    retries: u32,
+    last_state: Option<JobState>,
+    assigned_since: Option<u64>,
+}
+
+struct Sim {
+    seed: u64,
+    rng: StdRng,
+    sc: Scenario,
+    base: Instant,
+    /// Simulated time since the start, ms.
+    t: u64,
+    /// Offset of the control plane's wall clock (clock jumps), ms.
+    clock_offset_ms: i64,
+    store: Arc<MemStore>,
+    state: AppState,
+    ingest: Arc<Ingest>,
+    cp_up: bool,
+    cp_restart_at: u64,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    agents: Vec<SimAgent>,
+    jobs: Vec<JobId>,
+    track: BTreeMap<JobId, Track>,
+    watermarks: BTreeMap<AgentId, u64>,
+    healed_at: Option<u64>,
+    calm_since: u64,
+    last_pass: u64,
+}
+
+const EPOCH_MS: u64 = 1_800_000_000_000;
+
+fn policy() -> JobPolicy {
+    JobPolicy::default()
+}
+
+fn digest_marker(agent: AgentId, lease_id: u64) -> String {
+    format!("sim:{agent}:{lease_id}")
+}
+
+fn digest(path: &str, agent: AgentId, lease_id: u64) -> Digest {
+    Digest {
+        schema_version: DIGEST_SCHEMA_VERSION,
+        profile: "shots".into(),
+        source: SourceInfo { path: path.into(), size_bytes: 1, modified_unix_secs: None },
+        technical: TechnicalMetadata {
+            container: digest_marker(agent, lease_id),
+            container_long_name: String::new(),
+            duration_secs: Some(1.0),
+            bit_rate_bps: None,
+            streams: Vec::new(),
+            primary_video_stream: None,
+        },
+        shots: ShotAnalysis {
+            detector: "content".into(),
+            threshold: 27.0,
+            min_shot_frames: 15,
+            frames_decoded: 25,
+            frames_corrupt: 0,
+            cuts: Vec::new(),
+            shots: Vec::new(),
+        },
+        moderation: None,
+        text: None,
+        speech: None,
+        analyzers: Vec::new(),
+        analysis_secs: 1.0,
+    }
+}
+
+fn health() -> Health {
+    Health {
+        sampled_at_unix_ms: 0,
+        source: HealthSource::CpuOnly { reason: "simulated".into() },
+        cpu_percent: 1.0,
+        load_avg_1m: 0.1,
+        memory_used_bytes: 1,
+        memory_total_bytes: 2,
+        disks: Vec::new(),
+        gpus: Vec::new(),
+        inference: None,
+        jobs_running: 0,
+        job_slots: 1,
+        jobs_queued: 0,
+        outbox_pending: 0,
+        outbox_full: false,
+    }
+}
+
+/// Path of job `n`: `/media/<n>.mov` (every agent), `/archive/<n>.mov` (only agents with the
+/// archive volume), or a bad file (fails permanently).
+fn job_path(rng: &mut StdRng, n: usize) -> String {
+    match rng.gen_range(0..10) {
+        0 => format!("/media/bad-{n}.mov"),
+        1 | 2 => format!("/archive/{n}.mov"),
+        _ => format!("/media/{n}.mov"),
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let sc = Scenario::random(&mut rng);
+        let store = Arc::new(MemStore::new());
+        let agents: Vec<SimAgent> = (0..sc.agents)
+            .map(|i| {
+                let mut volumes = vec!["/media".to_owned()];
+                // Agent 0 always has the archive, so every job can run somewhere.
+                if i == 0 || rng.gen_bool(0.3) {
+                    volumes.push("/archive".to_owned());
+                }
+                SimAgent {
+                    id: uuid::Uuid::from_u128(0xa000 + i as u128),
+                    caps: Capabilities {
+                        gpus: Vec::new(),
+                        volumes,
+                        watch_roots: Vec::new(),
+                        job_slots: rng.gen_range(1..=3),
+                        profiles: vec![Profile::Shots],
+                        models: Vec::new(),
+                    },
+                    outbox: BTreeMap::new(),
+                    next_seq: 0,
+                    held: Vec::new(),
+                    running: false,
+                    // Agents come up at random times: some jobs are queued first.
+                    restart_at: rng.gen_range(0..20_000),
+                    conn: None,
+                    reconnect_at: 0,
+                    backoff_ms: 500,
+                    partitioned_until: 0,
+                }
+            })
+            .collect();
+        for a in &agents {
+            let rec = AgentRecord {
+                id: a.id,
+                site: SITE.into(),
+                hostname: format!("gpu-{}", a.id),
+                enrolled_at_ms: EPOCH_MS,
+                cert_not_after_unix: 4_000_000_000,
+                agent_version: None,
+                capabilities: None,
+                connected: false,
+                last_seen_ms: None,
+                last_health: None,
+                bundle_recipient: None,
+                csr_pem: None,
+                cert_serial_hex: None,
+                revoked_at_ms: None,
+                offline: false,
+            };
+            if let Err(e) = store.insert_agent(&rec) {
+                panic!("seed {seed}: insert agent: {e}");
+            }
+        }
+        let (state, ingest) = control_plane(store.clone());
+        Sim {
+            seed,
+            rng,
+            sc,
+            base: Instant::now(),
+            t: 0,
+            clock_offset_ms: 0,
+            store,
+            state,
+            ingest,
+            cp_up: true,
+            cp_restart_at: 0,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            agents,
+            jobs: Vec::new(),
+            track: BTreeMap::new(),
+            watermarks: BTreeMap::new(),
+            healed_at: None,
+            calm_since: 0,
+            last_pass: 0,
+        }
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_millis(self.t)
+    }
+
+    fn cp_now_ms(&self) -> u64 {
+        (EPOCH_MS + self.t).saturating_add_signed(self.clock_offset_ms)
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!(
+            "simulation seed {} failed at t={} ms: {what}\n  scenario: {:?}\n{}\n  replay: GAFFER_SIM_SEED={} cargo test -p gaffer-control --test simulation",
+            self.seed, self.t, self.sc, self.dump(), self.seed
+        );
+    }
+
+    /// The agents' side of things, for failure messages.
+    fn dump(&self) -> String {
+        let mut out = String::new();
+        for a in &self.agents {
+            out.push_str(&format!(
+                "  agent {} running={} conn={:?} up={:?} slots={} held={:?} outbox={:?}\n",
+                a.id,
+                a.running,
+                a.conn.as_ref().map(|c| c.0),
+                a.conn.as_ref().map(|c| c.1.is_up()),
+                a.caps.job_slots,
+                a.held.iter().map(|h| (h.assignment.job_id, h.assignment.lease_id, h.finish_at)).collect::<Vec<_>>(),
+                a.outbox.iter().map(|(s, m)| (*s, m.kind())).collect::<Vec<_>>(),
+            ));
+        }
+        out.push_str(&format!("  connections: {:?}\n", self.conns.keys().collect::<Vec<_>>()));
+        out
+    }
+
+    fn chaos(&self) -> bool {
+        self.healed_at.is_none()
+    }
+
+    // ---- operators ------------------------------------------------------------------------
+
+    fn submit(&mut self) {
+        if self.jobs.len() >= self.sc.jobs {
+            return;
+        }
+        let n = self.jobs.len();
+        let path = job_path(&mut self.rng, n);
+        let priority = [Priority::Low, Priority::Normal, Priority::High][self.rng.gen_range(0..3)];
+        let req = JobRequest { path, site: SITE.into(), agent: None, profile: Profile::Shots, priority };
+        match self.state.scheduler.submit(req, JobOrigin::Api, None, self.cp_now_ms()) {
+            Ok(job) => {
+                self.jobs.push(job.id);
+                self.track.insert(job.id, Track::default());
+            }
+            Err(e) => self.fail(&format!("submit failed: {e}")),
+        }
+    }
+
+    fn operator_action(&mut self, retry: bool) {
+        if self.jobs.is_empty() {
+            return;
+        }
+        let id = self.jobs[self.rng.gen_range(0..self.jobs.len())];
+        let now = self.cp_now_ms();
+        let r = if retry { self.state.scheduler.retry(id, now) } else { self.state.scheduler.cancel(id, "sim", now) };
+        if let Err(e) = r {
+            if !matches!(e, gaffer_control::scheduler::SubmitError::Refused(_)) {
+                self.fail(&format!("operator action failed: {e}"));
+            }
+        }
+    }
+
+    // ---- faults ---------------------------------------------------------------------------
+
+    fn sever(&mut self, conn_id: u64) {
+        let delay = self.rng.gen_range(0..NOTICE_DELAY_MS_MAX);
+        let t = self.t;
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            c.agent_gone = true;
+            c.to_agent.chunks.clear();
+            c.cp_notices_at.get_or_insert(t + delay);
+            if let Some(a) = self.agents.get_mut(c.agent) {
+                if a.conn.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+                    a.conn = None;
+                    a.reconnect_at = t + 500;
+                }
+            }
+        }
+    }
+
+    fn crash_agent(&mut self, i: usize) {
+        let down = self.rng.gen_range(100..20_000);
+        if let Some((conn_id, _)) = self.agents[i].conn.take() {
+            self.sever(conn_id);
+        }
+        let a = &mut self.agents[i];
+        a.running = false;
+        a.restart_at = self.t + down;
+        for h in &mut a.held {
+            h.finish_at = None; // re-run from the start after the restart
+        }
+    }
+
+    fn crash_control_plane(&mut self) {
+        // Connections die with the process; nothing of the in-memory state survives.
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(mut c) = self.conns.remove(&id) {
+                c.core = None;
+                if let Some(a) = self.agents.get_mut(c.agent) {
+                    if a.conn.as_ref().is_some_and(|(cid, _)| *cid == id) {
+                        a.conn = None;
+                        a.reconnect_at = self.t + 500;
+                    }
+                }
+            }
+        }
+        self.cp_up = false;
+        self.cp_restart_at = self.t + self.rng.gen_range(100..15_000);
+    }
+
+    fn restart_control_plane(&mut self) {
+        let store = Arc::new(self.store.snapshot());
+        self.store = store.clone();
+        let (state, ingest) = control_plane(store);
+        self.state = state;
+        self.ingest = ingest;
+        self.cp_up = true;
+        if let Err(e) = self.state.scheduler.recover(self.cp_now_ms()) {
+            self.fail(&format!("recover failed: {e}"));
+        }
+    }
+
+    // ---- agents ---------------------------------------------------------------------------
+
+    fn connect(&mut self, i: usize) {
+        let conn_id = self.next_conn;
+        self.next_conn += 1;
+        let a = &self.agents[i];
+        let running_jobs =
+            a.held.iter().map(|h| HeldJob { job_id: h.assignment.job_id, lease_id: h.assignment.lease_id }).collect();
+        let cfg = AgentSessionConfig {
+            agent_id: a.id,
+            agent_version: "sim".into(),
+            hostname: format!("gpu-{i}"),
+            capabilities: a.caps.clone(),
+            running_jobs,
+            ..AgentSessionConfig::default()
+        };
+        let session = AgentSession::new(cfg, self.instant());
+        let core = AgentConnCore::new(
+            self.state.clone(),
+            self.ingest.clone(),
+            a.id,
+            conn_id,
+            HEARTBEAT_SECS,
+            None,
+            self.instant(),
+        );
+        self.conns.insert(
+            conn_id,
+            Conn { agent: i, to_cp: Pipe::default(), to_agent: Pipe::default(), agent_gone: false, cp_notices_at: None, core: Some(core) },
+        );
+        self.agents[i].conn = Some((conn_id, session));
+    }
+
+    /// The agent's runner: start held jobs while slots are free, finish running ones.
+    fn run_jobs(&mut self, i: usize) {
+        let t = self.t;
+        let chaos = self.chaos();
+        let p_crash = self.sc.p_worker_crash;
+        let slots = self.agents[i].caps.job_slots as usize;
+        let mut finished = Vec::new();
+        {
+            let a = &mut self.agents[i];
+            for h in a.held.iter().filter(|h| h.finish_at.is_some_and(|f| f <= t)) {
+                finished.push(h.assignment.clone());
+            }
+            a.held.retain(|h| !h.finish_at.is_some_and(|f| f <= t));
+        }
+        for asg in finished {
+            let id = self.agents[i].id;
+            let msg = if asg.path.contains("/bad-") {
+                AgentMessage::JobFailed {
+                    job_id: asg.job_id,
+                    lease_id: asg.lease_id,
+                    reason: "not a media file".into(),
+                    retryable: false,
+                }
+            } else if chaos && self.rng.gen_bool(p_crash) {
+                AgentMessage::JobFailed {
+                    job_id: asg.job_id,
+                    lease_id: asg.lease_id,
+                    reason: "analysis worker killed by signal 9 (SIGKILL)".into(),
+                    retryable: true,
+                }
+            } else {
+                AgentMessage::Digest {
+                    job_id: asg.job_id,
+                    lease_id: asg.lease_id,
+                    digest: Box::new(digest(&asg.path, id, asg.lease_id)),
+                }
+            };
+            self.agents[i].push(msg);
+        }
+        loop {
+            let a = &self.agents[i];
+            let busy = a.held.iter().filter(|h| h.finish_at.is_some()).count();
+            let Some(k) = a.held.iter().position(|h| h.finish_at.is_none()) else { break };
+            if busy >= slots {
+                break;
+            }
+            let took = self.rng.gen_range(200..20_000);
+            let a = &mut self.agents[i];
+            a.held[k].finish_at = Some(t + took);
+            let (job_id, lease_id) = (a.held[k].assignment.job_id, a.held[k].assignment.lease_id);
+            a.push(AgentMessage::JobAccepted { job_id, lease_id });
+        }
+    }
+
+    /// The agent's link driver: the same event handling as `agent/src/link.rs`.
+    fn drive_agent(&mut self, i: usize) {
+        let now = self.instant();
+        let latency = self.sc.latency_ms_max;
+        let t = self.t;
+        let Some((conn_id, mut session)) = self.agents[i].conn.take() else { return };
+        // Input that has arrived.
+        let coalesce = self.rng.gen_bool(0.5);
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            for bytes in c.to_agent.due(t, coalesce) {
+                session.handle_input(&bytes, now);
+            }
+        }
+        if session.poll_timeout().is_some_and(|d| d <= now) {
+            session.handle_timeout(now);
+        }
+        let mut closed = false;
+        while let Some(event) = session.poll_event() {
+            let a = &mut self.agents[i];
+            match event {
+                AgentEvent::Welcomed { .. } => a.backoff_ms = 500,
+                AgentEvent::Assign(asg) => {
+                    if !a.held.iter().any(|h| h.assignment.job_id == asg.job_id) {
+                        a.held.push(Held { assignment: asg, finish_at: None });
+                    }
+                }
+                AgentEvent::Cancel { job_id, .. } => a.held.retain(|h| h.assignment.job_id != job_id),
+                AgentEvent::Acked(seq) | AgentEvent::Rejected { seq, .. } => {
+                    a.outbox.remove(&seq);
+                }
+                AgentEvent::RetryLater { .. } => {}
+                AgentEvent::HeartbeatDue => session.send_heartbeat(health(), now),
+                AgentEvent::Closed { .. } => closed = true,
+            }
+        }
+        self.run_jobs(i);
+        // Fill the outbox window.
+        if let Some((after, max)) = session.outbox_window() {
+            let batch: Vec<(u64, AgentMessage)> =
+                self.agents[i].outbox.range(after + 1..).take(max).map(|(s, m)| (*s, m.clone())).collect();
+            for (seq, msg) in batch {
+                if session.send_outbox(seq, msg).is_err() {
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(bytes) = session.poll_transmit() {
+            out.push(bytes);
+        }
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            for bytes in out {
+                if c.cp_notices_at.is_none() {
+                    c.to_cp.push(&mut self.rng, t, latency, bytes);
+                }
+            }
+        }
+        if closed || session.is_closed() {
+            let backoff = self.agents[i].backoff_ms;
+            self.agents[i].reconnect_at = t + self.rng.gen_range(0..=backoff);
+            self.agents[i].backoff_ms = (backoff * 2).min(30_000);
+            self.sever(conn_id);
+        } else {
+            self.agents[i].conn = Some((conn_id, session));
+        }
+    }
+
+    // ---- control plane ----------------------------------------------------------------------
+
+    fn drive_control_plane(&mut self) {
+        let now = self.instant();
+        let now_ms = self.cp_now_ms();
+        let t = self.t;
+        let latency = self.sc.latency_ms_max;
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            let coalesce = self.rng.gen_bool(0.5);
+            let Some(c) = self.conns.get_mut(&id) else { continue };
+            let Some(mut core) = c.core.take() else { continue };
+            for bytes in c.to_cp.due(t, coalesce) {
+                core.session.handle_input(&bytes, now);
+            }
+            let notice = c.cp_notices_at.is_some_and(|n| n <= t);
+            if notice {
+                core.session.handle_end_of_stream(now);
+            }
+            if core.session.poll_timeout().is_some_and(|d| d <= now) {
+                core.session.handle_timeout(now);
+            }
+            let closed = core.process(now_ms);
+            let mut out = Vec::new();
+            while let Some(bytes) = core.session.poll_transmit() {
+                out.push(bytes);
+            }
+            let Some(c) = self.conns.get_mut(&id) else { continue };
+            if !c.agent_gone {
+                for bytes in out {
+                    c.to_agent.push(&mut self.rng, t, latency, bytes);
+                }
+            }
+            if closed.is_some() || notice {
+                core.finish(now_ms);
+                let agent = c.agent;
+                self.conns.remove(&id);
+                if let Some(a) = self.agents.get_mut(agent) {
+                    if a.conn.as_ref().is_some_and(|(cid, _)| *cid == id) {
+                        // The agent hears of the close with the last bytes; model it at once.
+                        a.conn = None;
+                        a.reconnect_at = t + 500;
+                    }
+                }
+            } else if let Some(c) = self.conns.get_mut(&id) {
+                c.core = Some(core);
+            }
+        }
+        if t >= self.last_pass + 1000 {
+            self.last_pass = t;
+            if let Err(e) = self.state.scheduler.deadline_pass(now_ms) {
+                self.fail(&format!("deadline pass failed: {e}"));
+            }
+            if let Err(e) = self.state.scheduler.lease_pass(now_ms) {
+                self.fail(&format!("lease pass failed: {e}"));
+            }
+            self.check_after_passes(now_ms);
+        }
+    }
+
+    // ---- the loop -------------------------------------------------------------------------
+
+    fn step(&mut self) {
+        self.t += self.rng.gen_range(1..=STEP_MS_MAX);
+        let sc = self.sc.clone();
+        if self.rng.gen_bool(sc.p_submit) || (self.healed_at.is_some() && self.jobs.len() < sc.jobs) {
+            self.submit();
+        }
+        if self.chaos() {
+            if self.rng.gen_bool(sc.p_cancel) {
+                self.operator_action(false);
+            }
+            if self.rng.gen_bool(sc.p_retry) {
+                self.operator_action(true);
+            }
+            if self.rng.gen_bool(sc.p_clock_jump) {
+                // NTP steps: mostly forward (past deadlines), sometimes back.
+                self.clock_offset_ms += if self.rng.gen_bool(0.8) { self.rng.gen_range(1_000..90_000) } else { -5_000 };
+            }
+            if self.cp_up && self.rng.gen_bool(sc.p_cp_crash) {
+                self.crash_control_plane();
+            }
+            for i in 0..self.agents.len() {
+                if self.agents[i].running && self.rng.gen_bool(sc.p_agent_crash) {
+                    self.crash_agent(i);
+                }
+                if self.rng.gen_bool(sc.p_sever) {
+                    if let Some((id, _)) = self.agents[i].conn.as_ref() {
+                        let id = *id;
+                        self.sever(id);
+                    }
+                }
+                if self.rng.gen_bool(sc.p_partition) {
+                    let until = self.t + self.rng.gen_range(1_000..60_000);
+                    self.agents[i].partitioned_until = until;
+                    if let Some((id, _)) = self.agents[i].conn.as_ref() {
+                        let id = *id;
+                        self.sever(id);
+                    }
+                }
+            }
+        }
+        if !self.cp_up && self.t >= self.cp_restart_at {
+            self.restart_control_plane();
+        }
+        for i in 0..self.agents.len() {
+            let a = &self.agents[i];
+            if !a.running && self.t >= a.restart_at {
+                self.agents[i].running = true;
+                self.agents[i].reconnect_at = self.t;
+            }
+            let a = &self.agents[i];
+            if a.running && a.conn.is_none() && self.t >= a.reconnect_at && self.t >= a.partitioned_until {
+                if self.cp_up {
+                    self.connect(i);
+                    self.calm_since = self.t;
+                } else {
+                    let backoff = self.agents[i].backoff_ms;
+                    self.agents[i].reconnect_at = self.t + self.rng.gen_range(0..=backoff);
+                    self.agents[i].backoff_ms = (backoff * 2).min(30_000);
+                }
+            }
+            if self.agents[i].running {
+                self.drive_agent(i);
+            }
+        }
+        if self.cp_up {
+            self.drive_control_plane();
+        }
+        self.check();
+    }
+
+    fn heal(&mut self) {
+        self.healed_at = Some(self.t);
+        self.calm_since = self.t;
+        if !self.cp_up {
+            self.cp_restart_at = self.t;
+        }
+        for a in &mut self.agents {
+            a.partitioned_until = 0;
+            if !a.running {
+                a.restart_at = a.restart_at.min(self.t);
+            }
+        }
+    }
+
+    fn all_jobs(&self) -> Vec<JobRecord> {
+        let mut out = Vec::new();
+        let mut q = JobQuery { limit: 1000, ..JobQuery::default() };
+        loop {
+            let page = match self.store.list_jobs(&q) {
+                Ok(p) => p,
+                Err(e) => self.fail(&format!("list_jobs: {e}")),
+            };
+            out.extend(page.jobs);
+            match page.next {
+                Some(c) => q.after = Some(c),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Invariants checked after every step.
+    fn check(&mut self) {
+        let jobs = self.all_jobs();
+        // Counts kept by the store match the jobs.
+        let counts = match self.store.job_counts() {
+            Ok(c) => c,
+            Err(e) => self.fail(&format!("job_counts: {e}")),
+        };
+        for st in JobState::ALL {
+            let n = jobs.iter().filter(|j| j.state == st).count() as u64;
+            if counts.get(st) != n {
+                self.fail(&format!("store counts {} {} jobs, there are {n}", counts.get(st), st.as_str()));
+            }
+        }
+        for j in &jobs {
+            // A lease exactly while assigned or running; a failed job says why.
+            if j.lease.is_some() != matches!(j.state, JobState::Assigned | JobState::Running) {
+                self.fail(&format!("job {} is {} with lease {:?}", j.id, j.state.as_str(), j.lease));
+            }
+            if j.state == JobState::Failed && j.error.is_none() {
+                self.fail(&format!("job {} failed without a reason", j.id));
+            }
+            // A digest is stored only from the current lease holder, under the current lease.
+            let digest = match self.store.get_digest(j.id) {
+                Ok(d) => d,
+                Err(e) => self.fail(&format!("get_digest: {e}")),
+            };
+            if (j.state == JobState::Succeeded) != digest.is_some() {
+                self.fail(&format!("job {} is {} and has digest: {}", j.id, j.state.as_str(), digest.is_some()));
+            }
+            if let (Some(d), Some(agent)) = (&digest, j.agent) {
+                let expected = digest_marker(agent, j.lease_epoch);
+                if d.technical.container != expected {
+                    self.fail(&format!(
+                        "job {} holds the digest of {} but succeeded under {expected}",
+                        j.id, d.technical.container
+                    ));
+                }
+            }
+            // Every job ends at most once per operator retry.
+            let t = self.t;
+            let tr = self.track.entry(j.id).or_default();
+            let was_final = tr.last_state.is_some_and(|s| s.is_terminal());
+            if j.state.is_terminal() && !was_final {
+                tr.finishes += 1;
+            }
+            if !j.state.is_terminal() && was_final {
+                tr.retries += 1;
+            }
+            if j.state == JobState::Assigned {
+                tr.assigned_since.get_or_insert(t);
+            } else {
+                tr.assigned_since = None;
+            }
+            tr.last_state = Some(j.state);
+            let (finishes, retries, since) = (tr.finishes, tr.retries, tr.assigned_since);
+            if finishes > retries + 1 {
+                self.fail(&format!("job {} finished {finishes} times after {retries} retries", j.id));
+            }
+            // Calm network: an assignment is accepted promptly.
+            let calm = self.healed_at.is_some() && t > self.calm_since + 15_000;
+            if calm && since.is_some_and(|s| s + 5_000 < t && s > self.calm_since) {
+                self.fail(&format!("job {} assigned for {} ms on a calm network", j.id, t - since.unwrap_or(t)));
+            }
+        }
+        // No message is applied twice: the watermarks only grow.
+        for a in &self.agents {
+            let w = match self.store.last_applied_seq(a.id) {
+                Ok(w) => w.unwrap_or(0),
+                Err(e) => self.fail(&format!("last_applied_seq: {e}")),
+            };
+            let before = self.watermarks.insert(a.id, w).unwrap_or(0);
+            if w < before {
+                self.fail(&format!("watermark of agent {} went back from {before} to {w}", a.id));
+            }
+            if w > a.next_seq {
+                self.fail(&format!("watermark {w} of agent {} is past anything it sent", a.id));
+            }
+        }
+    }
+
+    /// Right after the scheduler's passes: no job waits queued while an eligible agent is idle,
+    /// and no lease is past its deadline.
+    fn check_after_passes(&self, now_ms: u64) {
+        let fleet = self.state.scheduler.fleet();
+        for j in self.all_jobs() {
+            if j.state == JobState::Queued {
+                for a in &self.agents {
+                    let Some(_) = fleet.conn_id(a.id) else { continue };
+                    let leased = fleet.leases_of(a.id).len();
+                    let eligible = a.caps.volumes.iter().any(|v| gaffer_control::scheduler::path_is_under(&j.path, v));
+                    if eligible && leased < a.caps.job_slots as usize && fleet.outgoing_len(a.id) < MAILBOX_ASSIGN_MAX {
+                        self.fail(&format!(
+                            "job {} ({}) waits queued while agent {} is connected with {leased}/{} slots busy",
+                            j.id, j.path, a.id, a.caps.job_slots
+                        ));
+                    }
+                }
+            }
+            if let Some(d) = j.lease.and_then(|l| l.deadline_ms) {
+                if d <= now_ms {
+                    self.fail(&format!("job {} is {} past its deadline by {} ms", j.id, j.state.as_str(), now_ms - d));
+                }
+            }
+        }
+    }
+
+    fn run(mut self) {
+        while self.t < CHAOS_MS {
+            self.step();
+        }
+        self.heal();
+        let deadline = self.t + HEAL_BOUND_MS;
+        loop {
+            self.step();
+            let jobs = self.all_jobs();
+            let open: Vec<&JobRecord> = jobs.iter().filter(|j| !j.state.is_terminal()).collect();
+            let drained = self.agents.iter().all(|a| a.outbox.is_empty() && a.held.is_empty());
+            if open.is_empty() && jobs.len() >= self.sc.jobs && drained {
+                return;
+            }
+            if self.t > deadline {
+                let open: Vec<String> =
+                    open.iter().map(|j| format!("{} {} ({:?})", j.id, j.state.as_str(), j.error)).collect();
+                let outboxes: Vec<usize> = self.agents.iter().map(|a| a.outbox.len()).collect();
+                self.fail(&format!(
+                    "{} s after the heal: not final: {open:?}; outbox entries per agent {outboxes:?}",
+                    HEAL_BOUND_MS / 1000
+                ));
+            }
+        }
+    }
+}
+
+fn control_plane(store: Arc<MemStore>) -> (AppState, Arc<Ingest>) {
+    let cfg = SchedulerConfig { policy: policy(), ..SchedulerConfig::default() };
+    let state = AppState::new(store, cfg);
+    let ingest = Arc::new(Ingest::new(state.clone()));
+    (state, ingest)
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn fleet_core_simulation_keeps_its_invariants() {
+    if let Some(seed) = env_u64("GAFFER_SIM_SEED") {
+        Sim::new(seed).run();
+        return;
+    }
+    let first = env_u64("GAFFER_SIM_FIRST_SEED").unwrap_or(0);
+    let n = env_u64("GAFFER_SIM_SEEDS").unwrap_or(2000);
+    let started = Instant::now();
+    for seed in first..first + n {
+        Sim::new(seed).run();
+    }
+    eprintln!("simulation: {n} seeds from {first} passed in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// The regression the simulation was built for: jobs queued before any agent connects, agents
+/// that come up 0–50 ms apart, every job done.
+#[test]
+fn jobs_queued_before_agents_connect_all_finish() {
+    for seed in 0..200u64 {
+        let mut sim = Sim::new(1_000_000 + seed);
+        sim.sc = Scenario {
+            agents: 1 + (seed % 3) as usize,
+            jobs: 8,
+            p_submit: 0.0,
+            p_agent_crash: 0.0,
+            p_cp_crash: 0.0,
+            p_sever: 0.0,
+            p_partition: 0.0,
+            p_cancel: 0.0,
+            p_retry: 0.0,
+            p_clock_jump: 0.0,
+            p_worker_crash: 0.0,
+            latency_ms_max: 5,
+        };
+        for _ in 0..8 {
+            sim.submit();
+        }
+        for (k, a) in sim.agents.iter_mut().enumerate() {
+            a.restart_at = 1 + (seed * 7 + k as u64 * 13) % 50;
+        }
+        sim.heal();
+        let deadline = 120_000;
+        while sim.t < deadline {
+            sim.step();
+            if sim.all_jobs().iter().all(|j| j.state.is_terminal()) {
+                break;
+            }
+        }
+        // Bad media fails (once, with its reason); everything else succeeds.
+        let stuck: Vec<String> = sim
+            .all_jobs()
+            .iter()
+            .filter(|j| j.state != if j.path.contains("/bad-") { JobState::Failed } else { JobState::Succeeded })
+            .map(|j| format!("{j:?}"))
+            .collect();
+        assert!(stuck.is_empty(), "seed {}: jobs not done after {deadline} ms: {stuck:?}\n{}", sim.seed, sim.dump());
+    }
+}
