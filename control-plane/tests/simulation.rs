@@ -61,6 +61,7 @@ struct Scenario {
     p_retry: f64,
     p_clock_jump: f64,
     p_worker_crash: f64,
+    p_watch: f64,
     latency_ms_max: u64,
 }
 
@@ -78,6 +79,7 @@ impl Scenario {
             p_retry: rng.gen_range(0.0..0.01),
             p_clock_jump: rng.gen_range(0.0..0.001),
             p_worker_crash: rng.gen_range(0.0..0.3),
+            p_watch: rng.gen_range(0.0..0.003),
             latency_ms_max: rng.gen_range(1..400),
         }
     }
@@ -191,6 +193,7 @@ struct Sim {
     healed_at: Option<u64>,
     calm_since: u64,
     last_pass: u64,
+    watched: usize,
 }
 
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -341,6 +344,7 @@ impl Sim {
             healed_at: None,
             calm_since: 0,
             last_pass: 0,
+            watched: 0,
         }
     }
 
@@ -722,6 +726,13 @@ impl Sim {
                         self.sever(id);
                     }
                 }
+                if self.agents[i].running && self.watched < sc.jobs / 2 && self.rng.gen_bool(sc.p_watch) {
+                    // A file lands in the agent's watch folder: it asks for a job (pinned to it).
+                    self.watched += 1;
+                    let job_id = uuid::Uuid::from_u128(self.rng.gen());
+                    let path = format!("/media/watch-{}.mov", self.watched);
+                    self.agents[i].push(AgentMessage::SubmitWatched { job_id, path, profile: Profile::Shots });
+                }
                 if self.rng.gen_bool(sc.p_partition) {
                     let until = self.t + self.rng.gen_range(1_000..60_000);
                     self.agents[i].partitioned_until = until;
@@ -883,7 +894,8 @@ impl Sim {
                 for a in &self.agents {
                     let Some(_) = fleet.conn_id(a.id) else { continue };
                     let leased = fleet.leases_of(a.id).len();
-                    let eligible = a.caps.volumes.iter().any(|v| gaffer_control::scheduler::path_is_under(&j.path, v));
+                    let eligible = j.pinned_agent.is_none_or(|p| p == a.id)
+                        && a.caps.volumes.iter().any(|v| gaffer_control::scheduler::path_is_under(&j.path, v));
                     if eligible && leased < a.caps.job_slots as usize && fleet.outgoing_len(a.id) < MAILBOX_ASSIGN_MAX {
                         self.fail(&format!(
                             "job {} ({}) waits queued while agent {} is connected with {leased}/{} slots busy",
@@ -947,6 +959,22 @@ fn fleet_core_simulation_keeps_its_invariants() {
     let first = env_u64("GAFFER_SIM_FIRST_SEED").unwrap_or(0);
     let n = env_u64("GAFFER_SIM_SEEDS").unwrap_or(2000);
     let started = Instant::now();
+    if std::env::var_os("GAFFER_SIM_KEEP_GOING").is_some() {
+        // Count every failing seed (for planted-bug runs) instead of stopping at the first.
+        std::panic::set_hook(Box::new(|_| {}));
+        let failed: Vec<u64> = (first..first + n)
+            .filter(|&seed| std::panic::catch_unwind(|| Sim::new(seed).run()).is_err())
+            .collect();
+        let _ = std::panic::take_hook();
+        eprintln!(
+            "simulation: {} of {n} seeds from {first} failed in {:.1} s; first failing seeds: {:?}",
+            failed.len(),
+            started.elapsed().as_secs_f64(),
+            &failed[..failed.len().min(20)]
+        );
+        assert!(failed.is_empty(), "{} of {n} seeds failed", failed.len());
+        return;
+    }
     for seed in first..first + n {
         Sim::new(seed).run();
     }
@@ -971,6 +999,7 @@ fn jobs_queued_before_agents_connect_all_finish() {
             p_retry: 0.0,
             p_clock_jump: 0.0,
             p_worker_crash: 0.0,
+            p_watch: 0.0,
             latency_ms_max: 5,
         };
         for _ in 0..8 {

@@ -192,7 +192,12 @@ impl AgentSession {
         self.decoder.push(bytes);
         while !self.is_closed() {
             match self.decoder.next_message::<ControlMessage>() {
-                Ok(Some(msg)) => self.on_message(msg, now),
+                Ok(Some(msg)) => {
+                    self.on_message(msg, now);
+                    if super::PLANTED_BUG_NO_DECODER_DRAIN {
+                        break;
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => self.close(CloseReason::Codec(e.to_string())),
             }

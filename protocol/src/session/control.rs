@@ -133,7 +133,12 @@ impl ControlSession {
         self.decoder.push(bytes);
         while !self.is_closed() {
             match self.decoder.next_message::<AgentEnvelope>() {
-                Ok(Some(env)) => self.on_envelope(env),
+                Ok(Some(env)) => {
+                    self.on_envelope(env);
+                    if super::PLANTED_BUG_NO_DECODER_DRAIN {
+                        break;
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => {
                     let text = e.to_string();

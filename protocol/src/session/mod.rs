@@ -85,6 +85,12 @@
 mod agent;
 mod control;
 
+/// The decoder drain switched off — each input handles one frame and leaves the rest buffered,
+/// the bug of issue 7 — to show that the fleet simulation catches it
+/// (`cargo test -p gaffer-control --features gaffer-protocol/planted-bug-no-decoder-drain --test simulation`).
+/// Never enabled in a build that ships.
+pub(crate) const PLANTED_BUG_NO_DECODER_DRAIN: bool = cfg!(feature = "planted-bug-no-decoder-drain");
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
