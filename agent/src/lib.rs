@@ -3,7 +3,8 @@
 //! * [`enroll`]: one-time enrollment with a token, verifying the control plane by CA fingerprint.
 //! * [`link`]: the mTLS QUIC link: Hello, heartbeats, assignments, outbox delivery, reconnects.
 //! * [`outbox`]: durable, acknowledged delivery of everything that matters.
-//! * [`runner`]: runs assigned jobs on blocking threads within the configured slots.
+//! * [`runner`]: the durable job queue; runs assigned jobs within the configured slots.
+//! * [`worker`]: each job's decode and analysis in a child process with time and memory limits.
 //! * [`analysis`]: FFmpeg decode → shot detection, keyframes, technical metadata → digest.
 //! * [`health`]: host and GPU (NVML) health.
 //! * [`models`]: ONNX Runtime provisioning, the model registry, execution-provider selection.
@@ -31,6 +32,7 @@ pub mod runner;
 pub mod speech;
 pub mod vision;
 pub mod watch;
+pub mod worker;
 
 use std::path::Path;
 

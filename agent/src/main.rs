@@ -44,6 +44,10 @@ enum Command {
     },
     /// Install, verify and list the ONNX Runtime and the analysis models.
     Models(cmd_models::ModelsArgs),
+    /// Internal: one job's analysis in a worker process, started by `run` (job on stdin as one
+    /// JSON line, result frames on stdout).
+    #[command(hide = true)]
+    Worker,
 }
 
 #[derive(clap::Args)]
@@ -102,6 +106,17 @@ struct RunArgs {
     /// `gaffer-agent bundle export`.
     #[arg(long)]
     offline: bool,
+    /// Wall-time limit of one job's analysis worker, e.g. `20m`, `1h30m`, `90s` (units ms, s, m,
+    /// h, d). Default: max(10 min, 4 × the media's duration), 60 min when the file does not say
+    /// its duration. A job past it fails ("analysis worker exceeded the 20 min time limit").
+    #[arg(long, value_parser = gaffer_agent::worker::parse_duration)]
+    job_timeout: Option<std::time::Duration>,
+    /// Resident-memory limit of one job's analysis worker, in bytes or with a unit: `4GiB`,
+    /// `512MiB`, `2G` (K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; kB/MB/GB/TB of 1000).
+    /// Default: max(1 GiB, 75 % of this box's memory / --slots). Polled every 200 ms; a worker
+    /// above it is killed and its job fails ("analysis worker exceeded the 4 GiB memory limit").
+    #[arg(long, value_parser = gaffer_agent::worker::parse_bytes)]
+    job_memory_max: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -144,6 +159,10 @@ struct StatusArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Worker = cli.command {
+        // Logs as JSON lines on stderr, which the agent forwards into its own log.
+        std::process::exit(gaffer_agent::worker::worker_main());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
@@ -157,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         Command::Enroll(args) => tokio::runtime::Runtime::new()?.block_on(enroll_cmd(args)),
         Command::Bundle { command } => tokio::runtime::Runtime::new()?.block_on(bundle_cmd(command)),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run_cmd(args)),
+        Command::Worker => Ok(()),
     }
 }
 
@@ -308,7 +328,14 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!(profiles = ?profiles.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "analysis profiles available");
     let runner = Runner::new(
-        RunnerConfig { volumes: volumes.clone(), job_slots: args.slots, models, ..RunnerConfig::default() },
+        RunnerConfig {
+            volumes: volumes.clone(),
+            job_slots: args.slots,
+            models,
+            job_timeout: args.job_timeout,
+            job_memory_max_bytes: args.job_memory_max,
+            ..RunnerConfig::default()
+        },
         outbox.clone(),
         &db,
     )?;

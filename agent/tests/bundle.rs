@@ -19,15 +19,14 @@ use gaffer_agent::outbox::Outbox;
 use gaffer_agent::AgentError;
 use gaffer_certs::{BundleKey, BundleSigner, BundleSignerRole, BundleTrust, CertError, FleetCa, UnixTime};
 use gaffer_control::ingest::Ingest;
-use gaffer_control::metrics::Metrics;
 use gaffer_control::offline::{ImportReport, OfflineSync};
-use gaffer_control::scheduler::{Fleet, JobRequest, Scheduler};
+use gaffer_control::scheduler::{JobRequest, SchedulerConfig};
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{JobOrigin, Store};
 use gaffer_control::AppState;
 use gaffer_protocol::bundle::{self, AgentBundle, BundleDirection, BundleError, BundleHeader, ControlReply};
 use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
-use gaffer_protocol::messages::{AgentId, AgentMessage, Assignment, Profile};
+use gaffer_protocol::messages::{AgentId, AgentMessage, Assignment, Capabilities, Profile, LEASE_ID_NONE};
 use uuid::Uuid;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -40,7 +39,7 @@ const SITE: &str = "stage-a";
 struct ControlPlane {
     dd: gaffer_control::datadir::DataDir,
     ca: Arc<FleetCa>,
-    store: Arc<dyn Store>,
+    state: AppState,
     sync: OfflineSync,
 }
 
@@ -55,15 +54,11 @@ impl ControlPlane {
         gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
         std::fs::write(dd.server_cert_path(), server.cert_pem)?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&dd.store_path())?);
-        let state = AppState {
-            store: store.clone(),
-            scheduler: Arc::new(Scheduler::new(store.clone())),
-            metrics: Arc::new(Metrics::new()),
-        };
-        let ingest = Arc::new(Ingest::new(state.clone(), Arc::new(Fleet::default()), 100));
+        let state = AppState::new(store, SchedulerConfig::default());
+        let ingest = Arc::new(Ingest::new(state.clone()));
         let ca = Arc::new(ca);
-        let sync = OfflineSync::open(&dd, ca.clone(), state, ingest)?;
-        Ok(ControlPlane { dd, ca, store, sync })
+        let sync = OfflineSync::open(&dd, ca.clone(), state.clone(), ingest)?;
+        Ok(ControlPlane { dd, ca, state, sync })
     }
 
     /// The control plane's own bundle signer (`server.pem` + `server.key`).
@@ -90,10 +85,17 @@ impl ControlPlane {
 
     /// A queued job pinned to `agent_id`; it travels in the agent's next reply.
     fn submit_pinned(&self, agent_id: AgentId, path: &str) -> BoxResult<Uuid> {
-        let job = Scheduler::new(self.store.clone()).submit(
-            JobRequest { path: path.into(), site: SITE.into(), agent: Some(agent_id), profile: Profile::Shots },
+        let job = self.state.scheduler.submit(
+            JobRequest {
+                path: path.into(),
+                site: SITE.into(),
+                agent: Some(agent_id),
+                profile: Profile::Shots,
+                priority: Default::default(),
+            },
             JobOrigin::Api,
             None,
+            gaffer_control::now_ms(),
         )?;
         Ok(job.id)
     }
@@ -120,6 +122,17 @@ impl Agent {
         cp.sync.enroll_offline(&request, &reply, "tester")?;
         let identity = gaffer_agent::enroll::install_offline_reply(&dd, &reply, cp.ca.fingerprint())?;
         assert_eq!(identity.agent_id, req.agent_id);
+        // What `run` writes and `bundle export` carries: the control plane leases an offline
+        // agent only what these capabilities allow.
+        let capabilities = Capabilities {
+            gpus: Vec::new(),
+            volumes: vec!["/media".into()],
+            watch_roots: Vec::new(),
+            job_slots: 4,
+            profiles: vec![Profile::Shots],
+            models: Vec::new(),
+        };
+        std::fs::write(dd.capabilities_path(), serde_json::to_vec_pretty(&capabilities)?)?;
         let db = sled::open(dd.state_path())?;
         let outbox = Outbox::open(&db)?;
         Ok(Agent { dd, db, outbox, id: identity.agent_id, scratch })
@@ -139,8 +152,12 @@ impl Agent {
                 path: media_path.into(),
                 profile: Profile::Shots,
             })?,
-            self.outbox.push(&AgentMessage::JobAccepted { job_id })?,
-            self.outbox.push(&AgentMessage::Digest { job_id, digest: Box::new(digest(media_path)) })?,
+            self.outbox.push(&AgentMessage::JobAccepted { job_id, lease_id: LEASE_ID_NONE })?,
+            self.outbox.push(&AgentMessage::Digest {
+                job_id,
+                lease_id: LEASE_ID_NONE,
+                digest: Box::new(digest(media_path)),
+            })?,
         ])
     }
 
@@ -321,7 +338,11 @@ fn a_good_reply_acks_the_outbox_queues_jobs_stores_the_crl_and_a_second_import_c
     );
     assert!(agent.outbox.entries()?.is_empty(), "acknowledged messages are still in the outbox");
     let queued = agent.queued_assignments()?;
-    assert_eq!(queued, vec![Assignment { job_id: job, path: "/media/queued.mov".into(), profile: Profile::Shots }]);
+    assert!(
+        matches!(&queued[..], [a] if a.job_id == job && a.path == "/media/queued.mov" && a.profile == Profile::Shots
+            && a.lease_id != LEASE_ID_NONE),
+        "{queued:?}"
+    );
     let (_, sent) = agent.open_reply(&reply)?;
     assert_eq!(sent.acks, seqs);
     let stored_crl = std::fs::read_to_string(agent_bundle::crl_path(&agent.dd))?;
@@ -430,7 +451,12 @@ fn replies_from_another_fleet_or_not_signed_by_the_control_plane_are_refused_and
     // What every forgery tries to make the agent do: drop its outbox, run a job, take a CRL.
     let tempting = ControlReply {
         acks: seqs,
-        assignments: vec![Assignment { job_id: Uuid::new_v4(), path: "/etc/shadow".into(), profile: Profile::Shots }],
+        assignments: vec![Assignment {
+            job_id: Uuid::new_v4(),
+            lease_id: 1,
+            path: "/etc/shadow".into(),
+            profile: Profile::Shots,
+        }],
         crl_pem: cp.ca.revocation_list_pem(&[], 1)?,
         renewed_cert_pem: None,
     };

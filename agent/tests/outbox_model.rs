@@ -55,7 +55,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Push(j) => {
-                    let msg = AgentMessage::JobAccepted { job_id: Uuid::from_u128(u128::from(j)) };
+                    let msg = AgentMessage::JobAccepted { job_id: Uuid::from_u128(u128::from(j)), lease_id: 1 };
                     let seq = outbox.push(&msg).unwrap();
                     prop_assert!(seq > highest_seq, "sequence went backwards: {seq} after {highest_seq}");
                     highest_seq = seq;

@@ -33,7 +33,10 @@
 //! the first audio stream (decoded on the decode thread); see [`full`].
 //!
 //! Entry points: [`init_ffmpeg`] once per process, then [`analyze_file`] (`shots`) or
-//! [`analyze_file_with`] (any profile) on a blocking thread.
+//! [`analyze_file_with`] (any profile) on a blocking thread. The agent's analysis workers
+//! (`crate::worker`) use [`analyze_opened_with`] on an [`OpenedMedia`] instead: FFmpeg reads the
+//! file the worker opened and checked, restricted to [`PROTOCOL_WHITELIST`] and
+//! [`FORMAT_WHITELIST`].
 
 pub mod content;
 pub mod full;
@@ -342,6 +345,187 @@ fn source_info(path: &Path) -> Result<(SourceInfo, PathBuf), AnalysisError> {
     }
     let info = SourceInfo { path: path_text.to_string(), size_bytes: meta.len(), modified_unix_secs };
     Ok((info, canonical))
+}
+
+/// FFmpeg demuxers an agent's analysis worker lets open a job's file (`format_whitelist`; names
+/// as `ffmpeg -demuxers` lists them in FFmpeg 5.1): the containers and elementary streams media
+/// files come in. Left out on purpose: everything that reads other files or URLs (`hls`, `dash`,
+/// `concat`, `webm_dash_manifest`, image sequences `image2`), and rarely used demuxers.
+pub const FORMAT_WHITELIST: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mxf,mpeg,mpegvideo,\
+flv,ogg,asf,dv,ivf,obu,wav,aiff,mp3,flac,h264,hevc,m4v,yuv4mpegpipe";
+
+/// FFmpeg protocols an analysis worker allows (`protocol_whitelist`): `file` only, so nothing a
+/// container says can make FFmpeg open a network URL, a pipe or a subprocess.
+pub const PROTOCOL_WHITELIST: &str = "file";
+
+/// Bytes at the start of a file read to recognize playlists and scripts before FFmpeg sees it:
+/// 512.
+const SNIFF_BYTES: usize = 512;
+
+/// A job's media file, opened once (read-only) by the analysis worker after its path was checked
+/// against the agent's volumes; FFmpeg then reads this open file, never the path again.
+#[derive(Debug)]
+pub struct OpenedMedia {
+    file: std::fs::File,
+    canonical: PathBuf,
+    meta: std::fs::Metadata,
+}
+
+impl OpenedMedia {
+    /// Opens `canonical` (an absolute path without symlinks, as [`std::fs::canonicalize`] makes
+    /// it) read-only, checks with `fstat` that it is a regular file, and refuses text playlists
+    /// and FFmpeg concat scripts (which would make FFmpeg read other files) with a reason.
+    ///
+    /// # Errors
+    /// [`AnalysisError::NotFound`], [`AnalysisError::Unreadable`] (also for a directory or a
+    /// device), [`AnalysisError::PathNotUtf8`], [`AnalysisError::NotMedia`] for a playlist or
+    /// concat script.
+    pub fn open(canonical: &Path) -> Result<Self, AnalysisError> {
+        use std::os::unix::fs::FileExt as _;
+        let io_err = |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                AnalysisError::NotFound { path: canonical.to_path_buf() }
+            } else {
+                AnalysisError::Unreadable { path: canonical.to_path_buf(), source }
+            }
+        };
+        if canonical.to_str().is_none_or(|t| t.contains('\0')) {
+            return Err(AnalysisError::PathNotUtf8 { path: canonical.to_path_buf() });
+        }
+        let file = std::fs::File::open(canonical).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(AnalysisError::Unreadable {
+                path: canonical.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
+        let mut head = [0u8; SNIFF_BYTES];
+        let mut filled = 0;
+        while filled < head.len() {
+            match file.read_at(&mut head[filled..], filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        if let Some(what) = script_kind(&head[..filled]) {
+            return Err(AnalysisError::NotMedia {
+                path: canonical.to_path_buf(),
+                reason: format!(
+                    "it is {what}, which makes FFmpeg read other files or URLs; only media files are analyzed"
+                ),
+            });
+        }
+        Ok(Self { file, canonical: canonical.to_path_buf(), meta })
+    }
+
+    /// The path it was opened at.
+    pub fn path(&self) -> &Path {
+        &self.canonical
+    }
+
+    /// The kernel's name of the open file (`/proc/self/fd/N`'s target): where the file really
+    /// is, whatever happened to the path since it was checked.
+    ///
+    /// # Errors
+    /// The OS error of reading the link.
+    pub fn opened_path(&self) -> std::io::Result<PathBuf> {
+        std::fs::read_link(self.fd_path())
+    }
+
+    fn fd_path(&self) -> String {
+        use std::os::fd::AsRawFd as _;
+        format!("/proc/self/fd/{}", self.file.as_raw_fd())
+    }
+
+    fn source_info(&self) -> SourceInfo {
+        let modified_unix_secs = self
+            .meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_secs()).ok());
+        SourceInfo {
+            path: self.canonical.to_str().unwrap_or_default().to_string(),
+            size_bytes: self.meta.len(),
+            modified_unix_secs,
+        }
+    }
+}
+
+/// What a file that must not reach FFmpeg's probing is, judged from its first bytes: an M3U/HLS
+/// playlist or an FFmpeg concat script. None for anything else.
+fn script_kind(head: &[u8]) -> Option<&'static str> {
+    let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
+    let start = head.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(head.len());
+    let text = &head[start..];
+    let starts = |p: &[u8]| text.len() >= p.len() && text[..p.len()].eq_ignore_ascii_case(p);
+    if starts(b"#EXTM3U") || starts(b"#EXT-X-") {
+        Some("an M3U/HLS playlist")
+    } else if starts(b"ffconcat") {
+        Some("an FFmpeg concat script (ffconcat)")
+    } else {
+        None
+    }
+}
+
+/// Where [`analyze_media`] gets its input from.
+enum MediaSource<'a> {
+    /// A path, resolved and opened by FFmpeg (the `analyze` command).
+    Path(&'a Path),
+    /// A file opened and checked by the caller, read through its descriptor with FFmpeg
+    /// restricted to [`PROTOCOL_WHITELIST`] and [`FORMAT_WHITELIST`] (analysis workers).
+    Opened { media: &'a OpenedMedia, on_opened: &'a mut dyn FnMut(Option<f64>) },
+}
+
+/// Opens the input for [`analyze_media`]: the digest's source information and FFmpeg's demuxer
+/// context.
+fn open_input(
+    media: MediaSource<'_>,
+    cancel: &AtomicBool,
+) -> Result<(SourceInfo, ffmpeg::format::context::Input), AnalysisError> {
+    match media {
+        MediaSource::Path(path) => {
+            let (source, canonical) = source_info(path)?;
+            if cancel.load(Ordering::Relaxed) {
+                return Err(AnalysisError::Cancelled);
+            }
+            // "file:" pins FFmpeg to the local-file protocol whatever the path looks like.
+            let url = format!("file:{}", source.path);
+            let input = ffmpeg::format::input(&url)
+                .map_err(|e| AnalysisError::NotMedia { path: canonical, reason: e.to_string() })?;
+            Ok((source, input))
+        }
+        MediaSource::Opened { media, on_opened } => {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(AnalysisError::Cancelled);
+            }
+            let mut options = ffmpeg::Dictionary::new();
+            options.set("protocol_whitelist", PROTOCOL_WHITELIST);
+            options.set("format_whitelist", FORMAT_WHITELIST);
+            // /proc/self/fd/N opens the very file this process holds, not whatever the path
+            // names now.
+            let url = format!("file:{}", media.fd_path());
+            let input = ffmpeg::format::input_with_dictionary(&url, options).map_err(|e| {
+                let reason = match e {
+                    ffmpeg::Error::Other { errno } if errno == ffmpeg::error::EINVAL => format!(
+                        "FFmpeg refused it ({e}): its container is not one of the formats the agent analyzes \
+                         ({FORMAT_WHITELIST}), or it is not media"
+                    ),
+                    e => e.to_string(),
+                };
+                AnalysisError::NotMedia { path: media.canonical.clone(), reason }
+            })?;
+            let duration = input.duration();
+            let duration_secs = (duration > 0)
+                .then(|| duration as f64 / f64::from(ffmpeg::ffi::AV_TIME_BASE))
+                .filter(|d| d.is_finite());
+            on_opened(duration_secs);
+            Ok((media.source_info(), input))
+        }
+    }
 }
 
 fn describe_streams(technical: &gaffer_protocol::digest::TechnicalMetadata) -> String {
@@ -797,6 +981,37 @@ pub fn analyze_file_with(
     on_progress: &mut dyn FnMut(ProgressUpdate),
     cancel: &AtomicBool,
 ) -> Result<Digest, AnalysisError> {
+    analyze_media(MediaSource::Path(path), opts, full, on_progress, cancel)
+}
+
+/// [`analyze_file_with`] on a file the caller already opened and checked ([`OpenedMedia`]):
+/// FFmpeg reads exactly that open file (through `/proc/self/fd/N`), restricted to the `file`
+/// protocol and the demuxers of [`FORMAT_WHITELIST`], so a playlist or concat script cannot make
+/// it read anything else. `on_opened` is called once the container is probed, with the media's
+/// duration in seconds (None when the container does not say), before any frame is decoded.
+/// This is what the agent's analysis workers run.
+///
+/// # Errors
+/// As [`analyze_file_with`]; a container outside the whitelist, a playlist or a concat script is
+/// [`AnalysisError::NotMedia`] with the reason.
+pub fn analyze_opened_with(
+    media: &OpenedMedia,
+    opts: &AnalyzeOptions,
+    full: Option<&full::FullAnalysis<'_>>,
+    on_opened: &mut dyn FnMut(Option<f64>),
+    on_progress: &mut dyn FnMut(ProgressUpdate),
+    cancel: &AtomicBool,
+) -> Result<Digest, AnalysisError> {
+    analyze_media(MediaSource::Opened { media, on_opened }, opts, full, on_progress, cancel)
+}
+
+fn analyze_media(
+    media: MediaSource<'_>,
+    opts: &AnalyzeOptions,
+    full: Option<&full::FullAnalysis<'_>>,
+    on_progress: &mut dyn FnMut(ProgressUpdate),
+    cancel: &AtomicBool,
+) -> Result<Digest, AnalysisError> {
     let started = Instant::now();
     opts.validate()?;
     // Every profile starts with the `shots` stages; `full` adds the ONNX analyzers.
@@ -810,14 +1025,7 @@ pub fn analyze_file_with(
         }
     };
     init_ffmpeg()?;
-    let (source, canonical) = source_info(path)?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(AnalysisError::Cancelled);
-    }
-    // "file:" pins FFmpeg to the local-file protocol whatever the path looks like.
-    let url = format!("file:{}", source.path);
-    let mut input = ffmpeg::format::input(&url)
-        .map_err(|e| AnalysisError::NotMedia { path: canonical.clone(), reason: e.to_string() })?;
+    let (source, mut input) = open_input(media, cancel)?;
     let mut technical = probe::technical_metadata(&input);
 
     let (stream_index, time_base, start_ts, fps, stream_duration, parameters) = {
