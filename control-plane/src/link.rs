@@ -376,7 +376,7 @@ impl Link {
                 let now_ms = crate::now_ms();
                 match input {
                     Input::None => {}
-                    Input::Bytes(b) => c.session.handle_input(&b, now),
+                    Input::Bytes(b) => c.handle_input(&b, now),
                     Input::End => c.session.handle_end_of_stream(now),
                     Input::Timer => c.session.handle_timeout(now),
                 }
@@ -552,7 +552,9 @@ pub struct AgentConnCore {
     ingest: Arc<Ingest>,
     agent_id: AgentId,
     conn_id: u64,
-    audit: Option<Arc<WireAudit>>,
+    /// The wire audit and its own decoder of the received bytes (so it records exactly what
+    /// arrived, Hello included, independent of what the session makes of it).
+    audit: Option<(Arc<WireAudit>, FrameDecoder)>,
     registered: Option<Arc<tokio::sync::Notify>>,
 }
 
@@ -579,7 +581,20 @@ impl AgentConnCore {
             },
             now,
         );
+        let audit = audit.map(|a| (a, FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT)));
         Self { session, state, ingest, agent_id, conn_id, audit, registered: None }
+    }
+
+    /// Feeds bytes read from the stream to the session (and to the wire audit, if on).
+    pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
+        if let Some((audit, dec)) = self.audit.as_mut() {
+            dec.push(bytes);
+            // A frame the session refuses ends the connection; the audit just stops there.
+            while let Ok(Some(env)) = dec.next_message::<AgentEnvelope>() {
+                audit.record(self.agent_id, &env);
+            }
+        }
+        self.session.handle_input(bytes, now);
     }
 
     /// The notifier that says the agent has queued outgoing messages (once registered).
@@ -615,9 +630,6 @@ impl AgentConnCore {
                     }
                 }
                 ControlEvent::Message(env) => {
-                    if let Some(a) = &self.audit {
-                        a.record(self.agent_id, &env);
-                    }
                     self.state.metrics.message_received(env.body.kind());
                     let seq = env.seq;
                     match self.ingest.ingest(self.agent_id, env, now_ms) {
@@ -632,9 +644,6 @@ impl AgentConnCore {
                 ControlEvent::Heartbeat(health) => {
                     self.state.metrics.message_received("heartbeat");
                     let env = AgentEnvelope { agent_id: self.agent_id, seq: 0, body: AgentMessage::Heartbeat(health) };
-                    if let Some(a) = &self.audit {
-                        a.record(self.agent_id, &env);
-                    }
                     if let Err(e) = self.ingest.ingest(self.agent_id, env, now_ms) {
                         tracing::warn!(error = %e, "could not store a heartbeat");
                     }

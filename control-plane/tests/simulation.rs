@@ -647,7 +647,7 @@ impl Sim {
             let Some(c) = self.conns.get_mut(&id) else { continue };
             let Some(mut core) = c.core.take() else { continue };
             for bytes in c.to_cp.due(t, coalesce) {
-                core.session.handle_input(&bytes, now);
+                core.handle_input(&bytes, now);
             }
             let notice = c.cp_notices_at.is_some_and(|n| n <= t);
             if notice {

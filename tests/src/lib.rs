@@ -69,6 +69,22 @@ fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Res
     }
 }
 
+/// The value of the cookie `name` set by `resp`.
+pub fn cookie(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
+    resp.headers().get_all(reqwest::header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|c| {
+        let (pair, _) = c.split_once(';').unwrap_or((c, ""));
+        let (k, v) = pair.split_once('=')?;
+        (k.trim() == name && !v.is_empty()).then(|| v.to_owned())
+    })
+}
+
+/// The value of the hidden `csrf` field of the first form in `html`.
+pub fn csrf_of(html: &str) -> Option<String> {
+    let at = html.find("name=\"csrf\" value=\"")? + "name=\"csrf\" value=\"".len();
+    let end = html[at..].find('"')?;
+    Some(html[at..at + end].to_owned())
+}
+
 /// Sends SIGKILL to a child and reaps it.
 fn sigkill(child: &mut Child) {
     let _ = Command::new("kill").arg("-KILL").arg(child.id().to_string()).status();
@@ -84,11 +100,15 @@ pub struct ControlPlaneOptions {
     pub idle_timeout_secs: u64,
     /// `--heartbeat-interval-secs`.
     pub heartbeat_interval_secs: u32,
+    /// `--assign-timeout-secs`.
+    pub assign_timeout_secs: u64,
+    /// `--max-attempts`.
+    pub max_attempts: u32,
 }
 
 impl Default for ControlPlaneOptions {
     fn default() -> Self {
-        Self { lease_grace_secs: 2, idle_timeout_secs: 3, heartbeat_interval_secs: 1 }
+        Self { lease_grace_secs: 2, idle_timeout_secs: 3, heartbeat_interval_secs: 1, assign_timeout_secs: 30, max_attempts: 3 }
     }
 }
 
@@ -169,6 +189,8 @@ impl ControlPlane {
         cmd.args(["--lease-grace-secs", &self.opts.lease_grace_secs.to_string()]);
         cmd.args(["--idle-timeout-secs", &self.opts.idle_timeout_secs.to_string()]);
         cmd.args(["--heartbeat-interval-secs", &self.opts.heartbeat_interval_secs.to_string()]);
+        cmd.args(["--assign-timeout-secs", &self.opts.assign_timeout_secs.to_string()]);
+        cmd.args(["--max-attempts", &self.opts.max_attempts.to_string()]);
         cmd.arg("--wire-audit-log").arg(self.wire_audit_log());
         if !self.quic_addr.is_empty() {
             // Restart on the same ports so agents find it again.
@@ -249,6 +271,58 @@ impl ControlPlane {
             Ok(states.contains(&state.as_str()).then_some(job))
         })
         .with_context(|| format!("last seen: {last}\ncontrol plane log:\n{}", self.log()))
+    }
+
+    /// Submits a job with a JSON body of our choosing; returns the HTTP status and body.
+    pub fn api_post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let resp = self
+            .http()
+            .post(format!("{}/api/v1{path}", self.http_url))
+            .bearer_auth(&self.api_token)
+            .json(body)
+            .send()?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().unwrap_or(Value::Null)))
+    }
+
+    fn dashboard_client() -> anyhow::Result<reqwest::blocking::Client> {
+        Ok(reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?)
+    }
+
+    /// Logs in to the dashboard with the admin password through the real form (login CSRF
+    /// cookie + hidden field) and returns the session cookie's value.
+    pub fn login(&self) -> anyhow::Result<String> {
+        let client = Self::dashboard_client()?;
+        let form = client.get(format!("{}/login", self.http_url)).send()?;
+        let csrf = cookie(&form, "gaffer_login_csrf").context("the login form sets its CSRF cookie")?;
+        let resp = client
+            .post(format!("{}/login", self.http_url))
+            .header(reqwest::header::COOKIE, format!("gaffer_login_csrf={csrf}"))
+            .form(&[("csrf", csrf.as_str()), ("password", self.admin_password.as_str())])
+            .send()?;
+        cookie(&resp, "gaffer_session").with_context(|| format!("login did not set a session: {}", resp.status()))
+    }
+
+    /// GET a dashboard page with the session cookie; returns the status and the HTML.
+    pub fn page(&self, session: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let resp = Self::dashboard_client()?
+            .get(format!("{}{path}", self.http_url))
+            .header(reqwest::header::COOKIE, format!("gaffer_session={session}"))
+            .send()?;
+        Ok((resp.status().as_u16(), resp.text()?))
+    }
+
+    /// POSTs a dashboard form with the session cookie; returns the status.
+    pub fn post_form(&self, session: &str, path: &str, fields: &[(&str, &str)]) -> anyhow::Result<u16> {
+        let resp = Self::dashboard_client()?
+            .post(format!("{}{path}", self.http_url))
+            .header(reqwest::header::COOKIE, format!("gaffer_session={session}"))
+            .form(fields)
+            .send()?;
+        Ok(resp.status().as_u16())
     }
 
     /// The value of one Prometheus sample, e.g. `gaffer_jobs_finished_total{state="succeeded"}`
@@ -435,6 +509,12 @@ impl Agent {
 
     /// Starts `gaffer-agent run` with volumes, watch folders and slots.
     pub fn run_with(&mut self, volumes: &[PathBuf], watches: &[PathBuf], slots: u32) -> anyhow::Result<()> {
+        self.run_args(volumes, watches, slots, &[])
+    }
+
+    /// Starts `gaffer-agent run` with volumes, watch folders, slots and extra arguments
+    /// (e.g. `["--job-timeout", "2s"]`).
+    pub fn run_args(&mut self, volumes: &[PathBuf], watches: &[PathBuf], slots: u32, extra: &[&str]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
         let mut cmd = Command::new(bin("gaffer-agent"));
         cmd.arg("run").arg("--data-dir").arg(self.data_dir()).args(["--slots", &slots.to_string()]);
@@ -444,9 +524,38 @@ impl Agent {
         for w in watches {
             cmd.arg("--watch").arg(w).args(["--watch-settle-secs", "1"]);
         }
+        cmd.args(extra);
         cmd.env("GAFFER_LOG", "info,gaffer_agent=debug").stdout(Stdio::null()).stderr(log);
         self.child = Some(cmd.spawn()?);
         Ok(())
+    }
+
+    /// Process ids of the analysis workers the running agent has started now (its child
+    /// processes), read from `/proc`.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let Some(parent) = self.child.as_ref().map(Child::id) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+            .filter(|pid| {
+                // /proc/PID/stat: "pid (comm) state ppid ..."; comm may contain spaces.
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|st| st.rsplit_once(')').map(|(_, rest)| rest.to_owned()))
+                    .and_then(|rest| rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()))
+                    == Some(parent)
+            })
+            .collect()
+    }
+
+    /// Sends SIGKILL to every analysis worker of the running agent; returns how many.
+    pub fn kill_workers(&self) -> usize {
+        let pids = self.worker_pids();
+        for pid in &pids {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+        pids.len()
     }
 
     /// `gaffer-agent status --json` (works whether or not `run` is running).
@@ -473,4 +582,80 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Connects to `cp` with `agent`'s own certificate and key (as the real agent would, but without
+/// running it), says Hello through the real [`AgentSession`], sends `messages` as outbox entries
+/// numbered from `first_seq`, and returns what the control plane answered for each sequence
+/// number: `Ok(())` for an acknowledgement, `Err(message)` for an error. A tool for testing what
+/// the control plane accepts from an enrolled, authenticated but misbehaving box.
+pub fn send_as_agent(
+    cp: &ControlPlane,
+    agent: &Agent,
+    first_seq: u64,
+    messages: Vec<gaffer_protocol::AgentMessage>,
+) -> anyhow::Result<Vec<(u64, Result<(), String>)>> {
+    use gaffer_protocol::session::{AgentEvent, AgentSession, AgentSessionConfig};
+    let data = agent.data_dir();
+    let ca = std::fs::read_to_string(data.join("ca.pem"))?;
+    let cert = std::fs::read_to_string(data.join("agent.pem"))?;
+    let key = std::fs::read_to_string(data.join("agent.key"))?;
+    let tls = gaffer_certs::client_config_link(&ca, &cert, &key)?;
+    let agent_id: uuid::Uuid = agent.agent_id.parse()?;
+    let addr: std::net::SocketAddr = cp.quic_addr.parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+        let conn = endpoint.connect(addr, "localhost")?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let capabilities = gaffer_protocol::messages::Capabilities {
+            gpus: vec![],
+            volumes: vec![],
+            watch_roots: vec![],
+            job_slots: 0,
+            profiles: vec![],
+            models: vec![],
+        };
+        let cfg = AgentSessionConfig { agent_id, capabilities, ..AgentSessionConfig::default() };
+        let mut session = AgentSession::new(cfg, Instant::now());
+        let mut pending: Vec<(u64, gaffer_protocol::AgentMessage)> =
+            messages.into_iter().enumerate().map(|(i, m)| (first_seq + i as u64, m)).collect();
+        let expected = pending.len();
+        let mut answers = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while answers.len() < expected {
+            if session.is_up() && !pending.is_empty() {
+                for (seq, msg) in pending.drain(..) {
+                    session.send_outbox(seq, msg)?;
+                }
+            }
+            while let Some(bytes) = session.poll_transmit() {
+                send.write_all(&bytes).await?;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no answer from the control plane within 20 s: {answers:?}");
+            match tokio::time::timeout(Duration::from_millis(500), recv.read(&mut buf)).await {
+                Ok(read) => match read? {
+                    Some(n) => session.handle_input(&buf[..n], Instant::now()),
+                    None => bail!("the control plane closed the stream; answers so far {answers:?}"),
+                },
+                Err(_) => session.handle_timeout(Instant::now()),
+            }
+            while let Some(event) = session.poll_event() {
+                match event {
+                    AgentEvent::Acked(seq) if seq >= first_seq => answers.push((seq, Ok(()))),
+                    AgentEvent::Rejected { seq, message } | AgentEvent::RetryLater { seq, message } => {
+                        answers.push((seq, Err(message)))
+                    }
+                    AgentEvent::Closed { reason } => bail!("session closed: {reason}; answers so far {answers:?}"),
+                    _ => {}
+                }
+            }
+        }
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        Ok(answers)
+    })
 }

@@ -65,35 +65,6 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn http() -> anyhow::Result<reqwest::blocking::Client> {
-    Ok(reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?)
-}
-
-fn cookie(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
-    resp.headers().get_all(reqwest::header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|c| {
-        let (pair, _) = c.split_once(';').unwrap_or((c, ""));
-        let (k, v) = pair.split_once('=')?;
-        (k.trim() == name && !v.is_empty()).then(|| v.to_owned())
-    })
-}
-
-/// Logs in to the dashboard with the admin password through the real form (login CSRF cookie
-/// + hidden field) and returns the session cookie.
-fn login(cp: &ControlPlane) -> anyhow::Result<String> {
-    let client = http()?;
-    let form = client.get(format!("{}/login", cp.http_url)).send()?;
-    let csrf = cookie(&form, "gaffer_login_csrf").context("the login form sets its CSRF cookie")?;
-    let resp = client
-        .post(format!("{}/login", cp.http_url))
-        .header(reqwest::header::COOKIE, format!("gaffer_login_csrf={csrf}"))
-        .form(&[("csrf", csrf.as_str()), ("password", cp.admin_password.as_str())])
-        .send()?;
-    cookie(&resp, "gaffer_session").with_context(|| format!("login did not set a session: {}", resp.status()))
-}
-
 #[test]
 fn a_full_job_reports_moderation_text_and_speech_on_the_api_and_the_job_page() -> anyhow::Result<()> {
     let source = models_dir();
@@ -121,14 +92,9 @@ fn a_full_job_reports_moderation_text_and_speech_on_the_api_and_the_job_page() -
     assert!(profiles.as_array().is_some_and(|p| p.iter().any(|x| x == "full")), "advertises full: {view}");
 
     let path = media("Megamind.avi");
-    let resp = http()?
-        .post(format!("{}/api/v1/jobs", cp.http_url))
-        .bearer_auth(&cp.api_token)
-        .json(&serde_json::json!({ "path": path, "site": "stage-full", "profile": "full" }))
-        .send()?;
-    let status = resp.status();
-    let created: Value = resp.json()?;
-    assert!(status.is_success(), "POST /jobs: {status}: {created}");
+    let (status, created) =
+        cp.api_post("/jobs", &serde_json::json!({ "path": path, "site": "stage-full", "profile": "full" }))?;
+    assert_eq!(status, 201, "POST /jobs: {status}: {created}");
     let id = created["id"].as_str().context("job id")?.to_owned();
     let job = cp.wait_job(&id, &["succeeded", "failed"], JOB_TIMEOUT)?;
     assert_eq!(job["state"], "succeeded", "job: {job}\nagent log:\n{}", agent.log());
@@ -176,13 +142,9 @@ fn a_full_job_reports_moderation_text_and_speech_on_the_api_and_the_job_page() -
     }
 
     // The job page shows the three sections with what the API has.
-    let session = login(&cp)?;
-    let page = http()?
-        .get(format!("{}/jobs/{id}", cp.http_url))
-        .header(reqwest::header::COOKIE, format!("gaffer_session={session}"))
-        .send()?;
-    assert!(page.status().is_success(), "job page: {}", page.status());
-    let html = page.text()?;
+    let session = cp.login()?;
+    let (status, html) = cp.page(&session, &format!("/jobs/{id}"))?;
+    assert_eq!(status, 200, "job page: {status}");
     for want in ["<h2>Moderation", "FACE_FEMALE", "<h2>On-screen text", "<h2>Speech", "<h2>Timeline"] {
         assert!(html.contains(want), "job page lacks {want:?}");
     }
