@@ -112,7 +112,7 @@ struct RunArgs {
     #[arg(long, value_parser = gaffer_agent::worker::parse_duration)]
     job_timeout: Option<std::time::Duration>,
     /// Resident-memory limit of one job's analysis worker, in bytes or with a unit: `4GiB`,
-    /// `512MiB`, `2G` (K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; kB/MB/GB/TB of 1000).
+    /// `512MiB`, `2G` (every unit is a power of 1024).
     /// Default: max(1 GiB, 75 % of this box's memory / --slots). Polled every 200 ms; a worker
     /// above it is killed and its job fails ("analysis worker exceeded the 4 GiB memory limit").
     #[arg(long, value_parser = gaffer_agent::worker::parse_bytes)]

@@ -218,70 +218,30 @@ pub fn default_job_memory_max(job_slots: u32) -> u64 {
     }
 }
 
-/// Parses a byte size: a number with an optional unit, e.g. `4GiB`, `512M`, `1.5 GiB`,
-/// `1073741824`. Binary units: `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` (powers of 1024);
-/// decimal: `kB`, `MB`, `GB`, `TB` (powers of 1000); `B` or none: bytes. Case-insensitive except
-/// that `KB`/`MB`/… are decimal and `K`/`M`/… binary.
+/// Parses a byte size with the `parse-size` crate: a number with an optional unit, e.g. `4GiB`,
+/// `512M`, `1.5 GiB`, `1073741824`. Every unit is a power of 1024 (its `binary` setting: `G`,
+/// `GB` and `GiB` are all 2^30), as memory limits usually are; `B` or none: bytes.
 ///
 /// # Errors
 /// A message naming the accepted forms.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || format!("{text:?} is not a size: use bytes or a unit, e.g. 4GiB, 512MiB, 2G");
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => return Err(bad()),
-    };
-    let bytes = n * mult as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+    let bytes = parse_size::Config::new()
+        .with_binary()
+        .parse_size(text.trim())
+        .map_err(|e| format!("{text:?} is not a size ({e}): use bytes or a unit, e.g. 4GiB, 512MiB, 2G"))?;
+    if bytes == 0 {
         return Err(format!("{text:?} is out of range (at least 1 byte)"));
     }
-    Ok(bytes as u64)
+    Ok(bytes)
 }
 
-/// Parses a duration in humantime's style: numbers with units, e.g. `20m`, `90s`, `1h 30m`,
-/// `500ms`, `2h`. Units: `ms`, `s`/`sec`/`secs`, `m`/`min`/`mins`, `h`/`hr`/`hours`, `d`/`days`.
+/// Parses a duration with `humantime`: numbers with units, e.g. `20m`, `90s`, `1h 30m`, `500ms`.
 ///
 /// # Errors
-/// A message naming the accepted forms.
+/// A message naming the accepted forms; a zero duration.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration: use e.g. 20m, 90s, 1h30m, 500ms");
-    let mut total = Duration::ZERO;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = rest[digits..].trim_start();
-        let unit_len = rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = rest[unit_len..].trim_start();
-        let part = match unit {
-            "ms" | "msec" | "millis" => Duration::from_millis(n),
-            "s" | "sec" | "secs" | "second" | "seconds" => Duration::from_secs(n),
-            "m" | "min" | "mins" | "minute" | "minutes" => Duration::from_secs(n.saturating_mul(60)),
-            "h" | "hr" | "hrs" | "hour" | "hours" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" | "day" | "days" => Duration::from_secs(n.saturating_mul(86_400)),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(part);
-    }
+    let total = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}): use e.g. 20m, 90s, 1h30m, 500ms"))?;
     if total.is_zero() {
         return Err(format!("{text:?}: the time limit must be above zero"));
     }
@@ -902,7 +862,7 @@ mod tests {
         assert_eq!(parse_bytes("4G"), Ok(4 << 30));
         assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
         assert_eq!(parse_bytes("512M"), Ok(512 << 20));
-        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("2GB"), Ok(2 << 30));
         assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("0").is_err());
