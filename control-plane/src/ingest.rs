@@ -28,7 +28,9 @@ use gaffer_protocol::AgentEnvelope;
 
 use crate::jobs::{self, JobEvent, Refusal, Report};
 use crate::scheduler::{JobRequest, SubmitError};
-use crate::store::{AgentCommit, AuditRecord, CommitOutcome, HealthSample, JobOrigin, JobWrite, Priority, StoreError, UnixMs};
+use crate::store::{
+    AgentCommit, AuditRecord, CommitOutcome, HealthSample, JobOrigin, JobWrite, Priority, StoreError, UnixMs,
+};
 use crate::AppState;
 
 /// What happened to a message.
@@ -132,8 +134,13 @@ impl Ingest {
                 }
                 AgentMessage::SubmitWatched { job_id, path, profile } => {
                     let site = store.get_agent(agent)?.map(|a| a.site).unwrap_or_default();
-                    let req =
-                        JobRequest { path: path.clone(), site, agent: Some(agent), profile: *profile, priority: Priority::Normal };
+                    let req = JobRequest {
+                        path: path.clone(),
+                        site,
+                        agent: Some(agent),
+                        profile: *profile,
+                        priority: Priority::Normal,
+                    };
                     match crate::scheduler::new_job(req, JobOrigin::WatchFolder { agent }, Some(*job_id), now_ms) {
                         Ok(job) => commit.new_job = Some(job),
                         Err(SubmitError::Store(e)) => return Err(e.into()),
@@ -172,7 +179,13 @@ impl Ingest {
                                 Err(refusal) => {
                                     let reason = jobs::describe_refusal(&refusal, &report);
                                     self.state.metrics.report_refused(refusal_label(&refusal));
-                                    commit.audit.push(self.audit(agent, Some(job_id), "refuse_report", &reason, now_ms));
+                                    commit.audit.push(self.audit(
+                                        agent,
+                                        Some(job_id),
+                                        "refuse_report",
+                                        &reason,
+                                        now_ms,
+                                    ));
                                     refused = Some(reason);
                                 }
                             }
@@ -266,7 +279,9 @@ pub fn bounded_health(mut health: Health) -> Health {
         p.note = truncate(&p.note, HEALTH_STRING_BYTES_MAX * 4);
     }
     health.source = match health.source {
-        HealthSource::CpuOnly { reason } => HealthSource::CpuOnly { reason: truncate(&reason, HEALTH_STRING_BYTES_MAX) },
+        HealthSource::CpuOnly { reason } => {
+            HealthSource::CpuOnly { reason: truncate(&reason, HEALTH_STRING_BYTES_MAX) }
+        }
         HealthSource::Nvml { driver_version } => {
             HealthSource::Nvml { driver_version: truncate(&driver_version, HEALTH_STRING_BYTES_MAX) }
         }

@@ -224,7 +224,12 @@ pub struct Transition {
 ///
 /// # Errors
 /// [`Refusal`] when the event does not apply; the job is unchanged.
-pub fn transition(job: &JobRecord, event: &JobEvent, now_ms: UnixMs, policy: &JobPolicy) -> Result<Transition, Refusal> {
+pub fn transition(
+    job: &JobRecord,
+    event: &JobEvent,
+    now_ms: UnixMs,
+    policy: &JobPolicy,
+) -> Result<Transition, Refusal> {
     let mut t = Transition { job: job.clone(), changed: false, effects: Vec::new() };
     let state_name = job.state.as_str();
     let wrong = |what: &'static str| Refusal::WrongState { job_id: job.id, what, state: state_name };
@@ -252,7 +257,9 @@ pub fn transition(job: &JobRecord, event: &JobEvent, now_ms: UnixMs, policy: &Jo
                 Assignment { job_id: j.id, lease_id: j.lease_epoch, path: j.path.clone(), profile: j.profile },
             ));
         }
-        JobEvent::Report { agent, lease_id, report } => apply_report(&mut t, *agent, *lease_id, report, now_ms, policy)?,
+        JobEvent::Report { agent, lease_id, report } => {
+            apply_report(&mut t, *agent, *lease_id, report, now_ms, policy)?
+        }
         JobEvent::HolderDisconnected { agent } => {
             if let Some(lease) = t.job.lease.as_mut().filter(|l| l.holder == *agent) {
                 let grace = now_ms.saturating_add(policy.lease_grace_ms);
@@ -568,9 +575,14 @@ mod tests {
         ];
         prop_oneof![
             (agent_strategy(), any::<bool>()).prop_map(|(agent, offline)| JobEvent::Lease { agent, offline }),
-            (agent_strategy(), 0u64..6, report).prop_map(|(agent, lease_id, report)| JobEvent::Report { agent, lease_id, report }),
+            (agent_strategy(), 0u64..6, report).prop_map(|(agent, lease_id, report)| JobEvent::Report {
+                agent,
+                lease_id,
+                report
+            }),
             agent_strategy().prop_map(|agent| JobEvent::HolderDisconnected { agent }),
-            (agent_strategy(), proptest::option::of(0u64..6)).prop_map(|(agent, held)| JobEvent::HolderReconnected { agent, held }),
+            (agent_strategy(), proptest::option::of(0u64..6))
+                .prop_map(|(agent, held)| JobEvent::HolderReconnected { agent, held }),
             Just(JobEvent::DeadlineCheck),
             Just(JobEvent::Cancel { by: "op".into() }),
             Just(JobEvent::Retry),

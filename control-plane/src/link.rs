@@ -614,7 +614,14 @@ impl AgentConnCore {
         while let Some(event) = self.session.poll_event() {
             match event {
                 ControlEvent::Hello { protocol_version, agent_version, hostname, capabilities, running_jobs } => {
-                    match self.on_hello(protocol_version, &agent_version, &hostname, capabilities, &running_jobs, now_ms) {
+                    match self.on_hello(
+                        protocol_version,
+                        &agent_version,
+                        &hostname,
+                        capabilities,
+                        &running_jobs,
+                        now_ms,
+                    ) {
                         Ok(notify) => {
                             if let Err(e) = self.session.accept() {
                                 return Some(self.closed_protocol(e.to_string()));
@@ -670,7 +677,10 @@ impl AgentConnCore {
             }
             if fleet.overflowed(self.agent_id) {
                 return Some(LinkClosed {
-                    action: LinkCloseAction::CloseConnection { code: close_code::INTERNAL, reason: "not reading".into() },
+                    action: LinkCloseAction::CloseConnection {
+                        code: close_code::INTERNAL,
+                        reason: "not reading".into(),
+                    },
                     result: Err(LinkError::Protocol("agent is not reading its link (outgoing queue full)".into())),
                 });
             }

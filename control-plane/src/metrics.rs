@@ -97,7 +97,11 @@ impl Metrics {
             reports_refused.clone(),
         );
         let requeued = Counter::default();
-        registry.register("gaffer_jobs_requeued", "Attempts that ended with the job back in the queue", requeued.clone());
+        registry.register(
+            "gaffer_jobs_requeued",
+            "Attempts that ended with the job back in the queue",
+            requeued.clone(),
+        );
         let job_duration = Histogram::new(exponential_buckets(1.0, 2.0, 15));
         registry.register(
             "gaffer_job_duration_seconds",

@@ -538,14 +538,12 @@ impl OfflineSync {
     fn lease_for(&self, agent: &AgentRecord, now: u64) -> Result<Vec<Assignment>, OfflineError> {
         let store = &self.state.store;
         let mut out = Vec::new();
-        let mut held = 0usize;
-        for state in [JobState::Assigned, JobState::Running] {
-            for j in store.jobs_in_state(state, crate::scheduler::DEADLINE_PASS_JOBS_MAX)? {
-                let Some(lease) = j.lease.filter(|l| l.holder == agent.id) else { continue };
-                held += 1;
-                if state == JobState::Assigned && out.len() < REPLY_ASSIGNMENTS_MAX {
-                    out.push(Assignment { job_id: j.id, lease_id: lease.lease_id, path: j.path, profile: j.profile });
-                }
+        let leased = self.state.scheduler.jobs_leased_to(agent.id)?;
+        let held = leased.len();
+        for j in leased {
+            let Some(lease) = j.lease.filter(|_| j.state == JobState::Assigned) else { continue };
+            if out.len() < REPLY_ASSIGNMENTS_MAX {
+                out.push(Assignment { job_id: j.id, lease_id: lease.lease_id, path: j.path, profile: j.profile });
             }
         }
         let Some(caps) = agent.capabilities.as_ref() else { return Ok(out) };
@@ -566,7 +564,12 @@ impl OfflineSync {
             match self.state.scheduler.apply(job.id, &event, now) {
                 Ok(Some(j)) => {
                     if let Some(lease) = j.lease.filter(|l| l.holder == agent.id && j.state == JobState::Assigned) {
-                        out.push(Assignment { job_id: j.id, lease_id: lease.lease_id, path: j.path, profile: j.profile });
+                        out.push(Assignment {
+                            job_id: j.id,
+                            lease_id: lease.lease_id,
+                            path: j.path,
+                            profile: j.profile,
+                        });
                         leased += 1;
                     }
                 }

@@ -355,24 +355,25 @@ impl Scheduler {
     ///
     /// # Errors
     /// Store errors (the caller refuses the connection).
-    pub fn agent_connected(&self, agent: AgentId, conn: AgentConn, held: &[HeldJob], now_ms: UnixMs) -> Result<(), StoreError> {
+    pub fn agent_connected(
+        &self,
+        agent: AgentId,
+        conn: AgentConn,
+        held: &[HeldJob],
+        now_ms: UnixMs,
+    ) -> Result<(), StoreError> {
         let held_by_job: HashMap<JobId, u64> = held.iter().map(|h| (h.job_id, h.lease_id)).collect();
         let notify = self.fleet.connect(agent, conn);
         let mut still_leased = HashSet::new();
-        for state in [JobState::Assigned, JobState::Running] {
-            for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
-                if !job.lease.is_some_and(|l| l.holder == agent) {
-                    continue;
+        for job in self.jobs_leased_to(agent)? {
+            let event = JobEvent::HolderReconnected { agent, held: held_by_job.get(&job.id).copied() };
+            match self.apply(job.id, &event, now_ms) {
+                Ok(Some(j)) if j.lease.is_some_and(|l| l.holder == agent) => {
+                    still_leased.insert(job.id);
                 }
-                let event = JobEvent::HolderReconnected { agent, held: held_by_job.get(&job.id).copied() };
-                match self.apply(job.id, &event, now_ms) {
-                    Ok(Some(j)) if j.lease.is_some_and(|l| l.holder == agent) => {
-                        still_leased.insert(job.id);
-                    }
-                    Ok(_) | Err(SubmitError::Refused(_)) => {}
-                    Err(SubmitError::Store(e)) => return Err(e),
-                    Err(_) => {}
-                }
+                Ok(_) | Err(SubmitError::Refused(_)) => {}
+                Err(SubmitError::Store(e)) => return Err(e),
+                Err(_) => {}
             }
         }
         for h in held {
@@ -398,19 +399,32 @@ impl Scheduler {
         if !self.fleet.disconnect(agent, conn_id) {
             return Ok(false);
         }
-        for state in [JobState::Assigned, JobState::Running] {
-            for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
-                if job.lease.is_some_and(|l| l.holder == agent) {
-                    match self.apply(job.id, &JobEvent::HolderDisconnected { agent }, now_ms) {
-                        Err(SubmitError::Store(e)) => return Err(e),
-                        _ => {}
-                    }
-                }
+        for job in self.jobs_leased_to(agent)? {
+            if let Err(SubmitError::Store(e)) = self.apply(job.id, &JobEvent::HolderDisconnected { agent }, now_ms) {
+                return Err(e);
             }
         }
         self.store.flush()?;
         self.wake();
         Ok(true)
+    }
+
+    /// The assigned and running jobs leased to `agent`, from the state index (bounded by the
+    /// fleet's slots, not by history).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn jobs_leased_to(&self, agent: AgentId) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for state in [JobState::Assigned, JobState::Running] {
+            out.extend(
+                self.store
+                    .jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)?
+                    .into_iter()
+                    .filter(|j| j.lease.is_some_and(|l| l.holder == agent)),
+            );
+        }
+        Ok(out)
     }
 
     /// Runs the scheduling loop forever: deadline pass, then leasing pass, on every wake and
@@ -441,7 +455,12 @@ impl Scheduler {
 ///
 /// # Errors
 /// [`SubmitError::Invalid`] for a bad path or site.
-pub fn new_job(req: JobRequest, origin: JobOrigin, id: Option<JobId>, now_ms: UnixMs) -> Result<JobRecord, SubmitError> {
+pub fn new_job(
+    req: JobRequest,
+    origin: JobOrigin,
+    id: Option<JobId>,
+    now_ms: UnixMs,
+) -> Result<JobRecord, SubmitError> {
     validate_path(&req.path)?;
     validate_site(&req.site)?;
     Ok(JobRecord {
@@ -523,8 +542,7 @@ pub fn eligibility(agent: AgentId, site: &str, caps: &Capabilities, job: &JobRec
     if job.pinned_agent.is_some_and(|p| p != agent) {
         return Err(Ineligible::Pinned);
     }
-    let has_models =
-        job.profile.required_models().iter().all(|m| caps.models.iter().any(|have| have.name == *m));
+    let has_models = job.profile.required_models().iter().all(|m| caps.models.iter().any(|have| have.name == *m));
     if !caps.profiles.contains(&job.profile) || !has_models {
         return Err(Ineligible::Profile);
     }

@@ -120,7 +120,10 @@ impl Fixture {
         let msgs = vec![
             self.env(first_seq, AgentMessage::SubmitWatched { job_id, path: path.into(), profile: Profile::Shots }),
             self.env(first_seq + 1, AgentMessage::JobAccepted { job_id, lease_id: LEASE_ID_NONE }),
-            self.env(first_seq + 2, AgentMessage::Digest { job_id, lease_id: LEASE_ID_NONE, digest: Box::new(digest(path)) }),
+            self.env(
+                first_seq + 2,
+                AgentMessage::Digest { job_id, lease_id: LEASE_ID_NONE, digest: Box::new(digest(path)) },
+            ),
         ];
         (job_id, msgs)
     }
@@ -236,7 +239,13 @@ fn offline_jobs_arrive_once_with_digests_and_a_second_import_changes_nothing() -
     // The next bundle redelivers the last digest (agent crashed before the reply arrived) and adds
     // a new job: the redelivery is acknowledged, not applied, and no digest is stored twice.
     let (job_c, mut envs) = fx.job_messages(7, "/media/c.mov");
-    envs.insert(0, fx.env(6, AgentMessage::Digest { job_id: job_b, lease_id: LEASE_ID_NONE, digest: Box::new(digest("/media/b.mov")) }));
+    envs.insert(
+        0,
+        fx.env(
+            6,
+            AgentMessage::Digest { job_id: job_b, lease_id: LEASE_ID_NONE, digest: Box::new(digest("/media/b.mov")) },
+        ),
+    );
     let report = fx.import(&fx.bundle(2, envs)?)?;
     let ImportReport::Imported { applied, duplicates, reply_number, .. } = report else {
         panic!("expected an import, got {report:?}");

@@ -382,16 +382,25 @@ impl Sim {
         }
         out.push_str(&format!("  connections: {:?}\n", self.conns.keys().collect::<Vec<_>>()));
         let fleet = self.state.scheduler.fleet();
-        let queued = self.store.jobs_in_state(JobState::Queued, 1000).map(|v| v.iter().map(|j| j.id).collect::<Vec<_>>());
+        let queued =
+            self.store.jobs_in_state(JobState::Queued, 1000).map(|v| v.iter().map(|j| j.id).collect::<Vec<_>>());
         out.push_str(&format!("  queued by the state index: {queued:?}\n"));
         if std::env::var_os("GAFFER_SIM_DEBUG").is_some() {
             out.push_str(&format!("  fleet: {fleet:?}\n"));
             let r = self.state.scheduler.lease_pass(self.cp_now_ms());
-            out.push_str(&format!("  a lease pass now: {r:?}; queued after it: {:?}\n", self.store.jobs_in_state(JobState::Queued, 10).map(|v| v.len())));
+            out.push_str(&format!(
+                "  a lease pass now: {r:?}; queued after it: {:?}\n",
+                self.store.jobs_in_state(JobState::Queued, 10).map(|v| v.len())
+            ));
             out.push_str(&format!("  last_pass {} t {} cp_up {}\n", self.last_pass, self.t, self.cp_up));
         }
         for a in &self.agents {
-            out.push_str(&format!("  fleet: {} connected={} outgoing={}\n", a.id, fleet.conn_id(a.id).is_some(), fleet.outgoing_len(a.id)));
+            out.push_str(&format!(
+                "  fleet: {} connected={} outgoing={}\n",
+                a.id,
+                fleet.conn_id(a.id).is_some(),
+                fleet.outgoing_len(a.id)
+            ));
             for job in fleet.leases_of(a.id) {
                 let rec = self.store.get_job(job).ok().flatten();
                 out.push_str(&format!(
@@ -531,7 +540,14 @@ impl Sim {
         );
         self.conns.insert(
             conn_id,
-            Conn { agent: i, to_cp: Pipe::default(), to_agent: Pipe::default(), agent_gone: false, cp_notices_at: None, core: Some(core) },
+            Conn {
+                agent: i,
+                to_cp: Pipe::default(),
+                to_agent: Pipe::default(),
+                agent_gone: false,
+                cp_notices_at: None,
+                core: Some(core),
+            },
         );
         self.agents[i].conn = Some((conn_id, session));
     }
@@ -548,7 +564,7 @@ impl Sim {
             for h in a.held.iter().filter(|h| h.finish_at.is_some_and(|f| f <= t)) {
                 finished.push(h.assignment.clone());
             }
-            a.held.retain(|h| !h.finish_at.is_some_and(|f| f <= t));
+            a.held.retain(|h| h.finish_at.is_none_or(|f| f > t));
         }
         for asg in finished {
             let id = self.agents[i].id;
@@ -1014,9 +1030,8 @@ fn fleet_core_simulation_keeps_its_invariants() {
     if std::env::var_os("GAFFER_SIM_KEEP_GOING").is_some() {
         // Count every failing seed (for planted-bug runs) instead of stopping at the first.
         std::panic::set_hook(Box::new(|_| {}));
-        let failed: Vec<u64> = (first..first + n)
-            .filter(|&seed| std::panic::catch_unwind(|| Sim::new(seed).run()).is_err())
-            .collect();
+        let failed: Vec<u64> =
+            (first..first + n).filter(|&seed| std::panic::catch_unwind(|| Sim::new(seed).run()).is_err()).collect();
         let _ = std::panic::take_hook();
         eprintln!(
             "simulation: {} of {n} seeds from {first} failed in {:.1} s; first failing seeds: {:?}",

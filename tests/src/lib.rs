@@ -108,7 +108,13 @@ pub struct ControlPlaneOptions {
 
 impl Default for ControlPlaneOptions {
     fn default() -> Self {
-        Self { lease_grace_secs: 2, idle_timeout_secs: 3, heartbeat_interval_secs: 1, assign_timeout_secs: 30, max_attempts: 3 }
+        Self {
+            lease_grace_secs: 2,
+            idle_timeout_secs: 3,
+            heartbeat_interval_secs: 1,
+            assign_timeout_secs: 30,
+            max_attempts: 3,
+        }
     }
 }
 
@@ -514,7 +520,13 @@ impl Agent {
 
     /// Starts `gaffer-agent run` with volumes, watch folders, slots and extra arguments
     /// (e.g. `["--job-timeout", "2s"]`).
-    pub fn run_args(&mut self, volumes: &[PathBuf], watches: &[PathBuf], slots: u32, extra: &[&str]) -> anyhow::Result<()> {
+    pub fn run_args(
+        &mut self,
+        volumes: &[PathBuf],
+        watches: &[PathBuf],
+        slots: u32,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
         let mut cmd = Command::new(bin("gaffer-agent"));
         cmd.arg("run").arg("--data-dir").arg(self.data_dir()).args(["--slots", &slots.to_string()]);

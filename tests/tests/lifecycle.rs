@@ -48,9 +48,9 @@ fn jobs_queued_before_the_agent_connects_all_succeed_20_times() -> anyhow::Resul
         std::thread::sleep(Duration::from_millis(delay_ms));
         agent.run_with(&[media_dir()], &[], 2)?;
         for id in &jobs {
-            let job = cp
-                .wait_job(id, &["succeeded", "failed"], JOB_TIMEOUT)
-                .with_context(|| format!("seed {seed} round {round} (delay {delay_ms} ms); agent log:\n{}", agent.log()))?;
+            let job = cp.wait_job(id, &["succeeded", "failed"], JOB_TIMEOUT).with_context(|| {
+                format!("seed {seed} round {round} (delay {delay_ms} ms); agent log:\n{}", agent.log())
+            })?;
             assert_eq!(job["state"], "succeeded", "seed {seed} round {round}: {job}");
             assert_eq!(job["agent"], agent.agent_id.as_str(), "seed {seed} round {round}");
         }
@@ -163,7 +163,8 @@ fn a_sigkilled_analysis_worker_fails_one_attempt_and_the_job_succeeds_on_the_nex
     assert_eq!(other["state"], "succeeded", "the agent kept serving: {other}");
     assert!(agent.is_running(), "the agent survived its worker's death");
     assert!(
-        cp.log().contains("analysis worker killed by signal 9") || agent.log().contains("analysis worker killed by signal 9"),
+        cp.log().contains("analysis worker killed by signal 9")
+            || agent.log().contains("analysis worker killed by signal 9"),
         "the reason names the signal"
     );
     Ok(())

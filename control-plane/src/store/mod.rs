@@ -249,10 +249,9 @@ impl JobState {
 impl std::str::FromStr for JobState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobState::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown job state {s:?} (known: queued, assigned, running, succeeded, failed, cancelled)"))
+        JobState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            format!("unknown job state {s:?} (known: queued, assigned, running, succeeded, failed, cancelled)")
+        })
     }
 }
 
@@ -420,7 +419,8 @@ impl std::fmt::Display for JobCursor {
 impl std::str::FromStr for JobCursor {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("cursor {s:?} is not of the form <created_at_ms>-<seq>: pass the `next` of a previous page");
+        let bad =
+            || format!("cursor {s:?} is not of the form <created_at_ms>-<seq>: pass the `next` of a previous page");
         let (a, b) = s.split_once('-').ok_or_else(bad)?;
         Ok(Self { created_at_ms: a.parse().map_err(|_| bad())?, seq: b.parse().map_err(|_| bad())? })
     }
