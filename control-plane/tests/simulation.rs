@@ -14,7 +14,10 @@
 //! After every step the invariants are checked (see [`Sim::check`]); after the chaos phase the
 //! network heals and every job must end within a bounded simulated time. Each seed is one run; a
 //! failure prints its seed, and `GAFFER_SIM_SEED=<seed>` replays exactly that run.
-//! `GAFFER_SIM_SEEDS=N` sets how many seeds run (default 2000; `GAFFER_SIM_FIRST_SEED` the first).
+//! `GAFFER_SIM_SEEDS=N` sets how many seeds run (default 2000; `GAFFER_SIM_FIRST_SEED` the first);
+//! `GAFFER_SIM_KEEP_GOING=1` counts every failing seed instead of stopping at the first. For a
+//! replay, `GAFFER_SIM_TRACE_FROM=<ms>` prints the fleet after every scheduler pass from that
+//! simulated time on, and `GAFFER_SIM_DEBUG=1` adds the fleet's state to the failure message.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;

@@ -58,7 +58,11 @@ fn jobs_queued_before_the_agent_connects_all_succeed_20_times() -> anyhow::Resul
             assert_eq!(job["state"], "succeeded", "seed {seed} round {round}: {job}");
             assert_eq!(job["agent"], agent.agent_id.as_str(), "seed {seed} round {round}");
         }
-        eprintln!("round {round}: {} jobs, agent started {delay_ms} ms after submit, all done in {:?}", jobs.len(), started.elapsed());
+        eprintln!(
+            "round {round}: {} jobs, agent started {delay_ms} ms after submit, all done in {:?}",
+            jobs.len(),
+            started.elapsed()
+        );
         agent.kill();
     }
     Ok(())
