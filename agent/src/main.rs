@@ -384,14 +384,15 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
                 while runner.outbox().is_full() {
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 }
-                match ledger.submit(runner.outbox(), &file, watch_profile) {
+                // Ledger, outbox and job queue writes fsync: not on an async worker thread.
+                tokio::task::block_in_place(|| match ledger.submit(runner.outbox(), &file, watch_profile) {
                     Ok(Some(assignment)) => {
                         tracing::info!(job_id = %assignment.job_id, path = %file.path.display(), "new file in watch folder");
                         runner.enqueue_assignment(assignment);
                     }
                     Ok(None) => {}
                     Err(e) => tracing::error!(path = %file.path.display(), error = %e, "could not submit watched file"),
-                }
+                });
             }
         });
         Some(handle)

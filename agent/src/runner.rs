@@ -277,7 +277,7 @@ impl Runner {
 
     /// Best effort (progress): one try, logged when it fails.
     fn push_once(&self, msg: &AgentMessage) {
-        if let Err(e) = self.outbox.push(msg) {
+        if let Err(e) = off_async_worker(|| self.outbox.push(msg)) {
             tracing::warn!(error = %e, kind = msg.kind(), "could not write to the outbox; skipping this update");
         }
     }
@@ -289,7 +289,7 @@ impl Runner {
         let mut wait = PUSH_RETRY_FIRST;
         let mut attempt = 1u32;
         loop {
-            match self.outbox.push(msg) {
+            match off_async_worker(|| self.outbox.push(msg)) {
                 Ok(seq) => {
                     if attempt > 1 {
                         tracing::info!(kind = msg.kind(), attempt, "outbox write succeeded after retrying");
@@ -559,7 +559,7 @@ impl Runner {
     }
 
     fn forget(&self, key: &[u8]) {
-        if let Err(e) = self.tree.remove(key).and_then(|_| self.tree.flush()) {
+        if let Err(e) = off_async_worker(|| self.tree.remove(key).and_then(|_| self.tree.flush())) {
             tracing::error!(error = %e, "could not remove a finished job from the queue");
         }
         self.held().retain(|h| h.key != key);
@@ -582,6 +582,16 @@ impl Runner {
         if let Some(key) = queued_key {
             self.forget(&key);
         }
+    }
+}
+
+/// Runs `f` (an fsync: outbox pushes, queue removals) so that it does not hold up an async worker
+/// thread: through `block_in_place` on a multi-threaded runtime (the agent's), directly elsewhere
+/// (outside a runtime, or on a current-thread runtime in tests, where nothing else is starved).
+fn off_async_worker<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

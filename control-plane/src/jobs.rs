@@ -159,6 +159,9 @@ pub enum Effect {
     },
     /// The job reached a final state (count it once, in metrics).
     Finished(JobState),
+    /// `agent` now holds the job's lease without an assignment: it started a watch-folder job on
+    /// its own (count the slot it takes).
+    Holds(AgentId),
     /// The job went back to the queue (wake the scheduler).
     Requeued {
         /// Why.
@@ -363,6 +366,7 @@ fn apply_report(
             j.state = JobState::Running;
             j.updated_at_ms = now_ms;
             t.changed = true;
+            t.effects.push(Effect::Holds(agent));
         }
         None => return Err(Refusal::NotHolder { job_id: job.id, agent }),
     }

@@ -210,6 +210,7 @@ impl Scheduler {
                     self.fleet.note_lease(*agent, job);
                     self.fleet.send(*agent, ControlMessage::Assign(a.clone()));
                 }
+                Effect::Holds(agent) => self.fleet.note_lease(*agent, job),
                 Effect::Cancel { agent, reason } => {
                     self.fleet.release(*agent, job);
                     self.fleet.send(*agent, ControlMessage::Cancel { job_id: job, reason: reason.clone() });
@@ -262,6 +263,19 @@ impl Scheduler {
         let mut pending = HashMap::new();
         let mut leased = 0;
         for job in queued {
+            if let Some(until) = self.own_start_until(&job).filter(|u| now_ms < *u) {
+                if pending.len() < PENDING_REASONS_MAX {
+                    let agent = job.pinned_agent.map(|a| a.to_string()).unwrap_or_default();
+                    let secs = until.saturating_sub(now_ms).div_ceil(1000);
+                    pending.insert(
+                        job.id,
+                        format!(
+                            "waiting {secs} s more for agent {agent} to report running the watch-folder file it found"
+                        ),
+                    );
+                }
+                continue;
+            }
             match self.fleet.reserve_for(&job) {
                 Err(reason) => {
                     if pending.len() < PENDING_REASONS_MAX {
@@ -302,6 +316,17 @@ impl Scheduler {
             kept.clear();
         }
         Ok(leased)
+    }
+
+    /// Until when a watch-folder job is left to the agent that found it: agents run the files of
+    /// their watch folders themselves (with or without a link) and report under lease 0, so the
+    /// scheduler leases such a job only if no run of it was reported within the assign timeout
+    /// of its submission (the agent lost it) — never while that report may still be on its way,
+    /// which would run the file twice. None for other jobs and for watch-folder jobs that were
+    /// started before (retried ones).
+    fn own_start_until(&self, job: &JobRecord) -> Option<UnixMs> {
+        (matches!(job.origin, JobOrigin::WatchFolder { .. }) && job.lease_epoch == 0)
+            .then(|| job.created_at_ms.saturating_add(self.cfg.policy.assign_timeout_ms))
     }
 
     /// Spends the attempts of leased jobs whose deadline has passed. Blocking.
@@ -377,17 +402,34 @@ impl Scheduler {
             }
         }
         for h in held {
-            if !still_leased.contains(&h.job_id) {
-                // Requeued, reassigned, cancelled or finished while the agent was away.
-                let reason = "the job is no longer leased to this agent".to_owned();
-                self.fleet.send(agent, ControlMessage::Cancel { job_id: h.job_id, reason });
+            if still_leased.contains(&h.job_id) || self.is_own_watch_run(agent, h)? {
+                continue;
             }
+            // Requeued, reassigned, cancelled or finished while the agent was away.
+            let reason = "the job is no longer leased to this agent".to_owned();
+            self.fleet.send(agent, ControlMessage::Cancel { job_id: h.job_id, reason });
         }
         self.fleet.set_leases(agent, still_leased);
         self.store.flush()?;
         notify.notify_one();
         self.wake();
         Ok(())
+    }
+
+    /// Whether `held` is a watch-folder file `agent` runs on its own whose report has not been
+    /// applied yet: the job is unknown (its submission is still in the agent's outbox) or queued
+    /// and pinned to it. Such a run must not be cancelled — its report is on the way and makes
+    /// it the agent's lease.
+    fn is_own_watch_run(&self, agent: AgentId, held: &HeldJob) -> Result<bool, StoreError> {
+        if held.lease_id != gaffer_protocol::messages::LEASE_ID_NONE {
+            return Ok(false);
+        }
+        Ok(match self.store.get_job(held.job_id)? {
+            None => true,
+            Some(j) => {
+                j.state == JobState::Queued && matches!(j.origin, JobOrigin::WatchFolder { agent: a } if a == agent)
+            }
+        })
     }
 
     /// The link `conn_id` of `agent` went down: its leases start their grace (unless a newer

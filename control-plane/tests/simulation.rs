@@ -390,6 +390,9 @@ impl Sim {
         out.push_str(&format!("  queued by the state index: {queued:?}\n"));
         if std::env::var_os("GAFFER_SIM_DEBUG").is_some() {
             out.push_str(&format!("  fleet: {fleet:?}\n"));
+            for a in self.store.list_audit(200).unwrap_or_default() {
+                out.push_str(&format!("  audit {} {} {:?} {}\n", a.at_ms, a.action, a.job, a.detail));
+            }
             let r = self.state.scheduler.lease_pass(self.cp_now_ms());
             out.push_str(&format!(
                 "  a lease pass now: {r:?}; queued after it: {:?}\n",
@@ -630,11 +633,19 @@ impl Sim {
             let a = &mut self.agents[i];
             match event {
                 AgentEvent::Welcomed { .. } => a.backoff_ms = 500,
-                AgentEvent::Assign(asg) => {
-                    if !a.held.iter().any(|h| h.assignment.job_id == asg.job_id) {
-                        a.held.push(Held { assignment: asg, finish_at: None });
+                AgentEvent::Assign(asg) => match a.held.iter_mut().find(|h| h.assignment.job_id == asg.job_id) {
+                    // A newer lease for a job it holds: adopt it (as the real runner does), and
+                    // say so if it is already running.
+                    Some(h) if h.assignment.lease_id != asg.lease_id => {
+                        h.assignment.lease_id = asg.lease_id;
+                        let running = h.finish_at.is_some();
+                        if running {
+                            a.push(AgentMessage::JobAccepted { job_id: asg.job_id, lease_id: asg.lease_id });
+                        }
                     }
-                }
+                    Some(_) => {}
+                    None => a.held.push(Held { assignment: asg, finish_at: None }),
+                },
                 AgentEvent::Cancel { job_id, .. } => a.held.retain(|h| h.assignment.job_id != job_id),
                 AgentEvent::Acked(seq) | AgentEvent::Rejected { seq, .. } => {
                     a.outbox.remove(&seq);
@@ -791,7 +802,16 @@ impl Sim {
                     self.watched += 1;
                     let job_id = uuid::Uuid::from_u128(self.rng.gen());
                     let path = format!("/media/watch-{}.mov", self.watched);
-                    self.agents[i].push(AgentMessage::SubmitWatched { job_id, path, profile: Profile::Shots });
+                    // As the real agent: submit, and run it itself under lease 0.
+                    let a = &mut self.agents[i];
+                    a.push(AgentMessage::SubmitWatched { job_id, path: path.clone(), profile: Profile::Shots });
+                    let assignment = Assignment {
+                        job_id,
+                        lease_id: gaffer_protocol::messages::LEASE_ID_NONE,
+                        path,
+                        profile: Profile::Shots,
+                    };
+                    a.held.push(Held { assignment, finish_at: None });
                 }
                 if self.rng.gen_bool(sc.p_partition) {
                     let until = self.t + self.rng.gen_range(1_000..60_000);
@@ -904,7 +924,10 @@ impl Sim {
             }
             if let (Some(d), Some(agent)) = (&digest, j.agent) {
                 let expected = digest_marker(agent, j.lease_epoch);
-                if d.technical.container != expected {
+                // A watch-folder job its agent ran on its own reports under lease 0.
+                let own_run = matches!(j.origin, JobOrigin::WatchFolder { agent: a } if a == agent)
+                    && d.technical.container == digest_marker(agent, gaffer_protocol::messages::LEASE_ID_NONE);
+                if d.technical.container != expected && !own_run {
                     self.fail(&format!(
                         "job {} holds the digest of {} but succeeded under {expected}",
                         j.id, d.technical.container
@@ -931,9 +954,15 @@ impl Sim {
             if finishes > retries + 1 {
                 self.fail(&format!("job {} finished {finishes} times after {retries} retries", j.id));
             }
-            // Calm network: an assignment is accepted promptly.
+            // Calm network: an assignment is accepted promptly by a holder with a free slot (one
+            // whose slots are taken by work the control plane had not heard of yet — its own
+            // watch-folder runs — queues it, as the real runner does).
             let calm = self.healed_at.is_some() && t > self.calm_since + 15_000;
-            if calm && since.is_some_and(|s| s + 5_000 < t && s > self.calm_since) {
+            let holder_free = j
+                .lease
+                .and_then(|l| self.agents.iter().find(|a| a.id == l.holder))
+                .is_some_and(|a| a.held.iter().filter(|h| h.finish_at.is_some()).count() < a.caps.job_slots as usize);
+            if calm && holder_free && since.is_some_and(|s| s + 5_000 < t && s > self.calm_since) {
                 self.fail(&format!("job {} assigned for {} ms on a calm network", j.id, t - since.unwrap_or(t)));
             }
         }
@@ -958,7 +987,10 @@ impl Sim {
     fn check_after_passes(&self, now_ms: u64) {
         let fleet = self.state.scheduler.fleet();
         for j in self.all_jobs() {
-            if j.state == JobState::Queued {
+            let own_start = matches!(j.origin, JobOrigin::WatchFolder { .. })
+                && j.lease_epoch == 0
+                && now_ms < j.created_at_ms + policy().assign_timeout_ms;
+            if j.state == JobState::Queued && !own_start {
                 for a in &self.agents {
                     let Some(_) = fleet.conn_id(a.id) else { continue };
                     let leased = fleet.leases_of(a.id).len();

@@ -207,6 +207,12 @@ fn watch_folder_jobs_finish_during_an_outage_and_arrive_afterwards() -> anyhow::
         std::thread::sleep(Duration::from_millis(100));
         agent.status().map(|s| s["outbox_pending"] == 0).unwrap_or(false)
     });
-    assert!(drained, "outbox not drained: {:?}", agent.status());
+    assert!(
+        drained,
+        "outbox not drained: {:?}\nagent log:\n{}\ncontrol log:\n{}",
+        agent.status(),
+        agent.log(),
+        cp.log()
+    );
     Ok(())
 }
