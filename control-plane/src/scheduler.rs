@@ -402,7 +402,12 @@ impl Scheduler {
             }
         }
         for h in held {
-            if still_leased.contains(&h.job_id) || self.is_own_watch_run(agent, h)? {
+            if still_leased.contains(&h.job_id) {
+                continue;
+            }
+            if self.is_own_watch_run(agent, h)? {
+                // It takes one of the agent's slots like a lease does.
+                still_leased.insert(h.job_id);
                 continue;
             }
             // Requeued, reassigned, cancelled or finished while the agent was away.
