@@ -347,6 +347,12 @@ impl Pump<'_> {
                         }
                     }
                     AgentEvent::Closed { reason } => return self.close(held_chunk.take(), reason).await,
+                    AgentEvent::Certificate { .. }
+                    | AgentEvent::CertificateRefused { .. }
+                    | AgentEvent::TrustBundle { .. }
+                    | AgentEvent::RenewCertificate { .. } => {
+                        tracing::debug!("certificate lifecycle message (online renewal lands with issue 8)");
+                    }
                 }
             }
             if outbox_dirty {

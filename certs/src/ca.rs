@@ -28,6 +28,11 @@ pub const SERVER_CERT_VALIDITY_DAYS: u32 = 365;
 pub const AGENT_CERT_VALIDITY_DAYS_DEFAULT: u32 = 90;
 /// Longest validity [`FleetCa::sign_agent_csr`] accepts: 825 days.
 pub const AGENT_CERT_VALIDITY_DAYS_MAX: u32 = 825;
+/// Shortest validity [`FleetCa::sign_agent_csr_secs`] accepts: 60 seconds (for tests of renewal; a
+/// fleet's default is 7 days, see `gaffer-control init --agent-cert-ttl`).
+pub const AGENT_CERT_VALIDITY_SECS_MIN: u64 = 60;
+/// Longest validity [`FleetCa::sign_agent_csr_secs`] accepts, seconds (825 days).
+pub const AGENT_CERT_VALIDITY_SECS_MAX: u64 = AGENT_CERT_VALIDITY_DAYS_MAX as u64 * 86_400;
 /// Every certificate's `notBefore` is this many seconds (1 hour) before its issuance, so a box whose
 /// clock is slightly behind the control plane's still accepts it.
 pub const CLOCK_SKEW_BACKDATE_SECS: i64 = 3600;
@@ -81,6 +86,13 @@ impl fmt::Debug for FleetCa {
 
 fn now_backdated() -> OffsetDateTime {
     OffsetDateTime::now_utc() - Duration::seconds(CLOCK_SKEW_BACKDATE_SECS)
+}
+
+/// `notBefore` of a certificate valid for `validity_secs`: backdated by [`CLOCK_SKEW_BACKDATE_SECS`],
+/// but never by more than its own validity (a 60 s certificate is not valid an hour before issue).
+fn backdated_for(validity_secs: u64) -> OffsetDateTime {
+    let back = CLOCK_SKEW_BACKDATE_SECS.min(i64::try_from(validity_secs).unwrap_or(i64::MAX));
+    OffsetDateTime::now_utc() - Duration::seconds(back)
 }
 
 fn validity_until(days: u32) -> OffsetDateTime {
@@ -191,6 +203,22 @@ impl FleetCa {
     /// Errors: [`CertError::InvalidSan`] if `sans` is empty or an entry is neither an IP address
     /// nor a valid DNS name; [`CertError::Generation`] if rcgen fails.
     pub fn issue_server_cert(&self, sans: &[String]) -> Result<IssuedKeyPair, CertError> {
+        self.issue_server_cert_secs(sans, u64::from(SERVER_CERT_VALIDITY_DAYS) * 86_400)
+    }
+
+    /// [`FleetCa::issue_server_cert`] valid for `validity_secs` (the running control plane renews its
+    /// certificate at half its life; `notBefore` is backdated as in [`FleetCa::sign_agent_csr_secs`]).
+    ///
+    /// Errors: as [`FleetCa::issue_server_cert`]; [`CertError::InvalidValidity`] outside
+    /// [`AGENT_CERT_VALIDITY_SECS_MIN`]..=[`AGENT_CERT_VALIDITY_SECS_MAX`].
+    pub fn issue_server_cert_secs(&self, sans: &[String], validity_secs: u64) -> Result<IssuedKeyPair, CertError> {
+        if !(AGENT_CERT_VALIDITY_SECS_MIN..=AGENT_CERT_VALIDITY_SECS_MAX).contains(&validity_secs) {
+            return Err(CertError::InvalidValidity {
+                validity_secs,
+                min_secs: AGENT_CERT_VALIDITY_SECS_MIN,
+                max_secs: AGENT_CERT_VALIDITY_SECS_MAX,
+            });
+        }
         let first = sans.first().ok_or_else(|| CertError::InvalidSan {
             san: String::new(),
             reason: "at least one host name or IP address is required".into(),
@@ -221,8 +249,8 @@ impl FleetCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        params.not_before = now_backdated();
-        params.not_after = validity_until(SERVER_CERT_VALIDITY_DAYS);
+        params.not_before = backdated_for(validity_secs);
+        params.not_after = OffsetDateTime::now_utc() + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
         let key = new_p256_key()?;
         let cert = params.signed_by(&key, &self.issuer).map_err(CertError::Generation)?;
         Ok(IssuedKeyPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
@@ -238,12 +266,26 @@ impl FleetCa {
     /// [`AGENT_CERT_VALIDITY_DAYS_DEFAULT`]). Returns the certificate as PEM.
     ///
     /// Errors: [`CertError::InvalidValidity`] unless `1 <= validity_days <=`
-    /// [`AGENT_CERT_VALIDITY_DAYS_MAX`]; [`CertError::TooLarge`] above [`crate::PEM_BYTES_MAX`];
+    /// [`AGENT_CERT_VALIDITY_DAYS_MAX`] (see [`FleetCa::sign_agent_csr_secs`]); [`CertError::TooLarge`] above [`crate::PEM_BYTES_MAX`];
     /// [`CertError::InvalidCsr`] for a malformed CSR, a bad signature, a non-P-256 key or
     /// unsupported requested extensions; [`CertError::Generation`] if rcgen fails.
     pub fn sign_agent_csr(&self, csr_pem: &str, agent_id: Uuid, validity_days: u32) -> Result<String, CertError> {
-        if validity_days == 0 || validity_days > AGENT_CERT_VALIDITY_DAYS_MAX {
-            return Err(CertError::InvalidValidity { validity_days, max_days: AGENT_CERT_VALIDITY_DAYS_MAX });
+        self.sign_agent_csr_secs(csr_pem, agent_id, u64::from(validity_days).saturating_mul(86_400))
+    }
+
+    /// [`FleetCa::sign_agent_csr`] with the validity in seconds: `notAfter` is `validity_secs` after
+    /// now, `notBefore` backdated by [`CLOCK_SKEW_BACKDATE_SECS`] or by `validity_secs`, whichever is
+    /// less.
+    ///
+    /// Errors: as [`FleetCa::sign_agent_csr`]; [`CertError::InvalidValidity`] unless
+    /// [`AGENT_CERT_VALIDITY_SECS_MIN`]` <= validity_secs <= `[`AGENT_CERT_VALIDITY_SECS_MAX`].
+    pub fn sign_agent_csr_secs(&self, csr_pem: &str, agent_id: Uuid, validity_secs: u64) -> Result<String, CertError> {
+        if !(AGENT_CERT_VALIDITY_SECS_MIN..=AGENT_CERT_VALIDITY_SECS_MAX).contains(&validity_secs) {
+            return Err(CertError::InvalidValidity {
+                validity_secs,
+                min_secs: AGENT_CERT_VALIDITY_SECS_MIN,
+                max_secs: AGENT_CERT_VALIDITY_SECS_MAX,
+            });
         }
         check_pem_len(csr_pem, "agent CSR")?;
         // Parses and verifies the CSR's self-signature.
@@ -267,8 +309,8 @@ impl FleetCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        params.not_before = now_backdated();
-        params.not_after = validity_until(validity_days);
+        params.not_before = backdated_for(validity_secs);
+        params.not_after = OffsetDateTime::now_utc() + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
         let signed = CertificateSigningRequestParams { params, public_key: csr.public_key }
             .signed_by(&self.issuer)
             .map_err(CertError::Generation)?;

@@ -70,12 +70,14 @@ pub enum CertError {
         reason: &'static str,
     },
     /// A requested validity period is outside the allowed range.
-    #[error("validity of {validity_days} days is outside 1..={max_days} days")]
+    #[error("a certificate validity of {validity_secs} s is outside {min_secs}..={max_secs} s (1 minute to 825 days)")]
     InvalidValidity {
-        /// The requested validity in days.
-        validity_days: u32,
-        /// The maximum allowed in days.
-        max_days: u32,
+        /// The requested validity, seconds.
+        validity_secs: u64,
+        /// The shortest allowed, seconds.
+        min_secs: u64,
+        /// The longest allowed, seconds.
+        max_secs: u64,
     },
     /// The control plane presented a CA other than the one the operator's fingerprint names. Do not
     /// enroll: either the fingerprint was mistyped or someone is impersonating the control plane.

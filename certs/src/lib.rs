@@ -34,6 +34,7 @@ mod inspect;
 mod secret_file;
 mod tls;
 mod token;
+mod verifier;
 
 pub use agent::AgentKey;
 pub use bundle_sig::{
@@ -42,6 +43,7 @@ pub use bundle_sig::{
 };
 pub use ca::{
     FleetCa, IssuedKeyPair, RevokedCert, AGENT_CERT_VALIDITY_DAYS_DEFAULT, AGENT_CERT_VALIDITY_DAYS_MAX,
+    AGENT_CERT_VALIDITY_SECS_MAX, AGENT_CERT_VALIDITY_SECS_MIN,
     CA_VALIDITY_DAYS, CLOCK_SKEW_BACKDATE_SECS, CRL_NEXT_UPDATE_DAYS, SERVER_CERT_VALIDITY_DAYS,
 };
 pub use error::CertError;
@@ -52,8 +54,10 @@ pub use inspect::{
 };
 pub use secret_file::{create_private_dir, write_secret_file};
 pub use tls::{
-    client_config_enroll, client_config_link, enrolled_ca_pem, server_config, tls_cert_error, EnrollServerVerifier,
+    client_config_enroll, client_config_link, enrolled_ca_pem, fleet_server_config, server_config, tls_cert_error,
+    trust_bundle_from_pem, EnrollServerVerifier, TRUST_BUNDLE_CAS_MAX,
 };
+pub use verifier::{ClientCertPolicy, ClientCertRefusal};
 pub use token::{
     ApiToken, ApiTokenKind, EnrollmentToken, EnrollmentTokenKind, Token, TokenHash, TokenKind, TOKEN_SECRET_BYTES,
 };

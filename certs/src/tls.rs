@@ -33,6 +33,72 @@ fn fleet_roots(ca_der: CertificateDer<'static>) -> Result<RootCertStore, CertErr
     Ok(roots)
 }
 
+/// Most CA certificates a trust bundle may hold (the current CA, the next one during a rotation,
+/// and room for one more).
+pub const TRUST_BUNDLE_CAS_MAX: usize = 4;
+
+/// The CA certificates of a trust bundle: one or more PEM `CERTIFICATE` blocks, each a CA
+/// certificate (basicConstraints CA:TRUE), at most [`TRUST_BUNDLE_CAS_MAX`].
+///
+/// Errors: [`CertError::InvalidPem`] / [`CertError::TooLarge`] for unreadable PEM or no
+/// certificate; [`CertError::InvalidCertificate`] for a non-CA certificate or too many.
+pub fn trust_bundle_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let cas = cert_chain_from_pem(pem, "CA trust bundle")?;
+    if cas.len() > TRUST_BUNDLE_CAS_MAX {
+        return Err(CertError::invalid_cert(format!(
+            "the trust bundle holds {} certificates; at most {TRUST_BUNDLE_CAS_MAX} are allowed",
+            cas.len()
+        )));
+    }
+    for ca in &cas {
+        if !crate::inspect::parse_x509(ca)?.is_ca() {
+            return Err(CertError::invalid_cert("a certificate of the trust bundle is not a CA certificate"));
+        }
+    }
+    Ok(cas)
+}
+
+/// The control plane's rustls server config for its QUIC endpoint (agent link and enrollment), as
+/// the running control plane builds it (and rebuilds it whenever its server certificate is renewed
+/// or the trusted CAs change during a rotation).
+///
+/// * ALPN `gaffer/1` and `gaffer-enroll/1`; TLS 1.3 only; no 0-RTT.
+/// * **No session resumption**: no tickets are sent and no session is cached, so every connection
+///   presents and verifies its certificate in full (rustls does not re-verify a resumed client
+///   certificate, so an expired or revoked agent could otherwise keep resuming).
+/// * Certificate chain sent: `[server, server_ca]` (enrolling agents check `server_ca`'s fingerprint).
+/// * Client certificates: optional (enrollment); one that is presented must chain to one of
+///   `trusted_pem`'s CAs, be valid now, carry EKU clientAuth, name an agent and not be revoked by
+///   `policy`, which is told every refusal's [`crate::ClientCertRefusal`].
+///
+/// Errors: as [`trust_bundle_from_pem`] for `trusted_pem`; [`CertError::InvalidPem`] for the server
+/// certificate, its CA or key; [`CertError::TlsConfig`] if rustls rejects them.
+pub fn fleet_server_config(
+    trusted_pem: &str,
+    server: &IssuedKeyPair,
+    server_ca_pem: &str,
+    policy: Arc<dyn crate::ClientCertPolicy>,
+) -> Result<ServerConfig, CertError> {
+    let trusted = trust_bundle_from_pem(trusted_pem)?;
+    let server_ca = single_cert_der_from_pem(server_ca_pem, "server certificate's CA")?;
+    let provider = ring_provider();
+    let verifier = crate::verifier::FleetClientVerifier::new(&trusted, provider.clone(), policy)?;
+    let mut chain = cert_chain_from_pem(&server.cert_pem, "server certificate")?;
+    chain.push(server_ca);
+    let key = private_key_from_pem(&server.key_pem, "server private key")?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(TLS13_ONLY)
+        .map_err(CertError::TlsConfig)?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(chain, key)
+        .map_err(CertError::TlsConfig)?;
+    config.alpn_protocols = vec![ALPN_AGENT_LINK.to_vec(), ALPN_ENROLL.to_vec()];
+    config.max_early_data_size = 0;
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(config)
+}
+
 /// The control plane's rustls server config, serving both ALPNs on one endpoint.
 ///
 /// * ALPN: `gaffer/1` ([`ALPN_AGENT_LINK`]) and `gaffer-enroll/1` ([`ALPN_ENROLL`]); a client that
@@ -70,28 +136,37 @@ pub fn server_config(
         .map_err(CertError::TlsConfig)?;
     config.alpn_protocols = vec![ALPN_AGENT_LINK.to_vec(), ALPN_ENROLL.to_vec()];
     config.max_early_data_size = 0;
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(config)
 }
 
 /// The agent's rustls client config for the mutually authenticated link.
 ///
-/// Trusts **only** the fleet CA (`ca_pem`), presents the agent certificate and key, ALPN `gaffer/1`.
-/// The server name the caller connects with must be one of the server certificate's SANs.
+/// Trusts **only** the fleet CAs of `ca_pem` (a trust bundle, see [`trust_bundle_from_pem`]: one
+/// CA, or two during a CA rotation), presents the agent certificate and key, ALPN `gaffer/1`, no
+/// session resumption (every connection authenticates in full). The server name the caller connects
+/// with must be one of the server certificate's SANs.
 ///
 /// Errors: [`CertError::InvalidPem`] / [`CertError::TooLarge`] for unreadable PEM;
-/// [`CertError::TlsConfig`] for an unusable CA, or a key that does not match the certificate.
+/// [`CertError::InvalidCertificate`] for a bad trust bundle; [`CertError::TlsConfig`] for an
+/// unusable CA, or a key that does not match the certificate.
 pub fn client_config_link(ca_pem: &str, agent_cert_pem: &str, agent_key_pem: &str) -> Result<ClientConfig, CertError> {
-    let ca_der = single_cert_der_from_pem(ca_pem, "CA certificate")?;
+    let mut roots = RootCertStore::empty();
+    for ca in trust_bundle_from_pem(ca_pem)? {
+        roots.add(ca).map_err(CertError::TlsConfig)?;
+    }
     let chain = cert_chain_from_pem(agent_cert_pem, "agent certificate")?;
     let key = private_key_from_pem(agent_key_pem, "agent private key")?;
     let mut config = ClientConfig::builder_with_provider(ring_provider())
         .with_protocol_versions(TLS13_ONLY)
         .map_err(CertError::TlsConfig)?
-        .with_root_certificates(fleet_roots(ca_der)?)
+        .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(CertError::TlsConfig)?;
     config.alpn_protocols = vec![ALPN_AGENT_LINK.to_vec()];
     config.enable_early_data = false;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 

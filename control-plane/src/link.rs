@@ -655,6 +655,11 @@ impl AgentConnCore {
                         tracing::warn!(error = %e, "could not store a heartbeat");
                     }
                 }
+                ControlEvent::CertificateRequest { .. } => {
+                        let _ = self.session.send(ControlMessage::CertificateRefused {
+                            reason: "online renewal is not enabled on this control plane yet".into(),
+                        });
+                    }
                 ControlEvent::Closed { reason } => {
                     if matches!(reason, CloseReason::VersionMismatch(_)) {
                         self.state.metrics.handshake_refused("version");

@@ -675,6 +675,12 @@ impl Sim {
                 AgentEvent::RetryLater { .. } => {}
                 AgentEvent::HeartbeatDue => session.send_heartbeat(health(), now),
                 AgentEvent::Closed { .. } => closed = true,
+                // The simulation's agents keep one identity; certificates are tested at the real
+                // QUIC endpoint (tests/tests/identity.rs).
+                AgentEvent::Certificate { .. }
+                | AgentEvent::CertificateRefused { .. }
+                | AgentEvent::TrustBundle { .. }
+                | AgentEvent::RenewCertificate { .. } => {}
             }
         }
         self.run_jobs(i);

@@ -194,6 +194,15 @@ pub enum AgentMessage {
         /// Profile to run.
         profile: Profile,
     },
+    /// Online certificate renewal (protocol 3): a CSR (PEM `CERTIFICATE REQUEST`, ECDSA P-256) for a key the
+    /// agent has just generated on its box. Sent with sequence 0, like a heartbeat: it is a request, not a
+    /// report, so it is never kept in the outbox; if the answer is lost the agent asks again on its next
+    /// connection with the same key. Answered by [`ControlMessage::Certificate`] or
+    /// [`ControlMessage::CertificateRefused`].
+    CertificateRequest {
+        /// The CSR, PEM; at most `gaffer_certs::PEM_BYTES_MAX` bytes.
+        csr_pem: String,
+    },
 }
 
 impl AgentMessage {
@@ -208,6 +217,7 @@ impl AgentMessage {
             AgentMessage::Digest { .. } => "digest",
             AgentMessage::JobFailed { .. } => "job_failed",
             AgentMessage::SubmitWatched { .. } => "submit_watched",
+            AgentMessage::CertificateRequest { .. } => "certificate_request",
         }
     }
 }
@@ -301,4 +311,50 @@ pub enum ControlMessage {
         /// Whether redelivery may succeed.
         retry: bool,
     },
+    /// Answer to [`AgentMessage::CertificateRequest`] (protocol 3): the agent's new certificate, signed by
+    /// the fleet's issuing CA for the control plane's `--agent-cert-ttl`. The agent keeps its old key and
+    /// certificate until a connection with the new ones has been welcomed.
+    Certificate {
+        /// The certificate, PEM (URI SAN `urn:gaffer:agent:<id>`).
+        cert_pem: String,
+        /// Every CA certificate the agent must trust from now on, PEM, one per entry (two during a CA
+        /// rotation, else one).
+        ca_pems: Vec<String>,
+    },
+    /// The control plane will not sign the CSR; the agent keeps its current certificate and asks again
+    /// later (protocol 3).
+    CertificateRefused {
+        /// Why, in words an operator can act on.
+        reason: String,
+    },
+    /// The CAs the agent must trust for the control plane's certificate from now on (protocol 3): sent
+    /// on every Welcome and whenever a CA rotation changes the set. Replaces the agent's trust set.
+    TrustBundle {
+        /// CA certificates, PEM, one per entry, never empty.
+        ca_pems: Vec<String>,
+    },
+    /// Renew your certificate now, whatever its age (protocol 3): sent when a CA rotation moves agents
+    /// to the new issuing CA (`update-clients`, `rollback`).
+    RenewCertificate {
+        /// Why, for the agent's log.
+        reason: String,
+    },
+}
+
+impl ControlMessage {
+    /// Short name of the message kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ControlMessage::Welcome { .. } => "welcome",
+            ControlMessage::Refused { .. } => "refused",
+            ControlMessage::Assign(_) => "assign",
+            ControlMessage::Cancel { .. } => "cancel",
+            ControlMessage::Ack { .. } => "ack",
+            ControlMessage::Error { .. } => "error",
+            ControlMessage::Certificate { .. } => "certificate",
+            ControlMessage::CertificateRefused { .. } => "certificate_refused",
+            ControlMessage::TrustBundle { .. } => "trust_bundle",
+            ControlMessage::RenewCertificate { .. } => "renew_certificate",
+        }
+    }
 }

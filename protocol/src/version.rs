@@ -7,7 +7,11 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks natively (the highest it supports).
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3 added online certificate renewal and trust bundles (`AgentMessage::CertificateRequest`,
+/// `ControlMessage::{Certificate, CertificateRefused, TrustBundle, RenewCertificate}`); a control plane
+/// sends those only to agents that agreed 3. 2 added leases with fencing.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
 

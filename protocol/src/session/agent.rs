@@ -109,6 +109,29 @@ pub enum AgentEvent {
     },
     /// Time for a heartbeat: sample health and call [`AgentSession::send_heartbeat`].
     HeartbeatDue,
+    /// The new certificate asked for with [`AgentSession::send_certificate_request`], and the CAs to
+    /// trust from now on.
+    Certificate {
+        /// The certificate, PEM.
+        cert_pem: String,
+        /// CA certificates, PEM, one per entry.
+        ca_pems: Vec<String>,
+    },
+    /// The control plane would not sign the CSR: keep the current certificate, ask again later.
+    CertificateRefused {
+        /// Why.
+        reason: String,
+    },
+    /// The CAs to trust for the control plane's certificate from now on (replaces the set).
+    TrustBundle {
+        /// CA certificates, PEM, one per entry.
+        ca_pems: Vec<String>,
+    },
+    /// The control plane asks for a certificate renewal now (a CA rotation).
+    RenewCertificate {
+        /// Why, for the log.
+        reason: String,
+    },
     /// The session is over; write what `poll_transmit` still gives, then close the connection.
     Closed {
         /// Why.
@@ -316,6 +339,22 @@ impl AgentSession {
         self.set_next_heartbeat(now.checked_add(interval));
     }
 
+    /// Queues a certificate request (sequence 0; protocol 3) for a key the agent just generated.
+    /// Ignored unless up. Never refused by the transmit bound (rare and small).
+    ///
+    /// # Errors
+    /// [`SessionError::NotUp`] before the Welcome or after the close; [`SessionError::Codec`] when the
+    /// CSR exceeds `frame_bytes_max`.
+    pub fn send_certificate_request(&mut self, csr_pem: String) -> Result<(), SessionError> {
+        if !self.is_up() {
+            return Err(SessionError::NotUp);
+        }
+        let env = AgentEnvelope { agent_id: self.cfg.agent_id, seq: 0, body: AgentMessage::CertificateRequest { csr_pem } };
+        let frame = encode_frame(&env, self.cfg.frame_bytes_max)?;
+        self.transmit.push_unbounded(frame);
+        Ok(())
+    }
+
     /// Outbox entries sent on this connection and not yet acknowledged.
     pub fn inflight_len(&self) -> usize {
         self.inflight.len()
@@ -385,6 +424,18 @@ impl AgentSession {
             (State::Up { .. }, ControlMessage::Cancel { job_id, reason }) => {
                 self.events.push_back(AgentEvent::Cancel { job_id, reason });
             }
+            (State::Up { .. }, ControlMessage::Certificate { cert_pem, ca_pems }) => {
+                self.events.push_back(AgentEvent::Certificate { cert_pem, ca_pems });
+            }
+            (State::Up { .. }, ControlMessage::CertificateRefused { reason }) => {
+                self.events.push_back(AgentEvent::CertificateRefused { reason });
+            }
+            (State::Up { .. }, ControlMessage::TrustBundle { ca_pems }) => {
+                self.events.push_back(AgentEvent::TrustBundle { ca_pems });
+            }
+            (State::Up { .. }, ControlMessage::RenewCertificate { reason }) => {
+                self.events.push_back(AgentEvent::RenewCertificate { reason });
+            }
             // The heartbeat answer: liveness only (already counted as received bytes).
             (State::Up { .. }, ControlMessage::Ack { seq: 0 }) => {}
             (State::Up { .. }, ControlMessage::Ack { seq }) => {
@@ -415,12 +466,5 @@ impl AgentSession {
 }
 
 fn kind(msg: &ControlMessage) -> &'static str {
-    match msg {
-        ControlMessage::Welcome { .. } => "welcome",
-        ControlMessage::Refused { .. } => "refused",
-        ControlMessage::Assign(_) => "assign",
-        ControlMessage::Cancel { .. } => "cancel",
-        ControlMessage::Ack { .. } => "ack",
-        ControlMessage::Error { .. } => "error",
-    }
+    msg.kind()
 }

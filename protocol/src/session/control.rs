@@ -73,6 +73,12 @@ pub enum ControlEvent {
     Message(AgentEnvelope),
     /// A heartbeat (seq 0, not acknowledged; the session already queued its `Ack { seq: 0 }`).
     Heartbeat(Health),
+    /// The agent asks for a new certificate (seq 0, protocol 3): sign `csr_pem` and answer with
+    /// [`ControlSession::send`] of `ControlMessage::Certificate` or `ControlMessage::CertificateRefused`.
+    CertificateRequest {
+        /// The CSR, PEM, as received (the signer checks it).
+        csr_pem: String,
+    },
     /// The session is over. The driver writes what `poll_transmit` still gives, then closes the
     /// connection with `reason`.
     Closed {
@@ -101,6 +107,8 @@ pub struct ControlSession {
     last_rx: Instant,
     /// Highest message sequence number seen on this connection.
     last_seq: u64,
+    /// The protocol version agreed in the handshake (None before the Hello).
+    protocol_version: Option<u16>,
     /// A `Refused` reason to queue when the `Closed` event is polled, so that acknowledgements
     /// the driver queues for messages decoded before the error still go out before it.
     refuse_on_close: Option<String>,
@@ -117,6 +125,7 @@ impl ControlSession {
             events: VecDeque::new(),
             last_rx: now,
             last_seq: 0,
+            protocol_version: None,
             refuse_on_close: None,
             cfg,
         }
@@ -276,6 +285,12 @@ impl ControlSession {
         self.transmit.room()
     }
 
+    /// The protocol version agreed with the agent (None until its Hello arrived). Messages of a
+    /// later protocol than this must not be sent to the agent.
+    pub fn protocol_version(&self) -> Option<u16> {
+        self.protocol_version
+    }
+
     /// Whether the agent was accepted and the session is not closed.
     pub fn is_up(&self) -> bool {
         matches!(self.state, State::Up)
@@ -319,6 +334,7 @@ impl ControlSession {
         match negotiate(VersionRange::ours(), versions) {
             Ok(protocol_version) => {
                 self.state = State::HelloReceived { protocol_version };
+                self.protocol_version = Some(protocol_version);
                 self.events.push_back(ControlEvent::Hello {
                     protocol_version,
                     agent_version,
@@ -339,6 +355,10 @@ impl ControlSession {
             (AgentMessage::Hello { .. }, _) => Some("a second hello".to_owned()),
             (AgentMessage::Heartbeat(_), 0) => None,
             (AgentMessage::Heartbeat(_), seq) => Some(format!("heartbeat with sequence {seq} (must be 0)")),
+            (AgentMessage::CertificateRequest { .. }, 0) => None,
+            (AgentMessage::CertificateRequest { .. }, seq) => {
+                Some(format!("certificate request with sequence {seq} (must be 0)"))
+            }
             (body, 0) => Some(format!("{} with sequence 0", body.kind())),
             (_, seq) if seq <= self.last_seq => {
                 Some(format!("sequence {seq} after {} on the same connection", self.last_seq))
@@ -354,6 +374,9 @@ impl ControlSession {
                 // The heartbeat answer keeps the agent's liveness deadline moving on an idle link.
                 self.acknowledge(0);
                 self.events.push_back(ControlEvent::Heartbeat(health));
+            }
+            AgentMessage::CertificateRequest { csr_pem } => {
+                self.events.push_back(ControlEvent::CertificateRequest { csr_pem });
             }
             _ => {
                 self.last_seq = env.seq;
