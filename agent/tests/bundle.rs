@@ -57,7 +57,13 @@ impl ControlPlane {
         let state = AppState::new(store, SchedulerConfig::default());
         let ingest = Arc::new(Ingest::new(state.clone()));
         let ca = Arc::new(ca);
-        let sync = OfflineSync::open(&dd, ca.clone(), state.clone(), ingest)?;
+        let pki = gaffer_control::identity::Pki::open(
+            &dd,
+            vec!["localhost".into()],
+            gaffer_control::identity::AGENT_CERT_TTL_SECS_DEFAULT,
+            state.metrics.clone(),
+        )?;
+        let sync = OfflineSync::open(&dd, pki, state.clone(), ingest)?;
         Ok(ControlPlane { dd, ca, state, sync })
     }
 
@@ -459,6 +465,7 @@ fn replies_from_another_fleet_or_not_signed_by_the_control_plane_are_refused_and
         }],
         crl_pem: cp.ca.revocation_list_pem(&[], 1)?,
         renewed_cert_pem: None,
+        trust_ca_pems: Vec::new(),
     };
     let ours = *cp.ca.fingerprint().as_bytes();
 

@@ -187,6 +187,21 @@ impl FleetCa {
         self.issuer.key().serialize_pem()
     }
 
+    /// Whether `cert_der` (one certificate, DER) carries a signature by this CA's key: the
+    /// signature over its `tbsCertificate` verifies (ECDSA P-256 SHA-256, with webpki) against the
+    /// CA certificate's public key. Tells which of two CAs (during a rotation) issued a certificate;
+    /// it checks nothing else (validity, usage): rustls' verifiers do that.
+    pub fn signed(&self, cert_der: &[u8]) -> bool {
+        let Ok(cert) = parse_x509(cert_der) else { return false };
+        let Ok(ca) = webpki::EndEntityCert::try_from(&self.cert_der) else { return false };
+        ca.verify_signature(
+            webpki::ring::ECDSA_P256_SHA256,
+            cert.tbs_certificate.as_ref(),
+            cert.signature_value.data.as_ref(),
+        )
+        .is_ok()
+    }
+
     /// SHA-256 of the CA certificate's DER: what operators hand to agents for enrollment.
     pub fn fingerprint(&self) -> CaFingerprint {
         CaFingerprint::from_cert_der(&self.cert_der)

@@ -28,7 +28,9 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use gaffer_control::scheduler::{AgentConn, JobRequest, SchedulerConfig};
 use gaffer_control::store::sled_store::SledStore;
-use gaffer_control::store::{AgentRecord, JobOrigin, JobRecord, JobState, Lease, Priority, SessionRecord, Store};
+use gaffer_control::store::{
+    AgentRecord, ApiTokenRecord, JobOrigin, JobRecord, JobState, Lease, Priority, Role, SessionRecord, Store, UserRecord,
+};
 use gaffer_control::{http::router, AppState};
 use gaffer_protocol::digest::{
     AnalyzerInfo, Cut, Digest, Keyframe, Shot, ShotAnalysis, SourceInfo, StreamInfo, StreamKind, TechnicalMetadata,
@@ -138,6 +140,8 @@ fn agent_record(id: AgentId, i: usize, now: u64) -> AgentRecord {
         cert_serial_hex: None,
         revoked_at_ms: None,
         offline: false,
+        cert_issuer_fingerprint: None,
+        cert_history: Vec::new(),
     }
 }
 
@@ -262,13 +266,32 @@ fn setup(h: usize) -> Result<Bench> {
     for (i, (id, _)) in agents.iter().enumerate() {
         store.insert_agent(&agent_record(*id, i, now))?;
     }
+    // The bench user's password is never checked (the session is made here, not by logging in).
+    store.insert_user(&UserRecord {
+        name: "bench".into(),
+        role: Role::Viewer,
+        password_phc: "$argon2id$v=19$m=19456,t=2,p=1$YmVuY2hzYWx0$unused".into(),
+        created_at_ms: now,
+        password_changed_at_ms: now,
+    })?;
     store.insert_session(&SessionRecord {
+        user: "bench".into(),
+        role: Role::Viewer,
+        password_changed_at_ms: now,
         id_hash: sha256(SESSION_VALUE.as_bytes()),
         csrf_token: "bench-csrf".into(),
         created_at_ms: now,
         expires_at_ms: now + 24 * 3600 * 1000,
     })?;
-    store.insert_api_token(&sha256(API_TOKEN.as_bytes()), now)?;
+    store.create_api_token(&ApiTokenRecord {
+        hash: sha256(API_TOKEN.as_bytes()),
+        name: "bench".into(),
+        role: Role::Viewer,
+        created_at_ms: now,
+        expires_at_ms: now + 24 * 3600 * 1000,
+        last_used_at_ms: None,
+        created_by: "bench".into(),
+    })?;
     let mut succeeded = 0;
     for i in 0..h {
         let job = history_job(i, h, agents[i % AGENTS].0, now);

@@ -5,7 +5,9 @@
 //!   config.json             listen addresses, server names (written by `init`, read by `serve`)
 //!   ca.pem                  fleet CA certificate (public; its SHA-256 is the fingerprint agents check)
 //!   ca.key                  fleet CA private key, 0600
-//!   server.pem, server.key  the QUIC server certificate (SANs = server names) and key (0600)
+//!   server.pem, server.key  the server certificate (SANs = server names) and key (0600), renewed
+//!                           by `serve` at half its lifetime (see identity)
+//!   ca-next.pem, ca-next.key, ca-rotation.json   during a CA rotation (see identity)
 //!   store/                  sled database (see store::sled_store)
 //!   control.sock            admin socket, 0600, present while `serve` runs
 //! ```
@@ -60,6 +62,15 @@ pub struct ControlConfig {
     pub server_names: Vec<String>,
     /// Display name of the fleet (in the CA's common name).
     pub fleet_name: String,
+    /// Lifetime of the agent certificates issued (and of the server certificate), seconds
+    /// (`init --agent-cert-ttl`, default 7 days; `serve --agent-cert-ttl` overrides it). Data
+    /// directories from before it existed get the default.
+    #[serde(default = "default_agent_cert_ttl_secs")]
+    pub agent_cert_ttl_secs: u64,
+}
+
+fn default_agent_cert_ttl_secs() -> u64 {
+    crate::identity::AGENT_CERT_TTL_SECS_DEFAULT
 }
 
 /// Paths inside a data directory.

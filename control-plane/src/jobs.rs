@@ -134,6 +134,12 @@ pub enum JobEvent {
         /// The lease it holds the job under, if any.
         held: Option<LeaseId>,
     },
+    /// `agent` was revoked: its lease is void at once (no grace); the attempt is spent and the job
+    /// goes back to the queue for another agent.
+    HolderRevoked {
+        /// The agent.
+        agent: AgentId,
+    },
     /// Time passed: spend the attempt if the lease's deadline is past.
     DeadlineCheck,
     /// An operator cancels the job.
@@ -284,6 +290,13 @@ pub fn transition(
                 }
             } else {
                 let reason = format!("agent {agent} came back without the job (attempt {})", job.attempts);
+                spend_attempt(&mut t, reason, now_ms, policy);
+            }
+        }
+        JobEvent::HolderRevoked { agent } => {
+            if job.lease.is_some_and(|l| l.holder == *agent) {
+                let reason = format!("agent {agent} was revoked");
+                t.effects.push(Effect::Cancel { agent: *agent, reason: reason.clone() });
                 spend_attempt(&mut t, reason, now_ms, policy);
             }
         }
@@ -585,6 +598,7 @@ mod tests {
                 report
             }),
             agent_strategy().prop_map(|agent| JobEvent::HolderDisconnected { agent }),
+            agent_strategy().prop_map(|agent| JobEvent::HolderRevoked { agent }),
             (agent_strategy(), proptest::option::of(0u64..6))
                 .prop_map(|(agent, held)| JobEvent::HolderReconnected { agent, held }),
             Just(JobEvent::DeadlineCheck),

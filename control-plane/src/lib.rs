@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod datadir;
 pub mod http;
+pub mod identity;
 pub mod ingest;
 pub mod jobs;
 pub mod link;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub scheduler: Arc<scheduler::Scheduler>,
     /// Prometheus metrics.
     pub metrics: Arc<metrics::Metrics>,
+    /// The agents revoked now (checked at every handshake and link turn).
+    pub revocations: Arc<identity::Revocations>,
 }
 
 impl AppState {
@@ -44,7 +47,12 @@ impl AppState {
         let metrics = Arc::new(metrics::Metrics::new());
         let fleet = Arc::new(scheduler::Fleet::default());
         let scheduler = Arc::new(scheduler::Scheduler::new(store.clone(), fleet, metrics.clone(), cfg));
-        Self { store, scheduler, metrics }
+        let revocations = Arc::new(identity::Revocations::load(store.as_ref()).unwrap_or_else(|e| {
+            // The Hello check reads the agent record too, so a revoked agent is still refused.
+            tracing::error!(error = %e, "could not load the revoked agents; relying on the per-connection check");
+            identity::Revocations::default()
+        }));
+        Self { store, scheduler, metrics, revocations }
     }
 }
 

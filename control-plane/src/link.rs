@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use gaffer_certs::{EnrollmentToken, FleetCa};
+use gaffer_certs::EnrollmentToken;
 use gaffer_protocol::codec::{encode_frame, CodecError, FrameDecoder};
 use gaffer_protocol::enroll::{EnrollRequest, EnrollResponse, ENROLL_FRAME_BYTES_MAX};
 use gaffer_protocol::messages::{AgentId, AgentMessage, ControlMessage, HeldJob};
@@ -39,7 +39,8 @@ use tracing::Instrument as _;
 use crate::ingest::truncate;
 use crate::ingest::{Ingest, IngestError, Ingested};
 use crate::scheduler::AgentConn;
-use crate::store::{AgentRecord, StoreError, UnixMs};
+use crate::identity::Pki;
+use crate::store::{audit_action, Actor, AgentRecord, AuditRecord, StoreError, UnixMs};
 use crate::AppState;
 
 /// How long a new link connection has to open its stream and say Hello.
@@ -61,8 +62,6 @@ pub struct LinkConfig {
     /// A connection with no traffic for this long is dead (agents send QUIC keep-alives every
     /// third of it). Default 10 s.
     pub idle_timeout: Duration,
-    /// Validity of agent certificates issued at enrollment, days. Default 90.
-    pub agent_cert_validity_days: u32,
     /// If set, every frame received from an agent is appended here as a JSON line (agent id,
     /// sequence, kind, size, payload): an audit trail of exactly what left the boxes.
     pub wire_audit_log: Option<PathBuf>,
@@ -76,7 +75,6 @@ impl Default for LinkConfig {
         Self {
             heartbeat_interval_secs: 5,
             idle_timeout: Duration::from_secs(10),
-            agent_cert_validity_days: 90,
             wire_audit_log: None,
             bundle_recipient: None,
         }
@@ -123,6 +121,11 @@ pub mod close_code {
     pub const ALPN: u32 = 4;
     /// A server-side failure (store).
     pub const INTERNAL: u32 = 5;
+    /// The agent was revoked while connected.
+    pub const REVOKED: u32 = 6;
+    /// The agent's certificate expired while connected (it renews online at half its life; this
+    /// one did not).
+    pub const CERT_EXPIRED: u32 = 7;
 }
 
 /// Builds the quinn server config: TLS from `rustls_config`, idle timeout and stream limits.
@@ -149,7 +152,7 @@ pub fn quinn_server_config(
 pub struct Link {
     state: AppState,
     ingest: Arc<Ingest>,
-    ca: Arc<FleetCa>,
+    pki: Arc<Pki>,
     cfg: LinkConfig,
     conn_ids: AtomicU64,
     audit: Option<Arc<WireAudit>>,
@@ -166,13 +169,13 @@ impl Link {
     ///
     /// # Errors
     /// [`LinkError::Setup`] if the wire audit log cannot be opened.
-    pub fn new(state: AppState, ca: Arc<FleetCa>, cfg: LinkConfig) -> Result<Arc<Self>, LinkError> {
+    pub fn new(state: AppState, pki: Arc<Pki>, cfg: LinkConfig) -> Result<Arc<Self>, LinkError> {
         let audit = match &cfg.wire_audit_log {
             Some(path) => Some(Arc::new(WireAudit::open(path)?)),
             None => None,
         };
         let ingest = Arc::new(Ingest::new(state.clone()));
-        Ok(Arc::new(Self { state, ingest, ca, cfg, conn_ids: AtomicU64::new(1), audit }))
+        Ok(Arc::new(Self { state, ingest, pki, cfg, conn_ids: AtomicU64::new(1), audit }))
     }
 
     /// Accepts connections until the endpoint closes.
@@ -273,60 +276,101 @@ impl Link {
         Ok(())
     }
 
-    /// Checks and performs one enrollment; the error is the reason shown to the agent's operator.
+    /// Checks and performs one enrollment (or re-enrollment, `renew`); the error is the reason
+    /// shown to the agent's operator. The CSR is checked before the one-time token is spent.
     async fn enroll_agent(&self, req: &EnrollRequest) -> Result<EnrollResponse, String> {
         negotiate(VersionRange::ours(), req.versions).map_err(|e| e.to_string())?;
         let token = EnrollmentToken::parse(&req.token).map_err(|e| e.to_string())?;
         let store = self.state.store.clone();
-        let ca = self.ca.clone();
+        let pki = self.pki.clone();
+        let revocations = self.state.revocations.clone();
         let req = req.clone();
-        let validity_days = self.cfg.agent_cert_validity_days;
         let cp_recipient = self.cfg.bundle_recipient.clone();
         if let Some(r) = &req.bundle_recipient {
             gaffer_certs::check_bundle_recipient(r).map_err(|e| e.to_string())?;
         }
         tokio::task::spawn_blocking(move || {
-            if store.get_agent(req.agent_id).map_err(|e| e.to_string())?.is_some() {
-                return Err(format!("agent id {} is already enrolled; re-run enroll with a fresh data dir", req.agent_id));
+            let existing = store.get_agent(req.agent_id).map_err(|e| e.to_string())?;
+            match (&existing, req.renew) {
+                (Some(_), false) => {
+                    return Err(format!(
+                        "agent id {} is already enrolled: to get a new certificate for it, run `gaffer-agent enroll --renew` \
+                         with a fresh token; to enroll a new agent, use a fresh data dir",
+                        req.agent_id
+                    ))
+                }
+                (None, true) => {
+                    return Err(format!(
+                        "agent id {} is not enrolled with this control plane, so it cannot re-enroll: enroll it without --renew",
+                        req.agent_id
+                    ))
+                }
+                (Some(a), true) if a.revoked_at_ms.is_some() || revocations.is_revoked(a.id) => {
+                    return Err(format!("agent {} is revoked; it cannot re-enroll", req.agent_id))
+                }
+                _ => {}
             }
+            // A CSR that cannot be signed must not spend the token.
+            pki.issuing_ca()
+                .sign_agent_csr_secs(&req.csr_pem, req.agent_id, pki.agent_cert_ttl_secs())
+                .map_err(|e| format!("the CSR was refused: {e}"))?;
             let now = crate::now_ms();
             let record = store.consume_enrollment_token(token.hash().as_bytes(), req.agent_id, now).map_err(|e| e.to_string())?;
-            if let Some(site) = &req.site {
-                if *site != record.site {
+            let site_wanted = existing.as_ref().map(|a| a.site.clone()).or_else(|| req.site.clone());
+            if let Some(site) = site_wanted {
+                if site != record.site {
                     return Err(format!(
                         "this token enrolls into site {:?}, not {site:?}; the token is now used: mint one for the right site",
                         record.site
                     ));
                 }
             }
-            let cert_pem = ca.sign_agent_csr(&req.csr_pem, req.agent_id, validity_days).map_err(|e| e.to_string())?;
-            let not_after = gaffer_certs::cert_not_after_unix(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
-            let serial = gaffer_certs::cert_serial_hex(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
-            store
-                .insert_agent(&AgentRecord {
-                    id: req.agent_id,
-                    site: record.site.clone(),
-                    hostname: truncate(&req.hostname, 255),
-                    enrolled_at_ms: now,
-                    cert_not_after_unix: not_after,
-                    agent_version: Some(truncate(&req.agent_version, 64)),
-                    capabilities: None,
-                    connected: false,
-                    last_seen_ms: Some(now),
-                    last_health: None,
-                    bundle_recipient: req.bundle_recipient.clone(),
-                    csr_pem: Some(req.csr_pem.clone()),
-                    cert_serial_hex: Some(serial),
-                    revoked_at_ms: None,
-                    offline: false,
-                })
-                .and_then(|()| store.flush())
-                .map_err(|e| e.to_string())?;
+            let (via, action_detail) = if existing.is_some() {
+                store
+                    .update_agent(req.agent_id, &mut |a| {
+                        a.hostname = truncate(&req.hostname, 255);
+                        a.agent_version = Some(truncate(&req.agent_version, 64));
+                        if req.bundle_recipient.is_some() {
+                            a.bundle_recipient = req.bundle_recipient.clone();
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
+                ("re-enroll", "re-enrolled with a new key (the agent keeps its id, jobs and outbox)")
+            } else {
+                store
+                    .insert_agent(&AgentRecord {
+                        id: req.agent_id,
+                        site: record.site.clone(),
+                        hostname: truncate(&req.hostname, 255),
+                        enrolled_at_ms: now,
+                        cert_not_after_unix: 0,
+                        agent_version: Some(truncate(&req.agent_version, 64)),
+                        capabilities: None,
+                        connected: false,
+                        last_seen_ms: Some(now),
+                        last_health: None,
+                        bundle_recipient: req.bundle_recipient.clone(),
+                        csr_pem: None,
+                        cert_serial_hex: None,
+                        revoked_at_ms: None,
+                        offline: false,
+                        cert_issuer_fingerprint: None,
+                        cert_history: Vec::new(),
+                    })
+                    .map_err(|e| e.to_string())?;
+                ("enroll", "enrolled online with a one-time token")
+            };
+            let issued = pki.issue_agent_cert(store.as_ref(), req.agent_id, &req.csr_pem, via, now).map_err(|e| e.to_string())?;
+            let audit = AuditRecord::new(&Actor::Agent(req.agent_id), audit_action::ENROLL, now)
+                .agent(req.agent_id)
+                .site(record.site.clone())
+                .detail(format!("{action_detail}; certificate serial {}", issued.issue.serial_hex));
+            store.append_audit(&audit).and_then(|_| store.flush()).map_err(|e| e.to_string())?;
             Ok(EnrollResponse::Enrolled {
                 agent_id: req.agent_id,
                 site: record.site,
-                cert_pem,
-                ca_pem: ca.cert_pem(),
+                cert_pem: issued.cert_pem,
+                ca_pem: issued.ca_pems.concat(),
                 bundle_recipient: cp_recipient,
             })
         })
@@ -352,6 +396,11 @@ impl Link {
             self.audit.clone(),
             Instant::now(),
         ));
+        if let Some(c) = core.as_mut() {
+            c.set_pki(self.pki.clone());
+        }
+        // The connection lives no longer than the certificate it authenticated with.
+        let cert_expiry = peer_cert_expiry(conn);
         // Writes go through a bounded queue to a writer task, so reading goes on while a write
         // waits for the peer's flow control; a full queue holds the next chunk back (pending),
         // never drops it.
@@ -425,6 +474,12 @@ impl Link {
                     None => std::future::pending().await,
                 }
             };
+            let expiry = async {
+                match cert_expiry {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 read = recv.read(&mut buf) => match read {
                     Ok(Some(n)) => input = Input::Bytes(buf[..n].to_vec()),
@@ -432,6 +487,11 @@ impl Link {
                     Err(e) => break Err(e.into()),
                 },
                 _ = timer => input = Input::Timer,
+                _ = expiry => {
+                    self.state.metrics.link_closed_cert_expired();
+                    conn.close(close_code::CERT_EXPIRED.into(), b"the agent certificate expired; renew it (gaffer-agent enroll --renew)");
+                    break Err(LinkError::Protocol("the agent's certificate expired".into()));
+                }
                 _ = notified => {}
                 permit = wtx.reserve(), if pending_out.is_some() => match permit {
                     Ok(permit) => { if let Some(bytes) = pending_out.take() { permit.send(bytes); } }
@@ -556,6 +616,9 @@ pub struct AgentConnCore {
     /// arrived, Hello included, independent of what the session makes of it).
     audit: Option<(Arc<WireAudit>, FrameDecoder)>,
     registered: Option<Arc<tokio::sync::Notify>>,
+    /// Signs renewals and sends trust bundles; None where certificates are not in play (the
+    /// simulation), which refuses renewals.
+    pki: Option<Arc<Pki>>,
 }
 
 impl AgentConnCore {
@@ -582,7 +645,45 @@ impl AgentConnCore {
             now,
         );
         let audit = audit.map(|a| (a, FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT)));
-        Self { session, state, ingest, agent_id, conn_id, audit, registered: None }
+        Self { session, state, ingest, agent_id, conn_id, audit, registered: None, pki: None }
+    }
+
+    /// Lets this connection sign its agent's certificate renewals and send trust bundles.
+    pub fn set_pki(&mut self, pki: Arc<Pki>) {
+        self.pki = Some(pki);
+    }
+
+    /// Whether the agent speaks protocol 3 (certificate renewal, trust bundles).
+    fn speaks_certificates(&self) -> bool {
+        self.session.protocol_version().is_some_and(|v| v >= 3)
+    }
+
+    /// Signs a renewal CSR and answers it.
+    fn on_certificate_request(&mut self, csr_pem: &str, now_ms: UnixMs) {
+        let answer = match &self.pki {
+            None => ControlMessage::CertificateRefused { reason: "this control plane does not renew certificates".into() },
+            Some(pki) => match pki
+                .issue_agent_cert(self.state.store.as_ref(), self.agent_id, csr_pem, "renew", now_ms)
+                .and_then(|issued| self.state.store.flush().map(|()| issued).map_err(Into::into))
+            {
+                Ok(issued) => ControlMessage::Certificate { cert_pem: issued.cert_pem, ca_pems: issued.ca_pems },
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate renewal refused");
+                    ControlMessage::CertificateRefused { reason: truncate(&e.to_string(), 500) }
+                }
+            },
+        };
+        if let Err(e) = self.session.send(answer) {
+            tracing::warn!(error = %e, "could not queue the certificate answer; the agent asks again");
+        }
+    }
+
+    fn closed_revoked(&self) -> LinkClosed {
+        self.state.metrics.link_closed_revoked();
+        LinkClosed {
+            action: LinkCloseAction::CloseConnection { code: close_code::REVOKED, reason: "agent revoked".into() },
+            result: Err(LinkError::Protocol("the agent was revoked; link closed".into())),
+        }
     }
 
     /// Feeds bytes read from the stream to the session (and to the wire audit, if on).
@@ -611,6 +712,9 @@ impl AgentConnCore {
     /// assignments and cancellations into the session as far as its transmit bound allows.
     /// Returns `Some` when the connection is over. Blocking.
     pub fn process(&mut self, now_ms: UnixMs) -> Option<LinkClosed> {
+        if self.state.revocations.is_revoked(self.agent_id) {
+            return Some(self.closed_revoked());
+        }
         while let Some(event) = self.session.poll_event() {
             match event {
                 ControlEvent::Hello { protocol_version, agent_version, hostname, capabilities, running_jobs } => {
@@ -628,6 +732,12 @@ impl AgentConnCore {
                             }
                             self.state.metrics.agent_connected();
                             self.registered = Some(notify);
+                            if let (Some(pki), true) = (&self.pki, self.speaks_certificates()) {
+                                let ca_pems = pki.trusted_ca_pems();
+                                if let Err(e) = self.session.send(ControlMessage::TrustBundle { ca_pems }) {
+                                    tracing::warn!(error = %e, "could not queue the trust bundle");
+                                }
+                            }
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "agent refused");
@@ -637,6 +747,10 @@ impl AgentConnCore {
                     }
                 }
                 ControlEvent::Message(env) => {
+                    // Nothing from an agent revoked since the last turn is applied.
+                    if self.state.revocations.is_revoked(self.agent_id) {
+                        return Some(self.closed_revoked());
+                    }
                     self.state.metrics.message_received(env.body.kind());
                     let seq = env.seq;
                     match self.ingest.ingest(self.agent_id, env, now_ms) {
@@ -655,14 +769,15 @@ impl AgentConnCore {
                         tracing::warn!(error = %e, "could not store a heartbeat");
                     }
                 }
-                ControlEvent::CertificateRequest { .. } => {
-                        let _ = self.session.send(ControlMessage::CertificateRefused {
-                            reason: "online renewal is not enabled on this control plane yet".into(),
-                        });
-                    }
+                ControlEvent::CertificateRequest { csr_pem } => {
+                    self.state.metrics.message_received("certificate_request");
+                    self.on_certificate_request(&csr_pem, now_ms);
+                }
                 ControlEvent::Closed { reason } => {
-                    if matches!(reason, CloseReason::VersionMismatch(_)) {
-                        self.state.metrics.handshake_refused("version");
+                    match reason {
+                        CloseReason::VersionMismatch(_) => self.state.metrics.handshake_refused("version"),
+                        CloseReason::IdentityMismatch(_) => self.state.metrics.handshake_refused("agent_id_mismatch"),
+                        _ => {}
                     }
                     let result = match reason {
                         CloseReason::PeerFinished => Ok(()),
@@ -689,7 +804,11 @@ impl AgentConnCore {
                     result: Err(LinkError::Protocol("agent is not reading its link (outgoing queue full)".into())),
                 });
             }
-            let mut msgs = fleet.take_outgoing(self.agent_id, self.conn_id, OUTGOING_BATCH_MAX).into_iter();
+            let v3 = self.speaks_certificates();
+            let mut msgs = fleet
+                .take_outgoing(self.agent_id, self.conn_id, OUTGOING_BATCH_MAX)
+                .into_iter()
+                .filter(|m| v3 || !matches!(m, ControlMessage::TrustBundle { .. } | ControlMessage::RenewCertificate { .. }));
             while let Some(msg) = msgs.next() {
                 if let Err(back) = self.session.send(msg.clone()) {
                     tracing::debug!(error = %back, "session transmit queue full; holding the rest");
@@ -769,6 +888,15 @@ impl AgentConnCore {
         tracing::info!(protocol_version, %agent_version, site = %record.site, "agent connected");
         state.scheduler.fleet().notifier(agent_id).ok_or_else(|| "replaced by a newer connection".to_owned())
     }
+}
+
+/// When the connection's client certificate expires, as a tokio instant (None if it cannot be read).
+fn peer_cert_expiry(conn: &quinn::Connection) -> Option<tokio::time::Instant> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let not_after = gaffer_certs::cert_not_after_unix(certs.first()?.as_ref()).ok()?;
+    let now = (crate::now_ms() / 1000) as i64;
+    let left = Duration::from_secs(u64::try_from(not_after.saturating_sub(now)).unwrap_or(0));
+    Some(tokio::time::Instant::now() + left)
 }
 
 /// Reads exactly one message from `recv`.

@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use gaffer_certs::{FleetCa, IssuedKeyPair};
+use gaffer_certs::FleetCa;
 use gaffer_control::admin::{self, AdminRequest, AdminResponse};
 use gaffer_control::datadir::{ControlConfig, DataDir};
+use gaffer_control::http::tls::{HttpServer, HttpServerOptions, HttpTlsMode};
+use gaffer_control::identity::{self, LinkCertPolicy, Pki};
 use gaffer_control::ingest::Ingest;
 use gaffer_control::jobs::JobPolicy;
 use gaffer_control::link::{self, Link, LinkConfig};
 use gaffer_control::offline::{self, OfflineSync};
 use gaffer_control::scheduler::SchedulerConfig;
 use gaffer_control::store::sled_store::SledStore;
-use gaffer_control::store::Store;
+use gaffer_control::store::{Role, Store};
 use gaffer_control::AppState;
 
 /// Gaffer control plane: assigns analysis jobs to agents, aggregates their health and results, and
@@ -30,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a data directory: fleet CA, server certificate, admin password.
+    /// Create a data directory: fleet CA, server certificate, user `admin` with a new password.
     Init(InitArgs),
     /// Run the QUIC endpoint, the scheduler and the HTTP dashboard/API.
     Serve(ServeArgs),
@@ -39,10 +41,15 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// Bearer tokens for the JSON API.
+    /// Bearer tokens for the JSON API: named, with a role and an expiry.
     ApiToken {
         #[command(subcommand)]
         command: ApiTokenCommand,
+    },
+    /// Dashboard users and their roles (admin > operator > viewer).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
     },
     /// Sign an air-gapped agent's offline enrollment request (an audited operator action).
     EnrollOffline {
@@ -123,7 +130,11 @@ struct InitArgs {
     /// Display name of the fleet (in the CA's name).
     #[arg(long, default_value = "studio")]
     fleet_name: String,
-    /// Print the result as JSON (`admin_password`, `ca_fingerprint`, `data_dir`).
+    /// Lifetime of agent certificates (and of this control plane's server certificate), e.g. 7d,
+    /// 12h, 10m; at least 60s, at most 825d. Agents renew online at half of it.
+    #[arg(long, default_value = "7d")]
+    agent_cert_ttl: humantime::Duration,
+    /// Print the result as JSON (`admin_user`, `admin_password`, `ca_fingerprint`, `data_dir`).
     #[arg(long)]
     json: bool,
 }
@@ -133,6 +144,10 @@ struct ServeArgs {
     /// Data directory made by `init`.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Lifetime of the agent and server certificates issued from now on, e.g. 7d, 10m (at least
+    /// 60s); overrides `init --agent-cert-ttl`.
+    #[arg(long)]
+    agent_cert_ttl: Option<humantime::Duration>,
     /// Override the QUIC address from config.json.
     #[arg(long)]
     quic_listen: Option<SocketAddr>,
@@ -161,6 +176,25 @@ struct ServeArgs {
     /// the boxes).
     #[arg(long)]
     wire_audit_log: Option<PathBuf>,
+    /// HTTPS for the dashboard and API: `on`, `off`, or `auto` (on unless the HTTP address is a
+    /// loopback address).
+    #[arg(long, value_enum, default_value_t = HttpTlsMode::Auto)]
+    http_tls: HttpTlsMode,
+    /// Serve this certificate chain (PEM, leaf first) over HTTPS instead of the fleet's server
+    /// certificate. Needs --http-tls-key.
+    #[arg(long, requires = "http_tls_key")]
+    http_tls_cert: Option<PathBuf>,
+    /// The private key of --http-tls-cert (PEM; keep it 0600).
+    #[arg(long, requires = "http_tls_cert")]
+    http_tls_key: Option<PathBuf>,
+    /// /metrics requires `Authorization: Bearer TOKEN`, TOKEN being this file's content (16-256
+    /// visible characters, e.g. from `openssl rand -hex 32`).
+    #[arg(long)]
+    metrics_token_file: Option<PathBuf>,
+    /// Serve /metrics (plain HTTP, nothing else) on this address instead of the dashboard's,
+    /// e.g. an internal interface for Prometheus.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -184,15 +218,130 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum ApiTokenCommand {
-    /// Mint a bearer token for the JSON API.
+    /// Mint a bearer token for the JSON API (shown once; stored only as its SHA-256).
     Create {
         /// Data directory.
         #[arg(long)]
         data_dir: PathBuf,
-        /// Print `{"token"}`.
+        /// Unique name (a-z, 0-9, '.', '_', '-'): shown in listings and as the audit actor.
+        #[arg(long)]
+        name: String,
+        /// What requests with it may do: viewer (read), operator (also jobs), admin (everything).
+        #[arg(long)]
+        role: Role,
+        /// Lifetime, e.g. 30d, 12h (at most 365d).
+        #[arg(long, default_value = "90d")]
+        ttl: humantime::Duration,
+        /// Print `{"token", "name", "role", "expires_at"}`.
         #[arg(long)]
         json: bool,
     },
+    /// List API tokens: names, roles, created, expires, last used (never the secrets).
+    List {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an API token: requests with it are refused at once.
+    Revoke {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The token's name.
+        #[arg(long)]
+        name: String,
+        /// Print the revoked token as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user. The password comes from --password-file, else a prompt on a terminal, else it
+    /// is generated and printed once.
+    Add {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Login name (a-z, 0-9, '.', '_', '-').
+        #[arg(long)]
+        name: String,
+        /// viewer (read), operator (also submit, cancel, retry jobs, drain agents) or admin.
+        #[arg(long, default_value = "viewer")]
+        role: Role,
+        /// Read the password from the first line of this file.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Print the result as JSON (with `password` when it was generated).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a user and end its sessions (the last admin cannot be removed).
+    Remove {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Login name.
+        #[arg(long)]
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List users and their roles.
+    List {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a user's password and end its sessions. The password comes from --password-file,
+    /// else a prompt on a terminal, else it is generated and printed once.
+    Passwd {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Login name.
+        #[arg(long)]
+        name: String,
+        /// Read the password from the first line of this file.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Print the result as JSON (with `password` when it was generated).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A new password for `name`: the first line of `file`, else typed twice at a terminal prompt,
+/// else generated (then returned as the second value, to be printed once).
+fn new_password(name: &str, file: Option<&std::path::Path>) -> anyhow::Result<(String, Option<String>)> {
+    use std::io::IsTerminal as _;
+    if let Some(path) = file {
+        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.len() > (admin::PASSWORD_BYTES_MAX + 2) as u64 {
+            bail!("{} is larger than a password may be ({} bytes)", path.display(), admin::PASSWORD_BYTES_MAX);
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let password = text.lines().next().unwrap_or_default().to_owned();
+        return Ok((password, None));
+    }
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("New password for {name}: "))?;
+        let again = rpassword::prompt_password("Again: ")?;
+        if first != again {
+            bail!("the two passwords differ; nothing changed");
+        }
+        return Ok((first, None));
+    }
+    let generated = admin::generate_password();
+    Ok((generated.clone(), Some(generated)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -232,7 +381,6 @@ fn main() -> anyhow::Result<()> {
             let req = AdminRequest::EnrollOffline {
                 request: std::path::absolute(&request)?,
                 out: std::path::absolute(&out)?,
-                who: offline::os_user(),
             };
             let report = match rt.block_on(admin_or_local(&data_dir, &req))? {
                 AdminResponse::OfflineEnrolled(r) => r,
@@ -251,7 +399,6 @@ fn main() -> anyhow::Result<()> {
             let req = AdminRequest::ImportBundle {
                 bundle: std::path::absolute(&file)?,
                 reply_out: std::path::absolute(&reply_out)?,
-                who: offline::os_user(),
             };
             let report = match rt.block_on(admin_or_local(&data_dir, &req))? {
                 AdminResponse::BundleImported(r) => r,
@@ -285,7 +432,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Agent { command: AgentCommand::Revoke { data_dir, agent, json } } => {
-            let req = AdminRequest::RevokeAgent { agent_id: agent, who: offline::os_user() };
+            let req = AdminRequest::RevokeAgent { agent_id: agent };
             let report = match rt.block_on(admin_or_local(&data_dir, &req))? {
                 AdminResponse::AgentRevoked(r) => r,
                 other => bail!("unexpected answer from the control plane: {other:?}"),
@@ -299,8 +446,16 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::ApiToken { command: ApiTokenCommand::Create { data_dir, json } } => {
-            let minted = match rt.block_on(admin_or_local(&data_dir, &AdminRequest::CreateApiToken))? {
+        Command::ApiToken { command } => rt.block_on(api_token_command(command)),
+        Command::User { command } => rt.block_on(user_command(command)),
+    }
+}
+
+async fn api_token_command(command: ApiTokenCommand) -> anyhow::Result<()> {
+    match command {
+        ApiTokenCommand::Create { data_dir, name, role, ttl, json } => {
+            let req = AdminRequest::CreateApiToken { name, role, ttl_secs: Duration::from(ttl).as_secs() };
+            let minted = match admin_or_local(&data_dir, &req).await? {
                 AdminResponse::ApiToken(t) => t,
                 other => bail!("unexpected answer from the control plane: {other:?}"),
             };
@@ -308,10 +463,117 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&minted)?);
             } else {
                 println!("{}", minted.token);
+                eprintln!(
+                    "API token {} (role {}) expires at {}; it is shown once and stored only as its SHA-256.",
+                    minted.name, minted.role, minted.expires_at
+                );
             }
-            Ok(())
+        }
+        ApiTokenCommand::List { data_dir, json } => {
+            let tokens = match admin_or_local(&data_dir, &AdminRequest::ListApiTokens).await? {
+                AdminResponse::ApiTokens { tokens } => tokens,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else if tokens.is_empty() {
+                println!("No API tokens. Mint one with `gaffer-control api-token create --name NAME --role ROLE`.");
+            } else {
+                println!("{:<24} {:<9} {:<21} {:<29} LAST USED", "NAME", "ROLE", "CREATED", "EXPIRES");
+                for t in tokens {
+                    let expires = if t.expired { format!("{} (expired)", t.expires_at) } else { t.expires_at };
+                    let used = t.last_used_at.unwrap_or_else(|| "never".into());
+                    println!("{:<24} {:<9} {:<21} {:<29} {used}", t.name, t.role, t.created_at, expires);
+                }
+            }
+        }
+        ApiTokenCommand::Revoke { data_dir, name, json } => {
+            let revoked = match admin_or_local(&data_dir, &AdminRequest::RevokeApiToken { name }).await? {
+                AdminResponse::ApiTokenRevoked(t) => t,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&revoked)?);
+            } else {
+                println!("Revoked API token {} (role {}); requests with it are refused.", revoked.name, revoked.role);
+            }
         }
     }
+    Ok(())
+}
+
+async fn user_command(command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Add { data_dir, name, role, password_file, json } => {
+            admin::validate_name(&name, "user name")?;
+            let (password, generated) = new_password(&name, password_file.as_deref())?;
+            let password_phc = admin::hash_password(&password)?;
+            let req = AdminRequest::AddUser { name, role, password_phc };
+            let user = match admin_or_local(&data_dir, &req).await? {
+                AdminResponse::UserAdded(u) => u,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                let mut v = serde_json::to_value(&user)?;
+                if let Some(p) = generated {
+                    v["password"] = p.into();
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("Added user {} (role {})", user.name, user.role);
+                if let Some(p) = generated {
+                    println!("  password: {p}");
+                    println!("This password is shown once; it is stored only as an argon2 hash.");
+                }
+            }
+        }
+        UserCommand::Passwd { data_dir, name, password_file, json } => {
+            let (password, generated) = new_password(&name, password_file.as_deref())?;
+            let password_phc = admin::hash_password(&password)?;
+            let change = match admin_or_local(&data_dir, &AdminRequest::SetPassword { name, password_phc }).await? {
+                AdminResponse::PasswordChanged(c) => c,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                let mut v = serde_json::to_value(&change)?;
+                if let Some(p) = generated {
+                    v["password"] = p.into();
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("Changed the password of {}; {} sessions ended", change.name, change.sessions_ended);
+                if let Some(p) = generated {
+                    println!("  password: {p}");
+                }
+            }
+        }
+        UserCommand::Remove { data_dir, name, json } => {
+            let change = match admin_or_local(&data_dir, &AdminRequest::RemoveUser { name }).await? {
+                AdminResponse::UserRemoved(c) => c,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&change)?);
+            } else {
+                println!("Removed user {}; {} sessions ended", change.name, change.sessions_ended);
+            }
+        }
+        UserCommand::List { data_dir, json } => {
+            let users = match admin_or_local(&data_dir, &AdminRequest::ListUsers).await? {
+                AdminResponse::Users { users } => users,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&users)?);
+            } else {
+                println!("{:<24} {:<9} {:<21} PASSWORD CHANGED", "NAME", "ROLE", "CREATED");
+                for u in users {
+                    println!("{:<24} {:<9} {:<21} {}", u.name, u.role, u.created_at, u.password_changed_at);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Performs an admin action through the running server, or directly on the store if none runs.
@@ -326,28 +588,31 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
     let ca_fp = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_cert_path())?)?;
     let offline_sync = match req {
         AdminRequest::EnrollOffline { .. } | AdminRequest::ImportBundle { .. } | AdminRequest::RevokeAgent { .. } => {
-            let ca = Arc::new(FleetCa::from_pem(&dd.read(&dd.ca_cert_path())?, &dd.read(&dd.ca_key_path())?)?);
+            let config = dd.load_config()?;
             let store: Arc<dyn Store> = Arc::new(store);
             // Without a running server, the default deadlines and attempts apply (only leases
             // for air-gapped agents, which have no deadline, are made here).
             let state = AppState::new(store.clone(), SchedulerConfig::default());
+            let pki = Pki::open(&dd, config.server_names.clone(), config.agent_cert_ttl_secs, state.metrics.clone())?;
             let ingest = Arc::new(Ingest::new(state.clone()));
-            let sync = OfflineSync::open(&dd, ca, state, ingest)?;
-            return match admin::handle(store.as_ref(), &ca_fp, Some(&sync), req.clone()) {
+            let sync = OfflineSync::open(&dd, pki, state, ingest)?;
+            return match admin::handle(store.as_ref(), &ca_fp, Some(&sync), &admin::local_actor(), req.clone()) {
                 AdminResponse::Error { message } => bail!("{message}"),
                 resp => Ok(resp),
             };
         }
         _ => None::<OfflineSync>,
     };
-    match admin::handle(&store, &ca_fp, offline_sync.as_ref(), req.clone()) {
+    match admin::handle(&store, &ca_fp, offline_sync.as_ref(), &admin::local_actor(), req.clone()) {
         AdminResponse::Error { message } => bail!("{message}"),
         resp => Ok(resp),
     }
 }
 
+/// The user `init` creates.
+const ADMIN_USER: &str = "admin";
+
 fn init(args: InitArgs) -> anyhow::Result<()> {
-    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
     let dd = DataDir::new(&args.data_dir);
     dd.create()?;
     let mut server_names = args.server_names.clone();
@@ -359,22 +624,20 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let agent_cert_ttl_secs = Duration::from(args.agent_cert_ttl).as_secs();
+    identity::check_ttl(agent_cert_ttl_secs)?;
     let ca = FleetCa::generate(&args.fleet_name)?;
-    let server = ca.issue_server_cert(&server_names)?;
+    let server = ca.issue_server_cert_secs(&server_names, agent_cert_ttl_secs)?;
     gaffer_certs::write_secret_file(&dd.ca_key_path(), ca.key_pem().as_bytes())?;
     dd.write_public(&dd.ca_cert_path(), ca.cert_pem().as_bytes())?;
     gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
     dd.write_public(&dd.server_cert_path(), server.cert_pem.as_bytes())?;
     offline::load_or_create_bundle_key(&dd)?;
 
-    let password = gaffer_certs::ApiToken::generate().as_str()["gfa_".len()..].to_owned();
-    let salt = SaltString::generate(&mut OsRng);
-    let phc = argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map_err(|e| anyhow::anyhow!("hashing the admin password: {e}"))?
-        .to_string();
+    let password = admin::generate_password();
+    let phc = admin::hash_password(&password)?;
     let store = SledStore::open(&dd.store_path())?;
-    store.set_admin_password_hash(&phc)?;
+    admin::add_user(&store, &admin::local_actor(), ADMIN_USER, Role::Admin, &phc)?;
     store.flush()?;
 
     let config = ControlConfig {
@@ -382,6 +645,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         server_names: server_names.clone(),
         fleet_name: args.fleet_name.clone(),
+        agent_cert_ttl_secs,
     };
     dd.write_public(&dd.config_path(), serde_json::to_string_pretty(&config)?.as_bytes())?;
     let fp = ca.fingerprint().to_string();
@@ -391,6 +655,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "data_dir": args.data_dir,
                 "ca_fingerprint": fp,
+                "admin_user": ADMIN_USER,
                 "admin_password": password,
                 "server_names": server_names,
             })
@@ -399,8 +664,10 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         println!("Initialized {}", args.data_dir.display());
         println!("  CA fingerprint (SHA-256): {fp}");
         println!("  server names:             {}", server_names.join(", "));
-        println!("  admin password:           {password}");
+        println!("  dashboard user:           {ADMIN_USER} (role admin)");
+        println!("  its password:             {password}");
         println!("This password is shown once; it is stored only as an argon2 hash.");
+        println!("Add people with `gaffer-control user add --name NAME --role viewer|operator|admin`.");
         println!("Next: gaffer-control serve --data-dir {}", args.data_dir.display());
     }
     Ok(())
@@ -413,9 +680,6 @@ fn hostname() -> anyhow::Result<String> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dd = DataDir::new(&args.data_dir);
     let config = dd.load_config()?;
-    let ca_pem = dd.read(&dd.ca_cert_path())?;
-    let ca = Arc::new(FleetCa::from_pem(&ca_pem, &dd.read(&dd.ca_key_path())?)?);
-    let server = IssuedKeyPair { cert_pem: dd.read(&dd.server_cert_path())?, key_pem: dd.read(&dd.server_key_path())? };
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&dd.store_path())
             .context("opening the store (is another gaffer-control serve running on this data dir?)")?,
@@ -426,31 +690,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             store.update_agent(agent.id, &mut |a| a.connected = false)?;
         }
     }
-
-    let link_cfg = LinkConfig {
-        heartbeat_interval_secs: args.heartbeat_interval_secs,
-        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
-        wire_audit_log: args.wire_audit_log.clone(),
-        bundle_recipient: Some(offline::load_or_create_bundle_key(&dd)?.recipient()),
-        ..LinkConfig::default()
-    };
-    // Revoked agents fail the handshake (this list is read at start; agents revoked while serving
-    // are refused by the link's enrollment check on the agent record).
-    let crls = FleetCa::crls_from_pem(&offline::crl_pem(&ca, store.as_ref())?)?;
-    let tls = gaffer_certs::server_config(&ca_pem, &server, crls)?;
-    let quic_addr = args.quic_listen.unwrap_or(config.quic_listen);
-    let endpoint = quinn::Endpoint::server(link::quinn_server_config(tls, &link_cfg)?, quic_addr)
-        .with_context(|| format!("binding QUIC on udp/{quic_addr}"))?;
-    let http_addr = args.http_listen.unwrap_or(config.http_listen);
-    let http_listener =
-        tokio::net::TcpListener::bind(http_addr).await.with_context(|| format!("binding HTTP on tcp/{http_addr}"))?;
-
     let policy = JobPolicy {
         assign_timeout_ms: args.assign_timeout_secs * 1000,
         lease_grace_ms: args.lease_grace_secs * 1000,
         max_attempts: args.max_attempts,
     };
     let state = AppState::new(store.clone(), SchedulerConfig { policy, ..SchedulerConfig::default() });
+
+    let agent_cert_ttl_secs = args.agent_cert_ttl.map_or(config.agent_cert_ttl_secs, |d| Duration::from(d).as_secs());
+    identity::check_ttl(agent_cert_ttl_secs)?;
+    let pki = Pki::open(&dd, config.server_names.clone(), agent_cert_ttl_secs, state.metrics.clone())?;
+    // A server certificate past half its life (e.g. after a long stop) is renewed before serving.
+    pki.renew_server_cert_if_due((gaffer_control::now_ms() / 1000) as i64)?;
+    let link_cfg = LinkConfig {
+        heartbeat_interval_secs: args.heartbeat_interval_secs,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        wire_audit_log: args.wire_audit_log.clone(),
+        bundle_recipient: Some(offline::load_or_create_bundle_key(&dd)?.recipient()),
+    };
+    // Every agent handshake asks the live revocation set and counts its refusals.
+    let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());
+    let tls = pki.quic_tls(cert_policy.clone())?;
+    let quic_addr = args.quic_listen.unwrap_or(config.quic_listen);
+    let endpoint = quinn::Endpoint::server(link::quinn_server_config(tls, &link_cfg)?, quic_addr)
+        .with_context(|| format!("binding QUIC on udp/{quic_addr}"))?;
+    let http_opts = HttpServerOptions {
+        listen: args.http_listen.unwrap_or(config.http_listen),
+        tls: args.http_tls,
+        tls_cert_file: args.http_tls_cert.clone(),
+        tls_key_file: args.http_tls_key.clone(),
+        metrics_token_file: args.metrics_token_file.clone(),
+        metrics_listen: args.metrics_listen,
+    };
+    // HTTPS (when on) serves the fleet server certificate through `http.fleet_cert()`, which
+    // renewal can reload, or the operator's --http-tls-cert.
+    let http = HttpServer::bind(&http_opts, &dd).await?;
+
     let scheduler = state.scheduler.clone();
     // Leases of agents that are not connected (all of them, now) start their grace.
     {
@@ -459,31 +734,87 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(scheduler.clone().run());
     tokio::spawn(retention_sweeper(store.clone(), Duration::from(args.finished_job_retention)));
-    let link = Link::new(state.clone(), ca.clone(), link_cfg)?;
+    tokio::spawn(renew_server_cert(pki.clone()));
+    tokio::spawn(reload_tls(pki.clone(), endpoint.clone(), cert_policy, link_cfg.clone(), http.fleet_cert()));
+    let link = Link::new(state.clone(), pki.clone(), link_cfg)?;
     let bound_quic = endpoint.local_addr()?;
-    let offline_sync = Arc::new(OfflineSync::open(&dd, ca.clone(), state.clone(), link.ingest())?);
+    let offline_sync = Arc::new(OfflineSync::open(&dd, pki.clone(), state.clone(), link.ingest())?);
     tokio::spawn(link.run(endpoint.clone()));
     let _admin =
-        admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), ca.fingerprint(), Some(offline_sync)).await?;
+        admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), pki.enroll_fingerprint(), Some(offline_sync)).await?;
 
-    let bound_http = http_listener.local_addr()?;
+    let bound_http = http.local_addr();
+    let dashboard_url = http.dashboard_url();
     let serve_info = serde_json::json!({
         "pid": std::process::id(),
         "quic_addr": bound_quic,
         "http_addr": bound_http,
-        "dashboard_url": format!("http://{bound_http}/"),
-        "ca_fingerprint": ca.fingerprint().to_string(),
+        "http_tls": http.security().tls,
+        "metrics_addr": http.metrics_addr(),
+        "dashboard_url": dashboard_url,
+        "ca_fingerprint": pki.enroll_fingerprint().to_string(),
     });
     dd.write_public(&dd.root().join("serve.json"), serde_json::to_string_pretty(&serve_info)?.as_bytes())?;
-    tracing::info!(quic = %bound_quic, http = %bound_http, "control plane serving; dashboard at http://{bound_http}/");
+    tracing::info!(
+        quic = %bound_quic, http = %bound_http, tls = http.security().tls, metrics = ?http.metrics_addr(),
+        "control plane serving; dashboard at {dashboard_url}"
+    );
 
-    let app = gaffer_control::http::router(state);
-    axum::serve(http_listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    http.serve(state, shutdown_signal()).await.context("serving HTTP")?;
     endpoint.close(link::close_code::OK.into(), b"control plane shutting down");
     let _ = std::fs::remove_file(dd.admin_socket_path());
     let _ = std::fs::remove_file(dd.root().join("serve.json"));
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// Renews the server certificate at half its lifetime: checks every tenth of the certificate TTL
+/// (between 5 s and 10 min).
+async fn renew_server_cert(pki: Arc<Pki>) {
+    loop {
+        let every = Duration::from_secs((pki.agent_cert_ttl_secs() / 10).clamp(5, 600));
+        tokio::time::sleep(every).await;
+        let p = pki.clone();
+        match tokio::task::spawn_blocking(move || p.renew_server_cert_if_due((gaffer_control::now_ms() / 1000) as i64))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "server certificate renewal failed; the current one stays in use"),
+            Err(e) => tracing::error!(error = %e, "server certificate renewal panicked"),
+        }
+    }
+}
+
+/// Rebuilds the QUIC endpoint's TLS config (and the HTTPS certificate, when it serves the fleet's)
+/// whenever the server certificate or the trusted CAs change. New connections use the new config;
+/// open ones keep theirs.
+async fn reload_tls(
+    pki: Arc<Pki>,
+    endpoint: quinn::Endpoint,
+    cert_policy: Arc<LinkCertPolicy>,
+    link_cfg: LinkConfig,
+    https: Option<Arc<gaffer_control::http::tls::ReloadableCert>>,
+) {
+    let mut changed = pki.subscribe();
+    while changed.changed().await.is_ok() {
+        let quic = pki
+            .quic_tls(cert_policy.clone())
+            .map_err(anyhow::Error::from)
+            .and_then(|tls| link::quinn_server_config(tls, &link_cfg).map_err(anyhow::Error::from));
+        match quic {
+            Ok(cfg) => {
+                endpoint.set_server_config(Some(cfg));
+                tracing::info!("QUIC endpoint now presents the renewed server certificate");
+            }
+            Err(e) => tracing::error!(error = %e, "could not rebuild the QUIC TLS config; keeping the old one"),
+        }
+        if let Some(https) = &https {
+            let (server, _) = pki.server_pair();
+            if let Err(e) = https.reload(&server.cert_pem, &server.key_pem) {
+                tracing::error!(error = %e, "could not reload the HTTPS certificate; keeping the old one");
+            }
+        }
+    }
 }
 
 /// Deletes finished jobs older than `retention`, a bounded batch at a time, once a minute.

@@ -49,6 +49,11 @@ struct ReasonLabel {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViaLabel {
+    via: String,
+}
+
 /// The control plane's metrics registry. One per process, shared behind an `Arc`; every method
 /// takes `&self` and is cheap (atomic increments).
 pub struct Metrics {
@@ -63,6 +68,10 @@ pub struct Metrics {
     reports_refused: Family<ReasonLabel, Counter>,
     requeued: Counter,
     job_duration: Histogram,
+    certs_issued: Family<ViaLabel, Counter>,
+    server_cert_not_after: Gauge,
+    links_closed_revoked: Counter,
+    links_closed_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -108,7 +117,39 @@ impl Metrics {
             "Duration of finished jobs, as recorded by the link when a job finishes",
             job_duration.clone(),
         );
+        let certs_issued = Family::<ViaLabel, Counter>::default();
+        registry.register(
+            "gaffer_agent_certs_issued",
+            "Agent certificates issued, by how (enroll, re-enroll, renew, bundle, offline-enroll)",
+            certs_issued.clone(),
+        );
+        let server_cert_not_after = Gauge::default();
+        registry.register(
+            "gaffer_server_cert_not_after_seconds",
+            "Expiry of the control plane's current server certificate, Unix seconds",
+            server_cert_not_after.clone(),
+        );
+        let links_closed_revoked = Counter::default();
+        registry.register(
+            "gaffer_link_closed_revoked",
+            "Live agent links closed because the agent was revoked",
+            links_closed_revoked.clone(),
+        );
+        let links_closed_expired = Counter::default();
+        registry.register(
+            "gaffer_link_closed_cert_expired",
+            "Live agent links closed because the agent's certificate expired",
+            links_closed_expired.clone(),
+        );
+        for reason in gaffer_certs::ClientCertRefusal::ALL {
+            let _ = refused.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() });
+        }
+        let _ = refused.get_or_create(&ReasonLabel { reason: "agent_id_mismatch".to_owned() });
         Self {
+            certs_issued,
+            server_cert_not_after,
+            links_closed_revoked,
+            links_closed_expired,
             registry,
             agents,
             jobs,
@@ -156,6 +197,27 @@ impl Metrics {
     /// An agent report was refused by the lease check, for `reason` (a fixed word).
     pub fn report_refused(&self, reason: &str) {
         self.reports_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// An agent certificate was issued `via` `"enroll"`, `"re-enroll"`, `"renew"`, `"bundle"` or
+    /// `"offline-enroll"`.
+    pub fn cert_issued(&self, via: &str) {
+        self.certs_issued.get_or_create(&ViaLabel { via: via.to_owned() }).inc();
+    }
+
+    /// The control plane's server certificate now expires at `not_after_unix` (seconds).
+    pub fn server_cert_not_after(&self, not_after_unix: i64) {
+        self.server_cert_not_after.set(not_after_unix);
+    }
+
+    /// A live link was closed because its agent was revoked.
+    pub fn link_closed_revoked(&self) {
+        self.links_closed_revoked.inc();
+    }
+
+    /// A live link was closed because its certificate expired.
+    pub fn link_closed_cert_expired(&self) {
+        self.links_closed_expired.inc();
     }
 
     /// An attempt ended and the job went back to the queue.

@@ -40,6 +40,7 @@ use crate::datadir::DataDir;
 use crate::ingest::{Ingest, IngestError, Ingested};
 use crate::jobs::JobEvent;
 use crate::scheduler::SubmitError;
+use crate::identity::Pki;
 use crate::store::{AgentRecord, AuditRecord, BundleNumbers, JobState, RevokedCertRecord, StoreError};
 use crate::AppState;
 
@@ -47,6 +48,9 @@ use crate::AppState;
 pub const REPLY_ASSIGNMENTS_MAX: usize = 1000;
 /// Validity of certificates issued by offline enrollment and renewal, days.
 pub const OFFLINE_CERT_VALIDITY_DAYS: u32 = gaffer_certs::AGENT_CERT_VALIDITY_DAYS_DEFAULT;
+/// [`OFFLINE_CERT_VALIDITY_DAYS`] in seconds. Air-gapped agents renew only when a bundle travels,
+/// so their certificates keep the long lifetime; online agents' follow `--agent-cert-ttl`.
+pub const OFFLINE_CERT_VALIDITY_SECS: u64 = OFFLINE_CERT_VALIDITY_DAYS as u64 * 86_400;
 
 /// Errors of offline operations. Every refusal happens before any state changes.
 #[derive(Debug, thiserror::Error)]
@@ -149,10 +153,8 @@ pub struct RevokeReport {
 
 /// The offline operations over one control plane's data dir and store.
 pub struct OfflineSync {
-    ca: Arc<FleetCa>,
-    ca_pem: String,
-    server_cert_pem: String,
-    signer: BundleSigner,
+    /// The CAs, the server certificate that signs replies (renewed while serving), renewals.
+    pki: Arc<Pki>,
     bundle_key: BundleKey,
     state: AppState,
     ingest: Arc<Ingest>,
@@ -234,12 +236,23 @@ impl OfflineSync {
     /// # Errors
     /// [`OfflineError::Io`] for unreadable files; [`OfflineError::Refused`] for an unusable CA,
     /// server key or bundle key.
-    pub fn open(dd: &DataDir, ca: Arc<FleetCa>, state: AppState, ingest: Arc<Ingest>) -> Result<Self, OfflineError> {
-        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| io_err(&p, e));
-        let server_cert_pem = read(dd.server_cert_path())?;
-        let signer = BundleSigner::from_pem(&server_cert_pem, &read(dd.server_key_path())?)?;
+    pub fn open(dd: &DataDir, pki: Arc<Pki>, state: AppState, ingest: Arc<Ingest>) -> Result<Self, OfflineError> {
         let bundle_key = load_or_create_bundle_key(dd)?;
-        Ok(Self { ca_pem: ca.cert_pem(), ca, server_cert_pem, signer, bundle_key, state, ingest })
+        // Fail now, not at the first import, if the server key cannot sign.
+        let (server, _) = pki.server_pair();
+        BundleSigner::from_pem(&server.cert_pem, &server.key_pem)?;
+        Ok(Self { pki, bundle_key, state, ingest })
+    }
+
+    /// The current CA (the one trusted at standby; the first of the trust set).
+    fn ca(&self) -> Arc<FleetCa> {
+        self.pki.trusted_cas().swap_remove(0)
+    }
+
+    /// The signer of replies and grants: the server certificate in use now, and its PEM.
+    fn signer(&self) -> Result<(BundleSigner, String), OfflineError> {
+        let (server, _) = self.pki.server_pair();
+        Ok((BundleSigner::from_pem(&server.cert_pem, &server.key_pem)?, server.cert_pem))
     }
 
     /// The control plane's age recipient (`age1...`).
@@ -253,7 +266,7 @@ impl OfflineSync {
     /// # Errors
     /// [`OfflineError::Store`], [`OfflineError::Refused`] if the CA cannot sign it.
     pub fn crl_pem(&self) -> Result<String, OfflineError> {
-        crl_pem(&self.ca, self.state.store.as_ref())
+        crl_pem(&self.ca(), self.state.store.as_ref())
     }
 
     fn audit(
@@ -298,22 +311,24 @@ impl OfflineSync {
                 req.agent_id
             )));
         }
-        let cert_pem = self
-            .ca
-            .sign_agent_csr(&req.csr_pem, req.agent_id, OFFLINE_CERT_VALIDITY_DAYS)
-            .map_err(|e| OfflineError::Invalid(e.to_string()))?;
         let now = crate::now_ms();
+        let issued = self
+            .pki
+            .sign_agent(req.agent_id, &req.csr_pem, "offline-enroll", Some(OFFLINE_CERT_VALIDITY_SECS), now)
+            .map_err(|e| OfflineError::Invalid(e.to_string()))?;
+        let cert_pem = issued.cert_pem.clone();
+        let (signer, server_cert_pem) = self.signer()?;
         let grant = OfflineEnrollGrant {
             agent_id: req.agent_id,
             site: req.site.clone(),
             cert_pem: cert_pem.clone(),
-            ca_pem: self.ca_pem.clone(),
-            server_cert_pem: self.server_cert_pem.clone(),
+            ca_pem: issued.ca_pems.concat(),
+            server_cert_pem,
             bundle_recipient: self.bundle_key.recipient(),
             granted_at_ms: now,
         };
         let grant_json = serde_json::to_string(&grant).map_err(|e| OfflineError::Invalid(e.to_string()))?;
-        let signature = self.signer.sign(grant_json.as_bytes())?;
+        let signature = signer.sign(grant_json.as_bytes())?;
         use base64::Engine as _;
         let reply = OfflineEnrollReply {
             grant_json,
@@ -337,6 +352,8 @@ impl OfflineSync {
             cert_serial_hex: Some(gaffer_certs::cert_serial_hex(cert_pem.as_bytes())?),
             revoked_at_ms: None,
             offline: true,
+            cert_issuer_fingerprint: Some(issued.issue.issuer_fingerprint.clone()),
+            cert_history: vec![issued.issue.clone()],
         })?;
         self.audit(
             who,
@@ -367,12 +384,24 @@ impl OfflineSync {
             return Ok(RevokeReport { agent_id, serial_hex, newly_revoked: false });
         }
         let now = crate::now_ms();
-        store.insert_revoked_cert(&RevokedCertRecord {
-            serial_hex: serial_hex.clone(),
-            agent: agent_id,
-            revoked_at_ms: now,
-        })?;
+        // Every certificate it may still hold: the current one and any earlier one not yet expired
+        // (online renewal issues a new one every half lifetime).
+        let now_unix = (now / 1000) as i64;
+        let mut serials: Vec<String> = agent
+            .cert_history
+            .iter()
+            .filter(|c| c.not_after_unix > now_unix)
+            .map(|c| c.serial_hex.clone())
+            .collect();
+        if !serials.contains(&serial_hex) {
+            serials.push(serial_hex.clone());
+        }
+        for serial in &serials {
+            store.insert_revoked_cert(&RevokedCertRecord { serial_hex: serial.clone(), agent: agent_id, revoked_at_ms: now })?;
+        }
         store.update_agent(agent_id, &mut |a| a.revoked_at_ms = Some(now))?;
+        // From here on the handshake refuses it and its open link closes on its next turn.
+        self.state.revocations.revoke(agent_id);
         self.audit(
             who,
             "revoke_agent",
@@ -381,7 +410,8 @@ impl OfflineSync {
             format!("certificate serial {serial_hex}"),
         )?;
         store.flush()?;
-        tracing::warn!(agent_id = %agent_id, %who, serial = %serial_hex, "agent revoked");
+        let requeued = self.state.scheduler.agent_revoked(agent_id, now)?;
+        tracing::warn!(agent_id = %agent_id, %who, serial = %serial_hex, certificates = serials.len(), jobs = requeued, "agent revoked");
         Ok(RevokeReport { agent_id, serial_hex, newly_revoked: true })
     }
 
@@ -397,14 +427,29 @@ impl OfflineSync {
         let bytes = read_bounded(bundle_path, BUNDLE_BYTES_MAX, "bundle")?;
         let store = &self.state.store;
         let crl = self.crl_pem()?;
-        let trust = BundleTrust { ca_pem: &self.ca_pem, crl_pem: &crl };
-        let parsed = gaffer_certs::verify_bundle(
-            &bytes,
-            trust,
-            BundleDirection::AgentToControl,
-            |h| BundleSignerRole::Agent(h.agent_id),
-            gaffer_certs::UnixTime::now(),
-        )?;
+        // Signed by an agent certificate from any trusted CA (two during a rotation); the
+        // current CA's answer is the one reported when none accepts it.
+        let mut verified = None;
+        for (i, ca) in self.pki.trusted_cas().iter().enumerate() {
+            let ca_pem = ca.cert_pem();
+            let ca_crl = if i == 0 { crl.clone() } else { crl_pem(ca, store.as_ref())? };
+            let trust = BundleTrust { ca_pem: &ca_pem, crl_pem: &ca_crl };
+            match gaffer_certs::verify_bundle(
+                &bytes,
+                trust,
+                BundleDirection::AgentToControl,
+                |h| BundleSignerRole::Agent(h.agent_id),
+                gaffer_certs::UnixTime::now(),
+            ) {
+                Ok(p) => {
+                    verified = Some(Ok(p));
+                    break;
+                }
+                Err(e) if verified.is_none() => verified = Some(Err(e)),
+                Err(_) => {}
+            }
+        }
+        let parsed = verified.ok_or_else(|| OfflineError::Invalid("no CA is trusted".into()))??;
         let agent_id = parsed.header.agent_id;
         let number = parsed.header.bundle_number;
         let agent = store.get_agent(agent_id)?.ok_or(OfflineError::UnknownAgent(agent_id))?;
@@ -480,17 +525,19 @@ impl OfflineSync {
             assignments,
             crl_pem: if crl.is_empty() { self.empty_crl()? } else { crl.clone() },
             renewed_cert_pem: renewed_cert_pem.clone(),
+            trust_ca_pems: self.pki.trusted_ca_pems(),
         };
         let header = BundleHeader {
             direction: BundleDirection::ControlToAgent,
-            ca_fingerprint: *self.ca.fingerprint().as_bytes(),
+            ca_fingerprint: *self.pki.enroll_fingerprint().as_bytes(),
             agent_id,
             bundle_number: reply_number,
             created_at_ms: now,
             signer_cert_der: Vec::new(),
         };
         let payload = bundle::encode_payload(&reply).map_err(CertError::from)?;
-        let file = gaffer_certs::seal_bundle(header, &payload, &recipient, &self.signer)?;
+        let (signer, _) = self.signer()?;
+        let file = gaffer_certs::seal_bundle(header, &payload, &recipient, &signer)?;
         gaffer_certs::write_secret_file(reply_out, &file)?;
         store.set_bundle_numbers(
             agent_id,
@@ -526,7 +573,7 @@ impl OfflineSync {
     }
 
     fn empty_crl(&self) -> Result<String, OfflineError> {
-        Ok(self.ca.revocation_list_pem(&[], crate::now_ms())?)
+        Ok(self.ca().revocation_list_pem(&[], crate::now_ms())?)
     }
 
     /// Jobs for the agent: those already leased to it and not started (a reply lost on the way is
@@ -593,14 +640,12 @@ impl OfflineSync {
             tracing::warn!(agent_id = %agent.id, "certificate due for renewal but no CSR is on record");
             return Ok(None);
         };
-        let cert = self.ca.sign_agent_csr(csr, agent.id, OFFLINE_CERT_VALIDITY_DAYS)?;
-        let not_after = gaffer_certs::cert_not_after_unix(cert.as_bytes())?;
-        let serial = gaffer_certs::cert_serial_hex(cert.as_bytes())?;
-        self.state.store.update_agent(agent.id, &mut |a| {
-            a.cert_not_after_unix = not_after;
-            a.cert_serial_hex = Some(serial.clone());
-        })?;
-        Ok(Some(cert))
+        let issued = self
+            .pki
+            .sign_agent(agent.id, csr, "bundle", Some(OFFLINE_CERT_VALIDITY_SECS), crate::now_ms())
+            .map_err(|e| OfflineError::Invalid(e.to_string()))?;
+        crate::identity::record_issue(self.state.store.as_ref(), agent.id, csr, &issued.issue)?;
+        Ok(Some(issued.cert_pem))
     }
 }
 

@@ -456,6 +456,30 @@ impl Scheduler {
         Ok(true)
     }
 
+    /// `agent` was revoked: every lease it holds is void at once and its jobs go back to the queue
+    /// (each attempt spent), and its link is told to close (the driver sees the revocation on its
+    /// next turn, which this wakes). Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn agent_revoked(&self, agent: AgentId, now_ms: UnixMs) -> Result<usize, StoreError> {
+        let mut requeued = 0;
+        for job in self.jobs_leased_to(agent)? {
+            match self.apply(job.id, &JobEvent::HolderRevoked { agent }, now_ms) {
+                Ok(Some(_)) => requeued += 1,
+                Ok(None) => {}
+                Err(SubmitError::Store(e)) => return Err(e),
+                Err(e) => tracing::warn!(job_id = %job.id, error = %e, "could not requeue a revoked agent's job"),
+            }
+        }
+        self.store.flush()?;
+        if let Some(notify) = self.fleet.notifier(agent) {
+            notify.notify_one();
+        }
+        self.wake();
+        Ok(requeued)
+    }
+
     /// The assigned and running jobs leased to `agent`, from the state index (bounded by the
     /// fleet's slots, not by history).
     ///

@@ -48,7 +48,13 @@ fn control_plane(dir: &Path) -> Result<(Arc<FleetCa>, Arc<dyn Store>, OfflineSyn
     let state = AppState::new(store.clone(), SchedulerConfig::default());
     let ingest = Arc::new(Ingest::new(state.clone()));
     let ca = Arc::new(ca);
-    let sync = OfflineSync::open(&dd, ca.clone(), state, ingest)?;
+    let pki = gaffer_control::identity::Pki::open(
+        &dd,
+        vec!["localhost".into()],
+        gaffer_control::identity::AGENT_CERT_TTL_SECS_DEFAULT,
+        state.metrics.clone(),
+    )?;
+    let sync = OfflineSync::open(&dd, pki, state, ingest)?;
     Ok((ca, store, sync))
 }
 

@@ -1,16 +1,20 @@
 //! The real router over a real `SledStore` in a temp dir, driven with `oneshot` requests.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use argon2::password_hash::SaltString;
 use argon2::{Argon2, PasswordHasher};
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{header, Request, Response, StatusCode};
 use axum::Router;
 use gaffer_control::scheduler::{JobRequest, SchedulerConfig};
 use gaffer_control::store::sled_store::SledStore;
-use gaffer_control::store::{AgentRecord, HealthSample, JobOrigin, JobRecord, JobState, Priority, Store};
+use gaffer_control::store::{
+    AgentRecord, ApiTokenRecord, HealthSample, JobOrigin, JobRecord, JobState, Priority, Role, Store, UserRecord,
+};
 use gaffer_control::{http::router, AppState};
 use gaffer_protocol::digest::{
     AnalyzerInfo, Cut, Digest, Keyframe, Shot, ShotAnalysis, SourceInfo, StreamInfo, StreamKind, TechnicalMetadata,
@@ -37,8 +41,22 @@ impl Fixture {
         let store = Arc::new(SledStore::open(&dir.path().join("db"))?);
         let salt = SaltString::generate(&mut rand::rngs::OsRng);
         let phc = Argon2::default().hash_password(PASSWORD.as_bytes(), &salt).map_err(|e| anyhow!("{e}"))?.to_string();
-        store.set_admin_password_hash(&phc)?;
-        store.insert_api_token(&Sha256::digest(API_TOKEN.as_bytes()).into(), 1)?;
+        assert!(store.insert_user(&UserRecord {
+            name: "admin".into(),
+            role: Role::Admin,
+            password_phc: phc,
+            created_at_ms: 1,
+            password_changed_at_ms: 1,
+        })?);
+        assert!(store.create_api_token(&ApiTokenRecord {
+            hash: Sha256::digest(API_TOKEN.as_bytes()).into(),
+            name: "test-admin".into(),
+            role: Role::Admin,
+            created_at_ms: 1,
+            expires_at_ms: u64::MAX,
+            last_used_at_ms: None,
+            created_by: "test".into(),
+        })?);
         let agent_id = Uuid::new_v4();
         store.insert_agent(&AgentRecord {
             id: agent_id,
@@ -67,6 +85,8 @@ impl Fixture {
             cert_serial_hex: None,
             revoked_at_ms: None,
             offline: false,
+            cert_issuer_fingerprint: None,
+            cert_history: Vec::new(),
         })?;
         for i in 0..3u64 {
             store.push_health(
@@ -109,7 +129,12 @@ impl Fixture {
         router(self.state.clone())
     }
 
-    async fn send(&self, req: Request<Body>) -> Result<Response<Body>> {
+    /// Sends `req` through a fresh router, from client address 127.0.0.1 unless the request
+    /// carries its own `ConnectInfo` ([`from_addr`]).
+    async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>> {
+        if req.extensions().get::<ConnectInfo<SocketAddr>>().is_none() {
+            req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        }
         Ok(self.app().oneshot(req).await?)
     }
 
@@ -124,7 +149,7 @@ impl Fixture {
             .send(post_form(
                 "/login",
                 Some(&format!("gaffer_login_csrf={login_csrf}")),
-                &format!("csrf={login_csrf}&password={}", urlencode(PASSWORD)),
+                &format!("csrf={login_csrf}&user=admin&password={}", urlencode(PASSWORD)),
             ))
             .await?;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER);
@@ -389,15 +414,16 @@ async fn login_flow_and_dashboard_pages() -> Result<()> {
         .send(post_form(
             "/login",
             Some(&format!("gaffer_login_csrf={login_csrf}")),
-            &format!("csrf={login_csrf}&password=hunter2"),
+            &format!("csrf={login_csrf}&user=admin&password=hunter2"),
         ))
         .await?;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert!(cookie_value(&resp, "gaffer_session").is_none());
-    assert!(text(resp).await?.contains("Wrong password"));
+    assert!(text(resp).await?.contains("Wrong user name or password"));
 
     // Right password but no login CSRF cookie: refused.
-    let resp = f.send(post_form("/login", None, &format!("csrf=x&password={}", urlencode(PASSWORD)))).await?;
+    let resp =
+        f.send(post_form("/login", None, &format!("csrf=x&user=admin&password={}", urlencode(PASSWORD)))).await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert!(cookie_value(&resp, "gaffer_session").is_none());
 
@@ -408,7 +434,7 @@ async fn login_flow_and_dashboard_pages() -> Result<()> {
         .send(post_form(
             "/login",
             Some(&format!("gaffer_login_csrf={login_csrf}")),
-            &format!("csrf={login_csrf}&password={}", urlencode(PASSWORD)),
+            &format!("csrf={login_csrf}&user=admin&password={}", urlencode(PASSWORD)),
         ))
         .await?;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
@@ -848,7 +874,7 @@ async fn audit_log_page_and_fleet_page_show_operator_actions_escaped() -> Result
     assert!(page.contains("o&#39;brien &#38; &#60;ops&#62;"), "who is shown, escaped");
     // Who, what, when, which agent; newest first.
     let newer = page.find("bundle 7: 12 applied").context("newer entry listed")?;
-    let older = page.find("enroll_offline").context("older entry listed")?;
+    let older = page.find("<code>enroll_offline</code>").context("older entry listed")?;
     assert!(newer < older, "entries are not newest first");
     assert!(page.contains("alice"));
     assert!(page.contains(&format!("/agents/{}", f.agent_id)), "links to the agent");
@@ -881,8 +907,8 @@ async fn audit_log_page_and_fleet_page_show_operator_actions_escaped() -> Result
     assert_eq!(fleet.matches("revoke_agent").count(), 5);
     assert!(!fleet.contains("bundle 7: 12 applied"), "the fleet page shows more than the latest five");
     let page = text(f.send(get("/audit", Some(&cookie))).await?).await?;
-    assert!(page.contains("bundle 7: 12 applied") && page.contains("enroll_offline"));
-    assert_eq!(page.matches("revoke_agent").count(), 5);
+    assert!(page.contains("bundle 7: 12 applied") && page.contains("<code>enroll_offline</code>"));
+    assert_eq!(page.matches("<code>revoke_agent</code>").count(), 5);
     Ok(())
 }
 
@@ -979,7 +1005,7 @@ async fn api_submits_with_priority_and_audits_it() -> Result<()> {
     assert_eq!(audit.len(), 3);
     let entry = audit.iter().find(|a| a.job == Some(high)).context("audit entry of the high job")?;
     assert_eq!(entry.action, "job_submit");
-    assert_eq!(entry.who, "api token");
+    assert_eq!(entry.who, "token:test-admin");
     assert_eq!(entry.site.as_deref(), Some("stage-a"));
     assert_eq!(entry.detail, "/mnt/media/hot.mov");
     Ok(())
@@ -1099,7 +1125,7 @@ async fn api_cancels_and_retries_jobs() -> Result<()> {
     let cancelled = json(resp).await?;
     assert_eq!(cancelled["id"], job.id.to_string());
     assert_eq!(cancelled["state"], "cancelled");
-    assert_eq!(cancelled["error"], "cancelled by api token");
+    assert_eq!(cancelled["error"], "cancelled by token:test-admin");
     assert!(cancelled["lease_id"].is_null());
     let outgoing = f.state.scheduler.fleet().take_outgoing(f.agent_id, 1, 10);
     assert!(
@@ -1153,12 +1179,13 @@ async fn api_cancels_and_retries_jobs() -> Result<()> {
     }
     assert_eq!(f.store.get_job(job.id)?.context("stored")?.state, JobState::Queued, "refused calls changed nothing");
 
-    // Audit: submit (through the scheduler directly: none), cancel and retry by the API.
-    let audit = f.store.list_audit(10)?;
+    // Audit: submit (through the scheduler directly: none), cancel and retry by the API (and the
+    // dashboard login above).
+    let audit: Vec<_> = f.store.list_audit(10)?.into_iter().filter(|a| a.action != "login").collect();
     let actions: Vec<(&str, &str)> = audit.iter().map(|a| (a.action.as_str(), a.who.as_str())).collect();
-    assert_eq!(actions, [("job_retry", "api token"), ("job_cancel", "api token")], "newest first");
+    assert_eq!(actions, [("job_retry", "token:test-admin"), ("job_cancel", "token:test-admin")], "newest first");
     assert!(audit.iter().all(|a| a.job == Some(job.id) && a.site.as_deref() == Some("stage-a")));
-    assert!(audit[1].detail.contains("cancelled by api token"), "{}", audit[1].detail);
+    assert!(audit[1].detail.contains("cancelled by token:test-admin"), "{}", audit[1].detail);
     Ok(())
 }
 
@@ -1234,7 +1261,7 @@ async fn dashboard_cancel_and_retry_need_the_csrf_token() -> Result<()> {
         Some(format!("/jobs/{}", job.id).as_str())
     );
     assert_eq!(state()?, JobState::Cancelled);
-    assert_eq!(f.store.get_job(job.id)?.and_then(|j| j.error).as_deref(), Some("cancelled by dashboard admin"));
+    assert_eq!(f.store.get_job(job.id)?.and_then(|j| j.error).as_deref(), Some("cancelled by admin"));
     // Cancelling it again: 409 page with the refusal.
     let resp = f.send(post_form(&cancel, Some(&cookie), &format!("csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
@@ -1258,10 +1285,10 @@ async fn dashboard_cancel_and_retry_need_the_csrf_token() -> Result<()> {
 
     let audit = f.store.list_audit(10)?;
     let actions: Vec<(&str, &str)> = audit.iter().map(|a| (a.action.as_str(), a.who.as_str())).collect();
-    assert_eq!(actions, [("job_retry", "dashboard admin"), ("job_cancel", "dashboard admin")]);
+    assert_eq!(actions, [("job_retry", "admin"), ("job_cancel", "admin"), ("login", "admin")]);
     // The audit page shows them.
     let page = text(f.send(get("/audit", Some(&cookie))).await?).await?;
-    assert!(page.contains("job_cancel") && page.contains("dashboard admin"));
+    assert!(page.contains("job_cancel") && page.contains("<td>admin</td>"));
     assert!(page.contains(&format!("<a href=\"/jobs/{}\">", job.id)), "audit entries link to their job");
     Ok(())
 }
@@ -1284,10 +1311,7 @@ async fn dashboard_job_form_priority_jobs_filter_paging_and_fleet_counts() -> Re
     let id: Uuid = location.strip_prefix("/jobs/").context("job page")?.parse()?;
     assert_eq!(f.store.get_job(id)?.context("stored")?.priority, Priority::High);
     let audit = f.store.list_audit(1)?;
-    assert_eq!(
-        (audit[0].action.as_str(), audit[0].who.as_str(), audit[0].job),
-        ("job_submit", "dashboard admin", Some(id))
-    );
+    assert_eq!((audit[0].action.as_str(), audit[0].who.as_str(), audit[0].job), ("job_submit", "admin", Some(id)));
     let resp = f.send(post_form("/jobs", Some(&cookie), &format!("{fields}&priority=asap&csrf={csrf}"))).await?;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(text(resp).await?.contains("unknown priority"));

@@ -323,6 +323,8 @@ impl Sim {
                 cert_serial_hex: None,
                 revoked_at_ms: None,
                 offline: false,
+                cert_issuer_fingerprint: None,
+                cert_history: Vec::new(),
             };
             if let Err(e) = store.insert_agent(&rec) {
                 panic!("seed {seed}: insert agent: {e}");

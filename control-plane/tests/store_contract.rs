@@ -9,8 +9,9 @@ use std::ops::Deref;
 use gaffer_control::store::mem_store::MemStore;
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{
-    AgentCommit, AgentRecord, AuditRecord, CommitOutcome, HealthSample, JobCounts, JobCursor, JobOrigin, JobPage,
-    JobQuery, JobRecord, JobState, JobWrite, Lease, Priority, Store,
+    Actor, AgentCommit, AgentRecord, ApiTokenRecord, AuditQuery, AuditRecord, CommitOutcome, HealthSample, JobCounts,
+    JobCursor, JobOrigin, JobPage, JobQuery, JobRecord, JobState, JobWrite, Lease, Priority, Role, Store, UserRecord,
+    UserRemoval,
 };
 use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
 use gaffer_protocol::health::{Health, HealthSource};
@@ -108,6 +109,8 @@ fn agent(id: AgentId) -> AgentRecord {
         cert_serial_hex: None,
         revoked_at_ms: None,
         offline: false,
+        cert_issuer_fingerprint: None,
+        cert_history: Vec::new(),
     }
 }
 
@@ -698,12 +701,9 @@ fn push_health_bounds_count_and_bytes(make: Make) -> TestResult {
 }
 
 fn other_records_roundtrip(make: Make) -> TestResult {
-    use gaffer_control::store::{BundleNumbers, EnrollmentTokenRecord, RevokedCertRecord, SessionRecord, StoreError};
+    use gaffer_control::store::{BundleNumbers, EnrollmentTokenRecord, RevokedCertRecord, StoreError};
     let fixture = make()?;
     let s: &dyn Store = &*fixture;
-    assert_eq!(s.admin_password_hash()?, None);
-    s.set_admin_password_hash("$argon2id$x")?;
-    assert_eq!(s.admin_password_hash()?.as_deref(), Some("$argon2id$x"));
     let tok = EnrollmentTokenRecord {
         hash: [1; 32],
         site: "s".into(),
@@ -719,9 +719,7 @@ fn other_records_roundtrip(make: Make) -> TestResult {
     assert!(matches!(s.consume_enrollment_token(&[1; 32], aid(2), 6), Err(StoreError::TokenAlreadyUsed)));
     s.insert_enrollment_token(&EnrollmentTokenRecord { hash: [3; 32], ..tok })?;
     assert!(matches!(s.consume_enrollment_token(&[3; 32], aid(2), 100), Err(StoreError::TokenExpired)));
-    s.insert_api_token(&[4; 32], 1)?;
-    assert!(s.api_token_exists(&[4; 32])? && !s.api_token_exists(&[5; 32])?);
-    let sess = SessionRecord { id_hash: [6; 32], csrf_token: "c".into(), created_at_ms: 1, expires_at_ms: 2 };
+    let sess = session(6, "alice", 2);
     s.insert_session(&sess)?;
     assert_eq!(s.get_session(&[6; 32])?, Some(sess));
     s.delete_session(&[6; 32])?;
@@ -746,8 +744,146 @@ fn other_records_roundtrip(make: Make) -> TestResult {
         s.append_audit(&audit(t, &t.to_string(), None))?;
     }
     let details: Vec<String> = s.list_audit(2)?.into_iter().map(|a| a.detail).collect();
-    assert_eq!(details, ["9", "5"]);
+    assert_eq!(details, ["9", "3"], "newest appended first, whatever the clock said");
     s.flush()?;
+    Ok(())
+}
+
+fn session(n: u8, user: &str, expires_at_ms: u64) -> gaffer_control::store::SessionRecord {
+    gaffer_control::store::SessionRecord {
+        id_hash: [n; 32],
+        csrf_token: format!("csrf-{n}"),
+        created_at_ms: 1,
+        expires_at_ms,
+        user: user.into(),
+        role: Role::Viewer,
+        password_changed_at_ms: 1,
+    }
+}
+
+fn user(name: &str, role: Role) -> UserRecord {
+    UserRecord {
+        name: name.into(),
+        role,
+        password_phc: format!("$argon2id$v=19$m=19456,t=2,p=1${name}$hash"),
+        created_at_ms: 10,
+        password_changed_at_ms: 10,
+    }
+}
+
+fn users_are_unique_and_the_last_admin_stays(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    assert!(s.insert_user(&user("root", Role::Admin))?);
+    assert!(s.insert_user(&user("bob", Role::Viewer))?);
+    assert!(!s.insert_user(&user("bob", Role::Admin))?, "names are unique");
+    assert_eq!(s.get_user("bob")?.map(|u| u.role), Some(Role::Viewer), "the first one stays");
+    let names: Vec<String> = s.list_users()?.into_iter().map(|u| u.name).collect();
+    assert_eq!(names, ["bob", "root"], "by name");
+    assert_eq!(s.remove_user("root")?, UserRemoval::LastAdmin);
+    assert!(s.get_user("root")?.is_some());
+    assert!(s.insert_user(&user("carol", Role::Admin))?);
+    assert!(matches!(s.remove_user("root")?, UserRemoval::Removed(u) if u.name == "root"));
+    assert_eq!(s.remove_user("carol")?, UserRemoval::LastAdmin);
+    assert_eq!(s.remove_user("nobody")?, UserRemoval::NotFound);
+    assert!(matches!(s.remove_user("bob")?, UserRemoval::Removed(_)), "non-admins go freely");
+    // The password change time strictly increases, even when the clock does not.
+    let changed = s.set_user_password("carol", "$argon2id$new", 5)?.map(|u| (u.password_phc, u.password_changed_at_ms));
+    assert_eq!(changed, Some(("$argon2id$new".to_string(), 11)));
+    assert_eq!(s.set_user_password("carol", "$argon2id$x", 500)?.map(|u| u.password_changed_at_ms), Some(500));
+    assert_eq!(s.set_user_password("nobody", "$argon2id$x", 500)?, None);
+    Ok(())
+}
+
+fn sessions_end_per_user_and_by_expiry(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    for (n, u, exp) in [(1, "alice", 100), (2, "alice", 300), (3, "bob", 100), (4, "bob", 300)] {
+        s.insert_session(&session(n, u, exp))?;
+    }
+    assert_eq!(s.delete_user_sessions("alice")?, 2);
+    assert_eq!(s.get_session(&[1; 32])?, None);
+    assert_eq!(s.delete_user_sessions("alice")?, 0);
+    assert_eq!(s.delete_expired_sessions(200)?, 1);
+    assert_eq!(s.get_session(&[3; 32])?, None);
+    assert_eq!(s.get_session(&[4; 32])?.map(|x| x.user), Some("bob".to_string()));
+    Ok(())
+}
+
+fn token(n: u8, name: &str, role: Role) -> ApiTokenRecord {
+    ApiTokenRecord {
+        hash: [n; 32],
+        name: name.into(),
+        role,
+        created_at_ms: 1,
+        expires_at_ms: 1000,
+        last_used_at_ms: None,
+        created_by: "uid 0 (root)".into(),
+    }
+}
+
+fn api_tokens_have_unique_names_and_revoke_at_once(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    assert!(s.create_api_token(&token(1, "ci", Role::Operator))?);
+    assert!(!s.create_api_token(&token(2, "ci", Role::Admin))?, "names are unique");
+    assert!(!s.create_api_token(&token(1, "other", Role::Admin))?, "so are hashes");
+    assert!(s.api_token(&[2; 32])?.is_none(), "a refused token leaves nothing behind");
+    assert!(s.create_api_token(&token(3, "a-viewer", Role::Viewer))?);
+    let names: Vec<String> = s.list_api_tokens()?.into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["a-viewer", "ci"], "by name");
+    s.touch_api_token(&[1; 32], 77)?;
+    s.touch_api_token(&[9; 32], 77)?;
+    assert_eq!(s.api_token(&[1; 32])?.and_then(|t| t.last_used_at_ms), Some(77));
+    assert_eq!(s.revoke_api_token("ci")?.map(|t| t.hash), Some([1; 32]));
+    assert!(s.api_token(&[1; 32])?.is_none(), "a revoked token is gone at once");
+    assert_eq!(s.revoke_api_token("ci")?, None);
+    assert!(s.create_api_token(&token(4, "ci", Role::Viewer))?, "a revoked name can be used again");
+    Ok(())
+}
+
+fn audit_ids_increase_and_queries_page_through_filters(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    // 30 entries: three actors, alternating actions, one job and agent now and then; the clock
+    // goes backwards half-way (ids still increase).
+    for i in 0..30u64 {
+        let at = if i < 15 { 1000 + i } else { 500 + i };
+        let mut rec = AuditRecord::new(
+            &Actor::User(format!("user{}", i % 3)),
+            if i % 2 == 0 { "login" } else { "job_submit" },
+            at,
+        )
+        .detail(i.to_string());
+        if i % 5 == 0 {
+            rec = rec.job(jid(1)).agent(aid(2));
+        }
+        s.append_audit(&rec)?;
+    }
+    let all = s.query_audit(&AuditQuery { limit: 100, ..AuditQuery::default() })?;
+    assert_eq!(all.next, None);
+    let details: Vec<u64> = all.entries.iter().map(|e| e.record.detail.parse().unwrap_or(999)).collect();
+    assert_eq!(details, (0..30).rev().collect::<Vec<_>>(), "newest appended first");
+    assert!(all.entries.windows(2).all(|w| w[0].id > w[1].id), "ids strictly decrease down the page");
+    // Paging with a filter visits every match once.
+    let q = AuditQuery { actor: Some("user1".into()), action: Some("login".into()), limit: 2, ..AuditQuery::default() };
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.query_audit(&AuditQuery { after, ..q.clone() })?;
+        seen.extend(page.entries.iter().map(|e| e.record.detail.clone()));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["28", "22", "16", "10", "4"]);
+    let by_job =
+        s.query_audit(&AuditQuery { job: Some(jid(1)), agent: Some(aid(2)), limit: 100, ..AuditQuery::default() })?;
+    assert_eq!(by_job.entries.len(), 6);
+    let since = s.query_audit(&AuditQuery { since_ms: Some(1010), limit: 100, ..AuditQuery::default() })?;
+    let since: Vec<&str> = since.entries.iter().map(|e| e.record.detail.as_str()).collect();
+    assert_eq!(since, ["14", "13", "12", "11", "10"]);
     Ok(())
 }
 
@@ -778,6 +914,10 @@ contract!(
     delete_finished_respects_cutoff_and_limit,
     push_health_bounds_count_and_bytes,
     other_records_roundtrip,
+    users_are_unique_and_the_last_admin_stays,
+    sessions_end_per_user_and_by_expiry,
+    api_tokens_have_unique_names_and_revoke_at_once,
+    audit_ids_increase_and_queries_page_through_filters,
 );
 
 // ---- implementation-specific ----

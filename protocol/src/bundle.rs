@@ -126,6 +126,10 @@ pub struct ControlReply {
     /// A new certificate for the agent's existing key, PEM, when its certificate was past half its
     /// lifetime.
     pub renewed_cert_pem: Option<String>,
+    /// The CA certificates the agent must trust from now on, PEM, one per entry (two during a CA
+    /// rotation). Empty from control planes that predate trust bundles: keep the current set.
+    #[serde(default)]
+    pub trust_ca_pems: Vec<String>,
 }
 
 /// The parts of a bundle file, borrowed from its bytes. Nothing is verified yet but the layout.

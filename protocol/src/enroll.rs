@@ -41,6 +41,16 @@ pub struct EnrollRequest {
     /// The agent's age X25519 recipient (`age1...`) for offline-sync reply bundles; None from
     /// agents that predate offline sync.
     pub bundle_recipient: Option<String>,
+    /// Re-enrollment (`gaffer-agent enroll --renew`, protocol 3): `agent_id` is already enrolled
+    /// (its certificate expired while it was offline) and keeps its identity, site, job queue and
+    /// outbox; the token must be for the agent's site. False for a first enrollment.
+    ///
+    /// Wire note: `#[serde(default)]` helps self-describing encodings (JSON) only. In the bincode
+    /// frame this field is a trailing byte, so a protocol-2 agent's request (without it) does not
+    /// decode as this struct; a control plane that must still enroll such agents decodes the
+    /// frame's payload again without this field.
+    #[serde(default)]
+    pub renew: bool,
 }
 
 /// Sent by the control plane, then the connection closes.

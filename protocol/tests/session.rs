@@ -459,7 +459,7 @@ fn agent_id_mismatch_is_closed() {
     p.drive();
     assert!(!p.control_log.iter().any(|e| matches!(e, ControlEvent::Hello { .. })), "{:?}", p.control_log);
     match closed_reason_control(&p.control_log) {
-        Some(CloseReason::ProtocolViolation(t)) => assert!(t.contains("does not match"), "{t}"),
+        Some(CloseReason::IdentityMismatch(t)) => assert!(t.contains("does not match"), "{t}"),
         other => panic!("expected a protocol violation, got {other:?}"),
     }
     assert!(p.control.is_closed());

@@ -98,6 +98,16 @@ pub struct SessionRecord {
     pub created_at_ms: UnixMs,
     /// When it stops being accepted.
     pub expires_at_ms: UnixMs,
+    /// The user logged in (sessions from before users existed have none and are refused).
+    #[serde(default)]
+    pub user: String,
+    /// The user's role at login.
+    #[serde(default)]
+    pub role: Role,
+    /// The user's [`UserRecord::password_changed_at_ms`] at login: once the password changes (or
+    /// the user is removed and added again) the session is over.
+    #[serde(default)]
+    pub password_changed_at_ms: UnixMs,
 }
 
 /// An enrolled agent.
@@ -140,15 +150,43 @@ pub struct AgentRecord {
     /// Enrolled offline (`gaffer-control enroll-offline`): it syncs by bundles, not the link.
     #[serde(default)]
     pub offline: bool,
+    /// SHA-256 fingerprint (lowercase hex) of the CA that issued the current certificate; None for
+    /// agents enrolled before certificates were tracked. During a CA rotation it tells which agents
+    /// still hold certificates from the old CA.
+    #[serde(default)]
+    pub cert_issuer_fingerprint: Option<String>,
+    /// Certificates issued to this agent, oldest first, at most [`CERT_HISTORY_MAX`] (older ones are
+    /// dropped): the agent page's renewal history, and every serial a revocation must list.
+    #[serde(default)]
+    pub cert_history: Vec<CertIssue>,
 }
 
-/// One operator action, for the audit log (`gaffer-control enroll-offline`, `agent revoke`,
-/// `bundle import`).
+/// Most entries kept in [`AgentRecord::cert_history`] (a 7-day certificate renewed at half life
+/// gives 32 entries in about 16 weeks).
+pub const CERT_HISTORY_MAX: usize = 32;
+
+/// One certificate issued to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertIssue {
+    /// Serial number, lowercase hex.
+    pub serial_hex: String,
+    /// `notAfter`, Unix seconds.
+    pub not_after_unix: i64,
+    /// When it was issued, control-plane clock.
+    pub issued_at_ms: UnixMs,
+    /// How: `enroll`, `re-enroll`, `renew`, `bundle`, `offline-enroll`.
+    pub via: String,
+    /// SHA-256 fingerprint of the issuing CA, lowercase hex.
+    pub issuer_fingerprint: String,
+}
+
+/// One change, for the append-only audit log: who ([`Actor`]), what ([`audit_action`]), what it
+/// concerned, when. Build one with [`AuditRecord::new`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// When, control-plane clock.
     pub at_ms: UnixMs,
-    /// Who: the OS user that ran the command (`$USER`, else `uid <n>`).
+    /// Who: an [`Actor`] as a string (`alice`, `token:ci`, `agent <uuid>`, `uid 1000 (alice)`).
     pub who: String,
     /// What, e.g. `enroll_offline`, `revoke_agent`, `bundle_import`.
     pub action: String,
@@ -161,6 +199,295 @@ pub struct AuditRecord {
     /// The job concerned, if any (job submit/cancel/retry, refused agent reports).
     #[serde(default)]
     pub job: Option<JobId>,
+}
+
+/// What a person or API token may do. Roles are ordered: `admin` > `operator` > `viewer`; each
+/// holds every permission of the roles below it (see `gaffer_control::http::Permission`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything: the dashboard's pages and the `GET` API (not the audit log).
+    #[default]
+    Viewer,
+    /// Also submits, cancels and retries jobs and drains agents.
+    Operator,
+    /// Also manages users, API tokens, agents (revocation), releases and the CA; reads the audit log.
+    Admin,
+}
+
+impl Role {
+    /// Every role, lowest first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    /// CLI/API name: `viewer`, `operator`, `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role {s:?} (known: admin, operator, viewer)"))
+    }
+}
+
+/// A person who logs in to the dashboard (`gaffer-control user add`), stored by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// Login name: 1–64 of `a-z 0-9 . _ -`, starting with a letter or digit.
+    pub name: String,
+    /// What the user may do.
+    pub role: Role,
+    /// The password as an argon2 PHC string.
+    pub password_phc: String,
+    /// When the user was added.
+    pub created_at_ms: UnixMs,
+    /// When the password was last set (creation included). Strictly increases with every change,
+    /// and every session remembers the value it was created under: a session whose value differs
+    /// is over.
+    pub password_changed_at_ms: UnixMs,
+}
+
+/// What [`Store::remove_user`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserRemoval {
+    /// The user was removed (and is returned).
+    Removed(UserRecord),
+    /// No user has that name.
+    NotFound,
+    /// The user is the last admin: removing it would leave nobody to manage users. Nothing changed.
+    LastAdmin,
+}
+
+/// An API bearer token (`gaffer-control api-token create`), stored only by the SHA-256 of the
+/// token string. Names are unique.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    /// SHA-256 of the full token string (`gfa_…`).
+    pub hash: [u8; 32],
+    /// Unique name, shown in listings and as the audit actor (`token:NAME`).
+    pub name: String,
+    /// What requests with this token may do.
+    pub role: Role,
+    /// When it was minted.
+    pub created_at_ms: UnixMs,
+    /// When it stops being accepted.
+    pub expires_at_ms: UnixMs,
+    /// When a request last used it (updated at most once a minute); None if never.
+    #[serde(default)]
+    pub last_used_at_ms: Option<UnixMs>,
+    /// The audit actor that minted it.
+    #[serde(default)]
+    pub created_by: String,
+}
+
+/// Who did something, as written in [`AuditRecord::who`]. Build the string with `to_string()`.
+///
+/// | actor | written as |
+/// |---|---|
+/// | a dashboard user | `alice` |
+/// | an API token | `token:ci-deploy` |
+/// | an agent | `agent <uuid>` |
+/// | a local OS user (admin socket peer, or the CLI on the store directly) | `uid 1000 (alice)`, or `uid 1000` when the uid has no name |
+/// | the control plane itself | `control plane` |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A logged-in dashboard user, by name.
+    User(String),
+    /// An API token, by name.
+    ApiToken(String),
+    /// An agent, by id.
+    Agent(AgentId),
+    /// A local operating-system user, identified by uid (never by an environment variable).
+    OsUser {
+        /// The uid (`SO_PEERCRED` of the admin socket peer, or `getuid()`).
+        uid: u32,
+        /// Its name from the user database, if it has one.
+        name: Option<String>,
+    },
+    /// The control plane on its own behalf (migrations, sweeps).
+    ControlPlane,
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::User(name) => f.write_str(name),
+            Actor::ApiToken(name) => write!(f, "token:{name}"),
+            Actor::Agent(id) => write!(f, "agent {id}"),
+            Actor::OsUser { uid, name: Some(name) } => write!(f, "uid {uid} ({name})"),
+            Actor::OsUser { uid, name: None } => write!(f, "uid {uid}"),
+            Actor::ControlPlane => f.write_str("control plane"),
+        }
+    }
+}
+
+/// Names of audited actions ([`AuditRecord::action`]), one constant per kind of change, so that
+/// writers and the dashboard's filter agree.
+pub mod audit_action {
+    /// A dashboard login succeeded (detail: client address).
+    pub const LOGIN: &str = "login";
+    /// A dashboard login failed: wrong password or unknown user (detail: client address).
+    pub const LOGIN_FAILED: &str = "login_failed";
+    /// A user was added (`gaffer-control user add`, `init`).
+    pub const USER_ADD: &str = "user_add";
+    /// A user was removed; its sessions ended.
+    pub const USER_REMOVE: &str = "user_remove";
+    /// A user's password was changed; its sessions ended.
+    pub const USER_PASSWD: &str = "user_passwd";
+    /// An API token was minted.
+    pub const API_TOKEN_CREATE: &str = "api_token_create";
+    /// An API token was revoked.
+    pub const API_TOKEN_REVOKE: &str = "api_token_revoke";
+    /// An enrollment token was minted.
+    pub const ENROLL_TOKEN_CREATE: &str = "enroll_token_create";
+    /// An agent enrolled online with a token.
+    pub const ENROLL: &str = "enroll";
+    /// An air-gapped agent was enrolled offline.
+    pub const ENROLL_OFFLINE: &str = "enroll_offline";
+    /// An offline-sync bundle was imported.
+    pub const BUNDLE_IMPORT: &str = "bundle_import";
+    /// An agent was revoked.
+    pub const REVOKE_AGENT: &str = "revoke_agent";
+    /// An agent was drained (takes no new jobs).
+    pub const AGENT_DRAIN: &str = "agent_drain";
+    /// A CA rotation phase was entered (detail: the phase).
+    pub const CA_ROTATE: &str = "ca_rotate";
+    /// A job was submitted.
+    pub const JOB_SUBMIT: &str = "job_submit";
+    /// A job was cancelled.
+    pub const JOB_CANCEL: &str = "job_cancel";
+    /// A job was queued again.
+    pub const JOB_RETRY: &str = "job_retry";
+    /// An agent's report was refused (not the lease holder, unknown job).
+    pub const REFUSE_REPORT: &str = "refuse_report";
+
+    /// Every action above, for the dashboard's filter suggestions.
+    pub const ALL: &[&str] = &[
+        LOGIN,
+        LOGIN_FAILED,
+        USER_ADD,
+        USER_REMOVE,
+        USER_PASSWD,
+        API_TOKEN_CREATE,
+        API_TOKEN_REVOKE,
+        ENROLL_TOKEN_CREATE,
+        ENROLL,
+        ENROLL_OFFLINE,
+        BUNDLE_IMPORT,
+        REVOKE_AGENT,
+        AGENT_DRAIN,
+        CA_ROTATE,
+        JOB_SUBMIT,
+        JOB_CANCEL,
+        JOB_RETRY,
+        REFUSE_REPORT,
+    ];
+}
+
+impl AuditRecord {
+    /// An entry for `action` by `actor` at `at_ms`, about nothing in particular yet; add what it
+    /// concerns with [`AuditRecord::agent`], [`AuditRecord::site`], [`AuditRecord::job`] and
+    /// [`AuditRecord::detail`]. Write it with [`Store::append_audit`] (then [`Store::flush`]).
+    pub fn new(actor: &Actor, action: &str, at_ms: UnixMs) -> Self {
+        AuditRecord {
+            at_ms,
+            who: actor.to_string(),
+            action: action.to_owned(),
+            agent: None,
+            site: None,
+            detail: String::new(),
+            job: None,
+        }
+    }
+
+    /// The entry concerning `agent`.
+    pub fn agent(mut self, agent: AgentId) -> Self {
+        self.agent = Some(agent);
+        self
+    }
+
+    /// The entry concerning `site`.
+    pub fn site(mut self, site: impl Into<String>) -> Self {
+        self.site = Some(site.into());
+        self
+    }
+
+    /// The entry concerning `job`.
+    pub fn job(mut self, job: JobId) -> Self {
+        self.job = Some(job);
+        self
+    }
+
+    /// The entry with human-readable `detail` (never a secret).
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+}
+
+/// A stored audit entry: the record and its id. Ids increase strictly with every append (also
+/// across restarts) and are never reused: the log is append-only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log (> 0).
+    pub id: u64,
+    /// The entry.
+    #[serde(flatten)]
+    pub record: AuditRecord,
+}
+
+/// Which audit entries [`Store::query_audit`] returns. Empty filters match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Only entries whose `who` is exactly this.
+    pub actor: Option<String>,
+    /// Only entries with this action.
+    pub action: Option<String>,
+    /// Only entries concerning this agent.
+    pub agent: Option<AgentId>,
+    /// Only entries concerning this job.
+    pub job: Option<JobId>,
+    /// Only entries at or after this time.
+    pub since_ms: Option<UnixMs>,
+    /// Continue with entries older than this id (from [`AuditPage::next`]).
+    pub after: Option<u64>,
+    /// Most entries returned; callers cap it (the API at 1000).
+    pub limit: usize,
+}
+
+impl AuditQuery {
+    /// Whether `entry` matches the filters (not the cursor).
+    pub fn matches(&self, entry: &AuditRecord) -> bool {
+        self.actor.as_deref().is_none_or(|a| entry.who == a)
+            && self.action.as_deref().is_none_or(|a| entry.action == a)
+            && self.agent.is_none_or(|a| entry.agent == Some(a))
+            && self.job.is_none_or(|j| entry.job == Some(j))
+            && self.since_ms.is_none_or(|t| entry.at_ms >= t)
+    }
+}
+
+/// One page of [`Store::query_audit`], newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditPage {
+    /// The entries, newest (highest id) first.
+    pub entries: Vec<AuditEntry>,
+    /// Cursor (an id) for the next, older page; None when the log has nothing older.
+    pub next: Option<u64>,
 }
 
 /// Offline-sync bundle numbers of one agent.
@@ -476,10 +803,18 @@ pub enum CommitOutcome {
 
 /// The control plane's persistent state. See the module docs for the contract.
 pub trait Store: Send + Sync + 'static {
-    /// The admin password as an argon2 PHC string, if `init` set one.
-    fn admin_password_hash(&self) -> StoreResult<Option<String>>;
-    /// Replaces the admin password hash.
-    fn set_admin_password_hash(&self, phc: &str) -> StoreResult<()>;
+    /// Adds a user; returns false (and changes nothing) if one with that name exists.
+    fn insert_user(&self, rec: &UserRecord) -> StoreResult<bool>;
+    /// One user, by name.
+    fn get_user(&self, name: &str) -> StoreResult<Option<UserRecord>>;
+    /// Every user, by name.
+    fn list_users(&self) -> StoreResult<Vec<UserRecord>>;
+    /// Replaces a user's password hash; `password_changed_at_ms` becomes `now_ms`, or one more
+    /// than before if that is not later (it strictly increases, so every older session ends).
+    /// Returns the updated user, `None` if there is none with that name.
+    fn set_user_password(&self, name: &str, password_phc: &str, now_ms: UnixMs) -> StoreResult<Option<UserRecord>>;
+    /// Removes a user unless it is the last admin (checked atomically with the removal).
+    fn remove_user(&self, name: &str) -> StoreResult<UserRemoval>;
 
     /// Stores a new enrollment token.
     fn insert_enrollment_token(&self, rec: &EnrollmentTokenRecord) -> StoreResult<()>;
@@ -495,10 +830,17 @@ pub trait Store: Send + Sync + 'static {
         now_ms: UnixMs,
     ) -> StoreResult<EnrollmentTokenRecord>;
 
-    /// Stores the hash of a new API bearer token.
-    fn insert_api_token(&self, hash: &[u8; 32], created_at_ms: UnixMs) -> StoreResult<()>;
-    /// Whether an API bearer token with this hash exists.
-    fn api_token_exists(&self, hash: &[u8; 32]) -> StoreResult<bool>;
+    /// Stores a new API token; returns false (and changes nothing) if its name or hash is taken.
+    fn create_api_token(&self, rec: &ApiTokenRecord) -> StoreResult<bool>;
+    /// The API token with this hash (expired ones included: the caller checks the expiry).
+    fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>>;
+    /// Every API token, by name.
+    fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenRecord>>;
+    /// Deletes the API token named `name`; returns it, `None` if there is none. Requests with it
+    /// are refused from then on.
+    fn revoke_api_token(&self, name: &str) -> StoreResult<Option<ApiTokenRecord>>;
+    /// Sets the token's `last_used_at_ms` (no-op for an unknown hash). Not flushed.
+    fn touch_api_token(&self, hash: &[u8; 32], now_ms: UnixMs) -> StoreResult<()>;
 
     /// Stores a dashboard session.
     fn insert_session(&self, rec: &SessionRecord) -> StoreResult<()>;
@@ -506,6 +848,10 @@ pub trait Store: Send + Sync + 'static {
     fn get_session(&self, id_hash: &[u8; 32]) -> StoreResult<Option<SessionRecord>>;
     /// Deletes a session (logout).
     fn delete_session(&self, id_hash: &[u8; 32]) -> StoreResult<()>;
+    /// Deletes every session of `user`; returns how many there were.
+    fn delete_user_sessions(&self, user: &str) -> StoreResult<usize>;
+    /// Deletes every session that expired before `now_ms`; returns how many.
+    fn delete_expired_sessions(&self, now_ms: UnixMs) -> StoreResult<usize>;
 
     /// Stores a newly enrolled agent (replacing any record with the same id).
     fn insert_agent(&self, rec: &AgentRecord) -> StoreResult<()>;
@@ -563,10 +909,17 @@ pub trait Store: Send + Sync + 'static {
     /// Records that every message up to `seq` from `agent` has been applied.
     fn set_last_applied_seq(&self, agent: AgentId, seq: u64) -> StoreResult<()>;
 
-    /// Appends an operator action to the audit log.
+    /// Appends an entry to the audit log, with an id strictly greater than every earlier entry's
+    /// ([`AuditEntry::id`]). Entries are never changed or deleted. Not durable until
+    /// [`Store::flush`].
     fn append_audit(&self, rec: &AuditRecord) -> StoreResult<()>;
     /// Up to `limit` newest audit entries, newest first.
     fn list_audit(&self, limit: usize) -> StoreResult<Vec<AuditRecord>>;
+    /// One page of audit entries matching `query`, newest first. Looks at no more than
+    /// [`sled_store::list_scan_budget`]`(limit)` entries; a page may then hold fewer than `limit`
+    /// matches (even none) and still have a `next`. Paging on until `next` is `None` visits every
+    /// entry once.
+    fn query_audit(&self, query: &AuditQuery) -> StoreResult<AuditPage>;
 
     /// Offline-sync bundle numbers of `agent` (zeros if none were exchanged).
     fn bundle_numbers(&self, agent: AgentId) -> StoreResult<BundleNumbers>;

@@ -7,10 +7,12 @@
 //!
 //! | tree               | key                                                   | value                                |
 //! |--------------------|-------------------------------------------------------|--------------------------------------|
-//! | `meta`             | `b"admin_password_hash"`                              | argon2 PHC string, UTF-8             |
+//! | `meta`             | `b"admin_password_hash"`                              | (before users existed) argon2 PHC string, UTF-8: migrated on open, then removed |
 //! | `meta`             | `b"job_counts"`                                       | 6 × u64 BE (48 bytes): jobs per state, in [`JobState::ALL`] order |
 //! | `enroll_tokens`    | SHA-256 of the token (32 bytes)                       | JSON [`EnrollmentTokenRecord`]       |
-//! | `api_tokens`       | SHA-256 of the token (32 bytes)                       | JSON `{"created_at_ms": u64}`        |
+//! | `api_tokens`       | SHA-256 of the token (32 bytes)                       | JSON [`ApiTokenRecord`] (before names and roles: `{"created_at_ms": u64}`, migrated on open) |
+//! | `api_token_names`  | token name (UTF-8)                                    | SHA-256 of the token (32 bytes)      |
+//! | `users`            | user name (UTF-8)                                     | JSON [`UserRecord`]                  |
 //! | `sessions`         | SHA-256 of the cookie value (32 bytes)                | JSON [`SessionRecord`]               |
 //! | `agents`           | agent UUID (16 bytes)                                 | JSON [`AgentRecord`]                 |
 //! | `health`           | agent UUID (16) ++ `received_at_ms` u64 BE (8) ++ counter u64 BE (8) | JSON [`HealthSample`] |
@@ -19,7 +21,8 @@
 //! | `jobs_by_state`    | state (1: [`JobState::index`]) ++ rank (1) ++ `created_at_ms` u64 BE (8) ++ `seq` u64 BE (8) ++ job UUID (16) | empty |
 //! | `digests`          | job UUID (16 bytes)                                   | JSON [`Digest`]                      |
 //! | `agent_seq`        | agent UUID (16 bytes)                                 | u64 BE (8): last applied sequence    |
-//! | `audit`            | `at_ms` u64 BE (8) ++ counter u64 BE (8)              | JSON [`AuditRecord`]                 |
+//! | `audit_log`        | entry id u64 BE (8), from [`sled::Db::generate_id`]   | JSON [`AuditRecord`]                 |
+//! | `audit`            | (before ids) `at_ms` u64 BE (8) ++ counter u64 BE (8) | JSON [`AuditRecord`]: moved to `audit_log` on open |
 //! | `bundle_numbers`   | agent UUID (16 bytes)                                 | JSON [`BundleNumbers`]               |
 //! | `revoked_certs`    | certificate serial, lowercase hex (UTF-8)             | JSON [`RevokedCertRecord`]           |
 //!
@@ -51,6 +54,12 @@
 //!   `last_health` with the CAS loop. Pushes are serialized by an in-memory lock that also holds
 //!   each agent's running sample count and byte total (computed from the tree on the agent's first
 //!   push after opening, and recomputed after any failed push).
+//! * Users: every write (`insert_user`, `set_user_password`, `remove_user`) holds one in-memory
+//!   lock, so "is this the last admin?" and the removal cannot interleave with another write.
+//! * API tokens: `create_api_token` and `revoke_api_token` are one transaction over `api_tokens`
+//!   and `api_token_names`, so a name is unique and names and tokens never disagree.
+//! * The audit log's ids come from [`sled::Db::generate_id`], which is monotonic across restarts
+//!   (sled persists a high-water mark before handing ids out), so entry ids strictly increase.
 //! * [`Store::flush`] is sled's `flush` (fsync of the shared log, so it covers every tree).
 //!
 //! # Bounded scans
@@ -72,6 +81,17 @@
 //! A data directory written before the state index existed has no `job_counts` key. Opening it
 //! rebuilds `jobs_by_state` and `job_counts` by one scan of `jobs`, and gives every job whose
 //! record has no `seq` the seq of its `jobs_by_created` entry.
+//!
+//! One written before users and roles existed is upgraded too:
+//! * the single `meta/admin_password_hash` becomes user `admin` (role admin) with that hash, when
+//!   there are no users yet;
+//! * API tokens without a name (`{"created_at_ms"}`) are kept, named `legacy-1`, `legacy-2`, … in
+//!   the order they were minted, with role admin (they could do everything before) and an expiry
+//!   [`LEGACY_TOKEN_TTL_MS`] (90 days) after the upgrade; a warning names them, so an operator can
+//!   revoke them and mint named, scoped ones;
+//! * entries of the old `audit` tree move to `audit_log` in their order, each with a new id.
+//!
+//! Sessions from before users existed have no user and are refused (their holders log in again).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -88,13 +108,15 @@ use sled::Transactional;
 use uuid::Uuid;
 
 use super::{
-    AgentCommit, AgentRecord, AuditRecord, BundleNumbers, CommitOutcome, EnrollmentTokenRecord, HealthSample,
-    JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState, Priority, RevokedCertRecord, SessionRecord, Store,
-    StoreError, StoreResult, UnixMs,
+    AgentCommit, AgentRecord, ApiTokenRecord, AuditEntry, AuditPage, AuditQuery, AuditRecord, BundleNumbers,
+    CommitOutcome, EnrollmentTokenRecord, HealthSample, JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState,
+    Priority, RevokedCertRecord, Role, SessionRecord, Store, StoreError, StoreResult, UnixMs, UserRecord, UserRemoval,
 };
 use gaffer_protocol::messages::{AgentId, JobId};
 
 const ADMIN_HASH_KEY: &[u8] = b"admin_password_hash";
+/// How long a migrated legacy API token stays valid after the upgrade, ms (90 days).
+pub const LEGACY_TOKEN_TTL_MS: UnixMs = 90 * 24 * 3600 * 1000;
 const COUNTS_KEY: &[u8] = b"job_counts";
 const EMPTY: &[u8] = &[];
 
@@ -139,6 +161,8 @@ pub struct SledStore {
     meta: sled::Tree,
     enroll_tokens: sled::Tree,
     api_tokens: sled::Tree,
+    api_token_names: sled::Tree,
+    users: sled::Tree,
     sessions: sled::Tree,
     agents: sled::Tree,
     health: sled::Tree,
@@ -148,8 +172,11 @@ pub struct SledStore {
     digests: sled::Tree,
     agent_seq: sled::Tree,
     audit: sled::Tree,
+    audit_log: sled::Tree,
     bundle_numbers: sled::Tree,
     revoked_certs: sled::Tree,
+    /// Serializes user writes (see the module docs).
+    user_writes: Mutex<()>,
     /// Running sample count and JSON byte total of each agent's health history (see the module
     /// docs); the lock also serializes `push_health`.
     health_tally: Mutex<HashMap<AgentId, HealthTally>>,
@@ -161,8 +188,9 @@ struct HealthTally {
     bytes: usize,
 }
 
+/// An API token record from before names and roles.
 #[derive(Serialize, Deserialize)]
-struct ApiTokenRecord {
+struct LegacyApiToken {
     created_at_ms: UnixMs,
 }
 
@@ -254,13 +282,6 @@ fn health_key(agent: AgentId, received_at_ms: UnixMs, counter: u64) -> [u8; 32] 
     key[..16].copy_from_slice(agent.as_bytes());
     key[16..24].copy_from_slice(&received_at_ms.to_be_bytes());
     key[24..].copy_from_slice(&counter.to_be_bytes());
-    key
-}
-
-fn audit_key(at_ms: UnixMs, counter: u64) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&at_ms.to_be_bytes());
-    key[8..].copy_from_slice(&counter.to_be_bytes());
     key
 }
 
@@ -400,6 +421,8 @@ impl SledStore {
             meta: tree("meta")?,
             enroll_tokens: tree("enroll_tokens")?,
             api_tokens: tree("api_tokens")?,
+            api_token_names: tree("api_token_names")?,
+            users: tree("users")?,
             sessions: tree("sessions")?,
             agents: tree("agents")?,
             health: tree("health")?,
@@ -409,13 +432,108 @@ impl SledStore {
             digests: tree("digests")?,
             agent_seq: tree("agent_seq")?,
             audit: tree("audit")?,
+            audit_log: tree("audit_log")?,
             bundle_numbers: tree("bundle_numbers")?,
             revoked_certs: tree("revoked_certs")?,
+            user_writes: Mutex::new(()),
             health_tally: Mutex::new(HashMap::new()),
             db,
         };
         store.upgrade()?;
+        store.upgrade_auth(crate::now_ms())?;
+        store.upgrade_audit()?;
         Ok(store)
+    }
+
+    /// Users and named API tokens for a data directory from before they existed (see the module
+    /// docs). Runs before the store is shared.
+    fn upgrade_auth(&self, now_ms: UnixMs) -> StoreResult<()> {
+        if let Some(bytes) = self.meta.get(ADMIN_HASH_KEY).map_err(io)? {
+            if self.users.is_empty() {
+                let phc = String::from_utf8(bytes.to_vec()).map_err(|e| StoreError::Corrupt {
+                    key: "meta/admin_password_hash".into(),
+                    detail: e.to_string(),
+                })?;
+                let admin = UserRecord {
+                    name: "admin".into(),
+                    role: Role::Admin,
+                    password_phc: phc,
+                    created_at_ms: now_ms,
+                    password_changed_at_ms: now_ms,
+                };
+                self.users.insert(admin.name.as_bytes(), encode(&admin)?).map_err(io)?;
+                tracing::warn!("upgraded the single admin password to user `admin` (role admin); log in as `admin`");
+            }
+            self.meta.remove(ADMIN_HASH_KEY).map_err(io)?;
+        }
+        let mut legacy = Vec::new();
+        for item in self.api_tokens.iter() {
+            let (key, value) = item.map_err(io)?;
+            if serde_json::from_slice::<ApiTokenRecord>(&value).is_ok() {
+                continue;
+            }
+            let old: LegacyApiToken = decode("api_tokens", &key, &value)?;
+            let hash: [u8; 32] =
+                key.as_ref().try_into().map_err(|_| corrupt_key("api_tokens", &key, "key is not 32 bytes"))?;
+            legacy.push((old.created_at_ms, hash));
+        }
+        legacy.sort();
+        let mut n = 0u32;
+        let mut names = Vec::new();
+        for (created_at_ms, hash) in legacy {
+            let name = loop {
+                n += 1;
+                let name = format!("legacy-{n}");
+                if !self.api_token_names.contains_key(name.as_bytes()).map_err(io)? {
+                    break name;
+                }
+            };
+            let rec = ApiTokenRecord {
+                hash,
+                name: name.clone(),
+                role: Role::Admin,
+                created_at_ms,
+                expires_at_ms: now_ms + LEGACY_TOKEN_TTL_MS,
+                last_used_at_ms: None,
+                created_by: String::new(),
+            };
+            self.api_token_names.insert(name.as_bytes(), &hash[..]).map_err(io)?;
+            self.api_tokens.insert(hash, encode(&rec)?).map_err(io)?;
+            names.push(name);
+        }
+        if !names.is_empty() {
+            tracing::warn!(
+                tokens = %names.join(", "),
+                "API tokens minted before token names and roles were kept with role admin and expire in 90 days; \
+                 revoke them (`gaffer-control api-token revoke --name NAME`) and mint named tokens with the role they need"
+            );
+        }
+        self.db.flush().map_err(io)?;
+        Ok(())
+    }
+
+    /// Moves entries of the old `audit` tree (keyed by time) to `audit_log` (keyed by id), oldest
+    /// first, one transaction per entry (an interrupted move goes on at the next open).
+    fn upgrade_audit(&self) -> StoreResult<()> {
+        if self.audit.is_empty() {
+            return Ok(());
+        }
+        for item in self.audit.iter() {
+            let (key, value) = item.map_err(io)?;
+            let id = self.db.generate_id().map_err(io)? + 1;
+            tx_out((&self.audit, &self.audit_log).transaction(|(old, new)| {
+                new.insert(&id.to_be_bytes(), value.as_ref())?;
+                old.remove(key.as_ref())?;
+                Ok(())
+            }))?;
+        }
+        self.db.flush().map_err(io)?;
+        Ok(())
+    }
+
+    /// The next audit id (> 0).
+    fn next_audit_id(&self) -> StoreResult<u64> {
+        Ok(self.db.generate_id().map_err(io)? + 1)
     }
 
     /// Builds `jobs_by_state` and `job_counts` for a data directory that lacks them, and fills in
@@ -506,6 +624,20 @@ impl SledStore {
         )
     }
 
+    /// Deletes the sessions for which `pred` holds; returns how many.
+    fn delete_sessions_where(&self, pred: &dyn Fn(&SessionRecord) -> bool) -> StoreResult<usize> {
+        let mut deleted = 0;
+        for item in self.sessions.iter() {
+            let (key, value) = item.map_err(io)?;
+            // An unreadable session is as good as gone: delete it too.
+            let gone = serde_json::from_slice::<SessionRecord>(&value).map_or(true, |s| pred(&s));
+            if gone && self.sessions.compare_and_swap(&key, Some(&value), None as Option<&[u8]>).map_err(io)?.is_ok() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Inserts the sample and trims the agent's history; the caller holds the tally lock.
     fn push_health_locked(
         &self,
@@ -547,18 +679,51 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn admin_password_hash(&self) -> StoreResult<Option<String>> {
-        match self.meta.get(ADMIN_HASH_KEY).map_err(io)? {
-            Some(bytes) => String::from_utf8(bytes.to_vec())
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { key: "meta/admin_password_hash".into(), detail: e.to_string() }),
-            None => Ok(None),
-        }
+    fn insert_user(&self, rec: &UserRecord) -> StoreResult<bool> {
+        let _guard = self.user_writes.lock().map_err(|_| StoreError::Io("user lock poisoned".into()))?;
+        let swapped =
+            self.users.compare_and_swap(rec.name.as_bytes(), None as Option<&[u8]>, Some(encode(rec)?)).map_err(io)?;
+        Ok(swapped.is_ok())
     }
 
-    fn set_admin_password_hash(&self, phc: &str) -> StoreResult<()> {
-        self.meta.insert(ADMIN_HASH_KEY, phc.as_bytes()).map_err(io)?;
-        Ok(())
+    fn get_user(&self, name: &str) -> StoreResult<Option<UserRecord>> {
+        self.get_json(&self.users, "users", name.as_bytes())
+    }
+
+    fn list_users(&self) -> StoreResult<Vec<UserRecord>> {
+        self.users
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                decode("users", &k, &v)
+            })
+            .collect()
+    }
+
+    fn set_user_password(&self, name: &str, password_phc: &str, now_ms: UnixMs) -> StoreResult<Option<UserRecord>> {
+        let _guard = self.user_writes.lock().map_err(|_| StoreError::Io("user lock poisoned".into()))?;
+        let Some(mut user) = self.get_user(name)? else {
+            return Ok(None);
+        };
+        user.password_phc = password_phc.to_owned();
+        user.password_changed_at_ms = now_ms.max(user.password_changed_at_ms + 1);
+        self.users.insert(name.as_bytes(), encode(&user)?).map_err(io)?;
+        Ok(Some(user))
+    }
+
+    fn remove_user(&self, name: &str) -> StoreResult<UserRemoval> {
+        let _guard = self.user_writes.lock().map_err(|_| StoreError::Io("user lock poisoned".into()))?;
+        let Some(user) = self.get_user(name)? else {
+            return Ok(UserRemoval::NotFound);
+        };
+        if user.role == Role::Admin {
+            let admins = self.list_users()?.iter().filter(|u| u.role == Role::Admin).count();
+            if admins <= 1 {
+                return Ok(UserRemoval::LastAdmin);
+            }
+        }
+        self.users.remove(name.as_bytes()).map_err(io)?;
+        Ok(UserRemoval::Removed(user))
     }
 
     fn insert_enrollment_token(&self, rec: &EnrollmentTokenRecord) -> StoreResult<()> {
@@ -586,13 +751,53 @@ impl Store for SledStore {
         self.cas_loop(&self.enroll_tokens, "enroll_tokens", hash, &mut apply)?.ok_or(StoreError::TokenUnknown)
     }
 
-    fn insert_api_token(&self, hash: &[u8; 32], created_at_ms: UnixMs) -> StoreResult<()> {
-        self.api_tokens.insert(hash, encode(&ApiTokenRecord { created_at_ms })?).map_err(io)?;
-        Ok(())
+    fn create_api_token(&self, rec: &ApiTokenRecord) -> StoreResult<bool> {
+        let value = encode(rec)?;
+        tx_out((&self.api_tokens, &self.api_token_names).transaction(|(tokens, names)| {
+            if names.get(rec.name.as_bytes())?.is_some() || tokens.get(rec.hash)?.is_some() {
+                return Ok(false);
+            }
+            names.insert(rec.name.as_bytes(), &rec.hash[..])?;
+            tokens.insert(&rec.hash[..], value.as_slice())?;
+            Ok(true)
+        }))
     }
 
-    fn api_token_exists(&self, hash: &[u8; 32]) -> StoreResult<bool> {
-        self.api_tokens.contains_key(hash).map_err(io)
+    fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>> {
+        self.get_json(&self.api_tokens, "api_tokens", hash)
+    }
+
+    fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenRecord>> {
+        let mut out = Vec::new();
+        for item in self.api_token_names.iter() {
+            let (name, hash) = item.map_err(io)?;
+            match self.get_json::<ApiTokenRecord>(&self.api_tokens, "api_tokens", &hash)? {
+                Some(rec) => out.push(rec),
+                None => return Err(corrupt_key("api_token_names", &name, "names a token that does not exist")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn revoke_api_token(&self, name: &str) -> StoreResult<Option<ApiTokenRecord>> {
+        tx_out((&self.api_tokens, &self.api_token_names).transaction(|(tokens, names)| {
+            let Some(hash) = names.remove(name.as_bytes())? else {
+                return Ok(None);
+            };
+            let rec = match tokens.remove(hash.as_ref())? {
+                Some(bytes) => Some(decode::<ApiTokenRecord>("api_tokens", &hash, &bytes).map_err(abort)?),
+                None => None,
+            };
+            Ok(rec)
+        }))
+    }
+
+    fn touch_api_token(&self, hash: &[u8; 32], now_ms: UnixMs) -> StoreResult<()> {
+        self.cas_loop::<ApiTokenRecord, StoreError>(&self.api_tokens, "api_tokens", hash, &mut |rec| {
+            rec.last_used_at_ms = Some(now_ms);
+            Ok(true)
+        })?;
+        Ok(())
     }
 
     fn insert_session(&self, rec: &SessionRecord) -> StoreResult<()> {
@@ -607,6 +812,14 @@ impl Store for SledStore {
     fn delete_session(&self, id_hash: &[u8; 32]) -> StoreResult<()> {
         self.sessions.remove(id_hash).map_err(io)?;
         Ok(())
+    }
+
+    fn delete_user_sessions(&self, user: &str) -> StoreResult<usize> {
+        self.delete_sessions_where(&|s| s.user == user)
+    }
+
+    fn delete_expired_sessions(&self, now_ms: UnixMs) -> StoreResult<usize> {
+        self.delete_sessions_where(&|s| s.expires_at_ms <= now_ms)
     }
 
     fn insert_agent(&self, rec: &AgentRecord) -> StoreResult<()> {
@@ -834,7 +1047,7 @@ impl Store for SledStore {
         };
         let mut audit = Vec::with_capacity(commit.audit.len());
         for rec in &commit.audit {
-            audit.push((audit_key(rec.at_ms, self.db.generate_id().map_err(io)?), encode(rec)?));
+            audit.push((self.next_audit_id()?.to_be_bytes(), encode(rec)?));
         }
         let digest = match &commit.digest {
             Some((id, digest)) => Some((*id, encode(digest)?)),
@@ -849,7 +1062,7 @@ impl Store for SledStore {
                 &self.meta,
                 &self.digests,
                 &self.agent_seq,
-                &self.audit,
+                &self.audit_log,
                 &self.agents,
             )
                 .transaction(
@@ -883,7 +1096,7 @@ impl Store for SledStore {
                             }
                         }
                         for (key, value) in &audit {
-                            audit_tree.insert(key, value.as_slice())?;
+                            audit_tree.insert(&key[..], value.as_slice())?;
                         }
                         if let Some(bytes) = agents.get(agent_key)? {
                             let mut agent: AgentRecord = decode("agents", agent_key, &bytes).map_err(abort)?;
@@ -923,19 +1136,45 @@ impl Store for SledStore {
     }
 
     fn append_audit(&self, rec: &AuditRecord) -> StoreResult<()> {
-        let counter = self.db.generate_id().map_err(io)?;
-        self.audit.insert(audit_key(rec.at_ms, counter), encode(rec)?).map_err(io)?;
+        let id = self.next_audit_id()?;
+        self.audit_log.insert(id.to_be_bytes(), encode(rec)?).map_err(io)?;
         Ok(())
     }
 
+    fn query_audit(&self, query: &AuditQuery) -> StoreResult<AuditPage> {
+        let iter = match query.after {
+            Some(after) => self.audit_log.range(..after.to_be_bytes()),
+            None => self.audit_log.iter(),
+        };
+        let budget = list_scan_budget(query.limit);
+        let mut page = AuditPage::default();
+        let mut looked = 0;
+        let mut last = None;
+        for item in iter.rev() {
+            let (key, value) = item.map_err(io)?;
+            let id = be_u64(&key).ok_or_else(|| corrupt_key("audit_log", &key, "key is not 8 bytes"))?;
+            if page.entries.len() >= query.limit || looked >= budget {
+                page.next = last;
+                break;
+            }
+            looked += 1;
+            last = Some(id);
+            let record: AuditRecord = decode("audit_log", &key, &value)?;
+            if query.matches(&record) {
+                page.entries.push(AuditEntry { id, record });
+            }
+        }
+        Ok(page)
+    }
+
     fn list_audit(&self, limit: usize) -> StoreResult<Vec<AuditRecord>> {
-        self.audit
+        self.audit_log
             .iter()
             .rev()
             .take(limit)
             .map(|item| {
                 let (k, v) = item.map_err(io)?;
-                decode("audit", &k, &v)
+                decode("audit_log", &k, &v)
             })
             .collect()
     }
@@ -1019,6 +1258,8 @@ mod tests {
             cert_serial_hex: None,
             revoked_at_ms: None,
             offline: false,
+            cert_issuer_fingerprint: None,
+            cert_history: Vec::new(),
         }
     }
 
@@ -1052,16 +1293,31 @@ mod tests {
         let stored;
         {
             let store = SledStore::open(dir.path())?;
-            store.set_admin_password_hash("$argon2id$v=19$m=19456,t=2,p=1$abc$def")?;
+            assert!(store.insert_user(&UserRecord {
+                name: "alice".into(),
+                role: Role::Operator,
+                password_phc: "$argon2id$v=19$m=19456,t=2,p=1$abc$def".into(),
+                created_at_ms: 1,
+                password_changed_at_ms: 1,
+            })?);
             assert!(store.insert_job(&job(job_id, 10))?);
             stored = store.get_job(job_id)?;
             store.insert_agent(&agent(agent_id))?;
             store.set_last_applied_seq(agent_id, 41)?;
-            store.insert_api_token(&[7; 32], 5)?;
+            assert!(store.create_api_token(&ApiTokenRecord {
+                hash: [7; 32],
+                name: "ci".into(),
+                role: Role::Viewer,
+                created_at_ms: 5,
+                expires_at_ms: 6,
+                last_used_at_ms: None,
+                created_by: "alice".into(),
+            })?);
+            store.append_audit(&AuditRecord::new(&crate::store::Actor::ControlPlane, "x", 1))?;
             store.flush()?;
         }
         let store = SledStore::open(dir.path())?;
-        assert_eq!(store.admin_password_hash()?.as_deref(), Some("$argon2id$v=19$m=19456,t=2,p=1$abc$def"));
+        assert_eq!(store.get_user("alice")?.map(|u| u.role), Some(Role::Operator));
         assert!(stored.is_some());
         assert_eq!(store.get_job(job_id)?, stored);
         assert_eq!(store.list_jobs(&JobQuery { limit: 10, ..JobQuery::default() })?.jobs.len(), 1);
@@ -1069,8 +1325,59 @@ mod tests {
         assert_eq!(store.jobs_in_state(JobState::Queued, 10)?.len(), 1);
         assert_eq!(store.get_agent(agent_id)?.map(|a| a.hostname), Some("gpu-01".to_string()));
         assert_eq!(store.last_applied_seq(agent_id)?, Some(41));
-        assert!(store.api_token_exists(&[7; 32])?);
-        assert!(!store.api_token_exists(&[8; 32])?);
+        assert_eq!(store.api_token(&[7; 32])?.map(|t| t.name), Some("ci".to_string()));
+        assert!(store.api_token(&[8; 32])?.is_none());
+        // Audit ids go on increasing after a reopen.
+        let first = store.query_audit(&AuditQuery { limit: 10, ..AuditQuery::default() })?.entries[0].id;
+        store.append_audit(&AuditRecord::new(&crate::store::Actor::ControlPlane, "y", 2))?;
+        let ids: Vec<u64> = store
+            .query_audit(&AuditQuery { limit: 10, ..AuditQuery::default() })?
+            .entries
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids[0] > first && ids[1] == first, "audit ids after reopen: {ids:?}");
+        Ok(())
+    }
+
+    /// A data directory from before users and roles: the single admin password, unnamed API
+    /// tokens, time-keyed audit entries. Opening it keeps every credential working under the new
+    /// model and every audit entry in order.
+    #[test]
+    fn data_dir_from_before_users_is_upgraded_on_open() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let db = sled::open(dir.path())?;
+            db.open_tree("meta")?.insert(ADMIN_HASH_KEY, &b"$argon2id$v=19$m=19456,t=2,p=1$abc$def"[..])?;
+            let tokens = db.open_tree("api_tokens")?;
+            tokens.insert([2u8; 32], &br#"{"created_at_ms":20}"#[..])?;
+            tokens.insert([1u8; 32], &br#"{"created_at_ms":10}"#[..])?;
+            let audit = db.open_tree("audit")?;
+            for (at, who) in [(5u64, "first"), (9, "second")] {
+                let mut key = [0u8; 16];
+                key[..8].copy_from_slice(&at.to_be_bytes());
+                let rec = AuditRecord::new(&crate::store::Actor::User(who.into()), "enroll_offline", at);
+                audit.insert(key, serde_json::to_vec(&rec)?)?;
+            }
+            db.flush()?;
+        }
+        let before = crate::now_ms();
+        let store = SledStore::open(dir.path())?;
+        let admin = store.get_user("admin")?.expect("user admin from the old admin password");
+        assert_eq!((admin.role, admin.password_phc.as_str()), (Role::Admin, "$argon2id$v=19$m=19456,t=2,p=1$abc$def"));
+        let tokens = store.list_api_tokens()?;
+        let named: Vec<(&str, [u8; 32], Role)> = tokens.iter().map(|t| (t.name.as_str(), t.hash, t.role)).collect();
+        assert_eq!(named, vec![("legacy-1", [1; 32], Role::Admin), ("legacy-2", [2; 32], Role::Admin)]);
+        assert!(tokens.iter().all(|t| t.expires_at_ms >= before + LEGACY_TOKEN_TTL_MS));
+        let whos: Vec<String> = store.list_audit(10)?.into_iter().map(|a| a.who).collect();
+        assert_eq!(whos, vec!["second", "first"]);
+        drop(store);
+        // A second open changes nothing.
+        let store = SledStore::open(dir.path())?;
+        assert_eq!(store.list_users()?.len(), 1);
+        assert_eq!(store.list_api_tokens()?, tokens);
+        assert_eq!(store.list_audit(10)?.len(), 2);
         Ok(())
     }
 

@@ -311,7 +311,7 @@ impl ControlSession {
                 "envelope agent id {} does not match the certificate's agent id {}",
                 env.agent_id, self.cfg.agent_id
             );
-            self.close(CloseReason::ProtocolViolation(text.clone()), Some(text));
+            self.close(CloseReason::IdentityMismatch(text.clone()), Some(text));
             return;
         }
         match self.state {

@@ -158,6 +158,9 @@ pub enum CloseReason {
     /// The byte stream could not be decoded (oversize, malformed or truncated frame).
     #[error("codec error: {0}")]
     Codec(String),
+    /// Control plane: an envelope named another agent than the authenticated certificate does.
+    #[error("identity mismatch: {0}")]
+    IdentityMismatch(String),
 }
 
 /// Errors of session methods. None of them closes the session.
