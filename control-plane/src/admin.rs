@@ -1,23 +1,33 @@
-//! Operator actions that mint secrets (enrollment tokens, API tokens), and the local admin socket
-//! through which CLI commands perform them while `serve` holds the store open.
+//! Operator actions (enrollment tokens, API tokens, users, and the offline actions of
+//! [`crate::offline`]), and the local admin socket through which CLI commands perform them while
+//! `serve` holds the store open.
 //!
 //! sled allows one process per database, so while `gaffer-control serve` runs, `gaffer-control
 //! token create` cannot open the store itself. Instead `serve` listens on `DATA_DIR/control.sock`
-//! (mode 0600, inside the 0700 data directory: only the data directory's owner can connect), and the
-//! CLI sends one JSON request line and reads one JSON response line. When no server is running the
-//! CLI opens the store directly and calls the same functions.
+//! (mode 0600, inside the 0700 data directory), and the CLI sends one JSON request line and reads
+//! one JSON response line. When no server is running the CLI opens the store directly and calls the
+//! same function, [`handle`].
+//!
+//! **Who did it.** The server decides the actor of every request, never the client: the peer's
+//! uid from the socket (`SO_PEERCRED`), named from the user database ([`os_actor`]). A peer whose
+//! uid is neither the data directory's owner nor root is refused. The CLI on the store directly
+//! records its own real uid ([`local_actor`]). Every change is written to the audit log.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use gaffer_certs::{ApiToken, CaFingerprint, EnrollmentToken};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::offline::{ImportReport, OfflineEnrollReport, OfflineError, OfflineSync, RevokeReport};
-use crate::store::{EnrollmentTokenRecord, Store, StoreError};
+use crate::store::{
+    audit_action, Actor, ApiTokenRecord, AuditRecord, EnrollmentTokenRecord, Role, Store, StoreError, UserRecord,
+    UserRemoval,
+};
 
 /// Largest request or response line on the admin socket, bytes.
 pub const ADMIN_LINE_BYTES_MAX: usize = 64 * 1024;
@@ -27,6 +37,16 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ADMIN_BUNDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest enrollment token lifetime accepted, seconds (30 days).
 pub const ENROLL_TOKEN_TTL_SECS_MAX: u64 = 30 * 24 * 3600;
+/// Default API token lifetime, seconds (90 days).
+pub const API_TOKEN_TTL_SECS_DEFAULT: u64 = 90 * 24 * 3600;
+/// Longest API token lifetime accepted, seconds (365 days).
+pub const API_TOKEN_TTL_SECS_MAX: u64 = 365 * 24 * 3600;
+/// Shortest password accepted for a user, bytes.
+pub const PASSWORD_BYTES_MIN: usize = 12;
+/// Longest password accepted for a user (and at login), bytes: bounds the argon2 work.
+pub const PASSWORD_BYTES_MAX: usize = 1024;
+/// Longest user or API token name, bytes.
+pub const NAME_BYTES_MAX: usize = 64;
 
 /// Errors of admin actions.
 #[derive(Debug, thiserror::Error)]
@@ -61,16 +81,52 @@ pub enum AdminRequest {
         /// Lifetime, seconds.
         ttl_secs: u64,
     },
-    /// Mint an API bearer token.
-    CreateApiToken,
+    /// Mint an API bearer token ([`mint_api_token`]).
+    CreateApiToken {
+        /// Unique name ([`validate_name`]).
+        name: String,
+        /// What requests with it may do.
+        role: Role,
+        /// Lifetime, seconds (1 s to [`API_TOKEN_TTL_SECS_MAX`]).
+        ttl_secs: u64,
+    },
+    /// List the API tokens (never their secrets).
+    ListApiTokens,
+    /// Revoke (delete) the API token with this name.
+    RevokeApiToken {
+        /// The token's name.
+        name: String,
+    },
+    /// Add a user ([`add_user`]).
+    AddUser {
+        /// Login name ([`validate_name`]).
+        name: String,
+        /// Role.
+        role: Role,
+        /// The password as an argon2 PHC string ([`hash_password`]): the CLI hashes it, so the
+        /// password itself never crosses the socket.
+        password_phc: String,
+    },
+    /// Remove a user and end its sessions (refused for the last admin).
+    RemoveUser {
+        /// Login name.
+        name: String,
+    },
+    /// List the users.
+    ListUsers,
+    /// Change a user's password and end its sessions.
+    SetPassword {
+        /// Login name.
+        name: String,
+        /// The new password as an argon2 PHC string ([`hash_password`]).
+        password_phc: String,
+    },
     /// Sign an offline enrollment request ([`OfflineSync::enroll_offline`]).
     EnrollOffline {
         /// Absolute path of the request file.
         request: std::path::PathBuf,
         /// Absolute path to write the reply to.
         out: std::path::PathBuf,
-        /// OS user running the command, for the audit log.
-        who: String,
     },
     /// Import an agent bundle and write the reply ([`OfflineSync::import_bundle`]).
     ImportBundle {
@@ -78,16 +134,19 @@ pub enum AdminRequest {
         bundle: std::path::PathBuf,
         /// Absolute path to write the reply bundle to.
         reply_out: std::path::PathBuf,
-        /// OS user running the command, for the audit log.
-        who: String,
     },
     /// Revoke an agent's certificate ([`OfflineSync::revoke_agent`]).
     RevokeAgent {
         /// The agent.
         agent_id: uuid::Uuid,
-        /// OS user running the command, for the audit log.
-        who: String,
     },
+    /// Move the CA rotation to `phase` ([`OfflineSync::rotate_ca`]).
+    RotateCa {
+        /// The phase to enter.
+        phase: crate::identity::RotationPhase,
+    },
+    /// Where the CA rotation stands ([`crate::identity::Pki::rotation_status`]).
+    CaStatus,
 }
 
 impl AdminRequest {
@@ -95,10 +154,18 @@ impl AdminRequest {
     pub fn action(&self) -> &'static str {
         match self {
             AdminRequest::CreateEnrollmentToken { .. } => "create_enrollment_token",
-            AdminRequest::CreateApiToken => "create_api_token",
+            AdminRequest::CreateApiToken { .. } => "create_api_token",
+            AdminRequest::ListApiTokens => "list_api_tokens",
+            AdminRequest::RevokeApiToken { .. } => "revoke_api_token",
+            AdminRequest::AddUser { .. } => "add_user",
+            AdminRequest::RemoveUser { .. } => "remove_user",
+            AdminRequest::ListUsers => "list_users",
+            AdminRequest::SetPassword { .. } => "set_password",
             AdminRequest::EnrollOffline { .. } => "enroll_offline",
             AdminRequest::ImportBundle { .. } => "import_bundle",
             AdminRequest::RevokeAgent { .. } => "revoke_agent",
+            AdminRequest::RotateCa { .. } => "rotate_ca",
+            AdminRequest::CaStatus => "ca_status",
         }
     }
 
@@ -125,11 +192,83 @@ pub struct MintedEnrollmentToken {
     pub expires_at: String,
 }
 
-/// A freshly minted API token.
+/// A freshly minted API token: the secret is shown once, never stored in clear.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MintedApiToken {
     /// The bearer token (secret).
     pub token: String,
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Expiry, RFC 3339 UTC.
+    pub expires_at: String,
+}
+
+/// An API token as listed (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenInfo {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// When it was minted, RFC 3339 UTC.
+    pub created_at: String,
+    /// Expiry, RFC 3339 UTC.
+    pub expires_at: String,
+    /// Whether it has expired (it is refused).
+    pub expired: bool,
+    /// When a request last used it (to the minute), RFC 3339 UTC; None if never.
+    pub last_used_at: Option<String>,
+    /// Who minted it (audit actor).
+    pub created_by: String,
+}
+
+impl ApiTokenInfo {
+    fn of(t: &ApiTokenRecord, now_ms: u64) -> Self {
+        ApiTokenInfo {
+            name: t.name.clone(),
+            role: t.role,
+            created_at: rfc3339_ms(t.created_at_ms),
+            expires_at: rfc3339_ms(t.expires_at_ms),
+            expired: t.expires_at_ms <= now_ms,
+            last_used_at: t.last_used_at_ms.map(rfc3339_ms),
+            created_by: t.created_by.clone(),
+        }
+    }
+}
+
+/// A user as listed (never the password hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// Login name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// When the user was added, RFC 3339 UTC.
+    pub created_at: String,
+    /// When the password was last set, RFC 3339 UTC.
+    pub password_changed_at: String,
+}
+
+impl UserInfo {
+    fn of(u: &UserRecord) -> Self {
+        UserInfo {
+            name: u.name.clone(),
+            role: u.role,
+            created_at: rfc3339_ms(u.created_at_ms),
+            password_changed_at: rfc3339_ms(u.password_changed_at_ms),
+        }
+    }
+}
+
+/// What removing a user or changing its password did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserChange {
+    /// The user.
+    pub name: String,
+    /// Dashboard sessions of the user that were ended.
+    pub sessions_ended: usize,
 }
 
 /// A response on the admin socket.
@@ -140,12 +279,34 @@ pub enum AdminResponse {
     EnrollmentToken(MintedEnrollmentToken),
     /// Answer to [`AdminRequest::CreateApiToken`].
     ApiToken(MintedApiToken),
+    /// Answer to [`AdminRequest::ListApiTokens`], by name.
+    ApiTokens {
+        /// The tokens.
+        tokens: Vec<ApiTokenInfo>,
+    },
+    /// Answer to [`AdminRequest::RevokeApiToken`]: the token as it was.
+    ApiTokenRevoked(ApiTokenInfo),
+    /// Answer to [`AdminRequest::AddUser`].
+    UserAdded(UserInfo),
+    /// Answer to [`AdminRequest::RemoveUser`].
+    UserRemoved(UserChange),
+    /// Answer to [`AdminRequest::ListUsers`], by name.
+    Users {
+        /// The users.
+        users: Vec<UserInfo>,
+    },
+    /// Answer to [`AdminRequest::SetPassword`].
+    PasswordChanged(UserChange),
     /// Answer to [`AdminRequest::EnrollOffline`].
     OfflineEnrolled(OfflineEnrollReport),
     /// Answer to [`AdminRequest::ImportBundle`].
     BundleImported(ImportReport),
     /// Answer to [`AdminRequest::RevokeAgent`].
     AgentRevoked(RevokeReport),
+    /// Answer to [`AdminRequest::RotateCa`].
+    CaRotated(crate::identity::RotationReport),
+    /// Answer to [`AdminRequest::CaStatus`].
+    CaStatus(crate::identity::RotationStatus),
     /// The request failed.
     Error {
         /// Why.
@@ -160,6 +321,7 @@ pub enum AdminResponse {
 pub fn mint_enrollment_token(
     store: &dyn Store,
     ca_fingerprint: &CaFingerprint,
+    actor: &Actor,
     site: &str,
     ttl_secs: u64,
 ) -> Result<MintedEnrollmentToken, AdminError> {
@@ -181,6 +343,11 @@ pub fn mint_enrollment_token(
         used_at_ms: None,
         used_by: None,
     })?;
+    store.append_audit(
+        &AuditRecord::new(actor, audit_action::ENROLL_TOKEN_CREATE, now)
+            .site(site)
+            .detail(format!("expires {}", rfc3339_ms(expires_at_ms))),
+    )?;
     store.flush()?;
     Ok(MintedEnrollmentToken {
         token: token.as_str().to_owned(),
@@ -190,15 +357,212 @@ pub fn mint_enrollment_token(
     })
 }
 
-/// Mints an API bearer token, storing only its hash.
+/// Checks a user or API token name: 1 to [`NAME_BYTES_MAX`] bytes of `a-z`, `0-9`, `.`, `_`,
+/// `-`, starting with a letter or a digit. `what` names it in the message.
 ///
 /// # Errors
-/// [`AdminError::Store`].
-pub fn mint_api_token(store: &dyn Store) -> Result<MintedApiToken, AdminError> {
+/// [`AdminError::Invalid`] saying what is allowed.
+pub fn validate_name(name: &str, what: &str) -> Result<(), AdminError> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_BYTES_MAX
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid(format!(
+            "{what} {name:?} is not allowed: use 1-{NAME_BYTES_MAX} of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Hashes a new password with argon2 (default parameters: argon2id, 19 MiB, 2 passes), after
+/// checking its length ([`PASSWORD_BYTES_MIN`]..=[`PASSWORD_BYTES_MAX`] bytes).
+///
+/// # Errors
+/// [`AdminError::Invalid`] for a password too short or too long, or if hashing fails.
+pub fn hash_password(password: &str) -> Result<String, AdminError> {
+    if password.len() < PASSWORD_BYTES_MIN || password.len() > PASSWORD_BYTES_MAX {
+        return Err(AdminError::Invalid(format!(
+            "the password must be {PASSWORD_BYTES_MIN} to {PASSWORD_BYTES_MAX} bytes long"
+        )));
+    }
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AdminError::Invalid(format!("hashing the password: {e}")))
+}
+
+/// A fresh random password (32 base64url characters, 192 bits), for `init` and `user add`
+/// without a password.
+pub fn generate_password() -> String {
+    ApiToken::generate().as_str()["gfa_".len()..].chars().take(32).collect()
+}
+
+fn check_phc(phc: &str) -> Result<(), AdminError> {
+    match PasswordHash::new(phc) {
+        Ok(h) if h.algorithm.as_str().starts_with("argon2") => Ok(()),
+        _ => Err(AdminError::Invalid("the password hash is not an argon2 PHC string".into())),
+    }
+}
+
+/// The audit entry of `action` by `actor` now.
+fn audit(store: &dyn Store, actor: &Actor, action: &str, detail: String) -> Result<(), AdminError> {
+    store.append_audit(&AuditRecord::new(actor, action, crate::now_ms()).detail(detail))?;
+    Ok(())
+}
+
+/// Mints an API bearer token named `name` with `role`, valid for `ttl_secs`, storing only its
+/// hash; audited as `api_token_create` by `actor`.
+///
+/// # Errors
+/// [`AdminError::Invalid`] for a bad name, a name in use, or a TTL of 0 or above
+/// [`API_TOKEN_TTL_SECS_MAX`].
+pub fn mint_api_token(
+    store: &dyn Store,
+    actor: &Actor,
+    name: &str,
+    role: Role,
+    ttl_secs: u64,
+) -> Result<MintedApiToken, AdminError> {
+    validate_name(name, "token name")?;
+    if ttl_secs == 0 || ttl_secs > API_TOKEN_TTL_SECS_MAX {
+        return Err(AdminError::Invalid(format!("--ttl must be between 1s and {}d", API_TOKEN_TTL_SECS_MAX / 86400)));
+    }
     let token = ApiToken::generate();
-    store.insert_api_token(token.hash().as_bytes(), crate::now_ms())?;
+    let now = crate::now_ms();
+    let rec = ApiTokenRecord {
+        hash: *token.hash().as_bytes(),
+        name: name.to_owned(),
+        role,
+        created_at_ms: now,
+        expires_at_ms: now + ttl_secs * 1000,
+        last_used_at_ms: None,
+        created_by: actor.to_string(),
+    };
+    if !store.create_api_token(&rec)? {
+        return Err(AdminError::Invalid(format!(
+            "an API token named {name:?} exists; pick another name or revoke it first (`gaffer-control api-token revoke --name {name}`)"
+        )));
+    }
+    audit(
+        store,
+        actor,
+        audit_action::API_TOKEN_CREATE,
+        format!("token {name}, role {role}, expires {}", rfc3339_ms(rec.expires_at_ms)),
+    )?;
     store.flush()?;
-    Ok(MintedApiToken { token: token.as_str().to_owned() })
+    Ok(MintedApiToken {
+        token: token.as_str().to_owned(),
+        name: rec.name,
+        role,
+        expires_at: rfc3339_ms(rec.expires_at_ms),
+    })
+}
+
+/// Revokes the API token `name`: requests with it are refused from now on. Audited.
+///
+/// # Errors
+/// [`AdminError::Invalid`] when no token has that name.
+pub fn revoke_api_token(store: &dyn Store, actor: &Actor, name: &str) -> Result<ApiTokenInfo, AdminError> {
+    let Some(rec) = store.revoke_api_token(name)? else {
+        return Err(AdminError::Invalid(format!(
+            "no API token is named {name:?} (see `gaffer-control api-token list`)"
+        )));
+    };
+    audit(store, actor, audit_action::API_TOKEN_REVOKE, format!("token {name}, role {}", rec.role))?;
+    store.flush()?;
+    Ok(ApiTokenInfo::of(&rec, crate::now_ms()))
+}
+
+/// Adds user `name` with `role` and the password hash `password_phc` ([`hash_password`]).
+/// Audited as `user_add` by `actor`.
+///
+/// # Errors
+/// [`AdminError::Invalid`] for a bad name or hash, or a name in use.
+pub fn add_user(
+    store: &dyn Store,
+    actor: &Actor,
+    name: &str,
+    role: Role,
+    password_phc: &str,
+) -> Result<UserInfo, AdminError> {
+    validate_name(name, "user name")?;
+    check_phc(password_phc)?;
+    let now = crate::now_ms();
+    let rec = UserRecord {
+        name: name.to_owned(),
+        role,
+        password_phc: password_phc.to_owned(),
+        created_at_ms: now,
+        password_changed_at_ms: now,
+    };
+    if !store.insert_user(&rec)? {
+        return Err(AdminError::Invalid(format!(
+            "a user named {name:?} exists (change its password with `gaffer-control user passwd --name {name}`)"
+        )));
+    }
+    audit(store, actor, audit_action::USER_ADD, format!("user {name}, role {role}"))?;
+    store.flush()?;
+    Ok(UserInfo::of(&rec))
+}
+
+/// Removes user `name` and ends its sessions; the last admin cannot be removed. Audited.
+///
+/// # Errors
+/// [`AdminError::Invalid`] for an unknown user or the last admin.
+pub fn remove_user(store: &dyn Store, actor: &Actor, name: &str) -> Result<UserChange, AdminError> {
+    match store.remove_user(name)? {
+        UserRemoval::Removed(user) => {
+            let sessions_ended = store.delete_user_sessions(name)?;
+            audit(
+                store,
+                actor,
+                audit_action::USER_REMOVE,
+                format!("user {name}, role {}, {sessions_ended} sessions ended", user.role),
+            )?;
+            store.flush()?;
+            Ok(UserChange { name: name.to_owned(), sessions_ended })
+        }
+        UserRemoval::NotFound => {
+            Err(AdminError::Invalid(format!("no user is named {name:?} (see `gaffer-control user list`)")))
+        }
+        UserRemoval::LastAdmin => Err(AdminError::Invalid(format!(
+            "{name:?} is the last admin; add another admin first (`gaffer-control user add --role admin`)"
+        ))),
+    }
+}
+
+/// Sets user `name`'s password hash and ends its sessions. Audited as `user_passwd`.
+///
+/// # Errors
+/// [`AdminError::Invalid`] for an unknown user or a bad hash.
+pub fn set_password(
+    store: &dyn Store,
+    actor: &Actor,
+    name: &str,
+    password_phc: &str,
+) -> Result<UserChange, AdminError> {
+    check_phc(password_phc)?;
+    if store.set_user_password(name, password_phc, crate::now_ms())?.is_none() {
+        return Err(AdminError::Invalid(format!("no user is named {name:?} (see `gaffer-control user list`)")));
+    }
+    let sessions_ended = store.delete_user_sessions(name)?;
+    audit(store, actor, audit_action::USER_PASSWD, format!("user {name}, {sessions_ended} sessions ended"))?;
+    store.flush()?;
+    Ok(UserChange { name: name.to_owned(), sessions_ended })
+}
+
+/// The actor for local uid `uid`, named from the user database (`getpwuid_r`) when it can be.
+pub fn os_actor(uid: u32) -> Actor {
+    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
+    Actor::OsUser { uid, name }
+}
+
+/// The actor of this process: its real uid ([`os_actor`]), never an environment variable.
+pub fn local_actor() -> Actor {
+    os_actor(nix::unistd::getuid().as_raw())
 }
 
 /// Formats Unix milliseconds as RFC 3339 UTC (second precision).
@@ -210,51 +574,88 @@ pub fn rfc3339_ms(ms: u64) -> String {
         .unwrap_or_else(|| format!("@{secs}"))
 }
 
-/// Performs one admin request against `store` (and `offline` for the offline-sync actions). The
-/// CLI calls it directly when no server runs; the admin socket calls it inside `serve`.
+/// Performs one admin request by `actor` against `store` (and `offline` for the offline-sync
+/// actions). The CLI calls it directly when no server runs ([`local_actor`]); the admin socket
+/// calls it inside `serve` with the peer's uid.
 pub fn handle(
     store: &dyn Store,
     ca_fingerprint: &CaFingerprint,
     offline: Option<&OfflineSync>,
+    actor: &Actor,
     req: AdminRequest,
 ) -> AdminResponse {
+    let who = actor.to_string();
+    let now = crate::now_ms();
+    // During a CA rotation agents enroll against the CA of the server certificate in use now.
+    let enroll_fingerprint = offline.map(|o| o.pki().enroll_fingerprint());
+    let ca_fingerprint = enroll_fingerprint.as_ref().unwrap_or(ca_fingerprint);
     let offline_action = |f: &dyn Fn(&OfflineSync) -> Result<AdminResponse, OfflineError>| match offline {
         Some(o) => f(o).map_err(|e| e.to_string()),
         None => Err("offline sync is not available in this process".to_owned()),
     };
     let result = match req {
         AdminRequest::CreateEnrollmentToken { site, ttl_secs } => {
-            mint_enrollment_token(store, ca_fingerprint, &site, ttl_secs)
+            mint_enrollment_token(store, ca_fingerprint, actor, &site, ttl_secs)
                 .map(AdminResponse::EnrollmentToken)
                 .map_err(|e| e.to_string())
         }
-        AdminRequest::CreateApiToken => mint_api_token(store).map(AdminResponse::ApiToken).map_err(|e| e.to_string()),
-        AdminRequest::EnrollOffline { request, out, who } => {
+        AdminRequest::CreateApiToken { name, role, ttl_secs } => {
+            mint_api_token(store, actor, &name, role, ttl_secs).map(AdminResponse::ApiToken).map_err(|e| e.to_string())
+        }
+        AdminRequest::ListApiTokens => store
+            .list_api_tokens()
+            .map(|ts| AdminResponse::ApiTokens { tokens: ts.iter().map(|t| ApiTokenInfo::of(t, now)).collect() })
+            .map_err(|e| e.to_string()),
+        AdminRequest::RevokeApiToken { name } => {
+            revoke_api_token(store, actor, &name).map(AdminResponse::ApiTokenRevoked).map_err(|e| e.to_string())
+        }
+        AdminRequest::AddUser { name, role, password_phc } => {
+            add_user(store, actor, &name, role, &password_phc).map(AdminResponse::UserAdded).map_err(|e| e.to_string())
+        }
+        AdminRequest::RemoveUser { name } => {
+            remove_user(store, actor, &name).map(AdminResponse::UserRemoved).map_err(|e| e.to_string())
+        }
+        AdminRequest::ListUsers => store
+            .list_users()
+            .map(|us| AdminResponse::Users { users: us.iter().map(UserInfo::of).collect() })
+            .map_err(|e| e.to_string()),
+        AdminRequest::SetPassword { name, password_phc } => set_password(store, actor, &name, &password_phc)
+            .map(AdminResponse::PasswordChanged)
+            .map_err(|e| e.to_string()),
+        AdminRequest::EnrollOffline { request, out } => {
             offline_action(&|o| o.enroll_offline(&request, &out, &who).map(AdminResponse::OfflineEnrolled))
         }
-        AdminRequest::ImportBundle { bundle, reply_out, who } => {
+        AdminRequest::ImportBundle { bundle, reply_out } => {
             offline_action(&|o| o.import_bundle(&bundle, &reply_out, &who).map(AdminResponse::BundleImported))
         }
-        AdminRequest::RevokeAgent { agent_id, who } => {
+        AdminRequest::RevokeAgent { agent_id } => {
             offline_action(&|o| o.revoke_agent(agent_id, &who).map(AdminResponse::AgentRevoked))
         }
+        AdminRequest::RotateCa { phase } => {
+            offline_action(&|o| o.rotate_ca(phase, actor).map(AdminResponse::CaRotated))
+        }
+        AdminRequest::CaStatus => offline_action(&|o| o.ca_status().map(AdminResponse::CaStatus)),
     };
     result.unwrap_or_else(|message| AdminResponse::Error { message })
 }
 
 /// Listens on the admin socket until the task is dropped. Removes a stale socket file first and
-/// creates the new one with mode 0600.
+/// creates the new one with mode 0600. Each connection's peer uid (`SO_PEERCRED`) must be the
+/// owner of the socket's directory (the data directory) or root; it becomes the request's actor.
 ///
 /// # Errors
-/// [`AdminError::Socket`] if the socket cannot be bound.
+/// [`AdminError::Socket`] if the socket cannot be bound or its directory read.
 pub async fn serve_admin_socket(
     path: &Path,
     store: Arc<dyn Store>,
     ca_fingerprint: CaFingerprint,
     offline: Option<Arc<OfflineSync>>,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
     let sock_err = |detail: String| AdminError::Socket { path: path.display().to_string(), detail };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let owner_uid = std::fs::metadata(dir).map_err(|e| sock_err(format!("{}: {e}", dir.display())))?.uid();
     if path.exists() {
         // A leftover from a killed server; a live server would still answer.
         if UnixStream::connect(path).await.is_ok() {
@@ -270,7 +671,7 @@ pub async fn serve_admin_socket(
             let store = store.clone();
             let offline = offline.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(stream, store, ca_fingerprint, offline).await {
+                if let Err(e) = serve_one(stream, owner_uid, store, ca_fingerprint, offline).await {
                     tracing::warn!(error = %e, "admin socket request failed");
                 }
             });
@@ -280,20 +681,38 @@ pub async fn serve_admin_socket(
 
 async fn serve_one(
     stream: UnixStream,
+    owner_uid: u32,
     store: Arc<dyn Store>,
     fp: CaFingerprint,
     offline: Option<Arc<OfflineSync>>,
 ) -> std::io::Result<()> {
+    let peer_uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
     let line = read_line_bounded(read).await?;
-    let resp = match serde_json::from_str::<AdminRequest>(&line) {
-        Ok(req) => {
-            tracing::info!(action = req.action(), "admin request");
-            tokio::task::spawn_blocking(move || handle(store.as_ref(), &fp, offline.as_deref(), req))
-                .await
-                .unwrap_or_else(|e| AdminResponse::Error { message: format!("internal error: {e}") })
+    let resp = if peer_uid != owner_uid && peer_uid != 0 {
+        tracing::warn!(
+            peer_uid,
+            owner_uid,
+            "admin socket request refused: the peer is neither the data directory's owner nor root"
+        );
+        AdminResponse::Error {
+            message: format!(
+                "uid {peer_uid} may not use this control plane's admin socket: run the command as the data directory's owner (uid {owner_uid}) or root"
+            ),
         }
-        Err(e) => AdminResponse::Error { message: format!("bad request: {e}") },
+    } else {
+        match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(req) => {
+                let actor = tokio::task::spawn_blocking(move || os_actor(peer_uid))
+                    .await
+                    .unwrap_or(Actor::OsUser { uid: peer_uid, name: None });
+                tracing::info!(action = req.action(), actor = %actor, "admin request");
+                tokio::task::spawn_blocking(move || handle(store.as_ref(), &fp, offline.as_deref(), &actor, req))
+                    .await
+                    .unwrap_or_else(|e| AdminResponse::Error { message: format!("internal error: {e}") })
+            }
+            Err(e) => AdminResponse::Error { message: format!("bad request: {e}") },
+        }
     };
     let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
     out.push(b'\n');

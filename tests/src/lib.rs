@@ -104,6 +104,8 @@ pub struct ControlPlaneOptions {
     pub assign_timeout_secs: u64,
     /// `--max-attempts`.
     pub max_attempts: u32,
+    /// More `serve` flags, e.g. `["--http-tls", "on"]`.
+    pub serve_args: Vec<String>,
 }
 
 impl Default for ControlPlaneOptions {
@@ -114,6 +116,7 @@ impl Default for ControlPlaneOptions {
             heartbeat_interval_secs: 1,
             assign_timeout_secs: 30,
             max_attempts: 3,
+            serve_args: Vec::new(),
         }
     }
 }
@@ -125,9 +128,11 @@ pub struct ControlPlane {
     child: Option<Child>,
     /// QUIC address agents connect to.
     pub quic_addr: String,
-    /// HTTP base URL, e.g. `http://127.0.0.1:1234`.
+    /// HTTP base URL, e.g. `http://127.0.0.1:1234` (`https://…` under `--http-tls on`).
     pub http_url: String,
-    /// Admin password printed by `init`.
+    /// Dashboard user `init` made (`admin`, role admin).
+    pub admin_user: String,
+    /// Its password, printed by `init`.
     pub admin_password: String,
     /// CA fingerprint printed by `init`.
     pub ca_fingerprint: String,
@@ -153,6 +158,7 @@ impl ControlPlane {
             .output()?;
         let init = json_output(&out, "gaffer-control init")?;
         let mut cp = ControlPlane {
+            admin_user: init["admin_user"].as_str().unwrap_or("admin").to_owned(),
             admin_password: init["admin_password"].as_str().unwrap_or_default().to_owned(),
             ca_fingerprint: init["ca_fingerprint"].as_str().unwrap_or_default().to_owned(),
             dir,
@@ -164,7 +170,7 @@ impl ControlPlane {
         };
         cp.serve()?;
         let out = Command::new(bin("gaffer-control"))
-            .args(["api-token", "create", "--json", "--data-dir"])
+            .args(["api-token", "create", "--name", "e2e", "--role", "admin", "--json", "--data-dir"])
             .arg(&data)
             .output()?;
         cp.api_token = json_output(&out, "api-token create")?["token"].as_str().unwrap_or_default().to_owned();
@@ -198,9 +204,11 @@ impl ControlPlane {
         cmd.args(["--assign-timeout-secs", &self.opts.assign_timeout_secs.to_string()]);
         cmd.args(["--max-attempts", &self.opts.max_attempts.to_string()]);
         cmd.arg("--wire-audit-log").arg(self.wire_audit_log());
+        cmd.args(&self.opts.serve_args);
         if !self.quic_addr.is_empty() {
             // Restart on the same ports so agents find it again.
-            cmd.args(["--quic-listen", &self.quic_addr, "--http-listen", self.http_url.trim_start_matches("http://")]);
+            let http_addr = self.http_url.split_once("://").map_or(self.http_url.as_str(), |(_, a)| a);
+            cmd.args(["--quic-listen", &self.quic_addr, "--http-listen", http_addr]);
         }
         cmd.env("GAFFER_LOG", "info,gaffer_control=debug").stdout(Stdio::null()).stderr(log);
         self.child = Some(cmd.spawn()?);
@@ -209,7 +217,11 @@ impl ControlPlane {
         })
         .with_context(|| format!("control plane did not start; log:\n{}", self.log()))?;
         self.quic_addr = info["quic_addr"].as_str().unwrap_or_default().to_owned();
-        self.http_url = format!("http://{}", info["http_addr"].as_str().unwrap_or_default());
+        // `https://…` when serve speaks TLS.
+        self.http_url = match info["dashboard_url"].as_str() {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", info["http_addr"].as_str().unwrap_or_default()),
+        };
         Ok(())
     }
 
@@ -298,8 +310,8 @@ impl ControlPlane {
             .build()?)
     }
 
-    /// Logs in to the dashboard with the admin password through the real form (login CSRF
-    /// cookie + hidden field) and returns the session cookie's value.
+    /// Logs in to the dashboard as `admin` (the user `init` made) through the real form (login
+    /// CSRF cookie + hidden field) and returns the session cookie's value.
     pub fn login(&self) -> anyhow::Result<String> {
         let client = Self::dashboard_client()?;
         let form = client.get(format!("{}/login", self.http_url)).send()?;
@@ -307,7 +319,11 @@ impl ControlPlane {
         let resp = client
             .post(format!("{}/login", self.http_url))
             .header(reqwest::header::COOKIE, format!("gaffer_login_csrf={csrf}"))
-            .form(&[("csrf", csrf.as_str()), ("password", self.admin_password.as_str())])
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("user", self.admin_user.as_str()),
+                ("password", self.admin_password.as_str()),
+            ])
             .send()?;
         cookie(&resp, "gaffer_session").with_context(|| format!("login did not set a session: {}", resp.status()))
     }

@@ -3,7 +3,7 @@
 //! Each runs the scheduler call on the blocking pool ([`super::blocking`]: it writes the store and
 //! fsyncs), then records the action in the audit log with its actor (`job_submit`, `job_cancel`,
 //! `job_retry`; the job's site and id, and the path or the reason as detail) and flushes that too.
-//! The actor is a parameter: `"api token"` or `"dashboard admin"` until users and roles exist.
+//! The actor is a parameter: the API token (`token:NAME`) or the dashboard user (`alice`).
 
 use gaffer_protocol::messages::JobId;
 
@@ -11,11 +11,6 @@ use super::{blocking, AppError};
 use crate::scheduler::{JobRequest, SubmitError};
 use crate::store::{AuditRecord, JobOrigin, JobRecord, Store};
 use crate::AppState;
-
-/// Actor of API calls (one kind of bearer token for now).
-pub(crate) const API_ACTOR: &str = "api token";
-/// Actor of dashboard forms (the one admin login for now).
-pub(crate) const DASHBOARD_ACTOR: &str = "dashboard admin";
 
 /// Writes the audit entry of a job action that succeeded, and flushes it. A failure is logged,
 /// not returned: the action itself is committed, and the caller must say so.

@@ -1,4 +1,7 @@
-//! The JSON API under `/api/v1`. Every route needs `Authorization: Bearer gfa_…` ([`ApiCaller`]).
+//! The JSON API under `/api/v1`. Every route needs `Authorization: Bearer gfa_…` of an unexpired
+//! API token ([`ApiCaller`]) whose role holds the route's permission ([`super::ROUTES`]): `GET`
+//! routes any role, submit/cancel/retry `operator` or `admin`, `GET /audit` (see
+//! [`super::audit`]) `admin`. Without a valid token 401, with too low a role 403.
 //!
 //! | route                     | answer |
 //! |---------------------------|--------|
@@ -16,7 +19,8 @@
 //! connected and running it), pending_reason (why a queued job is still waiting, null otherwise or
 //! before the first leasing pass), created_at_ms, updated_at_ms, finished_at_ms.
 //!
-//! Submit, cancel and retry are recorded in the audit log with the actor `"api token"`.
+//! Submit, cancel and retry are recorded in the audit log with the token as the actor
+//! (`token:NAME`).
 
 use std::collections::HashMap;
 
@@ -30,7 +34,7 @@ use gaffer_protocol::health::{Health, HealthSource};
 use gaffer_protocol::messages::{AgentId, Capabilities, JobId, LeaseId, Profile};
 use serde::{Deserialize, Serialize};
 
-use super::actions::{self, API_ACTOR};
+use super::actions;
 use super::auth::ApiCaller;
 use super::{AppError, HttpState};
 use crate::scheduler::{JobRequest, Scheduler, DEADLINE_PASS_JOBS_MAX};
@@ -284,7 +288,7 @@ pub(crate) async fn get_job(
 }
 
 pub(crate) async fn submit_job(
-    _: ApiCaller,
+    caller: ApiCaller,
     State(state): State<HttpState>,
     body: Result<Json<SubmitJobBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, AppError> {
@@ -302,27 +306,27 @@ pub(crate) async fn submit_job(
         Some(p) => p.parse::<Priority>().map_err(AppError::Unprocessable)?,
     };
     let req = JobRequest { path: body.path, site: body.site, agent, profile, priority };
-    let job = actions::submit(&state.app, req, API_ACTOR.to_owned()).await??;
+    let job = actions::submit(&state.app, req, caller.actor()).await??;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": job.id }))))
 }
 
 pub(crate) async fn cancel_job(
-    _: ApiCaller,
+    caller: ApiCaller,
     State(state): State<HttpState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AppError> {
     let id = parse_id(&id, "job")?;
-    let job = actions::cancel(&state.app, id, API_ACTOR.to_owned()).await?;
+    let job = actions::cancel(&state.app, id, caller.actor()).await?;
     Ok(Json(job_json(job, &state.app.scheduler)))
 }
 
 pub(crate) async fn retry_job(
-    _: ApiCaller,
+    caller: ApiCaller,
     State(state): State<HttpState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AppError> {
     let id = parse_id(&id, "job")?;
-    let job = actions::retry(&state.app, id, API_ACTOR.to_owned()).await?;
+    let job = actions::retry(&state.app, id, caller.actor()).await?;
     Ok(Json(job_json(job, &state.app.scheduler)))
 }
 

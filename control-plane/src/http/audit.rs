@@ -1,22 +1,45 @@
-//! The operator audit log on the dashboard: `GET /audit` lists the newest entries (who did what —
-//! the offline actions `enroll_offline`, `bundle_import`, `revoke_agent`, and the job actions
-//! `job_submit`, `job_cancel`, `job_retry` from the API and the dashboard — when, and with what
-//! result), and the fleet page shows the latest few. Entries come from
-//! [`crate::store::Store::list_audit`]; every field is escaped by askama like all template output.
+//! The audit log over HTTP (admins only, [`super::Permission::ReadAudit`]): the dashboard's
+//! `GET /audit` page with a filter form, the latest few entries on the fleet page, and
+//! `GET /api/v1/audit`.
+//!
+//! Both take the same filters (query parameters; empty ones are ignored): `actor` (exactly the
+//! entry's actor: `alice`, `token:ci`, `agent <uuid>`, `uid 1000 (alice)`), `action` (e.g.
+//! `login_failed`, see [`crate::store::audit_action`]), `agent` and `job` (UUIDs), `since_ms`
+//! (Unix ms) or, on the dashboard, `since` (a duration back from now such as `24h` or `7d`, or a
+//! UTC time such as `2025-01-31 08:00:00`), and `after` (the `next` cursor of the previous page).
+//! The API also takes `limit` (default [`AUDIT_API_LIMIT_DEFAULT`], at most
+//! [`AUDIT_API_LIMIT_MAX`]).
+//!
+//! `GET /api/v1/audit` answers `{"entries": [{"id", "at_ms", "actor", "action", "agent", "site",
+//! "job", "detail"}], "next": ID|null}`, newest first, with a `Link: <…&after=ID>; rel="next"`
+//! header while older entries follow. Entries come from [`crate::store::Store::query_audit`];
+//! every field is escaped by askama like all template output.
 
 use askama::Template;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
+use gaffer_protocol::messages::{AgentId, JobId};
+use serde::{Deserialize, Serialize};
 
-use super::auth::Session;
-use super::view::{relative, utc};
-use super::{HttpState, Page, PageError};
-use crate::store::{AuditRecord, Store, StoreError, UnixMs};
+use super::api::parse_id;
+use super::auth::{ApiCaller, Session};
+use super::view::{relative, utc, Me};
+use super::{AppError, HttpState, Page, PageError};
+use crate::store::{audit_action, AuditEntry, AuditQuery, AuditRecord, Store, StoreError, UnixMs};
 
-/// Entries listed on `/audit`, newest first.
+/// Entries listed per page of `/audit`, newest first.
 pub(crate) const AUDIT_PAGE_MAX: usize = 200;
 /// Entries shown on the fleet page (`/`), newest first.
 pub(crate) const FLEET_AUDIT_MAX: usize = 5;
+/// Default `limit` of `GET /api/v1/audit`.
+pub(crate) const AUDIT_API_LIMIT_DEFAULT: usize = 100;
+/// Largest `limit` of `GET /api/v1/audit`.
+pub(crate) const AUDIT_API_LIMIT_MAX: usize = 1000;
+/// Longest accepted `actor` or `action` filter, bytes.
+const FILTER_BYTES_MAX: usize = 256;
 
 /// One audit entry, ready to show.
 pub(crate) struct AuditRow {
@@ -54,17 +77,247 @@ impl AuditRow {
     }
 }
 
-/// `GET /audit` — the operator audit log.
+/// The filter query of `/audit` and `/api/v1/audit`, as sent (strings, so that a bad value gets
+/// a message naming the field). Serialized back for the next-page links.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub(crate) struct AuditFilter {
+    #[serde(default, skip_serializing_if = "blank")]
+    actor: Option<String>,
+    #[serde(default, skip_serializing_if = "blank")]
+    action: Option<String>,
+    #[serde(default, skip_serializing_if = "blank")]
+    agent: Option<String>,
+    #[serde(default, skip_serializing_if = "blank")]
+    job: Option<String>,
+    #[serde(default, skip_serializing_if = "blank")]
+    since_ms: Option<String>,
+    #[serde(default, skip_serializing_if = "blank")]
+    since: Option<String>,
+    #[serde(default, skip_serializing_if = "blank")]
+    limit: Option<String>,
+    #[serde(default, skip_serializing)]
+    after: Option<String>,
+}
+
+fn blank(v: &Option<String>) -> bool {
+    v.as_deref().is_none_or(|s| s.trim().is_empty())
+}
+
+fn field(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl AuditFilter {
+    /// The store query of this filter with at most `limit_default` (at most `limit_max`) entries.
+    ///
+    /// # Errors
+    /// [`AppError::BadRequest`] naming the bad field.
+    fn query(&self, limit_default: usize, limit_max: usize, now_ms: UnixMs) -> Result<AuditQuery, AppError> {
+        let text = |v: &Option<String>, name: &str| -> Result<Option<String>, AppError> {
+            match field(v) {
+                Some(s) if s.len() > FILTER_BYTES_MAX => {
+                    Err(AppError::BadRequest(format!("{name} is longer than {FILTER_BYTES_MAX} bytes")))
+                }
+                other => Ok(other.map(str::to_owned)),
+            }
+        };
+        let id = |v: &Option<String>, name: &str| -> Result<Option<uuid::Uuid>, AppError> {
+            field(v).map(|s| parse_id(s, name)).transpose()
+        };
+        let number = |v: &Option<String>, name: &str| -> Result<Option<u64>, AppError> {
+            field(v)
+                .map(|s| s.parse::<u64>().map_err(|_| AppError::BadRequest(format!("{name} must be a whole number"))))
+                .transpose()
+        };
+        let since_ms = match (number(&self.since_ms, "since_ms")?, field(&self.since)) {
+            (Some(ms), _) => Some(ms),
+            (None, Some(since)) => Some(parse_since(since, now_ms)?),
+            (None, None) => None,
+        };
+        let limit = match number(&self.limit, "limit")? {
+            Some(0) => return Err(AppError::BadRequest(format!("limit must be 1..={limit_max}"))),
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX).min(limit_max),
+            None => limit_default,
+        };
+        let agent: Option<AgentId> = id(&self.agent, "agent")?;
+        let job: Option<JobId> = id(&self.job, "job")?;
+        Ok(AuditQuery {
+            actor: text(&self.actor, "actor")?,
+            action: text(&self.action, "action")?,
+            agent,
+            job,
+            since_ms,
+            after: number(&self.after, "after")?,
+            limit,
+        })
+    }
+
+    /// `path?<this filter>&after=<next>`.
+    fn next_url(&self, path: &str, next: u64) -> String {
+        let query = serde_urlencoded::to_string(self).unwrap_or_default();
+        if query.is_empty() {
+            format!("{path}?after={next}")
+        } else {
+            format!("{path}?{query}&after={next}")
+        }
+    }
+}
+
+/// `since`: a duration back from `now_ms` (`24h`, `7d`) or a UTC time (`2025-01-31 08:00:00`,
+/// RFC 3339).
+fn parse_since(since: &str, now_ms: UnixMs) -> Result<UnixMs, AppError> {
+    if let Ok(ago) = humantime::parse_duration(since) {
+        return Ok(now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)));
+    }
+    humantime::parse_rfc3339_weak(since)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .ok_or_else(|| {
+            AppError::BadRequest(format!(
+                "since {since:?} is neither a duration (24h, 7d) nor a UTC time (2025-01-31 08:00:00)"
+            ))
+        })
+}
+
+/// `GET /audit` — the audit log with its filter form.
 #[derive(Template)]
 #[template(path = "audit.html")]
 pub(crate) struct AuditPage {
-    pub csrf: String,
+    pub me: Me,
     pub audit: Vec<AuditRow>,
-    /// How many entries the page shows at most.
+    /// How many entries a page shows at most.
     pub limit: usize,
+    /// The filter form's values, as sent.
+    pub actor: String,
+    pub action: String,
+    pub agent: String,
+    pub job: String,
+    pub since: String,
+    /// Whether any filter is in force.
+    pub filtered: bool,
+    /// Known action names (the action field's suggestions).
+    pub actions: &'static [&'static str],
+    /// Link to the next, older page, while there is one.
+    pub next_url: Option<String>,
+    /// Link back to the newest entries, on a later page.
+    pub first_url: Option<String>,
 }
 
-pub(crate) async fn audit_page(session: Session, State(state): State<HttpState>) -> Result<Response, PageError> {
-    let audit = AuditRow::latest(state.app.store.as_ref(), AUDIT_PAGE_MAX, crate::now_ms())?;
-    Ok(Page(AuditPage { csrf: session.record.csrf_token, audit, limit: AUDIT_PAGE_MAX }).into_response())
+pub(crate) async fn audit_page(
+    session: Session,
+    State(state): State<HttpState>,
+    query: Result<Query<AuditFilter>, QueryRejection>,
+) -> Result<Response, PageError> {
+    let Query(filter) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let now = crate::now_ms();
+    let q = filter.query(AUDIT_PAGE_MAX, AUDIT_PAGE_MAX, now)?;
+    let page = state.app.store.query_audit(&q)?;
+    let shown = |v: &Option<String>| field(v).unwrap_or_default().to_owned();
+    let since = match (field(&filter.since), field(&filter.since_ms)) {
+        (Some(s), _) => s.to_owned(),
+        (None, Some(ms)) => ms.parse::<u64>().map(utc).unwrap_or_default(),
+        (None, None) => String::new(),
+    };
+    let filtered =
+        q.actor.is_some() || q.action.is_some() || q.agent.is_some() || q.job.is_some() || q.since_ms.is_some();
+    let mut first = filter.clone();
+    first.after = None;
+    let first_query = serde_urlencoded::to_string(&first).unwrap_or_default();
+    let audit_page = AuditPage {
+        me: Me::of(&session),
+        audit: page.entries.iter().map(|e| AuditRow::new(&e.record, now)).collect(),
+        limit: AUDIT_PAGE_MAX,
+        actor: shown(&filter.actor),
+        action: shown(&filter.action),
+        agent: shown(&filter.agent),
+        job: shown(&filter.job),
+        since,
+        filtered,
+        actions: audit_action::ALL,
+        next_url: page.next.map(|n| filter.next_url("/audit", n)),
+        first_url: q
+            .after
+            .map(|_| if first_query.is_empty() { "/audit".into() } else { format!("/audit?{first_query}") }),
+    };
+    Ok(Page(audit_page).into_response())
+}
+
+/// One entry of `GET /api/v1/audit`.
+#[derive(Serialize)]
+struct AuditEntryJson {
+    id: u64,
+    at_ms: UnixMs,
+    actor: String,
+    action: String,
+    agent: Option<AgentId>,
+    site: Option<String>,
+    job: Option<JobId>,
+    detail: String,
+}
+
+impl From<AuditEntry> for AuditEntryJson {
+    fn from(e: AuditEntry) -> Self {
+        let r = e.record;
+        AuditEntryJson {
+            id: e.id,
+            at_ms: r.at_ms,
+            actor: r.who,
+            action: r.action,
+            agent: r.agent,
+            site: r.site,
+            job: r.job,
+            detail: r.detail,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AuditPageJson {
+    entries: Vec<AuditEntryJson>,
+    next: Option<u64>,
+}
+
+pub(crate) async fn api_list(
+    _: ApiCaller,
+    State(state): State<HttpState>,
+    query: Result<Query<AuditFilter>, QueryRejection>,
+) -> Result<Response, AppError> {
+    let Query(filter) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let q = filter.query(AUDIT_API_LIMIT_DEFAULT, AUDIT_API_LIMIT_MAX, crate::now_ms())?;
+    let page = state.app.store.query_audit(&q)?;
+    let next = page.next;
+    let body = AuditPageJson { entries: page.entries.into_iter().map(AuditEntryJson::from).collect(), next };
+    let mut response = Json(body).into_response();
+    if let Some(n) = next {
+        let link = HeaderValue::from_str(&format!("<{}>; rel=\"next\"", filter.next_url("/api/v1/audit", n)))
+            .map_err(|e| AppError::Internal(format!("Link header: {e}")))?;
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_durations_and_utc_times() {
+        let now = 10 * 86_400_000;
+        assert_eq!(parse_since("24h", now).ok(), Some(now - 86_400_000));
+        assert_eq!(parse_since("1970-01-02 00:00:00", now).ok(), Some(86_400_000));
+        assert_eq!(parse_since("1970-01-02T00:00:00Z", now).ok(), Some(86_400_000));
+        assert!(parse_since("yesterday-ish", now).is_err());
+    }
+
+    #[test]
+    fn next_links_keep_the_filters_and_drop_the_old_cursor() {
+        let filter = AuditFilter {
+            actor: Some("uid 1000 (alice)".into()),
+            action: Some(" ".into()),
+            after: Some("99".into()),
+            ..AuditFilter::default()
+        };
+        assert_eq!(filter.next_url("/audit", 42), "/audit?actor=uid+1000+%28alice%29&after=42");
+    }
 }

@@ -11,13 +11,14 @@
 //! | `GET /jobs/{id}`          | job: state, priority, attempts, lease, why it waits, last error, digest; Cancel / Retry buttons |
 //! | `POST /jobs/{id}/cancel`, `POST /jobs/{id}/retry` | the buttons; 303 back to the job page |
 //!
-//! Submit, cancel and retry are recorded in the audit log with the actor `"dashboard admin"`.
+//! Who may open each page or send each form is in [`super::ROUTES`] (viewers read, operators also
+//! submit, cancel and retry, admins also read the audit log); buttons the user's role may not use
+//! are not shown. Logins (by user name and password, throttled per address and per user name),
+//! submit, cancel and retry are recorded in the audit log with the user as the actor.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use argon2::password_hash::PasswordHash;
-use argon2::{Argon2, PasswordVerifier};
 use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -26,28 +27,30 @@ use axum::Form;
 use axum_extra::extract::cookie::CookieJar;
 use serde::Deserialize;
 
-use super::actions::{self, DASHBOARD_ACTOR};
+use super::actions;
 use super::api::{
     jobs_running_by_agent, parse_cursor, parse_id, parse_state_filter, pending_reason, HEALTH_HISTORY_MAX,
 };
 use super::auth::{
-    login_csrf_cookie, random_token, removal_cookie, session_cookie, sha256, tokens_equal, LoginThrottle, Session,
-    LOGIN_CSRF_COOKIE, LOGIN_FAILED_STATUS, SESSION_COOKIE, SESSION_TTL_MS,
+    login_csrf_cookie, random_token, removal_cookie, session_cookie, sha256, tokens_equal, ClientAddr, LoginThrottle,
+    Session, ThrottledBy, SESSION_TTL_MS,
 };
 use super::view::{
     mean_gpu_util, sparkline, utc, AgentOption, AgentPage, AgentRow, Count, DigestView, FleetPage, GpuInfoRow,
-    HistoryRow, JobPage, JobRow, JobsPage, LoginPage, NewJobPage, PriorityOption, StateOption, SPARK_H, SPARK_W,
+    HistoryRow, JobPage, JobRow, JobsPage, LoginPage, Me, NewJobPage, PriorityOption, StateOption, SPARK_H, SPARK_W,
 };
 use super::{AppError, HttpState, Page, PageError};
 use crate::scheduler::{JobRequest, SubmitError};
-use crate::store::{JobQuery, JobState, Priority, SessionRecord};
+use crate::store::{audit_action, Actor, AuditRecord, JobQuery, JobState, Priority, SessionRecord};
 
 /// Jobs shown per page of `/jobs`.
 const JOBS_PAGE_MAX: usize = 200;
 /// Recent jobs listed on an agent page.
 const AGENT_JOBS_MAX: usize = 20;
 /// Longest accepted password, bytes (argon2 work is bounded by this).
-const PASSWORD_BYTES_MAX: usize = 1024;
+const PASSWORD_BYTES_MAX: usize = crate::admin::PASSWORD_BYTES_MAX;
+/// Status of a failed login (the form is shown again).
+const LOGIN_FAILED_STATUS: StatusCode = StatusCode::UNAUTHORIZED;
 
 fn form_rejection(e: FormRejection) -> AppError {
     AppError::BadRequest(e.body_text())
@@ -62,8 +65,13 @@ pub(crate) async fn fleet(session: Session, State(state): State<HttpState>) -> R
     let counts = store.job_counts()?;
     let job_counts = JobState::ALL.iter().map(|&s| Count { label: s.as_str(), count: counts.get(s) }).collect();
     let online_count = agents.iter().filter(|a| a.online).count();
-    let audit = super::audit::AuditRow::latest(store, super::audit::FLEET_AUDIT_MAX, now)?;
-    Ok(Page(FleetPage { csrf: session.record.csrf_token, agents, job_counts, online_count, audit }).into_response())
+    let me = Me::of(&session);
+    let audit = if me.can_audit {
+        super::audit::AuditRow::latest(store, super::audit::FLEET_AUDIT_MAX, now)?
+    } else {
+        Vec::new()
+    };
+    Ok(Page(FleetPage { me, agents, job_counts, online_count, audit }).into_response())
 }
 
 pub(crate) async fn agent_page(
@@ -87,7 +95,7 @@ pub(crate) async fn agent_page(
         .collect();
     let caps = agent.capabilities.clone();
     let page = AgentPage {
-        csrf: session.record.csrf_token,
+        me: Me::of(&session),
         agent: AgentRow::new(&agent, running, now),
         enrolled: utc(agent.enrolled_at_ms),
         cert_expires: u64::try_from(agent.cert_not_after_unix)
@@ -154,7 +162,7 @@ pub(crate) async fn jobs_page(
         page.jobs.iter().map(|j| JobRow::new(j, now).with_pending_reason(pending_reason(scheduler, j))).collect();
     let filter = job_state.map(|s| format!("state={}&", s.as_str())).unwrap_or_default();
     let page = JobsPage {
-        csrf: session.record.csrf_token,
+        me: Me::of(&session),
         jobs,
         states: JobState::ALL
             .iter()
@@ -181,8 +189,7 @@ pub(crate) async fn job_page(
     let digest = store.get_digest(id)?.map(|d| DigestView::new(&d));
     let scheduler = state.app.scheduler.as_ref();
     let row = JobRow::new(&job, crate::now_ms()).with_pending_reason(pending_reason(scheduler, &job));
-    let page =
-        JobPage { csrf: session.record.csrf_token, job: row, max_attempts: scheduler.policy().max_attempts, digest };
+    let page = JobPage { me: Me::of(&session), job: row, max_attempts: scheduler.policy().max_attempts, digest };
     Ok(Page(page).into_response())
 }
 
@@ -202,7 +209,7 @@ pub(crate) async fn cancel_job(
     let Form(form) = form.map_err(form_rejection)?;
     session.check_csrf(&form.csrf)?;
     let id = parse_id(&id, "job")?;
-    let job = actions::cancel(&state.app, id, DASHBOARD_ACTOR.to_owned()).await?;
+    let job = actions::cancel(&state.app, id, session.actor()).await?;
     Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
 }
 
@@ -215,13 +222,13 @@ pub(crate) async fn retry_job(
     let Form(form) = form.map_err(form_rejection)?;
     session.check_csrf(&form.csrf)?;
     let id = parse_id(&id, "job")?;
-    let job = actions::retry(&state.app, id, DASHBOARD_ACTOR.to_owned()).await?;
+    let job = actions::retry(&state.app, id, session.actor()).await?;
     Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
 }
 
 fn new_job_page(
     state: &HttpState,
-    csrf: String,
+    me: Me,
     error: Option<String>,
     path: String,
     site: String,
@@ -245,12 +252,11 @@ fn new_job_page(
         .into_iter()
         .map(|p| PriorityOption { name: p.as_str(), selected: p == priority })
         .collect();
-    Ok(NewJobPage { csrf, error, path, site, sites: sites.into_iter().collect(), agents, priorities })
+    Ok(NewJobPage { me, error, path, site, sites: sites.into_iter().collect(), agents, priorities })
 }
 
 pub(crate) async fn new_job_form(session: Session, State(state): State<HttpState>) -> Result<Response, PageError> {
-    let page =
-        new_job_page(&state, session.record.csrf_token, None, String::new(), String::new(), None, Priority::default())?;
+    let page = new_job_page(&state, Me::of(&session), None, String::new(), String::new(), None, Priority::default())?;
     Ok(Page(page).into_response())
 }
 
@@ -278,11 +284,11 @@ pub(crate) async fn submit_job(
 ) -> Result<Response, PageError> {
     let Form(form) = form.map_err(form_rejection)?;
     session.check_csrf(&form.csrf)?;
-    let csrf = session.record.csrf_token.clone();
+    let me = Me::of(&session);
     let rerender = |error: String, form: NewJobForm| -> Result<Response, PageError> {
         let agent = (!form.agent.is_empty()).then_some(form.agent);
         let priority = form.priority.trim().parse().unwrap_or_default();
-        let page = new_job_page(&state, csrf.clone(), Some(error), form.path, form.site, agent, priority)?;
+        let page = new_job_page(&state, me.clone(), Some(error), form.path, form.site, agent, priority)?;
         Ok((StatusCode::UNPROCESSABLE_ENTITY, Page(page)).into_response())
     };
     let agent = match form.agent.trim() {
@@ -308,17 +314,17 @@ pub(crate) async fn submit_job(
     };
     let req =
         JobRequest { path: form.path.trim().to_owned(), site: form.site.trim().to_owned(), agent, profile, priority };
-    match actions::submit(&state.app, req, DASHBOARD_ACTOR.to_owned()).await? {
+    match actions::submit(&state.app, req, session.actor()).await? {
         Ok(job) => Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response()),
         Err(e @ (SubmitError::Invalid(_) | SubmitError::UnknownAgent(_))) => rerender(e.to_string(), form),
         Err(e) => Err(e.into()),
     }
 }
 
-pub(crate) async fn login_form(jar: CookieJar) -> Response {
+pub(crate) async fn login_form(State(state): State<HttpState>, jar: CookieJar) -> Response {
     let csrf = random_token();
-    let jar = jar.add(login_csrf_cookie(csrf.clone()));
-    (jar, Page(LoginPage { csrf, error: None })).into_response()
+    let jar = jar.add(login_csrf_cookie(&state.security, csrf.clone()));
+    (jar, Page(LoginPage { csrf, user: String::new(), error: None })).into_response()
 }
 
 /// The `POST /login` form.
@@ -327,60 +333,114 @@ pub(crate) struct LoginForm {
     #[serde(default)]
     csrf: String,
     #[serde(default)]
+    user: String,
+    #[serde(default)]
     password: String,
 }
 
-fn login_again(jar: CookieJar, status: StatusCode, error: String) -> Response {
+fn login_again(state: &HttpState, jar: CookieJar, status: StatusCode, user: String, error: String) -> Response {
     let csrf = random_token();
-    let jar = jar.add(login_csrf_cookie(csrf.clone()));
-    (status, jar, Page(LoginPage { csrf, error: Some(error) })).into_response()
+    let jar = jar.add(login_csrf_cookie(&state.security, csrf.clone()));
+    (status, jar, Page(LoginPage { csrf, user, error: Some(error) })).into_response()
 }
 
+/// Writes a login's audit entry and flushes it (the session too); a failure is logged only.
+fn audit_login(state: &HttpState, rec: AuditRecord) {
+    let store = state.app.store.as_ref();
+    if let Err(e) = store.append_audit(&rec).and_then(|()| store.flush()) {
+        tracing::error!(error = %e, action = %rec.action, "login audit entry was not written");
+    }
+}
+
+/// `POST /login`: user name and password. Order of checks: the login CSRF cookie; the throttle
+/// (per client address and per user name, [`LoginThrottle`]); the password, verified with argon2
+/// under [`super::auth::PasswordChecks`] (an unknown name against a dummy hash: the same cost and
+/// the same answer as a wrong password). Success and failure are audited with the client address.
 pub(crate) async fn login(
     State(state): State<HttpState>,
+    ClientAddr(addr): ClientAddr,
     jar: CookieJar,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     let Form(form) = form.map_err(form_rejection)?;
-    let cookie_ok = jar.get(LOGIN_CSRF_COOKIE).is_some_and(|c| tokens_equal(c.value(), &form.csrf));
+    let name = form.user.trim().to_owned();
+    let cookie_ok =
+        jar.get(state.security.login_csrf_cookie_name()).is_some_and(|c| tokens_equal(c.value(), &form.csrf));
     if !cookie_ok {
-        return Ok(login_again(jar, StatusCode::FORBIDDEN, "The login form expired; please try again.".into()));
+        return Ok(login_again(
+            &state,
+            jar,
+            StatusCode::FORBIDDEN,
+            name,
+            "The login form expired; please try again.".into(),
+        ));
     }
-    if let Err(wait_secs) = state.logins.check(Instant::now()) {
-        tracing::warn!(wait_secs, "dashboard login refused: too many failed attempts");
-        return Err(AppError::TooManyAttempts(wait_secs).into());
+    if let Err(throttled) = state.logins.begin(addr, &name, Instant::now()) {
+        let by = match throttled.by {
+            ThrottledBy::Address => "address",
+            ThrottledBy::User => "user name",
+        };
+        tracing::warn!(%addr, by, wait_secs = throttled.wait_secs, "dashboard login refused: too many failed attempts");
+        let mut response = login_again(
+            &state,
+            jar,
+            StatusCode::TOO_MANY_REQUESTS,
+            name,
+            format!("Too many failed logins; try again in {} s.", throttled.wait_secs),
+        );
+        if let Ok(v) = axum::http::HeaderValue::from_str(&throttled.wait_secs.to_string()) {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        return Ok(response);
     }
-    let Some(phc) = state.app.store.admin_password_hash()? else {
-        return Err(AppError::Internal("no admin password is set; run `gaffer-control init`".into()).into());
-    };
+    let user =
+        if crate::admin::validate_name(&name, "user name").is_ok() { state.app.store.get_user(&name)? } else { None };
     let ok = if form.password.len() > PASSWORD_BYTES_MAX {
         false
     } else {
-        let password = form.password;
-        tokio::task::spawn_blocking(move || match PasswordHash::new(&phc) {
-            Ok(hash) => Ok(Argon2::default().verify_password(password.as_bytes(), &hash).is_ok()),
-            Err(e) => Err(AppError::Internal(format!("stored admin password hash is unreadable: {e}"))),
-        })
-        .await
-        .map_err(|e| AppError::Internal(format!("password check task failed: {e}")))??
+        state.passwords.verify(user.as_ref().map(|u| u.password_phc.clone()), form.password).await?
     };
-    if !ok {
-        state.logins.failed(Instant::now());
-        tracing::warn!("dashboard login failed: wrong password");
-        tokio::time::sleep(LoginThrottle::FAILURE_DELAY).await;
-        return Ok(login_again(jar, LOGIN_FAILED_STATUS, "Wrong password.".into()));
-    }
-    state.logins.succeeded();
-    let session_value = random_token();
     let now = crate::now_ms();
+    let Some(user) = user.filter(|_| ok) else {
+        // Only a known name is shown: an unknown one may be a password typed into the wrong field.
+        let known = state.app.store.get_user(&name)?.is_some();
+        let who = if known { Actor::User(name.clone()) } else { Actor::User("(unknown user)".into()) };
+        let detail = if known { format!("wrong password, from {addr}") } else { format!("no such user, from {addr}") };
+        audit_login(&state, AuditRecord::new(&who, audit_action::LOGIN_FAILED, now).detail(detail));
+        if known {
+            tracing::warn!(user = %name, %addr, "dashboard login failed: wrong password");
+        } else {
+            tracing::warn!(%addr, "dashboard login failed: unknown user name");
+        }
+        tokio::time::sleep(LoginThrottle::FAILURE_DELAY).await;
+        return Ok(login_again(&state, jar, LOGIN_FAILED_STATUS, name, "Wrong user name or password.".into()));
+    };
+    state.logins.succeeded(addr, &name, Instant::now());
+    if let Err(e) = state.app.store.delete_expired_sessions(now) {
+        tracing::warn!(error = %e, "could not delete expired sessions");
+    }
+    let session_value = random_token();
     state.app.store.insert_session(&SessionRecord {
         id_hash: sha256(session_value.as_bytes()),
         csrf_token: random_token(),
         created_at_ms: now,
         expires_at_ms: now + SESSION_TTL_MS,
+        user: user.name.clone(),
+        role: user.role,
+        password_changed_at_ms: user.password_changed_at_ms,
     })?;
-    tracing::info!("dashboard login succeeded");
-    let jar = jar.add(session_cookie(session_value)).add(removal_cookie(LOGIN_CSRF_COOKIE, "/login"));
+    audit_login(
+        &state,
+        AuditRecord::new(&Actor::User(user.name.clone()), audit_action::LOGIN, now)
+            .detail(format!("role {}, from {addr}", user.role)),
+    );
+    tracing::info!(user = %user.name, role = %user.role, %addr, "dashboard login succeeded");
+    let security = &state.security;
+    let jar = jar.add(session_cookie(security, session_value)).add(removal_cookie(
+        security,
+        security.login_csrf_cookie_name(),
+        "/login",
+    ));
     Ok((jar, Redirect::to("/")).into_response())
 }
 
@@ -400,7 +460,7 @@ pub(crate) async fn logout(
     let Form(form) = form.map_err(form_rejection)?;
     session.check_csrf(&form.csrf)?;
     state.app.store.delete_session(&session.record.id_hash)?;
-    let jar = jar.add(removal_cookie(SESSION_COOKIE, "/"));
+    let jar = jar.add(removal_cookie(&state.security, state.security.session_cookie_name(), "/"));
     Ok((jar, Redirect::to("/login")).into_response())
 }
 

@@ -23,15 +23,17 @@ mod audit;
 mod auth;
 mod dashboard;
 mod timeline;
+pub mod tls;
 mod view;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -41,7 +43,11 @@ use crate::scheduler::SubmitError;
 use crate::store::StoreError;
 use crate::AppState;
 
-pub use auth::{LoginThrottle, SESSION_COOKIE, SESSION_TTL_MS};
+pub use auth::{
+    Access, LoginThrottle, Permission, Throttled, ThrottledBy, LOGIN_CSRF_COOKIE, LOGIN_CSRF_COOKIE_TLS, SESSION_COOKIE,
+    SESSION_COOKIE_TLS, SESSION_TTL_MS,
+};
+pub use tls::HttpSecurity;
 
 /// Largest accepted request body, bytes (64 KiB).
 pub const REQUEST_BODY_BYTES_MAX: usize = 64 * 1024;
@@ -56,35 +62,128 @@ const APP_CSS: &str = include_str!("../../../dashboards/static/app.css");
 pub(crate) struct HttpState {
     pub(crate) app: AppState,
     pub(crate) logins: Arc<LoginThrottle>,
+    /// Bounded argon2 verifications for logins.
+    pub(crate) passwords: Arc<auth::PasswordChecks>,
+    /// TLS or not (cookie names and flags), the metrics token.
+    pub(crate) security: HttpSecurity,
 }
 
-/// The whole HTTP surface: `/api/v1/*`, the dashboard, `/metrics`, `/static/app.css`, with the
-/// body-size limit, the request timeout and request tracing applied.
+impl HttpState {
+    fn new(app: AppState, security: HttpSecurity) -> Self {
+        Self {
+            app,
+            logins: Arc::new(LoginThrottle::default()),
+            passwords: Arc::new(auth::PasswordChecks::default()),
+            security,
+        }
+    }
+}
+
+/// One route: method, path, who may use it, and its handler. [`ROUTES`] lists every route the
+/// router serves; the router is built from it and puts the authorization check of `access` on
+/// each one ([`Access`]), so no route exists without a permission.
+pub struct RouteSpec {
+    /// HTTP method.
+    pub method: Method,
+    /// Path as axum matches it (`/api/v1/jobs/{id}`). Under `/api/` it is an API route (bearer
+    /// tokens, JSON errors), else a dashboard route (session cookie, HTML).
+    pub path: &'static str,
+    /// Who may use it.
+    pub access: Access,
+    handler: fn(MethodFilter) -> MethodRouter<HttpState>,
+}
+
+impl RouteSpec {
+    /// Whether this is an API route (under `/api/`).
+    pub fn is_api(&self) -> bool {
+        self.path.starts_with("/api/")
+    }
+}
+
+impl std::fmt::Debug for RouteSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({:?})", self.method, self.path, self.access)
+    }
+}
+
+const fn route(
+    method: Method,
+    path: &'static str,
+    access: Access,
+    handler: fn(MethodFilter) -> MethodRouter<HttpState>,
+) -> RouteSpec {
+    RouteSpec { method, path, access, handler }
+}
+
+const VIEW: Access = Access::Permission(Permission::ViewFleet);
+const OPERATE: Access = Access::Permission(Permission::OperateJobs);
+const AUDIT: Access = Access::Permission(Permission::ReadAudit);
+
+/// Every route of [`router_with`], with its permission: the one place that says who may do what
+/// over HTTP. (`/metrics` is left out of the router when it has its own listener.)
+pub static ROUTES: &[RouteSpec] = &[
+    route(Method::GET, "/api/v1/agents", VIEW, |m| on(m, api::list_agents)),
+    route(Method::GET, "/api/v1/agents/{id}", VIEW, |m| on(m, api::get_agent)),
+    route(Method::GET, "/api/v1/jobs", VIEW, |m| on(m, api::list_jobs)),
+    route(Method::POST, "/api/v1/jobs", OPERATE, |m| on(m, api::submit_job)),
+    route(Method::GET, "/api/v1/jobs/{id}", VIEW, |m| on(m, api::get_job)),
+    route(Method::POST, "/api/v1/jobs/{id}/cancel", OPERATE, |m| on(m, api::cancel_job)),
+    route(Method::POST, "/api/v1/jobs/{id}/retry", OPERATE, |m| on(m, api::retry_job)),
+    route(Method::GET, "/api/v1/audit", AUDIT, |m| on(m, audit::api_list)),
+    route(Method::GET, "/", VIEW, |m| on(m, dashboard::fleet)),
+    route(Method::GET, "/login", Access::Public, |m| on(m, dashboard::login_form)),
+    route(Method::POST, "/login", Access::Public, |m| on(m, dashboard::login)),
+    route(Method::POST, "/logout", VIEW, |m| on(m, dashboard::logout)),
+    route(Method::GET, "/agents/{id}", VIEW, |m| on(m, dashboard::agent_page)),
+    route(Method::GET, "/jobs", VIEW, |m| on(m, dashboard::jobs_page)),
+    route(Method::POST, "/jobs", OPERATE, |m| on(m, dashboard::submit_job)),
+    route(Method::GET, "/jobs/new", OPERATE, |m| on(m, dashboard::new_job_form)),
+    route(Method::GET, "/jobs/{id}", VIEW, |m| on(m, dashboard::job_page)),
+    route(Method::POST, "/jobs/{id}/cancel", OPERATE, |m| on(m, dashboard::cancel_job)),
+    route(Method::POST, "/jobs/{id}/retry", OPERATE, |m| on(m, dashboard::retry_job)),
+    route(Method::GET, "/audit", AUDIT, |m| on(m, audit::audit_page)),
+    route(Method::GET, "/metrics", Access::Public, |m| on(m, metrics)),
+    route(Method::GET, "/static/app.css", Access::Public, |m| on(m, stylesheet)),
+];
+
+/// The method filter of `method` (the methods [`ROUTES`] uses).
+fn method_filter(method: &Method) -> MethodFilter {
+    match *method {
+        Method::POST => MethodFilter::POST,
+        Method::PUT => MethodFilter::PUT,
+        Method::PATCH => MethodFilter::PATCH,
+        Method::DELETE => MethodFilter::DELETE,
+        _ => MethodFilter::GET,
+    }
+}
+
+/// The whole HTTP surface served over plain HTTP ([`HttpSecurity::default`]): see [`router_with`].
 pub fn router(state: AppState) -> Router {
-    let state = HttpState { app: state, logins: Arc::new(LoginThrottle::default()) };
-    let api = Router::new()
-        .route("/agents", get(api::list_agents))
-        .route("/agents/{id}", get(api::get_agent))
-        .route("/jobs", get(api::list_jobs).post(api::submit_job))
-        .route("/jobs/{id}", get(api::get_job))
-        .route("/jobs/{id}/cancel", post(api::cancel_job))
-        .route("/jobs/{id}/retry", post(api::retry_job))
-        .fallback(api::not_found);
-    Router::new()
-        .nest("/api/v1", api)
-        .route("/", get(dashboard::fleet))
-        .route("/login", get(dashboard::login_form).post(dashboard::login))
-        .route("/logout", post(dashboard::logout))
-        .route("/agents/{id}", get(dashboard::agent_page))
-        .route("/jobs", get(dashboard::jobs_page).post(dashboard::submit_job))
-        .route("/jobs/new", get(dashboard::new_job_form))
-        .route("/jobs/{id}", get(dashboard::job_page))
-        .route("/jobs/{id}/cancel", post(dashboard::cancel_job))
-        .route("/jobs/{id}/retry", post(dashboard::retry_job))
-        .route("/audit", get(audit::audit_page))
-        .route("/metrics", get(metrics))
-        .route("/static/app.css", get(stylesheet))
-        .fallback(dashboard::not_found)
+    router_with(state, HttpSecurity::default())
+}
+
+/// The whole HTTP surface: `/api/v1/*`, the dashboard, `/metrics` (unless
+/// [`HttpSecurity::metrics_separate`]; behind its bearer token if one is set),
+/// `/static/app.css`, with the body-size limit, the request timeout and request tracing applied.
+/// With [`HttpSecurity::tls`], cookies are Secure and `__Host-`/`__Secure-` prefixed and every
+/// response carries `Strict-Transport-Security`.
+pub fn router_with(state: AppState, security: HttpSecurity) -> Router {
+    let tls = security.tls;
+    let metrics_here = !security.metrics_separate;
+    let state = HttpState::new(state, security);
+    let mut app = Router::new();
+    for spec in ROUTES {
+        if spec.path == "/metrics" && !metrics_here {
+            continue;
+        }
+        let check = axum::middleware::from_fn_with_state(
+            state.clone(),
+            move |State(state): State<HttpState>, req: Request, next: Next| auth::authorize(state, spec, req, next),
+        );
+        app = app.route(spec.path, (spec.handler)(method_filter(&spec.method)).route_layer(check));
+    }
+    let app = app
+        .fallback(not_found)
         .with_state(state)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
         .layer(RequestBodyLimitLayer::new(REQUEST_BODY_BYTES_MAX))
@@ -92,12 +191,42 @@ pub fn router(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_secs(REQUEST_TIMEOUT_SECS),
         ))
+        .layer(TraceLayer::new_for_http());
+    tls::with_hsts(app, tls)
+}
+
+/// Only `GET /metrics` (behind its bearer token if one is set), for `--metrics-listen`: plain
+/// HTTP on an internal interface. Other paths are 404.
+pub fn metrics_router(state: AppState, security: HttpSecurity) -> Router {
+    let state = HttpState::new(state, security);
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(REQUEST_TIMEOUT_SECS),
+        ))
         .layer(TraceLayer::new_for_http())
 }
 
-async fn metrics(axum::extract::State(state): axum::extract::State<HttpState>) -> Response {
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !state.security.metrics_authorized(&headers) {
+        return tls::metrics_unauthorized();
+    }
     let text = state.app.metrics.encode(state.app.store.as_ref());
     ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)], text).into_response()
+}
+
+/// Unknown paths: JSON 404 under `/api/`, else the 404 page.
+async fn not_found(uri: Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        api::not_found().await.into_response()
+    } else {
+        dashboard::not_found().await.into_response()
+    }
 }
 
 async fn stylesheet() -> Response {
@@ -120,9 +249,10 @@ pub enum AppError {
     #[error("{0}")]
     Unprocessable(String),
     /// No valid credentials: send `Authorization: Bearer gfa_…` (API) or log in (dashboard). 401.
-    #[error("a valid API token is required (Authorization: Bearer gfa_…)")]
+    #[error("a valid API token is required (Authorization: Bearer gfa_…); revoked and expired tokens are refused")]
     Unauthorized,
-    /// A form's CSRF token did not match the session; reload the form and submit again. 403.
+    /// The caller's role does not allow this, or a form's CSRF token did not match the session
+    /// (reload the form and submit again); the message says which. 403.
     #[error("{0}")]
     Forbidden(String),
     /// The named thing does not exist. 404.
@@ -135,6 +265,9 @@ pub enum AppError {
     /// Too many failed logins; retry after the given number of seconds. 429.
     #[error("too many failed logins; try again in {0} s")]
     TooManyAttempts(u64),
+    /// Too many logins are being checked at once; retry in a few seconds. 503.
+    #[error("too many logins are being checked right now; try again in a few seconds")]
+    Busy,
     /// The body is larger than [`REQUEST_BODY_BYTES_MAX`]. 413.
     #[error("request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")]
     PayloadTooLarge,
@@ -158,6 +291,7 @@ impl AppError {
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::TooManyAttempts(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -80,6 +80,35 @@ fn percent(used: u64, total: u64) -> u32 {
     }
 }
 
+/// The logged-in user, for the header of every page and for hiding what the role may not use.
+#[derive(Debug, Clone)]
+pub(crate) struct Me {
+    /// The session's CSRF token (for every form).
+    pub csrf: String,
+    /// The user name.
+    pub user: String,
+    /// The role's name.
+    pub role: &'static str,
+    /// May submit, cancel and retry jobs.
+    pub can_operate: bool,
+    /// May read the audit log.
+    pub can_audit: bool,
+}
+
+impl Me {
+    /// The user of `session`.
+    pub(crate) fn of(session: &super::auth::Session) -> Self {
+        let role = session.role();
+        Me {
+            csrf: session.record.csrf_token.clone(),
+            user: session.user.name.clone(),
+            role: role.as_str(),
+            can_operate: super::Permission::OperateJobs.granted_to(role),
+            can_audit: super::Permission::ReadAudit.granted_to(role),
+        }
+    }
+}
+
 /// One GPU's live numbers.
 pub(crate) struct GpuRow {
     pub index: u32,
@@ -476,7 +505,7 @@ pub(crate) struct Count {
 #[derive(Template)]
 #[template(path = "fleet.html")]
 pub(crate) struct FleetPage {
-    pub csrf: String,
+    pub me: Me,
     pub agents: Vec<AgentRow>,
     pub job_counts: Vec<Count>,
     pub online_count: usize,
@@ -496,7 +525,7 @@ pub(crate) struct GpuInfoRow {
 #[derive(Template)]
 #[template(path = "agent.html")]
 pub(crate) struct AgentPage {
-    pub csrf: String,
+    pub me: Me,
     pub agent: AgentRow,
     pub enrolled: String,
     pub cert_expires: String,
@@ -525,7 +554,7 @@ pub(crate) struct StateOption {
 #[derive(Template)]
 #[template(path = "jobs.html")]
 pub(crate) struct JobsPage {
-    pub csrf: String,
+    pub me: Me,
     pub jobs: Vec<JobRow>,
     /// The state filter's options (every state; the one in force selected).
     pub states: Vec<StateOption>,
@@ -541,7 +570,7 @@ pub(crate) struct JobsPage {
 #[derive(Template)]
 #[template(path = "job.html")]
 pub(crate) struct JobPage {
-    pub csrf: String,
+    pub me: Me,
     pub job: JobRow,
     /// Attempts allowed before the job fails for good (`--max-attempts`).
     pub max_attempts: u32,
@@ -559,7 +588,7 @@ pub(crate) struct AgentOption {
 #[derive(Template)]
 #[template(path = "job_new.html")]
 pub(crate) struct NewJobPage {
-    pub csrf: String,
+    pub me: Me,
     pub error: Option<String>,
     pub path: String,
     pub site: String,
@@ -580,6 +609,8 @@ pub(crate) struct PriorityOption {
 #[template(path = "login.html")]
 pub(crate) struct LoginPage {
     pub csrf: String,
+    /// The user name typed last (shown again after a failure).
+    pub user: String,
     pub error: Option<String>,
 }
 

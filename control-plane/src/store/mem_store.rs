@@ -19,9 +19,9 @@ use gaffer_protocol::messages::{AgentId, JobId};
 
 use super::sled_store::{delete_scan_budget, finished_time, list_scan_budget, query_matches, state_rank};
 use super::{
-    AgentCommit, AgentRecord, AuditRecord, BundleNumbers, CommitOutcome, EnrollmentTokenRecord, HealthSample,
-    JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState, RevokedCertRecord, SessionRecord, Store, StoreError,
-    StoreResult, UnixMs,
+    AgentCommit, AgentRecord, ApiTokenRecord, AuditEntry, AuditPage, AuditQuery, AuditRecord, BundleNumbers,
+    CommitOutcome, EnrollmentTokenRecord, HealthSample, JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState,
+    RevokedCertRecord, Role, SessionRecord, Store, StoreError, StoreResult, UnixMs, UserRecord, UserRemoval,
 };
 
 /// `jobs_by_created` key: (created_at_ms, seq, id).
@@ -39,9 +39,10 @@ fn state_key(job: &JobRecord) -> StateKey {
 
 #[derive(Debug, Clone, Default)]
 struct Inner {
-    admin_password_hash: Option<String>,
+    users: BTreeMap<String, UserRecord>,
     enroll_tokens: BTreeMap<[u8; 32], EnrollmentTokenRecord>,
-    api_tokens: BTreeMap<[u8; 32], UnixMs>,
+    api_tokens: BTreeMap<[u8; 32], ApiTokenRecord>,
+    api_token_names: BTreeMap<String, [u8; 32]>,
     sessions: BTreeMap<[u8; 32], SessionRecord>,
     agents: BTreeMap<AgentId, AgentRecord>,
     /// (agent, received_at_ms, counter) → (sample, its JSON size).
@@ -52,7 +53,8 @@ struct Inner {
     counts: JobCounts,
     digests: BTreeMap<JobId, Digest>,
     agent_seq: BTreeMap<AgentId, u64>,
-    audit: BTreeMap<(UnixMs, u64), AuditRecord>,
+    /// Audit entries by id.
+    audit: BTreeMap<u64, AuditRecord>,
     bundle_numbers: BTreeMap<AgentId, BundleNumbers>,
     revoked_certs: BTreeMap<String, RevokedCertRecord>,
     next_id: u64,
@@ -134,13 +136,42 @@ fn json_len(sample: &HealthSample) -> StoreResult<usize> {
 }
 
 impl Store for MemStore {
-    fn admin_password_hash(&self) -> StoreResult<Option<String>> {
-        Ok(self.lock()?.admin_password_hash.clone())
+    fn insert_user(&self, rec: &UserRecord) -> StoreResult<bool> {
+        let mut inner = self.lock()?;
+        if inner.users.contains_key(&rec.name) {
+            return Ok(false);
+        }
+        inner.users.insert(rec.name.clone(), rec.clone());
+        Ok(true)
     }
 
-    fn set_admin_password_hash(&self, phc: &str) -> StoreResult<()> {
-        self.lock()?.admin_password_hash = Some(phc.to_string());
-        Ok(())
+    fn get_user(&self, name: &str) -> StoreResult<Option<UserRecord>> {
+        Ok(self.lock()?.users.get(name).cloned())
+    }
+
+    fn list_users(&self) -> StoreResult<Vec<UserRecord>> {
+        Ok(self.lock()?.users.values().cloned().collect())
+    }
+
+    fn set_user_password(&self, name: &str, password_phc: &str, now_ms: UnixMs) -> StoreResult<Option<UserRecord>> {
+        let mut inner = self.lock()?;
+        let Some(user) = inner.users.get_mut(name) else {
+            return Ok(None);
+        };
+        user.password_phc = password_phc.to_owned();
+        user.password_changed_at_ms = now_ms.max(user.password_changed_at_ms + 1);
+        Ok(Some(user.clone()))
+    }
+
+    fn remove_user(&self, name: &str) -> StoreResult<UserRemoval> {
+        let mut inner = self.lock()?;
+        let Some(user) = inner.users.get(name) else {
+            return Ok(UserRemoval::NotFound);
+        };
+        if user.role == Role::Admin && inner.users.values().filter(|u| u.role == Role::Admin).count() <= 1 {
+            return Ok(UserRemoval::LastAdmin);
+        }
+        Ok(inner.users.remove(name).map_or(UserRemoval::NotFound, UserRemoval::Removed))
     }
 
     fn insert_enrollment_token(&self, rec: &EnrollmentTokenRecord) -> StoreResult<()> {
@@ -167,13 +198,38 @@ impl Store for MemStore {
         Ok(rec.clone())
     }
 
-    fn insert_api_token(&self, hash: &[u8; 32], created_at_ms: UnixMs) -> StoreResult<()> {
-        self.lock()?.api_tokens.insert(*hash, created_at_ms);
-        Ok(())
+    fn create_api_token(&self, rec: &ApiTokenRecord) -> StoreResult<bool> {
+        let mut inner = self.lock()?;
+        if inner.api_token_names.contains_key(&rec.name) || inner.api_tokens.contains_key(&rec.hash) {
+            return Ok(false);
+        }
+        inner.api_token_names.insert(rec.name.clone(), rec.hash);
+        inner.api_tokens.insert(rec.hash, rec.clone());
+        Ok(true)
     }
 
-    fn api_token_exists(&self, hash: &[u8; 32]) -> StoreResult<bool> {
-        Ok(self.lock()?.api_tokens.contains_key(hash))
+    fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>> {
+        Ok(self.lock()?.api_tokens.get(hash).cloned())
+    }
+
+    fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenRecord>> {
+        let inner = self.lock()?;
+        Ok(inner.api_token_names.values().filter_map(|h| inner.api_tokens.get(h).cloned()).collect())
+    }
+
+    fn revoke_api_token(&self, name: &str) -> StoreResult<Option<ApiTokenRecord>> {
+        let mut inner = self.lock()?;
+        let Some(hash) = inner.api_token_names.remove(name) else {
+            return Ok(None);
+        };
+        Ok(inner.api_tokens.remove(&hash))
+    }
+
+    fn touch_api_token(&self, hash: &[u8; 32], now_ms: UnixMs) -> StoreResult<()> {
+        if let Some(rec) = self.lock()?.api_tokens.get_mut(hash) {
+            rec.last_used_at_ms = Some(now_ms);
+        }
+        Ok(())
     }
 
     fn insert_session(&self, rec: &SessionRecord) -> StoreResult<()> {
@@ -188,6 +244,20 @@ impl Store for MemStore {
     fn delete_session(&self, id_hash: &[u8; 32]) -> StoreResult<()> {
         self.lock()?.sessions.remove(id_hash);
         Ok(())
+    }
+
+    fn delete_user_sessions(&self, user: &str) -> StoreResult<usize> {
+        let mut inner = self.lock()?;
+        let before = inner.sessions.len();
+        inner.sessions.retain(|_, s| s.user != user);
+        Ok(before - inner.sessions.len())
+    }
+
+    fn delete_expired_sessions(&self, now_ms: UnixMs) -> StoreResult<usize> {
+        let mut inner = self.lock()?;
+        let before = inner.sessions.len();
+        inner.sessions.retain(|_, s| s.expires_at_ms > now_ms);
+        Ok(before - inner.sessions.len())
     }
 
     fn insert_agent(&self, rec: &AgentRecord) -> StoreResult<()> {
@@ -364,7 +434,7 @@ impl Store for MemStore {
             }
         }
         let new_job_seq = commit.new_job.as_ref().map(|_| inner.generate_id());
-        let audit_ids: Vec<u64> = commit.audit.iter().map(|_| inner.generate_id()).collect();
+        let audit_ids: Vec<u64> = commit.audit.iter().map(|_| inner.generate_id() + 1).collect();
         if let Some(write) = &commit.job {
             let mut after = write.after.clone();
             after.id = write.before.id;
@@ -382,7 +452,7 @@ impl Store for MemStore {
             }
         }
         for (rec, id) in commit.audit.iter().zip(audit_ids) {
-            inner.audit.insert((rec.at_ms, id), rec.clone());
+            inner.audit.insert(id, rec.clone());
         }
         if let Some(agent) = inner.agents.get_mut(&commit.agent) {
             agent.last_seen_ms = Some(commit.now_ms);
@@ -415,9 +485,27 @@ impl Store for MemStore {
 
     fn append_audit(&self, rec: &AuditRecord) -> StoreResult<()> {
         let mut inner = self.lock()?;
-        let id = inner.generate_id();
-        inner.audit.insert((rec.at_ms, id), rec.clone());
+        let id = inner.generate_id() + 1;
+        inner.audit.insert(id, rec.clone());
         Ok(())
+    }
+
+    fn query_audit(&self, query: &AuditQuery) -> StoreResult<AuditPage> {
+        let inner = self.lock()?;
+        let budget = list_scan_budget(query.limit);
+        let mut page = AuditPage::default();
+        let mut last = None;
+        for (looked, (&id, record)) in inner.audit.range(..query.after.unwrap_or(u64::MAX)).rev().enumerate() {
+            if page.entries.len() >= query.limit || looked >= budget {
+                page.next = last;
+                break;
+            }
+            last = Some(id);
+            if query.matches(record) {
+                page.entries.push(AuditEntry { id, record: record.clone() });
+            }
+        }
+        Ok(page)
     }
 
     fn list_audit(&self, limit: usize) -> StoreResult<Vec<AuditRecord>> {

@@ -1148,16 +1148,14 @@ impl Store for SledStore {
         };
         let budget = list_scan_budget(query.limit);
         let mut page = AuditPage::default();
-        let mut looked = 0;
         let mut last = None;
-        for item in iter.rev() {
+        for (looked, item) in iter.rev().enumerate() {
             let (key, value) = item.map_err(io)?;
             let id = be_u64(&key).ok_or_else(|| corrupt_key("audit_log", &key, "key is not 8 bytes"))?;
             if page.entries.len() >= query.limit || looked >= budget {
                 page.next = last;
                 break;
             }
-            looked += 1;
             last = Some(id);
             let record: AuditRecord = decode("audit_log", &key, &value)?;
             if query.matches(&record) {
