@@ -7,8 +7,13 @@
 //! * [`import`] applies the control plane's reply: verifies it (our fleet, signed by a control plane
 //!   certificate of our CA that our CRL does not revoke, for this agent, not older than the last reply
 //!   imported) before changing anything; then removes acknowledged entries from the outbox, queues
-//!   the assignments in the `offline_assignments` tree (the runner picks them up), stores the CRL
-//!   and installs a renewed certificate.
+//!   the assignments in the `offline_assignments` tree (the runner picks them up), stores the CRL,
+//!   the trust bundle (`ca.pem`, when the reply carries one) and a renewed certificate (for the
+//!   current key, or for a renewal key made before the agent went offline: then it switches to
+//!   that pair, see [`crate::credentials`]).
+//!
+//! `ca.pem` may hold two CAs during a CA rotation: an export names (by fingerprint) the CA that
+//! issued the agent's certificate, an import is verified against the CA the reply names.
 //!
 //! Both take an open `sled::Db` (the agent's `state/`), so the running agent can call them too.
 //!
@@ -31,12 +36,13 @@
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use gaffer_certs::{AgentKey, BundleKey, BundleSigner, BundleSignerRole, BundleTrust};
+use gaffer_certs::{BundleKey, BundleSigner, BundleSignerRole, BundleTrust};
 use gaffer_protocol::bundle::{self, AgentBundle, BundleDirection, BundleHeader, ControlReply, BUNDLE_BYTES_MAX};
 use gaffer_protocol::codec::{encode_frame, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};
 use gaffer_protocol::messages::{AgentEnvelope, Assignment};
 use serde::{Deserialize, Serialize};
 
+use crate::credentials::{self, CertPair, Credentials, Slot};
 use crate::datadir::DataDir;
 use crate::outbox::Outbox;
 use crate::AgentError;
@@ -144,8 +150,23 @@ pub fn export(db: &sled::Db, dd: &DataDir, outbox: &Outbox, out: &Path) -> Resul
             "this agent has no control-plane bundle key (enrolled before offline sync); re-enroll".into(),
         )
     })?;
-    let signer = BundleSigner::from_pem(&dd.read(&dd.cert_path())?, &dd.read(&dd.key_path())?)?;
-    let ca_fingerprint = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_path())?)?;
+    // The pair the control plane knows: the current one (a renewed pair not yet switched to only
+    // when the current one is gone, as in an interrupted switch).
+    let creds = Credentials::load(dd, identity.agent_id)?;
+    let pair = creds.current.as_ref().or(creds.next.as_ref()).ok_or_else(|| {
+        AgentError::Config(format!(
+            "{} holds no key and certificate of this agent that belong together; re-enroll with `gaffer-agent \
+             enroll --renew`",
+            dd.root().display()
+        ))
+    })?;
+    let signer = BundleSigner::from_pem(&pair.cert_pem, &pair.key_pem)?;
+    // ca.pem may hold two CAs (a CA rotation): the bundle names the one that issued our certificate.
+    let cas = credentials::trust_bundle(dd)?;
+    let ca_pem = credentials::issuer_of(&cas, &pair.cert_pem, identity.agent_id)
+        .or(cas.first())
+        .ok_or_else(|| AgentError::Config("ca.pem holds no CA certificate".into()))?;
+    let ca_fingerprint = gaffer_certs::CaFingerprint::from_cert_pem(ca_pem)?;
     let envelopes: Vec<AgentEnvelope> = outbox
         .entries()?
         .into_iter()
@@ -187,16 +208,24 @@ pub fn export(db: &sled::Db, dd: &DataDir, outbox: &Outbox, out: &Path) -> Resul
 /// a renewed certificate that is not for our key; [`AgentError::State`], [`AgentError::Io`].
 pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Result<ReplyImportReport, AgentError> {
     let identity = dd.load_identity()?;
-    let ca_pem = dd.read(&dd.ca_path())?;
+    let cas = credentials::trust_bundle(dd)?;
     let crl_pem = match std::fs::read_to_string(crl_path(dd)) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(AgentError::io(&crl_path(dd), e)),
     };
     let bytes = read_bounded(file, BUNDLE_BYTES_MAX)?;
+    // ca.pem may hold two CAs (a CA rotation): verify against the one the bundle names (with none
+    // of ours named, the first one refuses it as another fleet's).
+    let named = bundle::parse_bundle(&bytes).map_err(gaffer_certs::CertError::from)?.header.ca_fingerprint;
+    let ca_pem = cas
+        .iter()
+        .find(|ca| gaffer_certs::CaFingerprint::from_cert_pem(ca).is_ok_and(|f| *f.as_bytes() == named))
+        .or(cas.first())
+        .ok_or_else(|| AgentError::Config("ca.pem holds no CA certificate".into()))?;
     let parsed = gaffer_certs::verify_bundle(
         &bytes,
-        BundleTrust { ca_pem: &ca_pem, crl_pem: &crl_pem },
+        BundleTrust { ca_pem, crl_pem: &crl_pem },
         BundleDirection::ControlToAgent,
         |_| BundleSignerRole::ControlPlane,
         gaffer_certs::UnixTime::now(),
@@ -218,15 +247,14 @@ pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Resu
     let reply: ControlReply = bundle::decode_payload(&plaintext).map_err(|e| AgentError::Protocol(e.to_string()))?;
     // Validate what will be installed before installing anything.
     gaffer_certs::FleetCa::crls_from_pem(&reply.crl_pem)?;
-    if let Some(cert) = &reply.renewed_cert_pem {
-        let key = AgentKey::from_pem(&dd.read(&dd.key_path())?)?;
-        let id = key.check_issued_cert(cert)?;
-        if id != identity.agent_id {
-            return Err(AgentError::Protocol(format!(
-                "renewed certificate names agent {id}, not {}",
-                identity.agent_id
-            )));
-        }
+    // A renewed certificate is for the current key (the CSR on record), or for the renewal key
+    // when the agent had asked online before it went offline.
+    let renewed = match &reply.renewed_cert_pem {
+        None => None,
+        Some(cert) => Some(renewed_cert_slot(dd, identity.agent_id, cert)?),
+    };
+    if !reply.trust_ca_pems.is_empty() {
+        credentials::check_trust_bundle(&reply.trust_ca_pems)?;
     }
     let mut encoded = Vec::with_capacity(reply.assignments.len());
     for a in &reply.assignments {
@@ -244,9 +272,25 @@ pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Resu
     if !reply.crl_pem.is_empty() {
         gaffer_certs::write_secret_file(&crl_path(dd), reply.crl_pem.as_bytes())?;
     }
-    if let Some(cert) = &reply.renewed_cert_pem {
-        gaffer_certs::write_secret_file(&dd.cert_path(), cert.as_bytes())?;
-        tracing::info!("installed the renewed certificate");
+    if !reply.trust_ca_pems.is_empty() && credentials::write_trust_bundle(dd, &reply.trust_ca_pems)? {
+        tracing::info!(cas = reply.trust_ca_pems.len(), "installed the reply's trust bundle");
+    }
+    if let (Some(cert), Some(slot)) = (&reply.renewed_cert_pem, renewed) {
+        let pair = match slot {
+            Slot::Current => {
+                let pair = CertPair::new(dd.read(&dd.key_path())?, cert.clone(), identity.agent_id)?;
+                gaffer_certs::write_secret_file(&dd.cert_path(), cert.as_bytes())?;
+                credentials::record_installed(dd, &pair.serial_hex, crate::now_ms())?;
+                pair
+            }
+            // Issued by the control plane for our renewal key: switch to it (no link to try it on).
+            Slot::Next => {
+                credentials::install_next_cert(dd, identity.agent_id, cert, crate::now_ms())?;
+                credentials::promote(dd, identity.agent_id)?
+            }
+        };
+        tracing::info!(serial = %pair.serial_hex, not_after = %crate::rfc3339_ms(pair.not_after_ms),
+            "installed the renewed certificate");
     }
     meta.insert(LAST_IMPORTED_REPLY, &number.to_be_bytes())?;
     db.flush()?;
@@ -258,6 +302,36 @@ pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Resu
         renewed_cert: reply.renewed_cert_pem.is_some(),
         outbox_pending: outbox.len(),
     })
+}
+
+/// Which key a reply's renewed certificate is for.
+///
+/// # Errors
+/// [`AgentError::Protocol`] when it is for neither key of this agent (or names another agent).
+fn renewed_cert_slot(
+    dd: &DataDir,
+    agent_id: gaffer_protocol::messages::AgentId,
+    cert_pem: &str,
+) -> Result<Slot, AgentError> {
+    let key = |path: &Path| std::fs::read_to_string(path).ok();
+    let fits =
+        |key_pem: Option<String>| key_pem.is_some_and(|k| CertPair::new(k, cert_pem.to_owned(), agent_id).is_ok());
+    if fits(key(&dd.key_path())) {
+        return Ok(Slot::Current);
+    }
+    if fits(key(&dd.next_key_path())) {
+        return Ok(Slot::Next);
+    }
+    let named = {
+        use rustls_pki_types::pem::PemObject as _;
+        rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .ok()
+            .and_then(|der| gaffer_certs::agent_id_from_cert_der(&der).ok())
+    };
+    Err(AgentError::Protocol(match named {
+        Some(id) if id != agent_id => format!("renewed certificate names agent {id}, not {agent_id}"),
+        _ => "the renewed certificate is not for this agent's key".to_owned(),
+    }))
 }
 
 fn encode_assignment(a: &Assignment) -> Result<Vec<u8>, AgentError> {

@@ -47,6 +47,21 @@ pub struct StatusReport {
     pub jobs_queued: u32,
     /// Configured slots (0 when stopped).
     pub job_slots: u32,
+    /// Serial of the certificate in use (the newest one on disk), lowercase hex.
+    #[serde(default)]
+    pub cert_serial: Option<String>,
+    /// Its `notAfter`, Unix milliseconds.
+    #[serde(default)]
+    pub cert_not_after_ms: Option<u64>,
+    /// When it is renewed next (half its lifetime, or later after a refusal), Unix milliseconds.
+    #[serde(default)]
+    pub cert_renewal_at_ms: Option<u64>,
+    /// A renewal is under way: a renewal key or a renewed certificate not yet switched to is on disk.
+    #[serde(default)]
+    pub cert_renewal_pending: bool,
+    /// The last renewal problem of the running agent (cleared by a renewal).
+    #[serde(default)]
+    pub cert_renewal_error: Option<String>,
 }
 
 impl StatusReport {
@@ -73,7 +88,32 @@ impl StatusReport {
             jobs_running: runner.map_or(0, Runner::jobs_running),
             jobs_queued: runner.map_or(0, Runner::jobs_queued),
             job_slots: runner.map_or(0, Runner::job_slots),
+            cert_serial: None,
+            cert_not_after_ms: None,
+            cert_renewal_at_ms: None,
+            cert_renewal_pending: false,
+            cert_renewal_error: None,
         })
+    }
+
+    /// Adds the certificate fields from the data directory and, for a running agent, the link's
+    /// renewal state. Unreadable key files leave them empty (status still reports the rest).
+    pub fn with_certificate(
+        mut self,
+        dd: &crate::datadir::DataDir,
+        agent_id: gaffer_protocol::messages::AgentId,
+        renewal: Option<&crate::link::RenewalStatus>,
+    ) -> Self {
+        let Ok(creds) = crate::credentials::Credentials::load(dd, agent_id) else { return self };
+        if let Some(pair) = creds.newest() {
+            let due = creds.renewal_due_at_ms(pair);
+            self.cert_serial = Some(pair.serial_hex.clone());
+            self.cert_not_after_ms = Some(pair.not_after_ms);
+            self.cert_renewal_at_ms = Some(renewal.and_then(|r| r.retry_at_ms).map_or(due, |retry| retry.max(due)));
+        }
+        self.cert_renewal_pending = creds.next_key_present || creds.next.is_some();
+        self.cert_renewal_error = renewal.and_then(|r| r.last_error.clone());
+        self
     }
 }
 
@@ -144,6 +184,12 @@ impl AgentHandles {
         let result = match req {
             ControlRequest::Status => {
                 StatusReport::collect(&self.agent_id, &self.site, self.link_name(), &self.outbox, Some(&self.runner))
+                    .map(|r| match self.agent_id.parse() {
+                        Ok(id) => {
+                            r.with_certificate(&self.data_dir, id, self.link.as_ref().map(|l| l.renewal()).as_ref())
+                        }
+                        Err(_) => r,
+                    })
                     .map(ControlResponse::Status)
             }
             ControlRequest::BundleExport { out } => {

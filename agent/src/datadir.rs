@@ -5,7 +5,10 @@
 //!   agent.json       identity and where the control plane is (written by `enroll`)
 //!   agent.key        the agent's private key, generated here, 0600; never leaves the box
 //!   agent.pem        the agent's certificate (URI SAN urn:gaffer:agent:<id>), signed by the fleet CA
-//!   ca.pem           the fleet CA, the only root the agent trusts
+//!   agent.next.key   during a renewal: the new key, 0600, written before its CSR is sent
+//!   agent.next.pem   during a renewal: the new key's certificate, until a connection with it is welcomed
+//!   cert-installed.json  serial and arrival time of the newest certificate (renewal timing)
+//!   ca.pem           the trust bundle: the fleet CA, or the old and new CA during a CA rotation
 //!   state/           sled database: the outbox, the job queue and the watch-folder ledger (see outbox, runner)
 //!   agent.sock       control socket, 0600, while `run` runs (see control_socket)
 //! ```
@@ -64,7 +67,19 @@ impl DataDir {
     pub fn cert_path(&self) -> PathBuf {
         self.root.join("agent.pem")
     }
-    /// Fleet CA.
+    /// The renewal key (0600), made on the box before its CSR is sent (see [`crate::credentials`]).
+    pub fn next_key_path(&self) -> PathBuf {
+        self.root.join("agent.next.key")
+    }
+    /// The renewal key's certificate, kept apart until a connection with it has been welcomed.
+    pub fn next_cert_path(&self) -> PathBuf {
+        self.root.join("agent.next.pem")
+    }
+    /// When the newest certificate arrived (JSON: serial and Unix milliseconds).
+    pub fn cert_installed_path(&self) -> PathBuf {
+        self.root.join("cert-installed.json")
+    }
+    /// The trust bundle: one to four fleet CA certificates, PEM, concatenated.
     pub fn ca_path(&self) -> PathBuf {
         self.root.join("ca.pem")
     }
@@ -108,12 +123,39 @@ impl DataDir {
     /// Creates the directory with mode 0700.
     ///
     /// # Errors
-    /// [`AgentError::AlreadyEnrolled`] if `agent.json` exists, [`AgentError::Io`].
+    /// [`AgentError::AlreadyEnrolled`] if `agent.json` exists (its advice names `--renew` when the
+    /// certificate has expired), [`AgentError::Io`].
     pub fn create(&self) -> Result<(), AgentError> {
         if self.identity_path().exists() {
-            return Err(AgentError::AlreadyEnrolled { data_dir: self.root.display().to_string() });
+            let data_dir = self.root.display().to_string();
+            let expired_at = std::fs::read(self.cert_path())
+                .ok()
+                .and_then(|pem| gaffer_certs::cert_not_after_unix(&pem).ok())
+                .filter(|not_after| *not_after <= (crate::now_ms() / 1000) as i64);
+            let advice = match expired_at {
+                Some(not_after) => format!(
+                    "its certificate expired at {}: re-enroll it keeping its agent id, \
+                     job queue and outbox with `gaffer-agent enroll --data-dir {data_dir} --renew --token TOKEN \
+                     --ca-fingerprint FINGERPRINT` (a fresh token from `gaffer-control token create`)",
+                    crate::rfc3339_ms(u64::try_from(not_after).unwrap_or(0) * 1000)
+                ),
+                None => "use a new --data-dir to enroll another agent, or `gaffer-agent enroll --renew` with a \
+                         fresh token to give this one a new certificate"
+                    .to_owned(),
+            };
+            return Err(AgentError::AlreadyEnrolled { data_dir, advice });
         }
         Ok(gaffer_certs::create_private_dir(&self.root)?)
+    }
+
+    /// Writes `agent.json` atomically (temporary file, fsync, rename).
+    ///
+    /// # Errors
+    /// [`AgentError::Cert`] (I/O) when it cannot be written.
+    pub fn store_identity(&self, identity: &AgentIdentity) -> Result<(), AgentError> {
+        let json = serde_json::to_vec_pretty(identity).map_err(|e| AgentError::Config(e.to_string()))?;
+        gaffer_certs::write_secret_file(&self.identity_path(), &json)?;
+        Ok(())
     }
 }
 

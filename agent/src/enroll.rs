@@ -6,6 +6,9 @@
 //!    impostor).
 //! 3. Send token + CSR; receive the signed certificate; check it is for our key and id; store it
 //!    with the CA taken from the verified TLS chain.
+//!
+//! [`renew`] (`gaffer-agent enroll --renew`) does the same for an agent that is already enrolled,
+//! keeping its agent id and state, and switching keys the crash-safe way of [`crate::credentials`].
 
 use std::time::Duration;
 
@@ -14,6 +17,7 @@ use gaffer_protocol::codec::{encode_frame, FrameDecoder};
 use gaffer_protocol::enroll::{EnrollRequest, EnrollResponse, ENROLL_FRAME_BYTES_MAX};
 use gaffer_protocol::version::VersionRange;
 
+use crate::credentials::{self, CertPair};
 use crate::datadir::{AgentIdentity, DataDir};
 use crate::link::{client_endpoint, resolve, server_name_of};
 use crate::AgentError;
@@ -49,35 +53,194 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
     let bundle_key = gaffer_certs::BundleKey::generate();
     gaffer_certs::write_secret_file(&crate::bundle::bundle_key_path(data_dir), bundle_key.secret_string().as_bytes())?;
 
-    let addr = resolve(&params.control_addr).await?;
-    let server_name = server_name_of(&params.control_addr)?;
-    let tls = gaffer_certs::client_config_enroll(params.ca_fingerprint)?;
+    let req = EnrollRequest {
+        versions: VersionRange::ours(),
+        token: params.token.trim().to_owned(),
+        agent_id,
+        csr_pem,
+        hostname: crate::hostname(),
+        site: params.site.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        bundle_recipient: Some(bundle_key.recipient()),
+        renew: false,
+    };
+    let (resp, ca_pem) = exchange(&params.control_addr, params.ca_fingerprint, &req).await?;
+    let (site, cert_pem, cp_recipient) = match check_response(resp, agent_id) {
+        Ok(granted) => granted,
+        Err(e) => {
+            // Nothing usable was written but the keys: remove them so the directory can be reused.
+            let _ = std::fs::remove_file(data_dir.key_path());
+            let _ = std::fs::remove_file(crate::bundle::bundle_key_path(data_dir));
+            return Err(e);
+        }
+    };
+    // For our key and our id, or nothing is stored.
+    let pair = CertPair::new(key.key_pem(), cert_pem.clone(), agent_id)?;
+    gaffer_certs::write_secret_file(&data_dir.cert_path(), cert_pem.as_bytes())?;
+    gaffer_certs::write_secret_file(&data_dir.ca_path(), ca_pem.as_bytes())?;
+    credentials::record_installed(data_dir, &pair.serial_hex, crate::now_ms())?;
+    let identity = AgentIdentity {
+        agent_id,
+        site,
+        control_addr: params.control_addr.clone(),
+        ca_fingerprint: params.ca_fingerprint.to_string(),
+        enrolled_at_ms: crate::now_ms(),
+        bundle_recipient: cp_recipient,
+    };
+    // agent.json last: it is what makes the directory "enrolled".
+    data_dir.store_identity(&identity)?;
+    tracing::info!(%agent_id, serial = %pair.serial_hex, not_after = %crate::rfc3339_ms(pair.not_after_ms), "enrolled");
+    Ok(identity)
+}
+
+/// What `gaffer-agent enroll --renew` needs.
+#[derive(Debug, Clone)]
+pub struct RenewParams {
+    /// `HOST:PORT` of the control plane; None: the one in `agent.json`.
+    pub control_addr: Option<String>,
+    /// A fresh one-time token for the agent's site (secret).
+    pub token: String,
+    /// Fingerprint printed with the token; checked before the token is sent.
+    pub ca_fingerprint: CaFingerprint,
+}
+
+/// Re-enrolls an agent that is already enrolled in `data_dir` (typically one whose certificate
+/// expired while it was offline) with a fresh token, **keeping its identity**: the agent id, site,
+/// bundle key and the `state/` database (outbox, job queue, watch ledger) are untouched. A new key
+/// is made on the box (`agent.next.key`, 0600, before the request is sent; reused if an earlier
+/// attempt's answer was lost) and the control plane is asked, with [`EnrollRequest::renew`], for a
+/// certificate for it under the same agent id. The new pair then replaces the old one the same
+/// crash-safe way an online renewal does ([`credentials::promote`]); a running agent picks it up at
+/// its next connection attempt. `ca.pem` is kept when it already trusts the control plane's CA
+/// (during a CA rotation it holds two), else replaced by it; `agent.json` records the fingerprint
+/// and, when given, the new control address.
+///
+/// # Errors
+/// [`AgentError::NotEnrolled`]; [`AgentError::Config`] when no control address is known or an
+/// offline enrollment is pending; [`AgentError::Unreachable`] as [`enroll`];
+/// [`AgentError::Refused`] when the control plane refuses (unknown or revoked agent, token used,
+/// expired or for another site); [`AgentError::Protocol`] for a grant for another agent or site.
+pub async fn renew(data_dir: &DataDir, params: &RenewParams) -> Result<AgentIdentity, AgentError> {
+    let mut identity = data_dir.load_identity()?;
+    if pending_offline_path(data_dir).exists() {
+        return Err(AgentError::Config(format!(
+            "{} has a pending offline enrollment; install its reply with --offline-reply instead",
+            data_dir.root().display()
+        )));
+    }
+    let control_addr = match &params.control_addr {
+        Some(a) => a.clone(),
+        None if !identity.control_addr.is_empty() => identity.control_addr.clone(),
+        None => {
+            return Err(AgentError::Config(
+                "this agent enrolled offline and knows no control plane address: pass --control HOST:PORT".into(),
+            ))
+        }
+    };
+    let agent_id = identity.agent_id;
+    let recovered = {
+        let dd = data_dir.clone();
+        tokio::task::spawn_blocking(move || credentials::recover(&dd, agent_id))
+            .await
+            .map_err(|e| AgentError::Config(format!("recovering the key files: {e}")))??
+    };
+    if recovered {
+        tracing::info!("finished switching to the renewed certificate an earlier run had begun");
+    }
+    let key = credentials::next_key(data_dir)?;
+    let bundle_recipient = match crate::bundle::load_bundle_key(data_dir) {
+        Ok(k) => Some(k.recipient()),
+        Err(e) => {
+            tracing::warn!(error = %e, "no usable bundle key; re-enrolling without one (offline sync stays unavailable)");
+            None
+        }
+    };
+    let req = EnrollRequest {
+        versions: VersionRange::ours(),
+        token: params.token.trim().to_owned(),
+        agent_id,
+        csr_pem: key.csr_pem(agent_id)?,
+        hostname: crate::hostname(),
+        site: Some(identity.site.clone()),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        bundle_recipient,
+        renew: true,
+    };
+    let (resp, ca_pem) = exchange(&control_addr, params.ca_fingerprint, &req).await?;
+    // A refusal keeps agent.next.key: the next attempt asks for the same key again.
+    let (site, cert_pem, cp_recipient) = check_response(resp, agent_id)?;
+    if site != identity.site {
+        return Err(AgentError::Protocol(format!(
+            "the control plane re-enrolled this agent into site {site:?}, but it belongs to {:?}; nothing was changed",
+            identity.site
+        )));
+    }
+    let pair = credentials::install_next_cert(data_dir, agent_id, &cert_pem, crate::now_ms())?;
+    let trusted = credentials::trust_bundle(data_dir).unwrap_or_default();
+    let enrolled_ca = gaffer_certs::trust_bundle_from_pem(&ca_pem)?;
+    let already_trusted =
+        trusted.iter().filter_map(|pem| gaffer_certs::trust_bundle_from_pem(pem).ok()).any(|ders| ders == enrolled_ca);
+    if !already_trusted {
+        credentials::write_trust_bundle(data_dir, &[ca_pem])?;
+    }
+    credentials::promote(data_dir, agent_id)?;
+    identity.control_addr = control_addr;
+    identity.ca_fingerprint = params.ca_fingerprint.to_string();
+    if cp_recipient.is_some() {
+        identity.bundle_recipient = cp_recipient;
+    }
+    data_dir.store_identity(&identity)?;
+    tracing::info!(%agent_id, serial = %pair.serial_hex, not_after = %crate::rfc3339_ms(pair.not_after_ms),
+        "re-enrolled with a new key and certificate; agent id, job queue and outbox kept");
+    Ok(identity)
+}
+
+/// The grant of an enrollment answer for `agent_id`: (site, certificate PEM, control-plane bundle
+/// recipient).
+fn check_response(resp: EnrollResponse, agent_id: uuid::Uuid) -> Result<(String, String, Option<String>), AgentError> {
+    match resp {
+        EnrollResponse::Enrolled { agent_id: granted, site, cert_pem, ca_pem: _, bundle_recipient } => {
+            if granted != agent_id {
+                return Err(AgentError::Protocol(format!(
+                    "asked to enroll {agent_id}, got a certificate for {granted}"
+                )));
+            }
+            if let Some(r) = &bundle_recipient {
+                gaffer_certs::check_bundle_recipient(r)?;
+            }
+            Ok((site, cert_pem, bundle_recipient))
+        }
+        EnrollResponse::Refused { reason } => Err(AgentError::Refused(reason)),
+    }
+}
+
+/// One enrollment exchange on ALPN `gaffer-enroll/1`: checks the control plane's CA by
+/// `ca_fingerprint`, sends `req`, returns the answer and the CA certificate (PEM) from the verified
+/// chain.
+async fn exchange(
+    control_addr: &str,
+    ca_fingerprint: CaFingerprint,
+    req: &EnrollRequest,
+) -> Result<(EnrollResponse, String), AgentError> {
+    let addr = resolve(control_addr).await?;
+    let server_name = server_name_of(control_addr)?;
+    let tls = gaffer_certs::client_config_enroll(ca_fingerprint)?;
     let endpoint = client_endpoint(addr, tls)?;
-    let unreachable = |detail: String| AgentError::Unreachable { addr: params.control_addr.clone(), detail };
+    let unreachable = |detail: String| AgentError::Unreachable { addr: control_addr.to_owned(), detail };
 
     let exchange = async {
         let conn = endpoint
             .connect(addr, &server_name)
             .map_err(|e| unreachable(e.to_string()))?
             .await
-            .map_err(|e| unreachable(explain_connection_error(&e, &params.ca_fingerprint)))?;
+            .map_err(|e| unreachable(explain_connection_error(&e, &ca_fingerprint)))?;
         let peer_certs = conn
             .peer_identity()
             .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
             .ok_or_else(|| AgentError::Protocol("control plane presented no certificate".into()))?;
-        let ca_pem = gaffer_certs::enrolled_ca_pem(&peer_certs, params.ca_fingerprint)?;
+        let ca_pem = gaffer_certs::enrolled_ca_pem(&peer_certs, ca_fingerprint)?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-        let req = EnrollRequest {
-            versions: VersionRange::ours(),
-            token: params.token.trim().to_owned(),
-            agent_id,
-            csr_pem,
-            hostname: crate::hostname(),
-            site: params.site.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            bundle_recipient: Some(bundle_key.recipient()),
-        };
-        send.write_all(&encode_frame(&req, ENROLL_FRAME_BYTES_MAX)?).await.map_err(|e| unreachable(e.to_string()))?;
+        send.write_all(&encode_frame(req, ENROLL_FRAME_BYTES_MAX)?).await.map_err(|e| unreachable(e.to_string()))?;
         let _ = send.finish();
         let mut dec = FrameDecoder::new(ENROLL_FRAME_BYTES_MAX);
         let mut buf = vec![0u8; 16 * 1024];
@@ -96,47 +259,11 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
         conn.close(0u32.into(), b"enrolled");
         Ok::<_, AgentError>((resp, ca_pem))
     };
-    let (resp, ca_pem) = tokio::time::timeout(ENROLL_TIMEOUT, exchange)
+    let result = tokio::time::timeout(ENROLL_TIMEOUT, exchange)
         .await
-        .map_err(|_| unreachable(format!("no answer within {}s", ENROLL_TIMEOUT.as_secs())))??;
+        .map_err(|_| unreachable(format!("no answer within {}s", ENROLL_TIMEOUT.as_secs())))?;
     endpoint.wait_idle().await;
-
-    let (site, cert_pem, cp_recipient) = match resp {
-        EnrollResponse::Enrolled { agent_id: granted, site, cert_pem, ca_pem: _, bundle_recipient } => {
-            if granted != agent_id {
-                return Err(AgentError::Protocol(format!(
-                    "asked to enroll {agent_id}, got a certificate for {granted}"
-                )));
-            }
-            if let Some(r) = &bundle_recipient {
-                gaffer_certs::check_bundle_recipient(r)?;
-            }
-            (site, cert_pem, bundle_recipient)
-        }
-        EnrollResponse::Refused { reason } => {
-            // Nothing usable was written but the key: remove it so the directory can be reused.
-            let _ = std::fs::remove_file(data_dir.key_path());
-            let _ = std::fs::remove_file(crate::bundle::bundle_key_path(data_dir));
-            return Err(AgentError::Refused(reason));
-        }
-    };
-    let cert_id = key.check_issued_cert(&cert_pem)?;
-    if cert_id != agent_id {
-        return Err(AgentError::Protocol(format!("certificate names agent {cert_id}, expected {agent_id}")));
-    }
-    std::fs::write(data_dir.cert_path(), &cert_pem).map_err(|e| AgentError::io(&data_dir.cert_path(), e))?;
-    std::fs::write(data_dir.ca_path(), &ca_pem).map_err(|e| AgentError::io(&data_dir.ca_path(), e))?;
-    let identity = AgentIdentity {
-        agent_id,
-        site,
-        control_addr: params.control_addr.clone(),
-        ca_fingerprint: params.ca_fingerprint.to_string(),
-        enrolled_at_ms: crate::now_ms(),
-        bundle_recipient: cp_recipient,
-    };
-    let json = serde_json::to_string_pretty(&identity).map_err(|e| AgentError::Config(e.to_string()))?;
-    std::fs::write(data_dir.identity_path(), json).map_err(|e| AgentError::io(&data_dir.identity_path(), e))?;
-    Ok(identity)
+    result
 }
 
 /// Turns a connection error into advice, recognizing a CA fingerprint mismatch.
@@ -276,8 +403,10 @@ pub fn install_offline_reply(
     if cert_id != pending.agent_id {
         return Err(AgentError::Protocol(format!("certificate names agent {cert_id}, expected {}", pending.agent_id)));
     }
-    std::fs::write(data_dir.cert_path(), &grant.cert_pem).map_err(|e| AgentError::io(&data_dir.cert_path(), e))?;
-    std::fs::write(data_dir.ca_path(), &grant.ca_pem).map_err(|e| AgentError::io(&data_dir.ca_path(), e))?;
+    let pair = CertPair::new(key.key_pem(), grant.cert_pem.clone(), pending.agent_id)?;
+    gaffer_certs::write_secret_file(&data_dir.cert_path(), grant.cert_pem.as_bytes())?;
+    gaffer_certs::write_secret_file(&data_dir.ca_path(), grant.ca_pem.as_bytes())?;
+    credentials::record_installed(data_dir, &pair.serial_hex, crate::now_ms())?;
     let identity = AgentIdentity {
         agent_id: pending.agent_id,
         site: grant.site,
@@ -286,8 +415,7 @@ pub fn install_offline_reply(
         enrolled_at_ms: crate::now_ms(),
         bundle_recipient: Some(grant.bundle_recipient),
     };
-    let json = serde_json::to_string_pretty(&identity).map_err(|e| AgentError::Config(e.to_string()))?;
-    std::fs::write(data_dir.identity_path(), json).map_err(|e| AgentError::io(&data_dir.identity_path(), e))?;
+    data_dir.store_identity(&identity)?;
     std::fs::remove_file(&pending_path).map_err(|e| AgentError::io(&pending_path, e))?;
     Ok(identity)
 }

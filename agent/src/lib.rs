@@ -1,6 +1,8 @@
 //! `gaffer-agent`: the agent that runs on each GPU box.
 //!
-//! * [`enroll`]: one-time enrollment with a token, verifying the control plane by CA fingerprint.
+//! * [`enroll`]: one-time enrollment with a token, verifying the control plane by CA fingerprint;
+//!   re-enrollment (`--renew`) of an agent whose certificate expired, keeping its identity.
+//! * [`credentials`]: the key and certificate on disk, their renewal at half life, the trust bundle.
 //! * [`link`]: the mTLS QUIC link: Hello, heartbeats, assignments, outbox delivery, reconnects.
 //! * [`outbox`]: durable, acknowledged delivery of everything that matters.
 //! * [`runner`]: the durable job queue; runs assigned jobs within the configured slots.
@@ -22,6 +24,7 @@
 pub mod analysis;
 pub mod bundle;
 pub mod control_socket;
+pub mod credentials;
 pub mod datadir;
 pub mod enroll;
 pub mod health;
@@ -46,10 +49,13 @@ pub enum AgentError {
         data_dir: String,
     },
     /// `enroll` was run on a data directory that is already enrolled.
-    #[error("{data_dir} is already enrolled; use a new --data-dir to enroll again")]
+    #[error("{data_dir} is already enrolled; {advice}")]
     AlreadyEnrolled {
         /// The data directory.
         data_dir: String,
+        /// What to do instead (`--renew` when its certificate has expired, a new data dir for
+        /// another agent).
+        advice: String,
     },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
@@ -113,6 +119,12 @@ impl From<gaffer_protocol::CodecError> for AgentError {
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Unix milliseconds as an RFC 3339 UTC time to the second (`2026-12-01T12:53:50Z`), for logs and
+/// messages.
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
 /// This host's name, for display (empty if unknown).

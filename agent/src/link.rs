@@ -17,6 +17,21 @@
 //! lockstep. A new session's window starts at sequence 0, so every unacknowledged outbox entry is
 //! sent again, in order. Local work (running jobs, watch folders) carries on while the link is
 //! down; results wait in the outbox.
+//!
+//! **Certificates** ([`crate::credentials`]). Every connection attempt reads the key, certificate
+//! and trust bundle from disk and builds its TLS config from them, so a renewed certificate, a new
+//! trust bundle or an `enroll --renew` run by the operator is used at the next attempt. Once
+//! welcomed by a protocol-3 control plane, and on every heartbeat tick, the driver checks whether
+//! the certificate is past half its life ([`crate::credentials::renewal_due_at_ms`]); then it makes
+//! `agent.next.key` (or reuses one whose request went unanswered) and sends its CSR. The answer is
+//! stored as `agent.next.pem` (and its CAs as `ca.pem`), the connection is ended gracefully and the
+//! next one, at once and with the new pair, switches files over when it is welcomed. A new pair the
+//! control plane refuses in the handshake is dropped while the old certificate is valid, and
+//! renewal is retried later, as after a `CertificateRefused` (a tenth of the remaining validity, 5 s
+//! to 1 h). `RenewCertificate` renews at once; `TrustBundle` replaces `ca.pem`. Reconnecting for a
+//! new certificate leaves the outbox, the job queue and running jobs alone: the next Hello lists
+//! the held jobs and the outbox is sent again from its start. With an expired certificate the agent
+//! logs the `gaffer-agent enroll --renew` command to run and keeps trying once a minute.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -27,9 +42,12 @@ use gaffer_protocol::health::Health;
 use gaffer_protocol::messages::{AgentId, Assignment, Capabilities, JobId};
 use gaffer_protocol::session::{AgentEvent, AgentSession, AgentSessionConfig, CloseReason, SessionError};
 use rand::Rng as _;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+use crate::credentials::{self, CertPair, Credentials, Slot};
+use crate::datadir::{AgentIdentity, DataDir};
 use crate::health::HealthSampler;
 use crate::outbox::Outbox;
 use crate::runner::Runner;
@@ -46,6 +64,19 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// Outbox entries read from sled per batch (the session's in-flight window bounds how many are
 /// unacknowledged: 256 by default).
 pub const OUTBOX_BATCH_MAX: usize = 64;
+/// Wait between attempts while the certificate has expired or the key files are unusable (the
+/// operator may run `gaffer-agent enroll --renew` meanwhile; the next attempt reads the files again).
+pub const CREDENTIALS_RETRY: Duration = Duration::from_secs(60);
+/// How long a certificate request may stay unanswered on a connection before it is sent again
+/// (with the same key).
+pub const CERT_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// The first protocol version with online renewal; a control plane that agreed an older one never
+/// answers a certificate request, so none is sent.
+pub const RENEWAL_PROTOCOL_VERSION_MIN: u16 = 3;
+/// The application close codes with which the control plane refuses this agent's certificate
+/// (`gaffer_control::link::close_code`): `UNAUTHENTICATED` (1, no usable agent in it), `REVOKED`
+/// (6) and `CERT_EXPIRED` (7).
+pub const CLOSE_CODES_REFUSING_CERT: [u32; 3] = [1, 6, 7];
 
 /// Link state, for status and health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,16 +92,11 @@ pub enum LinkState {
 
 /// Everything the link needs.
 pub struct LinkParams {
-    /// This agent.
-    pub agent_id: AgentId,
-    /// `HOST:PORT` of the control plane.
-    pub control_addr: String,
-    /// Fleet CA PEM.
-    pub ca_pem: String,
-    /// Agent certificate PEM.
-    pub cert_pem: String,
-    /// Agent private key PEM (secret).
-    pub key_pem: String,
+    /// This agent (`agent.json`): its id, site, control plane address and CA fingerprint.
+    pub identity: AgentIdentity,
+    /// The data directory: key, certificate and trust bundle are read from it for every connection
+    /// attempt, renewed ones written to it.
+    pub data_dir: DataDir,
     /// What to advertise in Hello.
     pub capabilities: Capabilities,
 }
@@ -120,26 +146,125 @@ pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig) -> Result<
 
 /// Shared link state, readable by status and health.
 #[derive(Debug, Default)]
-pub struct LinkStatus(AtomicU8);
+pub struct LinkStatus {
+    state: AtomicU8,
+    renewal: Mutex<RenewalStatus>,
+}
+
+/// Where online certificate renewal stands, for `gaffer-agent status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalStatus {
+    /// After a refusal: renewal is not asked for again before this time, Unix milliseconds.
+    pub retry_at_ms: Option<u64>,
+    /// The last renewal problem (a refusal's reason, an unusable answer), cleared by a renewal.
+    pub last_error: Option<String>,
+    /// When this process last switched to a renewed certificate, Unix milliseconds.
+    pub last_renewed_at_ms: Option<u64>,
+}
 
 impl LinkStatus {
     /// Current state.
     pub fn get(&self) -> LinkState {
-        match self.0.load(Ordering::Relaxed) {
+        match self.state.load(Ordering::Relaxed) {
             2 => LinkState::Up,
             1 => LinkState::Connecting,
             _ => LinkState::Down,
         }
     }
     fn set(&self, s: LinkState) {
-        self.0.store(s as u8, Ordering::Relaxed);
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+    /// Where certificate renewal stands.
+    pub fn renewal(&self) -> RenewalStatus {
+        self.renewal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn set_renewal(&self, r: &Renewal) {
+        let mut status = self.renewal.lock().unwrap_or_else(|p| p.into_inner());
+        status.retry_at_ms = (r.retry_at_ms > crate::now_ms()).then_some(r.retry_at_ms);
+        status.last_error = r.last_error.clone();
+        status.last_renewed_at_ms = r.last_renewed_at_ms;
     }
 }
 
-/// Keeps the link up forever (returns only if the configuration is unusable).
+/// Renewal state kept across connections.
+#[derive(Debug, Default)]
+struct Renewal {
+    /// Do not ask before this time (Unix ms; 0: no wait).
+    retry_at_ms: u64,
+    /// The control plane asked for a renewal now (`RenewCertificate`), with its reason.
+    renew_now: Option<String>,
+    /// Serial of a renewed certificate the control plane refused in the handshake: the current
+    /// pair is used instead.
+    refused_next_serial: Option<String>,
+    last_error: Option<String>,
+    last_renewed_at_ms: Option<u64>,
+}
+
+impl Renewal {
+    /// Backs off after a refusal of `pair`'s renewal.
+    fn refused(&mut self, now_ms: u64, not_after_ms: u64, reason: String) {
+        self.retry_at_ms = now_ms + credentials::renewal_retry_after_ms(now_ms, not_after_ms);
+        self.last_error = Some(reason);
+    }
+}
+
+/// The key and certificate a connection attempt uses, and what it needs to decide on renewal.
+struct AttemptCreds {
+    slot: Slot,
+    pair: CertPair,
+    /// When `pair` is due for renewal, Unix ms.
+    due_at_ms: u64,
+    /// The current pair, when `slot` is [`Slot::Next`] (the fallback).
+    current: Option<CertPair>,
+    tls: rustls::ClientConfig,
+}
+
+/// Reads the key files, finishes an interrupted promotion, picks the pair to connect with and
+/// builds its TLS config (blocking file I/O).
+fn attempt_creds(
+    dd: &DataDir,
+    agent_id: AgentId,
+    refused_next_serial: Option<&str>,
+) -> Result<AttemptCreds, AgentError> {
+    if credentials::recover(dd, agent_id)? {
+        tracing::info!("finished switching to the renewed certificate (the agent stopped half way)");
+    }
+    let creds = Credentials::load(dd, agent_id)?;
+    let (slot, pair) = creds.for_connecting(refused_next_serial).ok_or_else(|| {
+        AgentError::Config(format!(
+            "{} holds no key and certificate of this agent that belong together",
+            dd.root().display()
+        ))
+    })?;
+    let ca_pem = dd.read(&dd.ca_path())?;
+    let tls = gaffer_certs::client_config_link(&ca_pem, &pair.cert_pem, &pair.key_pem)?;
+    Ok(AttemptCreds {
+        slot,
+        pair: pair.clone(),
+        due_at_ms: creds.renewal_due_at_ms(pair),
+        current: if slot == Slot::Next { creds.current.clone() } else { None },
+        tls,
+    })
+}
+
+/// What the operator runs to re-enroll this agent keeping its identity.
+pub fn renew_command(identity: &AgentIdentity, dd: &DataDir) -> String {
+    format!(
+        "gaffer-agent enroll --data-dir {} --renew --control {} --ca-fingerprint {} --token TOKEN \
+         (TOKEN from `gaffer-control token create --site {}`)",
+        dd.root().display(),
+        identity.control_addr,
+        identity.ca_fingerprint,
+        identity.site
+    )
+}
+
+/// Keeps the link up forever (returns only if the configuration is unusable). Unusable key files
+/// or an expired certificate do not end it: it logs what to do and tries again every
+/// [`CREDENTIALS_RETRY`], reading the files afresh each time.
 ///
 /// # Errors
-/// [`AgentError::Config`]/[`AgentError::Cert`] when the certificates cannot be used at all.
+/// [`AgentError::Config`] when the control address is not `HOST:PORT`.
 pub async fn run_link(
     params: LinkParams,
     outbox: Outbox,
@@ -147,65 +272,182 @@ pub async fn run_link(
     health: Arc<Mutex<HealthSampler>>,
     status: Arc<LinkStatus>,
 ) -> Result<(), AgentError> {
-    let tls = gaffer_certs::client_config_link(&params.ca_pem, &params.cert_pem, &params.key_pem)?;
-    let server_name = server_name_of(&params.control_addr)?;
+    let agent_id = params.identity.agent_id;
+    let control_addr = params.identity.control_addr.clone();
+    let server_name = server_name_of(&control_addr)?;
+    let mut renewal = Renewal::default();
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
         status.set(LinkState::Connecting);
         let started = Instant::now();
+        let now_ms = crate::now_ms();
+        let creds = {
+            let (dd, refused) = (params.data_dir.clone(), renewal.refused_next_serial.clone());
+            tokio::task::spawn_blocking(move || attempt_creds(&dd, agent_id, refused.as_deref()))
+                .await
+                .unwrap_or_else(|e| Err(AgentError::Config(format!("reading the key files: {e}"))))
+        };
+        let creds = match creds {
+            Ok(c) => c,
+            Err(e) => {
+                status.set(LinkState::Down);
+                tracing::error!(error = %e, next_step = %renew_command(&params.identity, &params.data_dir),
+                    "cannot connect: no usable key and certificate; retrying in a minute");
+                tokio::time::sleep(CREDENTIALS_RETRY).await;
+                continue;
+            }
+        };
+        let expired = creds.pair.expired_at(now_ms);
+        if expired {
+            tracing::error!(serial = %creds.pair.serial_hex, not_after = %crate::rfc3339_ms(creds.pair.not_after_ms),
+                next_step = %renew_command(&params.identity, &params.data_dir),
+                "this agent's certificate has expired, so the control plane will refuse it; re-enroll keeping the \
+                 agent id, job queue and outbox with the command in next_step (local work goes on meanwhile)");
+        }
+        let (slot, serial) = (creds.slot, creds.pair.serial_hex.clone());
+        let current = creds.current.clone();
+        let span = tracing::info_span!("link", agent_id = %agent_id, cert_serial = %serial);
         let attempt = async {
-            let addr = resolve(&params.control_addr).await?;
-            let endpoint = client_endpoint(addr, tls.clone())?;
-            let result = session(&params, &endpoint, addr, &server_name, &outbox, &runner, &health, &status).await;
+            let addr = resolve(&control_addr).await?;
+            let endpoint = client_endpoint(addr, creds.tls.clone())?;
+            let ctx = SessionCtx {
+                params: &params,
+                endpoint: &endpoint,
+                addr,
+                server_name: &server_name,
+                outbox: &outbox,
+                runner: &runner,
+                health: &health,
+                status: &status,
+            };
+            let result = session(ctx, creds, &mut renewal).await;
             endpoint.close(0u32.into(), b"agent reconnecting");
             result
         };
-        let result = attempt.instrument(tracing::info_span!("link", agent_id = %params.agent_id)).await;
+        let (welcomed, result) = match attempt.instrument(span).await {
+            Ok(outcome) => (outcome.welcomed, outcome.result),
+            Err(e) => (false, Err(e)),
+        };
         status.set(LinkState::Down);
+        let mut delay_min = if expired { CREDENTIALS_RETRY } else { Duration::ZERO };
         match result {
-            Ok(()) => tracing::info!("link closed by the control plane"),
+            Ok(SessionEnd::SwitchCertificate) => {
+                tracing::info!("reconnecting at once with the renewed certificate");
+                backoff = RECONNECT_BACKOFF_MIN;
+                continue;
+            }
+            Ok(SessionEnd::PeerFinished) => tracing::info!("link closed by the control plane"),
+            Err(AgentError::Refused(reason)) if slot == Slot::Next && !welcomed => {
+                match current.filter(|c| !c.expired_at(now_ms)) {
+                    Some(current) => {
+                        tracing::error!(%reason, refused_serial = %serial, fallback_serial = %current.serial_hex,
+                            "the control plane refused the renewed certificate; back to the previous one, renewal \
+                             retried later");
+                        let dd = params.data_dir.clone();
+                        match tokio::task::spawn_blocking(move || credentials::discard_next_cert(&dd)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::warn!(error = %e, "could not remove the refused certificate"),
+                            Err(e) => tracing::warn!(error = %e, "could not remove the refused certificate"),
+                        }
+                        renewal.refused_next_serial = Some(serial.clone());
+                        renewal.refused(now_ms, current.not_after_ms, format!("renewed certificate refused: {reason}"));
+                        status.set_renewal(&renewal);
+                        // The previous pair is tried at once.
+                        continue;
+                    }
+                    None => tracing::error!(%reason, next_step = %renew_command(&params.identity, &params.data_dir),
+                        "the control plane refused the renewed certificate and the previous one has expired"),
+                }
+            }
             Err(AgentError::Refused(reason)) => tracing::error!(%reason, "control plane refused this agent"),
             Err(e) => tracing::warn!(error = %e, "link down"),
         }
-        if started.elapsed() > RECONNECT_BACKOFF_MAX {
+        if welcomed || started.elapsed() > RECONNECT_BACKOFF_MAX {
             backoff = RECONNECT_BACKOFF_MIN;
         }
-        let delay = rand::thread_rng().gen_range(Duration::ZERO..=backoff);
+        if !welcomed && slot == Slot::Next {
+            // The renewed pair could not be tried (network): it stays, and is tried again.
+            delay_min = delay_min.max(RECONNECT_BACKOFF_MIN);
+        }
+        let delay = rand::thread_rng().gen_range(Duration::ZERO..=backoff).max(delay_min);
         tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::time::sleep(delay).await;
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    params: &LinkParams,
-    endpoint: &quinn::Endpoint,
+/// How a connection ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// The control plane finished the stream.
+    PeerFinished,
+    /// A renewed certificate arrived: reconnect at once with it.
+    SwitchCertificate,
+}
+
+/// What one connection attempt came to.
+struct SessionOutcome {
+    /// Whether the control plane welcomed this connection.
+    welcomed: bool,
+    result: Result<SessionEnd, AgentError>,
+}
+
+/// What a connection borrows from the link loop.
+struct SessionCtx<'a> {
+    params: &'a LinkParams,
+    endpoint: &'a quinn::Endpoint,
     addr: SocketAddr,
-    server_name: &str,
-    outbox: &Outbox,
-    runner: &Arc<Runner>,
-    health: &Arc<Mutex<HealthSampler>>,
-    status: &LinkStatus,
-) -> Result<(), AgentError> {
-    let unreachable = |detail: String| AgentError::Unreachable { addr: params.control_addr.clone(), detail };
+    server_name: &'a str,
+    outbox: &'a Outbox,
+    runner: &'a Arc<Runner>,
+    health: &'a Arc<Mutex<HealthSampler>>,
+    status: &'a LinkStatus,
+}
+
+/// An error from the connection: a handshake or close by the control plane that refuses this
+/// agent's certificate becomes [`AgentError::Refused`], anything else [`AgentError::Unreachable`].
+fn connection_error(control_addr: &str, e: &quinn::ConnectionError) -> AgentError {
+    match e {
+        // CONNECTION_CLOSE with a TLS alert (crypto error range 0x100-0x1ff): the peer's TLS
+        // refused the handshake, i.e. our certificate.
+        quinn::ConnectionError::ConnectionClosed(c) if (0x100..0x200).contains(&u64::from(c.error_code)) => {
+            AgentError::Refused(format!(
+                "the control plane refused this agent's certificate in the TLS handshake ({c})"
+            ))
+        }
+        quinn::ConnectionError::ApplicationClosed(c)
+            if CLOSE_CODES_REFUSING_CERT.iter().any(|code| u64::from(*code) == u64::from(c.error_code)) =>
+        {
+            AgentError::Refused(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        other => AgentError::Unreachable { addr: control_addr.to_owned(), detail: other.to_string() },
+    }
+}
+
+async fn session(
+    ctx: SessionCtx<'_>,
+    creds: AttemptCreds,
+    renewal: &mut Renewal,
+) -> Result<SessionOutcome, AgentError> {
+    let control_addr = ctx.params.identity.control_addr.as_str();
+    let unreachable = |detail: String| AgentError::Unreachable { addr: control_addr.to_owned(), detail };
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        endpoint
-            .connect(addr, server_name)
+        ctx.endpoint
+            .connect(ctx.addr, ctx.server_name)
             .map_err(|e| unreachable(e.to_string()))?
             .await
-            .map_err(|e| unreachable(e.to_string()))
+            .map_err(|e| connection_error(control_addr, &e))
     })
     .await
     .map_err(|_| unreachable("connection timed out".into()))??;
-    let (send, recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| connection_error(control_addr, &e))?;
 
     let cfg = AgentSessionConfig {
-        agent_id: params.agent_id,
+        agent_id: ctx.params.identity.agent_id,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         hostname: crate::hostname(),
-        capabilities: params.capabilities.clone(),
-        running_jobs: runner.running_jobs(),
+        capabilities: ctx.params.capabilities.clone(),
+        running_jobs: ctx.runner.running_jobs(),
         ..AgentSessionConfig::default()
     };
     let session = AgentSession::new(cfg, Instant::now());
@@ -217,31 +459,46 @@ async fn session(
     // applies them in arrival order, so an Assign always lands before its Cancel.
     let (jobs, jobs_rx) = mpsc::channel::<JobCommand>(JOB_COMMANDS_MAX);
     let job_thread = {
-        let runner = runner.clone();
+        let runner = ctx.runner.clone();
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(|| apply_job_commands(&runner, jobs_rx)))
     };
 
     let mut pump = Pump {
         session,
+        conn: conn.clone(),
         recv,
         chunks,
         writer,
         jobs,
-        outbox,
-        health,
-        runner,
-        status,
-        control_addr: &params.control_addr,
+        outbox: ctx.outbox,
+        health: ctx.health,
+        runner: ctx.runner,
+        status: ctx.status,
+        control_addr,
+        data_dir: &ctx.params.data_dir,
+        agent_id: ctx.params.identity.agent_id,
+        cert: creds,
+        renewal,
+        welcomed: false,
+        protocol_version: 0,
+        request_sent_at: None,
     };
     let result = pump.run().await;
+    let welcomed = pump.welcomed;
     pump.writer.abort();
     // Every Assign this connection received is applied before the next Hello lists held jobs.
     drop(pump.jobs);
     if let Err(e) = job_thread.await {
         tracing::error!(error = %e, "applying assignments failed");
     }
-    result
+    if matches!(result, Ok(SessionEnd::SwitchCertificate)) {
+        // Our stream is finished: give the control plane a moment to read its end and close, so
+        // our last frames are not cut off (bounded; unacknowledged messages are sent again anyway).
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, conn.closed()).await;
+        conn.close(0u32.into(), b"switching to a renewed certificate");
+    }
+    Ok(SessionOutcome { welcomed, result })
 }
 
 /// Byte chunks queued for the writer task at most (each up to `TRANSMIT_CHUNK_BYTES`, or one
@@ -294,6 +551,7 @@ async fn sampled(job: &mut Option<tokio::task::JoinHandle<Health>>) -> Result<He
 /// acts on the session's events.
 struct Pump<'a> {
     session: AgentSession,
+    conn: quinn::Connection,
     recv: quinn::RecvStream,
     chunks: mpsc::Sender<Vec<u8>>,
     writer: tokio::task::JoinHandle<Result<(), String>>,
@@ -303,14 +561,29 @@ struct Pump<'a> {
     runner: &'a Arc<Runner>,
     status: &'a LinkStatus,
     control_addr: &'a str,
+    data_dir: &'a DataDir,
+    agent_id: AgentId,
+    /// The pair this connection uses.
+    cert: AttemptCreds,
+    renewal: &'a mut Renewal,
+    welcomed: bool,
+    /// Agreed in the Welcome (0 before).
+    protocol_version: u16,
+    /// When this connection sent a certificate request that is not answered yet.
+    request_sent_at: Option<Instant>,
 }
 
 impl Pump<'_> {
+    /// A failed read or write: the connection's close reason when it has one (a refusal of our
+    /// certificate shows up here, after the handshake), else `detail`.
     fn unreachable(&self, detail: String) -> AgentError {
-        AgentError::Unreachable { addr: self.control_addr.to_owned(), detail }
+        match self.conn.close_reason() {
+            Some(e) => connection_error(self.control_addr, &e),
+            None => AgentError::Unreachable { addr: self.control_addr.to_owned(), detail },
+        }
     }
 
-    async fn run(&mut self) -> Result<(), AgentError> {
+    async fn run(&mut self) -> Result<SessionEnd, AgentError> {
         let mut buf = vec![0u8; READ_BUF_BYTES];
         // A chunk the writer queue had no room for; sent before anything else.
         let mut held_chunk: Option<Vec<u8>> = None;
@@ -325,7 +598,13 @@ impl Pump<'_> {
                     AgentEvent::Welcomed { protocol_version, server_version, heartbeat_interval_secs } => {
                         tracing::info!(protocol_version, %server_version, heartbeat_interval_secs, "link up");
                         self.status.set(LinkState::Up);
+                        self.welcomed = true;
+                        self.protocol_version = protocol_version;
                         outbox_dirty = true;
+                        if self.cert.slot == Slot::Next {
+                            self.promote().await;
+                        }
+                        self.maybe_renew("half its lifetime has passed").await;
                     }
                     AgentEvent::Assign(a) => self.job(JobCommand::Assign(a)).await?,
                     AgentEvent::Cancel { job_id, reason } => self.job(JobCommand::Cancel { job_id, reason }).await?,
@@ -345,13 +624,30 @@ impl Pump<'_> {
                         if sampling.is_none() {
                             sampling = Some(self.sample_health());
                         }
+                        self.maybe_renew("half its lifetime has passed").await;
                     }
                     AgentEvent::Closed { reason } => return self.close(held_chunk.take(), reason).await,
-                    AgentEvent::Certificate { .. }
-                    | AgentEvent::CertificateRefused { .. }
-                    | AgentEvent::TrustBundle { .. }
-                    | AgentEvent::RenewCertificate { .. } => {
-                        tracing::debug!("certificate lifecycle message (online renewal lands with issue 8)");
+                    AgentEvent::Certificate { cert_pem, ca_pems } => {
+                        if self.install_certificate(cert_pem, ca_pems).await {
+                            self.flush(held_chunk.take()).await;
+                            return Ok(SessionEnd::SwitchCertificate);
+                        }
+                    }
+                    AgentEvent::CertificateRefused { reason } => {
+                        self.request_sent_at = None;
+                        let now_ms = crate::now_ms();
+                        self.renewal.refused(now_ms, self.cert.pair.not_after_ms, format!("CSR refused: {reason}"));
+                        self.status.set_renewal(self.renewal);
+                        tracing::warn!(%reason, retry_at = %crate::rfc3339_ms(self.renewal.retry_at_ms),
+                            "the control plane refused to renew the certificate; asking again later");
+                    }
+                    AgentEvent::TrustBundle { ca_pems } => self.install_trust_bundle(ca_pems).await,
+                    AgentEvent::RenewCertificate { reason } => {
+                        tracing::info!(%reason, "the control plane asks for a certificate renewal now");
+                        self.renewal.renew_now = Some(reason);
+                        self.renewal.retry_at_ms = 0;
+                        self.request_sent_at = None;
+                        self.maybe_renew("the control plane asked for it").await;
                     }
                 }
             }
@@ -478,9 +774,9 @@ impl Pump<'_> {
         self.unreachable(detail)
     }
 
-    /// Writes what the session still has queued, finishes the stream (bounded by
-    /// [`CLOSE_FLUSH_TIMEOUT`]), and maps the reason to the link's result.
-    async fn close(&mut self, held_chunk: Option<Vec<u8>>, reason: CloseReason) -> Result<(), AgentError> {
+    /// Writes what the session still has queued and finishes the stream, bounded by
+    /// [`CLOSE_FLUSH_TIMEOUT`].
+    async fn flush(&mut self, held_chunk: Option<Vec<u8>>) {
         let mut rest: Vec<Vec<u8>> = held_chunk.into_iter().collect();
         rest.extend(std::iter::from_fn(|| self.session.poll_transmit()));
         // Taking the sender out lets the writer see the end of its queue and finish the stream.
@@ -498,13 +794,141 @@ impl Pump<'_> {
         if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await.is_err() {
             tracing::debug!("closing: the last frames were not written in time");
         }
+    }
+
+    /// Flushes ([`Pump::flush`]) and maps the close reason to the link's result.
+    async fn close(&mut self, held_chunk: Option<Vec<u8>>, reason: CloseReason) -> Result<SessionEnd, AgentError> {
+        self.flush(held_chunk).await;
         match reason {
-            CloseReason::PeerFinished => Ok(()),
+            CloseReason::PeerFinished => Ok(SessionEnd::PeerFinished),
             CloseReason::Refused(reason) => Err(AgentError::Refused(reason)),
             CloseReason::HeartbeatTimeout | CloseReason::WelcomeTimeout | CloseReason::RetryLater(_) => {
                 Err(self.unreachable(reason.to_string()))
             }
             other => Err(AgentError::Protocol(other.to_string())),
+        }
+    }
+
+    /// After the Welcome of a connection made with the renewed pair: makes it the current one.
+    async fn promote(&mut self) {
+        let (dd, agent_id) = (self.data_dir.clone(), self.agent_id);
+        let promoted = tokio::task::spawn_blocking(move || {
+            let pair = credentials::promote(&dd, agent_id)?;
+            let creds = Credentials::load(&dd, agent_id)?;
+            let due_at_ms = creds.renewal_due_at_ms(&pair);
+            Ok::<_, AgentError>((pair, due_at_ms))
+        })
+        .await
+        .unwrap_or_else(|e| Err(AgentError::Config(format!("switching key files: {e}"))));
+        match promoted {
+            Ok((pair, due_at_ms)) => {
+                tracing::info!(serial = %pair.serial_hex, not_after = %crate::rfc3339_ms(pair.not_after_ms),
+                    renewal_at = %crate::rfc3339_ms(due_at_ms), "switched to the renewed certificate");
+                self.cert.slot = Slot::Current;
+                self.cert.pair = pair;
+                self.cert.due_at_ms = due_at_ms;
+                self.cert.current = None;
+                self.renewal.renew_now = None;
+                self.renewal.refused_next_serial = None;
+                self.renewal.last_error = None;
+                self.renewal.last_renewed_at_ms = Some(crate::now_ms());
+                self.status.set_renewal(self.renewal);
+            }
+            // The files still hold a working pair (the renewed one is tried again next time).
+            Err(e) => tracing::error!(error = %e, "could not switch the key files to the renewed certificate"),
+        }
+    }
+
+    /// Asks for a renewed certificate when one is due (past half life, or asked for), the control
+    /// plane speaks protocol 3, the link is up, this connection uses the current pair, no request
+    /// is waiting for its answer and no refusal's back-off is running.
+    async fn maybe_renew(&mut self, why: &str) {
+        if self.protocol_version < RENEWAL_PROTOCOL_VERSION_MIN
+            || !self.session.is_up()
+            || self.cert.slot != Slot::Current
+        {
+            return;
+        }
+        if self.request_sent_at.is_some_and(|t| t.elapsed() < CERT_ANSWER_TIMEOUT) {
+            return;
+        }
+        let now_ms = crate::now_ms();
+        let asked = self.renewal.renew_now.is_some();
+        if !(asked || now_ms >= self.cert.due_at_ms) || now_ms < self.renewal.retry_at_ms {
+            return;
+        }
+        let (dd, agent_id) = (self.data_dir.clone(), self.agent_id);
+        // The key is on disk (0600) before its CSR leaves.
+        let csr = tokio::task::spawn_blocking(move || {
+            credentials::next_key(&dd)?.csr_pem(agent_id).map_err(AgentError::from)
+        })
+        .await
+        .unwrap_or_else(|e| Err(AgentError::Config(format!("making the renewal key: {e}"))));
+        let sent = csr.and_then(|csr| {
+            self.session.send_certificate_request(csr).map_err(|e| AgentError::Protocol(e.to_string()))
+        });
+        match sent {
+            Ok(()) => {
+                self.request_sent_at = Some(Instant::now());
+                let reason = self.renewal.renew_now.as_deref().unwrap_or(why);
+                tracing::info!(serial = %self.cert.pair.serial_hex, not_after = %crate::rfc3339_ms(self.cert.pair.not_after_ms),
+                    %reason, "asking the control plane for a renewed certificate (new key made on this box)");
+            }
+            Err(e) => {
+                self.renewal.refused(now_ms, self.cert.pair.not_after_ms, format!("renewal request failed: {e}"));
+                self.status.set_renewal(self.renewal);
+                tracing::error!(error = %e, retry_at = %crate::rfc3339_ms(self.renewal.retry_at_ms),
+                    "could not ask for a renewed certificate");
+            }
+        }
+    }
+
+    /// Stores a certificate the control plane issued (for `agent.next.key`) and its trust bundle.
+    /// Returns whether the connection should now end so the next one uses it.
+    async fn install_certificate(&mut self, cert_pem: String, ca_pems: Vec<String>) -> bool {
+        self.request_sent_at = None;
+        let (dd, agent_id) = (self.data_dir.clone(), self.agent_id);
+        let now_ms = crate::now_ms();
+        let installed = tokio::task::spawn_blocking(move || {
+            let pair = credentials::install_next_cert(&dd, agent_id, &cert_pem, now_ms)?;
+            // The CAs to trust from now on; a bad set keeps ca.pem (the control plane's CA is in it).
+            let trust = credentials::write_trust_bundle(&dd, &ca_pems);
+            Ok::<_, AgentError>((pair, trust))
+        })
+        .await
+        .unwrap_or_else(|e| Err(AgentError::Config(format!("storing the certificate: {e}"))));
+        match installed {
+            Ok((pair, trust)) => {
+                match trust {
+                    Ok(true) => tracing::info!("trust bundle updated with the renewed certificate"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the renewed certificate came with an unusable trust bundle; keeping ca.pem")
+                    }
+                }
+                tracing::info!(serial = %pair.serial_hex, not_after = %crate::rfc3339_ms(pair.not_after_ms),
+                    "renewed certificate received; reconnecting with it");
+                true
+            }
+            Err(e) => {
+                self.renewal.refused(now_ms, self.cert.pair.not_after_ms, format!("unusable certificate: {e}"));
+                self.status.set_renewal(self.renewal);
+                tracing::error!(error = %e, retry_at = %crate::rfc3339_ms(self.renewal.retry_at_ms),
+                    "the control plane's certificate cannot be used; keeping the current one");
+                false
+            }
+        }
+    }
+
+    /// Replaces `ca.pem` with the control plane's trust bundle when it differs.
+    async fn install_trust_bundle(&mut self, ca_pems: Vec<String>) {
+        let dd = self.data_dir.clone();
+        let count = ca_pems.len();
+        match tokio::task::spawn_blocking(move || credentials::write_trust_bundle(&dd, &ca_pems)).await {
+            Ok(Ok(true)) => tracing::info!(cas = count, "trust bundle updated; used from the next connection"),
+            Ok(Ok(false)) => tracing::debug!(cas = count, "trust bundle unchanged"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "refused the control plane's trust bundle; keeping ca.pem"),
+            Err(e) => tracing::warn!(error = %e, "storing the trust bundle failed"),
         }
     }
 }

@@ -55,8 +55,9 @@ struct EnrollArgs {
     /// Data directory to create (mode 0700).
     #[arg(long)]
     data_dir: PathBuf,
-    /// Control plane QUIC address, HOST:PORT (HOST must be one of its server names).
-    #[arg(long, required_unless_present_any = ["offline_request", "offline_reply"])]
+    /// Control plane QUIC address, HOST:PORT (HOST must be one of its server names). With
+    /// --renew: defaults to the address in agent.json.
+    #[arg(long, required_unless_present_any = ["offline_request", "offline_reply", "renew"])]
     control: Option<String>,
     /// One-time enrollment token from `gaffer-control token create`.
     #[arg(long, env = "GAFFER_ENROLL_TOKEN", hide_env_values = true,
@@ -76,7 +77,14 @@ struct EnrollArgs {
     /// Site this box belongs to; enrollment is refused if the token is for another site.
     #[arg(long)]
     site: Option<String>,
-    /// Print the result as JSON (`agent_id`, `site`).
+    /// Re-enroll the agent already enrolled in --data-dir (e.g. its certificate expired while it
+    /// was offline) with a fresh token (--token, --ca-fingerprint): it keeps its agent id, site,
+    /// job queue and outbox and gets a new key, made here. Works while `gaffer-agent run` runs (it
+    /// picks up the new certificate at its next connection attempt).
+    #[arg(long, conflicts_with_all = ["offline_request", "offline_reply", "site"])]
+    renew: bool,
+    /// Print the result as JSON (`agent_id`, `site`; with --renew also `cert_serial`,
+    /// `cert_not_after_ms`).
     #[arg(long)]
     json: bool,
 }
@@ -255,6 +263,36 @@ async fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let ca_fingerprint = args.ca_fingerprint.context("--ca-fingerprint is required")?;
+    if args.renew {
+        let params = enroll::RenewParams {
+            control_addr: args.control.clone(),
+            token: args.token.clone().context("--token is required")?,
+            ca_fingerprint,
+        };
+        let identity = enroll::renew(&dd, &params).await?;
+        let creds = gaffer_agent::credentials::Credentials::load(&dd, identity.agent_id)?;
+        let pair = creds.current.as_ref().context("the new key and certificate are not on disk")?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "agent_id": identity.agent_id, "site": identity.site,
+                    "cert_serial": pair.serial_hex, "cert_not_after_ms": pair.not_after_ms })
+            );
+        } else {
+            println!(
+                "Re-enrolled agent {} (site {}): new certificate {} valid until {}; job queue and outbox kept",
+                identity.agent_id,
+                identity.site,
+                pair.serial_hex,
+                gaffer_agent::rfc3339_ms(pair.not_after_ms)
+            );
+            println!(
+                "A running agent uses it at its next connection attempt; else: gaffer-agent run --data-dir {}",
+                args.data_dir.display()
+            );
+        }
+        return Ok(());
+    }
     let identity = if let Some(reply) = &args.offline_reply {
         enroll::install_offline_reply(&dd, reply, ca_fingerprint)?
     } else {
@@ -414,14 +452,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
 
     match link_status {
         Some(status) => {
-            let params = LinkParams {
-                agent_id: identity.agent_id,
-                control_addr: identity.control_addr.clone(),
-                ca_pem: dd.read(&dd.ca_path())?,
-                cert_pem: dd.read(&dd.cert_path())?,
-                key_pem: dd.read(&dd.key_path())?,
-                capabilities,
-            };
+            let params = LinkParams { identity: identity.clone(), data_dir: dd.clone(), capabilities };
             tokio::select! {
                 r = link::run_link(params, outbox, runner, health, status) => r?,
                 _ = shutdown_signal() => tracing::info!("agent stopping; held jobs resume at the next start"),
@@ -460,7 +491,7 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
                     None,
                 )?;
                 r.jobs_queued = db.open_tree("jobs")?.len() as u32;
-                break r;
+                break r.with_certificate(&dd, identity.agent_id, None);
             }
             Err(e) if std::time::Instant::now() < deadline => {
                 tracing::debug!(error = %e, "state database busy; waiting for the agent's socket");
@@ -486,6 +517,16 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
         match report.oldest_unacked_age_secs {
             Some(age) => println!("oldest unacked: {age:.1} s ago"),
             None => println!("oldest unacked: -"),
+        }
+        let time = |ms: Option<u64>| ms.map_or_else(|| "-".to_owned(), gaffer_agent::rfc3339_ms);
+        match &report.cert_serial {
+            Some(serial) => println!("certificate:    {serial}, valid until {}", time(report.cert_not_after_ms)),
+            None => println!("certificate:    none usable: re-enroll with `gaffer-agent enroll --renew`"),
+        }
+        let pending = if report.cert_renewal_pending { " (renewal under way)" } else { "" };
+        println!("renewal:        {}{pending}", time(report.cert_renewal_at_ms));
+        if let Some(e) = &report.cert_renewal_error {
+            println!("renewal error:  {e}");
         }
     }
     Ok(())
