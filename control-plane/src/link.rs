@@ -737,6 +737,22 @@ impl AgentConnCore {
                                 if let Err(e) = self.session.send(ControlMessage::TrustBundle { ca_pems }) {
                                     tracing::warn!(error = %e, "could not queue the trust bundle");
                                 }
+                                // During a rotation, an agent that was away when the others were
+                                // asked to renew holds a certificate from the other CA: ask now.
+                                use crate::identity::RotationPhase::{Rollback, UpdateClients, UpdateServers};
+                                if matches!(pki.phase(), UpdateClients | UpdateServers | Rollback) {
+                                    let issuing = pki.issuing_ca().fingerprint().to_string();
+                                    let holds_other = match self.state.store.get_agent(self.agent_id) {
+                                        Ok(Some(a)) => a.cert_issuer_fingerprint.as_deref() != Some(issuing.as_str()),
+                                        _ => false,
+                                    };
+                                    if holds_other {
+                                        let reason = format!("CA rotation: {}", pki.phase());
+                                        if let Err(e) = self.session.send(ControlMessage::RenewCertificate { reason }) {
+                                            tracing::warn!(error = %e, "could not queue the renewal request");
+                                        }
+                                    }
+                                }
                             }
                         }
                         Err(reason) => {

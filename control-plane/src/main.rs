@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// The fleet CA: rotation in phases (init, update-clients, update-servers, standby; rollback).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Manage enrolled agents.
     Agent {
         #[command(subcommand)]
@@ -90,6 +95,34 @@ enum BundleCommand {
         /// Where to write the reply bundle for `gaffer-agent bundle import`.
         #[arg(long)]
         reply_out: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Move the CA rotation to the next phase: init (a new CA, trusted beside the current one and
+    /// pushed to agents), update-clients (agents get certificates from the new CA), update-servers
+    /// (the server certificate too), standby (the old CA is dropped); rollback from any phase before
+    /// standby, then standby. Works while `serve` runs (through its admin socket).
+    Rotate {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The phase to enter.
+        #[arg(long, value_enum)]
+        phase: identity::RotationPhase,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where the rotation stands and which agents still hold certificates from another CA.
+    Status {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -446,6 +479,46 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ca { command: CaCommand::Rotate { data_dir, phase, json } } => {
+            let report = match rt.block_on(admin_or_local(&data_dir, &AdminRequest::RotateCa { phase }))? {
+                AdminResponse::CaRotated(r) => r,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("CA rotation: {} → {}", report.from, report.phase);
+                println!("  current CA:      {}", report.current_ca_fingerprint);
+                if let Some(next) = &report.next_ca_fingerprint {
+                    println!("  next CA:         {next}");
+                }
+                println!("  agents enroll with CA fingerprint {}", report.enroll_ca_fingerprint);
+                println!("  connected agents told: {}", report.agents_notified);
+                println!("Check `gaffer-control ca status` (or the dashboard) before the next phase.");
+            }
+            Ok(())
+        }
+        Command::Ca { command: CaCommand::Status { data_dir, json } } => {
+            let status = match rt.block_on(admin_or_local(&data_dir, &AdminRequest::CaStatus))? {
+                AdminResponse::CaStatus(s) => s,
+                other => bail!("unexpected answer from the control plane: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("phase:       {}", status.phase);
+                println!("current CA:  {}", status.current_ca_fingerprint);
+                if let Some(next) = &status.next_ca_fingerprint {
+                    println!("next CA:     {next}");
+                }
+                println!("issuing CA:  {}", status.issuing_ca_fingerprint);
+                println!("agents with a certificate from another CA: {}", status.agents_on_other_ca.len());
+                for a in &status.agents_on_other_ca {
+                    println!("  {a}");
+                }
+            }
+            Ok(())
+        }
         Command::ApiToken { command } => rt.block_on(api_token_command(command)),
         Command::User { command } => rt.block_on(user_command(command)),
     }
@@ -587,7 +660,11 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
         .context("opening the store (is another gaffer-control process using this data dir?)")?;
     let ca_fp = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_cert_path())?)?;
     let offline_sync = match req {
-        AdminRequest::EnrollOffline { .. } | AdminRequest::ImportBundle { .. } | AdminRequest::RevokeAgent { .. } => {
+        AdminRequest::EnrollOffline { .. }
+        | AdminRequest::ImportBundle { .. }
+        | AdminRequest::RevokeAgent { .. }
+        | AdminRequest::RotateCa { .. }
+        | AdminRequest::CaStatus => {
             let config = dd.load_config()?;
             let store: Arc<dyn Store> = Arc::new(store);
             // Without a running server, the default deadlines and attempts apply (only leases

@@ -155,6 +155,7 @@ pub struct RevokeReport {
 pub struct OfflineSync {
     /// The CAs, the server certificate that signs replies (renewed while serving), renewals.
     pki: Arc<Pki>,
+    dd: DataDir,
     bundle_key: BundleKey,
     state: AppState,
     ingest: Arc<Ingest>,
@@ -241,7 +242,54 @@ impl OfflineSync {
         // Fail now, not at the first import, if the server key cannot sign.
         let (server, _) = pki.server_pair();
         BundleSigner::from_pem(&server.cert_pem, &server.key_pem)?;
-        Ok(Self { pki, bundle_key, state, ingest })
+        Ok(Self { pki, dd: dd.clone(), bundle_key, state, ingest })
+    }
+
+    /// The control plane's certificate authority state.
+    pub fn pki(&self) -> &Arc<Pki> {
+        &self.pki
+    }
+
+    /// Moves the CA rotation to `phase` (see [`Pki::rotate`]), telling connected agents through
+    /// their outgoing queues, and writes the audit entry.
+    ///
+    /// # Errors
+    /// [`OfflineError::Invalid`] for a move that is not allowed or a failed step (the message says
+    /// which); [`OfflineError::Store`].
+    pub fn rotate_ca(
+        &self,
+        phase: crate::identity::RotationPhase,
+        actor: &crate::store::Actor,
+    ) -> Result<crate::identity::RotationReport, OfflineError> {
+        let fleet_name = self.dd.load_config().map_err(|e| OfflineError::Invalid(e.to_string()))?.fleet_name;
+        let fleet = self.state.scheduler.fleet();
+        let connected = fleet.connected_agents();
+        let now = crate::now_ms();
+        let report = self
+            .pki
+            .rotate(phase, &fleet_name, &connected, &|agent, msg| fleet.send(agent, msg), now)
+            .map_err(|e| OfflineError::Invalid(e.to_string()))?;
+        let store = &self.state.store;
+        let detail = format!(
+            "{} → {}; current CA {}, next CA {}, agents enroll with {}; {} connected agents told",
+            report.from,
+            report.phase,
+            report.current_ca_fingerprint,
+            report.next_ca_fingerprint.as_deref().unwrap_or("none"),
+            report.enroll_ca_fingerprint,
+            report.agents_notified
+        );
+        store.append_audit(&crate::store::AuditRecord::new(actor, crate::store::audit_action::CA_ROTATE, now).detail(detail))?;
+        store.flush()?;
+        Ok(report)
+    }
+
+    /// Where the CA rotation stands.
+    ///
+    /// # Errors
+    /// [`OfflineError::Store`].
+    pub fn ca_status(&self) -> Result<crate::identity::RotationStatus, OfflineError> {
+        self.pki.rotation_status(self.state.store.as_ref()).map_err(|e| OfflineError::Invalid(e.to_string()))
     }
 
     /// The current CA (the one trusted at standby; the first of the trust set).

@@ -817,7 +817,12 @@ impl Fleet {
         }
     }
 
-    /// Number of connected agents.
+    /// The connected agents.
+    pub fn connected_agents(&self) -> Vec<AgentId> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// How many agents are connected now.
     pub fn connected_count(&self) -> usize {
         self.lock().len()
     }

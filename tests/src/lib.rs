@@ -106,6 +106,8 @@ pub struct ControlPlaneOptions {
     pub max_attempts: u32,
     /// More `serve` flags, e.g. `["--http-tls", "on"]`.
     pub serve_args: Vec<String>,
+    /// More `init` flags, e.g. `["--agent-cert-ttl", "60s"]`.
+    pub init_args: Vec<String>,
 }
 
 impl Default for ControlPlaneOptions {
@@ -117,6 +119,7 @@ impl Default for ControlPlaneOptions {
             assign_timeout_secs: 30,
             max_attempts: 3,
             serve_args: Vec::new(),
+            init_args: Vec::new(),
         }
     }
 }
@@ -153,7 +156,9 @@ impl ControlPlane {
         let data = dir.path().join("control");
         let out = Command::new(bin("gaffer-control"))
             .args(["init", "--json", "--quic-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            .args(["--server-name", "localhost", "--server-name", "127.0.0.1", "--data-dir"])
+            .args(["--server-name", "localhost", "--server-name", "127.0.0.1"])
+            .args(&opts.init_args)
+            .arg("--data-dir")
             .arg(&data)
             .output()?;
         let init = json_output(&out, "gaffer-control init")?;
@@ -236,6 +241,12 @@ impl ControlPlane {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.serve()
+    }
+
+    /// Runs `gaffer-control ARGS… --data-dir D --json` and returns its JSON output.
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let out = Command::new(bin("gaffer-control")).args(args).arg("--data-dir").arg(self.data_dir()).arg("--json").output()?;
+        json_output(&out, &format!("gaffer-control {}", args.join(" ")))
     }
 
     /// `gaffer-control token create --json`, with `ttl` like "1h" or "1s".

@@ -62,6 +62,14 @@ struct AgentJson {
     health_source: Option<&'static str>,
     jobs_running: usize,
     capabilities: Option<Capabilities>,
+    /// Serial of the agent's current certificate, lowercase hex.
+    cert_serial: Option<String>,
+    /// When it expires, Unix ms.
+    cert_not_after_ms: Option<UnixMs>,
+    /// SHA-256 fingerprint of the CA that issued it.
+    cert_issuer_fingerprint: Option<String>,
+    /// When the agent was revoked, Unix ms; None while trusted.
+    revoked_at_ms: Option<UnixMs>,
 }
 
 #[derive(Serialize)]
@@ -69,6 +77,8 @@ struct AgentDetailJson {
     #[serde(flatten)]
     agent: AgentJson,
     health_history: Vec<HealthSample>,
+    /// Certificates issued to the agent, oldest first (enrollment, renewals, re-enrollments).
+    cert_history: Vec<crate::store::CertIssue>,
 }
 
 #[derive(Serialize)]
@@ -144,6 +154,10 @@ fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
         health_source,
         jobs_running,
         capabilities: a.capabilities,
+        cert_serial: a.cert_serial_hex,
+        cert_not_after_ms: (a.cert_not_after_unix > 0).then(|| a.cert_not_after_unix as u64 * 1000),
+        cert_issuer_fingerprint: a.cert_issuer_fingerprint,
+        revoked_at_ms: a.revoked_at_ms,
     }
 }
 
@@ -235,7 +249,8 @@ pub(crate) async fn get_agent(
     let agent = store.get_agent(id)?.ok_or_else(|| AppError::NotFound(format!("agent {id}")))?;
     let running = jobs_running_by_agent(store)?.get(&id).copied().unwrap_or(0);
     let health_history = store.health_history(id, HEALTH_HISTORY_MAX)?;
-    Ok(Json(AgentDetailJson { agent: agent_json(agent, running), health_history }))
+    let cert_history = agent.cert_history.clone();
+    Ok(Json(AgentDetailJson { agent: agent_json(agent, running), health_history, cert_history }))
 }
 
 pub(crate) async fn list_jobs(
