@@ -290,8 +290,7 @@ fn write_atomic(path: &Path, contents: &[u8], secret: bool) -> Result<(), Identi
     if secret {
         gaffer_certs::write_secret_file(&tmp, contents)?;
     } else {
-        std::fs::write(&tmp, contents)
-            .map_err(|e| DataDirError::Io { path: tmp.display().to_string(), source: e })?;
+        std::fs::write(&tmp, contents).map_err(|e| DataDirError::Io { path: tmp.display().to_string(), source: e })?;
     }
     std::fs::rename(&tmp, path).map_err(|e| DataDirError::Io { path: path.display().to_string(), source: e })?;
     Ok(())
@@ -330,7 +329,8 @@ impl Pki {
         } else {
             Some(Arc::new(FleetCa::from_pem(&dd.read(&next_cert_path(dd))?, &dd.read(&next_key_path(dd))?)?))
         };
-        let server = IssuedKeyPair { cert_pem: dd.read(&dd.server_cert_path())?, key_pem: dd.read(&dd.server_key_path())? };
+        let server =
+            IssuedKeyPair { cert_pem: dd.read(&dd.server_cert_path())?, key_pem: dd.read(&dd.server_key_path())? };
         let server_der = pem_der(&server.cert_pem)?;
         let server_from_next = match &next {
             Some(n) if n.signed(&server_der) => true,

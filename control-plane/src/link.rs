@@ -36,10 +36,10 @@ use gaffer_protocol::{AgentEnvelope, ALPN_AGENT_LINK, ALPN_ENROLL, FRAME_BYTES_M
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+use crate::identity::Pki;
 use crate::ingest::truncate;
 use crate::ingest::{Ingest, IngestError, Ingested};
 use crate::scheduler::AgentConn;
-use crate::identity::Pki;
 use crate::store::{audit_action, Actor, AgentRecord, AuditRecord, StoreError, UnixMs};
 use crate::AppState;
 
@@ -661,7 +661,9 @@ impl AgentConnCore {
     /// Signs a renewal CSR and answers it.
     fn on_certificate_request(&mut self, csr_pem: &str, now_ms: UnixMs) {
         let answer = match &self.pki {
-            None => ControlMessage::CertificateRefused { reason: "this control plane does not renew certificates".into() },
+            None => {
+                ControlMessage::CertificateRefused { reason: "this control plane does not renew certificates".into() }
+            }
             Some(pki) => match pki
                 .issue_agent_cert(self.state.store.as_ref(), self.agent_id, csr_pem, "renew", now_ms)
                 .and_then(|issued| self.state.store.flush().map(|()| issued).map_err(Into::into))
@@ -821,10 +823,10 @@ impl AgentConnCore {
                 });
             }
             let v3 = self.speaks_certificates();
-            let mut msgs = fleet
-                .take_outgoing(self.agent_id, self.conn_id, OUTGOING_BATCH_MAX)
-                .into_iter()
-                .filter(|m| v3 || !matches!(m, ControlMessage::TrustBundle { .. } | ControlMessage::RenewCertificate { .. }));
+            let mut msgs =
+                fleet.take_outgoing(self.agent_id, self.conn_id, OUTGOING_BATCH_MAX).into_iter().filter(|m| {
+                    v3 || !matches!(m, ControlMessage::TrustBundle { .. } | ControlMessage::RenewCertificate { .. })
+                });
             while let Some(msg) = msgs.next() {
                 if let Err(back) = self.session.send(msg.clone()) {
                     tracing::debug!(error = %back, "session transmit queue full; holding the rest");

@@ -37,10 +37,10 @@ use gaffer_protocol::version::{negotiate, VersionRange};
 use serde::{Deserialize, Serialize};
 
 use crate::datadir::DataDir;
+use crate::identity::Pki;
 use crate::ingest::{Ingest, IngestError, Ingested};
 use crate::jobs::JobEvent;
 use crate::scheduler::SubmitError;
-use crate::identity::Pki;
 use crate::store::{AgentRecord, AuditRecord, BundleNumbers, JobState, RevokedCertRecord, StoreError};
 use crate::AppState;
 
@@ -279,7 +279,9 @@ impl OfflineSync {
             report.enroll_ca_fingerprint,
             report.agents_notified
         );
-        store.append_audit(&crate::store::AuditRecord::new(actor, crate::store::audit_action::CA_ROTATE, now).detail(detail))?;
+        store.append_audit(
+            &crate::store::AuditRecord::new(actor, crate::store::audit_action::CA_ROTATE, now).detail(detail),
+        )?;
         store.flush()?;
         Ok(report)
     }
@@ -423,44 +425,7 @@ impl OfflineSync {
     /// [`OfflineError::UnknownAgent`]; [`OfflineError::Invalid`] if the record has no certificate
     /// serial (enrolled before revocation existed: re-enroll it); [`OfflineError::Store`].
     pub fn revoke_agent(&self, agent_id: AgentId, who: &str) -> Result<RevokeReport, OfflineError> {
-        let store = &self.state.store;
-        let agent = store.get_agent(agent_id)?.ok_or(OfflineError::UnknownAgent(agent_id))?;
-        let serial_hex = agent.cert_serial_hex.clone().ok_or_else(|| {
-            OfflineError::Invalid(format!("agent {agent_id} has no recorded certificate serial; it cannot be revoked"))
-        })?;
-        if agent.revoked_at_ms.is_some() {
-            return Ok(RevokeReport { agent_id, serial_hex, newly_revoked: false });
-        }
-        let now = crate::now_ms();
-        // Every certificate it may still hold: the current one and any earlier one not yet expired
-        // (online renewal issues a new one every half lifetime).
-        let now_unix = (now / 1000) as i64;
-        let mut serials: Vec<String> = agent
-            .cert_history
-            .iter()
-            .filter(|c| c.not_after_unix > now_unix)
-            .map(|c| c.serial_hex.clone())
-            .collect();
-        if !serials.contains(&serial_hex) {
-            serials.push(serial_hex.clone());
-        }
-        for serial in &serials {
-            store.insert_revoked_cert(&RevokedCertRecord { serial_hex: serial.clone(), agent: agent_id, revoked_at_ms: now })?;
-        }
-        store.update_agent(agent_id, &mut |a| a.revoked_at_ms = Some(now))?;
-        // From here on the handshake refuses it and its open link closes on its next turn.
-        self.state.revocations.revoke(agent_id);
-        self.audit(
-            who,
-            "revoke_agent",
-            Some(agent_id),
-            Some(agent.site.clone()),
-            format!("certificate serial {serial_hex}"),
-        )?;
-        store.flush()?;
-        let requeued = self.state.scheduler.agent_revoked(agent_id, now)?;
-        tracing::warn!(agent_id = %agent_id, %who, serial = %serial_hex, certificates = serials.len(), jobs = requeued, "agent revoked");
-        Ok(RevokeReport { agent_id, serial_hex, newly_revoked: true })
+        revoke_agent(&self.state, agent_id, who)
     }
 
     /// Imports an agent bundle and writes the reply bundle to `reply_out` (see the module docs for
@@ -695,6 +660,58 @@ impl OfflineSync {
         crate::identity::record_issue(self.state.store.as_ref(), agent.id, csr, &issued.issue)?;
         Ok(Some(issued.cert_pem))
     }
+}
+
+/// Revokes an agent (the admin socket, the API and the dashboard all come here): every certificate
+/// it may still hold goes on the CRL (air-gapped bundles are refused), the live revocation set is
+/// updated (its handshakes fail and its open link closes on its next turn, within a second), its
+/// leases are voided at once and its jobs requeued, and the audit log records `who`. Revoking twice
+/// changes nothing.
+///
+/// # Errors
+/// [`OfflineError::UnknownAgent`]; [`OfflineError::Invalid`] if the record has no certificate
+/// serial; [`OfflineError::Store`].
+pub fn revoke_agent(state: &AppState, agent_id: AgentId, who: &str) -> Result<RevokeReport, OfflineError> {
+    let store = &state.store;
+    let agent = store.get_agent(agent_id)?.ok_or(OfflineError::UnknownAgent(agent_id))?;
+    let serial_hex = agent.cert_serial_hex.clone().ok_or_else(|| {
+        OfflineError::Invalid(format!("agent {agent_id} has no recorded certificate serial; it cannot be revoked"))
+    })?;
+    if agent.revoked_at_ms.is_some() {
+        return Ok(RevokeReport { agent_id, serial_hex, newly_revoked: false });
+    }
+    let now = crate::now_ms();
+    // Every certificate it may still hold: the current one and any earlier one not yet expired
+    // (online renewal issues a new one every half lifetime).
+    let now_unix = (now / 1000) as i64;
+    let mut serials: Vec<String> =
+        agent.cert_history.iter().filter(|c| c.not_after_unix > now_unix).map(|c| c.serial_hex.clone()).collect();
+    if !serials.contains(&serial_hex) {
+        serials.push(serial_hex.clone());
+    }
+    for serial in &serials {
+        store.insert_revoked_cert(&RevokedCertRecord {
+            serial_hex: serial.clone(),
+            agent: agent_id,
+            revoked_at_ms: now,
+        })?;
+    }
+    store.update_agent(agent_id, &mut |a| a.revoked_at_ms = Some(now))?;
+    // From here on the handshake refuses it and its open link closes on its next turn.
+    state.revocations.revoke(agent_id);
+    store.append_audit(&AuditRecord {
+        at_ms: now,
+        who: crate::ingest::truncate(who, 128),
+        action: crate::store::audit_action::REVOKE_AGENT.into(),
+        agent: Some(agent_id),
+        site: Some(agent.site.clone()),
+        detail: format!("certificate serials {}", serials.join(", ")),
+        job: None,
+    })?;
+    store.flush()?;
+    let requeued = state.scheduler.agent_revoked(agent_id, now)?;
+    tracing::warn!(agent_id = %agent_id, %who, serial = %serial_hex, certificates = serials.len(), jobs = requeued, "agent revoked");
+    Ok(RevokeReport { agent_id, serial_hex, newly_revoked: true })
 }
 
 /// The CRL (PEM) of every revoked certificate in `store`, or an empty string when none is revoked.
