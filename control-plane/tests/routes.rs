@@ -133,6 +133,19 @@ impl Fixture {
         Ok(self.state.scheduler.submit(req, JobOrigin::Api, None, gaffer_control::now_ms())?.id)
     }
 
+    /// A fresh enrolled agent with a certificate serial on record (revoke applies).
+    fn revocable_agent(&self) -> Result<Uuid> {
+        let mut agent = self.store.get_agent(self.agent_id)?.context("the fixture's agent")?;
+        agent.id = Uuid::new_v4();
+        agent.cert_serial_hex = Some(format!("{:032x}", agent.id.as_u128() >> 1));
+        self.store.insert_agent(&agent)?;
+        Ok(agent.id)
+    }
+
+    fn is_revoked(&self, id: Uuid) -> Result<bool> {
+        Ok(self.store.get_agent(id)?.context("agent")?.revoked_at_ms.is_some())
+    }
+
     /// A cancelled job (retry applies).
     fn cancelled_job(&self) -> Result<Uuid> {
         let id = self.queued_job()?;
@@ -184,6 +197,8 @@ enum Effect {
     NewJob,
     /// This job leaves this state.
     JobLeaves(Uuid, JobState),
+    /// This agent is revoked.
+    AgentRevoked(Uuid),
 }
 
 /// The policy, written down independently of the crate's table: the lowest role that may use
@@ -193,6 +208,7 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
     Ok(match (method.as_str(), path) {
         ("GET", "/login") | ("POST", "/login") | ("GET", "/metrics") | ("GET", "/static/app.css") => None,
         ("GET", "/api/v1/audit") | ("GET", "/audit") => Some(Role::Admin),
+        ("POST", "/api/v1/agents/{id}/revoke") | ("POST", "/agents/{id}/revoke") => Some(Role::Admin),
         ("POST", "/api/v1/jobs")
         | ("POST", "/api/v1/jobs/{id}/cancel")
         | ("POST", "/api/v1/jobs/{id}/retry")
@@ -238,6 +254,10 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ("GET", "/api/v1/agents") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         ("GET", "/api/v1/agents/{id}") => (empty(b, format!("/api/v1/agents/{agent}"))?, StatusCode::OK, Effect::None),
         ("GET", "/api/v1/jobs") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
+        ("POST", "/api/v1/agents/{id}/revoke") => {
+            let id = f.revocable_agent()?;
+            (empty(b, format!("/api/v1/agents/{id}/revoke"))?, StatusCode::OK, Effect::AgentRevoked(id))
+        }
         ("POST", "/api/v1/jobs") => (
             b.uri(path)
                 .header(header::CONTENT_TYPE, "application/json")
@@ -269,6 +289,11 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ("POST", "/logout") => (form(b.uri(path), format!("csrf={csrf}"))?, StatusCode::SEE_OTHER, Effect::None),
         ("GET", "/agents/{id}") => (empty(b, format!("/agents/{agent}"))?, StatusCode::OK, Effect::None),
         ("GET", "/jobs") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
+        ("POST", "/agents/{id}/revoke") => {
+            let id = f.revocable_agent()?;
+            let req = form(b.uri(format!("/agents/{id}/revoke")), format!("csrf={csrf}"))?;
+            (req, StatusCode::SEE_OTHER, Effect::AgentRevoked(id))
+        }
         ("POST", "/jobs") => (
             form(b.uri(path), format!("csrf={csrf}&path=%2Fmnt%2Fmedia%2Fform.mp4&site=stage-a&priority=normal"))?,
             StatusCode::SEE_OTHER,
@@ -331,6 +356,7 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
                     Effect::None => {}
                     Effect::NewJob => assert_eq!(f.job_count()?, jobs_before + 1, "{what} adds a job"),
                     Effect::JobLeaves(id, s) => assert_ne!(f.job_state(id)?, s, "{what} changes the job"),
+                    Effect::AgentRevoked(id) => assert!(f.is_revoked(id)?, "{what} revokes the agent"),
                 }
             } else {
                 match (spec.is_api(), caller) {
@@ -349,6 +375,9 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
                 assert_eq!(f.job_count()?, jobs_before, "{what} was refused but added a job");
                 if let Effect::JobLeaves(id, s) = effect {
                     assert_eq!(f.job_state(id)?, s, "{what} was refused but changed the job");
+                }
+                if let Effect::AgentRevoked(id) = effect {
+                    assert!(!f.is_revoked(id)?, "{what} was refused but revoked the agent");
                 }
             }
             checked += 1;

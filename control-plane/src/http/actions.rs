@@ -82,3 +82,24 @@ pub(crate) async fn retry(app: &AppState, id: JobId, who: String) -> Result<JobR
     })
     .await?
 }
+
+/// Revokes agent `id` on behalf of `who` ([`crate::offline::revoke_agent`]: CRL, live revocation
+/// set, open link closed, leases voided, audit entry).
+///
+/// # Errors
+/// 404 for an unknown agent, 409 for one without a recorded certificate, store errors.
+pub(crate) async fn revoke(
+    app: &AppState,
+    id: gaffer_protocol::messages::AgentId,
+    who: String,
+) -> Result<crate::offline::RevokeReport, AppError> {
+    let app = app.clone();
+    blocking(move || {
+        crate::offline::revoke_agent(&app, id, &who).map_err(|e| match e {
+            crate::offline::OfflineError::UnknownAgent(id) => AppError::NotFound(format!("agent {id}")),
+            crate::offline::OfflineError::Store(e) => AppError::Store(e),
+            other => AppError::Conflict(other.to_string()),
+        })
+    })
+    .await?
+}

@@ -335,6 +335,17 @@ pub(crate) async fn cancel_job(
     Ok(Json(job_json(job, &state.app.scheduler)))
 }
 
+/// `POST /api/v1/agents/{id}/revoke` (admin): `{"agent_id", "serial_hex", "newly_revoked"}`.
+pub(crate) async fn revoke_agent(
+    caller: ApiCaller,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AppError> {
+    let id = parse_id(&id, "agent")?;
+    let report = actions::revoke(&state.app, id, caller.actor()).await?;
+    Ok(Json(report))
+}
+
 pub(crate) async fn retry_job(
     caller: ApiCaller,
     State(state): State<HttpState>,

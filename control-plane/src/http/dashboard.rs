@@ -101,6 +101,14 @@ pub(crate) async fn agent_page(
         cert_expires: u64::try_from(agent.cert_not_after_unix)
             .map(|s| utc(s.saturating_mul(1000)))
             .unwrap_or_else(|_| agent.cert_not_after_unix.to_string()),
+        cert_serial: agent.cert_serial_hex.clone().unwrap_or_else(|| "–".into()),
+        cert_issuer: agent
+            .cert_issuer_fingerprint
+            .as_deref()
+            .map(|f| f.get(..16).unwrap_or(f).to_owned())
+            .unwrap_or_else(|| "–".into()),
+        revoked: agent.revoked_at_ms.map(utc),
+        cert_history: agent.cert_history.iter().rev().map(super::view::CertRow::new).collect(),
         has_capabilities: caps.is_some(),
         volumes: caps.as_ref().map(|c| c.volumes.clone()).unwrap_or_default(),
         watch_roots: caps.as_ref().map(|c| c.watch_roots.clone()).unwrap_or_default(),
@@ -211,6 +219,20 @@ pub(crate) async fn cancel_job(
     let id = parse_id(&id, "job")?;
     let job = actions::cancel(&state.app, id, session.actor()).await?;
     Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
+}
+
+/// `POST /agents/{id}/revoke` (admin): revokes the agent, then shows its page.
+pub(crate) async fn revoke_agent(
+    session: Session,
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    form: Result<Form<JobActionForm>, FormRejection>,
+) -> Result<Response, PageError> {
+    let Form(form) = form.map_err(form_rejection)?;
+    session.check_csrf(&form.csrf)?;
+    let id = parse_id(&id, "agent")?;
+    actions::revoke(&state.app, id, session.actor()).await?;
+    Ok(Redirect::to(&format!("/agents/{id}")).into_response())
 }
 
 pub(crate) async fn retry_job(

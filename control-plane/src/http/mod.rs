@@ -1,9 +1,17 @@
 //! The control plane's HTTP side: the JSON API under `/api/v1` (bearer tokens), the
 //! server-rendered dashboard (askama templates from `dashboards/templates`, session cookie +
-//! per-session CSRF token), `GET /metrics` (Prometheus, no auth) and `GET /static/app.css`.
+//! per-session CSRF token), `GET /metrics` (Prometheus; a bearer token if configured) and
+//! `GET /static/app.css`.
 //!
-//! Build it with [`router`] and serve it with `axum::serve`, or call it directly in tests with
-//! `router(state).oneshot(request)`.
+//! **Who may do what** is one table, [`ROUTES`]: every method and path with its [`Access`]
+//! (public, or a [`Permission`] whose lowest role is `viewer`, `operator` or `admin`). The router
+//! is built from it and checks the caller of every route before its handler runs: no credentials
+//! give 401 (API) or a redirect to `/login` (dashboard), too low a role 403.
+//!
+//! Build it with [`router`] and serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+//! (logins are throttled by client address), or call it directly in tests with
+//! `router(state).oneshot(request)` after inserting `axum::extract::ConnectInfo<SocketAddr>` into
+//! the request's extensions.
 //!
 //! Every response that reports a problem goes through one error type, [`AppError`]: clients get
 //! `{"error": "..."}` from the API and an HTML error page from the dashboard ([`PageError`]);
@@ -118,12 +126,14 @@ const fn route(
 const VIEW: Access = Access::Permission(Permission::ViewFleet);
 const OPERATE: Access = Access::Permission(Permission::OperateJobs);
 const AUDIT: Access = Access::Permission(Permission::ReadAudit);
+const REVOKE: Access = Access::Permission(Permission::RevokeAgents);
 
 /// Every route of [`router_with`], with its permission: the one place that says who may do what
 /// over HTTP. (`/metrics` is left out of the router when it has its own listener.)
 pub static ROUTES: &[RouteSpec] = &[
     route(Method::GET, "/api/v1/agents", VIEW, |m| on(m, api::list_agents)),
     route(Method::GET, "/api/v1/agents/{id}", VIEW, |m| on(m, api::get_agent)),
+    route(Method::POST, "/api/v1/agents/{id}/revoke", REVOKE, |m| on(m, api::revoke_agent)),
     route(Method::GET, "/api/v1/jobs", VIEW, |m| on(m, api::list_jobs)),
     route(Method::POST, "/api/v1/jobs", OPERATE, |m| on(m, api::submit_job)),
     route(Method::GET, "/api/v1/jobs/{id}", VIEW, |m| on(m, api::get_job)),
@@ -135,6 +145,7 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::POST, "/login", Access::Public, |m| on(m, dashboard::login)),
     route(Method::POST, "/logout", VIEW, |m| on(m, dashboard::logout)),
     route(Method::GET, "/agents/{id}", VIEW, |m| on(m, dashboard::agent_page)),
+    route(Method::POST, "/agents/{id}/revoke", REVOKE, |m| on(m, dashboard::revoke_agent)),
     route(Method::GET, "/jobs", VIEW, |m| on(m, dashboard::jobs_page)),
     route(Method::POST, "/jobs", OPERATE, |m| on(m, dashboard::submit_job)),
     route(Method::GET, "/jobs/new", OPERATE, |m| on(m, dashboard::new_job_form)),

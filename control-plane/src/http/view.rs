@@ -93,6 +93,8 @@ pub(crate) struct Me {
     pub can_operate: bool,
     /// May read the audit log.
     pub can_audit: bool,
+    /// May revoke agents (admin).
+    pub can_revoke: bool,
 }
 
 impl Me {
@@ -105,6 +107,29 @@ impl Me {
             role: role.as_str(),
             can_operate: super::Permission::OperateJobs.granted_to(role),
             can_audit: super::Permission::ReadAudit.granted_to(role),
+            can_revoke: super::Permission::RevokeAgents.granted_to(role),
+        }
+    }
+}
+
+/// One certificate issued to an agent, ready to show.
+pub(crate) struct CertRow {
+    pub issued: String,
+    pub via: String,
+    pub serial: String,
+    pub expires: String,
+    /// First 16 hex digits of the issuing CA's fingerprint.
+    pub issuer: String,
+}
+
+impl CertRow {
+    pub(crate) fn new(c: &crate::store::CertIssue) -> Self {
+        CertRow {
+            issued: utc(c.issued_at_ms),
+            via: c.via.clone(),
+            serial: c.serial_hex.clone(),
+            expires: u64::try_from(c.not_after_unix).map(|s| utc(s.saturating_mul(1000))).unwrap_or_default(),
+            issuer: c.issuer_fingerprint.get(..16).unwrap_or(&c.issuer_fingerprint).to_owned(),
         }
     }
 }
@@ -529,6 +554,14 @@ pub(crate) struct AgentPage {
     pub agent: AgentRow,
     pub enrolled: String,
     pub cert_expires: String,
+    /// Serial of the current certificate, hex ("–" when unknown).
+    pub cert_serial: String,
+    /// Fingerprint prefix of the CA that issued it.
+    pub cert_issuer: String,
+    /// When it was revoked, if it was.
+    pub revoked: Option<String>,
+    /// Certificates issued to it, newest first.
+    pub cert_history: Vec<CertRow>,
     pub volumes: Vec<String>,
     pub watch_roots: Vec<String>,
     pub profiles: Vec<String>,
