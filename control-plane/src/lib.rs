@@ -39,6 +39,9 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// The agents revoked now (checked at every handshake and link turn).
     pub revocations: Arc<identity::Revocations>,
+    /// The CAs and the rotation phase, for the dashboard; `serve` sets it (None in tools and tests
+    /// that run without certificates).
+    pub pki: Option<Arc<identity::Pki>>,
 }
 
 impl AppState {
@@ -52,7 +55,7 @@ impl AppState {
             tracing::error!(error = %e, "could not load the revoked agents; relying on the per-connection check");
             identity::Revocations::default()
         }));
-        Self { store, scheduler, metrics, revocations }
+        Self { store, scheduler, metrics, revocations, pki: None }
     }
 }
 

@@ -777,6 +777,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let agent_cert_ttl_secs = args.agent_cert_ttl.map_or(config.agent_cert_ttl_secs, |d| Duration::from(d).as_secs());
     identity::check_ttl(agent_cert_ttl_secs)?;
     let pki = Pki::open(&dd, config.server_names.clone(), agent_cert_ttl_secs, state.metrics.clone())?;
+    let mut state = state;
+    state.pki = Some(pki.clone());
     // A server certificate past half its life (e.g. after a long stop) is renewed before serving.
     pki.renew_server_cert_if_due((gaffer_control::now_ms() / 1000) as i64)?;
     let link_cfg = LinkConfig {

@@ -71,7 +71,25 @@ pub(crate) async fn fleet(session: Session, State(state): State<HttpState>) -> R
     } else {
         Vec::new()
     };
-    Ok(Page(FleetPage { me, agents, job_counts, online_count, audit }).into_response())
+    let ca = match &state.app.pki {
+        Some(pki) => {
+            let st = pki.rotation_status(store).map_err(|e| AppError::Internal(e.to_string()))?;
+            let host = |id: &uuid::Uuid| {
+                agents.iter().find(|a| a.id == id.to_string()).map(|a| a.hostname.clone()).unwrap_or_default()
+            };
+            Some(super::view::CaView {
+                phase: st.phase.as_str(),
+                rotating: st.phase != crate::identity::RotationPhase::Standby,
+                since: st.since_ms.map(|ms| super::view::relative(Some(ms), now)).unwrap_or_else(|| "–".into()),
+                current: st.current_ca_fingerprint,
+                next: st.next_ca_fingerprint,
+                issuing: st.issuing_ca_fingerprint,
+                on_other_ca: st.agents_on_other_ca.iter().map(|id| (id.to_string(), host(id))).collect(),
+            })
+        }
+        None => None,
+    };
+    Ok(Page(FleetPage { me, agents, job_counts, online_count, audit, ca }).into_response())
 }
 
 pub(crate) async fn agent_page(

@@ -536,6 +536,20 @@ pub(crate) struct FleetPage {
     pub online_count: usize,
     /// The newest operator actions (`audit_table.html`), newest first.
     pub audit: Vec<super::audit::AuditRow>,
+    /// The fleet CA and its rotation, when the control plane has certificates.
+    pub ca: Option<CaView>,
+}
+
+/// The fleet CA on the fleet page: rotation phase, fingerprints, agents still on another CA.
+pub(crate) struct CaView {
+    pub phase: &'static str,
+    pub rotating: bool,
+    pub since: String,
+    pub current: String,
+    pub next: Option<String>,
+    pub issuing: String,
+    /// Agents whose certificate is not from the issuing CA: (id, host name).
+    pub on_other_ca: Vec<(String, String)>,
 }
 
 /// A GPU from the agent's capabilities.
