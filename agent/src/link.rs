@@ -68,7 +68,8 @@ pub const OUTBOX_BATCH_MAX: usize = 64;
 /// operator may run `gaffer-agent enroll --renew` meanwhile; the next attempt reads the files again).
 pub const CREDENTIALS_RETRY: Duration = Duration::from_secs(60);
 /// How long a certificate request may stay unanswered on a connection before it is sent again
-/// (with the same key).
+/// (with the same key), at most: a tenth of the certificate's remaining validity when that is
+/// shorter, but at least 5 s (a 60 s certificate asks again within its life).
 pub const CERT_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 /// The first protocol version with online renewal; a control plane that agreed an older one never
 /// answers a certificate request, so none is sent.
@@ -849,10 +850,18 @@ impl Pump<'_> {
         {
             return;
         }
-        if self.request_sent_at.is_some_and(|t| t.elapsed() < CERT_ANSWER_TIMEOUT) {
-            return;
-        }
         let now_ms = crate::now_ms();
+        let answer_timeout =
+            Duration::from_millis(credentials::renewal_retry_after_ms(now_ms, self.cert.pair.not_after_ms))
+                .min(CERT_ANSWER_TIMEOUT);
+        match self.request_sent_at {
+            Some(t) if t.elapsed() < answer_timeout => return,
+            Some(t) => tracing::warn!(
+                waited_ms = t.elapsed().as_millis() as u64,
+                "no answer to the certificate request; asking again"
+            ),
+            None => {}
+        }
         let asked = self.renewal.renew_now.is_some();
         if !(asked || now_ms >= self.cert.due_at_ms) || now_ms < self.renewal.retry_at_ms {
             return;
