@@ -631,3 +631,54 @@ fn export_numbers_bundles_upward_encrypts_to_the_control_plane_only_and_signs_as
     assert_eq!(parsed_number, 4);
     Ok(())
 }
+
+/// During a CA rotation `ca.pem` holds two CAs: export and import keep working with it, and a
+/// reply carrying the trust set and a certificate for the renewal key the agent made before it
+/// went offline installs both (switching to that pair).
+#[test]
+fn two_cas_keep_bundles_working_and_a_reply_installs_its_trust_set_and_a_renewal_key_certificate() -> TestResult {
+    use gaffer_agent::credentials::{self, Credentials};
+    let dir = tempfile::tempdir()?;
+    let cp = ControlPlane::start(dir.path(), "studio")?;
+    let agent = Agent::enroll(&cp, dir.path(), "a")?;
+    let next_ca = FleetCa::generate("studio")?;
+    assert!(credentials::write_trust_bundle(&agent.dd, &[next_ca.cert_pem(), cp.ca.cert_pem()])?);
+
+    // With two CAs in ca.pem (ours second), the export names ours and the real control plane
+    // answers it; its reply verifies against the CA it names.
+    agent.run_job_offline("/media/during-rotation.mov")?;
+    let bundle = agent.export("during-rotation.gbundle")?;
+    let header = bundle::parse_bundle(&std::fs::read(&bundle)?)?.header;
+    assert_eq!(header.ca_fingerprint, *cp.ca.fingerprint().as_bytes(), "the bundle names the CA that issued us");
+    let answer = cp.answer(&bundle, &agent.path("during-rotation-reply.gbundle"))?;
+    let report = agent.import(&answer)?;
+    assert!(matches!(report, ReplyImportReport::Imported { reply_number: 1, acked: 3, .. }), "{report:?}");
+
+    // A renewal key the agent made (its answer never came) before it went offline.
+    let next = credentials::next_key(&agent.dd)?;
+    let renewed = cp.ca.sign_agent_csr_secs(&next.csr_pem(agent.id)?, agent.id, 3600)?;
+    let reply = ControlReply {
+        acks: vec![],
+        assignments: vec![],
+        crl_pem: String::new(),
+        renewed_cert_pem: Some(renewed.clone()),
+        trust_ca_pems: vec![cp.ca.cert_pem()],
+    };
+    let fingerprint = *cp.ca.fingerprint().as_bytes();
+    // A trust set that is not one is refused before anything changes.
+    let bad = ControlReply { trust_ca_pems: vec![renewed.clone()], ..reply.clone() };
+    let sealed = forge_reply(&agent, reply_header(fingerprint, agent.id, 2), &bad, &cp.server_signer()?)?;
+    assert_refused(&agent, &write(&agent, "bad-trust.gbundle", &sealed)?, "non-CA trust set", |e| {
+        matches!(e, AgentError::Cert(_) | AgentError::Config(_))
+    })?;
+    let sealed = forge_reply(&agent, reply_header(fingerprint, agent.id, 2), &reply, &cp.server_signer()?)?;
+    let report = agent.import(&write(&agent, "rotation-reply.gbundle", &sealed)?)?;
+    assert!(matches!(report, ReplyImportReport::Imported { renewed_cert: true, .. }), "{report:?}");
+    assert_eq!(credentials::trust_bundle(&agent.dd)?, vec![cp.ca.cert_pem()], "the trust set is installed");
+    let creds = Credentials::load(&agent.dd, agent.id)?;
+    let current = creds.current.as_ref().ok_or("no current pair")?;
+    assert_eq!(current.cert_pem, renewed, "switched to the renewal key's certificate");
+    assert_eq!(std::fs::read_to_string(agent.dd.key_path())?, next.key_pem());
+    assert!(creds.next.is_none() && !creds.next_key_present);
+    Ok(())
+}
