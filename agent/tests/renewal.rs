@@ -388,6 +388,19 @@ async fn enroll_renew_keeps_the_agent_id_site_outbox_and_job_queue() -> TestResu
         let entries: Vec<_> = Outbox::open(&db)?.entries()?.into_iter().map(|e| (e.seq, e.message)).collect();
         assert_eq!(entries, outbox_before, "the outbox is untouched");
         assert_eq!(db.open_tree("jobs")?.len(), jobs_before, "the job queue is untouched");
+        // What `gaffer-agent status` shows of it.
+        let report = gaffer_agent::control_socket::StatusReport::collect(
+            &id.to_string(),
+            SITE,
+            "stopped",
+            &Outbox::open(&db)?,
+            None,
+        )?
+        .with_certificate(&dd, id, None);
+        assert_eq!(report.cert_serial.as_deref(), Some(current.serial_hex.as_str()));
+        assert_eq!(report.cert_not_after_ms, Some(current.not_after_ms));
+        assert_eq!(report.cert_renewal_at_ms, Some(creds.renewal_due_at_ms(&current)));
+        assert!(!report.cert_renewal_pending);
     }
     // The agent connects with the new certificate (the stand-in queue entry is not a job).
     sled::open(dd.state_path())?.open_tree("jobs")?.remove(b"queued-job")?;
