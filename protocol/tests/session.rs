@@ -1032,3 +1032,56 @@ fn control_payload_round_trips_through_the_session() {
     let back: ControlMessage = decode_payload(&bytes[4..]).unwrap();
     assert_eq!(back, ControlMessage::Assign(assignment(3)));
 }
+
+/// Online renewal end to end through both sessions: the agent's CSR arrives as a
+/// `CertificateRequest` event (sequence 0, never acknowledged), and the control plane's
+/// `Certificate`, `TrustBundle` and `RenewCertificate` reach the agent as events. (Issue 8: the
+/// control session refused to send them, so renewals were signed and never delivered.)
+#[test]
+fn certificate_messages_cross_both_sessions() {
+    let now = Instant::now();
+    let mut c = control_up(now);
+    let mut a = agent_up(now);
+    a.send_certificate_request("-----BEGIN CERTIFICATE REQUEST-----".into()).unwrap();
+    c.handle_input(&drain_transmit_agent(&mut a), now);
+    assert!(
+        matches!(control_events(&mut c).as_slice(), [ControlEvent::CertificateRequest { csr_pem }] if csr_pem.starts_with("-----BEGIN")),
+    );
+    assert!(drain_transmit_control(&mut c).is_empty(), "a certificate request is not acknowledged");
+    for msg in [
+        ControlMessage::TrustBundle { ca_pems: vec!["ca-1".into(), "ca-2".into()] },
+        ControlMessage::Certificate { cert_pem: "cert".into(), ca_pems: vec!["ca-1".into()] },
+        ControlMessage::CertificateRefused { reason: "busy".into() },
+        ControlMessage::RenewCertificate { reason: "CA rotation: update-clients".into() },
+    ] {
+        c.send(msg).unwrap();
+    }
+    a.handle_input(&drain_transmit_control(&mut c), now);
+    let events = agent_events(&mut a);
+    assert!(
+        matches!(
+            events.as_slice(),
+            [
+                AgentEvent::TrustBundle { ca_pems },
+                AgentEvent::Certificate { cert_pem, .. },
+                AgentEvent::CertificateRefused { .. },
+                AgentEvent::RenewCertificate { .. },
+            ] if ca_pems.len() == 2 && cert_pem == "cert"
+        ),
+        "{events:?}"
+    );
+    assert!(a.is_up() && c.is_up());
+}
+
+/// An agent that agreed protocol 2 is never sent a certificate message (it could not decode one).
+#[test]
+fn certificate_messages_are_not_sent_to_a_protocol_2_agent() {
+    let now = Instant::now();
+    let mut c = ControlSession::new(control_cfg(), now);
+    c.handle_input(&env(0, hello_with(VersionRange { min: 2, max: 2 })), now);
+    assert!(matches!(control_events(&mut c).as_slice(), [ControlEvent::Hello { protocol_version: 2, .. }]));
+    c.accept().unwrap();
+    drain_transmit_control(&mut c);
+    assert!(c.send(ControlMessage::TrustBundle { ca_pems: vec!["ca".into()] }).is_err());
+    assert!(c.send(ControlMessage::Assign(assignment(1))).is_ok());
+}

@@ -263,18 +263,30 @@ impl ControlSession {
     /// [`SessionError::Backpressure`] when queuing it would pass `transmit_bytes_max` (nothing
     /// queued: the caller keeps the message and retries after writing what `poll_transmit`
     /// gives); [`SessionError::NotUp`] before `accept`; [`SessionError::Closed`];
-    /// [`SessionError::NotAllowed`] for other message kinds; [`SessionError::Codec`] when the
-    /// message exceeds `frame_bytes_max`.
+    /// [`SessionError::NotAllowed`] for other message kinds, and for the certificate messages
+    /// (`Certificate`, `CertificateRefused`, `TrustBundle`, `RenewCertificate`) to an agent that
+    /// agreed protocol 2; [`SessionError::Codec`] when the message exceeds `frame_bytes_max`.
     pub fn send(&mut self, msg: ControlMessage) -> Result<(), SessionError> {
         match self.state {
             State::Up => {}
             State::Closed => return Err(SessionError::Closed),
             _ => return Err(SessionError::NotUp),
         }
-        if !matches!(msg, ControlMessage::Assign(_) | ControlMessage::Cancel { .. }) {
-            return Err(SessionError::NotAllowed(
-                "send() carries Assign and Cancel; use accept, refuse, acknowledge or reject",
-            ));
+        match msg {
+            ControlMessage::Assign(_) | ControlMessage::Cancel { .. } => {}
+            ControlMessage::Certificate { .. }
+            | ControlMessage::CertificateRefused { .. }
+            | ControlMessage::TrustBundle { .. }
+            | ControlMessage::RenewCertificate { .. } => {
+                if self.protocol_version.is_none_or(|v| v < 3) {
+                    return Err(SessionError::NotAllowed("certificate messages need protocol 3"));
+                }
+            }
+            _ => {
+                return Err(SessionError::NotAllowed(
+                    "send() carries Assign, Cancel and the certificate messages; use accept, refuse, acknowledge or reject",
+                ))
+            }
         }
         let frame = encode_frame(&msg, self.cfg.frame_bytes_max)?;
         self.transmit.push_bounded(frame)
