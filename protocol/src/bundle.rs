@@ -273,9 +273,8 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<ParsedBundle<'_>, BundleError> {
 }
 
 fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, BundleError> {
-    let (value, used) =
-        bincode::serde::decode_from_slice::<T, _>(bytes, config().with_limit::<{ BUNDLE_BYTES_MAX as usize }>())
-            .map_err(|e| BundleError::Malformed(format!("{what}: {e}")))?;
+    let (value, used) = crate::codec::decode_from_slice_bounded::<T, { BUNDLE_BYTES_MAX as usize }>(bytes)
+        .map_err(|e| BundleError::Malformed(format!("{what}: {e}")))?;
     if used != bytes.len() {
         return Err(BundleError::Malformed(format!("{what}: {} trailing bytes", bytes.len() - used)));
     }

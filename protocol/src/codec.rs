@@ -74,14 +74,42 @@ pub fn encode_frame<T: Serialize>(msg: &T, frame_bytes_max: usize) -> Result<Vec
     Ok(out)
 }
 
-/// Decodes one complete payload (without header) into a message.
+/// Most bytes bincode counts against its decode limit per byte of input: it counts each value at
+/// its in-memory size (a one-byte varint `u128` counts 16), so no valid encoding counts more.
+const DECODE_LIMIT_BYTES_PER_INPUT_BYTE: usize = 16;
+
+/// Decodes one `T` from the start of `bytes` (bincode 2 standard, serde), returning it and the
+/// bytes used, under a decode limit that follows the input's size: 16 × `bytes.len()` rounded up
+/// to 64 KiB, 1, 4, 16 or 64 MiB, and never above `LIMIT_MAX_BYTES`.
+///
+/// bincode allocates a string's announced length, up to its limit, before it reads the string.
+/// With one fixed limit, a few bytes announcing a long string allocate the whole limit; with this
+/// one a string longer than the input could hold fails before anything is allocated for it, and
+/// no allocation is larger than 64 × the input (or 64 KiB). bincode takes the limit as a
+/// constant, hence the steps.
+pub(crate) fn decode_from_slice_bounded<T: DeserializeOwned, const LIMIT_MAX_BYTES: usize>(
+    bytes: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    let wanted = bytes.len().saturating_mul(DECODE_LIMIT_BYTES_PER_INPUT_BYTE);
+    macro_rules! first_step_that_fits {
+        ($($step:expr),*) => {$(
+            if $step < LIMIT_MAX_BYTES && wanted <= $step {
+                return bincode::serde::decode_from_slice(bytes, config().with_limit::<{ $step }>());
+            }
+        )*};
+    }
+    first_step_that_fits!(1 << 16, 1 << 20, 1 << 22, 1 << 24, 1 << 26);
+    bincode::serde::decode_from_slice(bytes, config().with_limit::<LIMIT_MAX_BYTES>())
+}
+
+/// Decodes one complete payload (without header) into a message. Nothing is allocated for a
+/// length the payload announces beyond what it could hold (see `decode_from_slice_bounded`).
 ///
 /// # Errors
 /// [`CodecError::Malformed`] on invalid encodings or trailing bytes.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (msg, used) =
-        bincode::serde::decode_from_slice::<T, _>(payload, config().with_limit::<FRAME_BYTES_MAX_DEFAULT>())
-            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (msg, used) = decode_from_slice_bounded::<T, FRAME_BYTES_MAX_DEFAULT>(payload)
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != payload.len() {
         return Err(CodecError::Malformed(format!("{} trailing bytes after message", payload.len() - used)));
     }
