@@ -47,7 +47,7 @@ echo "[demo] provisioning ONNX Runtime and models…" >&2
 "$BIN/gaffer-agent" run --data-dir "$WORK/agent" --volume "$MEDIA" --slots 2 2> "$WORK/agent.log" &
 PIDS+=($!)
 
-API_TOKEN=$("$BIN/gaffer-control" api-token create --data-dir "$WORK/control")
+API_TOKEN=$("$BIN/gaffer-control" api-token create --data-dir "$WORK/control" --name demo --role operator --ttl 1d)
 API="http://127.0.0.1:$HTTP_PORT/api/v1"
 python3 - "$API" "$API_TOKEN" "$MEDIA" <<'PY'
 import json, sys, time, urllib.request
@@ -86,7 +86,7 @@ for f, s in states.items():
 sys.exit(0 if ok else 1)
 PY
 echo
-echo "Dashboard: http://127.0.0.1:$HTTP_PORT/   (admin password: $ADMIN_PASSWORD)"
+echo "Dashboard: http://127.0.0.1:$HTTP_PORT/   (user admin, password: $ADMIN_PASSWORD)"
 echo "API token: $API_TOKEN"
 echo "Data: $WORK (control plane log: $WORK/control.log, agent log: $WORK/agent.log)"
 if [ "$WAIT" = 1 ]; then
