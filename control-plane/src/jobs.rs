@@ -288,6 +288,14 @@ pub fn transition(
                     t.job.lease = Some(Lease { deadline_ms: None, ..lease });
                     t.changed = true;
                 }
+            } else if held.is_none() && job.state == JobState::Assigned {
+                // The assignment was lost on the way (the link went while it was in flight, e.g.
+                // an agent reconnecting with a renewed certificate): send it again under the same
+                // lease; its deadline still bounds how long the agent has to accept it.
+                t.effects.push(Effect::Assign(
+                    *agent,
+                    Assignment { job_id: job.id, lease_id: lease.lease_id, path: job.path.clone(), profile: job.profile },
+                ));
             } else {
                 let reason = format!("agent {agent} came back without the job (attempt {})", job.attempts);
                 spend_attempt(&mut t, reason, now_ms, policy);
@@ -547,6 +555,30 @@ mod tests {
         let gone = run(&j, JobEvent::HolderReconnected { agent: A, held: None }, 300)?.job;
         assert_eq!(gone.state, JobState::Queued, "came back without the job: requeued");
         assert!(gone.error.unwrap_or_default().contains("came back without the job"));
+        Ok(())
+    }
+
+    /// An assignment lost in flight (the agent reconnected before it arrived, e.g. to switch to a
+    /// renewed certificate) is sent again under the same lease, costing no attempt; its deadline
+    /// still runs.
+    #[test]
+    fn an_assignment_the_agent_never_got_is_sent_again_on_reconnect() -> Result<(), Refusal> {
+        let policy = JobPolicy::default();
+        let j = run(&queued(JobOrigin::Api), JobEvent::Lease { agent: A, offline: false }, 0)?.job;
+        let lease = j.lease.map(|l| l.lease_id).unwrap_or_default();
+        let j = run(&j, JobEvent::HolderDisconnected { agent: A }, 100)?.job;
+        let t = run(&j, JobEvent::HolderReconnected { agent: A, held: None }, 200)?;
+        assert_eq!(t.job.state, JobState::Assigned);
+        assert_eq!(t.job.attempts, 1, "no attempt spent");
+        assert!(
+            t.effects.iter().any(|e| matches!(e, Effect::Assign(a, asg) if *a == A && asg.lease_id == lease)),
+            "{:?}",
+            t.effects
+        );
+        let deadline = t.job.lease.and_then(|l| l.deadline_ms).unwrap_or_default();
+        assert!(deadline > 0 && deadline <= policy.assign_timeout_ms, "the deadline still runs: {deadline}");
+        let expired = run(&t.job, JobEvent::DeadlineCheck, deadline)?.job;
+        assert_eq!(expired.state, JobState::Queued, "never accepted: requeued at the deadline");
         Ok(())
     }
 
