@@ -443,12 +443,25 @@ async fn session(
     .map_err(|_| unreachable("connection timed out".into()))??;
     let (send, recv) = conn.open_bi().await.map_err(|e| connection_error(control_addr, &e))?;
 
+    // Held: what the runner holds, and the finished jobs whose result still waits in the outbox
+    // (their leases are ours until the control plane has the result).
+    let mut running_jobs = ctx.runner.running_jobs();
+    match ctx.outbox.unacknowledged_results(OUTBOX_RESULTS_SCAN_MAX) {
+        Ok(results) => {
+            for r in results {
+                if !running_jobs.iter().any(|h| h.job_id == r.job_id) {
+                    running_jobs.push(r);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read the outbox for unacknowledged results"),
+    }
     let cfg = AgentSessionConfig {
         agent_id: ctx.params.identity.agent_id,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         hostname: crate::hostname(),
         capabilities: ctx.params.capabilities.clone(),
-        running_jobs: ctx.runner.running_jobs(),
+        running_jobs,
         ..AgentSessionConfig::default()
     };
     let session = AgentSession::new(cfg, Instant::now());
@@ -508,6 +521,9 @@ const WRITE_QUEUE_CHUNKS: usize = 16;
 /// Assign/Cancel/dispatch commands queued for the job thread at most; past it the pump waits
 /// (and stops reading), so the control plane is pushed back instead of anything being dropped.
 const JOB_COMMANDS_MAX: usize = 256;
+/// Oldest outbox entries scanned for unacknowledged results when saying Hello (a backlog deeper
+/// than this is sent before the next Hello anyway).
+const OUTBOX_RESULTS_SCAN_MAX: usize = 4096;
 /// Read buffer, bytes.
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// How long a closing session may take to write its last frames, e.g. acknowledgements.

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gaffer_protocol::codec::{decode_payload, encode_frame, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};
-use gaffer_protocol::messages::AgentMessage;
+use gaffer_protocol::messages::{AgentMessage, HeldJob};
 
 use crate::AgentError;
 
@@ -148,6 +148,27 @@ impl Outbox {
             let (k, v) = item?;
             let e = Self::decode(&k, &v)?;
             out.push((e.seq, e.message));
+        }
+        Ok(out)
+    }
+
+    /// The jobs whose final report (digest or failure) is still waiting here, with the lease each
+    /// ran under, from the oldest `scan_max` entries: the agent still holds those leases until the
+    /// control plane has the result, so Hello lists them (a finished job missing from Hello would be
+    /// requeued and its digest then refused).
+    ///
+    /// # Errors
+    /// [`AgentError::State`] if sled fails or an entry does not decode.
+    pub fn unacknowledged_results(&self, scan_max: usize) -> Result<Vec<HeldJob>, AgentError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter().take(scan_max) {
+            let (k, v) = item?;
+            match Self::decode(&k, &v)?.message {
+                AgentMessage::Digest { job_id, lease_id, .. } | AgentMessage::JobFailed { job_id, lease_id, .. } => {
+                    out.push(HeldJob { job_id, lease_id });
+                }
+                _ => {}
+            }
         }
         Ok(out)
     }

@@ -105,3 +105,63 @@ proptest! {
         prop_assert!(applied.values().all(|n| *n == 1), "applied more than once: {:?}", applied);
     }
 }
+
+/// A finished job's result waiting in the outbox keeps its lease: `unacknowledged_results` lists
+/// digests and failures (with their lease ids) until they are acknowledged, and nothing else, so
+/// Hello after a reconnect says the agent still holds them (issue 8: a job whose digest was in
+/// flight during a certificate-renewal reconnect was requeued, and the digest then refused).
+#[test]
+fn unacknowledged_results_are_held_until_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path().join("db")).unwrap();
+    let outbox = Outbox::open_with(&db, LIMITS).unwrap();
+    let (done, failed, running) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    outbox.push(&AgentMessage::JobAccepted { job_id: running, lease_id: 3 }).unwrap();
+    let digest_seq = outbox
+        .push(&AgentMessage::Digest {
+            job_id: done,
+            lease_id: 7,
+            digest: Box::new(small_digest()),
+        })
+        .unwrap();
+    outbox
+        .push(&AgentMessage::JobFailed { job_id: failed, lease_id: 2, reason: "bad".into(), retryable: false })
+        .unwrap();
+    let held = outbox.unacknowledged_results(100).unwrap();
+    let pairs: Vec<(Uuid, u64)> = held.iter().map(|h| (h.job_id, h.lease_id)).collect();
+    assert_eq!(pairs, vec![(done, 7), (failed, 2)]);
+    outbox.ack(digest_seq).unwrap();
+    let pairs: Vec<Uuid> = outbox.unacknowledged_results(100).unwrap().iter().map(|h| h.job_id).collect();
+    assert_eq!(pairs, vec![failed]);
+}
+
+fn small_digest() -> gaffer_protocol::digest::Digest {
+    use gaffer_protocol::digest::*;
+    Digest {
+        schema_version: DIGEST_SCHEMA_VERSION,
+        profile: "shots".into(),
+        source: SourceInfo { path: "/media/a.mov".into(), size_bytes: 1_000, modified_unix_secs: None },
+        technical: TechnicalMetadata {
+            container: "mov".into(),
+            container_long_name: "QuickTime / MOV".into(),
+            duration_secs: Some(1.0),
+            bit_rate_bps: None,
+            streams: vec![],
+            primary_video_stream: None,
+        },
+        shots: ShotAnalysis {
+            detector: "content".into(),
+            threshold: 27.0,
+            min_shot_frames: 15,
+            frames_decoded: 24,
+            frames_corrupt: 0,
+            cuts: vec![],
+            shots: vec![],
+        },
+        moderation: None,
+        text: None,
+        speech: None,
+        analyzers: vec![],
+        analysis_secs: 0.1,
+    }
+}

@@ -5,7 +5,7 @@
 //! cannot know: whether the agent the certificate names has been revoked *now* (asked of a
 //! [`ClientCertPolicy`] at every handshake, so a revocation bites without rebuilding any CRL), and
 //! a [`ClientCertRefusal`] for every refused handshake, which the policy counts (the control plane's
-//! `gaffer_link_handshakes_refused_total{reason}`).
+//! `gaffer_link_refused_total{reason}`).
 
 use std::fmt;
 use std::sync::Arc;

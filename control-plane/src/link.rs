@@ -187,7 +187,10 @@ impl Link {
                 match incoming.await {
                     Ok(conn) => link.handle_connection(conn, remote).await,
                     Err(e) => {
-                        link.state.metrics.handshake_refused("tls");
+                        // The verifier counted a certificate refusal under its reason already;
+                        // this counts every failed handshake (bad certificates, but also
+                        // timeouts and garbage), so the two never add up twice.
+                        link.state.metrics.handshake_failed();
                         tracing::warn!(%remote, error = %e, "QUIC handshake failed");
                     }
                 }

@@ -72,6 +72,7 @@ pub struct Metrics {
     server_cert_not_after: Gauge,
     links_closed_revoked: Counter,
     links_closed_expired: Counter,
+    handshakes_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -141,11 +142,18 @@ impl Metrics {
             "Live agent links closed because the agent's certificate expired",
             links_closed_expired.clone(),
         );
+        let handshakes_failed = Counter::default();
+        registry.register(
+            "gaffer_quic_handshakes_failed",
+            "QUIC/TLS handshakes that failed for any reason (certificate refusals are also counted by reason in gaffer_link_refused)",
+            handshakes_failed.clone(),
+        );
         for reason in gaffer_certs::ClientCertRefusal::ALL {
             let _ = refused.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() });
         }
         let _ = refused.get_or_create(&ReasonLabel { reason: "agent_id_mismatch".to_owned() });
         Self {
+            handshakes_failed,
             certs_issued,
             server_cert_not_after,
             links_closed_revoked,
@@ -208,6 +216,11 @@ impl Metrics {
     /// The control plane's server certificate now expires at `not_after_unix` (seconds).
     pub fn server_cert_not_after(&self, not_after_unix: i64) {
         self.server_cert_not_after.set(not_after_unix);
+    }
+
+    /// A QUIC handshake failed (any reason).
+    pub fn handshake_failed(&self) {
+        self.handshakes_failed.inc();
     }
 
     /// A live link was closed because its agent was revoked.
