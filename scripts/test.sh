@@ -18,3 +18,4 @@ mkdir -p "$GAFFER_MODELS_DIR"
 "$CARGO_TARGET_DIR/debug/gaffer-agent" models fetch --data-dir "$GAFFER_MODELS_DIR" >/dev/null
 export GAFFER_REQUIRE_MODELS=1
 cargo test --locked --workspace --no-fail-fast
+bash scripts/fuzz.sh --secs 10  # libFuzzer targets (fuzz/), 10 s each on the committed corpus; fails on any crash
