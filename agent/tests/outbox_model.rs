@@ -117,13 +117,8 @@ fn unacknowledged_results_are_held_until_acknowledged() {
     let outbox = Outbox::open_with(&db, LIMITS).unwrap();
     let (done, failed, running) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     outbox.push(&AgentMessage::JobAccepted { job_id: running, lease_id: 3 }).unwrap();
-    let digest_seq = outbox
-        .push(&AgentMessage::Digest {
-            job_id: done,
-            lease_id: 7,
-            digest: Box::new(small_digest()),
-        })
-        .unwrap();
+    let digest_seq =
+        outbox.push(&AgentMessage::Digest { job_id: done, lease_id: 7, digest: Box::new(small_digest()) }).unwrap();
     outbox
         .push(&AgentMessage::JobFailed { job_id: failed, lease_id: 2, reason: "bad".into(), retryable: false })
         .unwrap();

@@ -265,7 +265,8 @@ impl FleetCa {
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
         params.not_before = backdated_for(validity_secs);
-        params.not_after = OffsetDateTime::now_utc() + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
+        params.not_after =
+            OffsetDateTime::now_utc() + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
         let key = new_p256_key()?;
         let cert = params.signed_by(&key, &self.issuer).map_err(CertError::Generation)?;
         Ok(IssuedKeyPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
@@ -325,7 +326,8 @@ impl FleetCa {
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
         params.not_before = backdated_for(validity_secs);
-        params.not_after = OffsetDateTime::now_utc() + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
+        params.not_after =
+            OffsetDateTime::now_utc() + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
         let signed = CertificateSigningRequestParams { params, public_key: csr.public_key }
             .signed_by(&self.issuer)
             .map_err(CertError::Generation)?;

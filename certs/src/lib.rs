@@ -43,8 +43,8 @@ pub use bundle_sig::{
 };
 pub use ca::{
     FleetCa, IssuedKeyPair, RevokedCert, AGENT_CERT_VALIDITY_DAYS_DEFAULT, AGENT_CERT_VALIDITY_DAYS_MAX,
-    AGENT_CERT_VALIDITY_SECS_MAX, AGENT_CERT_VALIDITY_SECS_MIN,
-    CA_VALIDITY_DAYS, CLOCK_SKEW_BACKDATE_SECS, CRL_NEXT_UPDATE_DAYS, SERVER_CERT_VALIDITY_DAYS,
+    AGENT_CERT_VALIDITY_SECS_MAX, AGENT_CERT_VALIDITY_SECS_MIN, CA_VALIDITY_DAYS, CLOCK_SKEW_BACKDATE_SECS,
+    CRL_NEXT_UPDATE_DAYS, SERVER_CERT_VALIDITY_DAYS,
 };
 pub use error::CertError;
 pub use fingerprint::CaFingerprint;
@@ -57,10 +57,10 @@ pub use tls::{
     client_config_enroll, client_config_link, enrolled_ca_pem, fleet_server_config, server_config, tls_cert_error,
     trust_bundle_from_pem, EnrollServerVerifier, TRUST_BUNDLE_CAS_MAX,
 };
-pub use verifier::{ClientCertPolicy, ClientCertRefusal};
 pub use token::{
     ApiToken, ApiTokenKind, EnrollmentToken, EnrollmentTokenKind, Token, TokenHash, TokenKind, TOKEN_SECRET_BYTES,
 };
+pub use verifier::{ClientCertPolicy, ClientCertRefusal};
 
 /// Re-exported so callers can name the CRL and certificate types used in this crate's signatures
 /// without depending on `rustls-pki-types` directly.

@@ -29,7 +29,8 @@ use axum::Router;
 use gaffer_control::scheduler::{AgentConn, JobRequest, SchedulerConfig};
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{
-    AgentRecord, ApiTokenRecord, JobOrigin, JobRecord, JobState, Lease, Priority, Role, SessionRecord, Store, UserRecord,
+    AgentRecord, ApiTokenRecord, JobOrigin, JobRecord, JobState, Lease, Priority, Role, SessionRecord, Store,
+    UserRecord,
 };
 use gaffer_control::{http::router, AppState};
 use gaffer_protocol::digest::{

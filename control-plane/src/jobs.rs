@@ -294,7 +294,12 @@ pub fn transition(
                 // lease; its deadline still bounds how long the agent has to accept it.
                 t.effects.push(Effect::Assign(
                     *agent,
-                    Assignment { job_id: job.id, lease_id: lease.lease_id, path: job.path.clone(), profile: job.profile },
+                    Assignment {
+                        job_id: job.id,
+                        lease_id: lease.lease_id,
+                        path: job.path.clone(),
+                        profile: job.profile,
+                    },
                 ));
             } else {
                 let reason = format!("agent {agent} came back without the job (attempt {})", job.attempts);

@@ -820,7 +820,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let offline_sync = Arc::new(OfflineSync::open(&dd, pki.clone(), state.clone(), link.ingest())?);
     tokio::spawn(link.run(endpoint.clone()));
     let _admin =
-        admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), pki.enroll_fingerprint(), Some(offline_sync)).await?;
+        admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), pki.enroll_fingerprint(), Some(offline_sync))
+            .await?;
 
     let bound_http = http.local_addr();
     let dashboard_url = http.dashboard_url();
@@ -858,7 +859,9 @@ async fn renew_server_cert(pki: Arc<Pki>) {
             .await
         {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "server certificate renewal failed; the current one stays in use"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "server certificate renewal failed; the current one stays in use")
+            }
             Err(e) => tracing::error!(error = %e, "server certificate renewal panicked"),
         }
     }

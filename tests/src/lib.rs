@@ -245,7 +245,12 @@ impl ControlPlane {
 
     /// Runs `gaffer-control ARGS… --data-dir D --json` and returns its JSON output.
     pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let out = Command::new(bin("gaffer-control")).args(args).arg("--data-dir").arg(self.data_dir()).arg("--json").output()?;
+        let out = Command::new(bin("gaffer-control"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--json")
+            .output()?;
         json_output(&out, &format!("gaffer-control {}", args.join(" ")))
     }
 

@@ -40,10 +40,8 @@ impl Watcher {
         let longest = Arc::new(Mutex::new(HashMap::<String, Duration>::new()));
         let (s, l) = (stop.clone(), longest.clone());
         let thread = std::thread::spawn(move || {
-            let client = reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default();
+            let client =
+                reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
             let mut down_since: HashMap<String, Instant> = HashMap::new();
             let mut seen: std::collections::HashSet<String> = Default::default();
             while !s.load(Ordering::Relaxed) {
@@ -153,7 +151,11 @@ fn short_lived_certificates_are_renewed_online_while_jobs_run() -> anyhow::Resul
         jobs.len()
     );
     anyhow::ensure!(renewals >= 4.0, "only {renewals} renewals in {soak:?}\nagent log:\n{}", agent.log());
-    anyhow::ensure!(down <= Duration::from_secs(5), "the agent was disconnected for {down:?}\nagent log:\n{}", agent.log());
+    anyhow::ensure!(
+        down <= Duration::from_secs(5),
+        "the agent was disconnected for {down:?}\nagent log:\n{}",
+        agent.log()
+    );
     anyhow::ensure!(record["cert_serial"] != first_serial, "the agent still has its first certificate: {record}");
     anyhow::ensure!(server_not_after > server_not_after_0, "the server certificate was not renewed");
     let history = record["cert_history"].as_array().cloned().unwrap_or_default();
@@ -294,7 +296,12 @@ fn ca_rotation_through_every_phase_and_a_rollback_loses_no_job() -> anyhow::Resu
     for a in &agents {
         let down = longest.get(&a.agent_id).copied().unwrap_or_default();
         eprintln!("agent {}: longest disconnection {down:?}", a.agent_id);
-        anyhow::ensure!(down <= Duration::from_secs(60), "agent {} was disconnected for {down:?}\n{}", a.agent_id, a.log());
+        anyhow::ensure!(
+            down <= Duration::from_secs(60),
+            "agent {} was disconnected for {down:?}\n{}",
+            a.agent_id,
+            a.log()
+        );
     }
     Ok(())
 }

@@ -52,8 +52,8 @@ use crate::store::StoreError;
 use crate::AppState;
 
 pub use auth::{
-    Access, LoginThrottle, Permission, Throttled, ThrottledBy, LOGIN_CSRF_COOKIE, LOGIN_CSRF_COOKIE_TLS, SESSION_COOKIE,
-    SESSION_COOKIE_TLS, SESSION_TTL_MS,
+    Access, LoginThrottle, Permission, Throttled, ThrottledBy, LOGIN_CSRF_COOKIE, LOGIN_CSRF_COOKIE_TLS,
+    SESSION_COOKIE, SESSION_COOKIE_TLS, SESSION_TTL_MS,
 };
 pub use tls::HttpSecurity;
 

@@ -349,7 +349,8 @@ impl AgentSession {
         if !self.is_up() {
             return Err(SessionError::NotUp);
         }
-        let env = AgentEnvelope { agent_id: self.cfg.agent_id, seq: 0, body: AgentMessage::CertificateRequest { csr_pem } };
+        let env =
+            AgentEnvelope { agent_id: self.cfg.agent_id, seq: 0, body: AgentMessage::CertificateRequest { csr_pem } };
         let frame = encode_frame(&env, self.cfg.frame_bytes_max)?;
         self.transmit.push_unbounded(frame);
         Ok(())

@@ -282,11 +282,9 @@ impl ControlSession {
                     return Err(SessionError::NotAllowed("certificate messages need protocol 3"));
                 }
             }
-            _ => {
-                return Err(SessionError::NotAllowed(
-                    "send() carries Assign, Cancel and the certificate messages; use accept, refuse, acknowledge or reject",
-                ))
-            }
+            _ => return Err(SessionError::NotAllowed(
+                "send() carries Assign, Cancel and the certificate messages; use accept, refuse, acknowledge or reject",
+            )),
         }
         let frame = encode_frame(&msg, self.cfg.frame_bytes_max)?;
         self.transmit.push_bounded(frame)
