@@ -83,13 +83,24 @@ pub fn fleet_server_config(
     let server_ca = single_cert_der_from_pem(server_ca_pem, "server certificate's CA")?;
     let provider = ring_provider();
     let verifier = crate::verifier::FleetClientVerifier::new(&trusted, provider.clone(), policy)?;
+    link_server_config(provider, Arc::new(verifier), server, server_ca)
+}
+
+/// The endpoint config both server configs share: TLS 1.3 only, chain `[server, server_ca]`, both
+/// ALPNs, no 0-RTT, no session resumption (no tickets, no session cache).
+fn link_server_config(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    server: &IssuedKeyPair,
+    server_ca: CertificateDer<'static>,
+) -> Result<ServerConfig, CertError> {
     let mut chain = cert_chain_from_pem(&server.cert_pem, "server certificate")?;
     chain.push(server_ca);
     let key = private_key_from_pem(&server.key_pem, "server private key")?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(TLS13_ONLY)
         .map_err(CertError::TlsConfig)?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(CertError::TlsConfig)?;
     config.alpn_protocols = vec![ALPN_AGENT_LINK.to_vec(), ALPN_ENROLL.to_vec()];
@@ -125,20 +136,7 @@ pub fn server_config(
         .with_crls(crls_der)
         .build()
         .map_err(CertError::Verifier)?;
-    let mut chain = cert_chain_from_pem(&server.cert_pem, "server certificate")?;
-    chain.push(ca_der);
-    let key = private_key_from_pem(&server.key_pem, "server private key")?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(TLS13_ONLY)
-        .map_err(CertError::TlsConfig)?
-        .with_client_cert_verifier(client_verifier)
-        .with_single_cert(chain, key)
-        .map_err(CertError::TlsConfig)?;
-    config.alpn_protocols = vec![ALPN_AGENT_LINK.to_vec(), ALPN_ENROLL.to_vec()];
-    config.max_early_data_size = 0;
-    config.send_tls13_tickets = 0;
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    Ok(config)
+    link_server_config(provider, client_verifier, server, ca_der)
 }
 
 /// The agent's rustls client config for the mutually authenticated link.
