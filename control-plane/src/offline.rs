@@ -214,21 +214,6 @@ fn read_bounded(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>, Offl
     Ok(bytes)
 }
 
-/// The OS user running this process, for the audit log: `$USER`, else `uid <n>` from
-/// `/proc/self/status`, else `unknown`.
-pub fn os_user() -> String {
-    if let Some(u) = std::env::var("USER").ok().filter(|u| !u.is_empty()) {
-        return u;
-    }
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|r| r.split_whitespace().next().map(str::to_owned)))
-        })
-        .map(|uid| format!("uid {uid}"))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 impl OfflineSync {
     /// Opens the offline operations of the data dir `dd` over `state`, applying messages through
     /// `ingest` (pass the link's, [`crate::link::Link::ingest`], inside `serve`). Creates
