@@ -16,6 +16,7 @@
 //! * [`control_socket`]: `agent.sock`, through which `status` and bundle commands reach a running agent.
 //! * [`bundle`]: offline-sync bundles (export to, and replies from, the control plane).
 //! * [`datadir`]: the data directory layout.
+//! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
 //!
 //! Architecture invariant: nothing in this crate sends frames, audio or file bytes to the network;
 //! the only things that leave the box are [`gaffer_protocol`] messages (metadata and health).
@@ -32,6 +33,7 @@ pub mod link;
 pub mod models;
 pub mod outbox;
 pub mod runner;
+pub mod service;
 pub mod speech;
 pub mod vision;
 pub mod watch;

@@ -12,6 +12,7 @@
 //! * [`metrics`]: Prometheus metrics.
 //! * [`offline`]: air-gapped sites: offline enrollment, bundle import with reply, revocation.
 //! * [`datadir`]: the data directory layout and configuration.
+//! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod link;
 pub mod metrics;
 pub mod offline;
 pub mod scheduler;
+pub mod service;
 pub mod store;
 
 use std::sync::Arc;
