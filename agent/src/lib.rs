@@ -17,6 +17,7 @@
 //! * [`bundle`]: offline-sync bundles (export to, and replies from, the control plane).
 //! * [`datadir`]: the data directory layout.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
+//! * [`config`]: the configuration file (`/etc/gaffer/agent.toml`) of `run`, checked by `validate`.
 //!
 //! Architecture invariant: nothing in this crate sends frames, audio or file bytes to the network;
 //! the only things that leave the box are [`gaffer_protocol`] messages (metadata and health).
@@ -24,6 +25,7 @@
 
 pub mod analysis;
 pub mod bundle;
+pub mod config;
 pub mod control_socket;
 pub mod credentials;
 pub mod datadir;

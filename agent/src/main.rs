@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gaffer_agent::analysis::full::Models;
+use gaffer_agent::config::{self, RunOptions};
 use gaffer_agent::control_socket;
 use gaffer_agent::datadir::DataDir;
 use gaffer_agent::enroll::{self, EnrollParams};
@@ -44,6 +45,8 @@ enum Command {
     },
     /// Install, verify and list the ONNX Runtime and the analysis models.
     Models(cmd_models::ModelsArgs),
+    /// Check a configuration file without running anything: every problem, with its line.
+    Validate(ValidateArgs),
     /// Internal: one job's analysis in a worker process, started by `run` (job on stdin as one
     /// JSON line, result frames on stdout).
     #[command(hide = true)]
@@ -91,40 +94,26 @@ struct EnrollArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Data directory made by `enroll`.
+    /// Configuration file (TOML: every flag below as a key, `-` written `_`); the packages install
+    /// /etc/gaffer/agent.toml. Flags given here override it.
+    #[arg(long, env = "GAFFER_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the settings `run` would use (flags over the file over the defaults) as a
+    /// configuration file, and exit without starting.
     #[arg(long)]
-    data_dir: PathBuf,
-    /// Directory this agent may read job files from (repeatable).
-    #[arg(long = "volume")]
-    volumes: Vec<PathBuf>,
-    /// Directory to watch for new media files; each becomes a job (repeatable; also a volume).
-    #[arg(long = "watch")]
-    watches: Vec<PathBuf>,
-    /// Jobs to run at once.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    slots: u32,
-    /// Seconds a watched file must stay unchanged before it is analyzed.
-    #[arg(long, default_value_t = 2)]
-    watch_settle_secs: u64,
-    /// Profile of the jobs made from watch-folder files (`full` needs the models: `gaffer-agent
-    /// models fetch`).
-    #[arg(long, default_value = "shots")]
-    watch_profile: Profile,
-    /// Air-gapped: no link to the control plane; results wait in the outbox for
-    /// `gaffer-agent bundle export`.
+    print_config: bool,
+    #[command(flatten)]
+    options: RunOptions,
+}
+
+#[derive(clap::Args)]
+struct ValidateArgs {
+    /// The configuration file to check.
+    #[arg(long, env = "GAFFER_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Print `{"ok": bool, "errors": [{"line", "column", "key", "message"}]}`.
     #[arg(long)]
-    offline: bool,
-    /// Wall-time limit of one job's analysis worker, e.g. `20m`, `1h30m`, `90s` (units ms, s, m,
-    /// h, d). Default: max(10 min, 4 × the media's duration), 60 min when the file does not say
-    /// its duration. A job past it fails ("analysis worker exceeded the 20 min time limit").
-    #[arg(long, value_parser = gaffer_agent::worker::parse_duration)]
-    job_timeout: Option<std::time::Duration>,
-    /// Resident-memory limit of one job's analysis worker, in bytes or with a unit: `4GiB`,
-    /// `512MiB`, `2G` (every unit is a power of 1024).
-    /// Default: max(1 GiB, 75 % of this box's memory / --slots). Polled every 200 ms; a worker
-    /// above it is killed and its job fails ("analysis worker exceeded the 4 GiB memory limit").
-    #[arg(long, value_parser = gaffer_agent::worker::parse_bytes)]
-    job_memory_max: Option<u64>,
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -180,6 +169,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Analyze(args) => cmd_analyze::run(args),
         Command::Models(args) => cmd_models::run(args),
+        Command::Validate(args) => validate_cmd(args),
         Command::Status(args) => tokio::runtime::Runtime::new()?.block_on(status_cmd(args)),
         Command::Enroll(args) => tokio::runtime::Runtime::new()?.block_on(enroll_cmd(args)),
         Command::Bundle { command } => tokio::runtime::Runtime::new()?.block_on(bundle_cmd(command)),
@@ -323,18 +313,49 @@ fn canonical_dirs(dirs: &[PathBuf], what: &str) -> anyhow::Result<Vec<PathBuf>> 
         .collect()
 }
 
+/// `validate`: prints `FILE: ok`, or every problem (exit status 1).
+fn validate_cmd(args: ValidateArgs) -> anyhow::Result<()> {
+    let problems = config::validate(&args.config);
+    if args.json {
+        println!("{}", serde_json::json!({ "ok": problems.is_empty(), "errors": problems }));
+    } else if problems.is_empty() {
+        println!("{}: ok", args.config.display());
+    } else {
+        for p in &problems {
+            println!("{}", p.display_in(&args.config));
+        }
+        let n = problems.len();
+        println!("{}: {n} problem{}", args.config.display(), if n == 1 { "" } else { "s" });
+    }
+    if !problems.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
-    let dd = DataDir::new(&args.data_dir);
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => RunOptions::default(),
+    };
+    let settings = args.options.or(file).resolve()?;
+    if args.print_config {
+        print!("{}", settings.to_toml());
+        return Ok(());
+    }
+    let dd = DataDir::new(&settings.data_dir);
     let identity = dd.load_identity()?;
-    let watch_roots = canonical_dirs(&args.watches, "--watch")?;
-    let mut volumes = canonical_dirs(&args.volumes, "--volume")?;
+    let watch_roots = canonical_dirs(&settings.watch, "--watch")?;
+    let mut volumes = canonical_dirs(&settings.volume, "--volume")?;
     for w in &watch_roots {
         if !volumes.contains(w) {
             volumes.push(w.clone());
         }
     }
     if volumes.is_empty() {
-        tracing::warn!("no --volume or --watch given: this agent can run no jobs");
+        tracing::warn!(
+            "no volume or watch folder given (--volume, --watch or the config file): this agent can run no jobs"
+        );
     }
     gaffer_agent::analysis::init_ffmpeg()?;
 
@@ -368,10 +389,10 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     let runner = Runner::new(
         RunnerConfig {
             volumes: volumes.clone(),
-            job_slots: args.slots,
+            job_slots: settings.slots,
             models,
-            job_timeout: args.job_timeout,
-            job_memory_max_bytes: args.job_memory_max,
+            job_timeout: settings.job_timeout,
+            job_memory_max_bytes: settings.job_memory_max,
             ..RunnerConfig::default()
         },
         outbox.clone(),
@@ -382,7 +403,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         gpus: health.gpus(),
         volumes: to_strings(&volumes),
         watch_roots: to_strings(&watch_roots),
-        job_slots: args.slots,
+        job_slots: settings.slots,
         profiles,
         models: installed_models,
     };
@@ -395,13 +416,13 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     runner.enqueue_offline_assignments()?;
     runner.dispatch();
 
-    let watch_profile = args.watch_profile;
+    let watch_profile = settings.watch_profile;
     if !watch_roots.is_empty() && !capabilities.profiles.contains(&watch_profile) {
         anyhow::bail!(
             "--watch-profile {watch_profile} is not available on this agent (it runs: {}); install the models with \
              `gaffer-agent models fetch --data-dir {}`",
             capabilities.profiles.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "),
-            args.data_dir.display()
+            settings.data_dir.display()
         );
     }
     let _watcher = if watch_roots.is_empty() {
@@ -410,7 +431,11 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let seen = ledger.clone();
         let handle = watch::spawn_watcher(
-            WatchConfig { roots: watch_roots.clone(), settle_secs: args.watch_settle_secs, ..WatchConfig::default() },
+            WatchConfig {
+                roots: watch_roots.clone(),
+                settle_secs: settings.watch_settle_secs,
+                ..WatchConfig::default()
+            },
             move |f| seen.contains(f),
             tx,
         )?;
@@ -436,7 +461,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         Some(handle)
     };
 
-    let link_status = (!args.offline).then(|| Arc::new(LinkStatus::default()));
+    let link_status = (!settings.offline).then(|| Arc::new(LinkStatus::default()));
     let handles = Arc::new(control_socket::AgentHandles {
         agent_id: identity.agent_id.to_string(),
         site: identity.site.clone(),
@@ -448,7 +473,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     });
     let _socket = control_socket::serve(&dd.socket_path(), handles).await?;
     tracing::info!(agent_id = %identity.agent_id, site = %identity.site, control = %identity.control_addr,
-        offline = args.offline, volumes = ?volumes, slots = args.slots, pending = outbox.len(), "agent starting");
+        offline = settings.offline, volumes = ?volumes, slots = settings.slots, pending = outbox.len(), "agent starting");
 
     match link_status {
         Some(status) => {

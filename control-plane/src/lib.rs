@@ -13,9 +13,12 @@
 //! * [`offline`]: air-gapped sites: offline enrollment, bundle import with reply, revocation.
 //! * [`datadir`]: the data directory layout and configuration.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
+//! * [`config`]: the configuration file (`/etc/gaffer/control.toml`) of `serve` and `init`, checked by
+//!   `validate`.
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod config;
 pub mod datadir;
 pub mod http;
 pub mod identity;

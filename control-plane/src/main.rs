@@ -1,6 +1,5 @@
 //! `gaffer-control`: command-line entry point.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +8,9 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use gaffer_certs::FleetCa;
 use gaffer_control::admin::{self, AdminRequest, AdminResponse};
+use gaffer_control::config::{self, InitOptions, ServeOptions};
 use gaffer_control::datadir::{ControlConfig, DataDir};
-use gaffer_control::http::tls::{HttpServer, HttpServerOptions, HttpTlsMode};
+use gaffer_control::http::tls::{HttpServer, HttpServerOptions};
 use gaffer_control::identity::{self, LinkCertPolicy, Pki};
 use gaffer_control::ingest::Ingest;
 use gaffer_control::jobs::JobPolicy;
@@ -36,6 +36,8 @@ enum Command {
     Init(InitArgs),
     /// Run the QUIC endpoint, the scheduler and the HTTP dashboard/API.
     Serve(ServeArgs),
+    /// Check a configuration file without running anything: every problem, with its line.
+    Validate(ValidateArgs),
     /// Enrollment tokens for new agents.
     Token {
         #[command(subcommand)]
@@ -147,26 +149,13 @@ enum AgentCommand {
 
 #[derive(clap::Args)]
 struct InitArgs {
-    /// Data directory to create (mode 0700).
-    #[arg(long)]
-    data_dir: PathBuf,
-    /// UDP address for agents (QUIC).
-    #[arg(long, default_value = "0.0.0.0:7443")]
-    quic_listen: SocketAddr,
-    /// TCP address for the dashboard and API.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    http_listen: SocketAddr,
-    /// DNS name or IP address agents use to reach this control plane (repeatable). These become
-    /// the server certificate's SANs. Default: localhost, 127.0.0.1 and this host's name.
-    #[arg(long = "server-name")]
-    server_names: Vec<String>,
-    /// Display name of the fleet (in the CA's name).
-    #[arg(long, default_value = "studio")]
-    fleet_name: String,
-    /// Lifetime of agent certificates (and of this control plane's server certificate), e.g. 7d,
-    /// 12h, 10m; at least 60s, at most 825d. Agents renew online at half of it.
-    #[arg(long, default_value = "7d")]
-    agent_cert_ttl: humantime::Duration,
+    /// Configuration file (TOML) to take data_dir, quic_listen, http_listen, agent_cert_ttl and
+    /// the [init] table from; the packages install /etc/gaffer/control.toml. Flags given here
+    /// override it.
+    #[arg(long, env = "GAFFER_CONTROL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    options: InitOptions,
     /// Print the result as JSON (`admin_user`, `admin_password`, `ca_fingerprint`, `data_dir`).
     #[arg(long)]
     json: bool,
@@ -174,60 +163,26 @@ struct InitArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Data directory made by `init`.
+    /// Configuration file (TOML: every flag below as a key, `-` written `_`); the packages install
+    /// /etc/gaffer/control.toml. Flags given here override it.
+    #[arg(long, env = "GAFFER_CONTROL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the settings `serve` would use (flags over the file over the defaults) as a
+    /// configuration file, and exit without starting.
     #[arg(long)]
-    data_dir: PathBuf,
-    /// Lifetime of the agent and server certificates issued from now on, e.g. 7d, 10m (at least
-    /// 60s); overrides `init --agent-cert-ttl`.
+    print_config: bool,
+    #[command(flatten)]
+    options: ServeOptions,
+}
+
+#[derive(clap::Args)]
+struct ValidateArgs {
+    /// The configuration file to check.
+    #[arg(long, env = "GAFFER_CONTROL_CONFIG")]
+    config: PathBuf,
+    /// Print `{"ok": bool, "errors": [{"line", "column", "key", "message"}]}`.
     #[arg(long)]
-    agent_cert_ttl: Option<humantime::Duration>,
-    /// Override the QUIC address from config.json.
-    #[arg(long)]
-    quic_listen: Option<SocketAddr>,
-    /// Override the HTTP address from config.json.
-    #[arg(long)]
-    http_listen: Option<SocketAddr>,
-    /// How long a disconnected agent keeps its running jobs before they are requeued, seconds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    lease_grace_secs: u64,
-    /// How long an agent has to accept an assignment before it is requeued, seconds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    assign_timeout_secs: u64,
-    /// Attempts (leases) a job gets before it fails for good with "gave up after N attempts".
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    max_attempts: u32,
-    /// How long finished jobs (and their digests) are kept, e.g. 30d, 12h; older ones are deleted.
-    #[arg(long, default_value = "30d")]
-    finished_job_retention: humantime::Duration,
-    /// Heartbeat interval agents are told to use, seconds.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
-    heartbeat_interval_secs: u32,
-    /// A link with no traffic for this long is considered dead, seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
-    idle_timeout_secs: u64,
-    /// Append every frame received from agents to this file as JSON lines (audit of what leaves
-    /// the boxes).
-    #[arg(long)]
-    wire_audit_log: Option<PathBuf>,
-    /// HTTPS for the dashboard and API: `on`, `off`, or `auto` (on unless the HTTP address is a
-    /// loopback address).
-    #[arg(long, value_enum, default_value_t = HttpTlsMode::Auto)]
-    http_tls: HttpTlsMode,
-    /// Serve this certificate chain (PEM, leaf first) over HTTPS instead of the fleet's server
-    /// certificate. Needs --http-tls-key.
-    #[arg(long, requires = "http_tls_key")]
-    http_tls_cert: Option<PathBuf>,
-    /// The private key of --http-tls-cert (PEM; keep it 0600).
-    #[arg(long, requires = "http_tls_cert")]
-    http_tls_key: Option<PathBuf>,
-    /// /metrics requires `Authorization: Bearer TOKEN`, TOKEN being this file's content (16-256
-    /// visible characters, e.g. from `openssl rand -hex 32`).
-    #[arg(long)]
-    metrics_token_file: Option<PathBuf>,
-    /// Serve /metrics (plain HTTP, nothing else) on this address instead of the dashboard's,
-    /// e.g. an internal interface for Prometheus.
-    #[arg(long)]
-    metrics_listen: Option<SocketAddr>,
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -387,6 +342,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Init(args) => init(args),
         Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Validate(args) => validate(args),
         Command::Token { command: TokenCommand::Create { data_dir, site, ttl, json } } => {
             let ttl_secs = Duration::from(ttl).as_secs();
             let req = AdminRequest::CreateEnrollmentToken { site: site.clone(), ttl_secs };
@@ -689,10 +645,35 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
 /// The user `init` creates.
 const ADMIN_USER: &str = "admin";
 
+/// `validate`: prints `FILE: ok`, or every problem (exit status 1).
+fn validate(args: ValidateArgs) -> anyhow::Result<()> {
+    let problems = config::validate(&args.config);
+    if args.json {
+        println!("{}", serde_json::json!({ "ok": problems.is_empty(), "errors": problems }));
+    } else if problems.is_empty() {
+        println!("{}: ok", args.config.display());
+    } else {
+        for p in &problems {
+            println!("{}", p.display_in(&args.config));
+        }
+        let n = problems.len();
+        println!("{}: {n} problem{}", args.config.display(), if n == 1 { "" } else { "s" });
+    }
+    if !problems.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn init(args: InitArgs) -> anyhow::Result<()> {
-    let dd = DataDir::new(&args.data_dir);
+    let file = match &args.config {
+        Some(path) => config::load(path)?.init,
+        None => InitOptions::default(),
+    };
+    let settings = args.options.or(file).resolve()?;
+    let dd = DataDir::new(&settings.data_dir);
     dd.create()?;
-    let mut server_names = args.server_names.clone();
+    let mut server_names = settings.server_name.clone();
     if server_names.is_empty() {
         server_names = vec!["localhost".into(), "127.0.0.1".into()];
         if let Ok(h) = hostname() {
@@ -701,9 +682,9 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let agent_cert_ttl_secs = Duration::from(args.agent_cert_ttl).as_secs();
+    let agent_cert_ttl_secs = settings.agent_cert_ttl.as_secs();
     identity::check_ttl(agent_cert_ttl_secs)?;
-    let ca = FleetCa::generate(&args.fleet_name)?;
+    let ca = FleetCa::generate(&settings.fleet_name)?;
     let server = ca.issue_server_cert_secs(&server_names, agent_cert_ttl_secs)?;
     gaffer_certs::write_secret_file(&dd.ca_key_path(), ca.key_pem().as_bytes())?;
     dd.write_public(&dd.ca_cert_path(), ca.cert_pem().as_bytes())?;
@@ -718,10 +699,10 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     store.flush()?;
 
     let config = ControlConfig {
-        quic_listen: args.quic_listen,
-        http_listen: args.http_listen,
+        quic_listen: settings.quic_listen,
+        http_listen: settings.http_listen,
         server_names: server_names.clone(),
-        fleet_name: args.fleet_name.clone(),
+        fleet_name: settings.fleet_name.clone(),
         agent_cert_ttl_secs,
     };
     dd.write_public(&dd.config_path(), serde_json::to_string_pretty(&config)?.as_bytes())?;
@@ -730,7 +711,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "data_dir": args.data_dir,
+                "data_dir": settings.data_dir,
                 "ca_fingerprint": fp,
                 "admin_user": ADMIN_USER,
                 "admin_password": password,
@@ -738,14 +719,14 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!("Initialized {}", args.data_dir.display());
+        println!("Initialized {}", settings.data_dir.display());
         println!("  CA fingerprint (SHA-256): {fp}");
         println!("  server names:             {}", server_names.join(", "));
         println!("  dashboard user:           {ADMIN_USER} (role admin)");
         println!("  its password:             {password}");
         println!("This password is shown once; it is stored only as an argon2 hash.");
         println!("Add people with `gaffer-control user add --name NAME --role viewer|operator|admin`.");
-        println!("Next: gaffer-control serve --data-dir {}", args.data_dir.display());
+        println!("Next: gaffer-control serve --data-dir {}", settings.data_dir.display());
     }
     Ok(())
 }
@@ -755,7 +736,16 @@ fn hostname() -> anyhow::Result<String> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let dd = DataDir::new(&args.data_dir);
+    let file = match &args.config {
+        Some(path) => config::load(path)?.serve,
+        None => ServeOptions::default(),
+    };
+    let settings = args.options.or(file).resolve()?;
+    if args.print_config {
+        print!("{}", settings.to_toml());
+        return Ok(());
+    }
+    let dd = DataDir::new(&settings.data_dir);
     let config = dd.load_config()?;
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&dd.store_path())
@@ -768,13 +758,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let policy = JobPolicy {
-        assign_timeout_ms: args.assign_timeout_secs * 1000,
-        lease_grace_ms: args.lease_grace_secs * 1000,
-        max_attempts: args.max_attempts,
+        assign_timeout_ms: settings.assign_timeout_secs * 1000,
+        lease_grace_ms: settings.lease_grace_secs * 1000,
+        max_attempts: settings.max_attempts,
     };
     let state = AppState::new(store.clone(), SchedulerConfig { policy, ..SchedulerConfig::default() });
 
-    let agent_cert_ttl_secs = args.agent_cert_ttl.map_or(config.agent_cert_ttl_secs, |d| Duration::from(d).as_secs());
+    let agent_cert_ttl_secs = settings.agent_cert_ttl.map_or(config.agent_cert_ttl_secs, |d| d.as_secs());
     identity::check_ttl(agent_cert_ttl_secs)?;
     let pki = Pki::open(&dd, config.server_names.clone(), agent_cert_ttl_secs, state.metrics.clone())?;
     let mut state = state;
@@ -782,24 +772,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // A server certificate past half its life (e.g. after a long stop) is renewed before serving.
     pki.renew_server_cert_if_due((gaffer_control::now_ms() / 1000) as i64)?;
     let link_cfg = LinkConfig {
-        heartbeat_interval_secs: args.heartbeat_interval_secs,
-        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
-        wire_audit_log: args.wire_audit_log.clone(),
+        heartbeat_interval_secs: settings.heartbeat_interval_secs,
+        idle_timeout: Duration::from_secs(settings.idle_timeout_secs),
+        wire_audit_log: settings.wire_audit_log.clone(),
         bundle_recipient: Some(offline::load_or_create_bundle_key(&dd)?.recipient()),
     };
     // Every agent handshake asks the live revocation set and counts its refusals.
     let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());
     let tls = pki.quic_tls(cert_policy.clone())?;
-    let quic_addr = args.quic_listen.unwrap_or(config.quic_listen);
+    let quic_addr = settings.quic_listen.unwrap_or(config.quic_listen);
     let endpoint = quinn::Endpoint::server(link::quinn_server_config(tls, &link_cfg)?, quic_addr)
         .with_context(|| format!("binding QUIC on udp/{quic_addr}"))?;
     let http_opts = HttpServerOptions {
-        listen: args.http_listen.unwrap_or(config.http_listen),
-        tls: args.http_tls,
-        tls_cert_file: args.http_tls_cert.clone(),
-        tls_key_file: args.http_tls_key.clone(),
-        metrics_token_file: args.metrics_token_file.clone(),
-        metrics_listen: args.metrics_listen,
+        listen: settings.http_listen.unwrap_or(config.http_listen),
+        tls: settings.http_tls,
+        tls_cert_file: settings.http_tls_cert.clone(),
+        tls_key_file: settings.http_tls_key.clone(),
+        metrics_token_file: settings.metrics_token_file.clone(),
+        metrics_listen: settings.metrics_listen,
     };
     // HTTPS (when on) serves the fleet server certificate through `http.fleet_cert()`, which
     // renewal can reload, or the operator's --http-tls-cert.
@@ -812,7 +802,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || scheduler.recover(gaffer_control::now_ms())).await??;
     }
     tokio::spawn(scheduler.clone().run());
-    tokio::spawn(retention_sweeper(store.clone(), Duration::from(args.finished_job_retention)));
+    tokio::spawn(retention_sweeper(store.clone(), settings.finished_job_retention));
     tokio::spawn(renew_server_cert(pki.clone()));
     tokio::spawn(reload_tls(pki.clone(), endpoint.clone(), cert_policy, link_cfg.clone(), http.fleet_cert()));
     let link = Link::new(state.clone(), pki.clone(), link_cfg)?;

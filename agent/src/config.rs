@@ -1,0 +1,649 @@
+//! Configuration files: `/etc/gaffer/agent.toml` ([`DEFAULT_CONFIG_PATH`]), read by
+//! `gaffer-agent run --config FILE` and checked by `gaffer-agent validate --config FILE`.
+//!
+//! The file is TOML. Every setting of `run` is a top-level key named like its flag with `-`
+//! written `_`: `--job-timeout 10m` is `job_timeout = "10m"`, `--watch /mnt/a --watch /mnt/b` is
+//! `watch = ["/mnt/a", "/mnt/b"]`, `--offline` is `offline = true`. Durations and sizes are the
+//! strings the flags take. A flag given on the command line overrides the file, and the file
+//! overrides the defaults: [`RunOptions::or`] then [`RunOptions::resolve`], the one place where
+//! defaults apply. `installers/config/agent.toml` lists every key with its default.
+//!
+//! [`check`] reports every problem of a file at once, each with its line and column
+//! ([`Problem`]): the document is parsed with spans (`toml::de::DeTable`, recovering after a syntax
+//! error), every key is looked up in [`RUN_KEYS`], and every value goes on its own through the
+//! parser and range check its flag uses. Unknown keys are errors (a misspelt key never quietly
+//! means "the default"); paths must be absolute (the file is read from any working directory).
+//!
+//! Secrets never go in the file: the enrollment token is given to `enroll` only, and the agent's
+//! key and certificate live in its data directory.
+//!
+//! Limits: a file larger than [`CONFIG_BYTES_MAX`] is refused before it is read; at most
+//! [`PROBLEMS_MAX`] problems are listed.
+
+use std::io::Read as _;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gaffer_protocol::messages::Profile;
+use serde::Serialize;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// Where the packages install the agent's configuration file. Read only when given with
+/// `--config` (or `GAFFER_AGENT_CONFIG`).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/gaffer/agent.toml";
+/// Largest configuration file read, bytes (1 MiB); a larger one is refused unread.
+pub const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
+/// Most problems listed for one file; the rest are counted in a last problem.
+pub const PROBLEMS_MAX: usize = 100;
+
+/// `slots` (`--slots`): jobs run at once, 1..=64.
+pub const SLOTS_RANGE: RangeInclusive<u64> = 1..=64;
+/// Default of `slots`: 1.
+pub const SLOTS_DEFAULT: u32 = 1;
+/// `watch_settle_secs` (`--watch-settle-secs`): any number of seconds.
+pub const WATCH_SETTLE_SECS_RANGE: RangeInclusive<u64> = 0..=u64::MAX;
+/// Default of `watch_profile`: `shots`.
+pub const WATCH_PROFILE_DEFAULT: Profile = Profile::Shots;
+
+/// The keys of the file: the settings of `run`, named like their flags.
+pub const RUN_KEYS: &[&str] = &[
+    "data_dir",
+    "volume",
+    "watch",
+    "slots",
+    "watch_settle_secs",
+    "watch_profile",
+    "offline",
+    "job_timeout",
+    "job_memory_max",
+];
+
+/// The settings of `gaffer-agent run` as one source gives them (the command line, or a
+/// configuration file): `None` where that source does not set one. The field names are the
+/// file's keys; the flags are the same names with `-`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct RunOptions {
+    /// Data directory made by `enroll`. Required (as a flag or in the configuration file).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Directory this agent may read job files from (repeatable). Given as flags, they replace
+    /// the file's list. Default: none.
+    #[arg(long)]
+    pub volume: Option<Vec<PathBuf>>,
+    /// Directory to watch for new media files; each becomes a job (repeatable; also a volume).
+    /// Given as flags, they replace the file's list. Default: none.
+    #[arg(long)]
+    pub watch: Option<Vec<PathBuf>>,
+    /// Jobs to run at once, 1..=64. Default: 1.
+    #[arg(long, value_parser = slots_flag)]
+    pub slots: Option<u32>,
+    /// Seconds a watched file must stay unchanged before it is analyzed. Default: 2.
+    #[arg(long, value_parser = watch_settle_secs_flag)]
+    pub watch_settle_secs: Option<u64>,
+    /// Profile of the jobs made from watch-folder files: `shots` or `full` (`full` needs the
+    /// models: `gaffer-agent models fetch`). Default: shots.
+    #[arg(long)]
+    pub watch_profile: Option<Profile>,
+    /// Air-gapped: no link to the control plane; results wait in the outbox for
+    /// `gaffer-agent bundle export`. `--offline=false` overrides `offline = true` in the file.
+    /// Default: false.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub offline: Option<bool>,
+    /// Wall-time limit of one job's analysis worker, e.g. `20m`, `1h30m`, `90s` (units ms, s, m,
+    /// h, d). Default: max(10 min, 4 × the media's duration), 60 min when the file does not say
+    /// its duration. A job past it fails ("analysis worker exceeded the 20 min time limit").
+    #[arg(long, value_parser = crate::worker::parse_duration)]
+    pub job_timeout: Option<Duration>,
+    /// Resident-memory limit of one job's analysis worker, in bytes or with a unit: `4GiB`,
+    /// `512MiB`, `2G` (every unit is a power of 1024).
+    /// Default: max(1 GiB, 75 % of this box's memory / slots). Polled every 200 ms; a worker
+    /// above it is killed and its job fails ("analysis worker exceeded the 4 GiB memory limit").
+    #[arg(long, value_parser = crate::worker::parse_bytes)]
+    pub job_memory_max: Option<u64>,
+}
+
+/// The settings `run` uses: [`RunOptions`] with the defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSettings {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Directories job files may come from (the watch folders are added by `run`).
+    pub volume: Vec<PathBuf>,
+    /// Watch folders.
+    pub watch: Vec<PathBuf>,
+    /// Jobs run at once.
+    pub slots: u32,
+    /// Seconds a watched file must stay unchanged.
+    pub watch_settle_secs: u64,
+    /// Profile of watch-folder jobs.
+    pub watch_profile: Profile,
+    /// No link to the control plane.
+    pub offline: bool,
+    /// Fixed wall-time limit of a worker; `None`: scaled to each media file.
+    pub job_timeout: Option<Duration>,
+    /// Fixed memory limit of a worker, bytes; `None`: from this box's memory and `slots`.
+    pub job_memory_max: Option<u64>,
+}
+
+/// A configuration file or a set of settings that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be used: every problem found is listed (`validate` lists the same).
+    #[error("{}", render_problems(.path, .problems))]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found, in file order.
+        problems: Vec<Problem>,
+    },
+    /// A setting without a default is set neither by a flag nor in the file.
+    #[error("{flag} is required (or `{key} = ...` in the configuration file)")]
+    Missing {
+        /// The flag, e.g. `--data-dir`.
+        flag: &'static str,
+        /// The file's key, e.g. `data_dir`.
+        key: &'static str,
+    },
+}
+
+/// One problem of a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Line, from 1; `None` for a problem of the whole file (too large, unreadable).
+    pub line: Option<usize>,
+    /// Column, in characters from 1; `None` with `line`.
+    pub column: Option<usize>,
+    /// The key, dotted from the top of the file (`init.fleet_name`); `None` for syntax errors and
+    /// problems of the whole file.
+    pub key: Option<String>,
+    /// What is wrong, and what to write instead.
+    pub message: String,
+}
+
+impl Problem {
+    fn whole_file(message: String) -> Problem {
+        Problem { line: None, column: None, key: None, message }
+    }
+
+    /// `FILE:LINE:COLUMN: KEY: MESSAGE`, leaving out the parts that are `None`.
+    pub fn display_in(&self, path: &Path) -> String {
+        let mut out = path.display().to_string();
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            out.push_str(&format!(":{line}:{column}"));
+        }
+        if let Some(key) = &self.key {
+            out.push_str(&format!(": {key}"));
+        }
+        out.push_str(&format!(": {}", self.message));
+        out
+    }
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut out = format!(
+        "{}: {} problem{} (check the file with `gaffer-agent validate --config {}`):",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        path.display()
+    );
+    for p in problems {
+        out.push_str("\n  ");
+        out.push_str(&p.display_in(path));
+    }
+    out
+}
+
+impl RunOptions {
+    /// These options, with the settings they leave unset taken from `fallback` (the flags `or`
+    /// the file).
+    pub fn or(self, fallback: RunOptions) -> RunOptions {
+        RunOptions {
+            data_dir: self.data_dir.or(fallback.data_dir),
+            volume: self.volume.or(fallback.volume),
+            watch: self.watch.or(fallback.watch),
+            slots: self.slots.or(fallback.slots),
+            watch_settle_secs: self.watch_settle_secs.or(fallback.watch_settle_secs),
+            watch_profile: self.watch_profile.or(fallback.watch_profile),
+            offline: self.offline.or(fallback.offline),
+            job_timeout: self.job_timeout.or(fallback.job_timeout),
+            job_memory_max: self.job_memory_max.or(fallback.job_memory_max),
+        }
+    }
+
+    /// The settings with the defaults applied where nothing is set.
+    ///
+    /// # Errors
+    /// [`ConfigError::Missing`] without a data directory.
+    pub fn resolve(self) -> Result<RunSettings, ConfigError> {
+        Ok(RunSettings {
+            data_dir: self.data_dir.ok_or(ConfigError::Missing { flag: "--data-dir", key: "data_dir" })?,
+            volume: self.volume.unwrap_or_default(),
+            watch: self.watch.unwrap_or_default(),
+            slots: self.slots.unwrap_or(SLOTS_DEFAULT),
+            watch_settle_secs: self.watch_settle_secs.unwrap_or(crate::watch::SETTLE_SECS_DEFAULT),
+            watch_profile: self.watch_profile.unwrap_or(WATCH_PROFILE_DEFAULT),
+            offline: self.offline.unwrap_or(false),
+            job_timeout: self.job_timeout,
+            job_memory_max: self.job_memory_max,
+        })
+    }
+}
+
+impl RunSettings {
+    /// The settings as a configuration file that [`check`] reads back to the same settings (what
+    /// `run --print-config` prints). Settings whose default depends on the box or the media are
+    /// left out when not set, with a comment.
+    pub fn to_toml(&self) -> String {
+        let mut table = toml::Table::new();
+        let path = |p: &Path| toml::Value::String(p.to_string_lossy().into_owned());
+        table.insert("data_dir".into(), path(&self.data_dir));
+        table.insert("volume".into(), toml::Value::Array(self.volume.iter().map(|p| path(p)).collect()));
+        table.insert("watch".into(), toml::Value::Array(self.watch.iter().map(|p| path(p)).collect()));
+        table.insert("slots".into(), toml::Value::Integer(self.slots.into()));
+        table.insert(
+            "watch_settle_secs".into(),
+            match i64::try_from(self.watch_settle_secs) {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) => toml::Value::String(self.watch_settle_secs.to_string()),
+            },
+        );
+        table.insert("watch_profile".into(), toml::Value::String(self.watch_profile.to_string()));
+        table.insert("offline".into(), toml::Value::Boolean(self.offline));
+        let mut notes = String::new();
+        match self.job_timeout {
+            Some(d) => {
+                table.insert("job_timeout".into(), toml::Value::String(humantime::format_duration(d).to_string()));
+            }
+            None => notes.push_str("# job_timeout: not set: max(10 min, 4 × each media file's duration)\n"),
+        }
+        match self.job_memory_max {
+            Some(bytes) => {
+                table.insert("job_memory_max".into(), toml::Value::String(size_text(bytes)));
+            }
+            None => notes.push_str("# job_memory_max: not set: max(1 GiB, 75 % of this box's memory / slots)\n"),
+        }
+        format!("{table}{notes}")
+    }
+}
+
+/// `bytes` as `parse_bytes` reads it back: with the largest binary unit that divides it.
+fn size_text(bytes: u64) -> String {
+    for (unit, name) in [(1u64 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+        if bytes.is_multiple_of(unit) {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    bytes.to_string()
+}
+
+/// `--slots`: a whole number in [`SLOTS_RANGE`].
+fn slots_flag(text: &str) -> Result<u32, String> {
+    let n = integer_text(text, &SLOTS_RANGE)?;
+    u32::try_from(n).map_err(|_| format!("{n} is out of range: {}", range_text(&SLOTS_RANGE)))
+}
+
+/// `--watch-settle-secs`: a whole number in [`WATCH_SETTLE_SECS_RANGE`].
+fn watch_settle_secs_flag(text: &str) -> Result<u64, String> {
+    integer_text(text, &WATCH_SETTLE_SECS_RANGE)
+}
+
+/// A flag's whole number, checked as the file's integers are ([`in_range`]).
+fn integer_text(text: &str, range: &RangeInclusive<u64>) -> Result<u64, String> {
+    let n: i128 = text.trim().parse().map_err(|_| format!("{text:?} is not a whole number"))?;
+    in_range(n, range)
+}
+
+/// `n` if it lies in `range`; the one range check of the flags and the file.
+fn in_range(n: i128, range: &RangeInclusive<u64>) -> Result<u64, String> {
+    if n < i128::from(*range.start()) || n > i128::from(*range.end()) {
+        return Err(format!("{n} is out of range: {}", range_text(range)));
+    }
+    u64::try_from(n).map_err(|_| format!("{n} is out of range: {}", range_text(range)))
+}
+
+/// `1..=64`, or `at least 0` for a range open at the top.
+fn range_text(range: &RangeInclusive<u64>) -> String {
+    match *range.end() {
+        u64::MAX => format!("at least {}", range.start()),
+        end => format!("{}..={end}", range.start()),
+    }
+}
+
+/// Reads and checks the configuration file at `path`.
+///
+/// # Errors
+/// [`ConfigError::File`] with every problem: the file is missing or unreadable, larger than
+/// [`CONFIG_BYTES_MAX`] (refused before reading), not UTF-8, not TOML, or has unknown keys or
+/// values its flags would refuse.
+pub fn load(path: &Path) -> Result<RunOptions, ConfigError> {
+    let text = read_limited(path).map_err(|p| ConfigError::File { path: path.to_owned(), problems: vec![p] })?;
+    check(&text).map_err(|problems| ConfigError::File { path: path.to_owned(), problems })
+}
+
+/// The problems of the file at `path` (`gaffer-agent validate`); empty when it is fine.
+pub fn validate(path: &Path) -> Vec<Problem> {
+    match load(path) {
+        Ok(_) => Vec::new(),
+        Err(ConfigError::File { problems, .. }) => problems,
+        Err(e) => vec![Problem::whole_file(e.to_string())],
+    }
+}
+
+/// Reads the file as UTF-8, refusing one larger than [`CONFIG_BYTES_MAX`] before reading it (and
+/// reading no more than that from a file that grows, or is no regular file).
+fn read_limited(path: &Path) -> Result<String, Problem> {
+    let file = std::fs::File::open(path).map_err(|e| Problem::whole_file(format!("cannot open it: {e}")))?;
+    let too_large = |bytes: String| {
+        Problem::whole_file(format!(
+            "the file is {bytes} bytes; a configuration file may be at most {CONFIG_BYTES_MAX} bytes (1 MiB): \
+             it was not read"
+        ))
+    };
+    let meta = file.metadata().map_err(|e| Problem::whole_file(format!("cannot read it: {e}")))?;
+    if meta.is_dir() {
+        return Err(Problem::whole_file("is a directory, not a configuration file".into()));
+    }
+    if meta.len() > CONFIG_BYTES_MAX {
+        return Err(too_large(meta.len().to_string()));
+    }
+    let mut bytes = Vec::new();
+    file.take(CONFIG_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Problem::whole_file(format!("cannot read it: {e}")))?;
+    if bytes.len() as u64 > CONFIG_BYTES_MAX {
+        return Err(too_large("more than that".into()));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = std::str::from_utf8(valid)
+            .map_or(0, |v| v.rsplit_once('\n').map_or(v, |(_, last)| last).chars().count())
+            + 1;
+        Problem {
+            line: Some(line),
+            column: Some(column),
+            key: None,
+            message: "not UTF-8 text: a configuration file is TOML, which is UTF-8".into(),
+        }
+    })
+}
+
+/// Checks a configuration file's text and gives the options it sets.
+///
+/// # Errors
+/// Every problem found, in file order (at most [`PROBLEMS_MAX`], the last one then counting the
+/// rest): syntax errors, unknown keys (with a hint when the key is a flag's spelling, a table or a
+/// secret), values of the wrong type, and values the key's flag would refuse (same parser, same
+/// range). Values a syntax error damaged are not checked further.
+pub fn check(text: &str) -> Result<RunOptions, Vec<Problem>> {
+    let (mut doc, root) = Doc::parse(text);
+    let mut options = RunOptions::default();
+    for (key, value) in root.get_ref() {
+        let name = key.get_ref().as_ref();
+        if !RUN_KEYS.contains(&name) {
+            doc.report(key.span(), Some(name), unknown_key(name));
+            continue;
+        }
+        if doc.is_damaged(&value.span()) {
+            continue;
+        }
+        match apply_run_key(&mut options, name, value) {
+            Ok(true) => {}
+            Ok(false) => doc.report(key.span(), Some(name), unknown_key(name)),
+            Err(bad) => doc.report(bad.span, Some(name), bad.message),
+        }
+    }
+    doc.finish().map(|()| options)
+}
+
+/// Sets `key` from `value`: `Ok(false)` for a key `run` does not have.
+fn apply_run_key(o: &mut RunOptions, key: &str, value: &Spanned<DeValue<'_>>) -> Result<bool, Bad> {
+    match key {
+        "data_dir" => o.data_dir = Some(path(value)?),
+        "volume" => o.volume = Some(paths(value)?),
+        "watch" => o.watch = Some(paths(value)?),
+        "slots" => {
+            let n = integer(value, &SLOTS_RANGE)?;
+            o.slots = Some(u32::try_from(n).map_err(|_| bad(value, format!("{n} is out of range")))?);
+        }
+        "watch_settle_secs" => o.watch_settle_secs = Some(integer(value, &WATCH_SETTLE_SECS_RANGE)?),
+        "watch_profile" => o.watch_profile = Some(parsed(value, "\"shots\"", |s| s.parse::<Profile>())?),
+        "offline" => o.offline = Some(boolean(value)?),
+        "job_timeout" => o.job_timeout = Some(parsed(value, "\"20m\"", crate::worker::parse_duration)?),
+        "job_memory_max" => {
+            o.job_memory_max = Some(match value.get_ref() {
+                // A plain number of bytes reads as the flag would read its digits.
+                DeValue::Integer(_) => crate::worker::parse_bytes(&integer(value, &(1..=u64::MAX))?.to_string())
+                    .map_err(|e| bad(value, e))?,
+                _ => parsed(value, "\"4GiB\"", crate::worker::parse_bytes)?,
+            })
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// The message for an unknown key, with a hint where one helps.
+fn unknown_key(key: &str) -> String {
+    let underscored = key.replace('-', "_");
+    if underscored != key && RUN_KEYS.contains(&underscored.as_str()) {
+        return format!("unknown key; write `{underscored}` (flags' `-` is `_` in the file)");
+    }
+    let lower = key.to_ascii_lowercase();
+    if ["token", "password", "secret", "private_key"].iter().any(|s| lower.contains(s)) {
+        return "unknown key: secrets never go in this file; the enrollment token is given to \
+                `gaffer-agent enroll --token` only, and the agent's key stays in its data directory"
+            .into();
+    }
+    if key == "run" {
+        return "unknown key: the settings of `gaffer-agent run` go at the top of the file, not in a [run] table"
+            .into();
+    }
+    format!("unknown key (the keys are: {})", RUN_KEYS.join(", "))
+}
+
+// ---- The checker's parts: the document with positions, and typed values. ----
+
+/// A value that cannot be used: where (the value, or an element of it) and why.
+struct Bad {
+    span: Range<usize>,
+    message: String,
+}
+
+fn bad(value: &Spanned<DeValue<'_>>, message: impl Into<String>) -> Bad {
+    Bad { span: value.span(), message: message.into() }
+}
+
+/// "a string", "an integer", … for messages.
+fn kind(value: &DeValue<'_>) -> &'static str {
+    match value {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+fn string<'a>(value: &'a Spanned<DeValue<'_>>, example: &str) -> Result<&'a str, Bad> {
+    match value.get_ref() {
+        DeValue::String(s) => Ok(s.as_ref()),
+        other => Err(bad(value, format!("expected a string, e.g. {example}; found {}", kind(other)))),
+    }
+}
+
+/// A string read by `parse`, the flag's own parser.
+fn parsed<T, E: std::fmt::Display>(
+    value: &Spanned<DeValue<'_>>,
+    example: &str,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Result<T, Bad> {
+    parse(string(value, example)?).map_err(|e| bad(value, e.to_string()))
+}
+
+/// An integer in `range` (checked by [`in_range`], as the flag is).
+fn integer(value: &Spanned<DeValue<'_>>, range: &RangeInclusive<u64>) -> Result<u64, Bad> {
+    match value.get_ref() {
+        DeValue::Integer(i) => {
+            let n = i128::from_str_radix(i.as_str(), i.radix())
+                .map_err(|_| bad(value, format!("{} is not a whole number", i.as_str())))?;
+            in_range(n, range).map_err(|e| bad(value, e))
+        }
+        other => Err(bad(value, format!("expected an integer ({}); found {}", range_text(range), kind(other)))),
+    }
+}
+
+fn boolean(value: &Spanned<DeValue<'_>>) -> Result<bool, Bad> {
+    match value.get_ref() {
+        DeValue::Boolean(b) => Ok(*b),
+        other => Err(bad(value, format!("expected true or false; found {}", kind(other)))),
+    }
+}
+
+/// An absolute path.
+fn path(value: &Spanned<DeValue<'_>>) -> Result<PathBuf, Bad> {
+    let text = string(value, "\"/var/lib/gaffer-agent\"")?;
+    if text.is_empty() {
+        return Err(bad(value, "empty path"));
+    }
+    let p = PathBuf::from(text);
+    if !p.is_absolute() {
+        return Err(bad(value, format!("{text:?} is a relative path; write it absolute, e.g. \"/{text}\"")));
+    }
+    Ok(p)
+}
+
+/// An array of absolute paths; a bad element is reported where it is.
+fn paths(value: &Spanned<DeValue<'_>>) -> Result<Vec<PathBuf>, Bad> {
+    match value.get_ref() {
+        DeValue::Array(items) => items.iter().map(path).collect(),
+        other => Err(bad(value, format!("expected an array of paths, e.g. [\"/mnt/media\"]; found {}", kind(other)))),
+    }
+}
+
+/// A document being checked: its text, where its lines start, the spans of its syntax errors,
+/// and the problems found so far.
+struct Doc<'t> {
+    text: &'t str,
+    line_starts: Vec<usize>,
+    damaged: Vec<Range<usize>>,
+    problems: Vec<Problem>,
+}
+
+impl<'t> Doc<'t> {
+    /// Parses `text`, recording every syntax error; the table holds what could be recovered.
+    fn parse(text: &'t str) -> (Doc<'t>, Spanned<DeTable<'t>>) {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect::<Vec<_>>();
+        let (root, errors) = DeTable::parse_recoverable(text);
+        let mut doc = Doc { text, line_starts, damaged: Vec::new(), problems: Vec::new() };
+        for e in errors {
+            let span = e.span().unwrap_or(0..0);
+            doc.report(span.clone(), None, format!("TOML syntax: {}", e.message()));
+            doc.damaged.push(span);
+        }
+        (doc, root)
+    }
+
+    /// Line and column (from 1, the column in characters) of byte `offset`.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(self.text.len());
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let start = self.line_starts[line.saturating_sub(1)];
+        (line, self.text[start..offset].chars().count() + 1)
+    }
+
+    fn report(&mut self, span: Range<usize>, key: Option<&str>, message: String) {
+        let (line, column) = self.position(span.start);
+        self.problems.push(Problem { line: Some(line), column: Some(column), key: key.map(str::to_owned), message });
+    }
+
+    /// Whether a syntax error lies in or touches `span` (its value is what recovery made of it).
+    fn is_damaged(&self, span: &Range<usize>) -> bool {
+        self.damaged.iter().any(|d| d.start <= span.end && span.start <= d.end)
+    }
+
+    /// `Ok` when nothing was found, else the problems in file order, at most [`PROBLEMS_MAX`].
+    fn finish(mut self) -> Result<(), Vec<Problem>> {
+        if self.problems.is_empty() {
+            return Ok(());
+        }
+        self.problems.sort_by_key(|p| (p.line, p.column));
+        if self.problems.len() > PROBLEMS_MAX {
+            let more = self.problems.len() - (PROBLEMS_MAX - 1);
+            self.problems.truncate(PROBLEMS_MAX - 1);
+            self.problems.push(Problem::whole_file(format!("{more} more problems not listed")));
+        }
+        Err(self.problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_count_lines_and_characters_from_one() {
+        let (doc, _) = Doc::parse("a = 1\nbé = 2\n\nc = 3");
+        assert_eq!(doc.position(0), (1, 1));
+        assert_eq!(doc.position(6), (2, 1));
+        // Byte 10 is the `=` after "bé " (4 bytes, 3 characters).
+        assert_eq!(doc.position(10), (2, 4));
+        assert_eq!(doc.position(14), (3, 1));
+        assert_eq!(doc.position(15), (4, 1));
+        assert_eq!(doc.position(1000), (4, 6));
+    }
+
+    #[test]
+    fn every_key_is_accepted_with_a_good_value_and_nothing_else_is() {
+        let good = [
+            ("data_dir", "\"/d\""),
+            ("volume", "[\"/v\"]"),
+            ("watch", "[]"),
+            ("slots", "2"),
+            ("watch_settle_secs", "0"),
+            ("watch_profile", "\"full\""),
+            ("offline", "true"),
+            ("job_timeout", "\"1h 30m\""),
+            ("job_memory_max", "\"4GiB\""),
+        ];
+        assert_eq!(good.map(|(k, _)| k).as_slice(), RUN_KEYS);
+        for (key, value) in good {
+            let opts = check(&format!("{key} = {value}\n")).unwrap_or_else(|p| panic!("{key}: {p:?}"));
+            assert_ne!(opts, RunOptions::default(), "{key} set nothing");
+        }
+    }
+
+    #[test]
+    fn a_truncated_list_counts_the_rest() {
+        let text: String = (0..150).map(|i| format!("unknown_{i} = 1\n")).collect();
+        let problems = check(&text).expect_err("all unknown");
+        assert_eq!(problems.len(), PROBLEMS_MAX);
+        assert_eq!(problems[PROBLEMS_MAX - 1].message, "51 more problems not listed");
+    }
+
+    #[test]
+    fn printed_settings_read_back_the_same() {
+        let settings = RunSettings {
+            data_dir: "/var/lib/gaffer-agent".into(),
+            volume: vec!["/mnt/a".into(), "/mnt/b b".into()],
+            watch: vec!["/mnt/w".into()],
+            slots: 4,
+            watch_settle_secs: 7,
+            watch_profile: Profile::Full,
+            offline: true,
+            job_timeout: Some(Duration::from_millis(5_400_250)),
+            job_memory_max: Some(3 << 29),
+        };
+        let text = settings.to_toml();
+        let back = check(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}")).resolve().map_err(|e| e.to_string());
+        assert_eq!(back, Ok(settings), "{text}");
+    }
+}
