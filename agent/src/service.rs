@@ -114,10 +114,10 @@ pub fn agent_status(control_addr: &str, link: Option<&LinkStatus>, runner: &Runn
     };
     let full = if runner.outbox().is_full() { ", outbox full: taking no new jobs" } else { "" };
     format!(
-        "{link}, {} running, {} queued, {} slots{full}",
+        "{link}, {} running, {} queued, {}{full}",
         plural(runner.jobs_running(), "job"),
         runner.jobs_queued(),
-        runner.job_slots()
+        plural(runner.job_slots(), "slot")
     )
 }
 
@@ -319,16 +319,13 @@ mod tests {
                 }
                 "hung" => {
                     ready("starting");
-                    let lock = Arc::new(std::sync::Mutex::new(()));
-                    let held = lock.lock().expect("lock");
-                    let lock2 = lock.clone();
-                    let _handle = spawn_watchdog(move || {
-                        let _g = lock2.lock().map_err(|e| e.to_string())?;
+                    // A report stuck for good, as on a deadlocked lock.
+                    let _handle = spawn_watchdog(|| {
+                        std::thread::sleep(Duration::from_secs(3600));
                         Ok("never".to_owned())
                     })
                     .expect("NOTIFY_SOCKET is set");
                     tokio::time::sleep(Duration::from_millis(2500)).await;
-                    drop(held);
                 }
                 "not-for-us" | "no-socket" => {
                     ready("starting");
@@ -339,7 +336,7 @@ mod tests {
                 other => panic!("unknown scenario {other}"),
             }
         });
-        // A hung report's thread must not keep the child alive.
+        // A hung report's thread must not keep the child alive (the process exits after this).
         rt.shutdown_timeout(Duration::from_millis(100));
     }
 
@@ -418,6 +415,24 @@ mod tests {
             "{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn agent_status_names_the_link_jobs_and_slots() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path().join("state")).expect("state db");
+        let outbox = crate::outbox::Outbox::open(&db).expect("outbox");
+        let cfg = crate::runner::RunnerConfig { job_slots: 4, ..Default::default() };
+        let runner = Runner::new(cfg, outbox, &db).expect("runner");
+        let link = LinkStatus::default();
+        assert_eq!(
+            agent_status("cp.test:7443", Some(&link), &runner),
+            "reconnecting to cp.test:7443, 0 jobs running, 0 queued, 4 slots"
+        );
+        assert_eq!(
+            agent_status("cp.test:7443", None, &runner),
+            "offline (bundles only), 0 jobs running, 0 queued, 4 slots"
         );
     }
 

@@ -316,16 +316,13 @@ mod tests {
                 }
                 "hung" => {
                     ready("starting");
-                    let lock = Arc::new(std::sync::Mutex::new(()));
-                    let held = lock.lock().expect("lock");
-                    let lock2 = lock.clone();
-                    let _handle = spawn_watchdog(move || {
-                        let _g = lock2.lock().map_err(|e| e.to_string())?;
+                    // A report stuck for good, as on a deadlocked lock.
+                    let _handle = spawn_watchdog(|| {
+                        std::thread::sleep(Duration::from_secs(3600));
                         Ok("never".to_owned())
                     })
                     .expect("NOTIFY_SOCKET is set");
                     tokio::time::sleep(Duration::from_millis(2500)).await;
-                    drop(held);
                 }
                 "not-for-us" | "no-socket" => {
                     ready("starting");
@@ -336,7 +333,7 @@ mod tests {
                 other => panic!("unknown scenario {other}"),
             }
         });
-        // A hung report's thread must not keep the child alive.
+        // A hung report's thread must not keep the child alive (the process exits after this).
         rt.shutdown_timeout(Duration::from_millis(100));
     }
 
