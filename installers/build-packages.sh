@@ -51,6 +51,11 @@ esac
 
 # --- tools ---------------------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs) and re-run"
+# cargo-deb stages every package in $CARGO_TARGET_DIR/debian/: one run of this script at a time
+# per target dir.
+mkdir -p "$CARGO_TARGET_DIR"
+exec 9>"$CARGO_TARGET_DIR/.build-packages.lock"
+flock -n 9 || { log "waiting for another build-packages.sh on $CARGO_TARGET_DIR"; flock 9; }
 for tool in dpkg-deb dpkg-shlibdeps strip; do
   # dpkg-shlibdeps finds the shared libraries (FFmpeg's sonames) for the packages' Depends.
   command -v "$tool" >/dev/null || die "$tool not found: run scripts/setup.sh (it installs dpkg-dev)"
