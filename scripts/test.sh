@@ -11,6 +11,10 @@ echo "[test] building…" >&2
 # One build of every test target; it also builds gaffer-control and gaffer-agent, which the
 # end-to-end tests run (a separate `cargo build` would unify features differently and rebuild).
 cargo test --locked --workspace --no-run
+# The .deb packages and the agent tarball, from the debug binaries just built (no second, release
+# build); tests/tests/packages.rs checks them.
+GAFFER_PACKAGES_DIR="$(bash installers/build-packages.sh --profile dev | tail -n1)"
+export GAFFER_PACKAGES_DIR
 # cargo-nextest, pinned, runs the tests: every test in its own process, all test threads kept busy
 # across test binaries (settings in .config/nextest.toml). Installed into the cache if the
 # machine does not already have this version.
