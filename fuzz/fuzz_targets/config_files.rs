@@ -7,7 +7,7 @@
 //! panic, and no allocation beyond what the input's size justifies.
 //!
 //! A new configuration file format gets a `ConfigFile` variant, an arm here and a seed in
-//! `gaffer_fuzz::corpus::config_files` (issue 9's TOML files go here).
+//! `gaffer_fuzz::corpus::config_files`.
 #![no_main]
 
 use gaffer_agent::datadir::AgentIdentity;
@@ -34,6 +34,30 @@ fn json<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(bytes: &[
 
 fn text(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
+}
+
+fn problems_are_placed(text: &str, problems: &[gaffer_agent::config::Problem]) {
+    let placed = problems.iter().map(|p| (p.line, p.column, p.message.as_str())).collect::<Vec<_>>();
+    placed_in(text, &placed, gaffer_agent::config::PROBLEMS_MAX);
+}
+
+/// A refused file has at least one problem, each (but the count of those not listed) at a line
+/// and column inside the file, in file order, at most `max` of them.
+fn placed_in(text: &str, problems: &[(Option<usize>, Option<usize>, &str)], max: usize) {
+    assert!(!problems.is_empty(), "a refused file with no problem");
+    assert!(problems.len() <= max, "{} problems listed", problems.len());
+    let lines = text.split('\n').collect::<Vec<_>>();
+    let mut last = (0, 0);
+    for (i, &(line, column, message)) in problems.iter().enumerate() {
+        let (Some(line), Some(column)) = (line, column) else {
+            assert_eq!(i, max - 1, "only the count has no place: {message}");
+            continue;
+        };
+        let width = lines.get(line - 1).map(|l| l.chars().count()).unwrap_or_else(|| panic!("line {line}: {message}"));
+        assert!(column >= 1 && column <= width + 1, "{line}:{column} is outside the line: {message}");
+        assert!((line, column) >= last, "problems out of order at {line}:{column}");
+        last = (line, column);
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -123,6 +147,48 @@ fuzz_target!(|data: &[u8]| {
             if let Some(t) = text(rest) {
                 let _ = gaffer_agent::models::manifest::items_for_wheel(t);
                 let _ = gaffer_agent::models::known_item(t);
+            }
+        }
+        ConfigFile::AgentToml => {
+            // `validate` / `run --config`: every problem, or the options; `run --print-config`
+            // prints the settings as a file that must read back to the same settings.
+            if let Some(t) = text(rest) {
+                match gaffer_agent::config::check(t) {
+                    Ok(options) => {
+                        if let Ok(settings) = options.resolve() {
+                            let printed = settings.to_toml();
+                            let back = gaffer_agent::config::check(&printed)
+                                .unwrap_or_else(|p| panic!("printed settings do not check: {p:?}\n{printed}"))
+                                .resolve()
+                                .unwrap_or_else(|e| panic!("printed settings do not resolve: {e}\n{printed}"));
+                            assert_eq!(back, settings, "printing and reading the settings changed them\n{printed}");
+                        }
+                    }
+                    Err(problems) => problems_are_placed(t, &problems),
+                }
+            }
+        }
+        ConfigFile::ControlToml => {
+            if let Some(t) = text(rest) {
+                match gaffer_control::config::check(t) {
+                    Ok(file) => {
+                        let _ = file.init.resolve();
+                        if let Ok(settings) = file.serve.resolve() {
+                            let printed = settings.to_toml();
+                            let back = gaffer_control::config::check(&printed)
+                                .unwrap_or_else(|p| panic!("printed settings do not check: {p:?}\n{printed}"))
+                                .serve
+                                .resolve()
+                                .unwrap_or_else(|e| panic!("printed settings do not resolve: {e}\n{printed}"));
+                            assert_eq!(back, settings, "printing and reading the settings changed them\n{printed}");
+                        }
+                    }
+                    Err(problems) => {
+                        let placed =
+                            problems.iter().map(|p| (p.line, p.column, p.message.as_str())).collect::<Vec<_>>();
+                        placed_in(t, &placed, gaffer_control::config::PROBLEMS_MAX);
+                    }
+                }
             }
         }
     }

@@ -432,5 +432,47 @@ pub fn config_files(fleet: &Fleet) -> anyhow::Result<Vec<Seed>> {
         ),
         ("bundle.key".into(), sel(ConfigFile::BundleKey, fleet.agent_bundle_key.secret_string().as_bytes())),
         ("wheel-name".into(), sel(ConfigFile::WheelOrItemName, item.wheel_file.as_bytes())),
+        // The shipped examples, and settings as `--print-config` prints them (every key set).
+        ("agent.toml".into(), sel(ConfigFile::AgentToml, include_bytes!("../../installers/config/agent.toml"))),
+        ("agent-settings.toml".into(), sel(ConfigFile::AgentToml, agent_settings().to_toml().as_bytes())),
+        ("control.toml".into(), sel(ConfigFile::ControlToml, include_bytes!("../../installers/config/control.toml"))),
+        ("control-settings.toml".into(), sel(ConfigFile::ControlToml, control_settings()?.to_toml().as_bytes())),
     ])
+}
+
+/// `gaffer-agent run`'s settings with every optional one set.
+fn agent_settings() -> gaffer_agent::config::RunSettings {
+    gaffer_agent::config::RunSettings {
+        data_dir: "/var/lib/gaffer-agent".into(),
+        volume: vec!["/mnt/media".into(), "/mnt/archive".into()],
+        watch: vec!["/mnt/ingest".into()],
+        slots: 2,
+        watch_settle_secs: 5,
+        watch_profile: Profile::Full,
+        offline: false,
+        job_timeout: Some(std::time::Duration::from_secs(90 * 60)),
+        job_memory_max: Some(6 << 30),
+    }
+}
+
+/// `gaffer-control serve`'s settings with every optional one set.
+fn control_settings() -> anyhow::Result<gaffer_control::config::ServeSettings> {
+    Ok(gaffer_control::config::ServeSettings {
+        data_dir: "/var/lib/gaffer-control".into(),
+        agent_cert_ttl: Some(std::time::Duration::from_secs(7 * 86_400)),
+        quic_listen: Some("0.0.0.0:7443".parse()?),
+        http_listen: Some("[::]:8443".parse()?),
+        lease_grace_secs: 30,
+        assign_timeout_secs: 30,
+        max_attempts: 3,
+        finished_job_retention: std::time::Duration::from_secs(30 * 86_400),
+        heartbeat_interval_secs: 5,
+        idle_timeout_secs: 10,
+        wire_audit_log: Some("/var/lib/gaffer-control/wire-audit.jsonl".into()),
+        http_tls: gaffer_control::http::tls::HttpTlsMode::On,
+        http_tls_cert: Some("/etc/gaffer/dashboard.pem".into()),
+        http_tls_key: Some("/etc/gaffer/dashboard.key".into()),
+        metrics_token_file: Some("/etc/gaffer/metrics.token".into()),
+        metrics_listen: Some("10.0.0.5:9090".parse()?),
+    })
 }

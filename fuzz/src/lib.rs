@@ -334,8 +334,8 @@ pub mod input {
     /// `config_files`: which file the bytes after the selector are. Pairs (certificate and key)
     /// are split at the first `0xFF` byte ([`crate::split2`]).
     ///
-    /// A new configuration file format (issue 9's TOML files, for instance) gets a variant here,
-    /// an arm in `fuzz_targets/config_files.rs` calling its real parser, and a seed in
+    /// A new configuration file format gets a variant here, an arm in
+    /// `fuzz_targets/config_files.rs` calling its real parser, and a seed in
     /// [`crate::corpus::config_files`].
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum ConfigFile {
@@ -364,11 +364,15 @@ pub mod input {
         BundleKey = 10,
         /// A wheel file name or model name given to `gaffer-agent models`.
         WheelOrItemName = 11,
+        /// `/etc/gaffer/agent.toml` (`gaffer_agent::config::check`).
+        AgentToml = 12,
+        /// `/etc/gaffer/control.toml` (`gaffer_control::config::check`).
+        ControlToml = 13,
     }
 
     impl ConfigFile {
         /// Number of variants.
-        pub const COUNT: u8 = 12;
+        pub const COUNT: u8 = 14;
 
         /// The file a selector byte names.
         pub fn of(selector: u8) -> Self {
@@ -384,7 +388,9 @@ pub mod input {
                 8 => ConfigFile::AgentKeyPem,
                 9 => ConfigFile::SignerPemAndKey,
                 10 => ConfigFile::BundleKey,
-                _ => ConfigFile::WheelOrItemName,
+                11 => ConfigFile::WheelOrItemName,
+                12 => ConfigFile::AgentToml,
+                _ => ConfigFile::ControlToml,
             }
         }
     }
