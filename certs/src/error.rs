@@ -179,6 +179,55 @@ pub enum CertError {
         /// Why (never contains key material).
         reason: String,
     },
+    /// A release artifact is not one Gaffer publishes: its file name is not
+    /// `gaffer-agent-VERSION-ARCH-linux.tar.gz`, it is not a gzip-compressed tar archive, or its
+    /// content disagrees with its name (top directory, the binary's architecture). Nothing was
+    /// signed or added; build it with `installers/build-packages.sh`.
+    #[error("{file_name} is not a Gaffer release: {reason}")]
+    InvalidRelease {
+        /// The artifact's file name.
+        file_name: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The release artifact carries no signature: sign it with the release key
+    /// (`gaffer-control release sign`, or `release add` without `--signature-already-embedded`).
+    #[error("{file_name} carries no release signature: sign it with the release key first")]
+    ReleaseUnsigned {
+        /// The artifact's file name.
+        file_name: String,
+    },
+    /// The release artifact is signed already; signing it again would bury that signature. Add it
+    /// as it is (`release add --signature-already-embedded`).
+    #[error("{file_name} is already signed: add it with --signature-already-embedded")]
+    ReleaseAlreadySigned {
+        /// The artifact's file name.
+        file_name: String,
+    },
+    /// No trusted release key's signature verifies: the file was changed after it was signed, it
+    /// was signed by another key, or under another file name. Do not install it.
+    #[error(
+        "the signature of {file_name} does not verify against the trusted release key(s) [{trusted}]: it was \
+         altered, signed by another key or renamed after signing; do not install it"
+    )]
+    ReleaseSignatureInvalid {
+        /// The artifact's file name.
+        file_name: String,
+        /// Fingerprints of the keys tried, comma-separated.
+        trusted: String,
+    },
+    /// A release key file or fingerprint is malformed (never contains key material).
+    #[error("invalid release key: {reason}")]
+    InvalidReleaseKey {
+        /// Why.
+        reason: String,
+    },
+    /// Signing a release failed inside zipsign (not caused by the input). Report it.
+    #[error("release signing failed: {reason}")]
+    ReleaseSigning {
+        /// zipsign's message.
+        reason: String,
+    },
     /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
     Io {

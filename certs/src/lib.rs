@@ -12,6 +12,9 @@
 //!   ([`client_config_enroll`]).
 //! * Offline-sync bundles are encrypted with age to the importer's X25519 [`BundleKey`] and signed
 //!   with the writer's TLS key ([`BundleSigner`]); [`verify_bundle`] checks them (see `bundle_sig`).
+//! * Agent releases are signed with an Ed25519 release key in zipsign's format
+//!   ([`ReleaseSigningKey`], [`sign_release`]); agents pin its public key ([`ReleasePublicKey`])
+//!   at enrollment and check every release with [`verify_release`] (see `release`).
 //! * All TLS is TLS 1.3 only, with the *ring* provider, and without 0-RTT.
 //!
 //! # One port, two ALPNs
@@ -31,6 +34,7 @@ mod ca;
 mod error;
 mod fingerprint;
 mod inspect;
+mod release;
 mod secret_file;
 mod tls;
 mod token;
@@ -51,6 +55,12 @@ pub use fingerprint::CaFingerprint;
 pub use inspect::{
     agent_id_from_cert_der, agent_uri_san, cert_not_after_unix, cert_serial_hex, peer_agent_id, AGENT_URI_SAN_PREFIX,
     PEM_BYTES_MAX,
+};
+pub use release::{
+    check_version as check_release_version, read_release_file, release_is_signed, sign_release, verify_release,
+    ReleaseInfo, ReleaseKeyFingerprint, ReleaseName, ReleasePublicKey, ReleaseSigningKey, RELEASE_ARCHES,
+    RELEASE_BYTES_MAX, RELEASE_ENTRIES_MAX, RELEASE_FILE_PREFIX, RELEASE_FILE_SUFFIX, RELEASE_KEY_FILE,
+    RELEASE_PUB_FILE, RELEASE_UNPACKED_BYTES_MAX, RELEASE_VERSION_BYTES_MAX,
 };
 pub use secret_file::{create_private_dir, write_secret_file};
 pub use tls::{
