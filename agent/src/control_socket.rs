@@ -62,6 +62,10 @@ pub struct StatusReport {
     /// The last renewal problem of the running agent (cleared by a renewal).
     #[serde(default)]
     pub cert_renewal_error: Option<String>,
+    /// Fingerprint (SHA-256, hex) of the pinned release public key (`release.pub`); None when
+    /// none is pinned yet.
+    #[serde(default)]
+    pub release_key_fingerprint: Option<String>,
 }
 
 impl StatusReport {
@@ -93,17 +97,20 @@ impl StatusReport {
             cert_renewal_at_ms: None,
             cert_renewal_pending: false,
             cert_renewal_error: None,
+            release_key_fingerprint: None,
         })
     }
 
-    /// Adds the certificate fields from the data directory and, for a running agent, the link's
-    /// renewal state. Unreadable key files leave them empty (status still reports the rest).
+    /// Adds the certificate fields and the pinned release key from the data directory and, for a
+    /// running agent, the link's renewal state. Unreadable key files leave them empty (status still
+    /// reports the rest).
     pub fn with_certificate(
         mut self,
         dd: &crate::datadir::DataDir,
         agent_id: gaffer_protocol::messages::AgentId,
         renewal: Option<&crate::link::RenewalStatus>,
     ) -> Self {
+        self.release_key_fingerprint = crate::release_key::pinned_fingerprint(dd).map(|f| f.to_string());
         let Ok(creds) = crate::credentials::Credentials::load(dd, agent_id) else { return self };
         if let Some(pair) = creds.newest() {
             let due = creds.renewal_due_at_ms(pair);

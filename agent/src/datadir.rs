@@ -9,6 +9,8 @@
 //!   agent.next.pem   during a renewal: the new key's certificate, until a connection with it is welcomed
 //!   cert-installed.json  serial and arrival time of the newest certificate (renewal timing)
 //!   ca.pem           the trust bundle: the fleet CA, or the old and new CA during a CA rotation
+//!   release.pub      the control plane's release public key (32 bytes, 0644), pinned at enrollment
+//!                    or from the link when the agent enrolled before it existed (see release_key)
 //!   state/           sled database: the outbox, the job queue and the watch-folder ledger (see outbox, runner)
 //!   agent.sock       control socket, 0600, while `run` runs (see control_socket)
 //! ```

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use gaffer_certs::{AgentKey, CaFingerprint};
+use gaffer_certs::{AgentKey, CaFingerprint, ReleaseKeyFingerprint, ReleasePublicKey};
 use gaffer_protocol::codec::{encode_frame, FrameDecoder};
 use gaffer_protocol::enroll::{EnrollRequest, EnrollResponse, ENROLL_FRAME_BYTES_MAX};
 use gaffer_protocol::version::VersionRange;
@@ -38,13 +38,32 @@ pub struct EnrollParams {
     pub site: Option<String>,
 }
 
-/// Enrolls the agent into `data_dir` and returns its identity.
+/// Enrolls the agent into `data_dir` and returns its identity; pins the control plane's release
+/// key when it offers one ([`crate::release_key`]).
 ///
 /// # Errors
 /// [`AgentError::AlreadyEnrolled`]; [`AgentError::Unreachable`] when the control plane cannot be
 /// reached or its CA does not match the fingerprint (the message says which); [`AgentError::Refused`]
 /// when the token is unknown, used, expired or for another site.
 pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentIdentity, AgentError> {
+    enroll_expecting_release_key(data_dir, params, None).await
+}
+
+/// [`enroll`], and with `release_key` (`gaffer-agent enroll --release-key-fingerprint`) the
+/// enrollment fails unless the control plane offers the release key with that fingerprint.
+///
+/// The check comes after the control plane has answered (its token is spent then): on a mismatch
+/// nothing is stored here and the control plane holds an agent record without an agent. Revoke it
+/// (`gaffer-control agent revoke --agent ID`, the id is in the error) and enroll again with a new
+/// token.
+///
+/// # Errors
+/// As [`enroll`]; [`AgentError::ReleaseKeyMismatch`] when the offered key is another or missing.
+pub async fn enroll_expecting_release_key(
+    data_dir: &DataDir,
+    params: &EnrollParams,
+    release_key: Option<ReleaseKeyFingerprint>,
+) -> Result<AgentIdentity, AgentError> {
     data_dir.create()?;
     let agent_id = uuid::Uuid::new_v4();
     let key = AgentKey::generate()?;
@@ -60,12 +79,27 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
         csr_pem,
         hostname: crate::hostname(),
         site: params.site.clone(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: crate::build_version().to_owned(),
         bundle_recipient: Some(bundle_key.recipient()),
         renew: false,
     };
     let (resp, ca_pem) = exchange(&params.control_addr, params.ca_fingerprint, &req).await?;
-    let (site, cert_pem, cp_recipient) = match check_response(resp, agent_id) {
+    let checked = check_response(resp, agent_id).and_then(|granted| {
+        let offered = granted.release_key.map(|k| k.fingerprint());
+        match (release_key, offered) {
+            (Some(expected), Some(offered)) if offered != expected => Err(AgentError::ReleaseKeyMismatch(format!(
+                "the control plane offered release key {offered}, not {expected}; nothing was stored. The control \
+                 plane has enrolled agent {agent_id}: revoke it and enroll again with a new token"
+            ))),
+            (Some(expected), None) => Err(AgentError::ReleaseKeyMismatch(format!(
+                "the control plane offered no release key (expected {expected}): give it one (gaffer-control init \
+                 --release-key-dir) or enroll without --release-key-fingerprint; nothing was stored. The control \
+                 plane has enrolled agent {agent_id}: revoke it and enroll again with a new token"
+            ))),
+            _ => Ok(granted),
+        }
+    });
+    let Granted { site, cert_pem, bundle_recipient: cp_recipient, release_key: offered_key } = match checked {
         Ok(granted) => granted,
         Err(e) => {
             // Nothing usable was written but the keys: remove them so the directory can be reused.
@@ -79,6 +113,17 @@ pub async fn enroll(data_dir: &DataDir, params: &EnrollParams) -> Result<AgentId
     gaffer_certs::write_secret_file(&data_dir.cert_path(), cert_pem.as_bytes())?;
     gaffer_certs::write_secret_file(&data_dir.ca_path(), ca_pem.as_bytes())?;
     credentials::record_installed(data_dir, &pair.serial_hex, crate::now_ms())?;
+    if let Some(key) = &offered_key {
+        // A fresh data dir pins nothing else; a release.pub left from an earlier try is kept.
+        if let crate::release_key::PinOutcome::Refused { pinned, offered } = crate::release_key::pin(data_dir, key)? {
+            return Err(AgentError::ReleaseKeyMismatch(format!(
+                "{} already pins release key {pinned}, the control plane offered {offered}; remove it or use a new \
+                 --data-dir",
+                crate::release_key::release_key_path(data_dir).display()
+            )));
+        }
+        tracing::info!(fingerprint = %key.fingerprint(), "pinned the control plane's release key");
+    }
     let identity = AgentIdentity {
         agent_id,
         site,
@@ -162,13 +207,13 @@ pub async fn renew(data_dir: &DataDir, params: &RenewParams) -> Result<AgentIden
         csr_pem: key.csr_pem(agent_id)?,
         hostname: crate::hostname(),
         site: Some(identity.site.clone()),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: crate::build_version().to_owned(),
         bundle_recipient,
         renew: true,
     };
     let (resp, ca_pem) = exchange(&control_addr, params.ca_fingerprint, &req).await?;
     // A refusal keeps agent.next.key: the next attempt asks for the same key again.
-    let (site, cert_pem, cp_recipient) = check_response(resp, agent_id)?;
+    let Granted { site, cert_pem, bundle_recipient: cp_recipient, release_key } = check_response(resp, agent_id)?;
     if site != identity.site {
         return Err(AgentError::Protocol(format!(
             "the control plane re-enrolled this agent into site {site:?}, but it belongs to {:?}; nothing was changed",
@@ -190,16 +235,36 @@ pub async fn renew(data_dir: &DataDir, params: &RenewParams) -> Result<AgentIden
         identity.bundle_recipient = cp_recipient;
     }
     data_dir.store_identity(&identity)?;
+    if let Some(key) = release_key {
+        // Pinned now if the agent enrolled before the control plane had a release key; never replaced.
+        crate::release_key::pin_offered(data_dir, key.as_bytes(), "re-enrollment");
+    }
     tracing::info!(%agent_id, serial = %pair.serial_hex, not_after = %crate::rfc3339_ms(pair.not_after_ms),
         "re-enrolled with a new key and certificate; agent id, job queue and outbox kept");
     Ok(identity)
 }
 
-/// The grant of an enrollment answer for `agent_id`: (site, certificate PEM, control-plane bundle
-/// recipient).
-fn check_response(resp: EnrollResponse, agent_id: uuid::Uuid) -> Result<(String, String, Option<String>), AgentError> {
+/// What an enrollment answer grants.
+struct Granted {
+    site: String,
+    cert_pem: String,
+    /// The control plane's bundle recipient.
+    bundle_recipient: Option<String>,
+    /// The control plane's release public key (protocol 4).
+    release_key: Option<ReleasePublicKey>,
+}
+
+/// The grant of an enrollment answer for `agent_id`.
+fn check_response(resp: EnrollResponse, agent_id: uuid::Uuid) -> Result<Granted, AgentError> {
     match resp {
-        EnrollResponse::Enrolled { agent_id: granted, site, cert_pem, ca_pem: _, bundle_recipient } => {
+        EnrollResponse::Enrolled {
+            agent_id: granted,
+            site,
+            cert_pem,
+            ca_pem: _,
+            bundle_recipient,
+            release_public_key,
+        } => {
             if granted != agent_id {
                 return Err(AgentError::Protocol(format!(
                     "asked to enroll {agent_id}, got a certificate for {granted}"
@@ -208,7 +273,8 @@ fn check_response(resp: EnrollResponse, agent_id: uuid::Uuid) -> Result<(String,
             if let Some(r) = &bundle_recipient {
                 gaffer_certs::check_bundle_recipient(r)?;
             }
-            Ok((site, cert_pem, bundle_recipient))
+            let release_key = release_public_key.as_ref().map(ReleasePublicKey::from_bytes).transpose()?;
+            Ok(Granted { site, cert_pem, bundle_recipient, release_key })
         }
         EnrollResponse::Refused { reason } => Err(AgentError::Refused(reason)),
     }
@@ -244,9 +310,10 @@ async fn exchange(
         let _ = send.finish();
         let mut dec = FrameDecoder::new(ENROLL_FRAME_BYTES_MAX);
         let mut buf = vec![0u8; 16 * 1024];
-        let resp: EnrollResponse = loop {
-            if let Some(m) = dec.next_message()? {
-                break m;
+        let resp = loop {
+            // Either layout: protocol-3 control planes answer without the release key.
+            if let Some(payload) = dec.next_payload()? {
+                break EnrollResponse::decode_payload(&payload)?;
             }
             match recv.read(&mut buf).await.map_err(|e| unreachable(e.to_string()))? {
                 Some(n) => dec.push(&buf[..n]),
@@ -317,7 +384,7 @@ pub fn write_offline_request(
         csr_pem: key.csr_pem(agent_id)?,
         hostname: crate::hostname(),
         site: site.to_owned(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: crate::build_version().to_owned(),
         bundle_recipient: bundle_key.recipient(),
     };
     let json = serde_json::to_string_pretty(&req).map_err(|e| AgentError::Config(e.to_string()))?;

@@ -14,6 +14,7 @@
 //! * [`vision`]: NudeNet moderation and PP-OCRv4 on-screen text on sampled frames.
 //! * [`watch`]: watch folders that turn new media files into jobs.
 //! * [`control_socket`]: `agent.sock`, through which `status` and bundle commands reach a running agent.
+//! * [`release_key`]: the release public key pinned at enrollment (releases must be signed by it).
 //! * [`bundle`]: offline-sync bundles (export to, and replies from, the control plane).
 //! * [`datadir`]: the data directory layout.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
@@ -34,6 +35,7 @@ pub mod health;
 pub mod link;
 pub mod models;
 pub mod outbox;
+pub mod release_key;
 pub mod runner;
 pub mod service;
 pub mod speech;
@@ -106,7 +108,29 @@ pub enum AgentError {
     /// The local state database failed.
     #[error("agent state database: {0}")]
     State(#[from] sled::Error),
+    /// The control plane offered another release key than the one expected (`enroll
+    /// --release-key-fingerprint`), or none. Nothing was stored; check the fingerprint against
+    /// what `gaffer-control release keygen` printed.
+    #[error("release key mismatch: {0}")]
+    ReleaseKeyMismatch(String),
 }
+
+/// The version this agent reports (in `--version`, the enrollment request and every Hello): the
+/// one the binary set with [`set_build_version`] (`GAFFER_BUILD_VERSION` when the binary was
+/// built, else the crate version), else this crate's version.
+///
+/// The binary reads `GAFFER_BUILD_VERSION` with `option_env!` and hands it here, so a build with
+/// another version recompiles only the binary's own crate, not this library.
+pub fn build_version() -> &'static str {
+    BUILD_VERSION.get().copied().unwrap_or(env!("CARGO_PKG_VERSION"))
+}
+
+/// Sets what [`build_version`] returns, once, at the start of `main`; later calls change nothing.
+pub fn set_build_version(version: &'static str) {
+    let _ = BUILD_VERSION.set(version);
+}
+
+static BUILD_VERSION: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 impl AgentError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {

@@ -28,7 +28,8 @@
 //! next one, at once and with the new pair, switches files over when it is welcomed. A new pair the
 //! control plane refuses in the handshake is dropped while the old certificate is valid, and
 //! renewal is retried later, as after a `CertificateRefused` (a tenth of the remaining validity, 5 s
-//! to 1 h). `RenewCertificate` renews at once; `TrustBundle` replaces `ca.pem`. Reconnecting for a
+//! to 1 h). `RenewCertificate` renews at once; `TrustBundle` replaces `ca.pem`; `ReleaseKey` is
+//! pinned if none is yet and refused if another is ([`crate::release_key`]). Reconnecting for a
 //! new certificate leaves the outbox, the job queue and running jobs alone: the next Hello lists
 //! the held jobs and the outbox is sent again from its start. With an expired certificate the agent
 //! logs the `gaffer-agent enroll --renew` command to run and keeps trying once a minute.
@@ -458,7 +459,7 @@ async fn session(
     }
     let cfg = AgentSessionConfig {
         agent_id: ctx.params.identity.agent_id,
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: crate::build_version().to_owned(),
         hostname: crate::hostname(),
         capabilities: ctx.params.capabilities.clone(),
         running_jobs,
@@ -659,6 +660,15 @@ impl Pump<'_> {
                             "the control plane refused to renew the certificate; asking again later");
                     }
                     AgentEvent::TrustBundle { ca_pems } => self.install_trust_bundle(ca_pems).await,
+                    AgentEvent::ReleaseKey { public_key } => {
+                        // Pinned if none is yet; another key is refused and logged (file I/O: not
+                        // on an async worker).
+                        let dd = self.data_dir.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            crate::release_key::pin_offered(&dd, &public_key, "link")
+                        })
+                        .await;
+                    }
                     AgentEvent::RenewCertificate { reason } => {
                         tracing::info!(%reason, "the control plane asks for a certificate renewal now");
                         self.renewal.renew_now = Some(reason);

@@ -20,9 +20,17 @@ use gaffer_agent::runner::{Runner, RunnerConfig, WatchLedger};
 use gaffer_agent::watch::{self, WatchConfig};
 use gaffer_protocol::messages::{Capabilities, Profile};
 
+/// The version this build reports: `GAFFER_BUILD_VERSION` at build time when it was set (and not
+/// empty), else the crate version. Read here, in the binary's crate, so that building with another
+/// version recompiles only this crate; the library gets it from [`gaffer_agent::set_build_version`].
+const BUILD_VERSION: &str = match option_env!("GAFFER_BUILD_VERSION") {
+    Some(v) if !v.is_empty() => v,
+    _ => env!("CARGO_PKG_VERSION"),
+};
+
 /// Gaffer agent: analyzes video on this box and reports metadata and health to the control plane.
 #[derive(Parser)]
-#[command(name = "gaffer-agent", version, about, long_about = None)]
+#[command(name = "gaffer-agent", version = BUILD_VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,6 +94,10 @@ struct EnrollArgs {
     /// picks up the new certificate at its next connection attempt).
     #[arg(long, conflicts_with_all = ["offline_request", "offline_reply", "site"])]
     renew: bool,
+    /// Fail the enrollment unless the control plane offers the release key with this SHA-256
+    /// fingerprint (printed by `gaffer-control release keygen`); the key is pinned either way.
+    #[arg(long, conflicts_with_all = ["offline_request", "offline_reply", "renew"])]
+    release_key_fingerprint: Option<gaffer_certs::ReleaseKeyFingerprint>,
     /// Print the result as JSON (`agent_id`, `site`; with --renew also `cert_serial`,
     /// `cert_not_after_ms`).
     #[arg(long)]
@@ -155,6 +167,7 @@ struct StatusArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    gaffer_agent::set_build_version(BUILD_VERSION);
     let cli = Cli::parse();
     if let Command::Worker = cli.command {
         // Logs as JSON lines on stderr, which the agent forwards into its own log.
@@ -292,7 +305,7 @@ async fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
             ca_fingerprint,
             site: args.site.clone(),
         };
-        enroll::enroll(&dd, &params).await?
+        enroll::enroll_expecting_release_key(&dd, &params, args.release_key_fingerprint).await?
     };
     if args.json {
         println!("{}", serde_json::json!({ "agent_id": identity.agent_id, "site": identity.site }));
@@ -552,6 +565,10 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
         println!("renewal:        {}{pending}", time(report.cert_renewal_at_ms));
         if let Some(e) = &report.cert_renewal_error {
             println!("renewal error:  {e}");
+        }
+        match &report.release_key_fingerprint {
+            Some(fp) => println!("release key:    {fp}"),
+            None => println!("release key:    none pinned yet (pinned when the control plane offers one)"),
         }
     }
     Ok(())

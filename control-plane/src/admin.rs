@@ -147,6 +147,17 @@ pub enum AdminRequest {
     },
     /// Where the CA rotation stands ([`crate::identity::Pki::rotation_status`]).
     CaStatus,
+    /// Add a release artifact ([`crate::release::Releases::add`]).
+    AddRelease {
+        /// Absolute path of the tarball.
+        file: std::path::PathBuf,
+        /// Absolute path of the release key directory; None: the one `init` recorded.
+        release_key_dir: Option<std::path::PathBuf>,
+        /// The file is signed already: verify only.
+        signature_already_embedded: bool,
+    },
+    /// List the releases ([`crate::release::Releases::list`]).
+    ListReleases,
 }
 
 impl AdminRequest {
@@ -166,13 +177,15 @@ impl AdminRequest {
             AdminRequest::RevokeAgent { .. } => "revoke_agent",
             AdminRequest::RotateCa { .. } => "rotate_ca",
             AdminRequest::CaStatus => "ca_status",
+            AdminRequest::AddRelease { .. } => "add_release",
+            AdminRequest::ListReleases => "list_releases",
         }
     }
 
     /// How long the CLI waits for the answer to this request.
     pub fn timeout(&self) -> Duration {
         match self {
-            AdminRequest::ImportBundle { .. } => ADMIN_BUNDLE_TIMEOUT,
+            AdminRequest::ImportBundle { .. } | AdminRequest::AddRelease { .. } => ADMIN_BUNDLE_TIMEOUT,
             _ => ADMIN_TIMEOUT,
         }
     }
@@ -307,6 +320,13 @@ pub enum AdminResponse {
     CaRotated(crate::identity::RotationReport),
     /// Answer to [`AdminRequest::CaStatus`].
     CaStatus(crate::identity::RotationStatus),
+    /// Answer to [`AdminRequest::AddRelease`].
+    ReleaseAdded(crate::release::AddReleaseReport),
+    /// Answer to [`AdminRequest::ListReleases`], oldest first.
+    Releases {
+        /// The releases.
+        releases: Vec<crate::release::ReleaseListing>,
+    },
     /// The request failed.
     Error {
         /// Why.
@@ -635,6 +655,10 @@ pub fn handle(
             offline_action(&|o| o.rotate_ca(phase, actor).map(AdminResponse::CaRotated))
         }
         AdminRequest::CaStatus => offline_action(&|o| o.ca_status().map(AdminResponse::CaStatus)),
+        req @ (AdminRequest::AddRelease { .. } | AdminRequest::ListReleases) => match offline {
+            Some(o) => crate::release::handle_admin(o.data_dir(), store, actor, req).map_err(|e| e.to_string()),
+            None => Err("releases are not available in this process".to_owned()),
+        },
     };
     result.unwrap_or_else(|message| AdminResponse::Error { message })
 }

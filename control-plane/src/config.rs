@@ -6,7 +6,7 @@
 //! written `_`: `--heartbeat-interval-secs 5` is `heartbeat_interval_secs = 5`,
 //! `--finished-job-retention 30d` is `finished_job_retention = "30d"`. `data_dir`, `quic_listen`,
 //! `http_listen` and `agent_cert_ttl` are read by `init` too; the settings only `init` has
-//! (`server_name`, `fleet_name`) go in an `[init]` table. Durations are the strings the flags
+//! (`server_name`, `fleet_name`, `release_key_dir`) go in an `[init]` table. Durations are the strings the flags
 //! take. A flag given on the command line overrides the file, and the file overrides the
 //! defaults: [`ServeOptions::or`] then [`ServeOptions::resolve`] (and the same for
 //! [`InitOptions`]), the one place where defaults apply. `installers/config/control.toml` lists
@@ -101,7 +101,7 @@ pub const SERVE_KEYS: &[&str] = &[
 ];
 
 /// The keys of the `[init]` table: the settings only `init` has.
-pub const INIT_KEYS: &[&str] = &["server_name", "fleet_name"];
+pub const INIT_KEYS: &[&str] = &["server_name", "fleet_name", "release_key_dir"];
 
 /// The settings of `gaffer-control serve` as one source gives them (the command line, or a
 /// configuration file): `None` where that source does not set one. The field names are the
@@ -208,7 +208,8 @@ pub struct ServeSettings {
 
 /// The settings of `gaffer-control init` as one source gives them; `None` where it sets none.
 /// In the file, `data_dir`, `quic_listen`, `http_listen` and `agent_cert_ttl` are the top-level
-/// keys `serve` reads too, and `server_name` and `fleet_name` are in the `[init]` table.
+/// keys `serve` reads too, and `server_name`, `fleet_name` and `release_key_dir` are in the
+/// `[init]` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct InitOptions {
     /// Data directory to create (mode 0700). Required (as a flag or in the configuration file).
@@ -231,6 +232,11 @@ pub struct InitOptions {
     /// 12h, 10m; at least 60s, at most 825d. Agents renew online at half of it. Default: 7d.
     #[arg(long, value_parser = agent_cert_ttl_text)]
     pub agent_cert_ttl: Option<Duration>,
+    /// Directory of the release key (`gaffer-control release keygen --out DIR`): the pair for a
+    /// small studio that signs here, or only release.pub when releases are signed offline. It may
+    /// be empty yet. Agents pin its public key. Default: none.
+    #[arg(long)]
+    pub release_key_dir: Option<PathBuf>,
 }
 
 /// The settings `init` uses: [`InitOptions`] with the defaults applied.
@@ -248,6 +254,8 @@ pub struct InitSettings {
     pub fleet_name: String,
     /// Certificate lifetime.
     pub agent_cert_ttl: Duration,
+    /// Release key directory to record; None records none.
+    pub release_key_dir: Option<PathBuf>,
 }
 
 /// What a configuration file sets, for each command that reads it.
@@ -416,6 +424,7 @@ impl InitOptions {
             server_name: self.server_name.or(fallback.server_name),
             fleet_name: self.fleet_name.or(fallback.fleet_name),
             agent_cert_ttl: self.agent_cert_ttl.or(fallback.agent_cert_ttl),
+            release_key_dir: self.release_key_dir.or(fallback.release_key_dir),
         }
     }
 
@@ -431,6 +440,7 @@ impl InitOptions {
             server_name: self.server_name.unwrap_or_default(),
             fleet_name: self.fleet_name.unwrap_or_else(|| FLEET_NAME_DEFAULT.to_owned()),
             agent_cert_ttl: self.agent_cert_ttl.unwrap_or(AGENT_CERT_TTL_DEFAULT),
+            release_key_dir: self.release_key_dir,
         })
     }
 }
@@ -624,7 +634,7 @@ pub fn check(text: &str) -> Result<ControlFile, Vec<Problem>> {
                 other => doc.report(
                     value.span(),
                     Some(name),
-                    format!("expected a table ([init] with server_name, fleet_name); found {}", kind(other)),
+                    format!("expected a table ([init] with {}); found {}", INIT_KEYS.join(", "), kind(other)),
                 ),
             }
             continue;
@@ -671,6 +681,7 @@ fn check_init_table(doc: &mut Doc<'_>, init: &mut InitOptions, table: &DeTable<'
         let applied = match name {
             "server_name" => names(value).map(|v| init.server_name = Some(v)),
             "fleet_name" => nonempty(value, "\"studio\"").map(|v| init.fleet_name = Some(v.to_owned())),
+            "release_key_dir" => path(value).map(|v| init.release_key_dir = Some(v)),
             _ => Ok(()),
         };
         if let Err(bad) = applied {
@@ -948,9 +959,11 @@ mod tests {
             let file = check(&format!("{key} = {value}\n")).unwrap_or_else(|p| panic!("{key}: {p:?}"));
             assert_ne!(file.serve, ServeOptions::default(), "{key} set nothing");
         }
-        let file = check("[init]\nserver_name = [\"a\"]\nfleet_name = \"f\"\n").expect("init keys");
+        let file =
+            check("[init]\nserver_name = [\"a\"]\nfleet_name = \"f\"\nrelease_key_dir = \"/k\"\n").expect("init keys");
         assert_eq!(file.init.server_name, Some(vec!["a".to_owned()]));
         assert_eq!(file.init.fleet_name.as_deref(), Some("f"));
+        assert_eq!(file.init.release_key_dir, Some(PathBuf::from("/k")));
     }
 
     #[test]

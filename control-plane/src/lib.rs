@@ -11,6 +11,7 @@
 //! * [`admin`]: the local admin socket that CLI commands use while `serve` holds the store.
 //! * [`metrics`]: Prometheus metrics.
 //! * [`offline`]: air-gapped sites: offline enrollment, bundle import with reply, revocation.
+//! * [`release`]: the release key, signed agent releases (`release keygen|sign|add|list`).
 //! * [`datadir`]: the data directory layout and configuration.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
 //! * [`config`]: the configuration file (`/etc/gaffer/control.toml`) of `serve` and `init`, checked by
@@ -27,6 +28,7 @@ pub mod jobs;
 pub mod link;
 pub mod metrics;
 pub mod offline;
+pub mod release;
 pub mod scheduler;
 pub mod service;
 pub mod store;
@@ -63,6 +65,21 @@ impl AppState {
         Self { store, scheduler, metrics, revocations, pki: None }
     }
 }
+
+/// The version this control plane reports (`--version`, the Welcome, the dashboard): the one the
+/// binary set with [`set_build_version`] (`GAFFER_BUILD_VERSION` when it was built, else the crate
+/// version), else this crate's version. The binary reads the variable with `option_env!` and hands
+/// it here, so a build with another version recompiles only the binary's own crate.
+pub fn build_version() -> &'static str {
+    BUILD_VERSION.get().copied().unwrap_or(env!("CARGO_PKG_VERSION"))
+}
+
+/// Sets what [`build_version`] returns, once, at the start of `main`; later calls change nothing.
+pub fn set_build_version(version: &'static str) {
+    let _ = BUILD_VERSION.set(version);
+}
+
+static BUILD_VERSION: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use gaffer_certs::EnrollmentToken;
-use gaffer_protocol::codec::{encode_frame, CodecError, FrameDecoder};
+use gaffer_protocol::codec::{CodecError, FrameDecoder};
 use gaffer_protocol::enroll::{EnrollRequest, EnrollResponse, ENROLL_FRAME_BYTES_MAX};
 use gaffer_protocol::messages::{AgentId, AgentMessage, ControlMessage, HeldJob};
 use gaffer_protocol::session::{CloseReason, ControlEvent, ControlSession, ControlSessionConfig};
@@ -68,6 +68,9 @@ pub struct LinkConfig {
     /// The control plane's age X25519 recipient (`age1...`), sent to agents at enrollment so they
     /// can encrypt offline-sync bundles to it. Default None.
     pub bundle_recipient: Option<String>,
+    /// The release key offered to agents in the enrollment answer and after every Welcome
+    /// (protocol 4), for them to pin. Default None (none offered).
+    pub release_key: Option<Arc<crate::release::ReleaseKeySource>>,
 }
 
 impl Default for LinkConfig {
@@ -77,6 +80,7 @@ impl Default for LinkConfig {
             idle_timeout: Duration::from_secs(10),
             wire_audit_log: None,
             bundle_recipient: None,
+            release_key: None,
         }
     }
 }
@@ -272,7 +276,8 @@ impl Link {
                 EnrollResponse::Refused { reason }
             }
         };
-        send.write_all(&encode_frame(&resp, ENROLL_FRAME_BYTES_MAX)?).await?;
+        // Protocol-3 agents get the answer in their layout (without the release key).
+        send.write_all(&resp.encode_frame_for(req.versions, ENROLL_FRAME_BYTES_MAX)?).await?;
         send.finish().map_err(|e| LinkError::Protocol(e.to_string()))?;
         // Let the response reach the agent before the connection is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -289,6 +294,7 @@ impl Link {
         let revocations = self.state.revocations.clone();
         let req = req.clone();
         let cp_recipient = self.cfg.bundle_recipient.clone();
+        let release_key = self.cfg.release_key.clone();
         if let Some(r) = &req.bundle_recipient {
             gaffer_certs::check_bundle_recipient(r).map_err(|e| e.to_string())?;
         }
@@ -375,6 +381,7 @@ impl Link {
                 cert_pem: issued.cert_pem,
                 ca_pem: issued.ca_pems.concat(),
                 bundle_recipient: cp_recipient,
+                release_public_key: release_key.and_then(|k| k.current()).map(|k| *k.as_bytes()),
             })
         })
         .await
@@ -401,6 +408,9 @@ impl Link {
         ));
         if let Some(c) = core.as_mut() {
             c.set_pki(self.pki.clone());
+            if let Some(source) = &self.cfg.release_key {
+                c.set_release_key(source.clone());
+            }
         }
         // The connection lives no longer than the certificate it authenticated with.
         let cert_expiry = peer_cert_expiry(conn);
@@ -622,6 +632,8 @@ pub struct AgentConnCore {
     /// Signs renewals and sends trust bundles; None where certificates are not in play (the
     /// simulation), which refuses renewals.
     pki: Option<Arc<Pki>>,
+    /// The release key offered after the Welcome (protocol 4); None offers none.
+    release_key: Option<Arc<crate::release::ReleaseKeySource>>,
 }
 
 impl AgentConnCore {
@@ -638,7 +650,7 @@ impl AgentConnCore {
         let session = ControlSession::new(
             ControlSessionConfig {
                 agent_id,
-                server_version: env!("CARGO_PKG_VERSION").to_owned(),
+                server_version: crate::build_version().to_owned(),
                 heartbeat_interval_secs,
                 hello_timeout: HELLO_TIMEOUT,
                 heartbeat_misses_max: HEARTBEAT_MISSES_MAX,
@@ -648,7 +660,12 @@ impl AgentConnCore {
             now,
         );
         let audit = audit.map(|a| (a, FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT)));
-        Self { session, state, ingest, agent_id, conn_id, audit, registered: None, pki: None }
+        Self { session, state, ingest, agent_id, conn_id, audit, registered: None, pki: None, release_key: None }
+    }
+
+    /// Lets this connection offer the control plane's release key to agents that speak protocol 4.
+    pub fn set_release_key(&mut self, source: Arc<crate::release::ReleaseKeySource>) {
+        self.release_key = Some(source);
     }
 
     /// Lets this connection sign its agent's certificate renewals and send trust bundles.
@@ -737,6 +754,16 @@ impl AgentConnCore {
                             }
                             self.state.metrics.agent_connected();
                             self.registered = Some(notify);
+                            let v4 = self
+                                .session
+                                .protocol_version()
+                                .is_some_and(|v| v >= gaffer_protocol::RELEASE_KEY_PROTOCOL_VERSION);
+                            if let (Some(key), true) = (self.release_key.as_ref().and_then(|k| k.current()), v4) {
+                                let public_key = *key.as_bytes();
+                                if let Err(e) = self.session.send(ControlMessage::ReleaseKey { public_key }) {
+                                    tracing::warn!(error = %e, "could not queue the release key");
+                                }
+                            }
                             if let (Some(pki), true) = (&self.pki, self.speaks_certificates()) {
                                 let ca_pems = pki.trusted_ca_pems();
                                 if let Err(e) = self.session.send(ControlMessage::TrustBundle { ca_pems }) {

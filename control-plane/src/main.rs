@@ -21,10 +21,18 @@ use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{Role, Store};
 use gaffer_control::AppState;
 
+/// The version this build reports: `GAFFER_BUILD_VERSION` at build time when it was set (and not
+/// empty), else the crate version. Read here, in the binary's crate, so that building with another
+/// version recompiles only this crate; the library gets it from [`gaffer_control::set_build_version`].
+const BUILD_VERSION: &str = match option_env!("GAFFER_BUILD_VERSION") {
+    Some(v) if !v.is_empty() => v,
+    _ => env!("CARGO_PKG_VERSION"),
+};
+
 /// Gaffer control plane: assigns analysis jobs to agents, aggregates their health and results, and
 /// serves the dashboard and API.
 #[derive(Parser)]
-#[command(name = "gaffer-control", version, about, long_about = None)]
+#[command(name = "gaffer-control", version = BUILD_VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,6 +90,11 @@ enum Command {
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
+    },
+    /// Agent releases: the release key (keygen), signing (sign, offline), add, list.
+    Release {
+        #[command(subcommand)]
+        command: gaffer_control::release::ReleaseCommand,
     },
 }
 
@@ -333,6 +346,7 @@ fn new_password(name: &str, file: Option<&std::path::Path>) -> anyhow::Result<(S
 }
 
 fn main() -> anyhow::Result<()> {
+    gaffer_control::set_build_version(BUILD_VERSION);
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GAFFER_LOG").unwrap_or_else(|_| "info".into()))
@@ -343,6 +357,10 @@ fn main() -> anyhow::Result<()> {
         Command::Init(args) => init(args),
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Validate(args) => validate(args),
+        Command::Release { command } => {
+            print!("{}", rt.block_on(gaffer_control::release::run_command(command))?);
+            Ok(())
+        }
         Command::Token { command: TokenCommand::Create { data_dir, site, ttl, json } } => {
             let ttl_secs = Duration::from(ttl).as_secs();
             let req = AdminRequest::CreateEnrollmentToken { site: site.clone(), ttl_secs };
@@ -705,6 +723,14 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         fleet_name: settings.fleet_name.clone(),
         agent_cert_ttl_secs,
     };
+    let release_key = match &settings.release_key_dir {
+        Some(dir) => {
+            let dir = gaffer_control::release::record_release_key_dir(&dd, dir)?;
+            let key = gaffer_control::release::ReleaseKeyDir::new(&dir).public_key()?;
+            Some((dir, key.map(|k| k.fingerprint().to_string())))
+        }
+        None => None,
+    };
     dd.write_public(&dd.config_path(), serde_json::to_string_pretty(&config)?.as_bytes())?;
     let fp = ca.fingerprint().to_string();
     if args.json {
@@ -716,6 +742,8 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
                 "admin_user": ADMIN_USER,
                 "admin_password": password,
                 "server_names": server_names,
+                "release_key_dir": release_key.as_ref().map(|(dir, _)| dir),
+                "release_key_fingerprint": release_key.as_ref().and_then(|(_, fp)| fp.as_deref()),
             })
         );
     } else {
@@ -724,6 +752,15 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         println!("  server names:             {}", server_names.join(", "));
         println!("  dashboard user:           {ADMIN_USER} (role admin)");
         println!("  its password:             {password}");
+        match &release_key {
+            Some((dir, Some(fp))) => println!("  release key (SHA-256):    {fp} in {}", dir.display()),
+            Some((dir, None)) => println!(
+                "  release key:              none in {} yet: `gaffer-control release keygen --out {}`",
+                dir.display(),
+                dir.display()
+            ),
+            None => {}
+        }
         println!("This password is shown once; it is stored only as an argon2 hash.");
         println!("Add people with `gaffer-control user add --name NAME --role viewer|operator|admin`.");
         println!("Next: gaffer-control serve --data-dir {}", settings.data_dir.display());
@@ -776,6 +813,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(settings.idle_timeout_secs),
         wire_audit_log: settings.wire_audit_log.clone(),
         bundle_recipient: Some(offline::load_or_create_bundle_key(&dd)?.recipient()),
+        release_key: Some(Arc::new(gaffer_control::release::ReleaseKeySource::open(&dd)?)),
     };
     // Every agent handshake asks the live revocation set and counts its refusals.
     let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());

@@ -230,6 +230,11 @@ impl OfflineSync {
         Ok(Self { pki, dd: dd.clone(), bundle_key, state, ingest })
     }
 
+    /// The data directory.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dd
+    }
+
     /// The control plane's certificate authority state.
     pub fn pki(&self) -> &Arc<Pki> {
         &self.pki

@@ -95,7 +95,7 @@ const MISTAKES_FOUND: [(usize, usize, &str, &str); 9] = [
     (7, 1, "http_tls_cert", "needs `http_tls_key` too"),
     (8, 1, "quic-listen", "write `quic_listen`"),
     (9, 1, "metrics_token", "set `metrics_token_file`"),
-    (13, 1, "init.server_names", "unknown key (the keys of [init] are: server_name, fleet_name)"),
+    (13, 1, "init.server_names", "unknown key (the keys of [init] are: server_name, fleet_name, release_key_dir)"),
     (14, 37, "init.server_name", "expected a string"),
 ];
 

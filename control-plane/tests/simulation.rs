@@ -682,7 +682,8 @@ impl Sim {
                 AgentEvent::Certificate { .. }
                 | AgentEvent::CertificateRefused { .. }
                 | AgentEvent::TrustBundle { .. }
-                | AgentEvent::RenewCertificate { .. } => {}
+                | AgentEvent::RenewCertificate { .. }
+                | AgentEvent::ReleaseKey { .. } => {}
             }
         }
         self.run_jobs(i);

@@ -330,6 +330,7 @@ pub fn enroll_request(fleet: &Fleet) -> anyhow::Result<Vec<Seed>> {
         cert_pem: fleet.agent_cert_pem.clone(),
         ca_pem: fleet.ca_pem.clone(),
         bundle_recipient: Some(fleet.control_bundle_key.recipient()),
+        release_public_key: Some([7; 32]),
     };
     let refused = EnrollResponse::Refused { reason: "the token was already used".into() };
     let offline_request = OfflineEnrollRequest {

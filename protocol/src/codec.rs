@@ -151,6 +151,38 @@ impl FrameDecoder {
     /// allocated for it), [`CodecError::Malformed`] for a bad payload, [`CodecError::Poisoned`] after
     /// any earlier error.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
+        let Some(end) = self.complete_frame_end()? else {
+            return Ok(None);
+        };
+        let result = decode_payload(&self.buf[FRAME_HEADER_BYTES..end]);
+        self.buf.drain(..end);
+        match result {
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns the next complete frame's payload (without its header), `Ok(None)` if more bytes
+    /// are needed; for messages with more than one layout, which the caller decodes itself (see
+    /// [`crate::enroll::EnrollResponse::decode_payload`]).
+    ///
+    /// # Errors
+    /// [`CodecError::FrameTooLarge`] as soon as a header announces an oversize payload (nothing is
+    /// allocated for it), [`CodecError::Poisoned`] after any earlier error.
+    pub fn next_payload(&mut self) -> Result<Option<Vec<u8>>, CodecError> {
+        let Some(end) = self.complete_frame_end()? else {
+            return Ok(None);
+        };
+        let payload = self.buf[FRAME_HEADER_BYTES..end].to_vec();
+        self.buf.drain(..end);
+        Ok(Some(payload))
+    }
+
+    /// The end (in `buf`) of the first frame once it is complete; checks the announced length.
+    fn complete_frame_end(&mut self) -> Result<Option<usize>, CodecError> {
         if self.poisoned {
             return Err(CodecError::Poisoned);
         }
@@ -165,18 +197,7 @@ impl FrameDecoder {
             return Err(CodecError::FrameTooLarge { len_bytes: len, max_bytes: self.frame_bytes_max });
         }
         let end = FRAME_HEADER_BYTES + len;
-        let Some(payload) = self.buf.get(FRAME_HEADER_BYTES..end) else {
-            return Ok(None);
-        };
-        let result = decode_payload(payload);
-        self.buf.drain(..end);
-        match result {
-            Ok(msg) => Ok(Some(msg)),
-            Err(e) => {
-                self.poisoned = true;
-                Err(e)
-            }
-        }
+        Ok((self.buf.len() >= end).then_some(end))
     }
 
     /// How many more bytes the current frame needs, given what is buffered; at least 1 while the

@@ -9,11 +9,19 @@
 //!
 //! The private key never leaves the agent: only the CSR crosses. Both messages travel as one frame
 //! each of [`crate::codec`], with [`ENROLL_FRAME_BYTES_MAX`] as the limit.
+//!
+//! **Two layouts of the answer.** Protocol 4 added [`EnrollResponse::Enrolled`]'s
+//! `release_public_key`, a trailing field in the bincode frame, which a protocol-3 agent would
+//! refuse (trailing bytes) and which a protocol-3 control plane does not send. So the control plane
+//! answers with [`EnrollResponse::encode_frame_for`] the agent's versions (protocol-3 agents get
+//! the old layout), and the agent reads the answer with [`EnrollResponse::decode_payload`], which
+//! takes either layout. The request is unchanged.
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{decode_payload, encode_frame, CodecError};
 use crate::messages::AgentId;
-use crate::version::VersionRange;
+use crate::version::{VersionRange, RELEASE_KEY_PROTOCOL_VERSION};
 
 /// Largest enrollment frame either side accepts, bytes (a CSR is ~500 bytes, a certificate chain a
 /// few KiB).
@@ -69,12 +77,74 @@ pub enum EnrollResponse {
         /// The control plane's age X25519 recipient (`age1...`): agent bundles are encrypted to
         /// it. None from control planes without offline sync.
         bundle_recipient: Option<String>,
+        /// The control plane's Ed25519 release public key (the 32 bytes of zipsign's
+        /// `release.pub`; protocol 4), which the agent pins like the CA: every release it installs
+        /// must be signed by it. None when the control plane has no release key yet (the agent
+        /// pins the one its link offers later) and in the protocol-3 layout.
+        release_public_key: Option<[u8; 32]>,
     },
     /// Not enrolled; the reason tells the operator what to do.
     Refused {
         /// Why.
         reason: String,
     },
+}
+
+/// [`EnrollResponse`] as protocol 3 lays it out (no `release_public_key`).
+#[derive(Serialize, Deserialize)]
+enum EnrollResponseV3 {
+    Enrolled { agent_id: AgentId, site: String, cert_pem: String, ca_pem: String, bundle_recipient: Option<String> },
+    Refused { reason: String },
+}
+
+impl EnrollResponse {
+    /// Encodes the answer as one frame for an agent that speaks `agent_versions` (from its
+    /// request): this layout for agents that speak protocol 4, else the protocol-3 layout, which
+    /// leaves `release_public_key` out.
+    ///
+    /// # Errors
+    /// [`CodecError::FrameTooLarge`] above `frame_bytes_max`.
+    pub fn encode_frame_for(
+        &self,
+        agent_versions: VersionRange,
+        frame_bytes_max: usize,
+    ) -> Result<Vec<u8>, CodecError> {
+        if agent_versions.max >= RELEASE_KEY_PROTOCOL_VERSION {
+            return encode_frame(self, frame_bytes_max);
+        }
+        let v3 = match self.clone() {
+            EnrollResponse::Enrolled { agent_id, site, cert_pem, ca_pem, bundle_recipient, release_public_key: _ } => {
+                EnrollResponseV3::Enrolled { agent_id, site, cert_pem, ca_pem, bundle_recipient }
+            }
+            EnrollResponse::Refused { reason } => EnrollResponseV3::Refused { reason },
+        };
+        encode_frame(&v3, frame_bytes_max)
+    }
+
+    /// Decodes an answer's payload in either layout: this one, or the protocol-3 layout of older
+    /// control planes (then `release_public_key` is None).
+    ///
+    /// # Errors
+    /// [`CodecError::Malformed`] when it is neither.
+    pub fn decode_payload(payload: &[u8]) -> Result<Self, CodecError> {
+        match decode_payload::<EnrollResponse>(payload) {
+            Ok(resp) => Ok(resp),
+            Err(current) => match decode_payload::<EnrollResponseV3>(payload) {
+                Ok(EnrollResponseV3::Enrolled { agent_id, site, cert_pem, ca_pem, bundle_recipient }) => {
+                    Ok(EnrollResponse::Enrolled {
+                        agent_id,
+                        site,
+                        cert_pem,
+                        ca_pem,
+                        bundle_recipient,
+                        release_public_key: None,
+                    })
+                }
+                Ok(EnrollResponseV3::Refused { reason }) => Ok(EnrollResponse::Refused { reason }),
+                Err(_) => Err(current),
+            },
+        }
+    }
 }
 
 /// Offline enrollment request, written by `gaffer-agent enroll --offline-request FILE` and carried

@@ -339,6 +339,14 @@ pub enum ControlMessage {
         /// Why, for the agent's log.
         reason: String,
     },
+    /// The control plane's Ed25519 release public key (protocol 4), sent after every Welcome while
+    /// the control plane has one. An agent that pinned no key yet (it enrolled before the key
+    /// existed) pins this one; an agent that pinned another key refuses it and keeps its own: a
+    /// release key is never replaced over the link.
+    ReleaseKey {
+        /// The 32 bytes of the public key (zipsign's `release.pub`).
+        public_key: [u8; 32],
+    },
 }
 
 impl ControlMessage {
@@ -355,6 +363,7 @@ impl ControlMessage {
             ControlMessage::CertificateRefused { .. } => "certificate_refused",
             ControlMessage::TrustBundle { .. } => "trust_bundle",
             ControlMessage::RenewCertificate { .. } => "renew_certificate",
+            ControlMessage::ReleaseKey { .. } => "release_key",
         }
     }
 }

@@ -8,10 +8,16 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks natively (the highest it supports).
 ///
+/// 4 added the release public key: `ControlMessage::ReleaseKey` on the link and
+/// `EnrollResponse::Enrolled::release_public_key` at enrollment (see `enroll` for how both ends
+/// still enroll with protocol-3 peers); a control plane sends those only to agents that speak 4.
 /// 3 added online certificate renewal and trust bundles (`AgentMessage::CertificateRequest`,
 /// `ControlMessage::{Certificate, CertificateRefused, TrustBundle, RenewCertificate}`); a control plane
 /// sends those only to agents that agreed 3. 2 added leases with fencing.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The first protocol version that carries the release public key (`ControlMessage::ReleaseKey`,
+/// `EnrollResponse::Enrolled::release_public_key`).
+pub const RELEASE_KEY_PROTOCOL_VERSION: u16 = 4;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
 

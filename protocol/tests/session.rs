@@ -1085,3 +1085,42 @@ fn certificate_messages_are_not_sent_to_a_protocol_2_agent() {
     assert!(c.send(ControlMessage::TrustBundle { ca_pems: vec!["ca".into()] }).is_err());
     assert!(c.send(ControlMessage::Assign(assignment(1))).is_ok());
 }
+
+/// Protocol 4: the control plane's release key reaches a protocol-4 agent as an event; a
+/// protocol-3 agent (which could not decode the message) is never sent one.
+#[test]
+fn the_release_key_reaches_protocol_4_agents_only() {
+    let now = Instant::now();
+    let mut c = control_up(now);
+    assert_eq!(c.protocol_version(), Some(4));
+    let mut a = agent_up(now);
+    c.send(ControlMessage::ReleaseKey { public_key: [9; 32] }).unwrap();
+    a.handle_input(&drain_transmit_control(&mut c), now);
+    assert_eq!(agent_events(&mut a), vec![AgentEvent::ReleaseKey { public_key: [9; 32] }]);
+    assert!(a.is_up());
+
+    let mut c3 = ControlSession::new(control_cfg(), now);
+    c3.handle_input(&env(0, hello_with(VersionRange { min: 2, max: 3 })), now);
+    assert!(matches!(control_events(&mut c3).as_slice(), [ControlEvent::Hello { protocol_version: 3, .. }]));
+    c3.accept().unwrap();
+    drain_transmit_control(&mut c3);
+    assert!(matches!(
+        c3.send(ControlMessage::ReleaseKey { public_key: [9; 32] }),
+        Err(SessionError::NotAllowed(_))
+    ));
+    assert!(drain_transmit_control(&mut c3).is_empty(), "nothing was queued for the protocol-3 agent");
+    assert!(c3.send(ControlMessage::TrustBundle { ca_pems: vec!["ca".into()] }).is_ok());
+}
+
+/// A release key before the Welcome is a protocol violation, like every other message.
+#[test]
+fn a_release_key_before_the_welcome_closes_the_agent() {
+    let now = Instant::now();
+    let mut a = AgentSession::new(agent_cfg(), now);
+    drain_transmit_agent(&mut a);
+    a.handle_input(&frame(&ControlMessage::ReleaseKey { public_key: [1; 32] }), now);
+    assert!(matches!(
+        agent_events(&mut a).as_slice(),
+        [AgentEvent::Closed { reason: CloseReason::ProtocolViolation(_) }]
+    ));
+}

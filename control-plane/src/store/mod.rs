@@ -375,6 +375,9 @@ pub mod audit_action {
     pub const JOB_RETRY: &str = "job_retry";
     /// An agent's report was refused (not the lease holder, unknown job).
     pub const REFUSE_REPORT: &str = "refuse_report";
+    /// A release artifact was added (`gaffer-control release add`; detail: version, architecture,
+    /// SHA-256, signing key).
+    pub const RELEASE_ADD: &str = "release_add";
 
     /// Every action above, for the dashboard's filter suggestions.
     pub const ALL: &[&str] = &[
@@ -396,6 +399,7 @@ pub mod audit_action {
         JOB_CANCEL,
         JOB_RETRY,
         REFUSE_REPORT,
+        RELEASE_ADD,
     ];
 }
 

@@ -132,6 +132,12 @@ pub enum AgentEvent {
         /// Why, for the log.
         reason: String,
     },
+    /// The control plane's release public key (protocol 4): pin it if no key is pinned yet;
+    /// refuse it, loudly, if another one is.
+    ReleaseKey {
+        /// The 32 bytes of the Ed25519 public key.
+        public_key: [u8; 32],
+    },
     /// The session is over; write what `poll_transmit` still gives, then close the connection.
     Closed {
         /// Why.
@@ -436,6 +442,9 @@ impl AgentSession {
             }
             (State::Up { .. }, ControlMessage::RenewCertificate { reason }) => {
                 self.events.push_back(AgentEvent::RenewCertificate { reason });
+            }
+            (State::Up { .. }, ControlMessage::ReleaseKey { public_key }) => {
+                self.events.push_back(AgentEvent::ReleaseKey { public_key });
             }
             // The heartbeat answer: liveness only (already counted as received bytes).
             (State::Up { .. }, ControlMessage::Ack { seq: 0 }) => {}

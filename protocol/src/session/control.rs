@@ -11,7 +11,7 @@ use super::{
 use crate::codec::{encode_frame, FrameDecoder, FRAME_BYTES_MAX_DEFAULT};
 use crate::health::Health;
 use crate::messages::{AgentEnvelope, AgentId, AgentMessage, Capabilities, ControlMessage, HeldJob};
-use crate::version::{negotiate, VersionRange};
+use crate::version::{negotiate, VersionRange, RELEASE_KEY_PROTOCOL_VERSION};
 
 /// Settings of one [`ControlSession`].
 #[derive(Debug, Clone)]
@@ -263,9 +263,10 @@ impl ControlSession {
     /// [`SessionError::Backpressure`] when queuing it would pass `transmit_bytes_max` (nothing
     /// queued: the caller keeps the message and retries after writing what `poll_transmit`
     /// gives); [`SessionError::NotUp`] before `accept`; [`SessionError::Closed`];
-    /// [`SessionError::NotAllowed`] for other message kinds, and for the certificate messages
+    /// [`SessionError::NotAllowed`] for other message kinds, for the certificate messages
     /// (`Certificate`, `CertificateRefused`, `TrustBundle`, `RenewCertificate`) to an agent that
-    /// agreed protocol 2; [`SessionError::Codec`] when the message exceeds `frame_bytes_max`.
+    /// agreed protocol 2, and for `ReleaseKey` to one that agreed less than 4;
+    /// [`SessionError::Codec`] when the message exceeds `frame_bytes_max`.
     pub fn send(&mut self, msg: ControlMessage) -> Result<(), SessionError> {
         match self.state {
             State::Up => {}
@@ -282,9 +283,17 @@ impl ControlSession {
                     return Err(SessionError::NotAllowed("certificate messages need protocol 3"));
                 }
             }
-            _ => return Err(SessionError::NotAllowed(
-                "send() carries Assign, Cancel and the certificate messages; use accept, refuse, acknowledge or reject",
-            )),
+            ControlMessage::ReleaseKey { .. } => {
+                if self.protocol_version.is_none_or(|v| v < RELEASE_KEY_PROTOCOL_VERSION) {
+                    return Err(SessionError::NotAllowed("the release key needs protocol 4"));
+                }
+            }
+            _ => {
+                return Err(SessionError::NotAllowed(
+                    "send() carries Assign, Cancel, the certificate messages and ReleaseKey; use accept, refuse, \
+                 acknowledge or reject",
+                ))
+            }
         }
         let frame = encode_frame(&msg, self.cfg.frame_bytes_max)?;
         self.transmit.push_bounded(frame)
