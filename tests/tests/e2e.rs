@@ -273,3 +273,108 @@ fn a_job_of_an_agent_that_disappears_is_requeued_and_finished_by_another() -> an
     cp.wait_agent_online(&first.agent_id, false, ONLINE_TIMEOUT)?;
     Ok(())
 }
+
+/// `gaffer-control release keygen --out DIR --json`: the key's fingerprint.
+fn release_keygen(dir: &std::path::Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(gaffer_tests::bin("gaffer-control"))
+        .args(["release", "keygen", "--json", "--out"])
+        .arg(dir)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "release keygen: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["fingerprint"].as_str().unwrap_or_default().to_owned())
+}
+
+/// `gaffer-agent enroll` into a fresh `data`, with `extra` arguments.
+fn enroll_with(cp: &ControlPlane, data: &std::path::Path, extra: &[&str]) -> anyhow::Result<std::process::Output> {
+    let token = cp.token("stage-r", "10m")?;
+    Ok(std::process::Command::new(gaffer_tests::bin("gaffer-agent"))
+        .args(["enroll", "--json", "--control", &cp.quic_addr, "--ca-fingerprint", &cp.ca_fingerprint])
+        .args(["--token", token["token"].as_str().unwrap_or_default(), "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .output()?)
+}
+
+/// Issue 9: the agent pins the control plane's release key at enrollment, like the CA; with
+/// `--release-key-fingerprint` a control plane offering another key is refused.
+#[test]
+fn enrollment_pins_the_release_key_and_checks_its_fingerprint() -> anyhow::Result<()> {
+    let keys = tempfile::tempdir()?;
+    let key_dir = keys.path().join("release-key");
+    let fingerprint = release_keygen(&key_dir)?;
+    let cp = ControlPlane::start_with(gaffer_tests::ControlPlaneOptions {
+        init_args: vec!["--release-key-dir".into(), key_dir.display().to_string()],
+        ..Default::default()
+    })?;
+    let boxes = tempfile::tempdir()?;
+
+    // The operator expects another key: enrollment fails and stores nothing.
+    let wrong = boxes.path().join("wrong");
+    let other = "ab".repeat(32);
+    let out = enroll_with(&cp, &wrong, &["--release-key-fingerprint", &other])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "enrolled despite the wrong release key fingerprint");
+    assert!(stderr.contains("release key mismatch") && stderr.contains(&fingerprint), "{stderr}");
+    assert!(!wrong.join("agent.json").exists() && !wrong.join("release.pub").exists());
+
+    // The right one: enrolled, the key pinned (0644) and shown by status.
+    let data = boxes.path().join("agent");
+    let out = enroll_with(&cp, &data, &["--release-key-fingerprint", &fingerprint.to_uppercase()])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(data.join("release.pub"))?, std::fs::read(key_dir.join("release.pub"))?);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(data.join("release.pub"))?.permissions().mode() & 0o777, 0o644);
+    let status = std::process::Command::new(gaffer_tests::bin("gaffer-agent"))
+        .args(["status", "--json", "--data-dir"])
+        .arg(&data)
+        .output()?;
+    let status: Value = serde_json::from_slice(&status.stdout).context("status --json")?;
+    assert_eq!(status["release_key_fingerprint"], fingerprint.as_str(), "{status}");
+    Ok(())
+}
+
+/// Issue 9: an agent enrolled before the control plane had a release key gets it once over the
+/// link and pins it; a different key offered later is refused, logged, and never replaces it.
+#[test]
+fn an_agent_enrolled_before_the_release_key_pins_it_from_the_link_and_refuses_another() -> anyhow::Result<()> {
+    let keys = tempfile::tempdir()?;
+    let key_dir = keys.path().join("release-key");
+    let mut cp = ControlPlane::start_with(gaffer_tests::ControlPlaneOptions {
+        init_args: vec!["--release-key-dir".into(), key_dir.display().to_string()],
+        ..Default::default()
+    })?;
+    let mut agent = Agent::enroll(&cp, "stage-r")?;
+    let pinned = agent.data_dir().join("release.pub");
+    assert!(!pinned.exists(), "no key existed at enrollment");
+    assert_eq!(agent.status()?["release_key_fingerprint"], Value::Null);
+
+    // The key is made while the control plane serves; the agent connects and pins it.
+    let fingerprint = release_keygen(&key_dir)?;
+    agent.run(&[media_dir()])?;
+    cp.wait_agent_online(&agent.agent_id, true, ONLINE_TIMEOUT)?;
+    let deadline = std::time::Instant::now() + ONLINE_TIMEOUT;
+    while !pinned.exists() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "release key not pinned; agent log:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = std::fs::read(key_dir.join("release.pub"))?;
+    assert_eq!(std::fs::read(&pinned)?, first);
+    assert_eq!(agent.status()?["release_key_fingerprint"], fingerprint.as_str());
+
+    // Someone replaces the control plane's key; at the next connection the agent refuses it.
+    std::fs::remove_file(key_dir.join("release.key"))?;
+    std::fs::remove_file(key_dir.join("release.pub"))?;
+    let replaced = release_keygen(&key_dir)?;
+    assert_ne!(replaced, fingerprint);
+    cp.restart()?;
+    let deadline = std::time::Instant::now() + ONLINE_TIMEOUT;
+    while !agent.log().contains("REFUSED a different release key") {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no refusal logged; agent log:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.log().contains(&replaced), "the log names the refused key");
+    assert_eq!(std::fs::read(&pinned)?, first, "the pinned key was replaced");
+    assert_eq!(agent.status()?["release_key_fingerprint"], fingerprint.as_str());
+    Ok(())
+}
