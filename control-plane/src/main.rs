@@ -861,6 +861,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "metrics_addr": http.metrics_addr(),
         "dashboard_url": dashboard_url,
         "ca_fingerprint": pki.enroll_fingerprint().to_string(),
+        "version": gaffer_control::build_version(),
     });
     dd.write_public(&dd.root().join("serve.json"), serde_json::to_string_pretty(&serve_info)?.as_bytes())?;
     tracing::info!(

@@ -283,6 +283,10 @@ fn add_and_list_go_through_the_running_server() -> Result<()> {
     json(&["release", "keygen", "--json", "--out", s(&keys)])?;
     let (data, _) = init(root.path(), &keys)?;
     let server = Server::start(&data)?;
+    // The server reports the version it was built as, the one `--version` prints.
+    let serve_info: Value = serde_json::from_slice(&std::fs::read(data.join("serve.json"))?)?;
+    let version = String::from_utf8(control(&["--version"])?.stdout)?;
+    assert_eq!(version.trim(), format!("gaffer-control {}", serve_info["version"].as_str().unwrap_or_default()));
     let file = tarball(root.path(), "3.1.0", "served")?;
     let added = json(&["release", "add", "--json", "--data-dir", s(&data), "--file", s(&file)])?;
     assert_eq!(added["release"]["version"], "3.1.0");
@@ -311,7 +315,12 @@ impl Server {
             .spawn()?;
         let server = Server(child);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !data.join("serve.json").exists() {
+        // serve.json is written once the server is up (read until it is complete).
+        while std::fs::read(data.join("serve.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_none()
+        {
             if Instant::now() > deadline {
                 bail!("gaffer-control serve did not start within 60 s");
             }
