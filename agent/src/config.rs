@@ -9,9 +9,10 @@
 //! defaults apply. `installers/config/agent.toml` lists every key with its default.
 //!
 //! [`check`] reports every problem of a file at once, each with its line and column
-//! ([`Problem`]): the document is parsed with spans (`toml::de::DeTable`, recovering after a syntax
-//! error), every key is looked up in [`RUN_KEYS`], and every value goes on its own through the
-//! parser and range check its flag uses. Unknown keys are errors (a misspelt key never quietly
+//! ([`Problem`]), with the checker of [`gaffer_service::config_file`]: the document is parsed with
+//! spans (`toml::de::DeTable`, recovering after a syntax error), every key is looked up in
+//! [`RUN_KEYS`], and every value goes on its own through the parser and range check its flag
+//! uses. Unknown keys are errors (a misspelt key never quietly
 //! means "the default"); paths must be absolute (the file is read from any working directory).
 //!
 //! Secrets never go in the file: the enrollment token is given to `enroll` only, and the agent's
@@ -20,23 +21,21 @@
 //! Limits: a file larger than [`CONFIG_BYTES_MAX`] is refused before it is read; at most
 //! [`PROBLEMS_MAX`] problems are listed.
 
-use std::io::Read as _;
-use std::ops::{Range, RangeInclusive};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gaffer_protocol::messages::Profile;
-use serde::Serialize;
-use toml::de::{DeTable, DeValue};
+use gaffer_service::config_file::{
+    self as file, boolean, dash_hint, flag_integer, flag_integer_u32, integer, integer_u32, parsed, string, Bad, Doc,
+};
+pub use gaffer_service::config_file::{Problem, CONFIG_BYTES_MAX, PROBLEMS_MAX};
+use toml::de::DeValue;
 use toml::Spanned;
 
 /// Where the packages install the agent's configuration file. Read only when given with
 /// `--config` (or `GAFFER_AGENT_CONFIG`).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gaffer/agent.toml";
-/// Largest configuration file read, bytes (1 MiB); a larger one is refused unread.
-pub const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
-/// Most problems listed for one file; the rest are counted in a last problem.
-pub const PROBLEMS_MAX: usize = 100;
 
 /// `slots` (`--slots`): jobs run at once, 1..=64.
 pub const SLOTS_RANGE: RangeInclusive<u64> = 1..=64;
@@ -131,13 +130,8 @@ pub struct RunSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be used: every problem found is listed (`validate` lists the same).
-    #[error("{}", render_problems(.path, .problems))]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// Every problem found, in file order.
-        problems: Vec<Problem>,
-    },
+    #[error(transparent)]
+    File(#[from] gaffer_service::ServiceError),
     /// A setting without a default is set neither by a flag nor in the file.
     #[error("{flag} is required (or `{key} = ...` in the configuration file)")]
     Missing {
@@ -146,54 +140,6 @@ pub enum ConfigError {
         /// The file's key, e.g. `data_dir`.
         key: &'static str,
     },
-}
-
-/// One problem of a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Problem {
-    /// Line, from 1; `None` for a problem of the whole file (too large, unreadable).
-    pub line: Option<usize>,
-    /// Column, in characters from 1; `None` with `line`.
-    pub column: Option<usize>,
-    /// The key, dotted from the top of the file (`init.fleet_name`); `None` for syntax errors and
-    /// problems of the whole file.
-    pub key: Option<String>,
-    /// What is wrong, and what to write instead.
-    pub message: String,
-}
-
-impl Problem {
-    fn whole_file(message: String) -> Problem {
-        Problem { line: None, column: None, key: None, message }
-    }
-
-    /// `FILE:LINE:COLUMN: KEY: MESSAGE`, leaving out the parts that are `None`.
-    pub fn display_in(&self, path: &Path) -> String {
-        let mut out = path.display().to_string();
-        if let (Some(line), Some(column)) = (self.line, self.column) {
-            out.push_str(&format!(":{line}:{column}"));
-        }
-        if let Some(key) = &self.key {
-            out.push_str(&format!(": {key}"));
-        }
-        out.push_str(&format!(": {}", self.message));
-        out
-    }
-}
-
-fn render_problems(path: &Path, problems: &[Problem]) -> String {
-    let mut out = format!(
-        "{}: {} problem{} (check the file with `gaffer-agent validate --config {}`):",
-        path.display(),
-        problems.len(),
-        if problems.len() == 1 { "" } else { "s" },
-        path.display()
-    );
-    for p in problems {
-        out.push_str("\n  ");
-        out.push_str(&p.display_in(path));
-    }
-    out
 }
 
 impl RunOptions {
@@ -281,35 +227,12 @@ fn size_text(bytes: u64) -> String {
 
 /// `--slots`: a whole number in [`SLOTS_RANGE`].
 fn slots_flag(text: &str) -> Result<u32, String> {
-    let n = integer_text(text, &SLOTS_RANGE)?;
-    u32::try_from(n).map_err(|_| format!("{n} is out of range: {}", range_text(&SLOTS_RANGE)))
+    flag_integer_u32(text, &SLOTS_RANGE)
 }
 
 /// `--watch-settle-secs`: a whole number in [`WATCH_SETTLE_SECS_RANGE`].
 fn watch_settle_secs_flag(text: &str) -> Result<u64, String> {
-    integer_text(text, &WATCH_SETTLE_SECS_RANGE)
-}
-
-/// A flag's whole number, checked as the file's integers are ([`in_range`]).
-fn integer_text(text: &str, range: &RangeInclusive<u64>) -> Result<u64, String> {
-    let n: i128 = text.trim().parse().map_err(|_| format!("{text:?} is not a whole number"))?;
-    in_range(n, range)
-}
-
-/// `n` if it lies in `range`; the one range check of the flags and the file.
-fn in_range(n: i128, range: &RangeInclusive<u64>) -> Result<u64, String> {
-    if n < i128::from(*range.start()) || n > i128::from(*range.end()) {
-        return Err(format!("{n} is out of range: {}", range_text(range)));
-    }
-    u64::try_from(n).map_err(|_| format!("{n} is out of range: {}", range_text(range)))
-}
-
-/// `1..=64`, or `at least 0` for a range open at the top.
-fn range_text(range: &RangeInclusive<u64>) -> String {
-    match *range.end() {
-        u64::MAX => format!("at least {}", range.start()),
-        end => format!("{}..={end}", range.start()),
-    }
+    flag_integer(text, &WATCH_SETTLE_SECS_RANGE)
 }
 
 /// Reads and checks the configuration file at `path`.
@@ -319,56 +242,12 @@ fn range_text(range: &RangeInclusive<u64>) -> String {
 /// [`CONFIG_BYTES_MAX`] (refused before reading), not UTF-8, not TOML, or has unknown keys or
 /// values its flags would refuse.
 pub fn load(path: &Path) -> Result<RunOptions, ConfigError> {
-    let text = read_limited(path).map_err(|p| ConfigError::File { path: path.to_owned(), problems: vec![p] })?;
-    check(&text).map_err(|problems| ConfigError::File { path: path.to_owned(), problems })
+    Ok(file::load(path, "gaffer-agent", check)?)
 }
 
 /// The problems of the file at `path` (`gaffer-agent validate`); empty when it is fine.
 pub fn validate(path: &Path) -> Vec<Problem> {
-    match load(path) {
-        Ok(_) => Vec::new(),
-        Err(ConfigError::File { problems, .. }) => problems,
-        Err(e) => vec![Problem::whole_file(e.to_string())],
-    }
-}
-
-/// Reads the file as UTF-8, refusing one larger than [`CONFIG_BYTES_MAX`] before reading it (and
-/// reading no more than that from a file that grows, or is no regular file).
-fn read_limited(path: &Path) -> Result<String, Problem> {
-    let file = std::fs::File::open(path).map_err(|e| Problem::whole_file(format!("cannot open it: {e}")))?;
-    let too_large = |bytes: String| {
-        Problem::whole_file(format!(
-            "the file is {bytes} bytes; a configuration file may be at most {CONFIG_BYTES_MAX} bytes (1 MiB): \
-             it was not read"
-        ))
-    };
-    let meta = file.metadata().map_err(|e| Problem::whole_file(format!("cannot read it: {e}")))?;
-    if meta.is_dir() {
-        return Err(Problem::whole_file("is a directory, not a configuration file".into()));
-    }
-    if meta.len() > CONFIG_BYTES_MAX {
-        return Err(too_large(meta.len().to_string()));
-    }
-    let mut bytes = Vec::new();
-    file.take(CONFIG_BYTES_MAX + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Problem::whole_file(format!("cannot read it: {e}")))?;
-    if bytes.len() as u64 > CONFIG_BYTES_MAX {
-        return Err(too_large("more than that".into()));
-    }
-    String::from_utf8(bytes).map_err(|e| {
-        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
-        let column = std::str::from_utf8(valid)
-            .map_or(0, |v| v.rsplit_once('\n').map_or(v, |(_, last)| last).chars().count())
-            + 1;
-        Problem {
-            line: Some(line),
-            column: Some(column),
-            key: None,
-            message: "not UTF-8 text: a configuration file is TOML, which is UTF-8".into(),
-        }
-    })
+    file::validate(path, check)
 }
 
 /// Checks a configuration file's text and gives the options it sets.
@@ -405,10 +284,7 @@ fn apply_run_key(o: &mut RunOptions, key: &str, value: &Spanned<DeValue<'_>>) ->
         "data_dir" => o.data_dir = Some(path(value)?),
         "volume" => o.volume = Some(paths(value)?),
         "watch" => o.watch = Some(paths(value)?),
-        "slots" => {
-            let n = integer(value, &SLOTS_RANGE)?;
-            o.slots = Some(u32::try_from(n).map_err(|_| bad(value, format!("{n} is out of range")))?);
-        }
+        "slots" => o.slots = Some(integer_u32(value, &SLOTS_RANGE)?),
         "watch_settle_secs" => o.watch_settle_secs = Some(integer(value, &WATCH_SETTLE_SECS_RANGE)?),
         "watch_profile" => o.watch_profile = Some(parsed(value, "\"shots\"", |s| s.parse::<Profile>())?),
         "offline" => o.offline = Some(boolean(value)?),
@@ -417,7 +293,7 @@ fn apply_run_key(o: &mut RunOptions, key: &str, value: &Spanned<DeValue<'_>>) ->
             o.job_memory_max = Some(match value.get_ref() {
                 // A plain number of bytes reads as the flag would read its digits.
                 DeValue::Integer(_) => crate::worker::parse_bytes(&integer(value, &(1..=u64::MAX))?.to_string())
-                    .map_err(|e| bad(value, e))?,
+                    .map_err(|e| Bad::at(value, e))?,
                 _ => parsed(value, "\"4GiB\"", crate::worker::parse_bytes)?,
             })
         }
@@ -428,9 +304,8 @@ fn apply_run_key(o: &mut RunOptions, key: &str, value: &Spanned<DeValue<'_>>) ->
 
 /// The message for an unknown key, with a hint where one helps.
 fn unknown_key(key: &str) -> String {
-    let underscored = key.replace('-', "_");
-    if underscored != key && RUN_KEYS.contains(&underscored.as_str()) {
-        return format!("unknown key; write `{underscored}` (flags' `-` is `_` in the file)");
+    if let Some(hint) = dash_hint(key, |k| RUN_KEYS.contains(&k)) {
+        return hint;
     }
     let lower = key.to_ascii_lowercase();
     if ["token", "password", "secret", "private_key"].iter().any(|s| lower.contains(s)) {
@@ -445,161 +320,31 @@ fn unknown_key(key: &str) -> String {
     format!("unknown key (the keys are: {})", RUN_KEYS.join(", "))
 }
 
-// ---- The checker's parts: the document with positions, and typed values. ----
-
-/// A value that cannot be used: where (the value, or an element of it) and why.
-struct Bad {
-    span: Range<usize>,
-    message: String,
-}
-
-fn bad(value: &Spanned<DeValue<'_>>, message: impl Into<String>) -> Bad {
-    Bad { span: value.span(), message: message.into() }
-}
-
-/// "a string", "an integer", … for messages.
-fn kind(value: &DeValue<'_>) -> &'static str {
-    match value {
-        DeValue::String(_) => "a string",
-        DeValue::Integer(_) => "an integer",
-        DeValue::Float(_) => "a float",
-        DeValue::Boolean(_) => "a boolean",
-        DeValue::Datetime(_) => "a date-time",
-        DeValue::Array(_) => "an array",
-        DeValue::Table(_) => "a table",
-    }
-}
-
-fn string<'a>(value: &'a Spanned<DeValue<'_>>, example: &str) -> Result<&'a str, Bad> {
-    match value.get_ref() {
-        DeValue::String(s) => Ok(s.as_ref()),
-        other => Err(bad(value, format!("expected a string, e.g. {example}; found {}", kind(other)))),
-    }
-}
-
-/// A string read by `parse`, the flag's own parser.
-fn parsed<T, E: std::fmt::Display>(
-    value: &Spanned<DeValue<'_>>,
-    example: &str,
-    parse: impl Fn(&str) -> Result<T, E>,
-) -> Result<T, Bad> {
-    parse(string(value, example)?).map_err(|e| bad(value, e.to_string()))
-}
-
-/// An integer in `range` (checked by [`in_range`], as the flag is).
-fn integer(value: &Spanned<DeValue<'_>>, range: &RangeInclusive<u64>) -> Result<u64, Bad> {
-    match value.get_ref() {
-        DeValue::Integer(i) => {
-            let n = i128::from_str_radix(i.as_str(), i.radix())
-                .map_err(|_| bad(value, format!("{} is not a whole number", i.as_str())))?;
-            in_range(n, range).map_err(|e| bad(value, e))
-        }
-        other => Err(bad(value, format!("expected an integer ({}); found {}", range_text(range), kind(other)))),
-    }
-}
-
-fn boolean(value: &Spanned<DeValue<'_>>) -> Result<bool, Bad> {
-    match value.get_ref() {
-        DeValue::Boolean(b) => Ok(*b),
-        other => Err(bad(value, format!("expected true or false; found {}", kind(other)))),
-    }
-}
+/// Paths are shown as this in messages.
+const PATH_EXAMPLE: &str = "\"/var/lib/gaffer-agent\"";
 
 /// An absolute path.
 fn path(value: &Spanned<DeValue<'_>>) -> Result<PathBuf, Bad> {
-    let text = string(value, "\"/var/lib/gaffer-agent\"")?;
-    if text.is_empty() {
-        return Err(bad(value, "empty path"));
+    if string(value, PATH_EXAMPLE)?.is_empty() {
+        return Err(Bad::at(value, "empty path"));
     }
-    let p = PathBuf::from(text);
-    if !p.is_absolute() {
-        return Err(bad(value, format!("{text:?} is a relative path; write it absolute, e.g. \"/{text}\"")));
-    }
-    Ok(p)
+    file::absolute_path(value, PATH_EXAMPLE)
 }
 
 /// An array of absolute paths; a bad element is reported where it is.
 fn paths(value: &Spanned<DeValue<'_>>) -> Result<Vec<PathBuf>, Bad> {
     match value.get_ref() {
         DeValue::Array(items) => items.iter().map(path).collect(),
-        other => Err(bad(value, format!("expected an array of paths, e.g. [\"/mnt/media\"]; found {}", kind(other)))),
-    }
-}
-
-/// A document being checked: its text, where its lines start, the spans of its syntax errors,
-/// and the problems found so far.
-struct Doc<'t> {
-    text: &'t str,
-    line_starts: Vec<usize>,
-    damaged: Vec<Range<usize>>,
-    problems: Vec<Problem>,
-}
-
-impl<'t> Doc<'t> {
-    /// Parses `text`, recording every syntax error; the table holds what could be recovered.
-    fn parse(text: &'t str) -> (Doc<'t>, Spanned<DeTable<'t>>) {
-        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect::<Vec<_>>();
-        let (root, errors) = DeTable::parse_recoverable(text);
-        let mut doc = Doc { text, line_starts, damaged: Vec::new(), problems: Vec::new() };
-        for e in errors {
-            let span = e.span().unwrap_or(0..0);
-            doc.report(span.clone(), None, format!("TOML syntax: {}", e.message()));
-            doc.damaged.push(span);
-        }
-        (doc, root)
-    }
-
-    /// Line and column (from 1, the column in characters) of byte `offset`.
-    fn position(&self, offset: usize) -> (usize, usize) {
-        let mut offset = offset.min(self.text.len());
-        while !self.text.is_char_boundary(offset) {
-            offset -= 1;
-        }
-        let line = self.line_starts.partition_point(|&start| start <= offset);
-        let start = self.line_starts[line.saturating_sub(1)];
-        (line, self.text[start..offset].chars().count() + 1)
-    }
-
-    fn report(&mut self, span: Range<usize>, key: Option<&str>, message: String) {
-        let (line, column) = self.position(span.start);
-        self.problems.push(Problem { line: Some(line), column: Some(column), key: key.map(str::to_owned), message });
-    }
-
-    /// Whether a syntax error lies in or touches `span` (its value is what recovery made of it).
-    fn is_damaged(&self, span: &Range<usize>) -> bool {
-        self.damaged.iter().any(|d| d.start <= span.end && span.start <= d.end)
-    }
-
-    /// `Ok` when nothing was found, else the problems in file order, at most [`PROBLEMS_MAX`].
-    fn finish(mut self) -> Result<(), Vec<Problem>> {
-        if self.problems.is_empty() {
-            return Ok(());
-        }
-        self.problems.sort_by_key(|p| (p.line, p.column));
-        if self.problems.len() > PROBLEMS_MAX {
-            let more = self.problems.len() - (PROBLEMS_MAX - 1);
-            self.problems.truncate(PROBLEMS_MAX - 1);
-            self.problems.push(Problem::whole_file(format!("{more} more problems not listed")));
-        }
-        Err(self.problems)
+        other => Err(Bad::at(
+            value,
+            format!("expected an array of paths, e.g. [\"/mnt/media\"]; found {}", file::kind(other)),
+        )),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn positions_count_lines_and_characters_from_one() {
-        let (doc, _) = Doc::parse("a = 1\nbé = 2\n\nc = 3");
-        assert_eq!(doc.position(0), (1, 1));
-        assert_eq!(doc.position(6), (2, 1));
-        // Byte 10 is the `=` after "bé " (4 bytes, 3 characters).
-        assert_eq!(doc.position(10), (2, 4));
-        assert_eq!(doc.position(14), (3, 1));
-        assert_eq!(doc.position(15), (4, 1));
-        assert_eq!(doc.position(1000), (4, 6));
-    }
 
     #[test]
     fn every_key_is_accepted_with_a_good_value_and_nothing_else_is() {

@@ -666,17 +666,7 @@ const ADMIN_USER: &str = "admin";
 /// `validate`: prints `FILE: ok`, or every problem (exit status 1).
 fn validate(args: ValidateArgs) -> anyhow::Result<()> {
     let problems = config::validate(&args.config);
-    if args.json {
-        println!("{}", serde_json::json!({ "ok": problems.is_empty(), "errors": problems }));
-    } else if problems.is_empty() {
-        println!("{}: ok", args.config.display());
-    } else {
-        for p in &problems {
-            println!("{}", p.display_in(&args.config));
-        }
-        let n = problems.len();
-        println!("{}: {n} problem{}", args.config.display(), if n == 1 { "" } else { "s" });
-    }
+    print!("{}", gaffer_service::config_file::report(&args.config, &problems, args.json));
     if !problems.is_empty() {
         std::process::exit(1);
     }
