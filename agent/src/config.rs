@@ -30,6 +30,7 @@ use gaffer_service::config_file::{
     self as file, boolean, dash_hint, flag_integer, flag_integer_u32, integer, integer_u32, parsed, string, Bad, Doc,
 };
 pub use gaffer_service::config_file::{Problem, CONFIG_BYTES_MAX, PROBLEMS_MAX};
+use gaffer_service::ServiceError;
 use toml::de::DeValue;
 use toml::Spanned;
 
@@ -76,10 +77,10 @@ pub struct RunOptions {
     #[arg(long)]
     pub watch: Option<Vec<PathBuf>>,
     /// Jobs to run at once, 1..=64. Default: 1.
-    #[arg(long, value_parser = slots_flag)]
+    #[arg(long, value_parser = |t: &str| flag_integer_u32(t, &SLOTS_RANGE))]
     pub slots: Option<u32>,
     /// Seconds a watched file must stay unchanged before it is analyzed. Default: 2.
-    #[arg(long, value_parser = watch_settle_secs_flag)]
+    #[arg(long, value_parser = |t: &str| flag_integer(t, &WATCH_SETTLE_SECS_RANGE))]
     pub watch_settle_secs: Option<u64>,
     /// Profile of the jobs made from watch-folder files: `shots` or `full` (`full` needs the
     /// models: `gaffer-agent models fetch`). Default: shots.
@@ -126,22 +127,6 @@ pub struct RunSettings {
     pub job_memory_max: Option<u64>,
 }
 
-/// A configuration file or a set of settings that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be used: every problem found is listed (`validate` lists the same).
-    #[error(transparent)]
-    File(#[from] gaffer_service::ServiceError),
-    /// A setting without a default is set neither by a flag nor in the file.
-    #[error("{flag} is required (or `{key} = ...` in the configuration file)")]
-    Missing {
-        /// The flag, e.g. `--data-dir`.
-        flag: &'static str,
-        /// The file's key, e.g. `data_dir`.
-        key: &'static str,
-    },
-}
-
 impl RunOptions {
     /// These options, with the settings they leave unset taken from `fallback` (the flags `or`
     /// the file).
@@ -162,10 +147,10 @@ impl RunOptions {
     /// The settings with the defaults applied where nothing is set.
     ///
     /// # Errors
-    /// [`ConfigError::Missing`] without a data directory.
-    pub fn resolve(self) -> Result<RunSettings, ConfigError> {
+    /// [`ServiceError::MissingSetting`] without a data directory.
+    pub fn resolve(self) -> Result<RunSettings, ServiceError> {
         Ok(RunSettings {
-            data_dir: self.data_dir.ok_or(ConfigError::Missing { flag: "--data-dir", key: "data_dir" })?,
+            data_dir: self.data_dir.ok_or(ServiceError::MissingSetting { flag: "--data-dir", key: "data_dir" })?,
             volume: self.volume.unwrap_or_default(),
             watch: self.watch.unwrap_or_default(),
             slots: self.slots.unwrap_or(SLOTS_DEFAULT),
@@ -225,29 +210,13 @@ fn size_text(bytes: u64) -> String {
     bytes.to_string()
 }
 
-/// `--slots`: a whole number in [`SLOTS_RANGE`].
-fn slots_flag(text: &str) -> Result<u32, String> {
-    flag_integer_u32(text, &SLOTS_RANGE)
-}
-
-/// `--watch-settle-secs`: a whole number in [`WATCH_SETTLE_SECS_RANGE`].
-fn watch_settle_secs_flag(text: &str) -> Result<u64, String> {
-    flag_integer(text, &WATCH_SETTLE_SECS_RANGE)
-}
-
-/// Reads and checks the configuration file at `path`.
+/// Reads the configuration file at `path` and checks it with [`check`] (`validate` runs
+/// [`file::validate`] with it).
 ///
 /// # Errors
-/// [`ConfigError::File`] with every problem: the file is missing or unreadable, larger than
-/// [`CONFIG_BYTES_MAX`] (refused before reading), not UTF-8, not TOML, or has unknown keys or
-/// values its flags would refuse.
-pub fn load(path: &Path) -> Result<RunOptions, ConfigError> {
-    Ok(file::load(path, "gaffer-agent", check)?)
-}
-
-/// The problems of the file at `path` (`gaffer-agent validate`); empty when it is fine.
-pub fn validate(path: &Path) -> Vec<Problem> {
-    file::validate(path, check)
+/// [`ServiceError::ConfigFile`] with every problem; the file is read only up to [`CONFIG_BYTES_MAX`].
+pub fn load(path: &Path) -> Result<RunOptions, ServiceError> {
+    file::load(path, "gaffer-agent", check)
 }
 
 /// Checks a configuration file's text and gives the options it sets.

@@ -328,7 +328,7 @@ fn canonical_dirs(dirs: &[PathBuf], what: &str) -> anyhow::Result<Vec<PathBuf>> 
 
 /// `validate`: prints `FILE: ok`, or every problem (exit status 1).
 fn validate_cmd(args: ValidateArgs) -> anyhow::Result<()> {
-    let problems = config::validate(&args.config);
+    let problems = gaffer_service::config_file::validate(&args.config, config::check);
     print!("{}", gaffer_service::config_file::report(&args.config, &problems, args.json));
     if !problems.is_empty() {
         std::process::exit(1);

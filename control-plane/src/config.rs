@@ -38,6 +38,7 @@ use gaffer_service::config_file::{
     parsed, Bad, Doc,
 };
 pub use gaffer_service::config_file::{Problem, CONFIG_BYTES_MAX, PROBLEMS_MAX};
+use gaffer_service::ServiceError;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
@@ -123,25 +124,25 @@ pub struct ServeOptions {
     pub http_listen: Option<SocketAddr>,
     /// How long a disconnected agent keeps its running jobs before they are requeued, seconds
     /// (1..=86400). Default: 30.
-    #[arg(long, value_parser = lease_grace_secs_text)]
+    #[arg(long, value_parser = |t: &str| flag_integer(t, &LEASE_GRACE_SECS_RANGE))]
     pub lease_grace_secs: Option<u64>,
     /// How long an agent has to accept an assignment before it is requeued, seconds
     /// (1..=86400). Default: 30.
-    #[arg(long, value_parser = assign_timeout_secs_text)]
+    #[arg(long, value_parser = |t: &str| flag_integer(t, &ASSIGN_TIMEOUT_SECS_RANGE))]
     pub assign_timeout_secs: Option<u64>,
     /// Attempts (leases) a job gets before it fails for good with "gave up after N attempts"
     /// (1..=100). Default: 3.
-    #[arg(long, value_parser = max_attempts_text)]
+    #[arg(long, value_parser = |t: &str| flag_integer_u32(t, &MAX_ATTEMPTS_RANGE))]
     pub max_attempts: Option<u32>,
     /// How long finished jobs (and their digests) are kept, e.g. 30d, 12h; older ones are
     /// deleted. Default: 30d.
     #[arg(long, value_parser = duration_text)]
     pub finished_job_retention: Option<Duration>,
     /// Heartbeat interval agents are told to use, seconds (1..=3600). Default: 5.
-    #[arg(long, value_parser = heartbeat_interval_secs_text)]
+    #[arg(long, value_parser = |t: &str| flag_integer_u32(t, &HEARTBEAT_INTERVAL_SECS_RANGE))]
     pub heartbeat_interval_secs: Option<u32>,
     /// A link with no traffic for this long is considered dead, seconds (2..=600). Default: 10.
-    #[arg(long, value_parser = idle_timeout_secs_text)]
+    #[arg(long, value_parser = |t: &str| flag_integer(t, &IDLE_TIMEOUT_SECS_RANGE))]
     pub idle_timeout_secs: Option<u64>,
     /// Append every frame received from agents to this file as JSON lines (audit of what leaves
     /// the boxes). Default: none.
@@ -267,32 +268,6 @@ pub struct ControlFile {
     pub init: InitOptions,
 }
 
-/// A configuration file or a set of settings that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be used: every problem found is listed (`validate` lists the same).
-    #[error(transparent)]
-    File(#[from] gaffer_service::ServiceError),
-    /// A setting without a default is set neither by a flag nor in the file.
-    #[error("{flag} is required (or `{key} = ...` in the configuration file)")]
-    Missing {
-        /// The flag, e.g. `--data-dir`.
-        flag: &'static str,
-        /// The file's key, e.g. `data_dir`.
-        key: &'static str,
-    },
-    /// A setting needs another one that is set neither by a flag nor in the file.
-    #[error("{flag} needs {needs} (or `{needs_key} = ...` in the configuration file)")]
-    Needs {
-        /// The flag that is set, e.g. `--http-tls-cert`.
-        flag: &'static str,
-        /// The flag it needs, e.g. `--http-tls-key`.
-        needs: &'static str,
-        /// The file's key for it, e.g. `http_tls_key`.
-        needs_key: &'static str,
-    },
-}
-
 impl ServeOptions {
     /// These options, with the settings they leave unset taken from `fallback` (the flags `or`
     /// the file).
@@ -320,19 +295,19 @@ impl ServeOptions {
     /// The settings with the defaults applied where nothing is set.
     ///
     /// # Errors
-    /// [`ConfigError::Missing`] without a data directory; [`ConfigError::Needs`] for an HTTPS
+    /// [`ServiceError::MissingSetting`] without a data directory; [`ServiceError::SettingNeeds`] for an HTTPS
     /// certificate without its key or a key without its certificate.
-    pub fn resolve(self) -> Result<ServeSettings, ConfigError> {
+    pub fn resolve(self) -> Result<ServeSettings, ServiceError> {
         match (&self.http_tls_cert, &self.http_tls_key) {
             (Some(_), None) => {
-                return Err(ConfigError::Needs {
+                return Err(ServiceError::SettingNeeds {
                     flag: "--http-tls-cert",
                     needs: "--http-tls-key",
                     needs_key: "http_tls_key",
                 })
             }
             (None, Some(_)) => {
-                return Err(ConfigError::Needs {
+                return Err(ServiceError::SettingNeeds {
                     flag: "--http-tls-key",
                     needs: "--http-tls-cert",
                     needs_key: "http_tls_cert",
@@ -341,7 +316,7 @@ impl ServeOptions {
             _ => {}
         }
         Ok(ServeSettings {
-            data_dir: self.data_dir.ok_or(ConfigError::Missing { flag: "--data-dir", key: "data_dir" })?,
+            data_dir: self.data_dir.ok_or(ServiceError::MissingSetting { flag: "--data-dir", key: "data_dir" })?,
             agent_cert_ttl: self.agent_cert_ttl,
             quic_listen: self.quic_listen,
             http_listen: self.http_listen,
@@ -378,10 +353,10 @@ impl InitOptions {
     /// The settings with the defaults applied where nothing is set.
     ///
     /// # Errors
-    /// [`ConfigError::Missing`] without a data directory.
-    pub fn resolve(self) -> Result<InitSettings, ConfigError> {
+    /// [`ServiceError::MissingSetting`] without a data directory.
+    pub fn resolve(self) -> Result<InitSettings, ServiceError> {
         Ok(InitSettings {
-            data_dir: self.data_dir.ok_or(ConfigError::Missing { flag: "--data-dir", key: "data_dir" })?,
+            data_dir: self.data_dir.ok_or(ServiceError::MissingSetting { flag: "--data-dir", key: "data_dir" })?,
             quic_listen: self.quic_listen.unwrap_or(QUIC_LISTEN_DEFAULT),
             http_listen: self.http_listen.unwrap_or(HTTP_LISTEN_DEFAULT),
             server_name: self.server_name.unwrap_or_default(),
@@ -458,39 +433,13 @@ fn duration_text(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration ({e}): use e.g. 30d, 12h, 10m, 90s"))
 }
 
-fn lease_grace_secs_text(text: &str) -> Result<u64, String> {
-    flag_integer(text, &LEASE_GRACE_SECS_RANGE)
-}
-
-fn assign_timeout_secs_text(text: &str) -> Result<u64, String> {
-    flag_integer(text, &ASSIGN_TIMEOUT_SECS_RANGE)
-}
-
-fn max_attempts_text(text: &str) -> Result<u32, String> {
-    flag_integer_u32(text, &MAX_ATTEMPTS_RANGE)
-}
-
-fn heartbeat_interval_secs_text(text: &str) -> Result<u32, String> {
-    flag_integer_u32(text, &HEARTBEAT_INTERVAL_SECS_RANGE)
-}
-
-fn idle_timeout_secs_text(text: &str) -> Result<u64, String> {
-    flag_integer(text, &IDLE_TIMEOUT_SECS_RANGE)
-}
-
-/// Reads and checks the configuration file at `path`.
+/// Reads the configuration file at `path` and checks it with [`check`] (`validate` runs
+/// [`file::validate`] with it).
 ///
 /// # Errors
-/// [`ConfigError::File`] with every problem: the file is missing or unreadable, larger than
-/// [`CONFIG_BYTES_MAX`] (refused before reading), not UTF-8, not TOML, or has unknown keys or
-/// values its flags would refuse.
-pub fn load(path: &Path) -> Result<ControlFile, ConfigError> {
-    Ok(file::load(path, "gaffer-control", check)?)
-}
-
-/// The problems of the file at `path` (`gaffer-control validate`); empty when it is fine.
-pub fn validate(path: &Path) -> Vec<Problem> {
-    file::validate(path, check)
+/// [`ServiceError::ConfigFile`] with every problem; the file is read only up to [`CONFIG_BYTES_MAX`].
+pub fn load(path: &Path) -> Result<ControlFile, ServiceError> {
+    file::load(path, "gaffer-control", check)
 }
 
 /// Checks a configuration file's text and gives what it sets for `serve` and `init`.

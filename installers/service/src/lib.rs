@@ -21,7 +21,8 @@ pub mod notify;
 
 use config_file::Problem;
 
-/// What can go wrong in this crate.
+/// What can go wrong in this crate: a configuration file, or the settings that flags and the file
+/// give together, cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServiceError {
@@ -36,5 +37,25 @@ pub enum ServiceError {
         program: &'static str,
         /// Every problem found, in file order (at most [`config_file::PROBLEMS_MAX`]).
         problems: Vec<Problem>,
+    },
+    /// A setting without a default is set neither by a flag nor in the configuration file. Give
+    /// the flag or set the key.
+    #[error("{flag} is required (or `{key} = ...` in the configuration file)")]
+    MissingSetting {
+        /// The flag, e.g. `--data-dir`.
+        flag: &'static str,
+        /// The file's key, e.g. `data_dir`.
+        key: &'static str,
+    },
+    /// A setting needs another one that is set neither by a flag nor in the configuration file.
+    /// Give that flag or set its key too (or drop the first).
+    #[error("{flag} needs {needs} (or `{needs_key} = ...` in the configuration file)")]
+    SettingNeeds {
+        /// The flag that is set, e.g. `--http-tls-cert`.
+        flag: &'static str,
+        /// The flag it needs, e.g. `--http-tls-key`.
+        needs: &'static str,
+        /// The file's key for it, e.g. `http_tls_key`.
+        needs_key: &'static str,
     },
 }
