@@ -477,6 +477,17 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     let _socket = control_socket::serve(&dd.socket_path(), handles).await?;
     tracing::info!(agent_id = %identity.agent_id, site = %identity.site, control = %identity.control_addr,
         offline = settings.offline, volumes = ?volumes, slots = settings.slots, pending = outbox.len(), "agent starting");
+    // systemd (Type=notify): ready once the control socket and watch folders are up and the link
+    // task is about to start; the watchdog is fed only while the runtime and the runner answer.
+    let control_addr = identity.control_addr.clone();
+    let first_status = tokio::task::block_in_place(|| {
+        gaffer_agent::service::agent_status(&control_addr, link_status.as_deref(), &runner)
+    });
+    gaffer_agent::service::ready(&first_status);
+    let _watchdog = gaffer_agent::service::spawn_watchdog({
+        let (link, runner) = (link_status.clone(), runner.clone());
+        move || Ok(gaffer_agent::service::agent_status(&control_addr, link.as_deref(), &runner))
+    });
 
     match link_status {
         Some(status) => {
@@ -584,4 +595,5 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    gaffer_agent::service::stopping("agent stopping; held jobs resume at the next start");
 }

@@ -859,6 +859,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "control plane serving; dashboard at {dashboard_url}"
     );
 
+    // systemd (Type=notify): ready once QUIC and HTTP are listening; the watchdog is fed only
+    // while the runtime, the blocking pool and the store answer.
+    let listening = format!("QUIC udp/{bound_quic}, dashboard {dashboard_url}");
+    gaffer_control::service::ready(&listening);
+    let _watchdog = gaffer_control::service::spawn_watchdog({
+        let state = state.clone();
+        move || gaffer_control::service::control_status(&listening, &state)
+    });
     http.serve(state, shutdown_signal()).await.context("serving HTTP")?;
     endpoint.close(link::close_code::OK.into(), b"control plane shutting down");
     let _ = std::fs::remove_file(dd.admin_socket_path());
@@ -958,4 +966,5 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    gaffer_control::service::stopping("control plane stopping");
 }
