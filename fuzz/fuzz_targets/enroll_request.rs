@@ -76,8 +76,17 @@ fn control_reads_request(fleet: &Fleet, stream: &[u8]) {
 
 /// `gaffer-agent enroll`'s handling of the answer.
 fn agent_reads_response(fleet: &Fleet, stream: &[u8]) {
-    let Some(resp) = first_frame::<EnrollResponse>(stream) else { return };
-    if let EnrollResponse::Enrolled { cert_pem, bundle_recipient, .. } = resp {
+    // As `gaffer-agent enroll` reads it: the frame's payload, then either layout (protocol 4 with
+    // the release key, or protocol 3 without).
+    let mut dec = FrameDecoder::new(ENROLL_FRAME_BYTES_MAX);
+    dec.push(stream);
+    let Ok(Some(payload)) = dec.next_payload() else { return };
+    let Ok(resp) = EnrollResponse::decode_payload(&payload) else { return };
+    if let EnrollResponse::Enrolled { cert_pem, bundle_recipient, release_public_key, .. } = resp {
+        if let Some(key) = &release_public_key {
+            // What the agent pins: 32 bytes of an Ed25519 public key, or refused.
+            let _ = gaffer_certs::ReleasePublicKey::from_bytes(key);
+        }
         if let Some(r) = &bundle_recipient {
             if gaffer_certs::check_bundle_recipient(r).is_err() {
                 return;
