@@ -17,6 +17,9 @@ use gaffer_service::config_file::CONFIG_BYTES_MAX;
 
 /// (line, column, key, a part of the message) of a mistake `validate` finds.
 type Found = (usize, usize, &'static str, &'static str);
+/// A file with a syntax error among other problems, and each problem's (line, key), the key
+/// `None` for a syntax error.
+type SyntaxCase = (&'static str, &'static [(usize, Option<&'static str>)]);
 /// (flag, key, value as the flag takes it, the same as a TOML value, accepted).
 type FlagCase = (&'static str, &'static str, &'static str, &'static str, bool);
 
@@ -36,9 +39,8 @@ struct Program {
     mistakes: &'static str,
     /// …and every one of them, in file order.
     found: &'static [Found],
-    /// Files with a syntax error among other problems, and each problem's (line, key), the key
-    /// `None` for a syntax error.
-    syntax: &'static [(&'static str, &'static [(usize, Option<&'static str>)])],
+    /// Files with a syntax error among other problems.
+    syntax: &'static [SyntaxCase],
     /// Values of each kind, as a flag and as its key.
     flag_cases: &'static [FlagCase],
 }

@@ -65,8 +65,11 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// Where a problem is and what it says: (line, column, key, message).
+type Placed<'a> = (Option<usize>, Option<usize>, Option<&'a str>, &'a str);
+
 /// (line, column, key, message) of each problem.
-fn placed(problems: &[Problem]) -> Vec<(Option<usize>, Option<usize>, Option<&str>, &str)> {
+fn placed(problems: &[Problem]) -> Vec<Placed<'_>> {
     problems.iter().map(|p| (p.line, p.column, p.key.as_deref(), p.message.as_str())).collect()
 }
 
