@@ -35,7 +35,10 @@ struct Fixture {
     cp_recipient: String,
 }
 
-fn control_plane(dir: &Path) -> Result<(Arc<FleetCa>, Arc<dyn Store>, OfflineSync), Box<dyn std::error::Error>> {
+/// A control plane's CA, store and offline sync over a fresh data dir.
+type ControlPlaneParts = (Arc<FleetCa>, Arc<dyn Store>, OfflineSync);
+
+fn control_plane(dir: &Path) -> Result<ControlPlaneParts, Box<dyn std::error::Error>> {
     let dd = DataDir::new(dir.join("control"));
     dd.create()?;
     let ca = FleetCa::generate("studio")?;
