@@ -1104,10 +1104,7 @@ fn the_release_key_reaches_protocol_4_agents_only() {
     assert!(matches!(control_events(&mut c3).as_slice(), [ControlEvent::Hello { protocol_version: 3, .. }]));
     c3.accept().unwrap();
     drain_transmit_control(&mut c3);
-    assert!(matches!(
-        c3.send(ControlMessage::ReleaseKey { public_key: [9; 32] }),
-        Err(SessionError::NotAllowed(_))
-    ));
+    assert!(matches!(c3.send(ControlMessage::ReleaseKey { public_key: [9; 32] }), Err(SessionError::NotAllowed(_))));
     assert!(drain_transmit_control(&mut c3).is_empty(), "nothing was queued for the protocol-3 agent");
     assert!(c3.send(ControlMessage::TrustBundle { ca_pems: vec!["ca".into()] }).is_ok());
 }
