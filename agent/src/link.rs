@@ -669,6 +669,13 @@ impl Pump<'_> {
                         })
                         .await;
                     }
+                    AgentEvent::Update(order) => {
+                        tracing::info!(rollout_id = order.rollout_id, version = %order.version,
+                            "update order: the self-update path arrives with the updater");
+                    }
+                    AgentEvent::UpdateWithdrawn { rollout_id, reason } => {
+                        tracing::info!(rollout_id, %reason, "update order withdrawn");
+                    }
                     AgentEvent::RenewCertificate { reason } => {
                         tracing::info!(%reason, "the control plane asks for a certificate renewal now");
                         self.renewal.renew_now = Some(reason);

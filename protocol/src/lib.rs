@@ -14,6 +14,7 @@
 //! * [`digest`]: the versioned analysis result schema (shots, cuts, keyframes, technical metadata).
 //! * [`health`]: the host/GPU health report sent on every heartbeat.
 //! * [`bundle`]: the offline-sync bundle file format (air-gapped sites).
+//! * [`release_fetch`]: the stream on which an agent downloads a signed release (self-update).
 //!
 //! Architecture invariant: the serde types in this crate *are* the wire format. Changing a field's
 //! type, order or meaning requires bumping [`version::PROTOCOL_VERSION`]; changing the digest requires
@@ -26,12 +27,16 @@ pub mod digest;
 pub mod enroll;
 pub mod health;
 pub mod messages;
+pub mod release_fetch;
 pub mod session;
 pub mod version;
 
 pub use codec::{encode_frame, CodecError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};
 pub use messages::{AgentEnvelope, AgentMessage, ControlMessage};
-pub use version::{negotiate, VersionError, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, RELEASE_KEY_PROTOCOL_VERSION};
+pub use version::{
+    negotiate, VersionError, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, RELEASE_KEY_PROTOCOL_VERSION,
+    UPDATE_PROTOCOL_VERSION,
+};
 
 /// ALPN protocol id of the authenticated (mutual TLS) agent link.
 pub const ALPN_AGENT_LINK: &[u8] = b"gaffer/1";

@@ -203,6 +203,10 @@ pub enum AgentMessage {
         /// The CSR, PEM; at most `gaffer_certs::PEM_BYTES_MAX` bytes.
         csr_pem: String,
     },
+    /// How an update ordered by [`ControlMessage::Update`] went (protocol 5). Kept in the outbox like a
+    /// job report (at-least-once, applied once by sequence), so a report written just before the agent
+    /// re-executed itself or rolled back still arrives.
+    UpdateReport(UpdateReport),
 }
 
 impl AgentMessage {
@@ -218,6 +222,7 @@ impl AgentMessage {
             AgentMessage::JobFailed { .. } => "job_failed",
             AgentMessage::SubmitWatched { .. } => "submit_watched",
             AgentMessage::CertificateRequest { .. } => "certificate_request",
+            AgentMessage::UpdateReport(_) => "update_report",
         }
     }
 }
@@ -347,6 +352,71 @@ pub enum ControlMessage {
         /// The 32 bytes of the public key (zipsign's `release.pub`).
         public_key: [u8; 32],
     },
+    /// Update to this release (protocol 5): sent when a rollout picks the agent, and again on every
+    /// connection while it is picked and has not reported the outcome. The agent fetches the artifact
+    /// on the same authenticated connection ([`crate::release_fetch`]), verifies it against its pinned
+    /// release key, waits until it runs no job, then re-executes into the new version.
+    Update(UpdateOrder),
+    /// Drop the update order of this rollout if it has not been applied yet (protocol 5): the rollout
+    /// was paused, halted or aborted. An agent already running the new version under its health gate
+    /// carries on.
+    UpdateWithdrawn {
+        /// The rollout whose order is withdrawn.
+        rollout_id: u64,
+        /// Why, for the agent's log.
+        reason: String,
+    },
+}
+
+/// A release an agent is asked to update to ([`ControlMessage::Update`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOrder {
+    /// The rollout this order belongs to; the agent's [`UpdateReport`] names it.
+    pub rollout_id: u64,
+    /// The target version, semver (`1.4.0`), as in the artifact's name.
+    pub version: String,
+    /// The signed artifact's file name, `gaffer-agent-<version>-<arch>-linux.tar.gz`.
+    pub file_name: String,
+    /// Size of the signed artifact, bytes; the agent refuses a fetch of any other size.
+    pub size_bytes: u64,
+    /// SHA-256 of the signed artifact, lowercase hex (a transfer check; the signature is the trust).
+    pub sha256: String,
+    /// How long the new version must stay connected and heartbeating after its self-test before the
+    /// agent calls it healthy and drops the previous binary's claim, seconds (`rollout start
+    /// --wait-mins` × 60).
+    pub health_wait_secs: u32,
+}
+
+/// What an agent says about an update ([`AgentMessage::UpdateReport`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReport {
+    /// The rollout of the order.
+    pub rollout_id: u64,
+    /// The version the order asked for.
+    pub version: String,
+    /// What happened.
+    pub outcome: UpdateOutcome,
+}
+
+/// The outcome of an update order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateOutcome {
+    /// The artifact was fetched and verified; the agent restarts into the new version as soon as it
+    /// runs no job.
+    Staged,
+    /// The new version started, passed its self-test, connected and heartbeated for the health wait.
+    Healthy,
+    /// The update was not applied or was rolled back; the agent runs `running_version`.
+    Failed {
+        /// What went wrong, in words an operator can act on (e.g. "signature does not verify against
+        /// the pinned release key", "version 1.5.0 exited with status 3 before its self-test").
+        reason: String,
+        /// Whether the new version ran and the agent put the previous binary back (`true`), or the
+        /// update never got that far (`false`: fetch, verification or unpacking failed).
+        rolled_back: bool,
+        /// The version the agent runs now.
+        running_version: String,
+    },
 }
 
 impl ControlMessage {
@@ -364,6 +434,8 @@ impl ControlMessage {
             ControlMessage::TrustBundle { .. } => "trust_bundle",
             ControlMessage::RenewCertificate { .. } => "renew_certificate",
             ControlMessage::ReleaseKey { .. } => "release_key",
+            ControlMessage::Update(_) => "update",
+            ControlMessage::UpdateWithdrawn { .. } => "update_withdrawn",
         }
     }
 }

@@ -8,13 +8,18 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks natively (the highest it supports).
 ///
+/// 5 added self-update: `ControlMessage::{Update, UpdateWithdrawn}`, `AgentMessage::UpdateReport` and
+/// the release fetch stream (`release_fetch`); a control plane orders updates only from agents that
+/// agreed 5.
 /// 4 added the release public key: `ControlMessage::ReleaseKey` on the link and
 /// `EnrollResponse::Enrolled::release_public_key` at enrollment (see `enroll` for how both ends
 /// still enroll with protocol-3 peers); a control plane sends those only to agents that speak 4.
 /// 3 added online certificate renewal and trust bundles (`AgentMessage::CertificateRequest`,
 /// `ControlMessage::{Certificate, CertificateRefused, TrustBundle, RenewCertificate}`); a control plane
 /// sends those only to agents that agreed 3. 2 added leases with fencing.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
+/// The first protocol version with self-update (`ControlMessage::Update`, the release fetch stream).
+pub const UPDATE_PROTOCOL_VERSION: u16 = 5;
 /// The first protocol version that carries the release public key (`ControlMessage::ReleaseKey`,
 /// `EnrollResponse::Enrolled::release_public_key`).
 pub const RELEASE_KEY_PROTOCOL_VERSION: u16 = 4;

@@ -138,6 +138,15 @@ pub enum AgentEvent {
         /// The 32 bytes of the Ed25519 public key.
         public_key: [u8; 32],
     },
+    /// Update to this release (protocol 5).
+    Update(crate::messages::UpdateOrder),
+    /// Drop the update order of this rollout unless it is applied already (protocol 5).
+    UpdateWithdrawn {
+        /// The rollout.
+        rollout_id: u64,
+        /// Why, for the log.
+        reason: String,
+    },
     /// The session is over; write what `poll_transmit` still gives, then close the connection.
     Closed {
         /// Why.
@@ -445,6 +454,10 @@ impl AgentSession {
             }
             (State::Up { .. }, ControlMessage::ReleaseKey { public_key }) => {
                 self.events.push_back(AgentEvent::ReleaseKey { public_key });
+            }
+            (State::Up { .. }, ControlMessage::Update(order)) => self.events.push_back(AgentEvent::Update(order)),
+            (State::Up { .. }, ControlMessage::UpdateWithdrawn { rollout_id, reason }) => {
+                self.events.push_back(AgentEvent::UpdateWithdrawn { rollout_id, reason });
             }
             // The heartbeat answer: liveness only (already counted as received bytes).
             (State::Up { .. }, ControlMessage::Ack { seq: 0 }) => {}
