@@ -655,6 +655,9 @@ struct Connected {
     mailbox: VecDeque<ControlMessage>,
     /// Wakes the link driver when the mailbox gets a message.
     notify: Arc<Notify>,
+    /// Why no new job is leased to it, when something holds it back (an update it is about to
+    /// restart for); the jobs it holds run to the end.
+    hold: Option<String>,
 }
 
 impl Connected {
@@ -662,6 +665,9 @@ impl Connected {
         self.leased.len() + self.reserved.len()
     }
     fn free_slots(&self) -> usize {
+        if self.hold.is_some() {
+            return 0;
+        }
         (self.conn.capabilities.job_slots as usize).saturating_sub(self.busy())
     }
     fn mailbox_has_room_for_assign(&self) -> bool {
@@ -695,6 +701,7 @@ impl Fleet {
             reserved: HashSet::new(),
             mailbox: VecDeque::new(),
             notify: notify.clone(),
+            hold: None,
         };
         if let Some(old) = self.lock().insert(agent, c) {
             old.notify.notify_one();
@@ -717,6 +724,25 @@ impl Fleet {
         } else {
             false
         }
+    }
+
+    /// Holds new leases back from the connected `agent` (`Some(reason)`) or lets them flow again
+    /// (`None`); the jobs it holds are not touched. A hold lasts as long as the connection: whoever
+    /// holds an agent back sets it again when the agent reconnects. Returns whether `agent` is
+    /// connected.
+    pub fn set_hold(&self, agent: AgentId, hold: Option<String>) -> bool {
+        match self.lock().get_mut(&agent) {
+            Some(c) => {
+                c.hold = hold;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Why new leases are held back from `agent`, if they are.
+    pub fn hold(&self, agent: AgentId) -> Option<String> {
+        self.lock().get(&agent).and_then(|c| c.hold.clone())
     }
 
     /// Whether `agent` has a link up.
