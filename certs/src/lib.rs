@@ -57,10 +57,12 @@ pub use inspect::{
     PEM_BYTES_MAX,
 };
 pub use release::{
-    check_version as check_release_version, read_release_file, release_is_signed, sign_release, verify_release,
-    ReleaseInfo, ReleaseKeyFingerprint, ReleaseName, ReleasePublicKey, ReleaseSigningKey, RELEASE_ARCHES,
-    RELEASE_BYTES_MAX, RELEASE_ENTRIES_MAX, RELEASE_FILE_PREFIX, RELEASE_FILE_SUFFIX, RELEASE_KEY_FILE,
-    RELEASE_PUB_FILE, RELEASE_UNPACKED_BYTES_MAX, RELEASE_VERSION_BYTES_MAX,
+    check_version as check_release_version, read_release_file, release_is_signed, sign_bundle_file, sign_release,
+    verify_bundle_file, verify_release, ArtifactKind, BundleName, ReleaseInfo, ReleaseKeyFingerprint, ReleaseName,
+    ReleasePublicKey, ReleaseSigningKey, BUNDLE_BYTES_MAX, BUNDLE_ENTRIES_MAX, BUNDLE_FILE_PREFIX,
+    BUNDLE_INSTALLER_FILE, BUNDLE_SUMS_FILE, BUNDLE_UNPACKED_BYTES_MAX, RELEASE_ARCHES, RELEASE_BYTES_MAX,
+    RELEASE_ENTRIES_MAX, RELEASE_FILE_PREFIX, RELEASE_FILE_SUFFIX, RELEASE_KEY_FILE, RELEASE_PUB_FILE,
+    RELEASE_UNPACKED_BYTES_MAX, RELEASE_VERSION_BYTES_MAX,
 };
 pub use secret_file::{create_private_dir, write_secret_file};
 pub use tls::{

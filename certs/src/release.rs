@@ -18,6 +18,11 @@
 //! write it with [`crate::write_secret_file`]), `release.pub` the 32-byte public key. A key's
 //! fingerprint ([`ReleaseKeyFingerprint`]) is the SHA-256 of those 32 public key bytes.
 //!
+//! **Offline installer bundles** (`gaffer-offline-VERSION-ARCH-linux.tar.gz`, [`BundleName`]) are
+//! signed the same way, streamed from their file ([`sign_bundle_file`], [`verify_bundle_file`]):
+//! their content check is their layout and their own `SHA256SUMS`; [`ArtifactKind::of`] tells the
+//! two apart by name.
+//!
 //! Limits: artifacts over [`RELEASE_BYTES_MAX`] are refused before they are read
 //! ([`read_release_file`]) or parsed; unpacking reads at most [`RELEASE_UNPACKED_BYTES_MAX`] bytes
 //! and [`RELEASE_ENTRIES_MAX`] tar entries.
@@ -417,7 +422,11 @@ fn check_content(file_name: &str, name: &ReleaseName, gz: &[u8]) -> Result<(), C
     let invalid = |reason: String| CertError::InvalidRelease { file_name: file_name.to_owned(), reason };
     let top = format!("{RELEASE_FILE_PREFIX}{}", name.version);
     let binary = Path::new(&top).join(BINARY_IN_TOP_DIR);
-    let reader = Bounded { inner: flate2::read::MultiGzDecoder::new(gz), left_bytes: RELEASE_UNPACKED_BYTES_MAX };
+    let reader = Bounded {
+        inner: flate2::read::MultiGzDecoder::new(gz),
+        left_bytes: RELEASE_UNPACKED_BYTES_MAX,
+        limit_bytes: RELEASE_UNPACKED_BYTES_MAX,
+    };
     let mut archive = tar::Archive::new(reader);
     let entries = archive.entries().map_err(|e| invalid(format!("not a gzip-compressed tar archive: {e}")))?;
     let mut binary_machine = None;
@@ -486,16 +495,15 @@ fn elf_machine(ident: &[u8; 20]) -> Option<u16> {
 struct Bounded<R> {
     inner: R,
     left_bytes: u64,
+    /// The limit, for the error message.
+    limit_bytes: u64,
 }
 
 impl<R: Read> Read for Bounded<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.left_bytes = self.left_bytes.checked_sub(n as u64).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unpacks to more than {RELEASE_UNPACKED_BYTES_MAX} bytes"),
-            )
+            io::Error::new(io::ErrorKind::InvalidData, format!("unpacks to more than {} bytes", self.limit_bytes))
         })?;
         Ok(n)
     }
@@ -524,6 +532,311 @@ impl Seek for Discard {
             _ => Err(io::Error::new(io::ErrorKind::Unsupported, "discarded output cannot seek")),
         }
     }
+}
+
+// --- Offline installer bundles ---------------------------------------------------------------------
+
+/// Every offline installer bundle's file name starts with this
+/// (`gaffer-offline-VERSION-ARCH-linux.tar.gz`, written by `installers/build-offline-bundle.sh`).
+pub const BUNDLE_FILE_PREFIX: &str = "gaffer-offline-";
+/// Largest offline bundle accepted, bytes (4 GiB: the CUDA ONNX Runtime wheel alone is ~300 MiB);
+/// larger ones are refused before they are read. Bundles are streamed from their file, never held
+/// in memory.
+pub const BUNDLE_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
+/// Most bytes an offline bundle may unpack to, bytes (8 GiB).
+pub const BUNDLE_UNPACKED_BYTES_MAX: u64 = 8 * 1024 * 1024 * 1024;
+/// Most entries (files and directories) an offline bundle may hold.
+pub const BUNDLE_ENTRIES_MAX: usize = 256;
+/// The checksum file in a bundle's top directory: `sha256sum` lines for every other file in it.
+pub const BUNDLE_SUMS_FILE: &str = "SHA256SUMS";
+/// The installer in a bundle's top directory.
+pub const BUNDLE_INSTALLER_FILE: &str = "install-agent.sh";
+/// Largest `SHA256SUMS` read from a bundle, bytes.
+const BUNDLE_SUMS_BYTES_MAX: u64 = 64 * 1024;
+
+/// Version and architecture of an offline installer bundle, as its file name states them.
+///
+/// A bundle is `gaffer-offline-VERSION-ARCH-linux.tar.gz` holding one top directory
+/// `gaffer-offline-VERSION/` with [`BUNDLE_SUMS_FILE`], [`BUNDLE_INSTALLER_FILE`], the agent
+/// release `packages/gaffer-agent-VERSION-ARCH-linux.tar.gz` (itself signed) and whatever else the
+/// builder adds (`packages/*.deb`, `wheels/*.whl`, `release.pub`), regular files and directories
+/// only. It is signed like a release: zipsign, the file name as the context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleName {
+    /// The version of the agent it installs (see [`ReleaseName::version`]).
+    pub version: String,
+    /// One of [`RELEASE_ARCHES`].
+    pub arch: String,
+}
+
+impl BundleName {
+    /// Parses `gaffer-offline-VERSION-ARCH-linux.tar.gz`.
+    ///
+    /// Errors: [`CertError::InvalidRelease`] saying what does not fit.
+    pub fn parse(file_name: &str) -> Result<Self, CertError> {
+        let invalid = |reason: String| CertError::InvalidRelease { file_name: file_name.to_owned(), reason };
+        let middle = file_name
+            .strip_prefix(BUNDLE_FILE_PREFIX)
+            .and_then(|rest| rest.strip_suffix(RELEASE_FILE_SUFFIX))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "an offline bundle is named {BUNDLE_FILE_PREFIX}VERSION-ARCH{RELEASE_FILE_SUFFIX} (as \
+                     installers/build-offline-bundle.sh writes it)"
+                ))
+            })?;
+        let (version, arch) =
+            middle.rsplit_once('-').ok_or_else(|| invalid("the name has no -ARCH after the version".into()))?;
+        // The same rules as a release's name.
+        let release = ReleaseName::parse(&format!("{RELEASE_FILE_PREFIX}{version}-{arch}{RELEASE_FILE_SUFFIX}"))
+            .map_err(|e| match e {
+                CertError::InvalidRelease { reason, .. } => invalid(reason),
+                other => other,
+            })?;
+        Ok(BundleName { version: release.version, arch: release.arch })
+    }
+
+    /// The file name, `gaffer-offline-VERSION-ARCH-linux.tar.gz`.
+    pub fn file_name(&self) -> String {
+        format!("{BUNDLE_FILE_PREFIX}{}-{}{RELEASE_FILE_SUFFIX}", self.version, self.arch)
+    }
+
+    /// The agent release the bundle carries (`packages/` + its file name).
+    pub fn agent_release(&self) -> ReleaseName {
+        ReleaseName { version: self.version.clone(), arch: self.arch.clone() }
+    }
+
+    fn top_dir(&self) -> String {
+        format!("{BUNDLE_FILE_PREFIX}{}", self.version)
+    }
+}
+
+/// What a signed artifact is, from its file name: an agent release or an offline installer bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactKind {
+    /// `gaffer-agent-VERSION-ARCH-linux.tar.gz` ([`sign_release`], [`verify_release`]).
+    Release(ReleaseName),
+    /// `gaffer-offline-VERSION-ARCH-linux.tar.gz` ([`sign_bundle_file`], [`verify_bundle_file`]).
+    OfflineBundle(BundleName),
+}
+
+impl ArtifactKind {
+    /// The kind of the artifact named `file_name`.
+    ///
+    /// Errors: [`CertError::InvalidRelease`] for a name that is neither.
+    pub fn of(file_name: &str) -> Result<Self, CertError> {
+        if file_name.starts_with(BUNDLE_FILE_PREFIX) {
+            BundleName::parse(file_name).map(ArtifactKind::OfflineBundle)
+        } else {
+            ReleaseName::parse(file_name).map(ArtifactKind::Release)
+        }
+    }
+}
+
+/// Signs the offline bundle `input`, named `file_name`, into the new file `output` (the bundle
+/// with the signature appended; the caller renames it into place). Streams: the bundle is never
+/// held in memory. The bundle is checked first as [`verify_bundle_file`] checks it (name, size,
+/// layout, `SHA256SUMS` against the files), so nothing mislabelled gets signed.
+///
+/// Errors: [`CertError::TooLarge`] over [`BUNDLE_BYTES_MAX`]; [`CertError::InvalidRelease`] for
+/// a name or content that is not a bundle's; [`CertError::ReleaseAlreadySigned`];
+/// [`CertError::Io`].
+pub fn sign_bundle_file(
+    file_name: &str,
+    input: &Path,
+    output: &Path,
+    key: &ReleaseSigningKey,
+) -> Result<ReleaseInfo, CertError> {
+    let name = BundleName::parse(file_name)?;
+    let mut file = open_bounded(input, BUNDLE_BYTES_MAX)?;
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CertError::Io { path, source }
+    };
+    if zipsign_api::unsign::copy_and_unsign_tar(&mut file, &mut Discard::default()).is_ok() {
+        return Err(CertError::ReleaseAlreadySigned { file_name: file_name.to_owned() });
+    }
+    file.rewind().map_err(io_err(input))?;
+    check_bundle_content(file_name, &name, &mut file)?;
+    file.rewind().map_err(io_err(input))?;
+    let mut out = std::fs::File::create_new(output).map_err(io_err(output))?;
+    zipsign_api::sign::copy_and_sign_tar(&mut file, &mut out, std::slice::from_ref(&key.0), Some(file_name.as_bytes()))
+        .map_err(|e| CertError::ReleaseSigning { reason: e.to_string() })?;
+    out.sync_all().map_err(io_err(output))?;
+    drop(out);
+    verify_bundle_file(file_name, output, &[key.public_key()])
+}
+
+/// Verifies the signed offline bundle at `path`, named `file_name`, against `keys` (any one may
+/// have signed it), and checks its content: one top directory `gaffer-offline-VERSION/`, regular
+/// files and directories only, inside it; [`BUNDLE_SUMS_FILE`] listing every other file with its
+/// SHA-256 (all present and matching); [`BUNDLE_INSTALLER_FILE`] and the agent release in
+/// `packages/`. Streams from the file.
+///
+/// Errors: [`CertError::TooLarge`] over [`BUNDLE_BYTES_MAX`] (checked first, from the file's
+/// size); [`CertError::InvalidRelease`]; [`CertError::ReleaseUnsigned`];
+/// [`CertError::ReleaseSignatureInvalid`]; [`CertError::Io`].
+pub fn verify_bundle_file(file_name: &str, path: &Path, keys: &[ReleasePublicKey]) -> Result<ReleaseInfo, CertError> {
+    let name = BundleName::parse(file_name)?;
+    let mut file = open_bounded(path, BUNDLE_BYTES_MAX)?;
+    let io_err = |source| CertError::Io { path: path.to_path_buf(), source };
+    if zipsign_api::unsign::copy_and_unsign_tar(&mut file, &mut Discard::default()).is_err() {
+        return Err(CertError::ReleaseUnsigned { file_name: file_name.to_owned() });
+    }
+    let invalid = || CertError::ReleaseSignatureInvalid {
+        file_name: file_name.to_owned(),
+        trusted: keys.iter().map(|k| k.fingerprint().to_string()).collect::<Vec<_>>().join(", "),
+    };
+    let trusted: Vec<VerifyingKey> = keys.iter().map(|k| k.0).collect();
+    if trusted.is_empty() {
+        return Err(invalid());
+    }
+    file.rewind().map_err(io_err)?;
+    let signer =
+        zipsign_api::verify::verify_tar(&mut file, &trusted, Some(file_name.as_bytes())).map_err(|_| invalid())?;
+    let signer = keys.get(signer).ok_or_else(invalid)?.fingerprint();
+    file.rewind().map_err(io_err)?;
+    check_bundle_content(file_name, &name, &mut file)?;
+    file.rewind().map_err(io_err)?;
+    let (sha256, size_bytes) = sha256_reader(&mut file).map_err(io_err)?;
+    Ok(ReleaseInfo {
+        file_name: file_name.to_owned(),
+        version: name.version,
+        arch: name.arch,
+        sha256,
+        size_bytes,
+        signer,
+    })
+}
+
+/// Opens `path`, refusing a file over `bytes_max` from its size.
+fn open_bounded(path: &Path, bytes_max: u64) -> Result<std::fs::File, CertError> {
+    let io_err = |source| CertError::Io { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    if len > bytes_max {
+        return Err(CertError::TooLarge {
+            what: "offline bundle",
+            len_bytes: usize::try_from(len).unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(bytes_max).unwrap_or(usize::MAX),
+        });
+    }
+    Ok(file)
+}
+
+/// SHA-256 (lowercase hex) and length of everything `reader` yields.
+fn sha256_reader(reader: &mut impl Read) -> io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), len))
+}
+
+/// Unpacks the bundle (bounded) and checks its layout and `SHA256SUMS` (see
+/// [`verify_bundle_file`]).
+fn check_bundle_content(file_name: &str, name: &BundleName, gz: &mut impl Read) -> Result<(), CertError> {
+    use std::collections::BTreeMap;
+    let invalid = |reason: String| CertError::InvalidRelease { file_name: file_name.to_owned(), reason };
+    let top = name.top_dir();
+    let reader = Bounded {
+        inner: flate2::read::MultiGzDecoder::new(gz),
+        left_bytes: BUNDLE_UNPACKED_BYTES_MAX,
+        limit_bytes: BUNDLE_UNPACKED_BYTES_MAX,
+    };
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive.entries().map_err(|e| invalid(format!("not a gzip-compressed tar archive: {e}")))?;
+    // Path inside the top directory → SHA-256 of every regular file; the sums file's text.
+    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut sums: Option<String> = None;
+    for (n, entry) in entries.enumerate() {
+        if n >= BUNDLE_ENTRIES_MAX {
+            return Err(invalid(format!("more than {BUNDLE_ENTRIES_MAX} entries")));
+        }
+        let mut entry = entry.map_err(|e| invalid(format!("unreadable tar archive: {e}")))?;
+        let path = entry.path().map_err(|e| invalid(format!("unreadable entry name: {e}")))?.into_owned();
+        let mut components = path.components().filter(|c| !matches!(c, Component::CurDir));
+        match components.next() {
+            Some(Component::Normal(first)) if first == top.as_str() => {}
+            _ => {
+                return Err(invalid(format!(
+                    "entry {} is not inside {top}/: the bundle's top directory must name its version",
+                    path.display()
+                )))
+            }
+        }
+        let mut inner = Vec::new();
+        for c in components {
+            match c {
+                Component::Normal(part) => inner.push(part.to_string_lossy().into_owned()),
+                _ => return Err(invalid(format!("entry {} leaves the top directory", path.display()))),
+            }
+        }
+        let inner = inner.join("/");
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => continue,
+            tar::EntryType::Regular => {}
+            other => {
+                return Err(invalid(format!(
+                    "entry {} is a {other:?}: a bundle holds only regular files and directories",
+                    path.display()
+                )))
+            }
+        }
+        if inner == BUNDLE_SUMS_FILE {
+            let mut text = String::new();
+            (&mut entry)
+                .take(BUNDLE_SUMS_BYTES_MAX + 1)
+                .read_to_string(&mut text)
+                .map_err(|e| invalid(format!("{BUNDLE_SUMS_FILE} is not text: {e}")))?;
+            if text.len() as u64 > BUNDLE_SUMS_BYTES_MAX {
+                return Err(invalid(format!("{BUNDLE_SUMS_FILE} is larger than {BUNDLE_SUMS_BYTES_MAX} bytes")));
+            }
+            sums = Some(text);
+        } else {
+            let (digest, _) = sha256_reader(&mut entry).map_err(|e| invalid(format!("reading {inner}: {e}")))?;
+            if digests.insert(inner.clone(), digest).is_some() {
+                return Err(invalid(format!("{inner} appears twice")));
+            }
+        }
+    }
+    let sums = sums.ok_or_else(|| invalid(format!("it holds no {top}/{BUNDLE_SUMS_FILE}")))?;
+    let mut listed: BTreeMap<String, String> = BTreeMap::new();
+    for (i, line) in sums.lines().enumerate() {
+        // sha256sum's format: 64 hex digits, two spaces (or space and '*'), the path.
+        let (digest, file) = line
+            .split_once("  ")
+            .or_else(|| line.split_once(" *"))
+            .filter(|(d, f)| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) && !f.is_empty())
+            .ok_or_else(|| invalid(format!("{BUNDLE_SUMS_FILE} line {} is not `SHA256  FILE`", i + 1)))?;
+        let file = file.strip_prefix("./").unwrap_or(file);
+        if listed.insert(file.to_owned(), digest.to_ascii_lowercase()).is_some() {
+            return Err(invalid(format!("{BUNDLE_SUMS_FILE} lists {file} twice")));
+        }
+    }
+    if listed != digests {
+        let missing: Vec<&String> = digests.keys().filter(|f| !listed.contains_key(*f)).collect();
+        let absent: Vec<&String> = listed.keys().filter(|f| !digests.contains_key(*f)).collect();
+        let differ: Vec<&String> =
+            digests.iter().filter(|(f, d)| listed.get(*f).is_some_and(|l| l != *d)).map(|(f, _)| f).collect();
+        return Err(invalid(format!(
+            "{BUNDLE_SUMS_FILE} does not match the files: unlisted {missing:?}, listed but absent {absent:?}, \
+             other content {differ:?}"
+        )));
+    }
+    let release = format!("packages/{}", name.agent_release().file_name());
+    for required in [BUNDLE_INSTALLER_FILE, release.as_str()] {
+        if !digests.contains_key(required) {
+            return Err(invalid(format!("it holds no {top}/{required}")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -716,6 +1029,126 @@ mod tests {
         assert_eq!(colons.parse::<ReleaseKeyFingerprint>()?, fp);
         assert!(fp.to_string()[..60].parse::<ReleaseKeyFingerprint>().is_err());
         assert_eq!(serde_json::from_str::<ReleaseKeyFingerprint>(&serde_json::to_string(&fp)?)?, fp);
+        Ok(())
+    }
+
+    /// A bundle laid out as build-offline-bundle.sh writes it; `sums` overrides SHA256SUMS.
+    fn bundle(top: &str, sums: Option<&str>) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let files: Vec<(String, Vec<u8>)> = vec![
+            ("install-agent.sh".into(), b"#!/bin/sh\nmain() { :; }\nmain \"$@\"\n".to_vec()),
+            ("packages/gaffer-agent-1.2.3-x86_64-linux.tar.gz".into(), good_tarball()?),
+            ("wheels/nudenet-3.4.2-py3-none-any.whl".into(), b"PK wheel".to_vec()),
+        ];
+        let listed: String =
+            files.iter().map(|(p, d)| format!("{}  {p}\n", hex::encode(Sha256::digest(d)))).collect::<String>();
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut add = |path: String, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            builder.append_data(&mut h, path, data)
+        };
+        add(format!("{top}/SHA256SUMS"), sums.unwrap_or(&listed).as_bytes())?;
+        for (p, d) in &files {
+            add(format!("{top}/{p}"), d)?;
+        }
+        Ok(builder.into_inner()?.finish()?)
+    }
+
+    const BUNDLE: &str = "gaffer-offline-1.2.3-x86_64-linux.tar.gz";
+
+    #[test]
+    fn a_signed_bundle_verifies_streamed_from_its_file() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let key = ReleaseSigningKey::generate();
+        let unsigned = dir.path().join("unsigned.tar.gz");
+        std::fs::write(&unsigned, bundle("gaffer-offline-1.2.3", None)?)?;
+        let signed = dir.path().join(BUNDLE);
+        let info = sign_bundle_file(BUNDLE, &unsigned, &signed, &key)?;
+        assert_eq!((info.version.as_str(), info.arch.as_str()), ("1.2.3", "x86_64"));
+        let bytes = std::fs::read(&signed)?;
+        assert_eq!(info.sha256, hex::encode(Sha256::digest(&bytes)));
+        assert_eq!(info.size_bytes, bytes.len() as u64);
+        assert_eq!(verify_bundle_file(BUNDLE, &signed, &[key.public_key()])?, info);
+        // Signing again is refused; the output is never overwritten.
+        let again = dir.path().join("again.tar.gz");
+        assert!(matches!(sign_bundle_file(BUNDLE, &signed, &again, &key), Err(CertError::ReleaseAlreadySigned { .. })));
+        assert!(matches!(sign_bundle_file(BUNDLE, &unsigned, &signed, &key), Err(CertError::Io { .. })));
+        // Another key, a changed byte, another name, no signature: refused.
+        let other = ReleaseSigningKey::generate().public_key();
+        assert!(matches!(
+            verify_bundle_file(BUNDLE, &signed, &[other]),
+            Err(CertError::ReleaseSignatureInvalid { .. })
+        ));
+        let mut tampered = bytes.clone();
+        tampered[bytes.len() / 3] ^= 0x01;
+        let tampered_path = dir.path().join("tampered.tar.gz");
+        std::fs::write(&tampered_path, &tampered)?;
+        let result = verify_bundle_file(BUNDLE, &tampered_path, &[key.public_key()]);
+        assert!(matches!(result, Err(CertError::ReleaseSignatureInvalid { .. })), "{result:?}");
+        let result = verify_bundle_file("gaffer-offline-1.2.4-x86_64-linux.tar.gz", &signed, &[key.public_key()]);
+        assert!(matches!(result, Err(CertError::ReleaseSignatureInvalid { .. })), "{result:?}");
+        let result = verify_bundle_file(BUNDLE, &unsigned, &[key.public_key()]);
+        assert!(matches!(result, Err(CertError::ReleaseUnsigned { .. })), "{result:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn bundles_whose_content_disagrees_are_not_signed() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let key = ReleaseSigningKey::generate();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("other version", bundle("gaffer-offline-1.2.2", None)?, "top directory"),
+            (
+                "wrong sums",
+                bundle("gaffer-offline-1.2.3", Some(&format!("{}  install-agent.sh\n", "0".repeat(64))))?,
+                "SHA256SUMS",
+            ),
+            ("no sums", tarball("gaffer-offline-1.2.3", &elf(62))?, "SHA256SUMS"),
+        ];
+        for (what, bytes, says) in cases {
+            let input = dir.path().join(format!("{what}.tar.gz"));
+            std::fs::write(&input, bytes)?;
+            let result = sign_bundle_file(BUNDLE, &input, &dir.path().join(format!("{what}.signed")), &key);
+            assert!(
+                matches!(&result, Err(CertError::InvalidRelease { reason, .. }) if reason.contains(says)),
+                "{what}: {result:?}"
+            );
+        }
+        // A symlink inside is refused.
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        builder.append_link(&mut h, "gaffer-offline-1.2.3/install-agent.sh", "/etc/passwd")?;
+        let input = dir.path().join("link.tar.gz");
+        std::fs::write(&input, builder.into_inner()?.finish()?)?;
+        let result = sign_bundle_file(BUNDLE, &input, &dir.path().join("link.signed"), &key);
+        assert!(
+            matches!(&result, Err(CertError::InvalidRelease { reason, .. }) if reason.contains("Symlink")),
+            "{result:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn artifact_kinds_come_from_the_name() -> TestResult {
+        assert!(matches!(ArtifactKind::of(NAME)?, ArtifactKind::Release(_)));
+        match ArtifactKind::of(BUNDLE)? {
+            ArtifactKind::OfflineBundle(b) => {
+                assert_eq!(b.file_name(), BUNDLE);
+                assert_eq!(b.agent_release().file_name(), NAME);
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "gaffer-offline-1.2.3.tar.gz",
+            "gaffer-offline-x-x86_64-linux.tar.gz",
+            "gaffer-offline-1-sparc-linux.tar.gz",
+        ] {
+            assert!(matches!(ArtifactKind::of(bad), Err(CertError::InvalidRelease { .. })), "{bad}");
+        }
         Ok(())
     }
 }
