@@ -12,6 +12,7 @@
 //! * [`metrics`]: Prometheus metrics.
 //! * [`offline`]: air-gapped sites: offline enrollment, bundle import with reply, revocation.
 //! * [`release`]: the release key, signed agent releases (`release keygen|sign|add|list`).
+//! * [`rollout`]: staged rollouts of releases (canaries, halt-on-error): the sans-IO book and its driver.
 //! * [`datadir`]: the data directory layout and configuration.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
 //! * [`config`]: the configuration file (`/etc/gaffer/control.toml`) of `serve` and `init`, checked by
@@ -29,6 +30,7 @@ pub mod link;
 pub mod metrics;
 pub mod offline;
 pub mod release;
+pub mod rollout;
 pub mod scheduler;
 pub mod service;
 pub mod store;

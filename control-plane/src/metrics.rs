@@ -13,6 +13,8 @@
 //! | `gaffer_enrollments_total`      | counter   | `result`                                | [`Metrics::enrollment`] |
 //! | `gaffer_link_refused_total`     | counter   | `reason`                                | [`Metrics::handshake_refused`] |
 //! | `gaffer_job_duration_seconds`   | histogram | –                                       | [`Metrics::job_duration`] |
+//! | `gaffer_rollout_targets`        | gauge     | `state` = `pending` … `skipped`         | [`Metrics::rollout_targets`]: the targets of the newest rollout |
+//! | `gaffer_update_reports_total`   | counter   | `outcome` = `staged` \| `healthy` \| `failed` | [`Metrics::update_report`]: agents' update reports received (duplicates included) |
 //!
 //! Label values come from the control plane's own code (short fixed words), never from agents'
 //! free text, so the label cardinality stays bounded.
@@ -50,6 +52,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ViaLabel {
     via: String,
 }
@@ -73,6 +80,8 @@ pub struct Metrics {
     links_closed_revoked: Counter,
     links_closed_expired: Counter,
     handshakes_failed: Counter,
+    rollout_targets: Family<StateLabel, Gauge>,
+    update_reports: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -148,11 +157,31 @@ impl Metrics {
             "QUIC/TLS handshakes that failed for any reason (certificate refusals are also counted by reason in gaffer_link_refused)",
             handshakes_failed.clone(),
         );
+        let rollout_targets = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "gaffer_rollout_targets",
+            "Targets of the newest rollout, by state (pending, ordered, staged, restarted, healthy, failed, skipped)",
+            rollout_targets.clone(),
+        );
+        let update_reports = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "gaffer_update_reports",
+            "Update reports received from agents, by outcome (staged, healthy, failed), duplicates included",
+            update_reports.clone(),
+        );
+        for state in crate::rollout::TARGET_STATES {
+            let _ = rollout_targets.get_or_create(&StateLabel { state: state.to_owned() });
+        }
+        for outcome in ["staged", "healthy", "failed"] {
+            let _ = update_reports.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() });
+        }
         for reason in gaffer_certs::ClientCertRefusal::ALL {
             let _ = refused.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() });
         }
         let _ = refused.get_or_create(&ReasonLabel { reason: "agent_id_mismatch".to_owned() });
         Self {
+            rollout_targets,
+            update_reports,
             handshakes_failed,
             certs_issued,
             server_cert_not_after,
@@ -236,6 +265,18 @@ impl Metrics {
     /// An attempt ended and the job went back to the queue.
     pub fn job_requeued(&self) {
         self.requeued.inc();
+    }
+
+    /// The newest rollout has `n` targets in `state` ([`crate::rollout::TARGET_STATES`]).
+    pub fn rollout_targets(&self, state: &str, n: usize) {
+        self.rollout_targets
+            .get_or_create(&StateLabel { state: state.to_owned() })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An agent's update report with `outcome` (`staged`, `healthy`, `failed`) was received.
+    pub fn update_report(&self, outcome: &str) {
+        self.update_reports.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
     }
 
     /// Records one job's duration, seconds.

@@ -57,6 +57,7 @@ struct Inner {
     audit: BTreeMap<u64, AuditRecord>,
     bundle_numbers: BTreeMap<AgentId, BundleNumbers>,
     revoked_certs: BTreeMap<String, RevokedCertRecord>,
+    rollouts: BTreeMap<u64, crate::rollout::Rollout>,
     next_id: u64,
 }
 
@@ -528,6 +529,19 @@ impl Store for MemStore {
 
     fn list_revoked_certs(&self) -> StoreResult<Vec<RevokedCertRecord>> {
         Ok(self.lock()?.revoked_certs.values().cloned().collect())
+    }
+
+    fn put_rollout(&self, rollout: &crate::rollout::Rollout) -> StoreResult<()> {
+        self.lock()?.rollouts.insert(rollout.id, rollout.clone());
+        Ok(())
+    }
+
+    fn list_rollouts(&self) -> StoreResult<Vec<crate::rollout::Rollout>> {
+        Ok(self.lock()?.rollouts.values().cloned().collect())
+    }
+
+    fn delete_rollout(&self, id: u64) -> StoreResult<bool> {
+        Ok(self.lock()?.rollouts.remove(&id).is_some())
     }
 
     fn flush(&self) -> StoreResult<()> {

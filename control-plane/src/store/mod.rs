@@ -378,6 +378,18 @@ pub mod audit_action {
     /// A release artifact was added (`gaffer-control release add`; detail: version, architecture,
     /// SHA-256, signing key).
     pub const RELEASE_ADD: &str = "release_add";
+    /// A rollout was started (`gaffer-control rollout start`; detail: id, version, site, canaries).
+    pub const ROLLOUT_START: &str = "rollout_start";
+    /// The running rollout was paused.
+    pub const ROLLOUT_PAUSE: &str = "rollout_pause";
+    /// The paused rollout was resumed.
+    pub const ROLLOUT_RESUME: &str = "rollout_resume";
+    /// The active rollout was aborted.
+    pub const ROLLOUT_ABORT: &str = "rollout_abort";
+    /// A rollout halted because a target failed (agent: the failed one; detail: the reason).
+    pub const ROLLOUT_HALTED: &str = "rollout_halted";
+    /// A rollout completed: every target is healthy or skipped.
+    pub const ROLLOUT_COMPLETE: &str = "rollout_complete";
 
     /// Every action above, for the dashboard's filter suggestions.
     pub const ALL: &[&str] = &[
@@ -400,6 +412,12 @@ pub mod audit_action {
         JOB_RETRY,
         REFUSE_REPORT,
         RELEASE_ADD,
+        ROLLOUT_START,
+        ROLLOUT_PAUSE,
+        ROLLOUT_RESUME,
+        ROLLOUT_ABORT,
+        ROLLOUT_HALTED,
+        ROLLOUT_COMPLETE,
     ];
 }
 
@@ -934,6 +952,14 @@ pub trait Store: Send + Sync + 'static {
     fn insert_revoked_cert(&self, rec: &RevokedCertRecord) -> StoreResult<()>;
     /// Every revoked certificate, by serial.
     fn list_revoked_certs(&self) -> StoreResult<Vec<RevokedCertRecord>>;
+
+    /// Stores a rollout ([`crate::rollout::Rollout`], with its targets), replacing the one with
+    /// the same id. Not durable until [`Store::flush`].
+    fn put_rollout(&self, rollout: &crate::rollout::Rollout) -> StoreResult<()>;
+    /// Every stored rollout, by id (oldest first).
+    fn list_rollouts(&self) -> StoreResult<Vec<crate::rollout::Rollout>>;
+    /// Deletes the rollout `id`; returns whether it existed.
+    fn delete_rollout(&self, id: u64) -> StoreResult<bool>;
 
     /// Makes every write so far durable (fsync). Acknowledgements to agents wait for this.
     fn flush(&self) -> StoreResult<()>;

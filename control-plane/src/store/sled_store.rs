@@ -25,6 +25,7 @@
 //! | `audit`            | (before ids) `at_ms` u64 BE (8) ++ counter u64 BE (8) | JSON [`AuditRecord`]: moved to `audit_log` on open |
 //! | `bundle_numbers`   | agent UUID (16 bytes)                                 | JSON [`BundleNumbers`]               |
 //! | `revoked_certs`    | certificate serial, lowercase hex (UTF-8)             | JSON [`RevokedCertRecord`]           |
+//! | `rollouts`         | rollout id u64 BE (8)                                 | JSON [`crate::rollout::Rollout`] with its targets (at most [`crate::rollout::ROLLOUTS_KEPT_MAX`] kept) |
 //!
 //! Big-endian integers make sled's byte order the numeric order, so `health` scans one agent's
 //! samples oldest → newest (the counter, from [`sled::Db::generate_id`], breaks ties within one
@@ -175,6 +176,7 @@ pub struct SledStore {
     audit_log: sled::Tree,
     bundle_numbers: sled::Tree,
     revoked_certs: sled::Tree,
+    rollouts: sled::Tree,
     /// Serializes user writes (see the module docs).
     user_writes: Mutex<()>,
     /// Running sample count and JSON byte total of each agent's health history (see the module
@@ -435,6 +437,7 @@ impl SledStore {
             audit_log: tree("audit_log")?,
             bundle_numbers: tree("bundle_numbers")?,
             revoked_certs: tree("revoked_certs")?,
+            rollouts: tree("rollouts")?,
             user_writes: Mutex::new(()),
             health_tally: Mutex::new(HashMap::new()),
             db,
@@ -1199,6 +1202,25 @@ impl Store for SledStore {
                 decode("revoked_certs", &k, &v)
             })
             .collect()
+    }
+
+    fn put_rollout(&self, rollout: &crate::rollout::Rollout) -> StoreResult<()> {
+        self.rollouts.insert(rollout.id.to_be_bytes(), encode(rollout)?).map_err(io)?;
+        Ok(())
+    }
+
+    fn list_rollouts(&self) -> StoreResult<Vec<crate::rollout::Rollout>> {
+        self.rollouts
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                decode("rollouts", &k, &v)
+            })
+            .collect()
+    }
+
+    fn delete_rollout(&self, id: u64) -> StoreResult<bool> {
+        Ok(self.rollouts.remove(id.to_be_bytes()).map_err(io)?.is_some())
     }
 
     fn flush(&self) -> StoreResult<()> {
