@@ -372,6 +372,11 @@ impl Pki {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The data directory the CAs live in (the HTTP install routes find the releases beside them).
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dd
+    }
+
     /// Validity of the agent (and server) certificates issued from now on, seconds.
     pub fn agent_cert_ttl_secs(&self) -> u64 {
         self.agent_cert_ttl_secs.load(Ordering::Relaxed)

@@ -35,8 +35,9 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use gaffer_certs::{
-    read_release_file, sign_release, verify_release, CertError, ReleaseInfo, ReleaseKeyFingerprint, ReleaseName,
-    ReleasePublicKey, ReleaseSigningKey, RELEASE_KEY_FILE, RELEASE_PUB_FILE,
+    read_release_file, sign_bundle_file, sign_release, verify_release, ArtifactKind, CertError, ReleaseInfo,
+    ReleaseKeyFingerprint, ReleaseName, ReleasePublicKey, ReleaseSigningKey, BUNDLE_FILE_PREFIX, RELEASE_KEY_FILE,
+    RELEASE_PUB_FILE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -307,15 +308,21 @@ pub struct SignReport {
     pub signer_fingerprint: ReleaseKeyFingerprint,
 }
 
-/// Signs the release tarball `file` with the pair in `key_dir` and writes the signed file, under
-/// the same name (the signature covers it), into the directory `out_dir`. For the offline machine:
-/// no data directory is involved.
+/// Signs the release tarball or offline installer bundle `file` (told apart by name:
+/// [`gaffer_certs::ArtifactKind`]) with the pair in `key_dir` and writes the signed file, under the
+/// same name (the signature covers it), into the directory `out_dir`. For the offline machine: no
+/// data directory is involved. Bundles are streamed (they may be GiBs).
 ///
 /// # Errors
 /// [`ReleaseError::KeyDir`] without a signing key or when the output exists;
 /// [`ReleaseError::Cert`] for a refused artifact; [`ReleaseError::Io`].
 pub fn sign_file(file: &Path, key_dir: &Path, out_dir: &Path) -> Result<SignReport, ReleaseError> {
-    let file_name = release_file_name(file)?;
+    let file_name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ReleaseError::BadFile { path: file.to_path_buf(), detail: "not a release file name".into() })?
+        .to_owned();
+    let kind = ArtifactKind::of(&file_name)?;
     let kd = ReleaseKeyDir::new(key_dir);
     let key = kd.signing_key()?.ok_or_else(|| ReleaseError::KeyDir {
         dir: kd.dir.clone(),
@@ -328,9 +335,29 @@ pub fn sign_file(file: &Path, key_dir: &Path, out_dir: &Path) -> Result<SignRepo
             detail: format!("{} exists; refusing to overwrite it (give another --out directory)", out.display()),
         });
     }
-    let signed = sign_release(&file_name, &read_release_file(file)?, &key)?;
-    let info = verify_release(&file_name, &signed, &[key.public_key()])?;
-    write_public_atomic(&out, &signed)?;
+    let info = match kind {
+        ArtifactKind::Release(_) => {
+            let signed = sign_release(&file_name, &read_release_file(file)?, &key)?;
+            let info = verify_release(&file_name, &signed, &[key.public_key()])?;
+            write_public_atomic(&out, &signed)?;
+            info
+        }
+        ArtifactKind::OfflineBundle(_) => {
+            let tmp = out_dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let signed = sign_bundle_file(&file_name, file, &tmp, &key).and_then(|info| {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+                    .and_then(|()| std::fs::rename(&tmp, &out))
+                    .map_err(|source| CertError::Io { path: out.clone(), source })?;
+                Ok(info)
+            });
+            if signed.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            signed?
+        }
+    };
     Ok(SignReport {
         path: out,
         version: info.version,
@@ -690,11 +717,13 @@ pub enum ReleaseCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Sign a release tarball with the key pair in --release-key-dir, on the machine that keeps
-    /// it (no data directory needed); add the signed file with `release add
-    /// --signature-already-embedded`.
+    /// Sign a release tarball (or an offline installer bundle) with the key pair in
+    /// --release-key-dir, on the machine that keeps it (no data directory needed); add a signed
+    /// release with `release add --signature-already-embedded`.
     Sign {
-        /// The tarball, `gaffer-agent-VERSION-ARCH-linux.tar.gz` (installers/build-packages.sh).
+        /// The tarball, `gaffer-agent-VERSION-ARCH-linux.tar.gz` (installers/build-packages.sh), or
+        /// an offline bundle, `gaffer-offline-VERSION-ARCH-linux.tar.gz`
+        /// (installers/build-offline-bundle.sh).
         #[arg(long)]
         file: PathBuf,
         /// Directory holding release.key.
@@ -762,8 +791,20 @@ pub async fn run_command(command: ReleaseCommand) -> Result<String, ReleaseError
         }
         ReleaseCommand::Sign { file, release_key_dir, out, json } => {
             let r = sign_file(&file, &release_key_dir, &out)?;
+            let bundle = r.path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(BUNDLE_FILE_PREFIX));
             Ok(if json {
                 to_json(&r)
+            } else if bundle {
+                format!(
+                    "Signed the offline bundle for gaffer-agent {} ({}) with release key {}\n  {} ({} bytes, sha256 {})\nOn the box: `sh install-agent.sh --offline-bundle FILE --bundle-sha256 {} ...`.\n",
+                    r.version,
+                    r.arch,
+                    r.signer_fingerprint,
+                    r.path.display(),
+                    r.size_bytes,
+                    r.sha256,
+                    r.sha256
+                )
             } else {
                 format!(
                     "Signed gaffer-agent {} ({}) with release key {}\n  {} ({} bytes, sha256 {})\nAdd it with `gaffer-control release add --file {} --signature-already-embedded`.\n",

@@ -207,6 +207,12 @@ enum Effect {
 fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
     Ok(match (method.as_str(), path) {
         ("GET", "/login") | ("POST", "/login") | ("GET", "/metrics") | ("GET", "/static/app.css") => None,
+        // Installing an agent: signed or fingerprint-checked material, public.
+        ("GET", "/install/agent.sh")
+        | ("GET", "/install/ca.pem")
+        | ("GET", "/releases/index.json")
+        | ("GET", "/releases/release.pub")
+        | ("GET", "/releases/{file}") => None,
         ("GET", "/api/v1/audit") | ("GET", "/audit") => Some(Role::Admin),
         ("POST", "/api/v1/agents/{id}/revoke") | ("POST", "/agents/{id}/revoke") => Some(Role::Admin),
         ("POST", "/api/v1/jobs")
@@ -279,6 +285,14 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ("GET", "/api/v1/audit") => (empty(b, "/api/v1/audit?limit=5".into())?, StatusCode::OK, Effect::None),
         ("GET", "/") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         ("GET", "/login") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
+        ("GET", "/install/agent.sh") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
+        // This fixture runs without a PKI and data directory (tests/tests/install.rs serves them).
+        ("GET", "/install/ca.pem") | ("GET", "/releases/index.json") | ("GET", "/releases/release.pub") => {
+            (empty(b, path.into())?, StatusCode::NOT_FOUND, Effect::None)
+        }
+        ("GET", "/releases/{file}") => {
+            (empty(b, "/releases/gaffer-agent-1.0.0-x86_64-linux.tar.gz".into())?, StatusCode::NOT_FOUND, Effect::None)
+        }
         ("POST", "/login") => {
             // Public: the same valid login whoever sends it.
             let login = f.login_csrf().await?;
@@ -386,7 +400,19 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
     assert_eq!(checked, ROUTES.len() * 4);
     // The public routes are exactly these; everything else needs a role.
     let public: HashSet<&str> = ROUTES.iter().filter(|r| r.access == Access::Public).map(|r| r.path).collect();
-    assert_eq!(public, HashSet::from(["/login", "/metrics", "/static/app.css"]));
+    assert_eq!(
+        public,
+        HashSet::from([
+            "/login",
+            "/metrics",
+            "/static/app.css",
+            "/install/agent.sh",
+            "/install/ca.pem",
+            "/releases/index.json",
+            "/releases/release.pub",
+            "/releases/{file}",
+        ])
+    );
     Ok(())
 }
 

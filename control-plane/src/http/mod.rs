@@ -30,6 +30,7 @@ mod api;
 mod audit;
 mod auth;
 mod dashboard;
+pub mod install;
 mod timeline;
 pub mod tls;
 mod view;
@@ -155,6 +156,12 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::GET, "/audit", AUDIT, |m| on(m, audit::audit_page)),
     route(Method::GET, "/metrics", Access::Public, |m| on(m, metrics)),
     route(Method::GET, "/static/app.css", Access::Public, |m| on(m, stylesheet)),
+    // Installing an agent (http::install): public, signed or checked against a pasted fingerprint.
+    route(Method::GET, "/install/agent.sh", Access::Public, |m| on(m, install::agent_sh)),
+    route(Method::GET, "/install/ca.pem", Access::Public, |m| on(m, install::ca_pem)),
+    route(Method::GET, "/releases/index.json", Access::Public, |m| on(m, install::releases_index)),
+    route(Method::GET, "/releases/release.pub", Access::Public, |m| on(m, install::release_pub)),
+    route(Method::GET, "/releases/{file}", Access::Public, |m| on(m, install::release_file)),
 ];
 
 /// The method filter of `method` (the methods [`ROUTES`] uses).
