@@ -151,6 +151,10 @@ impl Ingest {
                         }
                     }
                 }
+                AgentMessage::UpdateReport(r) => {
+                    let detail = format!("rollout {} to {}: {}", r.rollout_id, r.version, describe_update(&r.outcome));
+                    commit.audit.push(self.audit(agent, None, "update_report", &detail, now_ms));
+                }
                 _ => {
                     let (job_id, lease_id, report) = report_of(msg)?;
                     let digest = match msg {
@@ -202,6 +206,17 @@ impl Ingest {
                 tracing::warn!(agent_id = %agent, seq, %reason, "agent report refused");
                 return Ok(Ingested::Refused(reason));
             }
+            if let AgentMessage::UpdateReport(r) = msg {
+                tracing::info!(agent_id = %agent, rollout_id = r.rollout_id, version = %r.version,
+                    outcome = %describe_update(&r.outcome), "update report");
+                if let Some(rollouts) = &self.state.rollouts {
+                    if let Err(e) = rollouts.on_report(agent, r, now_ms) {
+                        // Recorded (audit, sequence); the rollout learns the agent's version from
+                        // its next Hello.
+                        tracing::error!(agent_id = %agent, error = %e, "could not apply the update report to its rollout");
+                    }
+                }
+            }
             if let Some(job) = &commit.new_job {
                 tracing::info!(job_id = %job.id, path = %job.path, "watch-folder job queued");
                 self.state.scheduler.wake();
@@ -231,6 +246,20 @@ impl Ingest {
             detail: truncate(detail, 1024),
             job,
         }
+    }
+}
+
+/// An update outcome in words, for the audit log.
+fn describe_update(outcome: &gaffer_protocol::messages::UpdateOutcome) -> String {
+    use gaffer_protocol::messages::UpdateOutcome;
+    match outcome {
+        UpdateOutcome::Staged => "staged".to_owned(),
+        UpdateOutcome::Healthy => "healthy".to_owned(),
+        UpdateOutcome::Failed { reason, rolled_back, running_version } => format!(
+            "failed{}: {}; running {running_version}",
+            if *rolled_back { " and rolled back" } else { "" },
+            truncate(reason, 900)
+        ),
     }
 }
 

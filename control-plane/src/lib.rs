@@ -51,6 +51,9 @@ pub struct AppState {
     /// The CAs and the rotation phase, for the dashboard; `serve` sets it (None in tools and tests
     /// that run without certificates).
     pub pki: Option<Arc<identity::Pki>>,
+    /// Staged rollouts of agent releases; `serve` sets it (None: no agent is ever ordered to
+    /// update, and update reports are recorded in the audit log only).
+    pub rollouts: Option<Arc<rollout::Rollouts>>,
 }
 
 impl AppState {
@@ -64,7 +67,7 @@ impl AppState {
             tracing::error!(error = %e, "could not load the revoked agents; relying on the per-connection check");
             identity::Revocations::default()
         }));
-        Self { store, scheduler, metrics, revocations, pki: None }
+        Self { store, scheduler, metrics, revocations, pki: None, rollouts: None }
     }
 }
 

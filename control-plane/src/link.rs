@@ -71,6 +71,9 @@ pub struct LinkConfig {
     /// The release key offered to agents in the enrollment answer and after every Welcome
     /// (protocol 4), for them to pin. Default None (none offered).
     pub release_key: Option<Arc<crate::release::ReleaseKeySource>>,
+    /// The releases agents may fetch on their link ([`gaffer_protocol::release_fetch`], protocol 5).
+    /// Default None (every fetch refused).
+    pub releases: Option<crate::release::Releases>,
 }
 
 impl Default for LinkConfig {
@@ -81,6 +84,7 @@ impl Default for LinkConfig {
             wire_audit_log: None,
             bundle_recipient: None,
             release_key: None,
+            releases: None,
         }
     }
 }
@@ -412,6 +416,12 @@ impl Link {
                 c.set_release_key(source.clone());
             }
         }
+        // Release fetches (protocol 5) come on further streams of the same connection.
+        let fetches = tokio::spawn(
+            serve_release_fetches(conn.clone(), self.state.clone(), self.cfg.releases.clone(), agent_id)
+                .instrument(tracing::Span::current()),
+        );
+        let _abort_fetches = AbortOnDrop(fetches);
         // The connection lives no longer than the certificate it authenticated with.
         let cert_expiry = peer_cert_expiry(conn);
         // Writes go through a bounded queue to a writer task, so reading goes on while a write
@@ -541,6 +551,107 @@ impl Link {
         }
         result
     }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Release fetch streams at once per connection, at most (2); more wait for one to end.
+pub const RELEASE_FETCHES_PER_CONNECTION_MAX: usize = 2;
+/// How long an agent may take to send its fetch request, seconds (10).
+const RELEASE_FETCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers the release fetch streams ([`gaffer_protocol::release_fetch`]) an authenticated agent
+/// opens on its link connection: the signed artifact of a release this control plane has, as
+/// stored by `release add`. Ends with the connection.
+async fn serve_release_fetches(
+    conn: quinn::Connection,
+    state: AppState,
+    releases: Option<crate::release::Releases>,
+    agent_id: AgentId,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(RELEASE_FETCHES_PER_CONNECTION_MAX));
+    loop {
+        let Ok((send, recv)) = conn.accept_bi().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (state, releases) = (state.clone(), releases.clone());
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                if let Err(e) = answer_release_fetch(send, recv, &state, releases.as_ref(), agent_id).await {
+                    tracing::warn!(error = %e, "release fetch failed");
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+async fn answer_release_fetch(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    state: &AppState,
+    releases: Option<&crate::release::Releases>,
+    agent_id: AgentId,
+) -> Result<(), LinkError> {
+    use gaffer_protocol::release_fetch::{ReleaseFetchReply, ReleaseFetchRequest, RELEASE_FETCH_FRAME_BYTES_MAX};
+    let mut dec = FrameDecoder::new(RELEASE_FETCH_FRAME_BYTES_MAX);
+    let req: ReleaseFetchRequest = tokio::time::timeout(RELEASE_FETCH_REQUEST_TIMEOUT, read_one(&mut recv, &mut dec))
+        .await
+        .map_err(|_| LinkError::Protocol("no release fetch request within 10 s".into()))??;
+    let refuse = |reason: String| ReleaseFetchReply::Refused { reason };
+    let found = match (releases, state.revocations.is_revoked(agent_id)) {
+        (_, true) => Err(refuse("agent revoked".into())),
+        (None, false) => Err(refuse("this control plane serves no releases".into())),
+        (Some(r), false) => {
+            let (r, name) = (r.clone(), req.file_name.clone());
+            match tokio::task::spawn_blocking(move || r.list().map(|l| (r, l))).await {
+                Ok(Ok((r, list))) => match list.into_iter().find(|rec| rec.file_name == name) {
+                    Some(rec) => Ok((r.artifact_path(&rec), rec)),
+                    None => Err(refuse(format!("no release {name} here: add it with `gaffer-control release add`"))),
+                },
+                Ok(Err(e)) => Err(refuse(format!("reading the releases: {e}"))),
+                Err(e) => Err(refuse(format!("reading the releases: {e}"))),
+            }
+        }
+    };
+    let write_reply = |reply: &ReleaseFetchReply| {
+        gaffer_protocol::encode_frame(reply, RELEASE_FETCH_FRAME_BYTES_MAX)
+            .map_err(|e| LinkError::Protocol(e.to_string()))
+    };
+    let (path, rec) = match found {
+        Ok(v) => v,
+        Err(reply) => {
+            send.write_all(&write_reply(&reply)?).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            let reply = refuse(format!("reading {}: {e}", rec.file_name));
+            send.write_all(&write_reply(&reply)?).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    let reply = ReleaseFetchReply::Artifact { size_bytes: rec.size_bytes, sha256: rec.sha256.clone() };
+    send.write_all(&write_reply(&reply)?).await?;
+    // Exactly the recorded size goes out; a file that changed size on disk ends the stream short
+    // (or is cut), and the agent's size and digest checks refuse it.
+    let mut limited = tokio::io::AsyncReadExt::take(&mut file, rec.size_bytes);
+    let sent = tokio::io::copy(&mut limited, &mut send).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
+    let _ = send.finish();
+    state.metrics.release_fetched();
+    tracing::info!(file = %rec.file_name, bytes = sent, "release fetched");
+    Ok(())
 }
 
 /// What the async driver feeds the core on its next turn.
@@ -754,6 +865,9 @@ impl AgentConnCore {
                             }
                             self.state.metrics.agent_connected();
                             self.registered = Some(notify);
+                            if let Some(rollouts) = &self.state.rollouts {
+                                rollouts.on_agent_connected(self.agent_id, &agent_version, protocol_version, now_ms);
+                            }
                             let v4 = self
                                 .session
                                 .protocol_version()
@@ -853,9 +967,11 @@ impl AgentConnCore {
                 });
             }
             let v3 = self.speaks_certificates();
+            let v5 = self.session.protocol_version().is_some_and(|v| v >= gaffer_protocol::UPDATE_PROTOCOL_VERSION);
             let mut msgs =
                 fleet.take_outgoing(self.agent_id, self.conn_id, OUTGOING_BATCH_MAX).into_iter().filter(|m| {
-                    v3 || !matches!(m, ControlMessage::TrustBundle { .. } | ControlMessage::RenewCertificate { .. })
+                    (v3 || !matches!(m, ControlMessage::TrustBundle { .. } | ControlMessage::RenewCertificate { .. }))
+                        && (v5 || !matches!(m, ControlMessage::Update(_) | ControlMessage::UpdateWithdrawn { .. }))
                 });
             while let Some(msg) = msgs.next() {
                 if let Err(back) = self.session.send(msg.clone()) {

@@ -804,7 +804,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         wire_audit_log: settings.wire_audit_log.clone(),
         bundle_recipient: Some(offline::load_or_create_bundle_key(&dd)?.recipient()),
         release_key: Some(Arc::new(gaffer_control::release::ReleaseKeySource::open(&dd)?)),
+        releases: Some(gaffer_control::release::Releases::new(&dd)),
     };
+    // Staged rollouts: orders go to agents as they connect; the tick moves phases and deadlines.
+    let rollouts = gaffer_control::rollout::Rollouts::load(
+        store.clone(),
+        state.scheduler.fleet().clone(),
+        gaffer_control::release::Releases::new(&dd),
+        state.metrics.clone(),
+    )?;
+    state.rollouts = Some(rollouts.clone());
+    tokio::spawn(rollout_ticker(rollouts));
     // Every agent handshake asks the live revocation set and counts its refusals.
     let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());
     let tls = pki.quic_tls(cert_policy.clone())?;
@@ -873,6 +883,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(dd.root().join("serve.json"));
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// How often rollouts check their deadlines and phases, seconds (5).
+const ROLLOUT_TICK_SECS: u64 = 5;
+
+/// Ticks the rollouts every [`ROLLOUT_TICK_SECS`] (health-report deadlines, the next phase).
+async fn rollout_ticker(rollouts: Arc<gaffer_control::rollout::Rollouts>) {
+    let mut every = tokio::time::interval(Duration::from_secs(ROLLOUT_TICK_SECS));
+    loop {
+        every.tick().await;
+        let r = rollouts.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || r.tick(gaffer_control::now_ms())).await {
+            tracing::error!(error = %e, "rollout tick failed");
+        }
+    }
 }
 
 /// Renews the server certificate at half its lifetime: checks every tenth of the certificate TTL

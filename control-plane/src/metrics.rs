@@ -79,6 +79,7 @@ pub struct Metrics {
     server_cert_not_after: Gauge,
     links_closed_revoked: Counter,
     links_closed_expired: Counter,
+    releases_fetched: Counter,
     handshakes_failed: Counter,
     rollout_targets: Family<StateLabel, Gauge>,
     update_reports: Family<OutcomeLabel, Counter>,
@@ -151,6 +152,12 @@ impl Metrics {
             "Live agent links closed because the agent's certificate expired",
             links_closed_expired.clone(),
         );
+        let releases_fetched = Counter::default();
+        registry.register(
+            "gaffer_releases_fetched",
+            "Signed release artifacts sent to agents on their links (self-update)",
+            releases_fetched.clone(),
+        );
         let handshakes_failed = Counter::default();
         registry.register(
             "gaffer_quic_handshakes_failed",
@@ -187,6 +194,7 @@ impl Metrics {
             server_cert_not_after,
             links_closed_revoked,
             links_closed_expired,
+            releases_fetched,
             registry,
             agents,
             jobs,
@@ -260,6 +268,11 @@ impl Metrics {
     /// A live link was closed because its certificate expired.
     pub fn link_closed_cert_expired(&self) {
         self.links_closed_expired.inc();
+    }
+
+    /// A release artifact was sent to an agent.
+    pub fn release_fetched(&self) {
+        self.releases_fetched.inc();
     }
 
     /// An attempt ended and the job went back to the queue.
