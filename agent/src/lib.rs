@@ -15,6 +15,8 @@
 //! * [`watch`]: watch folders that turn new media files into jobs.
 //! * [`control_socket`]: `agent.sock`, through which `status` and bundle commands reach a running agent.
 //! * [`release_key`]: the release public key pinned at enrollment (releases must be signed by it).
+//! * [`update`]: self-update: staged releases, the re-exec into a new version, its health gate and
+//!   the automatic rollback.
 //! * [`bundle`]: offline-sync bundles (export to, and replies from, the control plane).
 //! * [`datadir`]: the data directory layout.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
@@ -39,6 +41,7 @@ pub mod release_key;
 pub mod runner;
 pub mod service;
 pub mod speech;
+pub mod update;
 pub mod vision;
 pub mod watch;
 pub mod worker;
@@ -105,6 +108,10 @@ pub enum AgentError {
         /// The last imported.
         last: u64,
     },
+    /// A self-update could not be fetched, verified, unpacked or started; the agent keeps running
+    /// the version it has. The message says what failed.
+    #[error("self-update: {0}")]
+    Update(String),
     /// The local state database failed.
     #[error("agent state database: {0}")]
     State(#[from] sled::Error),

@@ -101,6 +101,9 @@ pub struct LinkParams {
     pub data_dir: DataDir,
     /// What to advertise in Hello.
     pub capabilities: Capabilities,
+    /// Where update orders go ([`crate::update::Updater`]); None: orders are logged and ignored
+    /// (tests that drive the link without an updater).
+    pub updates: Option<mpsc::Sender<crate::update::UpdateCommand>>,
 }
 
 /// Resolves `HOST:PORT`.
@@ -498,6 +501,7 @@ async fn session(
         welcomed: false,
         protocol_version: 0,
         request_sent_at: None,
+        updates: ctx.params.updates.as_ref(),
     };
     let result = pump.run().await;
     let welcomed = pump.welcomed;
@@ -589,6 +593,8 @@ struct Pump<'a> {
     protocol_version: u16,
     /// When this connection sent a certificate request that is not answered yet.
     request_sent_at: Option<Instant>,
+    /// Where update orders go.
+    updates: Option<&'a mpsc::Sender<crate::update::UpdateCommand>>,
 }
 
 impl Pump<'_> {
@@ -670,11 +676,12 @@ impl Pump<'_> {
                         .await;
                     }
                     AgentEvent::Update(order) => {
-                        tracing::info!(rollout_id = order.rollout_id, version = %order.version,
-                            "update order: the self-update path arrives with the updater");
+                        tracing::info!(rollout_id = order.rollout_id, version = %order.version, "update order");
+                        let cmd = crate::update::UpdateCommand::Order { order, conn: self.conn.clone() };
+                        self.update_command(cmd);
                     }
                     AgentEvent::UpdateWithdrawn { rollout_id, reason } => {
-                        tracing::info!(rollout_id, %reason, "update order withdrawn");
+                        self.update_command(crate::update::UpdateCommand::Withdrawn { rollout_id, reason });
                     }
                     AgentEvent::RenewCertificate { reason } => {
                         tracing::info!(%reason, "the control plane asks for a certificate renewal now");
@@ -748,6 +755,19 @@ impl Pump<'_> {
     }
 
     /// Queues work for the job thread in order (waits while its queue is full).
+    /// Hands an update order or withdrawal to the updater; dropped (with a warning) when its queue
+    /// is full or there is none: the control plane sends orders again on the next connection.
+    fn update_command(&self, cmd: crate::update::UpdateCommand) {
+        match self.updates {
+            Some(tx) => {
+                if tx.try_send(cmd).is_err() {
+                    tracing::warn!("update queue full; the order comes again on the next connection");
+                }
+            }
+            None => tracing::warn!("this agent runs without an updater; update order ignored"),
+        }
+    }
+
     async fn job(&self, cmd: JobCommand) -> Result<(), AgentError> {
         self.jobs.send(cmd).await.map_err(|_| AgentError::Protocol("the job thread stopped".into()))
     }

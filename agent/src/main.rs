@@ -59,6 +59,23 @@ enum Command {
     /// JSON line, result frames on stdout).
     #[command(hide = true)]
     Worker,
+    /// Internal: watches a version on trial after a self-update without systemd, and starts the
+    /// previous version if the new one dies before its health gate (started by `run`).
+    #[command(hide = true)]
+    UpdateWatch(UpdateWatchArgs),
+}
+
+#[derive(clap::Args)]
+struct UpdateWatchArgs {
+    /// Data directory of the agent.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Process id of the version on trial.
+    #[arg(long)]
+    pid: u32,
+    /// Start the watcher as a separate process and return at once.
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(clap::Args)]
@@ -187,6 +204,7 @@ fn main() -> anyhow::Result<()> {
         Command::Enroll(args) => tokio::runtime::Runtime::new()?.block_on(enroll_cmd(args)),
         Command::Bundle { command } => tokio::runtime::Runtime::new()?.block_on(bundle_cmd(command)),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run_cmd(args)),
+        Command::UpdateWatch(args) => update_watch_cmd(args),
         Command::Worker => Ok(()),
     }
 }
@@ -336,6 +354,47 @@ fn validate_cmd(args: ValidateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `update-watch`: with `--detach`, starts itself without it (so the watcher is nobody's child)
+/// and returns; else watches the trial until it is confirmed, failed, or its process is gone.
+fn update_watch_cmd(args: UpdateWatchArgs) -> anyhow::Result<()> {
+    if args.detach {
+        let me = std::env::current_exe().context("which binary is this")?;
+        std::process::Command::new(me)
+            .arg("update-watch")
+            .arg("--data-dir")
+            .arg(&args.data_dir)
+            .arg("--pid")
+            .arg(args.pid.to_string())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting the update watcher")?;
+        return Ok(());
+    }
+    let _span = tracing::info_span!("update_watch", pid = args.pid).entered();
+    gaffer_agent::update::watch_trial(&DataDir::new(&args.data_dir), args.pid)?;
+    Ok(())
+}
+
+/// Where a start of `run` stands with self-update: re-executes into the selected version when
+/// that is another binary (returns only if that fails), rolls back a trial that died, and returns
+/// the trial this process is, if it is one.
+fn start_decision(dd: &DataDir) -> Option<gaffer_agent::update::Trial> {
+    use gaffer_agent::update::{self, StartDecision};
+    match update::at_start(dd, BUILD_VERSION, std::process::id(), gaffer_agent::now_ms()) {
+        Ok(StartDecision::Run { trial }) => trial,
+        Ok(StartDecision::Exec { exe, why }) => {
+            tracing::info!(exe = %exe.display(), "{why}: re-executing into it");
+            let e = update::exec_into(&exe);
+            tracing::error!(error = %e, "could not start the selected version; running {BUILD_VERSION}");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the self-update state; running this binary ({BUILD_VERSION})");
+            None
+        }
+    }
+}
+
 async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => config::load(path)?,
@@ -348,6 +407,11 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     }
     let dd = DataDir::new(&settings.data_dir);
     let identity = dd.load_identity()?;
+    let trial = start_decision(&dd);
+    if let Some(t) = &trial {
+        tracing::info!(rollout_id = t.order.rollout_id, version = BUILD_VERSION, fallback = %t.fallback.version,
+            health_wait_secs = t.order.health_wait_secs, "this version is on trial: self-test, then the health gate");
+    }
     let watch_roots = canonical_dirs(&settings.watch, "--watch")?;
     let mut volumes = canonical_dirs(&settings.volume, "--volume")?;
     for w in &watch_roots {
@@ -364,6 +428,11 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
 
     let db = open_state_waiting(&dd).await?;
     let outbox = Outbox::open(&db)?;
+    match tokio::task::block_in_place(|| gaffer_agent::update::flush_reports(&dd, &outbox)) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(reports = n, "update reports queued for the control plane"),
+        Err(e) => tracing::error!(error = %e, "could not queue the update reports; trying at the next start"),
+    }
     let ledger = WatchLedger::open(&db)?;
     let mut health = HealthSampler::new(volumes.clone());
     let registry = gaffer_agent::models::Registry::open(dd.root())?;
@@ -389,6 +458,20 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!(profiles = ?profiles.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "analysis profiles available");
+    if let Some(t) = &trial {
+        // The self-test of a new version: the built-in clip decodes with its one cut, and the
+        // models load (the `full` profile runs on it) when they are installed.
+        match tokio::task::block_in_place(|| gaffer_agent::update::self_test(&dd, models.as_deref())) {
+            Ok(()) => tracing::info!("self-test passed"),
+            Err(reason) => {
+                tracing::error!(%reason, "self-test failed; rolling back");
+                db.flush()?;
+                drop(db);
+                let exe = gaffer_agent::update::fail_trial(&dd, t, &reason)?;
+                return Err(gaffer_agent::update::exec_into(&exe).into());
+            }
+        }
+    }
     let runner = Runner::new(
         RunnerConfig {
             volumes: volumes.clone(),
@@ -464,7 +547,21 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         Some(handle)
     };
 
+    let updates = gaffer_agent::update::Updater::spawn(
+        dd.clone(),
+        BUILD_VERSION,
+        runner.clone(),
+        outbox.clone(),
+        db.clone(),
+        trial.is_some(),
+    );
     let link_status = (!settings.offline).then(|| Arc::new(LinkStatus::default()));
+    let _health_gate = match (&trial, &link_status) {
+        (Some(t), Some(status)) => {
+            Some(gaffer_agent::update::spawn_health_gate(dd.clone(), t.clone(), status.clone(), outbox.clone()))
+        }
+        _ => None,
+    };
     let handles = Arc::new(control_socket::AgentHandles {
         agent_id: identity.agent_id.to_string(),
         site: identity.site.clone(),
@@ -491,7 +588,8 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
 
     match link_status {
         Some(status) => {
-            let params = LinkParams { identity: identity.clone(), data_dir: dd.clone(), capabilities };
+            let params =
+                LinkParams { identity: identity.clone(), data_dir: dd.clone(), capabilities, updates: Some(updates) };
             tokio::select! {
                 r = link::run_link(params, outbox, runner, health, status) => r?,
                 _ = shutdown_signal() => tracing::info!("agent stopping; held jobs resume at the next start"),

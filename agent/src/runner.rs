@@ -151,6 +151,8 @@ pub struct Runner {
     tree: sled::Tree,
     db: sled::Db,
     held: Mutex<Vec<Held>>,
+    /// Why new leased jobs are rejected, when they are (an update waiting for the agent to be idle).
+    hold: Mutex<Option<String>>,
 }
 
 impl Runner {
@@ -176,7 +178,15 @@ impl Runner {
             tracing::info!(jobs = held.len(), "resuming jobs held before the agent stopped");
         }
         let limits = Self::limits_for(&cfg, cfg.job_timeout, cfg.job_memory_max_bytes);
-        Ok(Arc::new(Self { cfg, limits: Mutex::new(limits), outbox, tree, db: db.clone(), held: Mutex::new(held) }))
+        Ok(Arc::new(Self {
+            cfg,
+            limits: Mutex::new(limits),
+            outbox,
+            tree,
+            db: db.clone(),
+            held: Mutex::new(held),
+            hold: Mutex::new(None),
+        }))
     }
 
     fn limits_for(cfg: &RunnerConfig, timeout: Option<Duration>, memory_max_bytes: Option<u64>) -> WorkerLimits {
@@ -191,6 +201,13 @@ impl Runner {
             "analysis worker limits"
         );
         limits
+    }
+
+    /// Rejects new jobs leased by the control plane with `reason` (`Some`), or takes them again
+    /// (`None`). Jobs already held, and watch-folder jobs (this box's own), are not affected: an
+    /// agent about to restart into an update finishes what it has.
+    pub fn set_hold(&self, reason: Option<String>) {
+        *self.hold.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
 
     /// Changes the wall-time and memory limits (as [`RunnerConfig::job_timeout`] and
@@ -358,6 +375,10 @@ impl Runner {
         };
         if let Err(reason) = self.check_path(&a.path) {
             return reject(reason);
+        }
+        let hold = self.hold.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(reason), true) = (hold, a.lease_id != gaffer_protocol::messages::LEASE_ID_NONE) {
+            return reject(format!("this agent is {reason}; try another agent"));
         }
         if self.held().len() >= self.cfg.jobs_held_max {
             return reject(format!("this agent already holds {} jobs", self.cfg.jobs_held_max));

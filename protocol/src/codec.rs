@@ -212,6 +212,12 @@ impl FrameDecoder {
         (FRAME_HEADER_BYTES + len).saturating_sub(self.buf.len()).max(1)
     }
 
+    /// Takes every byte buffered and not returned as a message, leaving the decoder empty: for a
+    /// stream that carries raw bytes after its frames (the release fetch stream).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
     /// Call when the stream has ended: errors if a partial frame is buffered.
     ///
     /// # Errors
