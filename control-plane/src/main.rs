@@ -368,17 +368,25 @@ fn main() -> anyhow::Result<()> {
                 AdminResponse::EnrollmentToken(t) => t,
                 other => bail!("unexpected answer from the control plane: {other:?}"),
             };
+            // The one-line install (installers/install-agent.sh served by this control plane).
+            let (url, control) = gaffer_control::http::install::install_endpoints(&DataDir::new(&data_dir))?;
+            let install_command =
+                gaffer_control::http::install::install_command(&url, &control, &minted.token, &minted.ca_fingerprint);
             if json {
-                println!("{}", serde_json::to_string_pretty(&minted)?);
+                let mut value = serde_json::to_value(&minted)?;
+                value["install_command"] = serde_json::Value::String(install_command);
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("token:          {}", minted.token);
                 println!("ca fingerprint: {}", minted.ca_fingerprint);
                 println!("site:           {}", minted.site);
                 println!("expires at:     {}", minted.expires_at);
                 println!();
-                println!("On the new agent box:");
+                println!("Install an agent on a new box (as root; downloads, verifies, enrolls and starts it):");
+                println!("  {install_command}");
+                println!("Or, with gaffer-agent already installed:");
                 println!(
-                    "  gaffer-agent enroll --data-dir /var/lib/gaffer-agent --control HOST:PORT --token {} --ca-fingerprint {}",
+                    "  gaffer-agent enroll --data-dir /var/lib/gaffer-agent --control {control} --token {} --ca-fingerprint {}",
                     minted.token, minted.ca_fingerprint
                 );
             }
