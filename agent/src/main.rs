@@ -2,6 +2,7 @@
 
 mod cmd_analyze;
 mod cmd_models;
+mod cmd_release;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,8 @@ enum Command {
     Models(cmd_models::ModelsArgs),
     /// Check a configuration file without running anything: every problem, with its line.
     Validate(ValidateArgs),
+    /// Verify signed release artifacts (a release tarball, an offline bundle) against a release key.
+    Release(cmd_release::ReleaseArgs),
     /// Internal: one job's analysis in a worker process, started by `run` (job on stdin as one
     /// JSON line, result frames on stdout).
     #[command(hide = true)]
@@ -200,6 +203,7 @@ fn main() -> anyhow::Result<()> {
         Command::Analyze(args) => cmd_analyze::run(args),
         Command::Models(args) => cmd_models::run(args),
         Command::Validate(args) => validate_cmd(args),
+        Command::Release(args) => cmd_release::run(args),
         Command::Status(args) => tokio::runtime::Runtime::new()?.block_on(status_cmd(args)),
         Command::Enroll(args) => tokio::runtime::Runtime::new()?.block_on(enroll_cmd(args)),
         Command::Bundle { command } => tokio::runtime::Runtime::new()?.block_on(bundle_cmd(command)),
