@@ -31,6 +31,9 @@ use crate::store::{
 
 /// Largest request or response line on the admin socket, bytes.
 pub const ADMIN_LINE_BYTES_MAX: usize = 64 * 1024;
+/// Largest rollout answer on the admin socket, bytes (64 MiB: a rollout of
+/// [`crate::rollout::ROLLOUT_TARGETS_MAX`] agents at ~400 bytes each, with room).
+pub const ADMIN_STATUS_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// How long the CLI waits for the server's answer.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the CLI waits for a bundle import (up to 256 MiB to verify, decrypt and apply).
@@ -158,6 +161,22 @@ pub enum AdminRequest {
     },
     /// List the releases ([`crate::release::Releases::list`]).
     ListReleases,
+    /// Start a rollout ([`crate::rollout::Rollouts::start`]); needs the running server.
+    StartRollout {
+        /// What to roll out.
+        spec: crate::rollout::RolloutSpec,
+    },
+    /// The rollouts, newest first ([`crate::rollout::Rollouts::status`]).
+    RolloutStatus {
+        /// Most rollouts returned (the newest); 0: all.
+        limit: usize,
+    },
+    /// Pause the running rollout; needs the running server.
+    PauseRollout,
+    /// Resume the paused rollout; needs the running server.
+    ResumeRollout,
+    /// Abort the active rollout; needs the running server.
+    AbortRollout,
 }
 
 impl AdminRequest {
@@ -179,6 +198,11 @@ impl AdminRequest {
             AdminRequest::CaStatus => "ca_status",
             AdminRequest::AddRelease { .. } => "add_release",
             AdminRequest::ListReleases => "list_releases",
+            AdminRequest::StartRollout { .. } => "start_rollout",
+            AdminRequest::RolloutStatus { .. } => "rollout_status",
+            AdminRequest::PauseRollout => "pause_rollout",
+            AdminRequest::ResumeRollout => "resume_rollout",
+            AdminRequest::AbortRollout => "abort_rollout",
         }
     }
 
@@ -187,6 +211,19 @@ impl AdminRequest {
         match self {
             AdminRequest::ImportBundle { .. } | AdminRequest::AddRelease { .. } => ADMIN_BUNDLE_TIMEOUT,
             _ => ADMIN_TIMEOUT,
+        }
+    }
+
+    /// Largest answer the CLI reads to this request, bytes: [`ADMIN_LINE_BYTES_MAX`], or
+    /// [`ADMIN_STATUS_BYTES_MAX`] for rollout answers (they list every target).
+    pub fn response_bytes_max(&self) -> usize {
+        match self {
+            AdminRequest::StartRollout { .. }
+            | AdminRequest::RolloutStatus { .. }
+            | AdminRequest::PauseRollout
+            | AdminRequest::ResumeRollout
+            | AdminRequest::AbortRollout => ADMIN_STATUS_BYTES_MAX,
+            _ => ADMIN_LINE_BYTES_MAX,
         }
     }
 }
@@ -326,6 +363,14 @@ pub enum AdminResponse {
     Releases {
         /// The releases.
         releases: Vec<crate::release::ReleaseListing>,
+    },
+    /// Answer to [`AdminRequest::StartRollout`], [`AdminRequest::PauseRollout`],
+    /// [`AdminRequest::ResumeRollout`] and [`AdminRequest::AbortRollout`]: the rollout afterwards.
+    Rollout(crate::rollout::RolloutStatus),
+    /// Answer to [`AdminRequest::RolloutStatus`], newest first.
+    Rollouts {
+        /// The rollouts.
+        rollouts: Vec<crate::rollout::RolloutStatus>,
     },
     /// The request failed.
     Error {
@@ -596,11 +641,25 @@ pub fn rfc3339_ms(ms: u64) -> String {
 
 /// Performs one admin request by `actor` against `store` (and `offline` for the offline-sync
 /// actions). The CLI calls it directly when no server runs ([`local_actor`]); the admin socket
-/// calls it inside `serve` with the peer's uid.
+/// calls it inside `serve` with the peer's uid. Rollout changes need [`handle_with`] and the
+/// server's rollouts; here they are refused and the status is read from the store.
 pub fn handle(
     store: &dyn Store,
     ca_fingerprint: &CaFingerprint,
     offline: Option<&OfflineSync>,
+    actor: &Actor,
+    req: AdminRequest,
+) -> AdminResponse {
+    handle_with(store, ca_fingerprint, offline, None, actor, req)
+}
+
+/// [`handle`] with the running server's rollouts (None: no live fleet, as the CLI without a
+/// server: rollout changes are refused with what to do, the status comes from the store).
+pub fn handle_with(
+    store: &dyn Store,
+    ca_fingerprint: &CaFingerprint,
+    offline: Option<&OfflineSync>,
+    rollouts: Option<&crate::rollout::Rollouts>,
     actor: &Actor,
     req: AdminRequest,
 ) -> AdminResponse {
@@ -659,6 +718,38 @@ pub fn handle(
             Some(o) => crate::release::handle_admin(o.data_dir(), store, actor, req).map_err(|e| e.to_string()),
             None => Err("releases are not available in this process".to_owned()),
         },
+        AdminRequest::RolloutStatus { limit } => {
+            let all = match rollouts {
+                Some(r) => Ok(r.status()),
+                None => store
+                    .list_rollouts()
+                    .map(|rs| rs.iter().rev().map(crate::rollout::RolloutStatus::of).collect())
+                    .map_err(|e| e.to_string()),
+            };
+            all.map(|mut all: Vec<crate::rollout::RolloutStatus>| {
+                if limit > 0 {
+                    all.truncate(limit);
+                }
+                AdminResponse::Rollouts { rollouts: all }
+            })
+        }
+        req @ (AdminRequest::StartRollout { .. }
+        | AdminRequest::PauseRollout
+        | AdminRequest::ResumeRollout
+        | AdminRequest::AbortRollout) => match rollouts {
+            None => Err(
+                "a rollout needs the live fleet: start the control plane (`gaffer-control serve`) and run this again"
+                    .to_owned(),
+            ),
+            Some(r) => match req {
+                AdminRequest::StartRollout { spec } => r.start(spec, actor, now),
+                AdminRequest::PauseRollout => r.pause(actor, now),
+                AdminRequest::ResumeRollout => r.resume(actor, now),
+                _ => r.abort(actor, now),
+            }
+            .map(AdminResponse::Rollout)
+            .map_err(|e| e.to_string()),
+        },
     };
     result.unwrap_or_else(|message| AdminResponse::Error { message })
 }
@@ -674,6 +765,21 @@ pub async fn serve_admin_socket(
     store: Arc<dyn Store>,
     ca_fingerprint: CaFingerprint,
     offline: Option<Arc<OfflineSync>>,
+) -> Result<tokio::task::JoinHandle<()>, AdminError> {
+    serve_admin_socket_with(path, store, ca_fingerprint, offline, None).await
+}
+
+/// [`serve_admin_socket`] with the server's rollouts, so that `rollout start|pause|resume|abort`
+/// work ([`handle_with`]).
+///
+/// # Errors
+/// As [`serve_admin_socket`].
+pub async fn serve_admin_socket_with(
+    path: &Path,
+    store: Arc<dyn Store>,
+    ca_fingerprint: CaFingerprint,
+    offline: Option<Arc<OfflineSync>>,
+    rollouts: Option<Arc<crate::rollout::Rollouts>>,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
@@ -694,8 +800,9 @@ pub async fn serve_admin_socket(
             let Ok((stream, _)) = listener.accept().await else { continue };
             let store = store.clone();
             let offline = offline.clone();
+            let rollouts = rollouts.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(stream, owner_uid, store, ca_fingerprint, offline).await {
+                if let Err(e) = serve_one(stream, owner_uid, store, ca_fingerprint, offline, rollouts).await {
                     tracing::warn!(error = %e, "admin socket request failed");
                 }
             });
@@ -709,10 +816,11 @@ async fn serve_one(
     store: Arc<dyn Store>,
     fp: CaFingerprint,
     offline: Option<Arc<OfflineSync>>,
+    rollouts: Option<Arc<crate::rollout::Rollouts>>,
 ) -> std::io::Result<()> {
     let peer_uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
-    let line = read_line_bounded(read).await?;
+    let line = read_line_bounded(read, ADMIN_LINE_BYTES_MAX).await?;
     let resp = if peer_uid != owner_uid && peer_uid != 0 {
         tracing::warn!(
             peer_uid,
@@ -731,9 +839,11 @@ async fn serve_one(
                     .await
                     .unwrap_or(Actor::OsUser { uid: peer_uid, name: None });
                 tracing::info!(action = req.action(), actor = %actor, "admin request");
-                tokio::task::spawn_blocking(move || handle(store.as_ref(), &fp, offline.as_deref(), &actor, req))
-                    .await
-                    .unwrap_or_else(|e| AdminResponse::Error { message: format!("internal error: {e}") })
+                tokio::task::spawn_blocking(move || {
+                    handle_with(store.as_ref(), &fp, offline.as_deref(), rollouts.as_deref(), &actor, req)
+                })
+                .await
+                .unwrap_or_else(|e| AdminResponse::Error { message: format!("internal error: {e}") })
             }
             Err(e) => AdminResponse::Error { message: format!("bad request: {e}") },
         }
@@ -744,11 +854,11 @@ async fn serve_one(
     write.shutdown().await
 }
 
-async fn read_line_bounded(read: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<String> {
-    let mut reader = BufReader::new(read.take(ADMIN_LINE_BYTES_MAX as u64 + 1));
+async fn read_line_bounded(read: impl tokio::io::AsyncRead + Unpin, bytes_max: usize) -> std::io::Result<String> {
+    let mut reader = BufReader::new(read.take(bytes_max as u64 + 1));
     let mut line = String::new();
     reader.read_line(&mut line).await?;
-    if line.len() > ADMIN_LINE_BYTES_MAX {
+    if line.len() > bytes_max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long"));
     }
     Ok(line)
@@ -778,7 +888,7 @@ pub async fn request(path: &Path, req: &AdminRequest) -> Result<Option<AdminResp
         line.push(b'\n');
         write.write_all(&line).await?;
         write.shutdown().await?;
-        read_line_bounded(read).await
+        read_line_bounded(read, req.response_bytes_max()).await
     };
     let line = tokio::time::timeout(req.timeout(), exchange)
         .await

@@ -689,6 +689,11 @@ impl RolloutBook {
             let Some(t) = r.targets.get_mut(&agent) else { continue };
             let mut changed = true;
             match t.state {
+                TargetState::Pending | TargetState::Ordered
+                    if active && !on_version && protocol_version < UPDATE_PROTOCOL_VERSION =>
+                {
+                    t.state = TargetState::Skipped { reason: old_protocol(protocol_version) };
+                }
                 TargetState::Ordered | TargetState::Staged if on_version => {
                     t.state = TargetState::Restarted;
                 }
@@ -698,11 +703,14 @@ impl RolloutBook {
                     changed = false;
                 }
                 TargetState::Pending if on_version && t.ordered => t.state = TargetState::Restarted,
+                TargetState::Pending if t.ordered => {
+                    // Its order was withdrawn, maybe while it was away: say so again.
+                    let reason = format!("the rollout is {}", r.state.as_str());
+                    self.messages.push_back((agent, ControlMessage::UpdateWithdrawn { rollout_id: id, reason }));
+                    changed = false;
+                }
                 TargetState::Pending if active && on_version => {
                     t.state = TargetState::Skipped { reason: format!("already runs {}", r.version) };
-                }
-                TargetState::Pending if active && protocol_version < UPDATE_PROTOCOL_VERSION => {
-                    t.state = TargetState::Skipped { reason: old_protocol(protocol_version) };
                 }
                 _ => changed = false,
             }

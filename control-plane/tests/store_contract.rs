@@ -749,6 +749,58 @@ fn other_records_roundtrip(make: Make) -> TestResult {
     Ok(())
 }
 
+/// A rollout with two targets, as the book makes them, under `id`.
+fn rollout(id: u64) -> anyhow::Result<gaffer_control::rollout::Rollout> {
+    use gaffer_control::rollout::{Candidate, RolloutBook, RolloutRelease, RolloutSpec};
+    let candidates: Vec<Candidate> = (1..=2)
+        .map(|n| Candidate {
+            agent_id: aid(n),
+            site: "stage-a".into(),
+            hostname: format!("gpu{n}"),
+            agent_version: Some("1.0.0".into()),
+            connected: n == 1,
+            offline: false,
+            revoked: false,
+        })
+        .collect();
+    let release = RolloutRelease {
+        version: "1.1.0".into(),
+        file_name: "gaffer-agent-1.1.0-x86_64-linux.tar.gz".into(),
+        size_bytes: 10,
+        sha256: "ab".repeat(32),
+    };
+    let spec = RolloutSpec { version: "1.1.0".into(), site: None, canary: 1, health_wait_secs: 60 };
+    let mut book = RolloutBook::new();
+    let first = book.start(&release, &spec, &candidates, "alice", 5)?;
+    let mut r = book.get(first).cloned().ok_or_else(|| anyhow::anyhow!("started rollout missing"))?;
+    r.id = id;
+    Ok(r)
+}
+
+fn rollouts_roundtrip_by_id(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    assert!(s.list_rollouts()?.is_empty());
+    let (r3, r1, r256) = (rollout(3)?, rollout(1)?, rollout(256)?);
+    for r in [&r256, &r3, &r1] {
+        s.put_rollout(r)?;
+    }
+    let ids: Vec<u64> = s.list_rollouts()?.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [1, 3, 256], "by id, numerically");
+    assert_eq!(s.list_rollouts()?[1], r3, "every field and target comes back");
+    let mut changed = r3.clone();
+    changed.state = gaffer_control::rollout::RolloutState::Paused;
+    changed.updated_at_ms = 99;
+    s.put_rollout(&changed)?;
+    assert_eq!(s.list_rollouts()?.len(), 3, "same id replaces");
+    assert_eq!(s.list_rollouts()?[1], changed);
+    assert!(s.delete_rollout(1)?);
+    assert!(!s.delete_rollout(1)?, "gone");
+    assert_eq!(s.list_rollouts()?.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 256]);
+    s.flush()?;
+    Ok(())
+}
+
 fn session(n: u8, user: &str, expires_at_ms: u64) -> gaffer_control::store::SessionRecord {
     gaffer_control::store::SessionRecord {
         id_hash: [n; 32],
@@ -918,6 +970,7 @@ contract!(
     sessions_end_per_user_and_by_expiry,
     api_tokens_have_unique_names_and_revoke_at_once,
     audit_ids_increase_and_queries_page_through_filters,
+    rollouts_roundtrip_by_id,
 );
 
 // ---- implementation-specific ----
@@ -933,10 +986,12 @@ fn sled_records_survive_reopen() -> TestResult {
         s.push_health(aid(1), &sample(10, 5), 3, usize::MAX)?;
         s.push_health(aid(1), &sample(11, 5), 3, usize::MAX)?;
         before = observe(&s, &[1, 2, 3], aid(1))?;
+        s.put_rollout(&rollout(7)?)?;
         s.flush()?;
     }
     let s = SledStore::open(dir.path())?;
     assert_eq!(observe(&s, &[1, 2, 3], aid(1))?, before);
+    assert_eq!(s.list_rollouts()?, vec![rollout(7)?], "rollouts survive a reopen");
     assert_eq!(s.health_history(aid(1), 10)?.len(), 2);
     // Seqs keep growing across the reopen.
     let max_seq = before.listed.iter().map(|j| j.seq).max().unwrap_or_default();
