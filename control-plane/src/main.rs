@@ -96,6 +96,12 @@ enum Command {
         #[command(subcommand)]
         command: gaffer_control::release::ReleaseCommand,
     },
+    /// Staged rollouts of a release to the agents: start (canaries first), status, pause, resume,
+    /// abort. Needs the running server (`serve`).
+    Rollout {
+        #[command(subcommand)]
+        command: gaffer_control::rollout::RolloutCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -359,6 +365,10 @@ fn main() -> anyhow::Result<()> {
         Command::Validate(args) => validate(args),
         Command::Release { command } => {
             print!("{}", rt.block_on(gaffer_control::release::run_command(command))?);
+            Ok(())
+        }
+        Command::Rollout { command } => {
+            print!("{}", rt.block_on(gaffer_control::rollout::run_command(command)).map_err(anyhow::Error::msg)?);
             Ok(())
         }
         Command::Token { command: TokenCommand::Create { data_dir, site, ttl, json } } => {
@@ -822,7 +832,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state.metrics.clone(),
     )?;
     state.rollouts = Some(rollouts.clone());
-    tokio::spawn(rollout_ticker(rollouts));
+    tokio::spawn(rollout_ticker(rollouts.clone()));
     // Every agent handshake asks the live revocation set and counts its refusals.
     let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());
     let tls = pki.quic_tls(cert_policy.clone())?;
@@ -855,9 +865,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let bound_quic = endpoint.local_addr()?;
     let offline_sync = Arc::new(OfflineSync::open(&dd, pki.clone(), state.clone(), link.ingest())?);
     tokio::spawn(link.run(endpoint.clone()));
-    let _admin =
-        admin::serve_admin_socket(&dd.admin_socket_path(), store.clone(), pki.enroll_fingerprint(), Some(offline_sync))
-            .await?;
+    let _admin = admin::serve_admin_socket_with(
+        &dd.admin_socket_path(),
+        store.clone(),
+        pki.enroll_fingerprint(),
+        Some(offline_sync),
+        Some(rollouts),
+    )
+    .await?;
 
     let bound_http = http.local_addr();
     let dashboard_url = http.dashboard_url();

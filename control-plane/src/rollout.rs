@@ -1338,3 +1338,213 @@ impl Rollouts {
         }
     }
 }
+
+/// `gaffer-control rollout …`: through the running server's admin socket (a rollout needs the
+/// live fleet; only `status` reads the store itself when no server runs).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// Start rolling release --version out: canaries first, then every other agent; halts on the
+    /// first failure.
+    Start {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// The release version (added with `gaffer-control release add`).
+        #[arg(long)]
+        version: String,
+        /// Only agents of this site (default: every site).
+        #[arg(long)]
+        site: Option<String>,
+        /// How many agents update first; the others wait until every canary is healthy (0: none).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=i64::from(CANARY_MAX)))]
+        canary: u32,
+        /// How long an updated agent must stay connected and healthy before it counts, minutes.
+        #[arg(long, default_value_t = HEALTH_WAIT_SECS_DEFAULT / 60, value_parser = clap::value_parser!(u32).range(1..=i64::from(HEALTH_WAIT_SECS_MAX / 60)))]
+        wait_mins: u32,
+        /// The health wait in seconds instead of minutes (short trials and tests).
+        #[arg(long, conflicts_with = "wait_mins", value_parser = clap::value_parser!(u32).range(i64::from(HEALTH_WAIT_SECS_MIN)..=i64::from(HEALTH_WAIT_SECS_MAX)))]
+        wait_secs: Option<u32>,
+        /// Print the rollout as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the newest rollout (--all: every one kept) with every target.
+    Status {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// Every rollout kept, newest first.
+        #[arg(long)]
+        all: bool,
+        /// Print a JSON array of rollouts, newest first.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause the running rollout: no new orders; orders not staged yet are withdrawn.
+    Pause {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// Print the rollout as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume the paused rollout.
+    Resume {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// Print the rollout as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort the running or paused rollout: every order not applied yet is withdrawn.
+    Abort {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// Print the rollout as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a `rollout` command and returns what to print.
+///
+/// # Errors
+/// What went wrong and what to do, as words (the running server's refusal, no server running
+/// for a change, an unreadable data directory).
+pub async fn run_command(command: RolloutCommand) -> Result<String, String> {
+    use crate::admin::{AdminRequest, AdminResponse};
+    let (data_dir, req, json) = match command {
+        RolloutCommand::Start { data_dir, version, site, canary, wait_mins, wait_secs, json } => {
+            let health_wait_secs = wait_secs.unwrap_or(wait_mins.saturating_mul(60));
+            let spec = RolloutSpec { version, site, canary, health_wait_secs };
+            spec.validate().map_err(|e| e.to_string())?;
+            (data_dir, AdminRequest::StartRollout { spec }, json)
+        }
+        RolloutCommand::Status { data_dir, all, json } => {
+            (data_dir, AdminRequest::RolloutStatus { limit: if all { 0 } else { 1 } }, json)
+        }
+        RolloutCommand::Pause { data_dir, json } => (data_dir, AdminRequest::PauseRollout, json),
+        RolloutCommand::Resume { data_dir, json } => (data_dir, AdminRequest::ResumeRollout, json),
+        RolloutCommand::Abort { data_dir, json } => (data_dir, AdminRequest::AbortRollout, json),
+    };
+    match admin_or_local(&data_dir, &req).await? {
+        AdminResponse::Rollout(status) => Ok(if json {
+            to_json(&status)
+        } else {
+            let verb = match req {
+                AdminRequest::StartRollout { .. } => "started",
+                AdminRequest::PauseRollout => "paused",
+                AdminRequest::ResumeRollout => "resumed",
+                _ => "aborted",
+            };
+            format!("Rollout {} {verb}.\n\n{}", status.id, render_status(&status))
+        }),
+        AdminResponse::Rollouts { rollouts } => Ok(if json {
+            to_json(&rollouts)
+        } else if rollouts.is_empty() {
+            "No rollouts yet: start one with `gaffer-control rollout start --version V`.\n".to_owned()
+        } else {
+            rollouts.iter().map(render_status).collect::<Vec<_>>().join("\n")
+        }),
+        other => Err(format!("unexpected answer from the control plane: {other:?}")),
+    }
+}
+
+/// Pretty JSON with a line end, for `--json`.
+fn to_json<T: Serialize>(value: &T) -> String {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    text.push('\n');
+    text
+}
+
+/// The text `rollout status` prints for one rollout: a header with its state (and the halt
+/// reason), the counts, and a table of targets (agent, host, site, from → to, state, since,
+/// reason; canaries marked `*`).
+pub fn render_status(s: &RolloutStatus) -> String {
+    let mut out = format!(
+        "Rollout {} to {}: {} (phase {}), site {}, {} canar{}, health wait {} s\n  started {} by {}\n",
+        s.id,
+        s.version,
+        s.state.to_uppercase(),
+        s.phase,
+        s.site.as_deref().unwrap_or("all"),
+        s.canary,
+        if s.canary == 1 { "y" } else { "ies" },
+        s.health_wait_secs,
+        s.created_at,
+        s.created_by
+    );
+    if let Some(reason) = &s.halt_reason {
+        out.push_str(&format!("  halted: {reason}\n"));
+    }
+    if let Some(by) = &s.aborted_by {
+        out.push_str(&format!("  aborted by {by}\n"));
+    }
+    let counts: Vec<String> =
+        s.counts.iter().filter(|(_, n)| **n > 0).map(|(state, n)| format!("{n} {state}")).collect();
+    out.push_str(&format!("  targets: {}\n\n", counts.join(", ")));
+    let host_w = s.targets.iter().map(|t| t.hostname.len()).max().unwrap_or(4).max(4);
+    let site_w = s.targets.iter().map(|t| t.site.len()).max().unwrap_or(4).max(4);
+    let fromto = |t: &TargetStatus| format!("{} → {}", t.from_version.as_deref().unwrap_or("?"), t.to_version);
+    let ft_w = s.targets.iter().map(|t| fromto(t).chars().count()).max().unwrap_or(9).max(9);
+    out.push_str(&format!(
+        "  {:<37} {:<host_w$} {:<site_w$} {:<ft_w$} {:<10} {:<20} REASON\n",
+        "AGENT", "HOST", "SITE", "FROM → TO", "STATE", "SINCE"
+    ));
+    for t in &s.targets {
+        let agent = format!("{}{}", t.agent_id, if t.canary { "*" } else { "" });
+        let ft = fromto(t);
+        let pad = ft_w.saturating_sub(ft.chars().count());
+        out.push_str(&format!(
+            "  {agent:<37} {:<host_w$} {:<site_w$} {ft}{} {:<10} {:<20} {}\n",
+            t.hostname,
+            t.site,
+            " ".repeat(pad),
+            t.state,
+            t.since,
+            t.reason.as_deref().unwrap_or("")
+        ));
+    }
+    if s.targets.iter().any(|t| t.canary) {
+        out.push_str("  (* canary)\n");
+    }
+    out
+}
+
+/// The running server's admin socket; without one, `status` reads the store and changes are
+/// refused ([`crate::admin::handle`]).
+async fn admin_or_local(
+    data_dir: &std::path::Path,
+    req: &crate::admin::AdminRequest,
+) -> Result<crate::admin::AdminResponse, String> {
+    use crate::admin::{self, AdminRequest, AdminResponse};
+    let dd = crate::datadir::DataDir::new(data_dir);
+    dd.load_config().map_err(|e| e.to_string())?;
+    if let Some(resp) = admin::request(&dd.admin_socket_path(), req).await.map_err(|e| e.to_string())? {
+        return Ok(resp);
+    }
+    if !matches!(req, AdminRequest::RolloutStatus { .. }) {
+        return Err(format!(
+            "no control plane is running on {}: a rollout needs the live fleet; start it (`gaffer-control serve \
+             --data-dir {}` or `systemctl start gaffer-control`) and run this again",
+            data_dir.display(),
+            data_dir.display()
+        ));
+    }
+    let store = crate::store::sled_store::SledStore::open(&dd.store_path())
+        .map_err(|e| format!("opening the store (is another gaffer-control process using this data dir?): {e}"))?;
+    let req = req.clone();
+    let resp = tokio::task::spawn_blocking(move || match req {
+        AdminRequest::RolloutStatus { limit } => store.list_rollouts().map(|rs| {
+            rs.iter().rev().take(if limit == 0 { usize::MAX } else { limit }).map(RolloutStatus::of).collect()
+        }),
+        _ => Ok(Vec::new()),
+    })
+    .await
+    .map_err(|e| format!("internal error: {e}"))?
+    .map_err(|e| e.to_string())?;
+    Ok(AdminResponse::Rollouts { rollouts: resp })
+}
