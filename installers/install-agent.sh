@@ -195,7 +195,7 @@ USAGE
   }
   make_dir() { # DIR MODE
     if [ -d "$1" ]; then
-      [ "$(stat -c %a "$1")" = "${2#0}" ] || chmod "$2" "$1"
+      if [ "$(stat -c %a "$1")" = "${2#0}" ]; then say "unchanged: $1"; else chmod "$2" "$1"; say "mode $2: $1"; fi
     else
       mkdir -p "$1"
       chmod "$2" "$1"
@@ -222,7 +222,7 @@ USAGE
     [ "$actual" = "$bundle_sha" ] || die "the bundle's SHA-256 is $actual, not the --bundle-sha256 given" \
       "the file was changed or damaged on its way here: copy it again and compare with build-offline-bundle.sh's output"
     mkdir "$work/bundle"
-    tar -xzf "$bundle" -C "$work/bundle" --no-same-owner
+    tar -xzf "$bundle" -C "$work/bundle" --no-same-owner || die "cannot unpack $bundle"
     top=$(find "$work/bundle" -mindepth 1 -maxdepth 1 -type d -name 'gaffer-offline-*' | head -n1)
     { [ -n "$top" ] && [ -f "$top/SHA256SUMS" ]; } || die "$bundle holds no gaffer-offline-VERSION/SHA256SUMS: not a Gaffer offline bundle"
     (cd "$top" && sha256sum --quiet -c SHA256SUMS) || die "the bundle's files do not match its SHA256SUMS"
@@ -299,7 +299,8 @@ USAGE
   new_bin=""
   if [ -n "$tarball" ]; then
     mkdir "$work/unpack"
-    tar -xzf "$tarball" -C "$work/unpack" --no-same-owner
+    tar -xzf "$tarball" -C "$work/unpack" --no-same-owner \
+      || die "cannot unpack $(basename "$tarball"): it is damaged; nothing was installed"
     new_bin=$(find "$work/unpack" -path '*/bin/gaffer-agent' -type f | head -n1)
     [ -n "$new_bin" ] || die "$(basename "$tarball") holds no bin/gaffer-agent"
     if ! "$new_bin" release verify --file "$tarball" --key "$release_pub" >"$work/verify.txt" 2>&1; then
@@ -399,9 +400,9 @@ USAGE
     set -- enroll --data-dir "$data_dir" --control "$control" --ca-fingerprint "$ca_fp"
     [ -z "$site" ] || set -- "$@" --site "$site"
     [ -z "$release_fp" ] || set -- "$@" --release-key-fingerprint "$release_fp"
-    if ! GAFFER_ENROLL_TOKEN="$token" as_agent "$agent_bin" "$@" >"$work/enroll.txt" 2>&1; then
-      sed 's/^/  /' "$work/enroll.txt" >&2
-      if grep -qi 'token' "$work/enroll.txt"; then
+    if ! GAFFER_ENROLL_TOKEN="$token" as_agent "$agent_bin" "$@" >"$work/enroll.txt" 2>"$work/enroll.err"; then
+      sed 's/^/  /' "$work/enroll.txt" "$work/enroll.err" >&2
+      if grep -qi 'token' "$work/enroll.txt" "$work/enroll.err"; then
         die "the control plane refused the enrollment token" \
           "tokens are one-time and expire: mint a new one with \`gaffer-control token create --site SITE\` and run this again"
       fi

