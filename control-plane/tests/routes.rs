@@ -215,6 +215,7 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
         | ("GET", "/releases/{file}") => None,
         ("GET", "/api/v1/audit") | ("GET", "/audit") => Some(Role::Admin),
         ("POST", "/api/v1/agents/{id}/revoke") | ("POST", "/agents/{id}/revoke") => Some(Role::Admin),
+        ("POST", "/rollouts/pause") | ("POST", "/rollouts/resume") | ("POST", "/rollouts/abort") => Some(Role::Admin),
         ("POST", "/api/v1/jobs")
         | ("POST", "/api/v1/jobs/{id}/cancel")
         | ("POST", "/api/v1/jobs/{id}/retry")
@@ -230,7 +231,8 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
         | ("POST", "/logout")
         | ("GET", "/agents/{id}")
         | ("GET", "/jobs")
-        | ("GET", "/jobs/{id}") => Some(Role::Viewer),
+        | ("GET", "/jobs/{id}")
+        | ("GET", "/rollouts") => Some(Role::Viewer),
         (m, p) => bail!("route {m} {p} has no expected role in the table test: add one"),
     })
 }
@@ -326,6 +328,11 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
             (req, StatusCode::SEE_OTHER, Effect::JobLeaves(id, JobState::Cancelled))
         }
         ("GET", "/audit") => (empty(b, "/audit?action=login".into())?, StatusCode::OK, Effect::None),
+        ("GET", "/rollouts") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
+        // No rollout runs (this app state has no rollouts): an allowed caller gets 409.
+        ("POST", "/rollouts/pause") | ("POST", "/rollouts/resume") | ("POST", "/rollouts/abort") => {
+            (form(b.uri(path), format!("csrf={csrf}"))?, StatusCode::CONFLICT, Effect::None)
+        }
         ("GET", "/metrics") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         ("GET", "/static/app.css") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         (m, p) => bail!("route {m} {p} has no case in the table test: add one (request, status when allowed)"),

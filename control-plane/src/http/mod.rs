@@ -30,6 +30,7 @@ mod api;
 mod audit;
 mod auth;
 mod dashboard;
+mod rollouts;
 pub mod install;
 mod timeline;
 pub mod tls;
@@ -128,6 +129,7 @@ const VIEW: Access = Access::Permission(Permission::ViewFleet);
 const OPERATE: Access = Access::Permission(Permission::OperateJobs);
 const AUDIT: Access = Access::Permission(Permission::ReadAudit);
 const REVOKE: Access = Access::Permission(Permission::RevokeAgents);
+const RELEASES: Access = Access::Permission(Permission::ManageReleases);
 
 /// Every route of [`router_with`], with its permission: the one place that says who may do what
 /// over HTTP. (`/metrics` is left out of the router when it has its own listener.)
@@ -154,6 +156,10 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::POST, "/jobs/{id}/cancel", OPERATE, |m| on(m, dashboard::cancel_job)),
     route(Method::POST, "/jobs/{id}/retry", OPERATE, |m| on(m, dashboard::retry_job)),
     route(Method::GET, "/audit", AUDIT, |m| on(m, audit::audit_page)),
+    route(Method::GET, "/rollouts", VIEW, |m| on(m, rollouts::rollouts_page)),
+    route(Method::POST, "/rollouts/pause", RELEASES, |m| on(m, rollouts::pause)),
+    route(Method::POST, "/rollouts/resume", RELEASES, |m| on(m, rollouts::resume)),
+    route(Method::POST, "/rollouts/abort", RELEASES, |m| on(m, rollouts::abort)),
     route(Method::GET, "/metrics", Access::Public, |m| on(m, metrics)),
     route(Method::GET, "/static/app.css", Access::Public, |m| on(m, stylesheet)),
     // Installing an agent (http::install): public, signed or checked against a pasted fingerprint.
