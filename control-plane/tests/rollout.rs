@@ -656,7 +656,7 @@ impl Driver {
             serde_json::to_vec(&serde_json::json!({ "releases": [record] }))?,
         )?;
         let store = Arc::new(MemStore::new());
-        let agents: Vec<AgentId> = (1..=3).map(|n| AgentId::from_u128(n)).collect();
+        let agents: Vec<AgentId> = (1..=3).map(AgentId::from_u128).collect();
         for (n, id) in agents.iter().enumerate() {
             store.insert_agent(&AgentRecord {
                 id: *id,
