@@ -551,14 +551,8 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         Some(handle)
     };
 
-    let updates = gaffer_agent::update::Updater::spawn(
-        dd.clone(),
-        BUILD_VERSION,
-        runner.clone(),
-        outbox.clone(),
-        db.clone(),
-        trial.is_some(),
-    );
+    let updates =
+        gaffer_agent::update::Updater::spawn(dd.clone(), BUILD_VERSION, runner.clone(), outbox.clone(), db.clone());
     let link_status = (!settings.offline).then(|| Arc::new(LinkStatus::default()));
     let _health_gate = match (&trial, &link_status) {
         (Some(t), Some(status)) => {

@@ -450,18 +450,18 @@ pub struct Updater {
 
 impl Updater {
     /// Starts the updater task of this agent (`my_version`); the link sends it what the control
-    /// plane says. While a trial runs (`on_trial`), orders are ignored: the health gate decides.
+    /// plane says. While this process is a version on trial, orders are ignored: its health gate
+    /// decides first.
     pub fn spawn(
         dd: DataDir,
         my_version: &str,
         runner: Arc<Runner>,
         outbox: Outbox,
         db: sled::Db,
-        on_trial: bool,
     ) -> mpsc::Sender<UpdateCommand> {
         let (tx, rx) = mpsc::channel(UPDATE_COMMANDS_MAX);
         let u = Updater { dd, my_version: my_version.to_owned(), runner, outbox, db, rx };
-        tokio::spawn(u.run(on_trial));
+        tokio::spawn(u.run());
         tx
     }
 
@@ -489,7 +489,7 @@ impl Updater {
         .await;
     }
 
-    async fn run(mut self, on_trial: bool) {
+    async fn run(mut self) {
         while let Some(cmd) = self.rx.recv().await {
             let (order, conn) = match cmd {
                 UpdateCommand::Withdrawn { rollout_id, reason } => {
@@ -500,7 +500,15 @@ impl Updater {
             };
             let span = tracing::info_span!("update", rollout_id = order.rollout_id, version = %order.version);
             let _enter = span.enter();
+            let dd = self.dd.clone();
+            let on_trial = tokio::task::spawn_blocking(move || UpdateState::load(&dd))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|s| s.trial)
+                .is_some_and(|t| t.pid == std::process::id());
             if on_trial {
+                // The control plane sends the order again on the next connection.
                 tracing::info!("this version is on trial; orders wait until its health gate is done");
                 continue;
             }

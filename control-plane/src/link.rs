@@ -974,11 +974,16 @@ impl AgentConnCore {
                         && (v5 || !matches!(m, ControlMessage::Update(_) | ControlMessage::UpdateWithdrawn { .. }))
                 });
             while let Some(msg) = msgs.next() {
-                if let Err(back) = self.session.send(msg.clone()) {
-                    tracing::debug!(error = %back, "session transmit queue full; holding the rest");
-                    let rest: Vec<ControlMessage> = std::iter::once(msg).chain(msgs).collect();
-                    fleet.requeue_outgoing(self.agent_id, self.conn_id, rest);
-                    break;
+                match self.session.send(msg.clone()) {
+                    Ok(()) => {}
+                    Err(back @ gaffer_protocol::session::SessionError::Backpressure { .. }) => {
+                        tracing::debug!(error = %back, "session transmit queue full; holding the rest");
+                        let rest: Vec<ControlMessage> = std::iter::once(msg).chain(msgs).collect();
+                        fleet.requeue_outgoing(self.agent_id, self.conn_id, rest);
+                        break;
+                    }
+                    // A message this session can never carry would block everything behind it.
+                    Err(e) => tracing::error!(error = %e, kind = msg.kind(), "message dropped: not for this session"),
                 }
             }
         }

@@ -683,7 +683,9 @@ impl Sim {
                 | AgentEvent::CertificateRefused { .. }
                 | AgentEvent::TrustBundle { .. }
                 | AgentEvent::RenewCertificate { .. }
-                | AgentEvent::ReleaseKey { .. } => {}
+                | AgentEvent::ReleaseKey { .. }
+                | AgentEvent::Update(_)
+                | AgentEvent::UpdateWithdrawn { .. } => {}
             }
         }
         self.run_jobs(i);

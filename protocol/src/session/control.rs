@@ -257,7 +257,8 @@ impl ControlSession {
         }
     }
 
-    /// Queues an `Assign` or `Cancel` for the agent.
+    /// Queues an `Assign`, `Cancel`, certificate message, `ReleaseKey`, `Update` or
+    /// `UpdateWithdrawn` for the agent.
     ///
     /// # Errors
     /// [`SessionError::Backpressure`] when queuing it would pass `transmit_bytes_max` (nothing
@@ -265,7 +266,8 @@ impl ControlSession {
     /// gives); [`SessionError::NotUp`] before `accept`; [`SessionError::Closed`];
     /// [`SessionError::NotAllowed`] for other message kinds, for the certificate messages
     /// (`Certificate`, `CertificateRefused`, `TrustBundle`, `RenewCertificate`) to an agent that
-    /// agreed protocol 2, and for `ReleaseKey` to one that agreed less than 4;
+    /// agreed protocol 2, for `ReleaseKey` to one that agreed less than 4, and for `Update` and
+    /// `UpdateWithdrawn` to one that agreed less than 5;
     /// [`SessionError::Codec`] when the message exceeds `frame_bytes_max`.
     pub fn send(&mut self, msg: ControlMessage) -> Result<(), SessionError> {
         match self.state {
@@ -288,10 +290,15 @@ impl ControlSession {
                     return Err(SessionError::NotAllowed("the release key needs protocol 4"));
                 }
             }
+            ControlMessage::Update(_) | ControlMessage::UpdateWithdrawn { .. } => {
+                if self.protocol_version.is_none_or(|v| v < crate::version::UPDATE_PROTOCOL_VERSION) {
+                    return Err(SessionError::NotAllowed("update orders need protocol 5"));
+                }
+            }
             _ => {
                 return Err(SessionError::NotAllowed(
-                    "send() carries Assign, Cancel, the certificate messages and ReleaseKey; use accept, refuse, \
-                 acknowledge or reject",
+                    "send() carries Assign, Cancel, the certificate messages, ReleaseKey and the update orders; use \
+                 accept, refuse, acknowledge or reject",
                 ))
             }
         }
