@@ -319,7 +319,8 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
     // It was the agent's own doing: its watcher saw C die and started B, which rolled back.
     let canary_log = agents.iter().find(|a| a.id() == c_canary).map(GroupAgent::log).unwrap_or_default();
     ensure!(
-        canary_log.contains("the new version stopped before its health gate") && canary_log.contains("update rolled back"),
+        canary_log.contains("the new version stopped before its health gate")
+            && canary_log.contains("update rolled back"),
         "the canary's log does not show the watcher and the rollback:\n{canary_log}"
     );
     ensure!(canary_log.contains("this release exits at start"), "C never ran on the canary:\n{canary_log}");
