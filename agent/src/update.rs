@@ -217,6 +217,7 @@ pub enum StartDecision {
 /// [`AgentError`] when `update.json` cannot be read or written; the caller logs it and runs.
 pub fn at_start(dd: &DataDir, my_version: &str, my_pid: u32, now_ms: u64) -> Result<StartDecision, AgentError> {
     let mut state = UpdateState::load(dd)?;
+    let mut rolled_back: Option<String> = None;
     if let Some(trial) = state.trial.clone() {
         if trial.order.version == my_version && trial.pid == my_pid {
             return Ok(StartDecision::Run { trial: Some(trial) });
@@ -241,8 +242,29 @@ pub fn at_start(dd: &DataDir, my_version: &str, my_pid: u32, now_ms: u64) -> Res
         state.trial = None;
         state.current = Some(trial.fallback.clone());
         state.save(dd)?;
+        rolled_back = Some(trial.order.version);
     }
+    // A packaged binary (not one a rollout unpacked) newer than the selection, and not the version
+    // that just failed, is a package upgrade.
+    let me = std::env::current_exe().ok();
+    let packaged = me.as_ref().is_some_and(|p| !p.starts_with(dd.root().join(VERSIONS_DIR)));
     match state.current {
+        Some(cur)
+            if cur.version != my_version
+                && packaged
+                && rolled_back.as_deref() != Some(my_version)
+                && newer(my_version, &cur.version) =>
+        {
+            // The started binary is newer than the selected one: a package upgrade
+            // (`apt install gaffer-agent`) after a rollout. The upgrade wins.
+            tracing::info!(selected = %cur.version, started = my_version,
+                "the started binary is newer than the version a rollout selected; running it and selecting it");
+            let exe = me.ok_or_else(|| update_error("which binary is this: /proc/self/exe is unreadable"))?;
+            state.previous = Some(cur);
+            state.current = Some(Installed { version: my_version.to_owned(), exe });
+            state.save(dd)?;
+            Ok(StartDecision::Run { trial: None })
+        }
         Some(cur) if cur.version != my_version => {
             if !cur.exe.is_file() {
                 tracing::error!(version = %cur.version, exe = %cur.exe.display(),
@@ -261,6 +283,14 @@ pub fn at_start(dd: &DataDir, my_version: &str, my_pid: u32, now_ms: u64) -> Res
             })
         }
         _ => Ok(StartDecision::Run { trial: None }),
+    }
+}
+
+/// Whether version `a` is newer than `b` (semver; false when either does not parse).
+fn newer(a: &str, b: &str) -> bool {
+    match (semver::Version::parse(a), semver::Version::parse(b)) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => false,
     }
 }
 

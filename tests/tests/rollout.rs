@@ -316,6 +316,14 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
         let v = versions(&cp)?;
         Ok(v.get(&c_canary).is_some_and(|(ver, on)| ver == B && *on).then_some(()))
     })?;
+    // The dashboard says which agent failed and why.
+    let session = cp.login()?;
+    let (code, page) = cp.page(&session, "/rollouts")?;
+    ensure!(code == 200, "GET /rollouts: {code}");
+    ensure!(
+        page.contains("halted") && page.contains(c_canary.as_str()),
+        "the rollouts page does not name the halt:\n{page}"
+    );
     // It was the agent's own doing: its watcher saw C die and started B, which rolled back.
     let canary_log = agents.iter().find(|a| a.id() == c_canary).map(GroupAgent::log).unwrap_or_default();
     ensure!(
@@ -399,6 +407,8 @@ fn a_tampered_release_and_one_signed_by_another_key_are_refused() -> Result<()> 
     let a_version = env!("CARGO_PKG_VERSION");
     let media_dir = media("bikes.mp4").parent().map(Path::to_path_buf).context("media dir")?;
     let mut agent = GroupAgent::enroll(&cp)?;
+    // Unreadable update metadata never stops an agent: it runs the binary it was started as.
+    std::fs::write(agent.agent.data_dir().join("update.json"), b"{\"current\": ")?;
     agent.run(&media_dir)?;
     cp.wait_agent_online(agent.id(), true, Duration::from_secs(30))?;
     // Any real agent binary will do: the signature check comes first.
