@@ -133,6 +133,7 @@ fn fetch_is_idempotent_and_repairs_corruption() {
                 data_dir: data.to_path_buf(),
                 gpu: cmd_models::GpuChoice::No,
                 only: vec!["silero-vad".into()],
+                wheel_dir: None,
             }),
         })
     };
@@ -180,6 +181,7 @@ fn provision_models_dir() {
             data_dir: dir.clone(),
             gpu: cmd_models::GpuChoice::Auto,
             only: vec![],
+            wheel_dir: None,
         }),
     })
     .expect("fetch");
