@@ -20,7 +20,8 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 # --- system packages -------------------------------------------------------------------------
 APT_PACKAGES=(pkg-config clang libclang-dev ffmpeg
   libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev
-  python3 python3-pip ca-certificates curl espeak-ng fonts-dejavu-core dpkg-dev systemd)
+  python3 python3-pip ca-certificates curl espeak-ng fonts-dejavu-core dpkg-dev systemd
+  gcc binutils openssl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

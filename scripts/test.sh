@@ -9,10 +9,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gaffer/target}"
 export GAFFER_MEDIA_DIR="${GAFFER_MEDIA_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/media}"
 echo "[test] building…" >&2
 # Version B of the agent for the self-update tests (tests/tests/rollout.rs): this same code built
-# as 9.1.0 (GAFFER_BUILD_VERSION is read by the binary's own crate only, so this rebuilds just
-# that crate, and the build below rebuilds it back), stripped, kept beside the cache.
+# as 9.1.0, stripped, kept beside the cache. GAFFER_BUILD_VERSION is read by the agent binary's own
+# crate only, so the build below rebuilds just that crate back; both builds are the same
+# workspace-wide `cargo test --no-run`, so dependencies are built once with the same features.
 export GAFFER_AGENT_NEXT_EXE="${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/agent-next/gaffer-agent-9.1.0"
-GAFFER_BUILD_VERSION=9.1.0 cargo build --locked -p gaffer-agent --bin gaffer-agent
+GAFFER_BUILD_VERSION=9.1.0 cargo test --locked --workspace --no-run
 mkdir -p "$(dirname "$GAFFER_AGENT_NEXT_EXE")"
 strip -o "$GAFFER_AGENT_NEXT_EXE.part" "$CARGO_TARGET_DIR/debug/gaffer-agent"
 mv "$GAFFER_AGENT_NEXT_EXE.part" "$GAFFER_AGENT_NEXT_EXE"
