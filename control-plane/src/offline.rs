@@ -93,6 +93,10 @@ pub enum OfflineError {
     /// Applying a message failed in the store; retrying may help.
     #[error("applying the bundle failed: {0}")]
     Ingest(#[from] IngestError),
+    /// Recording the agent's rollout progress failed in the store; retrying may help (imports are
+    /// idempotent).
+    #[error("recording the rollout failed: {0}")]
+    Rollout(#[from] crate::rollout::RolloutError),
 }
 
 /// Result of [`OfflineSync::import_bundle`].
@@ -473,7 +477,7 @@ impl OfflineSync {
             return Ok(ImportReport::AlreadyImported { agent_id, bundle_number: number });
         }
         let plaintext = self.bundle_key.decrypt(parsed.ciphertext)?;
-        let payload: AgentBundle = bundle::decode_payload(&plaintext).map_err(CertError::from)?;
+        let payload = AgentBundle::decode(&plaintext).map_err(CertError::from)?;
         if let Some(env) = payload.envelopes.iter().find(|e| e.agent_id != agent_id) {
             return Err(OfflineError::Invalid(format!(
                 "bundle of agent {agent_id} carries a message of agent {}; nothing was imported",
@@ -518,7 +522,27 @@ impl OfflineSync {
             if let Some(c) = &payload.capabilities {
                 a.capabilities = Some(c.clone());
             }
+            if let Some(v) = &payload.agent_version {
+                a.agent_version = Some(crate::ingest::truncate(v, 64));
+            }
         })?;
+        // Rollouts: the version the agent runs moves its target on; its reports were ingested.
+        let mut update = None;
+        if let Some(rollouts) = &self.state.rollouts {
+            rollouts.on_agent_bundle(agent_id, payload.agent_version.as_deref(), now)?;
+            // Only agents that write their version can decode a reply with a release.
+            if payload.agent_version.is_some() {
+                update = rollouts.order_for_bundle(agent_id, now).and_then(|order| {
+                    rollouts
+                        .bundled_release(&order)
+                        .map_err(|e| {
+                            tracing::error!(agent_id = %agent_id, rollout_id = order.rollout_id, error = %e,
+                                "the release cannot go into the reply; the next import tries again")
+                        })
+                        .ok()
+                });
+            }
+        }
         let agent = store.get_agent(agent_id)?.ok_or(OfflineError::UnknownAgent(agent_id))?;
         let assignments = self.lease_for(&agent, now)?;
         let renewed_cert_pem = self.renew_if_due(&agent, &parsed.header)?;
@@ -529,6 +553,7 @@ impl OfflineSync {
             crl_pem: if crl.is_empty() { self.empty_crl()? } else { crl.clone() },
             renewed_cert_pem: renewed_cert_pem.clone(),
             trust_ca_pems: self.pki.trusted_ca_pems(),
+            update,
         };
         let header = BundleHeader {
             direction: BundleDirection::ControlToAgent,
@@ -538,10 +563,19 @@ impl OfflineSync {
             created_at_ms: now,
             signer_cert_der: Vec::new(),
         };
-        let payload = bundle::encode_payload(&reply).map_err(CertError::from)?;
+        let payload = if payload.agent_version.is_some() {
+            bundle::encode_payload(&reply)
+        } else {
+            // An agent that predates releases in bundles decodes only the older layout.
+            reply.encode_without_update()
+        }
+        .map_err(CertError::from)?;
         let (signer, _) = self.signer()?;
         let file = gaffer_certs::seal_bundle(header, &payload, &recipient, &signer)?;
         gaffer_certs::write_secret_file(reply_out, &file)?;
+        if let (Some(rollouts), Some(release)) = (&self.state.rollouts, &reply.update) {
+            rollouts.on_bundle_order_written(agent_id, &release.order, now)?;
+        }
         store.set_bundle_numbers(
             agent_id,
             &BundleNumbers { last_imported_bundle: number, last_reply_number: reply_number },
@@ -554,9 +588,10 @@ impl OfflineSync {
             Some(agent.site.clone()),
             format!(
                 "bundle {number}: {applied} applied, {duplicates} duplicates, {rejected} rejected; reply {reply_number} \
-                 with {} acks, {n_assign} jobs{}",
+                 with {} acks, {n_assign} jobs{}{}",
                 reply.acks.len(),
-                if renewed_cert_pem.is_some() { ", renewed certificate" } else { "" }
+                if renewed_cert_pem.is_some() { ", renewed certificate" } else { "" },
+                reply.update.as_ref().map(|u| format!(", release {}", u.order.version)).unwrap_or_default()
             ),
         )?;
         store.flush()?;

@@ -19,8 +19,8 @@
 //! * **One rollout at a time.** [`RolloutBook::start`] refuses while another is running or paused.
 //!   Finished rollouts (halted, aborted, completed) stay listed, the newest [`ROLLOUTS_KEPT_MAX`].
 //! * **Targets.** Every enrolled, non-revoked agent (of the rollout's site, if one is given). Those
-//!   that already run the version, air-gapped ones (they sync by bundles) and those seen speaking a
-//!   protocol older than [`UPDATE_PROTOCOL_VERSION`] are [`TargetState::Skipped`] with the reason;
+//!   that already run the version and those seen speaking a protocol older than
+//!   [`UPDATE_PROTOCOL_VERSION`] are [`TargetState::Skipped`] with the reason;
 //!   an agent not seen since the control plane started is skipped for its protocol when it connects.
 //! * **Canaries.** The first `canary` targets, connected ones first, then by site, host name and id
 //!   (deterministic). A canary that turns out to be skipped is replaced by the next pending target.
@@ -47,6 +47,13 @@
 //!   new ones; staged agents go ahead. **Resume** carries on where it was. **Abort** is like a halt
 //!   by the operator ([`RolloutState::Aborted`]).
 //! * **Completed** when every target is healthy or skipped.
+//! * **Air-gapped targets** (enrolled offline) follow the same rules through their bundles: a due
+//!   target is ordered when `bundle import` writes its reply carrying the order and the artifact
+//!   ([`RolloutBook::order_for_bundle`], then [`RolloutBook::on_bundle_order_written`]); it is
+//!   sent again in every reply while the target is [`TargetState::Ordered`]. Its reports arrive in
+//!   its next bundle, and the version the bundle says it runs moves it on as a Hello does
+//!   ([`RolloutBook::on_agent_bundle`]). It has no report deadline (nobody knows when the next
+//!   bundle travels), and a withdrawn order cannot reach it: a release it staged is applied.
 //! * **Reports** are at-least-once: a report for another rollout id, for an agent that is not a
 //!   target, for another version, or one that would move a target backwards (a `Staged` after
 //!   `Healthy`, anything after a final state) changes nothing.
@@ -54,6 +61,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use gaffer_protocol::bundle;
 use gaffer_protocol::messages::{AgentId, ControlMessage, UpdateOrder, UpdateOutcome, UpdateReport};
 use gaffer_protocol::UPDATE_PROTOCOL_VERSION;
 use serde::{Deserialize, Serialize};
@@ -372,6 +380,10 @@ pub struct Target {
     /// applied: its reports still count).
     #[serde(default)]
     pub ordered: bool,
+    /// Air-gapped: ordered through its reply bundles ([`RolloutBook::order_for_bundle`]), never on
+    /// a link, and given no report deadline.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 /// A rollout: the release, how it is staged, and every target.
@@ -545,7 +557,7 @@ impl RolloutBook {
             let skip = if version.as_deref() == Some(spec.version.as_str()) {
                 Some(format!("already runs {}", spec.version))
             } else if c.offline {
-                Some("air-gapped agent: it syncs by bundles, not the link".to_owned())
+                None
             } else {
                 seen.filter(|(_, p)| *p < UPDATE_PROTOCOL_VERSION).map(|(_, p)| old_protocol(*p))
             };
@@ -566,6 +578,7 @@ impl RolloutBook {
                     from_version: version,
                     canary: false,
                     ordered: false,
+                    offline: c.offline,
                 },
             );
         }
@@ -577,7 +590,7 @@ impl RolloutBook {
                 detail: if in_scope.is_empty() {
                     "no enrolled agent is in scope".to_owned()
                 } else {
-                    format!("all {already} agents in scope run it already or cannot be updated over the link")
+                    format!("all {already} agents in scope run it already or cannot be updated")
                 },
             });
         }
@@ -761,6 +774,80 @@ impl RolloutBook {
         true
     }
 
+    /// An air-gapped agent's bundle was imported (after its messages, reports included, were
+    /// ingested). With the version it runs (`agent_version`, from the bundle) it moves on like
+    /// [`RolloutBook::on_agent_connected`]: a target ordered or staged that runs the rollout's
+    /// version is restarted. Bundles that carry no version come from agents that predate updates
+    /// through bundles: their pending targets are skipped.
+    pub fn on_agent_bundle(&mut self, agent: AgentId, agent_version: Option<&str>, now_ms: UnixMs) {
+        match agent_version {
+            // Bundles carry no protocol: an agent that writes its version understands bundled
+            // releases, which is what the protocol check guards on a link.
+            Some(v) => self.on_agent_connected(agent, v, UPDATE_PROTOCOL_VERSION, now_ms),
+            None => {
+                let ids: Vec<RolloutId> = self.rollouts.keys().copied().collect();
+                for id in ids {
+                    let Some(r) = self.rollouts.get_mut(&id) else { continue };
+                    if !r.state.is_active() {
+                        continue;
+                    }
+                    let Some(t) = r.targets.get_mut(&agent).filter(|t| t.state == TargetState::Pending) else {
+                        continue;
+                    };
+                    t.state = TargetState::Skipped {
+                        reason: "its bundles predate updates through bundles (update this agent by hand)".to_owned(),
+                    };
+                    t.since_ms = now_ms;
+                    r.updated_at_ms = now_ms;
+                    self.changed.insert(id);
+                    self.advance(id, now_ms);
+                }
+            }
+        }
+    }
+
+    /// The order an air-gapped agent's next reply bundle carries, if any: what a link would get
+    /// now. The running rollout's target when it is due (the canary phase orders canaries only)
+    /// and not known to run the version, or already ordered with no report yet (the order is
+    /// sent again: the earlier reply may not have been imported). None while the rollout is
+    /// paused, halted, aborted or completed, and once the agent reported staging it. Changes
+    /// nothing: call [`RolloutBook::on_bundle_order_written`] once the reply is written.
+    pub fn order_for_bundle(&self, agent: AgentId) -> Option<UpdateOrder> {
+        let r = self.rollouts.values().rev().find(|r| r.state == RolloutState::Running)?;
+        let t = r.targets.get(&agent).filter(|t| t.offline)?;
+        let due = match t.state {
+            TargetState::Ordered => true,
+            TargetState::Pending => {
+                (r.phase == Phase::General || t.canary) && self.seen.get(&agent).is_none_or(|(v, _)| *v != r.version)
+            }
+            _ => false,
+        };
+        match (due, r.order()) {
+            (true, ControlMessage::Update(order)) => Some(order),
+            _ => None,
+        }
+    }
+
+    /// The reply bundle carrying `order` (from [`RolloutBook::order_for_bundle`]) to `agent` was
+    /// written: its target is ordered. Returns whether anything changed.
+    pub fn on_bundle_order_written(&mut self, agent: AgentId, order: &UpdateOrder, now_ms: UnixMs) -> bool {
+        let id = order.rollout_id;
+        let Some(r) = self.rollouts.get_mut(&id) else { return false };
+        if r.state != RolloutState::Running || r.version != order.version {
+            return false;
+        }
+        let Some(t) = r.targets.get_mut(&agent).filter(|t| t.offline && t.state == TargetState::Pending) else {
+            return false;
+        };
+        t.state = TargetState::Ordered;
+        t.ordered = true;
+        t.since_ms = now_ms;
+        r.updated_at_ms = now_ms;
+        self.changed.insert(id);
+        self.advance(id, now_ms);
+        true
+    }
+
     /// Time passed: staged or restarted targets silent past their deadline fail.
     pub fn tick(&mut self, now_ms: UnixMs) {
         let ids: Vec<RolloutId> = self.rollouts.keys().copied().collect();
@@ -771,7 +858,8 @@ impl RolloutBook {
                 .targets
                 .iter()
                 .filter(|(_, t)| matches!(t.state, TargetState::Staged | TargetState::Restarted))
-                .filter(|(_, t)| now_ms >= r.report_deadline_ms(t))
+                // An air-gapped target reports when its next bundle travels, whenever that is.
+                .filter(|(_, t)| !t.offline && now_ms >= r.report_deadline_ms(t))
                 .map(|(a, _)| *a)
                 .collect();
             if late.is_empty() {
@@ -921,6 +1009,8 @@ impl RolloutBook {
                 Some((_, p)) if *p < UPDATE_PROTOCOL_VERSION => {
                     t.state = TargetState::Skipped { reason: old_protocol(*p) };
                 }
+                // Due, and ordered when its next reply bundle is written (`order_for_bundle`).
+                _ if t.offline => continue,
                 _ => {
                     t.state = TargetState::Ordered;
                     t.ordered = true;
@@ -1161,6 +1251,84 @@ impl Rollouts {
             agent_id = %agent, rollout_id = report.rollout_id, version = %report.version, outcome, changed,
             "update report"
         );
+        self.carry_out(&mut book, now_ms)
+    }
+
+    /// After an air-gapped agent's bundle was ingested: moves its targets on by the version the
+    /// bundle says it runs ([`RolloutBook::on_agent_bundle`]).
+    ///
+    /// # Errors
+    /// [`RolloutError::Store`].
+    pub fn on_agent_bundle(
+        &self,
+        agent: AgentId,
+        agent_version: Option<&str>,
+        now_ms: UnixMs,
+    ) -> Result<(), RolloutError> {
+        let mut book = self.lock();
+        book.on_agent_bundle(agent, agent_version, now_ms);
+        self.carry_out(&mut book, now_ms)
+    }
+
+    /// The order the reply bundle being written for air-gapped `agent` carries, if any
+    /// ([`RolloutBook::order_for_bundle`]: the phase rules, pauses, halts and withdrawals apply as
+    /// on a link). Changes nothing until [`Rollouts::on_bundle_order_written`].
+    pub fn order_for_bundle(&self, agent: AgentId, now_ms: UnixMs) -> Option<UpdateOrder> {
+        let order = self.lock().order_for_bundle(agent);
+        tracing::debug!(agent_id = %agent, now_ms, ordered = order.is_some(), "rollout order for a reply bundle");
+        order
+    }
+
+    /// The signed artifact of `order`, to carry in a reply bundle: read from the release store,
+    /// checked against the order's size.
+    ///
+    /// # Errors
+    /// [`RolloutError::UnknownRelease`] when the release is gone; [`RolloutError::Invalid`] when
+    /// the artifact is larger than a reply carries ([`bundle::BUNDLE_RELEASE_BYTES_MAX`]) or not
+    /// the size the order says; [`RolloutError::Release`] when it cannot be read.
+    pub fn bundled_release(&self, order: &UpdateOrder) -> Result<bundle::BundledRelease, RolloutError> {
+        let record = self
+            .releases
+            .get(&order.version, ROLLOUT_ARCH)?
+            .ok_or_else(|| RolloutError::UnknownRelease { version: order.version.clone(), arch: ROLLOUT_ARCH })?;
+        let max = bundle::BUNDLE_RELEASE_BYTES_MAX;
+        if order.size_bytes > max {
+            return Err(RolloutError::Invalid(format!(
+                "release {} is {} bytes; a reply bundle carries at most {max}: update this agent by hand",
+                order.file_name, order.size_bytes
+            )));
+        }
+        let path = self.releases.artifact_path(&record);
+        let io = |e: std::io::Error| RolloutError::Release(ReleaseError::Io { path: path.clone(), source: e });
+        let file = std::fs::File::open(&path).map_err(io)?;
+        let mut artifact = Vec::with_capacity(order.size_bytes as usize);
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, max + 1), &mut artifact).map_err(io)?;
+        if artifact.len() as u64 != order.size_bytes {
+            return Err(RolloutError::Invalid(format!(
+                "{} is {} bytes, the release index says {}",
+                path.display(),
+                artifact.len(),
+                order.size_bytes
+            )));
+        }
+        Ok(bundle::BundledRelease { order: order.clone(), artifact })
+    }
+
+    /// The reply bundle carrying `order` to `agent` was written: its target is ordered.
+    ///
+    /// # Errors
+    /// [`RolloutError::Store`].
+    pub fn on_bundle_order_written(
+        &self,
+        agent: AgentId,
+        order: &UpdateOrder,
+        now_ms: UnixMs,
+    ) -> Result<(), RolloutError> {
+        let mut book = self.lock();
+        if book.on_bundle_order_written(agent, order, now_ms) {
+            tracing::info!(agent_id = %agent, rollout_id = order.rollout_id, version = %order.version,
+                "update order sent in a reply bundle");
+        }
         self.carry_out(&mut book, now_ms)
     }
 

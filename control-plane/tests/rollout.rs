@@ -11,6 +11,10 @@
 //! rollout starts; the operator starts (also while one is active), pauses, resumes and aborts;
 //! old and unknown rollout ids are reported; the clock sometimes jumps far forward. Messages from
 //! the book reach an agent only if it is connected when they are taken (as [`Fleet::send`]).
+//! Air-gapped agents never connect: they sync by bundles at random moments, each carrying every
+//! report of their outbox and their version, and take the order a reply carries
+//! ([`RolloutBook::order_for_bundle`]); replies are sometimes never imported; their health gate
+//! counts time, not link time.
 //!
 //! After every step [`Sim::check`] checks the invariants: at most one rollout is active; no order
 //! reaches a non-canary before every canary is healthy (or skipped); no order for a rollout after
@@ -119,7 +123,7 @@ impl Sim {
                     hostname: format!("gpu{i}"),
                     version: if already { VERSIONS[0].into() } else { OLD.into() },
                     protocol: if rng.gen_bool(0.1) { 4 } else { 5 },
-                    offline: rng.gen_bool(0.05),
+                    offline: rng.gen_bool(0.2),
                     connected: false,
                     hello_version: rng.gen_bool(0.7).then(|| if already { VERSIONS[0].into() } else { OLD.into() }),
                     update: None,
@@ -303,7 +307,8 @@ impl Sim {
                 self.connect(i)?;
             }
             Stage::Gate { since_ms } => {
-                if !self.agents[i].connected {
+                // Without a link, the gate counts time run.
+                if !self.agents[i].connected && !self.agents[i].offline {
                     return Ok(());
                 }
                 if self.agents[i].bad_version && !healing {
@@ -349,6 +354,57 @@ impl Sim {
             self.agents[i].outbox.remove(k);
         }
         self.pump()
+    }
+
+    /// An air-gapped agent `i` syncs: its bundle carries every report of its outbox (in order) and
+    /// the version it runs; the reply (lost at times, but never while healing) acknowledges them
+    /// and may carry an order, which it takes as a linked agent takes one.
+    fn sync_bundle(&mut self, i: usize, healing: bool) -> anyhow::Result<()> {
+        if !self.agents[i].offline {
+            return Ok(());
+        }
+        let (id, host, version) = (self.agents[i].id, self.agents[i].hostname.clone(), self.agents[i].version.clone());
+        let reports = self.agents[i].outbox.clone();
+        for report in &reports {
+            let changed = self.book.on_report(id, report, self.now_ms);
+            self.log.push(format!(
+                "{host} bundle reports {:?} for rollout {} (changed: {changed})",
+                report.outcome, report.rollout_id
+            ));
+        }
+        self.book.on_agent_bundle(id, Some(&version), self.now_ms);
+        self.pump()?;
+        let order = self.book.order_for_bundle(id);
+        if let Some(order) = &order {
+            if version == order.version {
+                return Err(self.fail(format!("{host} ordered in a bundle to {version}, the version it runs")));
+            }
+            self.check_order(i, order)?;
+            let id_state = |b: &RolloutBook| b.get(order.rollout_id).and_then(|r| r.targets.get(&id).cloned());
+            self.book.on_bundle_order_written(id, order, self.now_ms);
+            if id_state(&self.book).is_none_or(|t| t.state != TargetState::Ordered && !t.state.is_final()) {
+                return Err(self.fail(format!("{host} not ordered after its reply carried the order")));
+            }
+            self.pump()?;
+        }
+        self.log.push(format!(
+            "{host} syncs a bundle on {version}: reply carries {:?}",
+            order.as_ref().map(|o| o.rollout_id)
+        ));
+        if !healing && self.rng.gen_bool(0.2) {
+            self.log.push(format!("{host} never imports the reply"));
+            return Ok(());
+        }
+        let a = &mut self.agents[i];
+        a.outbox.drain(..reports.len());
+        if let Some(order) = order {
+            if let Some(report) = a.done.get(&order.rollout_id) {
+                a.outbox.push(report.clone());
+            } else if a.update.as_ref().is_none_or(|u| u.order.rollout_id != order.rollout_id) {
+                a.update = Some(Update { order, stage: Stage::Fetching, previous: a.version.clone() });
+            }
+        }
+        Ok(())
     }
 
     fn candidates(&mut self) -> Vec<Candidate> {
@@ -426,6 +482,7 @@ impl Sim {
                 self.log.push(format!("abort: {r:?}"));
                 self.pump()?;
             }
+            93..=97 => self.sync_bundle(i, healing)?,
             90..=92 => {
                 // A report for a rollout that does not exist, or an old one's final report again.
                 let a = &self.agents[i];
@@ -558,6 +615,8 @@ struct Tally {
     halted: usize,
     aborted: usize,
     general_after_canaries: usize,
+    /// Air-gapped targets that ended healthy.
+    offline_healthy: usize,
 }
 
 fn run_seed(seed: u64, tally: &mut Tally) -> anyhow::Result<()> {
@@ -581,6 +640,7 @@ fn run_seed(seed: u64, tally: &mut Tally) -> anyhow::Result<()> {
         if r.phase == Phase::General && r.targets.values().any(|t| t.canary) {
             tally.general_after_canaries += 1;
         }
+        tally.offline_healthy += r.targets.values().filter(|t| t.offline && t.state == TargetState::Healthy).count();
     }
     Ok(())
 }
@@ -604,7 +664,11 @@ fn simulated_rollouts_keep_their_invariants() {
     if seeds.len() >= 100 {
         // The runs reach every outcome.
         assert!(
-            tally.completed > 0 && tally.halted > 0 && tally.aborted > 0 && tally.general_after_canaries > 0,
+            tally.completed > 0
+                && tally.halted > 0
+                && tally.aborted > 0
+                && tally.general_after_canaries > 0
+                && tally.offline_healthy > 0,
             "{tally:?}"
         );
     }

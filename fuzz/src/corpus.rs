@@ -258,6 +258,7 @@ pub fn bundle(fleet: &Fleet) -> anyhow::Result<Vec<Seed>> {
         crl_pem: fleet.crl_pem.clone(),
         renewed_cert_pem: Some(renewed),
         trust_ca_pems: vec![fleet.ca.cert_pem()],
+        update: None,
     };
     let reply_file = reply_bundle(fleet, &reply, 1)?;
     let plain_reply = ControlReply {
@@ -266,6 +267,7 @@ pub fn bundle(fleet: &Fleet) -> anyhow::Result<Vec<Seed>> {
         crl_pem: fleet.crl_pem.clone(),
         renewed_cert_pem: None,
         trust_ca_pems: Vec::new(),
+        update: None,
     };
     let plain_reply_file = reply_bundle(fleet, &plain_reply, 2)?;
 

@@ -23,6 +23,12 @@
 //!
 //! Inside the age encryption is the bincode of the payload: [`AgentBundle`] for
 //! [`BundleDirection::AgentToControl`], [`ControlReply`] for [`BundleDirection::ControlToAgent`].
+//! bincode has no optional trailing fields, so fields added later are decoded by trying the
+//! current layout first and the older one after it ([`AgentBundle::decode`],
+//! [`ControlReply::decode`]): a bundle written by an older agent or control plane still imports
+//! (without the `agent_version` of an agent bundle, or the `update` of a reply). An older agent
+//! cannot decode the newer reply layout, so a control plane answers a bundle without
+//! `agent_version` in the older one ([`ControlReply::encode_without_update`]).
 //!
 //! Limits, checked before anything is allocated for them: the whole file
 //! [`BUNDLE_BYTES_MAX`] (256 MiB), the header [`BUNDLE_HEADER_BYTES_MAX`] (64 KiB), the signature
@@ -38,7 +44,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::messages::{AgentEnvelope, AgentId, Assignment, Capabilities};
+use crate::messages::{AgentEnvelope, AgentId, Assignment, Capabilities, UpdateOrder};
 
 /// First 16 bytes of every bundle file.
 pub const BUNDLE_MAGIC: &[u8; 16] = b"GAFFER-BUNDLE-1\n";
@@ -49,6 +55,9 @@ pub const BUNDLE_BYTES_MAX: u64 = 256 * 1024 * 1024;
 pub const BUNDLE_HEADER_BYTES_MAX: usize = 64 * 1024;
 /// Largest signature accepted, bytes (an ECDSA P-256 ASN.1 signature is at most 72 bytes).
 pub const BUNDLE_SIGNATURE_BYTES_MAX: usize = 256;
+/// Largest release artifact a reply bundle carries ([`BundledRelease::artifact`]), bytes: 192 MiB,
+/// which leaves 64 MiB of [`BUNDLE_BYTES_MAX`] for the rest of the reply.
+pub const BUNDLE_RELEASE_BYTES_MAX: u64 = 192 * 1024 * 1024;
 
 /// Errors decoding a bundle file or its payload.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -111,6 +120,46 @@ pub struct AgentBundle {
     /// What the agent can do, when it knows (the control plane uses the volumes to pick jobs for
     /// it); None keeps what the control plane has.
     pub capabilities: Option<Capabilities>,
+    /// The version the agent runs (semver of `gaffer-agent`), as its Hello says on a link. None
+    /// from agents that predate it (decoded by [`AgentBundle::decode`]).
+    pub agent_version: Option<String>,
+}
+
+/// The layout of [`AgentBundle`] before `agent_version`.
+#[derive(Deserialize)]
+struct AgentBundleV1 {
+    envelopes: Vec<AgentEnvelope>,
+    capabilities: Option<Capabilities>,
+}
+
+impl AgentBundle {
+    /// Decodes a decrypted agent bundle payload in either layout: this one, or the one of agents
+    /// that predate `agent_version` (then it is None).
+    ///
+    /// # Errors
+    /// [`BundleError::Malformed`] when it is neither (the error of the current layout).
+    pub fn decode(bytes: &[u8]) -> Result<Self, BundleError> {
+        decode_payload::<AgentBundle>(bytes).or_else(|current| {
+            decode_payload::<AgentBundleV1>(bytes)
+                .map(|old| AgentBundle {
+                    envelopes: old.envelopes,
+                    capabilities: old.capabilities,
+                    agent_version: None,
+                })
+                .map_err(|_| current)
+        })
+    }
+}
+
+/// A release carried to an air-gapped agent in a reply bundle: the update order a linked agent
+/// would get, and the signed artifact it would fetch. The agent checks the artifact's size and
+/// SHA-256 against the order and its signature against the pinned release key, as for a fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundledRelease {
+    /// The order.
+    pub order: UpdateOrder,
+    /// The signed artifact (`order.file_name`), at most [`BUNDLE_RELEASE_BYTES_MAX`] bytes.
+    pub artifact: Vec<u8>,
 }
 
 /// Plaintext of a control plane → agent reply bundle.
@@ -130,6 +179,58 @@ pub struct ControlReply {
     /// rotation). Empty from control planes that predate trust bundles: keep the current set.
     #[serde(default)]
     pub trust_ca_pems: Vec<String>,
+    /// A release to update to (air-gapped rollouts), while the agent's target in the rollout has
+    /// no outcome reported yet. None from control planes that predate it (decoded by
+    /// [`ControlReply::decode`]).
+    pub update: Option<BundledRelease>,
+}
+
+/// The layout of [`ControlReply`] before `update`.
+#[derive(Serialize, Deserialize)]
+struct ControlReplyV1 {
+    acks: Vec<u64>,
+    assignments: Vec<Assignment>,
+    crl_pem: String,
+    renewed_cert_pem: Option<String>,
+    trust_ca_pems: Vec<String>,
+}
+
+impl ControlReply {
+    /// Decodes a decrypted reply payload in either layout: this one, or the one of control planes
+    /// that predate `update` (then it is None).
+    ///
+    /// # Errors
+    /// [`BundleError::Malformed`] when it is neither (the error of the current layout).
+    pub fn decode(bytes: &[u8]) -> Result<Self, BundleError> {
+        decode_payload::<ControlReply>(bytes).or_else(|current| {
+            decode_payload::<ControlReplyV1>(bytes)
+                .map(|old| ControlReply {
+                    acks: old.acks,
+                    assignments: old.assignments,
+                    crl_pem: old.crl_pem,
+                    renewed_cert_pem: old.renewed_cert_pem,
+                    trust_ca_pems: old.trust_ca_pems,
+                    update: None,
+                })
+                .map_err(|_| current)
+        })
+    }
+
+    /// Encodes the reply in the layout of control planes that predate `update`, for agents that
+    /// cannot decode the current one (their bundles carry no `agent_version`); `update` is left
+    /// out.
+    ///
+    /// # Errors
+    /// As [`encode_payload`].
+    pub fn encode_without_update(&self) -> Result<Vec<u8>, BundleError> {
+        encode_payload(&ControlReplyV1 {
+            acks: self.acks.clone(),
+            assignments: self.assignments.clone(),
+            crl_pem: self.crl_pem.clone(),
+            renewed_cert_pem: self.renewed_cert_pem.clone(),
+            trust_ca_pems: self.trust_ca_pems.clone(),
+        })
+    }
 }
 
 /// The parts of a bundle file, borrowed from its bytes. Nothing is verified yet but the layout.
@@ -339,6 +440,56 @@ mod tests {
         let mut bad_magic = file;
         bad_magic[0] ^= 1;
         assert_eq!(parse_bundle(&bad_magic), Err(BundleError::NotABundle));
+        Ok(())
+    }
+
+    #[derive(Serialize)]
+    struct ControlReplyV1Out {
+        acks: Vec<u64>,
+        assignments: Vec<Assignment>,
+        crl_pem: String,
+        renewed_cert_pem: Option<String>,
+        trust_ca_pems: Vec<String>,
+    }
+
+    #[test]
+    fn replies_and_agent_bundles_of_both_layouts_decode() -> Result<(), BundleError> {
+        let reply = ControlReply {
+            acks: vec![1, 2],
+            assignments: vec![],
+            crl_pem: "crl".into(),
+            renewed_cert_pem: None,
+            trust_ca_pems: vec!["ca".into()],
+            update: Some(BundledRelease {
+                order: UpdateOrder {
+                    rollout_id: 3,
+                    version: "9.1.0".into(),
+                    file_name: "gaffer-agent-9.1.0-x86_64-linux.tar.gz".into(),
+                    size_bytes: 4,
+                    sha256: "ab".repeat(32),
+                    health_wait_secs: 6,
+                },
+                artifact: vec![1, 2, 3, 4],
+            }),
+        };
+        assert_eq!(ControlReply::decode(&encode_payload(&reply)?)?, reply);
+        let old = ControlReplyV1Out {
+            acks: reply.acks.clone(),
+            assignments: vec![],
+            crl_pem: reply.crl_pem.clone(),
+            renewed_cert_pem: None,
+            trust_ca_pems: reply.trust_ca_pems.clone(),
+        };
+        assert_eq!(ControlReply::decode(&encode_payload(&old)?)?, ControlReply { update: None, ..reply.clone() });
+        assert_eq!(reply.encode_without_update()?, encode_payload(&old)?);
+        let mut cut = encode_payload(&reply)?;
+        cut.pop();
+        assert!(ControlReply::decode(&cut).is_err());
+
+        let agent = AgentBundle { envelopes: vec![], capabilities: None, agent_version: Some("0.1.0".into()) };
+        assert_eq!(AgentBundle::decode(&encode_payload(&agent)?)?, agent);
+        let old_agent: (Vec<AgentEnvelope>, Option<Capabilities>) = (vec![], None);
+        assert_eq!(AgentBundle::decode(&encode_payload(&old_agent)?)?, AgentBundle { agent_version: None, ..agent });
         Ok(())
     }
 }

@@ -86,6 +86,7 @@ fn announced_lengths_do_not_allocate_before_the_bytes_are_there() {
         crl_pem: "y".repeat(20 << 20),
         trust_ca_pems: vec![],
         renewed_cert_pem: None,
+        update: None,
     };
     let bytes = bundle::encode_payload(&reply).expect("encodes");
     assert_eq!(bundle::decode_payload::<ControlReply>(&bytes).expect("decodes"), reply);
