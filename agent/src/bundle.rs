@@ -10,7 +10,9 @@
 //!   the assignments in the `offline_assignments` tree (the runner picks them up), stores the CRL,
 //!   the trust bundle (`ca.pem`, when the reply carries one) and a renewed certificate (for the
 //!   current key, or for a renewal key made before the agent went offline: then it switches to
-//!   that pair, see [`crate::credentials`]).
+//!   that pair, see [`crate::credentials`]). A release the reply carries (an air-gapped rollout)
+//!   is verified and staged by [`crate::update::stage_bundled`]; a refused one is reported, and
+//!   the rest of the reply is applied all the same.
 //!
 //! `ca.pem` may hold two CAs during a CA rotation: an export names (by fingerprint) the CA that
 //! issued the agent's certificate, an import is verified against the CA the reply names.
@@ -89,6 +91,9 @@ pub enum ReplyImportReport {
         renewed_cert: bool,
         /// Entries still in the outbox.
         outbox_pending: u64,
+        /// What became of the release the reply carried (None: it carried none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<crate::update::BundledOutcome>,
     },
     /// The same reply was imported before: nothing changed.
     AlreadyImported {
@@ -176,8 +181,11 @@ pub fn export(db: &sled::Db, dd: &DataDir, outbox: &Outbox, out: &Path) -> Resul
     // What `run` last advertised, so the control plane can also send site-wide jobs this agent
     // can reach (absent if the agent never ran: then only jobs pinned to it come back).
     let capabilities = std::fs::read(dd.capabilities_path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let payload =
-        bundle::encode_payload(&AgentBundle { envelopes, capabilities }).map_err(gaffer_certs::CertError::from)?;
+    // The version the agent runs (a rollout's selection, or the binary on trial), not the version
+    // of whichever binary runs this export.
+    let agent_version = Some(crate::update::running_version(dd, crate::build_version()));
+    let payload = bundle::encode_payload(&AgentBundle { envelopes, capabilities, agent_version })
+        .map_err(gaffer_certs::CertError::from)?;
 
     let meta = db.open_tree("bundle_meta")?;
     let number = meta_get(&meta, LAST_EXPORTED)? + 1;
@@ -244,7 +252,7 @@ pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Resu
         return Ok(ReplyImportReport::AlreadyImported { reply_number: number });
     }
     let plaintext = load_bundle_key(dd)?.decrypt(parsed.ciphertext)?;
-    let reply: ControlReply = bundle::decode_payload(&plaintext).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    let reply = ControlReply::decode(&plaintext).map_err(|e| AgentError::Protocol(e.to_string()))?;
     // Validate what will be installed before installing anything.
     gaffer_certs::FleetCa::crls_from_pem(&reply.crl_pem)?;
     // A renewed certificate is for the current key (the CSR on record), or for the renewal key
@@ -292,6 +300,11 @@ pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Resu
         tracing::info!(serial = %pair.serial_hex, not_after = %crate::rfc3339_ms(pair.not_after_ms),
             "installed the renewed certificate");
     }
+    // A release (air-gapped rollout): staged or refused, and reported, as the link's updater does.
+    let release = match &reply.update {
+        Some(r) => Some(crate::update::stage_bundled(dd, db, outbox, r, crate::build_version())?),
+        None => None,
+    };
     meta.insert(LAST_IMPORTED_REPLY, &number.to_be_bytes())?;
     db.flush()?;
     tracing::info!(reply_number = number, acked = reply.acks.len(), assignments = encoded.len(), "reply imported");
@@ -301,6 +314,7 @@ pub fn import(db: &sled::Db, dd: &DataDir, outbox: &Outbox, file: &Path) -> Resu
         assignments: encoded.len(),
         renewed_cert: reply.renewed_cert_pem.is_some(),
         outbox_pending: outbox.len(),
+        release,
     })
 }
 

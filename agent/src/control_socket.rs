@@ -175,6 +175,8 @@ pub struct AgentHandles {
     pub db: sled::Db,
     /// The data directory.
     pub data_dir: crate::datadir::DataDir,
+    /// The updater: a release a reply bundle staged is handed to it.
+    pub updates: tokio::sync::mpsc::Sender<crate::update::UpdateCommand>,
 }
 
 impl AgentHandles {
@@ -206,6 +208,19 @@ impl AgentHandles {
                 crate::bundle::import(&self.db, &self.data_dir, &self.outbox, &file).and_then(|report| {
                     // Jobs the reply brought start now.
                     self.runner.enqueue_offline_assignments()?;
+                    // A release it brought is applied once the agent runs no job.
+                    if let crate::bundle::ReplyImportReport::Imported {
+                        release: Some(crate::update::BundledOutcome::Staged { exe, .. }),
+                        ..
+                    } = &report
+                    {
+                        if let Some(staged) = crate::update::bundled_staged(&self.data_dir).filter(|s| s.exe == *exe) {
+                            let cmd = crate::update::UpdateCommand::Staged { order: staged.order, exe: staged.exe };
+                            if let Err(e) = self.updates.try_send(cmd) {
+                                tracing::warn!(error = %e, "the updater is busy; the staged release is applied at the next start");
+                            }
+                        }
+                    }
                     Ok(ControlResponse::BundleImported(report))
                 })
             }

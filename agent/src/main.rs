@@ -261,11 +261,30 @@ async fn bundle_cmd(command: BundleCommand) -> anyhow::Result<()> {
             report.path.display()
         ),
         Done::Imported(report) if json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Done::Imported(ReplyImportReport::Imported { reply_number, acked, assignments, outbox_pending, .. }) => {
+        Done::Imported(ReplyImportReport::Imported {
+            reply_number,
+            acked,
+            assignments,
+            outbox_pending,
+            release,
+            ..
+        }) => {
             println!(
                 "Imported reply {reply_number}: {acked} acknowledged, {assignments} jobs queued, \
              {outbox_pending} messages still waiting"
-            )
+            );
+            use gaffer_agent::update::BundledOutcome;
+            match release {
+                Some(BundledOutcome::Staged { version, .. }) => println!(
+                    "Release {version} verified and staged: the agent restarts into it once it runs no job \
+                     (now if it runs, else at its next start)"
+                ),
+                Some(BundledOutcome::Refused { version, reason }) => {
+                    println!("Release {version} refused, this agent stays on its version: {reason}")
+                }
+                Some(BundledOutcome::Skipped { version, reason }) => println!("Release {version} not staged: {reason}"),
+                None => {}
+            }
         }
         Done::Imported(ReplyImportReport::AlreadyImported { reply_number }) => {
             println!("Reply {reply_number} was already imported; nothing changed")
@@ -554,12 +573,15 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
     let updates =
         gaffer_agent::update::Updater::spawn(dd.clone(), BUILD_VERSION, runner.clone(), outbox.clone(), db.clone());
     let link_status = (!settings.offline).then(|| Arc::new(LinkStatus::default()));
-    let _health_gate = match (&trial, &link_status) {
-        (Some(t), Some(status)) => {
-            Some(gaffer_agent::update::spawn_health_gate(dd.clone(), t.clone(), status.clone(), outbox.clone()))
-        }
-        _ => None,
-    };
+    // Without a link (`--offline`) the gate counts the time run since the self-test.
+    let _health_gate = trial
+        .as_ref()
+        .map(|t| gaffer_agent::update::spawn_health_gate(dd.clone(), t.clone(), link_status.clone(), outbox.clone()));
+    // A release a reply bundle staged while no agent ran: applied like a link order, once idle.
+    if let Some(staged) = gaffer_agent::update::bundled_staged(&dd) {
+        tracing::info!(version = %staged.order.version, "a reply bundle staged this release; applying it once idle");
+        let _ = updates.try_send(gaffer_agent::update::UpdateCommand::Staged { order: staged.order, exe: staged.exe });
+    }
     let handles = Arc::new(control_socket::AgentHandles {
         agent_id: identity.agent_id.to_string(),
         site: identity.site.clone(),
@@ -568,6 +590,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         link: link_status.clone(),
         db: db.clone(),
         data_dir: dd.clone(),
+        updates: updates.clone(),
     });
     let _socket = control_socket::serve(&dd.socket_path(), handles).await?;
     tracing::info!(agent_id = %identity.agent_id, site = %identity.site, control = %identity.control_addr,

@@ -34,6 +34,14 @@
 //!    `Restart=on-failure`, else the watcher) runs a binary whose [`at_start`] sees that, records
 //!    the failure and re-executes the fallback, which reports `Failed { rolled_back: true }`.
 //!
+//! Air-gapped agents (`run --offline`) get the order and the signed artifact in a reply bundle
+//! instead ([`gaffer_protocol::bundle::BundledRelease`]): `bundle import` writes the artifact to
+//! `versions/.download-<version>/`, makes the same checks ([`stage_bundled`]), reports `Staged`
+//! into the outbox (it reaches the control plane in the next agent bundle) and hands the binary to
+//! the running agent's updater ([`UpdateCommand::Staged`]), or, with no agent running, leaves it
+//! staged for the next `run`. Steps 2-5 are the same, except that with no link the health gate is
+//! met once the new version has run for `health_wait_secs` after its self-test.
+//!
 //! Nothing here needs update metadata to keep running: a missing, expired or unreadable
 //! `update.json` means "run the binary that was started", and an unreachable control plane means
 //! no new orders, never a stop.
@@ -97,6 +105,10 @@ pub struct Staged {
     pub order: UpdateOrder,
     /// The unpacked binary.
     pub exe: PathBuf,
+    /// Whether it came in a reply bundle ([`stage_bundled`]): then the next start applies it when
+    /// no agent ran to take it (a link order is sent again on the next connection instead).
+    #[serde(default)]
+    pub bundled: bool,
 }
 
 /// A version on trial: started, not yet through its health gate.
@@ -190,6 +202,165 @@ impl UpdateState {
 /// `DATA_DIR/versions/<version>/gaffer-agent`.
 pub fn version_exe(dd: &DataDir, version: &str) -> PathBuf {
     dd.root().join(VERSIONS_DIR).join(version).join("gaffer-agent")
+}
+
+/// The version this agent runs, as far as `update.json` tells (for a process that is not the
+/// agent itself, such as `bundle export`): the version on trial, else the selected one, else
+/// `my_version` (the binary asking).
+pub fn running_version(dd: &DataDir, my_version: &str) -> String {
+    match UpdateState::load(dd) {
+        Ok(UpdateState { trial: Some(t), .. }) => t.order.version,
+        Ok(UpdateState { current: Some(c), .. }) => c.version,
+        _ => my_version.to_owned(),
+    }
+}
+
+/// What [`stage_bundled`] did with the release of a reply bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "release", rename_all = "snake_case")]
+pub enum BundledOutcome {
+    /// Verified and unpacked: `Staged` is in the outbox, and the agent restarts into it once it
+    /// runs no job (the running agent's updater, or the next `run`).
+    Staged {
+        /// The version.
+        version: String,
+        /// The unpacked binary.
+        exe: PathBuf,
+    },
+    /// Refused (size, SHA-256, signature, unpacking, `--version`): `Failed` is in the outbox and
+    /// the agent stays on its version.
+    Refused {
+        /// The version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing to do: the agent runs that version already (`Healthy` is in the outbox), it is on
+    /// trial, or it staged that order already.
+    Skipped {
+        /// The version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Stages the release a reply bundle carries (air-gapped rollouts), as [`Updater`] stages a
+/// fetched one: writes the artifact to `versions/.download-<version>/<file name>`, checks its size
+/// and SHA-256 against the order, verifies its signature against the pinned release key, unpacks
+/// it and checks its `--version`; records it as staged (`bundled`) and pushes `Staged` into the
+/// outbox. A refusal pushes `Failed { rolled_back: false }` and changes nothing else. `my_version`
+/// is the binary calling.
+///
+/// # Errors
+/// [`AgentError`] only when `update.json` or the outbox cannot be written (a refused release is
+/// [`BundledOutcome::Refused`]).
+pub fn stage_bundled(
+    dd: &DataDir,
+    db: &sled::Db,
+    outbox: &Outbox,
+    release: &gaffer_protocol::bundle::BundledRelease,
+    my_version: &str,
+) -> Result<BundledOutcome, AgentError> {
+    let order = &release.order;
+    let version = order.version.clone();
+    let report = |outcome: UpdateOutcome| -> Result<(), AgentError> {
+        outbox.push(&AgentMessage::UpdateReport(UpdateReport {
+            rollout_id: order.rollout_id,
+            version: order.version.clone(),
+            outcome,
+        }))?;
+        Ok(())
+    };
+    let state = UpdateState::load(dd).unwrap_or_default();
+    let running = running_version(dd, my_version);
+    if state.trial.is_some() {
+        let reason = "a version is on trial; the release is sent again in the next reply".to_owned();
+        tracing::info!(rollout_id = order.rollout_id, %version, "{reason}");
+        return Ok(BundledOutcome::Skipped { version, reason });
+    }
+    if running == order.version {
+        report(UpdateOutcome::Healthy)?;
+        return Ok(BundledOutcome::Skipped { version, reason: format!("this agent runs {running} already") });
+    }
+    if let Some(st) = state.staged.as_ref().filter(|st| st.order == *order && st.exe.is_file()) {
+        return Ok(BundledOutcome::Skipped {
+            version,
+            reason: format!("staged already ({}); it is applied once the agent runs no job", st.exe.display()),
+        });
+    }
+    match stage_artifact(dd, order, &release.artifact, my_version) {
+        Ok(exe) => {
+            let mut s = UpdateState::load(dd)?;
+            s.staged = Some(Staged { order: order.clone(), exe: exe.clone(), bundled: true });
+            s.save(dd)?;
+            db.flush()?;
+            report(UpdateOutcome::Staged)?;
+            tracing::info!(rollout_id = order.rollout_id, from = %running, to = %version, exe = %exe.display(),
+                "release from the reply bundle verified and unpacked");
+            Ok(BundledOutcome::Staged { version, exe })
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            tracing::error!(rollout_id = order.rollout_id, %version, %reason,
+                "release from the reply bundle refused; this agent stays on its version");
+            report(UpdateOutcome::Failed { reason: reason.clone(), rolled_back: false, running_version: running })?;
+            Ok(BundledOutcome::Refused { version, reason })
+        }
+    }
+}
+
+/// The checks and the unpacking of [`stage_bundled`]; returns the new binary.
+fn stage_artifact(dd: &DataDir, order: &UpdateOrder, artifact: &[u8], my_version: &str) -> Result<PathBuf, AgentError> {
+    let Some(key) = crate::release_key::load(dd)? else {
+        return Err(update_error(
+            "no release key is pinned, so no release can be verified: re-enroll this agent with a control plane \
+             that has a release key (gaffer-control init --release-key-dir)",
+        ));
+    };
+    let name = gaffer_certs::ReleaseName::parse(&order.file_name)
+        .map_err(|e| update_error(format!("the order names {:?}: {e}", order.file_name)))?;
+    if name.version != order.version {
+        return Err(update_error(format!("the order's file {} is not version {}", order.file_name, order.version)));
+    }
+    let digest = hex::encode(Sha256::digest(artifact));
+    if artifact.len() as u64 != order.size_bytes || digest != order.sha256 {
+        return Err(update_error(format!(
+            "the bundle carries {} as {} bytes with SHA-256 {digest}; the order said {} bytes with {}",
+            order.file_name,
+            artifact.len(),
+            order.size_bytes,
+            order.sha256
+        )));
+    }
+    let dir = dd.root().join(VERSIONS_DIR).join(&order.version);
+    let download_dir = dd.root().join(VERSIONS_DIR).join(format!(".download-{}", order.version));
+    for d in [&dir, &download_dir] {
+        std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
+    }
+    // The signature is bound to the file name: the download keeps it.
+    let archive = download_dir.join(&order.file_name);
+    let r = write_synced(&archive, artifact).and_then(|()| verify_and_unpack(order, &archive, &dir, key.as_bytes()));
+    let _ = std::fs::remove_dir_all(&download_dir);
+    let exe = r?;
+    tracing::debug!(from = %my_version, to = %order.version, "bundled release unpacked");
+    Ok(exe)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).map_err(|e| AgentError::io(path, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| AgentError::io(path, e))
+}
+
+/// A release a reply bundle staged and no agent applied yet (it was not running at the import),
+/// for the next `run` to hand to its [`Updater`]. None when there is none, or a trial runs.
+pub fn bundled_staged(dd: &DataDir) -> Option<Staged> {
+    let state = UpdateState::load(dd).ok()?;
+    if state.trial.is_some() {
+        return None;
+    }
+    state.staged.filter(|s| s.bundled && s.exe.is_file())
 }
 
 /// What a start of `run` does.
@@ -389,10 +560,12 @@ pub fn fail_trial(dd: &DataDir, trial: &Trial, reason: &str) -> Result<PathBuf, 
 /// Runs the health gate of `trial`: once the link has been up for `health_wait_secs` in all, the
 /// trial is confirmed and `Healthy` goes into the outbox; if that has not happened
 /// [`HEALTH_GRACE_SECS`] after the wait, the trial fails and the process re-executes the fallback.
+/// Without a link (`link` None: `run --offline`, an air-gapped agent) there is nothing to count:
+/// the trial passes once it has run for `health_wait_secs` after its self-test.
 pub fn spawn_health_gate(
     dd: DataDir,
     trial: Trial,
-    link: Arc<LinkStatus>,
+    link: Option<Arc<LinkStatus>>,
     outbox: Outbox,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -403,7 +576,7 @@ pub fn spawn_health_gate(
         let mut interval = tokio::time::interval(tick);
         loop {
             interval.tick().await;
-            if link.get() == LinkState::Up {
+            if link.as_ref().is_none_or(|l| l.get() == LinkState::Up) {
                 up_ms += tick.as_millis() as u64;
             }
             if up_ms >= wait * 1000 {
@@ -454,6 +627,14 @@ pub enum UpdateCommand {
         order: UpdateOrder,
         /// The link connection.
         conn: quinn::Connection,
+    },
+    /// A release a reply bundle brought, already verified and unpacked ([`stage_bundled`], which
+    /// reported `Staged`): apply it once the agent runs no job.
+    Staged {
+        /// The order.
+        order: UpdateOrder,
+        /// The unpacked binary.
+        exe: PathBuf,
     },
     /// The control plane withdrew the order of this rollout.
     Withdrawn {
@@ -521,12 +702,13 @@ impl Updater {
 
     async fn run(mut self) {
         while let Some(cmd) = self.rx.recv().await {
-            let (order, conn) = match cmd {
+            let (order, source) = match cmd {
                 UpdateCommand::Withdrawn { rollout_id, reason } => {
                     tracing::info!(rollout_id, %reason, "update order withdrawn before it was applied");
                     continue;
                 }
-                UpdateCommand::Order { order, conn } => (order, conn),
+                UpdateCommand::Order { order, conn } => (order, Ok(conn)),
+                UpdateCommand::Staged { order, exe } => (order, Err(exe)),
             };
             let span = tracing::info_span!("update", rollout_id = order.rollout_id, version = %order.version);
             let _enter = span.enter();
@@ -547,14 +729,20 @@ impl Updater {
                 continue;
             }
             drop(_enter);
-            let exe = match self.stage(&order, &conn).await {
-                Ok(exe) => exe,
-                Err(e) => {
-                    self.fail(&order, e.to_string()).await;
-                    continue;
-                }
+            let exe = match source {
+                Ok(conn) => match self.stage(&order, &conn).await {
+                    Ok(exe) => {
+                        self.report(&order, UpdateOutcome::Staged).await;
+                        exe
+                    }
+                    Err(e) => {
+                        self.fail(&order, e.to_string()).await;
+                        continue;
+                    }
+                },
+                // From a reply bundle: staged and reported by the import.
+                Err(exe) => exe,
             };
-            self.report(&order, UpdateOutcome::Staged).await;
             self.runner.set_hold(Some(format!("restarting into version {}", order.version)));
             tracing::info!(rollout_id = order.rollout_id, version = %order.version,
                 "update staged; taking no new job and restarting once the running ones are done");
@@ -638,7 +826,7 @@ impl Updater {
             let _ = std::fs::remove_dir_all(&dl2);
             let exe = r?;
             let mut s = UpdateState::load(&dd)?;
-            s.staged = Some(Staged { order: order2.clone(), exe: exe.clone() });
+            s.staged = Some(Staged { order: order2.clone(), exe: exe.clone(), bundled: false });
             s.save(&dd)?;
             db.flush()?;
             tracing::info!(from = %my_version, to = %order2.version, exe = %exe.display(), "release verified and unpacked");

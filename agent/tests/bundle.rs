@@ -339,7 +339,8 @@ fn a_good_reply_acks_the_outbox_queues_jobs_stores_the_crl_and_a_second_import_c
             acked: 6,
             assignments: 1,
             renewed_cert: false,
-            outbox_pending: 0
+            outbox_pending: 0,
+            release: None
         }
     );
     assert!(agent.outbox.entries()?.is_empty(), "acknowledged messages are still in the outbox");
@@ -466,6 +467,7 @@ fn replies_from_another_fleet_or_not_signed_by_the_control_plane_are_refused_and
         crl_pem: cp.ca.revocation_list_pem(&[], 1)?,
         renewed_cert_pem: None,
         trust_ca_pems: Vec::new(),
+        update: None,
     };
     let ours = *cp.ca.fingerprint().as_bytes();
 
@@ -663,6 +665,7 @@ fn two_cas_keep_bundles_working_and_a_reply_installs_its_trust_set_and_a_renewal
         crl_pem: String::new(),
         renewed_cert_pem: Some(renewed.clone()),
         trust_ca_pems: vec![cp.ca.cert_pem()],
+        update: None,
     };
     let fingerprint = *cp.ca.fingerprint().as_bytes();
     // A trust set that is not one is refused before anything changes.
