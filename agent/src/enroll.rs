@@ -474,6 +474,9 @@ pub fn install_offline_reply(
     gaffer_certs::write_secret_file(&data_dir.cert_path(), grant.cert_pem.as_bytes())?;
     gaffer_certs::write_secret_file(&data_dir.ca_path(), grant.ca_pem.as_bytes())?;
     credentials::record_installed(data_dir, &pair.serial_hex, crate::now_ms())?;
+    if let Some(key) = &grant.release_public_key {
+        crate::release_key::pin_offered(data_dir, key, "the offline enrollment reply");
+    }
     let identity = AgentIdentity {
         agent_id: pending.agent_id,
         site: grant.site,

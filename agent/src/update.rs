@@ -217,7 +217,7 @@ pub fn running_version(dd: &DataDir, my_version: &str) -> String {
 
 /// What [`stage_bundled`] did with the release of a reply bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "release", rename_all = "snake_case")]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum BundledOutcome {
     /// Verified and unpacked: `Staged` is in the outbox, and the agent restarts into it once it
     /// runs no job (the running agent's updater, or the next `run`).

@@ -370,6 +370,10 @@ impl OfflineSync {
             server_cert_pem,
             bundle_recipient: self.bundle_key.recipient(),
             granted_at_ms: now,
+            release_public_key: crate::release::ReleaseKeySource::open(&self.dd)
+                .ok()
+                .and_then(|s| s.current())
+                .map(|k| *k.as_bytes()),
         };
         let grant_json = serde_json::to_string(&grant).map_err(|e| OfflineError::Invalid(e.to_string()))?;
         let signature = signer.sign(grant_json.as_bytes())?;

@@ -352,6 +352,7 @@ pub fn enroll_request(fleet: &Fleet) -> anyhow::Result<Vec<Seed>> {
         server_cert_pem: fleet.server_cert_pem.clone(),
         bundle_recipient: fleet.control_bundle_key.recipient(),
         granted_at_ms: fleet.made_at_unix * 1000,
+        release_public_key: None,
     };
     let grant_json = serde_json::to_string(&grant)?;
     let signature = fleet.server_signer.sign(grant_json.as_bytes())?;

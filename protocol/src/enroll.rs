@@ -188,6 +188,12 @@ pub struct OfflineEnrollGrant {
     pub bundle_recipient: String,
     /// When it was granted, Unix milliseconds.
     pub granted_at_ms: u64,
+    /// The control plane's Ed25519 release public key, which the agent pins as an online one
+    /// does from its enrollment answer (releases reach it in reply bundles). Absent when the
+    /// control plane has no release key: then the field is not written, so agents that predate it
+    /// (this struct denies unknown fields) still take such a grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_public_key: Option<[u8; 32]>,
 }
 
 /// Offline enrollment reply, written by `gaffer-control enroll-offline --out FILE`. JSON.

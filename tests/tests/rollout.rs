@@ -483,3 +483,149 @@ fn a_tampered_release_and_one_signed_by_another_key_are_refused() -> Result<()> 
     ensure!(job["state"] == "succeeded", "job after the refusals: {job}");
     Ok(())
 }
+
+impl GroupAgent {
+    /// Air-gapped: `Agent::enroll_offline`, no link.
+    fn enroll_offline(cp: &ControlPlane) -> Result<Self> {
+        Ok(Self { agent: gaffer_tests::Agent::enroll_offline(cp, SITE)?, child: None })
+    }
+
+    /// `gaffer-agent run --offline` in its own process group.
+    fn run_offline(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let child = Command::new(bin("gaffer-agent"))
+            .arg("run")
+            .arg("--offline")
+            .arg("--data-dir")
+            .arg(self.agent.data_dir())
+            .env("GAFFER_LOG", "info,gaffer_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// One trip of the removable media: `bundle export` here, `bundle import` on the control plane
+    /// (which writes the reply), `bundle import` of the reply here. Returns both import reports.
+    fn sync(&self, cp: &ControlPlane, n: u32) -> Result<(Value, Value)> {
+        let dir = self.agent.dir.path();
+        let bundle = dir.join(format!("out-{n}.gbundle"));
+        let reply = dir.join(format!("reply-{n}.gbundle"));
+        self.agent.bundle_export(&bundle)?;
+        let out = cp.bundle_import_raw(&bundle, &reply)?;
+        ensure!(out.status.success(), "control bundle import {n}: {}", String::from_utf8_lossy(&out.stderr));
+        let imported: Value = serde_json::from_slice(&out.stdout)?;
+        let out = self.agent.bundle_import_raw(&reply)?;
+        ensure!(out.status.success(), "agent bundle import {n}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok((imported, serde_json::from_slice(&out.stdout)?))
+    }
+}
+
+/// The rollout target of `agent` in rollout status `st`.
+fn target_of<'a>(st: &'a Value, agent: &str) -> Option<&'a Value> {
+    st["targets"].as_array().into_iter().flatten().find(|t| t["agent_id"] == agent)
+}
+
+/// An air-gapped agent on A (`run --offline`) takes part in a rollout of B with one canary: the
+/// release travels in its reply bundle, the running agent verifies and stages it, re-executes into
+/// B, passes its gate without a link, and the next bundle tells the control plane, which completes
+/// the rollout. Then a tampered release in a reply is refused: the agent stays on B, and the
+/// failure reaches the control plane in the next bundle and halts that rollout.
+#[test]
+fn an_air_gapped_agent_updates_through_its_reply_bundles_and_refuses_a_tampered_release() -> Result<()> {
+    let next = next_exe()?;
+    let work = tempfile::tempdir()?;
+    let cp = control_plane(&work.path().join("release-key"))?;
+    let a_version = env!("CARGO_PKG_VERSION");
+    let mut agent = GroupAgent::enroll_offline(&cp)?;
+    ensure!(
+        agent.agent.data_dir().join(gaffer_certs::RELEASE_PUB_FILE).is_file(),
+        "the offline enrollment pinned no release key"
+    );
+    agent.run_offline()?;
+    wait_until(Duration::from_secs(30), "the offline agent's control socket", || Ok(agent.agent.status().ok()))
+        .with_context(|| agent.log())?;
+
+    let b_file = tarball(work.path(), B, &next)?;
+    release_add(&cp, &b_file)?;
+    let started = rollout_start(&cp, B)?;
+    ensure!(started["state"] == "running", "rollout start: {started}");
+    let t = target_of(&started, agent.id()).context("the air-gapped agent is not a target")?;
+    ensure!(t["canary"] == true && t["state"] == "pending", "target at start: {t}");
+
+    // Trip 1: the reply carries B; the running agent stages it and restarts into it.
+    let (cp_report, agent_report) = agent.sync(&cp, 1).with_context(|| agent.log())?;
+    ensure!(cp_report["outcome"] == "imported", "{cp_report}");
+    ensure!(agent_report["release"]["outcome"] == "staged", "agent import: {agent_report}\n{}", agent.log());
+    ensure!(agent_report["release"]["version"] == B, "{agent_report}");
+    let st = rollout_status(&cp)?;
+    ensure!(target_of(&st, agent.id()).is_some_and(|t| t["state"] == "ordered"), "after trip 1: {st}");
+    wait_until(Duration::from_secs(120), "the agent on B through its health gate", || {
+        let st = agent.update_state();
+        Ok((st["current"]["version"] == B && st["trial"].is_null()).then_some(()))
+    })
+    .with_context(|| format!("{}\nupdate.json: {}", agent.log(), agent.update_state()))?;
+    let log = agent.log();
+    ensure!(log.contains("self-test passed") && log.contains("update healthy"), "no gate in the log:\n{log}");
+    wait_until(Duration::from_secs(30), "the agent's socket on B", || Ok(agent.agent.status().ok()))?;
+
+    // Trip 2: Staged and Healthy reach the control plane; the rollout completes.
+    let (_, agent_report) = agent.sync(&cp, 2).with_context(|| agent.log())?;
+    ensure!(agent_report["release"].is_null(), "a second release after the update: {agent_report}");
+    let st = rollout_status(&cp)?;
+    ensure!(st["state"] == "completed", "after trip 2: {st}\n{}", cp.log());
+    ensure!(target_of(&st, agent.id()).is_some_and(|t| t["state"] == "healthy"), "{st}");
+    ensure!(st["counts"]["healthy"] == 1, "{st}");
+    let us = agent.update_state();
+    ensure!(us["current"]["version"] == B && us["previous"]["version"] == a_version, "update.json: {us}");
+    ensure!(us["staged"].is_null(), "update.json: {us}");
+    let vs = versions(&cp)?;
+    ensure!(vs.get(agent.id()).is_some_and(|(v, _)| v == B), "the control plane has the agent on {vs:?}");
+
+    // D: signed, then changed on the control plane (size and digest in the index match the
+    // changed bytes: only the signature can catch it).
+    let d = "9.3.0";
+    let d_file = tarball(work.path(), d, &bin("gaffer-agent"))?;
+    let added = release_add(&cp, &d_file)?;
+    let like = added.get("release").cloned().unwrap_or(added.clone());
+    let name = d_file.file_name().context("name")?;
+    let stored = cp.data_dir().join("releases").join(d).join(name);
+    let mut bytes = std::fs::read(&stored)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let tampered = work.path().join("tampered").join(name);
+    std::fs::create_dir_all(tampered.parent().context("dir")?)?;
+    std::fs::write(&tampered, &bytes)?;
+    let index_path = cp.data_dir().join("releases").join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    if let Some(list) = index["releases"].as_array_mut() {
+        list.retain(|r| r["version"] != d);
+    }
+    std::fs::write(&index_path, serde_json::to_vec_pretty(&index)?)?;
+    std::fs::remove_file(&stored)?;
+    plant_release(&cp, &tampered, d, &like)?;
+    let st = rollout_start(&cp, d)?;
+    ensure!(st["state"] == "running", "{st}");
+
+    // Trip 3: the reply carries D; the agent refuses it and stays on B.
+    let (_, agent_report) = agent.sync(&cp, 3).with_context(|| agent.log())?;
+    ensure!(agent_report["release"]["outcome"] == "refused", "tampered release: {agent_report}");
+    let reason = agent_report["release"]["reason"].as_str().unwrap_or_default().to_owned();
+    ensure!(reason.contains("signature"), "refusal reason: {reason}");
+    ensure!(!agent.agent.data_dir().join("versions").join(d).join("gaffer-agent").exists(), "D was unpacked");
+    // Trip 4: the failure reaches the control plane and halts the rollout.
+    agent.sync(&cp, 4).with_context(|| agent.log())?;
+    let st = rollout_status(&cp)?;
+    ensure!(st["state"] == "halted" && st["version"] == d, "after trip 4: {st}");
+    let halt = st["halt_reason"].as_str().unwrap_or_default();
+    ensure!(halt.contains("signature") && halt.contains(B), "halt reason: {halt}");
+    ensure!(st["failed_agent"] == agent.id(), "{st}");
+    std::thread::sleep(Duration::from_secs(2));
+    let us = agent.update_state();
+    ensure!(us["current"]["version"] == B && us["trial"].is_null() && us["staged"].is_null(), "update.json: {us}");
+    let status = agent.agent.status()?;
+    ensure!(status["link"] == "offline", "the agent after the refusal: {status}");
+    Ok(())
+}
