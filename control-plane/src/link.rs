@@ -352,23 +352,10 @@ impl Link {
             } else {
                 store
                     .insert_agent(&AgentRecord {
-                        id: req.agent_id,
-                        site: record.site.clone(),
-                        hostname: truncate(&req.hostname, 255),
-                        enrolled_at_ms: now,
-                        cert_not_after_unix: 0,
                         agent_version: Some(truncate(&req.agent_version, 64)),
-                        capabilities: None,
-                        connected: false,
                         last_seen_ms: Some(now),
-                        last_health: None,
                         bundle_recipient: req.bundle_recipient.clone(),
-                        csr_pem: None,
-                        cert_serial_hex: None,
-                        revoked_at_ms: None,
-                        offline: false,
-                        cert_issuer_fingerprint: None,
-                        cert_history: Vec::new(),
+                        ..AgentRecord::new(req.agent_id, record.site.clone(), truncate(&req.hostname, 255), now)
                     })
                     .map_err(|e| e.to_string())?;
                 ("enroll", "enrolled online with a one-time token")

@@ -146,23 +146,9 @@ impl ControlPlane {
         let id = Uuid::new_v4();
         let now = gaffer_control::now_ms();
         store.insert_agent(&AgentRecord {
-            id,
-            site: "default".into(),
-            hostname: "gpu-box".into(),
-            enrolled_at_ms: now,
-            cert_not_after_unix: 0,
             agent_version: Some("0.1.0".into()),
-            capabilities: None,
-            connected: false,
             last_seen_ms: Some(now),
-            last_health: None,
-            bundle_recipient: None,
-            csr_pem: None,
-            cert_serial_hex: None,
-            revoked_at_ms: None,
-            offline: false,
-            cert_issuer_fingerprint: None,
-            cert_history: Vec::new(),
+            ..AgentRecord::new(id, "default", "gpu-box", now)
         })?;
         let key = AgentKey::generate()?;
         let csr = key.csr_pem(id)?;

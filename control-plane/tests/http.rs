@@ -59,10 +59,6 @@ impl Fixture {
         })?);
         let agent_id = Uuid::new_v4();
         store.insert_agent(&AgentRecord {
-            id: agent_id,
-            site: "stage-a".into(),
-            hostname: "gpu-box-07".into(),
-            enrolled_at_ms: 1_700_000_000_000,
             cert_not_after_unix: 1_800_000_000,
             agent_version: Some("0.1.0".into()),
             capabilities: Some(Capabilities {
@@ -79,14 +75,7 @@ impl Fixture {
             }),
             connected: true,
             last_seen_ms: Some(gaffer_control::now_ms()),
-            last_health: None,
-            bundle_recipient: None,
-            csr_pem: None,
-            cert_serial_hex: None,
-            revoked_at_ms: None,
-            offline: false,
-            cert_issuer_fingerprint: None,
-            cert_history: Vec::new(),
+            ..AgentRecord::new(agent_id, "stage-a", "gpu-box-07", 1_700_000_000_000)
         })?;
         for i in 0..3u64 {
             store.push_health(

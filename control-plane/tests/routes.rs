@@ -58,10 +58,6 @@ impl Fixture {
         }
         let agent_id = Uuid::new_v4();
         store.insert_agent(&AgentRecord {
-            id: agent_id,
-            site: "stage-a".into(),
-            hostname: "gpu-box-01".into(),
-            enrolled_at_ms: 1_700_000_000_000,
             cert_not_after_unix: 1_800_000_000,
             agent_version: Some("0.1.0".into()),
             capabilities: Some(Capabilities {
@@ -72,16 +68,7 @@ impl Fixture {
                 profiles: vec![Profile::Shots],
                 models: vec![],
             }),
-            connected: false,
-            last_seen_ms: None,
-            last_health: None,
-            bundle_recipient: None,
-            csr_pem: None,
-            cert_serial_hex: None,
-            revoked_at_ms: None,
-            offline: false,
-            cert_issuer_fingerprint: None,
-            cert_history: Vec::new(),
+            ..AgentRecord::new(agent_id, "stage-a", "gpu-box-01", 1_700_000_000_000)
         })?;
         let shared: Arc<dyn Store> = store.clone();
         let state = AppState::new(shared, SchedulerConfig::default());

@@ -308,23 +308,8 @@ impl Sim {
             .collect();
         for a in &agents {
             let rec = AgentRecord {
-                id: a.id,
-                site: SITE.into(),
-                hostname: format!("gpu-{}", a.id),
-                enrolled_at_ms: EPOCH_MS,
                 cert_not_after_unix: 4_000_000_000,
-                agent_version: None,
-                capabilities: None,
-                connected: false,
-                last_seen_ms: None,
-                last_health: None,
-                bundle_recipient: None,
-                csr_pem: None,
-                cert_serial_hex: None,
-                revoked_at_ms: None,
-                offline: false,
-                cert_issuer_fingerprint: None,
-                cert_history: Vec::new(),
+                ..AgentRecord::new(a.id, SITE, format!("gpu-{}", a.id), EPOCH_MS)
             };
             if let Err(e) = store.insert_agent(&rec) {
                 panic!("seed {seed}: insert agent: {e}");

@@ -161,6 +161,34 @@ pub struct AgentRecord {
     pub cert_history: Vec<CertIssue>,
 }
 
+impl AgentRecord {
+    /// A newly enrolled agent `id` of `site` on `hostname`, enrolled at `enrolled_at_ms`: not
+    /// connected, never seen, no certificate recorded yet (`cert_not_after_unix` 0), nothing else
+    /// known. Callers set what they know with struct update syntax
+    /// (`AgentRecord { agent_version: Some(v), ..AgentRecord::new(..) }`).
+    pub fn new(id: AgentId, site: impl Into<String>, hostname: impl Into<String>, enrolled_at_ms: UnixMs) -> Self {
+        Self {
+            id,
+            site: site.into(),
+            hostname: hostname.into(),
+            enrolled_at_ms,
+            cert_not_after_unix: 0,
+            agent_version: None,
+            capabilities: None,
+            connected: false,
+            last_seen_ms: None,
+            last_health: None,
+            bundle_recipient: None,
+            csr_pem: None,
+            cert_serial_hex: None,
+            revoked_at_ms: None,
+            offline: false,
+            cert_issuer_fingerprint: None,
+            cert_history: Vec::new(),
+        }
+    }
+}
+
 /// Most entries kept in [`AgentRecord::cert_history`] (a 7-day certificate renewed at half life
 /// gives 32 entries in about 16 weeks).
 pub const CERT_HISTORY_MAX: usize = 32;
