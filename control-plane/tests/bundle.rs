@@ -112,7 +112,11 @@ impl Fixture {
             profiles: vec![Profile::Shots],
             models: vec![],
         };
-        let payload = bundle::encode_payload(&AgentBundle { envelopes, capabilities: Some(capabilities), agent_version: Some("0.1.0".into()) })?;
+        let payload = bundle::encode_payload(&AgentBundle {
+            envelopes,
+            capabilities: Some(capabilities),
+            agent_version: Some("0.1.0".into()),
+        })?;
         let file = gaffer_certs::seal_bundle(header, &payload, &self.cp_recipient, &self.agent_signer)?;
         let path = self.path(&format!("bundle-{number}.gbundle"));
         std::fs::write(&path, file)?;
