@@ -56,7 +56,12 @@ fn json_output(out: &Output, what: &str) -> anyhow::Result<Value> {
         .with_context(|| format!("{what}: output is not JSON: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+/// Calls `f` every 100 ms until it returns `Some`, for at most `timeout`; errors name `what`.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f()? {

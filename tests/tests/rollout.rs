@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use gaffer_tests::{bin, media, ControlPlane, ControlPlaneOptions};
+use gaffer_tests::{bin, media, wait_for, ControlPlane, ControlPlaneOptions};
 use serde_json::Value;
 
 const SITE: &str = "stage";
@@ -158,19 +158,6 @@ impl Drop for GroupAgent {
     }
 }
 
-fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn control_plane(keys: &Path) -> Result<ControlPlane> {
     keygen(keys)?;
     ControlPlane::start_with(ControlPlaneOptions {
@@ -228,7 +215,7 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
     let mut first_on_b: BTreeMap<String, Duration> = BTreeMap::new();
     let mut canary_healthy_at: Option<Duration> = None;
     let mut last_submit = Instant::now() - Duration::from_secs(10);
-    let status = wait_until(Duration::from_secs(240), "all three agents on B and the rollout completed", || {
+    let status = wait_for(Duration::from_secs(240), "all three agents on B and the rollout completed", || {
         if last_submit.elapsed() > Duration::from_secs(2) {
             jobs.push(cp.submit_job(&media("bikes.mp4"), SITE)?);
             last_submit = Instant::now();
@@ -266,7 +253,7 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
         }
     }
     ensure!(status["counts"]["healthy"] == 3, "not all three healthy: {status}");
-    wait_until(Duration::from_secs(30), "all three online on B", || {
+    wait_for(Duration::from_secs(30), "all three online on B", || {
         let v = versions(&cp)?;
         Ok(agents.iter().all(|a| v.get(a.id()).is_some_and(|(ver, on)| ver == B && *on)).then_some(()))
     })?;
@@ -298,7 +285,7 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
         .and_then(|t| t["agent_id"].as_str())
         .context("no canary in the rollout of C")?
         .to_owned();
-    let halted = wait_until(Duration::from_secs(120), "the rollout of C halted", || {
+    let halted = wait_for(Duration::from_secs(120), "the rollout of C halted", || {
         let v = versions(&cp)?;
         for a in agents.iter().filter(|a| a.id() != c_canary) {
             let ver = v.get(a.id()).map(|(v, _)| v.as_str()).unwrap_or_default();
@@ -312,7 +299,7 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
     ensure!(halted["failed_agent"] == c_canary.as_str(), "halted by another agent: {halted}");
     ensure!(reason.contains("rolled back"), "halt reason does not say it rolled back: {reason}");
     // The canary runs B again, online; the other two never got C.
-    wait_until(Duration::from_secs(60), "the canary back on B and online", || {
+    wait_for(Duration::from_secs(60), "the canary back on B and online", || {
         let v = versions(&cp)?;
         Ok(v.get(&c_canary).is_some_and(|(ver, on)| ver == B && *on).then_some(()))
     })?;
@@ -437,7 +424,7 @@ fn a_tampered_release_and_one_signed_by_another_key_are_refused() -> Result<()> 
     plant_release(&cp, &tampered, d, &like)?;
     let st = rollout_start(&cp, d)?;
     ensure!(st["state"] == "running", "{st}");
-    let halted = wait_until(Duration::from_secs(90), "the rollout of the tampered release halted", || {
+    let halted = wait_for(Duration::from_secs(90), "the rollout of the tampered release halted", || {
         let st = rollout_status(&cp)?;
         Ok((st["state"] == "halted").then_some(st))
     })
@@ -464,7 +451,7 @@ fn a_tampered_release_and_one_signed_by_another_key_are_refused() -> Result<()> 
     plant_release(&cp, &signed_dir.join(e_file.file_name().context("name")?), e, &like)?;
     let st = rollout_start(&cp, e)?;
     ensure!(st["state"] == "running", "{st}");
-    let halted = wait_until(Duration::from_secs(90), "the rollout of the stranger's release halted", || {
+    let halted = wait_for(Duration::from_secs(90), "the rollout of the stranger's release halted", || {
         let st = rollout_status(&cp)?;
         Ok((st["state"] == "halted" && st["version"] == e).then_some(st))
     })
@@ -545,7 +532,7 @@ fn an_air_gapped_agent_updates_through_its_reply_bundles_and_refuses_a_tampered_
         "the offline enrollment pinned no release key"
     );
     agent.run_offline()?;
-    wait_until(Duration::from_secs(30), "the offline agent's control socket", || Ok(agent.agent.status().ok()))
+    wait_for(Duration::from_secs(30), "the offline agent's control socket", || Ok(agent.agent.status().ok()))
         .with_context(|| agent.log())?;
 
     let b_file = tarball(work.path(), B, &next)?;
@@ -562,14 +549,14 @@ fn an_air_gapped_agent_updates_through_its_reply_bundles_and_refuses_a_tampered_
     ensure!(agent_report["release"]["version"] == B, "{agent_report}");
     let st = rollout_status(&cp)?;
     ensure!(target_of(&st, agent.id()).is_some_and(|t| t["state"] == "ordered"), "after trip 1: {st}");
-    wait_until(Duration::from_secs(120), "the agent on B through its health gate", || {
+    wait_for(Duration::from_secs(120), "the agent on B through its health gate", || {
         let st = agent.update_state();
         Ok((st["current"]["version"] == B && st["trial"].is_null()).then_some(()))
     })
     .with_context(|| format!("{}\nupdate.json: {}", agent.log(), agent.update_state()))?;
     let log = agent.log();
     ensure!(log.contains("self-test passed") && log.contains("update healthy"), "no gate in the log:\n{log}");
-    wait_until(Duration::from_secs(30), "the agent's socket on B", || Ok(agent.agent.status().ok()))?;
+    wait_for(Duration::from_secs(30), "the agent's socket on B", || Ok(agent.agent.status().ok()))?;
 
     // Trip 2: Staged and Healthy reach the control plane; the rollout completes.
     let (_, agent_report) = agent.sync(&cp, 2).with_context(|| agent.log())?;
