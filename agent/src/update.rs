@@ -142,7 +142,29 @@ pub struct UpdateState {
     pub trial: Option<Trial>,
     /// Reports for the outbox (written where the outbox is not open: at start, before a re-exec).
     pub reports: Vec<UpdateReport>,
+    /// Updates this agent gave up on (rolled back or refused), newest last, at most
+    /// [`FAILED_KEPT_MAX`]: an order of the same rollout and version, which the control plane may
+    /// send again before the failure report reaches it, is answered with the failure again and
+    /// never retried.
+    #[serde(default)]
+    pub failed: Vec<FailedUpdate>,
 }
+
+/// An update given up on ([`UpdateState::failed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedUpdate {
+    /// The rollout of the order.
+    pub rollout_id: u64,
+    /// The version it asked for.
+    pub version: String,
+    /// Why it failed.
+    pub reason: String,
+    /// Whether the new version ran and was rolled back.
+    pub rolled_back: bool,
+}
+
+/// Failed updates remembered, at most (16).
+pub const FAILED_KEPT_MAX: usize = 16;
 
 fn update_error(m: impl Into<String>) -> AgentError {
     AgentError::Update(m.into())
@@ -192,10 +214,32 @@ impl UpdateState {
     }
 
     fn push_report(&mut self, report: UpdateReport) {
+        if let UpdateOutcome::Failed { reason, rolled_back, .. } = &report.outcome {
+            self.remember_failure(report.rollout_id, &report.version, reason, *rolled_back);
+        }
         if self.reports.len() >= PENDING_REPORTS_MAX {
             self.reports.remove(0);
         }
         self.reports.push(report);
+    }
+
+    /// Records an update given up on (see [`UpdateState::failed`]).
+    pub fn remember_failure(&mut self, rollout_id: u64, version: &str, reason: &str, rolled_back: bool) {
+        self.failed.retain(|f| !(f.rollout_id == rollout_id && f.version == version));
+        if self.failed.len() >= FAILED_KEPT_MAX {
+            self.failed.remove(0);
+        }
+        self.failed.push(FailedUpdate {
+            rollout_id,
+            version: version.to_owned(),
+            reason: reason.to_owned(),
+            rolled_back,
+        });
+    }
+
+    /// The failure of the update `order` asks for, if this agent gave up on it.
+    pub fn failure_of(&self, order: &UpdateOrder) -> Option<&FailedUpdate> {
+        self.failed.iter().find(|f| f.rollout_id == order.rollout_id && f.version == order.version)
     }
 }
 
@@ -693,6 +737,16 @@ impl Updater {
     async fn fail(&self, order: &UpdateOrder, reason: String) {
         tracing::error!(rollout_id = order.rollout_id, version = %order.version, %reason,
             "update not applied; this agent stays on its version");
+        let (dd, o, r) = (self.dd.clone(), order.clone(), reason.clone());
+        let remembered = tokio::task::spawn_blocking(move || {
+            let mut s = UpdateState::load(&dd)?;
+            s.remember_failure(o.rollout_id, &o.version, &r, false);
+            s.save(&dd)
+        })
+        .await;
+        if !matches!(remembered, Ok(Ok(()))) {
+            tracing::warn!("could not record the failed update; a repeated order would be tried again");
+        }
         self.report(
             order,
             UpdateOutcome::Failed { reason, rolled_back: false, running_version: self.my_version.clone() },
@@ -713,12 +767,16 @@ impl Updater {
             let span = tracing::info_span!("update", rollout_id = order.rollout_id, version = %order.version);
             let _enter = span.enter();
             let dd = self.dd.clone();
-            let on_trial = tokio::task::spawn_blocking(move || UpdateState::load(&dd))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .and_then(|s| s.trial)
-                .is_some_and(|t| t.pid == std::process::id());
+            let state = tokio::task::spawn_blocking(move || UpdateState::load(&dd)).await.ok().and_then(Result::ok);
+            if let Some(f) = state.as_ref().and_then(|s| s.failure_of(&order)).cloned() {
+                // Given up on already: say so again (the first report may still be on its way).
+                tracing::info!(reason = %f.reason, "this update failed here before; reporting it again, not retrying");
+                let running_version = self.my_version.clone();
+                let outcome = UpdateOutcome::Failed { reason: f.reason, rolled_back: f.rolled_back, running_version };
+                self.report(&order, outcome).await;
+                continue;
+            }
+            let on_trial = state.and_then(|s| s.trial).is_some_and(|t| t.pid == std::process::id());
             if on_trial {
                 // The control plane sends the order again on the next connection.
                 tracing::info!("this version is on trial; orders wait until its health gate is done");

@@ -164,6 +164,10 @@ fn confirming_selects_the_new_version_and_failing_the_fallback() -> anyhow::Resu
     assert_eq!(st.current, Some(t2.fallback));
     assert_eq!(st.trial, None);
     assert!(matches!(&st.reports[0].outcome, UpdateOutcome::Failed { reason, .. } if reason.contains("self-test")));
+    // Remembered: the same order again is answered with this failure, not tried again; another
+    // rollout of the same version is a new try.
+    assert!(st.failure_of(&t2.order).is_some_and(|f| f.rolled_back && f.reason.contains("self-test")));
+    assert!(st.failure_of(&UpdateOrder { rollout_id: 8, ..t2.order.clone() }).is_none());
     Ok(())
 }
 
