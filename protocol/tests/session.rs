@@ -1092,7 +1092,7 @@ fn certificate_messages_are_not_sent_to_a_protocol_2_agent() {
 fn the_release_key_reaches_protocol_4_agents_only() {
     let now = Instant::now();
     let mut c = control_up(now);
-    assert_eq!(c.protocol_version(), Some(4));
+    assert_eq!(c.protocol_version(), Some(PROTOCOL_VERSION));
     let mut a = agent_up(now);
     c.send(ControlMessage::ReleaseKey { public_key: [9; 32] }).unwrap();
     a.handle_input(&drain_transmit_control(&mut c), now);
@@ -1107,6 +1107,41 @@ fn the_release_key_reaches_protocol_4_agents_only() {
     assert!(matches!(c3.send(ControlMessage::ReleaseKey { public_key: [9; 32] }), Err(SessionError::NotAllowed(_))));
     assert!(drain_transmit_control(&mut c3).is_empty(), "nothing was queued for the protocol-3 agent");
     assert!(c3.send(ControlMessage::TrustBundle { ca_pems: vec!["ca".into()] }).is_ok());
+}
+
+/// Update orders (protocol 5) reach agents that agreed 5, arrive as events in order, and are
+/// refused for a protocol-4 agent without anything being queued.
+#[test]
+fn update_orders_reach_protocol_5_agents_only() {
+    use gaffer_protocol::messages::UpdateOrder;
+    let now = Instant::now();
+    let mut c = control_up(now);
+    let mut a = agent_up(now);
+    let order = UpdateOrder {
+        rollout_id: 3,
+        version: "9.1.0".into(),
+        file_name: "gaffer-agent-9.1.0-x86_64-linux.tar.gz".into(),
+        size_bytes: 1234,
+        sha256: "ab".repeat(32),
+        health_wait_secs: 600,
+    };
+    c.send(ControlMessage::Update(order.clone())).unwrap();
+    c.send(ControlMessage::UpdateWithdrawn { rollout_id: 3, reason: "halted".into() }).unwrap();
+    a.handle_input(&drain_transmit_control(&mut c), now);
+    assert_eq!(
+        agent_events(&mut a),
+        vec![AgentEvent::Update(order.clone()), AgentEvent::UpdateWithdrawn { rollout_id: 3, reason: "halted".into() }]
+    );
+    assert!(a.is_up());
+
+    let mut c4 = ControlSession::new(control_cfg(), now);
+    c4.handle_input(&env(0, hello_with(VersionRange { min: 2, max: 4 })), now);
+    assert!(matches!(control_events(&mut c4).as_slice(), [ControlEvent::Hello { protocol_version: 4, .. }]));
+    c4.accept().unwrap();
+    drain_transmit_control(&mut c4);
+    assert!(matches!(c4.send(ControlMessage::Update(order)), Err(SessionError::NotAllowed(_))));
+    assert!(drain_transmit_control(&mut c4).is_empty(), "nothing was queued for the protocol-4 agent");
+    assert!(c4.send(ControlMessage::ReleaseKey { public_key: [9; 32] }).is_ok());
 }
 
 /// A release key before the Welcome is a protocol violation, like every other message.
