@@ -124,6 +124,10 @@ struct Held {
     assignment: Assignment,
     /// Set while running.
     worker: Option<Arc<WorkerControl>>,
+    /// The attempt is over (its worker ended) and its result is being recorded: a newer lease of
+    /// the same job is a new attempt, not this one (the control plane may requeue and re-lease the
+    /// job the moment the failure reaches it, before this entry is gone).
+    finishing: bool,
 }
 
 /// A `jobs` record written before assignments carried lease ids.
@@ -167,7 +171,7 @@ impl Runner {
         for item in tree.iter() {
             let (k, v) = item?;
             match decode_job_record(&v) {
-                Ok(assignment) => held.push(Held { key: k.to_vec(), assignment, worker: None }),
+                Ok(assignment) => held.push(Held { key: k.to_vec(), assignment, worker: None, finishing: false }),
                 Err(e) => {
                     tracing::error!(error = %e, "dropping an unreadable job record");
                     tree.remove(k)?;
@@ -398,7 +402,7 @@ impl Runner {
         if let Err(e) = stored {
             return reject(format!("agent state database: {e}"));
         }
-        self.held().push(Held { key, assignment: a, worker: None });
+        self.held().push(Held { key, assignment: a, worker: None, finishing: false });
         drop(_guard);
         self.dispatch();
     }
@@ -409,6 +413,15 @@ impl Runner {
         let (key, running) = {
             let mut held = self.held();
             let Some(h) = held.iter_mut().find(|h| h.assignment.job_id == a.job_id) else { return false };
+            if h.finishing && a.lease_id > h.assignment.lease_id {
+                // The attempt this entry ran is over; the newer lease is the next attempt.
+                tracing::info!(
+                    lease_id = a.lease_id,
+                    old_lease_id = h.assignment.lease_id,
+                    "job re-leased as its last attempt ends: queuing the new attempt"
+                );
+                return false;
+            }
             if a.lease_id <= h.assignment.lease_id {
                 tracing::debug!(
                     lease_id = a.lease_id,
@@ -502,7 +515,7 @@ impl Runner {
                     }
                 };
                 let outcome = worker::run_worker(&this.cfg.worker_exe, &job, limits, &control, &mut on_progress).await;
-                let lease_id = this.lease_of(&key, a.lease_id);
+                let lease_id = this.finish_attempt(&key, a.lease_id);
                 let msg = match outcome {
                     WorkerOutcome::Digest(digest) => {
                         tracing::info!(shots = digest.shot_count(), secs = digest.analysis_secs, "job succeeded");
@@ -571,6 +584,19 @@ impl Runner {
                     }
                 }
             }
+        }
+    }
+
+    /// The attempt of the held job `key` is over: marks it finishing and returns the lease its
+    /// result goes under (`fallback` if the entry is gone).
+    fn finish_attempt(&self, key: &[u8], fallback: LeaseId) -> LeaseId {
+        let mut held = self.held();
+        match held.iter_mut().find(|h| h.key == key) {
+            Some(h) => {
+                h.finishing = true;
+                h.assignment.lease_id
+            }
+            None => fallback,
         }
     }
 

@@ -179,3 +179,51 @@ async fn a_digest_too_large_for_a_frame_fails_the_job_with_its_size() -> anyhow:
     assert_eq!(db.open_tree("jobs")?.len(), 0, "finished jobs leave the queue");
     Ok(())
 }
+
+/// The control plane requeues a job the moment an attempt's failure reaches it and may lease it
+/// to the same agent again at once, while that agent is still finishing the old attempt. The new
+/// lease must start a new attempt (it once was taken for the old, finishing one and the job was
+/// lost: "running" on the control plane, on no worker). Here the new lease is handed over as soon
+/// as the failure is in the outbox, in whatever state the old attempt's bookkeeping is then; three
+/// rounds, because the window is a few milliseconds (with the fix removed about one round in three
+/// loses its job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_leased_again_as_its_failed_attempt_ends_runs_again() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::open(dir.path())?;
+    let outbox = Outbox::open(&db)?;
+    let runner = Runner::new(config(vec![media_dir().canonicalize()?]), outbox.clone(), &db)?;
+    let has = |o: &Outbox, want: &dyn Fn(&AgentMessage) -> bool| -> bool {
+        o.entries().map(|es| es.iter().any(|e| want(&e.message))).unwrap_or(false)
+    };
+    for round in 0..3 {
+        let first = assignment("bbb-720p-x10.mp4")?;
+        runner.enqueue_assignment(first.clone());
+        wait_until("a worker", || !runner.worker_pids().is_empty()).await?;
+        for (_, pid) in runner.worker_pids() {
+            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+        let failed = |m: &AgentMessage| matches!(m, AgentMessage::JobFailed { job_id, .. } if *job_id == first.job_id);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !has(&outbox, &failed) {
+            anyhow::ensure!(Instant::now() < deadline, "round {round}: the killed attempt never failed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let second = Assignment { lease_id: first.lease_id + 1, ..first.clone() };
+        runner.enqueue_assignment(second.clone());
+        let done = |m: &AgentMessage| matches!(m, AgentMessage::Digest { job_id, lease_id, .. } if *job_id == second.job_id && *lease_id == second.lease_id);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !has(&outbox, &done) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "round {round}: the job leased again never ran: {:?} (running {}, queued {})",
+                kinds(&outbox)?,
+                runner.jobs_running(),
+                runner.jobs_queued()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        wait_until("the runner idle", || runner.jobs_running() == 0 && runner.jobs_queued() == 0).await?;
+    }
+    Ok(())
+}

@@ -550,8 +550,10 @@ fn an_air_gapped_agent_updates_through_its_reply_bundles_and_refuses_a_tampered_
     let st = rollout_status(&cp)?;
     ensure!(target_of(&st, agent.id()).is_some_and(|t| t["state"] == "ordered"), "after trip 1: {st}");
     wait_for(Duration::from_secs(120), "the agent on B through its health gate", || {
+        // update.json changes just before the agent logs it: wait for both.
         let st = agent.update_state();
-        Ok((st["current"]["version"] == B && st["trial"].is_null()).then_some(()))
+        Ok((st["current"]["version"] == B && st["trial"].is_null() && agent.log().contains("update healthy"))
+            .then_some(()))
     })
     .with_context(|| format!("{}\nupdate.json: {}", agent.log(), agent.update_state()))?;
     let log = agent.log();
