@@ -126,23 +126,12 @@ fn capabilities() -> Capabilities {
 
 fn agent_record(id: AgentId, i: usize, now: u64) -> AgentRecord {
     AgentRecord {
-        id,
-        site: SITE.into(),
-        hostname: format!("gpu-box-{i:02}"),
-        enrolled_at_ms: now - 30 * DAY_MS,
         cert_not_after_unix: (now / 1000) as i64 + 365 * 24 * 3600,
         agent_version: Some("0.1.0".into()),
         capabilities: Some(capabilities()),
         connected: true,
         last_seen_ms: Some(now),
-        last_health: None,
-        bundle_recipient: None,
-        csr_pem: None,
-        cert_serial_hex: None,
-        revoked_at_ms: None,
-        offline: false,
-        cert_issuer_fingerprint: None,
-        cert_history: Vec::new(),
+        ..AgentRecord::new(id, SITE, format!("gpu-box-{i:02}"), now - 30 * DAY_MS)
     }
 }
 

@@ -723,23 +723,9 @@ impl Driver {
         let agents: Vec<AgentId> = (1..=3).map(AgentId::from_u128).collect();
         for (n, id) in agents.iter().enumerate() {
             store.insert_agent(&AgentRecord {
-                id: *id,
-                site: "a".into(),
-                hostname: format!("gpu{n}"),
-                enrolled_at_ms: 1,
                 cert_not_after_unix: 2_000_000_000,
                 agent_version: Some(OLD.into()),
-                capabilities: None,
-                connected: false,
-                last_seen_ms: None,
-                last_health: None,
-                bundle_recipient: None,
-                csr_pem: None,
-                cert_serial_hex: None,
-                revoked_at_ms: None,
-                offline: false,
-                cert_issuer_fingerprint: None,
-                cert_history: Vec::new(),
+                ..AgentRecord::new(*id, "a", format!("gpu{n}"), 1)
             })?;
         }
         Ok(Driver {

@@ -94,23 +94,9 @@ fn finished(mut j: JobRecord, state: JobState, at_ms: u64) -> JobRecord {
 
 fn agent(id: AgentId) -> AgentRecord {
     AgentRecord {
-        id,
-        site: "stage-a".into(),
-        hostname: format!("gpu-{id}"),
-        enrolled_at_ms: 1,
         cert_not_after_unix: 2_000_000_000,
-        agent_version: None,
-        capabilities: None,
         connected: true,
-        last_seen_ms: None,
-        last_health: None,
-        bundle_recipient: None,
-        csr_pem: None,
-        cert_serial_hex: None,
-        revoked_at_ms: None,
-        offline: false,
-        cert_issuer_fingerprint: None,
-        cert_history: Vec::new(),
+        ..AgentRecord::new(id, "stage-a", format!("gpu-{id}"), 1)
     }
 }
 

@@ -384,6 +384,31 @@ fn plant_release(cp: &ControlPlane, file: &Path, version: &str, like: &Value) ->
     Ok(())
 }
 
+/// `release add`s `file` (version `version`), then replaces the stored artifact with a copy that
+/// has one byte changed and its index entry with that copy's size and digest — what a tampered
+/// control-plane store would serve. Returns the index entry as `release add` showed it.
+fn add_then_tamper(cp: &ControlPlane, work: &Path, file: &Path, version: &str) -> Result<Value> {
+    let added = release_add(cp, file)?;
+    let like = added.get("release").cloned().unwrap_or(added.clone());
+    let name = file.file_name().context("name")?;
+    let stored = cp.data_dir().join("releases").join(version).join(name);
+    let mut bytes = std::fs::read(&stored)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let tampered = work.join("tampered").join(name);
+    std::fs::create_dir_all(tampered.parent().context("dir")?)?;
+    std::fs::write(&tampered, &bytes)?;
+    let index_path = cp.data_dir().join("releases").join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    if let Some(list) = index["releases"].as_array_mut() {
+        list.retain(|r| r["version"] != version);
+    }
+    std::fs::write(&index_path, serde_json::to_vec_pretty(&index)?)?;
+    std::fs::remove_file(&stored)?;
+    plant_release(cp, &tampered, version, &like)?;
+    Ok(like)
+}
+
 /// A tarball whose bytes changed after signing, and one signed by another key, both served by the
 /// control plane as if they were its releases: the agent refuses each before running anything,
 /// stays on its version and keeps working; each rollout halts with the agent's reason.
@@ -404,24 +429,7 @@ fn a_tampered_release_and_one_signed_by_another_key_are_refused() -> Result<()> 
     // D: signed by the control plane's key, then changed.
     let d = "9.3.0";
     let d_file = tarball(work.path(), d, &exe)?;
-    let added = release_add(&cp, &d_file)?;
-    let like = added.get("release").cloned().unwrap_or(added.clone());
-    let stored = cp.data_dir().join("releases").join(d).join(d_file.file_name().context("name")?);
-    let mut bytes = std::fs::read(&stored)?;
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    let tampered = work.path().join("tampered").join(d_file.file_name().context("name")?);
-    std::fs::create_dir_all(tampered.parent().context("dir")?)?;
-    std::fs::write(&tampered, &bytes)?;
-    // Replace the stored artifact and its index entry (size and digest of the changed bytes).
-    let index_path = cp.data_dir().join("releases").join("index.json");
-    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
-    if let Some(list) = index["releases"].as_array_mut() {
-        list.retain(|r| r["version"] != d);
-    }
-    std::fs::write(&index_path, serde_json::to_vec_pretty(&index)?)?;
-    std::fs::remove_file(&stored)?;
-    plant_release(&cp, &tampered, d, &like)?;
+    let like = add_then_tamper(&cp, work.path(), &d_file, d)?;
     let st = rollout_start(&cp, d)?;
     ensure!(st["state"] == "running", "{st}");
     let halted = wait_for(Duration::from_secs(90), "the rollout of the tampered release halted", || {
@@ -577,24 +585,7 @@ fn an_air_gapped_agent_updates_through_its_reply_bundles_and_refuses_a_tampered_
     // changed bytes: only the signature can catch it).
     let d = "9.3.0";
     let d_file = tarball(work.path(), d, &bin("gaffer-agent"))?;
-    let added = release_add(&cp, &d_file)?;
-    let like = added.get("release").cloned().unwrap_or(added.clone());
-    let name = d_file.file_name().context("name")?;
-    let stored = cp.data_dir().join("releases").join(d).join(name);
-    let mut bytes = std::fs::read(&stored)?;
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    let tampered = work.path().join("tampered").join(name);
-    std::fs::create_dir_all(tampered.parent().context("dir")?)?;
-    std::fs::write(&tampered, &bytes)?;
-    let index_path = cp.data_dir().join("releases").join("index.json");
-    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
-    if let Some(list) = index["releases"].as_array_mut() {
-        list.retain(|r| r["version"] != d);
-    }
-    std::fs::write(&index_path, serde_json::to_vec_pretty(&index)?)?;
-    std::fs::remove_file(&stored)?;
-    plant_release(&cp, &tampered, d, &like)?;
+    add_then_tamper(&cp, work.path(), &d_file, d)?;
     let st = rollout_start(&cp, d)?;
     ensure!(st["state"] == "running", "{st}");
 

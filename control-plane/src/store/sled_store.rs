@@ -1262,25 +1262,7 @@ mod tests {
     }
 
     fn agent(id: AgentId) -> AgentRecord {
-        AgentRecord {
-            id,
-            site: "stage-a".into(),
-            hostname: "gpu-01".into(),
-            enrolled_at_ms: 1,
-            cert_not_after_unix: 2_000_000_000,
-            agent_version: None,
-            capabilities: None,
-            connected: false,
-            last_seen_ms: None,
-            last_health: None,
-            bundle_recipient: None,
-            csr_pem: None,
-            cert_serial_hex: None,
-            revoked_at_ms: None,
-            offline: false,
-            cert_issuer_fingerprint: None,
-            cert_history: Vec::new(),
-        }
+        AgentRecord { cert_not_after_unix: 2_000_000_000, ..AgentRecord::new(id, "stage-a", "gpu-01", 1) }
     }
 
     fn sample(received_at_ms: UnixMs) -> HealthSample {
