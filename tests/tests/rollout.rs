@@ -85,6 +85,18 @@ fn rollout_status(cp: &ControlPlane) -> Result<Value> {
     })
 }
 
+/// The agent id of the (first) canary of a rollout as `rollout start --json` shows it.
+fn canary_of(rollout: &Value) -> Result<String> {
+    rollout["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["canary"] == true)
+        .and_then(|t| t["agent_id"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no canary in the rollout: {rollout}"))
+}
+
 /// The version each agent last said in its Hello, from `GET /api/v1/agents`.
 fn versions(cp: &ControlPlane) -> Result<HashMap<String, (String, bool)>> {
     let agents = cp.api_get("/agents")?;
@@ -200,14 +212,7 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
     let mut jobs = Vec::new();
     let started = rollout_start(&cp, B)?;
     ensure!(started["state"] == "running", "rollout start: {started}");
-    let canary = started["targets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|t| t["canary"] == true)
-        .and_then(|t| t["agent_id"].as_str())
-        .context("no canary in the rollout")?
-        .to_owned();
+    let canary = canary_of(&started)?;
 
     // Watch versions until all three run B; note when each first said B and when the canary was
     // healthy.
@@ -277,14 +282,7 @@ fn canary_first_then_the_fleet_and_a_broken_release_rolls_back_and_halts() -> Re
     let c_file = tarball(work.path(), C, &c_exe)?;
     release_add(&cp, &c_file)?;
     let started = rollout_start(&cp, C)?;
-    let c_canary = started["targets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|t| t["canary"] == true)
-        .and_then(|t| t["agent_id"].as_str())
-        .context("no canary in the rollout of C")?
-        .to_owned();
+    let c_canary = canary_of(&started)?;
     let halted = wait_for(Duration::from_secs(120), "the rollout of C halted", || {
         let v = versions(&cp)?;
         for a in agents.iter().filter(|a| a.id() != c_canary) {
