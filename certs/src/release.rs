@@ -228,6 +228,20 @@ pub struct ReleaseName {
     pub arch: String,
 }
 
+/// `VERSION-ARCH` of a release or bundle name (what is between its prefix and suffix), checked:
+/// the version by [`check_version`], the architecture one of [`RELEASE_ARCHES`]. Errors: why not.
+fn version_and_arch(middle: &str) -> Result<(String, String), String> {
+    let (version, arch) = middle.rsplit_once('-').ok_or("the name has no -ARCH after the version")?;
+    check_version(version)?;
+    if elf_machine_of(arch).is_none() {
+        return Err(format!(
+            "unknown architecture {arch:?} (known: {})",
+            RELEASE_ARCHES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok((version.to_owned(), arch.to_owned()))
+}
+
 impl ReleaseName {
     /// Parses `gaffer-agent-VERSION-ARCH-linux.tar.gz`.
     ///
@@ -242,16 +256,8 @@ impl ReleaseName {
                     "a release is named {RELEASE_FILE_PREFIX}VERSION-ARCH{RELEASE_FILE_SUFFIX} (as installers/build-packages.sh writes it)"
                 ))
             })?;
-        let (version, arch) =
-            middle.rsplit_once('-').ok_or_else(|| invalid("the name has no -ARCH after the version".into()))?;
-        check_version(version).map_err(invalid)?;
-        if elf_machine_of(arch).is_none() {
-            return Err(invalid(format!(
-                "unknown architecture {arch:?} (known: {})",
-                RELEASE_ARCHES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        Ok(ReleaseName { version: version.to_owned(), arch: arch.to_owned() })
+        let (version, arch) = version_and_arch(middle).map_err(invalid)?;
+        Ok(ReleaseName { version, arch })
     }
 
     /// The file name, `gaffer-agent-VERSION-ARCH-linux.tar.gz`.
@@ -584,15 +590,9 @@ impl BundleName {
                      installers/build-offline-bundle.sh writes it)"
                 ))
             })?;
-        let (version, arch) =
-            middle.rsplit_once('-').ok_or_else(|| invalid("the name has no -ARCH after the version".into()))?;
         // The same rules as a release's name.
-        let release = ReleaseName::parse(&format!("{RELEASE_FILE_PREFIX}{version}-{arch}{RELEASE_FILE_SUFFIX}"))
-            .map_err(|e| match e {
-                CertError::InvalidRelease { reason, .. } => invalid(reason),
-                other => other,
-            })?;
-        Ok(BundleName { version: release.version, arch: release.arch })
+        let (version, arch) = version_and_arch(middle).map_err(invalid)?;
+        Ok(BundleName { version, arch })
     }
 
     /// The file name, `gaffer-offline-VERSION-ARCH-linux.tar.gz`.
