@@ -74,6 +74,51 @@ pub fn wait_for<T>(
     }
 }
 
+/// The directory holding the .debs and the (unsigned) agent tarball of this build: the test
+/// command's `GAFFER_PACKAGES_DIR`, else `installers/build-packages.sh --profile dev` run once for
+/// these binaries. Under nextest every test is a process of its own: the processes of one run share
+/// one build (`NEXTEST_RUN_ID`), made by the first of them under a lock; otherwise each test process
+/// builds its own. Builds older than two hours are removed.
+pub fn packages_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("GAFFER_PACKAGES_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let agent = bin("gaffer-agent");
+    let target = agent.parent().and_then(Path::parent).context("target dir of the binaries")?;
+    let packages = target.join("packages");
+    std::fs::create_dir_all(&packages)?;
+    let out = match std::env::var("NEXTEST_RUN_ID") {
+        Ok(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') => {
+            packages.join(format!("test-run-{id}"))
+        }
+        _ => packages.join(format!("test-process-{}", std::process::id())),
+    };
+    let build = r#"
+        [ -f "$OUT/.complete" ] && exit 0
+        find "$PACKAGES" -maxdepth 1 \( -name 'test-run-*' -o -name 'test-process-*' \) -mmin +120 -exec rm -rf {} +
+        "$SCRIPT" --profile dev --out "$OUT" >"$OUT.stdout"
+        touch "$OUT/.complete"
+    "#;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("repository root")?;
+    let done = Command::new("flock")
+        .arg(packages.join(".test-build.lock"))
+        .args(["sh", "-ec", build])
+        .env("OUT", &out)
+        .env("PACKAGES", &packages)
+        .env("SCRIPT", repo.join("installers/build-packages.sh"))
+        .env("CARGO_TARGET_DIR", target)
+        .env_remove("GAFFER_BUILD_VERSION")
+        .output()?;
+    if !done.status.success() {
+        bail!("build-packages.sh failed ({}): {}", done.status, String::from_utf8_lossy(&done.stderr));
+    }
+    // The script's last line names the output directory.
+    let printed = std::fs::read_to_string(out.with_extension("stdout"))?;
+    let last = printed.lines().last().unwrap_or_default();
+    anyhow::ensure!(Path::new(last) == out, "build-packages.sh printed {last:?} last, not {}", out.display());
+    Ok(out)
+}
+
 /// The value of the cookie `name` set by `resp`.
 pub fn cookie(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
     resp.headers().get_all(reqwest::header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|c| {

@@ -19,7 +19,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use gaffer_tests::{bin, media, media_dir, ControlPlane, ControlPlaneOptions};
+use gaffer_tests::{bin, media, media_dir, packages_dir, ControlPlane, ControlPlaneOptions};
 use serde_json::Value;
 
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,39 +40,6 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// The directory holding the .debs and the (unsigned) agent tarball of this build.
-fn packages_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("GAFFER_PACKAGES_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let agent = bin("gaffer-agent");
-    let target = agent.parent().and_then(Path::parent).context("target dir of the binaries")?;
-    let packages = target.join("packages");
-    std::fs::create_dir_all(&packages)?;
-    // As tests/packages.rs: one build per nextest run (under a lock), else one per process.
-    let out = match std::env::var("NEXTEST_RUN_ID") {
-        Ok(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') => {
-            packages.join(format!("test-run-{id}"))
-        }
-        _ => packages.join(format!("install-test-{}", std::process::id())),
-    };
-    let build = r#"
-        [ -f "$OUT/.complete" ] && exit 0
-        find "$PACKAGES" -maxdepth 1 \( -name 'test-run-*' -o -name 'install-test-*' \) -mmin +120 -exec rm -rf {} +
-        "$SCRIPT" --profile dev --out "$OUT" >"$OUT.stdout"
-        touch "$OUT/.complete"
-    "#;
-    run(Command::new("flock")
-        .arg(packages.join(".test-build.lock"))
-        .args(["sh", "-ec", build])
-        .env("OUT", &out)
-        .env("PACKAGES", &packages)
-        .env("SCRIPT", repo_root().join("installers/build-packages.sh"))
-        .env("CARGO_TARGET_DIR", target)
-        .env_remove("GAFFER_BUILD_VERSION"))?;
-    Ok(out)
 }
 
 /// The one file in `dir` whose name starts with `prefix` and ends with `suffix`.

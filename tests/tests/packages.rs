@@ -60,44 +60,7 @@ fn packages() -> &'static Packages {
 
 fn build_or_find() -> anyhow::Result<Packages> {
     let temp = tempfile::tempdir()?;
-    let dir = match std::env::var_os("GAFFER_PACKAGES_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            // The debug binaries next to this test binary: target/debug/gaffer-agent → target.
-            let agent = gaffer_tests::bin("gaffer-agent");
-            let target = agent.parent().and_then(Path::parent).context("target dir of the binaries")?;
-            let packages = target.join("packages");
-            std::fs::create_dir_all(&packages)?;
-            // Under nextest every test is a process of its own: the processes of one run share one
-            // build (NEXTEST_RUN_ID), made by the first of them under a lock. `cargo test` runs
-            // them all in this process and builds into a temp dir.
-            let out = match std::env::var("NEXTEST_RUN_ID") {
-                Ok(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') => {
-                    packages.join(format!("test-run-{id}"))
-                }
-                _ => temp.path().join("packages"),
-            };
-            let build = r#"
-                [ -f "$OUT/.complete" ] && exit 0
-                find "$PACKAGES" -maxdepth 1 -name 'test-run-*' -mmin +120 -exec rm -rf {} +
-                "$SCRIPT" --profile dev --out "$OUT" >"$OUT.stdout"
-                touch "$OUT/.complete"
-            "#;
-            run(Command::new("flock")
-                .arg(packages.join(".test-build.lock"))
-                .args(["sh", "-ec", build])
-                .env("OUT", &out)
-                .env("PACKAGES", &packages)
-                .env("SCRIPT", repo_root().join("installers/build-packages.sh"))
-                .env("CARGO_TARGET_DIR", target)
-                .env_remove("GAFFER_BUILD_VERSION"))?;
-            // The script's last line names the output directory.
-            let printed = std::fs::read_to_string(out.with_extension("stdout"))?;
-            let last = printed.lines().last().unwrap_or_default();
-            ensure!(Path::new(last) == out, "build-packages.sh printed {last:?} last, not {}", out.display());
-            out
-        }
-    };
+    let dir = gaffer_tests::packages_dir()?;
     let find = |prefix: &str, suffix: &str| -> anyhow::Result<PathBuf> {
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {

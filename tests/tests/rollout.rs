@@ -129,13 +129,17 @@ impl GroupAgent {
     }
 
     fn run(&mut self, volume: &Path) -> Result<()> {
+        self.spawn(&["--volume".as_ref(), volume.as_os_str()])
+    }
+
+    /// `gaffer-agent run --data-dir D ARGS…` in its own process group, logging to agent.log.
+    fn spawn(&mut self, args: &[&std::ffi::OsStr]) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let child = Command::new(bin("gaffer-agent"))
             .arg("run")
             .arg("--data-dir")
             .arg(self.agent.data_dir())
-            .arg("--volume")
-            .arg(volume)
+            .args(args)
             .env("GAFFER_LOG", "info,gaffer_agent=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -485,19 +489,7 @@ impl GroupAgent {
 
     /// `gaffer-agent run --offline` in its own process group.
     fn run_offline(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let child = Command::new(bin("gaffer-agent"))
-            .arg("run")
-            .arg("--offline")
-            .arg("--data-dir")
-            .arg(self.agent.data_dir())
-            .env("GAFFER_LOG", "info,gaffer_agent=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()?;
-        self.child = Some(child);
-        Ok(())
+        self.spawn(&["--offline".as_ref()])
     }
 
     /// One trip of the removable media: `bundle export` here, `bundle import` on the control plane
