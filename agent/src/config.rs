@@ -58,7 +58,11 @@ pub const RUN_KEYS: &[&str] = &[
     "offline",
     "job_timeout",
     "job_memory_max",
+    "control",
 ];
+
+/// Most control-plane addresses `control` may list.
+pub const CONTROL_ADDRS_MAX: usize = 16;
 
 /// The settings of `gaffer-agent run` as one source gives them (the command line, or a
 /// configuration file): `None` where that source does not set one. The field names are the
@@ -102,6 +106,31 @@ pub struct RunOptions {
     /// above it is killed and its job fails ("analysis worker exceeded the 4 GiB memory limit").
     #[arg(long, value_parser = crate::worker::parse_bytes)]
     pub job_memory_max: Option<u64>,
+    /// Control-plane QUIC address `HOST:PORT` to connect to (repeatable, at most 16): replicas of
+    /// one control plane sharing one database. The link tries them in order and fails over to the
+    /// next with jittered back-off when one is unreachable or goes away. Given as flags, they
+    /// replace the file's list. Default: the address the agent enrolled with (`agent.json`).
+    #[arg(long, value_parser = parse_control_addr)]
+    pub control: Option<Vec<String>>,
+}
+
+/// Checks one control-plane address: `HOST:PORT` with a host and a port 1..=65535 (the host is
+/// resolved only when connecting).
+///
+/// # Errors
+/// A message saying what is wrong, e.g. `"cp.example" has no port; write HOST:PORT, e.g. "cp.example:7443"`.
+pub fn parse_control_addr(text: &str) -> Result<String, String> {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} has no port; write HOST:PORT, e.g. \"{text}:7443\""));
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{text:?} has no host; write HOST:PORT, e.g. \"cp.example:{port}\""));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(text.to_owned()),
+        _ => Err(format!("{text:?}: the port must be a number 1..=65535")),
+    }
 }
 
 /// The settings `run` uses: [`RunOptions`] with the defaults applied.
@@ -125,6 +154,8 @@ pub struct RunSettings {
     pub job_timeout: Option<Duration>,
     /// Fixed memory limit of a worker, bytes; `None`: from this box's memory and `slots`.
     pub job_memory_max: Option<u64>,
+    /// Control-plane addresses in failover order; empty: the one in `agent.json`.
+    pub control: Vec<String>,
 }
 
 impl RunOptions {
@@ -141,6 +172,7 @@ impl RunOptions {
             offline: self.offline.or(fallback.offline),
             job_timeout: self.job_timeout.or(fallback.job_timeout),
             job_memory_max: self.job_memory_max.or(fallback.job_memory_max),
+            control: self.control.or(fallback.control),
         }
     }
 
@@ -159,6 +191,7 @@ impl RunOptions {
             offline: self.offline.unwrap_or(false),
             job_timeout: self.job_timeout,
             job_memory_max: self.job_memory_max,
+            control: self.control.unwrap_or_default(),
         })
     }
 }
@@ -183,6 +216,10 @@ impl RunSettings {
         );
         table.insert("watch_profile".into(), toml::Value::String(self.watch_profile.to_string()));
         table.insert("offline".into(), toml::Value::Boolean(self.offline));
+        if !self.control.is_empty() {
+            let addrs = self.control.iter().map(|a| toml::Value::String(a.clone())).collect();
+            table.insert("control".into(), toml::Value::Array(addrs));
+        }
         let mut notes = String::new();
         match self.job_timeout {
             Some(d) => {
@@ -257,6 +294,7 @@ fn apply_run_key(o: &mut RunOptions, key: &str, value: &Spanned<DeValue<'_>>) ->
         "watch_settle_secs" => o.watch_settle_secs = Some(integer(value, &WATCH_SETTLE_SECS_RANGE)?),
         "watch_profile" => o.watch_profile = Some(parsed(value, "\"shots\"", |s| s.parse::<Profile>())?),
         "offline" => o.offline = Some(boolean(value)?),
+        "control" => o.control = Some(control_addrs(value)?),
         "job_timeout" => o.job_timeout = Some(parsed(value, "\"20m\"", crate::worker::parse_duration)?),
         "job_memory_max" => {
             o.job_memory_max = Some(match value.get_ref() {
@@ -311,6 +349,29 @@ fn paths(value: &Spanned<DeValue<'_>>) -> Result<Vec<PathBuf>, Bad> {
     }
 }
 
+/// A non-empty array of at most [`CONTROL_ADDRS_MAX`] `HOST:PORT` strings; a bad element is
+/// reported where it is.
+fn control_addrs(value: &Spanned<DeValue<'_>>) -> Result<Vec<String>, Bad> {
+    const EXAMPLE: &str = "[\"cp-a.example:7443\", \"cp-b.example:7443\"]";
+    match value.get_ref() {
+        DeValue::Array(items) if items.is_empty() => Err(Bad::at(
+            value,
+            format!("an empty list; leave the key out to use agent.json's address, or write {EXAMPLE}"),
+        )),
+        DeValue::Array(items) if items.len() > CONTROL_ADDRS_MAX => {
+            Err(Bad::at(value, format!("{} addresses; at most {CONTROL_ADDRS_MAX}", items.len())))
+        }
+        DeValue::Array(items) => items
+            .iter()
+            .map(|item| parse_control_addr(string(item, "\"cp.example:7443\"")?).map_err(|m| Bad::at(item, m)))
+            .collect(),
+        other => Err(Bad::at(
+            value,
+            format!("expected an array of HOST:PORT strings, e.g. {EXAMPLE}; found {}", file::kind(other)),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +388,7 @@ mod tests {
             ("offline", "true"),
             ("job_timeout", "\"1h 30m\""),
             ("job_memory_max", "\"4GiB\""),
+            ("control", "[\"cp:7443\"]"),
         ];
         assert_eq!(good.map(|(k, _)| k).as_slice(), RUN_KEYS);
         for (key, value) in good {
@@ -344,6 +406,18 @@ mod tests {
     }
 
     #[test]
+    fn control_addresses_are_checked_where_they_are() {
+        let problems = check("control = [\"cp-a:7443\", \"cp-b\"]\n").expect_err("a bad address");
+        let messages: Vec<_> = problems.iter().map(|p| (p.column.unwrap_or(0), p.message.as_str())).collect();
+        assert_eq!(messages, [(25, "\"cp-b\" has no port; write HOST:PORT, e.g. \"cp-b:7443\"")]);
+        let problems = check("control = [\":9\"]\n").expect_err("no host");
+        assert_eq!(problems[0].message, "\":9\" has no host; write HOST:PORT, e.g. \"cp.example:9\"");
+        assert!(check("control = []\n").is_err(), "an empty list is refused");
+        let ok = check("control = [\"cp-a:7443\", \"cp-b:7443\"]\n").expect("good list");
+        assert_eq!(ok.control, Some(vec!["cp-a:7443".to_owned(), "cp-b:7443".to_owned()]));
+    }
+
+    #[test]
     fn printed_settings_read_back_the_same() {
         let settings = RunSettings {
             data_dir: "/var/lib/gaffer-agent".into(),
@@ -355,6 +429,7 @@ mod tests {
             offline: true,
             job_timeout: Some(Duration::from_millis(5_400_250)),
             job_memory_max: Some(3 << 29),
+            control: vec!["cp-a.test:7443".into(), "[::1]:7443".into()],
         };
         let text = settings.to_toml();
         let back = check(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}")).resolve().map_err(|e| e.to_string());

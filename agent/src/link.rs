@@ -14,7 +14,11 @@
 //!
 //! Any failure ends the connection; the loop reconnects after a jittered exponential backoff (full
 //! jitter, 0.5 s doubling to 30 s), so a fleet that loses its control plane does not reconnect in
-//! lockstep. A new session's window starts at sequence 0, so every unacknowledged outbox entry is
+//! lockstep. With several control-plane addresses (`run --control A --control B`: replicas sharing
+//! one database), every attempt that fails and every connection that ends moves to the next
+//! address, and the back-off doubles once per round of all of them: an agent whose control plane
+//! dies is on the next one after one jittered delay (at most 0.5 s once it had been connected)
+//! plus the time its connection takes to notice (the QUIC idle timeout). A new session's window starts at sequence 0, so every unacknowledged outbox entry is
 //! sent again, in order. Local work (running jobs, watch folders) carries on while the link is
 //! down; results wait in the outbox.
 //!
@@ -104,6 +108,18 @@ pub struct LinkParams {
     /// Where update orders go ([`crate::update::Updater`]); None: orders are logged and ignored
     /// (tests that drive the link without an updater).
     pub updates: Option<mpsc::Sender<crate::update::UpdateCommand>>,
+    /// Control-plane addresses `HOST:PORT` in failover order (`run --control`, config `control`);
+    /// empty: `identity.control_addr` alone. See [`control_addrs`].
+    pub control_addrs: Vec<String>,
+}
+
+/// The addresses the link tries, in order: `configured` when it lists any, else the enrolled one.
+pub fn control_addrs(identity: &AgentIdentity, configured: &[String]) -> Vec<String> {
+    if configured.is_empty() {
+        vec![identity.control_addr.clone()]
+    } else {
+        configured.to_vec()
+    }
 }
 
 /// Resolves `HOST:PORT`.
@@ -154,6 +170,7 @@ pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig) -> Result<
 pub struct LinkStatus {
     state: AtomicU8,
     renewal: Mutex<RenewalStatus>,
+    control_addr: Mutex<String>,
 }
 
 /// Where online certificate renewal stands, for `gaffer-agent status`.
@@ -178,6 +195,13 @@ impl LinkStatus {
     }
     fn set(&self, s: LinkState) {
         self.state.store(s as u8, Ordering::Relaxed);
+    }
+    /// The control-plane address the link is on or trying now (empty before the first attempt).
+    pub fn control_addr(&self) -> String {
+        self.control_addr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn set_control_addr(&self, addr: &str) {
+        *self.control_addr.lock().unwrap_or_else(|p| p.into_inner()) = addr.to_owned();
     }
     /// Where certificate renewal stands.
     pub fn renewal(&self) -> RenewalStatus {
@@ -278,11 +302,19 @@ pub async fn run_link(
     status: Arc<LinkStatus>,
 ) -> Result<(), AgentError> {
     let agent_id = params.identity.agent_id;
-    let control_addr = params.identity.control_addr.clone();
-    let server_name = server_name_of(&control_addr)?;
+    let targets = control_addrs(&params.identity, &params.control_addrs)
+        .into_iter()
+        .map(|addr| server_name_of(&addr).map(|name| (addr, name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Which address the next attempt uses; it moves on after every attempt that fails or
+    // connection that ends, and the back-off grows once per round of all addresses.
+    let mut target = 0usize;
+    let mut failed_in_round = 0usize;
     let mut renewal = Renewal::default();
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
+        let (control_addr, server_name) = &targets[target % targets.len()];
+        status.set_control_addr(control_addr);
         status.set(LinkState::Connecting);
         let started = Instant::now();
         let now_ms = crate::now_ms();
@@ -311,15 +343,16 @@ pub async fn run_link(
         }
         let (slot, serial) = (creds.slot, creds.pair.serial_hex.clone());
         let current = creds.current.clone();
-        let span = tracing::info_span!("link", agent_id = %agent_id, cert_serial = %serial);
+        let span = tracing::info_span!("link", agent_id = %agent_id, cert_serial = %serial, control = %control_addr);
         let attempt = async {
-            let addr = resolve(&control_addr).await?;
+            let addr = resolve(control_addr).await?;
             let endpoint = client_endpoint(addr, creds.tls.clone())?;
             let ctx = SessionCtx {
                 params: &params,
                 endpoint: &endpoint,
                 addr,
-                server_name: &server_name,
+                control_addr,
+                server_name,
                 outbox: &outbox,
                 runner: &runner,
                 health: &health,
@@ -369,15 +402,26 @@ pub async fn run_link(
         }
         if welcomed || started.elapsed() > RECONNECT_BACKOFF_MAX {
             backoff = RECONNECT_BACKOFF_MIN;
+            failed_in_round = 0;
+        } else {
+            failed_in_round += 1;
         }
         if !welcomed && slot == Slot::Next {
             // The renewed pair could not be tried (network): it stays, and is tried again.
             delay_min = delay_min.max(RECONNECT_BACKOFF_MIN);
         }
+        // Fail over: the next attempt goes to the next address (a control plane that just went
+        // away is the least likely to answer), after a jittered delay like any reconnect.
+        target = (target + 1) % targets.len();
         let delay = rand::thread_rng().gen_range(Duration::ZERO..=backoff).max(delay_min);
-        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        let next = &targets[target].0;
+        tracing::info!(delay_ms = delay.as_millis() as u64, control = %next, "reconnecting");
         tokio::time::sleep(delay).await;
-        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        if failed_in_round >= targets.len() {
+            // A whole round without a welcome: slow down.
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            failed_in_round = 0;
+        }
     }
 }
 
@@ -402,6 +446,8 @@ struct SessionCtx<'a> {
     params: &'a LinkParams,
     endpoint: &'a quinn::Endpoint,
     addr: SocketAddr,
+    /// The `HOST:PORT` being connected to (for errors and logs).
+    control_addr: &'a str,
     server_name: &'a str,
     outbox: &'a Outbox,
     runner: &'a Arc<Runner>,
@@ -434,7 +480,7 @@ async fn session(
     creds: AttemptCreds,
     renewal: &mut Renewal,
 ) -> Result<SessionOutcome, AgentError> {
-    let control_addr = ctx.params.identity.control_addr.as_str();
+    let control_addr = ctx.control_addr;
     let unreachable = |detail: String| AgentError::Unreachable { addr: control_addr.to_owned(), detail };
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
         ctx.endpoint

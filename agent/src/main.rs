@@ -593,7 +593,8 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
         updates: updates.clone(),
     });
     let _socket = control_socket::serve(&dd.socket_path(), handles).await?;
-    tracing::info!(agent_id = %identity.agent_id, site = %identity.site, control = %identity.control_addr,
+    let control = gaffer_agent::link::control_addrs(&identity, &settings.control).join(",");
+    tracing::info!(agent_id = %identity.agent_id, site = %identity.site, %control,
         offline = settings.offline, volumes = ?volumes, slots = settings.slots, pending = outbox.len(), "agent starting");
     // systemd (Type=notify): ready once the control socket and watch folders are up and the link
     // task is about to start; the watchdog is fed only while the runtime and the runner answer.
@@ -609,8 +610,13 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<()> {
 
     match link_status {
         Some(status) => {
-            let params =
-                LinkParams { identity: identity.clone(), data_dir: dd.clone(), capabilities, updates: Some(updates) };
+            let params = LinkParams {
+                identity: identity.clone(),
+                data_dir: dd.clone(),
+                capabilities,
+                updates: Some(updates),
+                control_addrs: settings.control.clone(),
+            };
             tokio::select! {
                 r = link::run_link(params, outbox, runner, health, status) => r?,
                 _ = shutdown_signal() => tracing::info!("agent stopping; held jobs resume at the next start"),

@@ -28,6 +28,9 @@ use crate::runner::Runner;
 /// `link` is `None` for `run --offline`. Takes the runner's lock: call it from the blocking pool
 /// (as [`spawn_watchdog`] does).
 pub fn agent_status(control_addr: &str, link: Option<&LinkStatus>, runner: &Runner) -> String {
+    // The address the link is on now (failover moves it), else the enrolled one.
+    let current = link.map(LinkStatus::control_addr).filter(|a| !a.is_empty());
+    let control_addr = current.as_deref().unwrap_or(control_addr);
     let link = match link.map(LinkStatus::get) {
         None => "offline (bundles only)".to_owned(),
         Some(LinkState::Up) => format!("connected to {control_addr}"),

@@ -165,7 +165,13 @@ impl Agent {
         };
         let health = Arc::new(Mutex::new(HealthSampler::new(volumes)));
         let status = Arc::new(LinkStatus::default());
-        let params = LinkParams { identity: identity.clone(), data_dir: dd.clone(), capabilities, updates: None };
+        let params = LinkParams {
+            identity: identity.clone(),
+            data_dir: dd.clone(),
+            capabilities,
+            updates: None,
+            control_addrs: vec![],
+        };
         let link = tokio::spawn(link::run_link(params, outbox.clone(), runner.clone(), health, status.clone()));
         Ok(Self { dd: dd.clone(), id: identity.agent_id, outbox, runner, status, link })
     }
