@@ -15,6 +15,8 @@
 //! | `gaffer_job_duration_seconds`   | histogram | –                                       | [`Metrics::job_duration`] |
 //! | `gaffer_rollout_targets`        | gauge     | `state` = `pending` … `skipped`         | [`Metrics::rollout_targets`]: the targets of the newest rollout |
 //! | `gaffer_update_reports_total`   | counter   | `outcome` = `staged` \| `healthy` \| `failed` | [`Metrics::update_report`]: agents' update reports received (duplicates included) |
+//! | `gaffer_replicas_live`          | gauge     | –                                       | [`Metrics::set_replicas`]: control-plane replicas heartbeating in the shared store (1 on sled) |
+//! | `gaffer_replica_leader`         | gauge     | –                                       | [`Metrics::set_replicas`]: 1 while this replica leads (rollout ticks, retention, dead-replica sweeps) |
 //!
 //! Label values come from the control plane's own code (short fixed words), never from agents'
 //! free text, so the label cardinality stays bounded.
@@ -65,6 +67,8 @@ struct ViaLabel {
 /// takes `&self` and is cheap (atomic increments).
 pub struct Metrics {
     registry: Registry,
+    replicas_live: Gauge,
+    replica_leader: Gauge,
     agents: Family<StateLabel, Gauge>,
     jobs: Family<StateLabel, Gauge>,
     messages: Family<KindLabel, Counter>,
@@ -176,6 +180,18 @@ impl Metrics {
             "Update reports received from agents, by outcome (staged, healthy, failed), duplicates included",
             update_reports.clone(),
         );
+        let replicas_live = Gauge::default();
+        registry.register(
+            "gaffer_replicas_live",
+            "Control-plane replicas heartbeating in the shared store, this one included",
+            replicas_live.clone(),
+        );
+        let replica_leader = Gauge::default();
+        registry.register(
+            "gaffer_replica_leader",
+            "1 while this replica leads (rollout ticks, retention sweeps, dead-replica sweeps), else 0",
+            replica_leader.clone(),
+        );
         for state in crate::rollout::TARGET_STATES {
             let _ = rollout_targets.get_or_create(&StateLabel { state: state.to_owned() });
         }
@@ -187,6 +203,8 @@ impl Metrics {
         }
         let _ = refused.get_or_create(&ReasonLabel { reason: "agent_id_mismatch".to_owned() });
         Self {
+            replicas_live,
+            replica_leader,
             rollout_targets,
             update_reports,
             handshakes_failed,
@@ -212,6 +230,12 @@ impl Metrics {
     /// Counts one agent message of `kind` (e.g. `"heartbeat"`, from `AgentMessage::kind`).
     pub fn message_received(&self, kind: &str) {
         self.messages.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    }
+
+    /// The replicas seen live at the last heartbeat, and whether this one leads.
+    pub fn set_replicas(&self, live: usize, leader: bool) {
+        self.replicas_live.set(i64::try_from(live).unwrap_or(i64::MAX));
+        self.replica_leader.set(i64::from(leader));
     }
 
     /// An agent link connection opened.

@@ -385,23 +385,15 @@ impl OfflineSync {
         let reply_text = serde_json::to_string_pretty(&reply).map_err(|e| OfflineError::Invalid(e.to_string()))?;
         gaffer_certs::write_secret_file(out, reply_text.as_bytes())?;
         store.insert_agent(&AgentRecord {
-            id: req.agent_id,
-            site: req.site.clone(),
-            hostname: crate::ingest::truncate(&req.hostname, 255),
-            enrolled_at_ms: now,
             cert_not_after_unix: gaffer_certs::cert_not_after_unix(cert_pem.as_bytes())?,
             agent_version: Some(crate::ingest::truncate(&req.agent_version, 64)),
-            capabilities: None,
-            connected: false,
-            last_seen_ms: None,
-            last_health: None,
             bundle_recipient: Some(req.bundle_recipient.clone()),
             csr_pem: Some(req.csr_pem.clone()),
             cert_serial_hex: Some(gaffer_certs::cert_serial_hex(cert_pem.as_bytes())?),
-            revoked_at_ms: None,
             offline: true,
             cert_issuer_fingerprint: Some(issued.issue.issuer_fingerprint.clone()),
             cert_history: vec![issued.issue.clone()],
+            ..AgentRecord::new(req.agent_id, req.site.clone(), crate::ingest::truncate(&req.hostname, 255), now)
         })?;
         self.audit(
             who,
