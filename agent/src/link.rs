@@ -155,14 +155,40 @@ pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig) -> Result<
         .map_err(|e| AgentError::Config(format!("{e}")))?;
     let mut endpoint = quinn::Endpoint::client(bind)
         .map_err(|e| AgentError::Unreachable { addr: remote.to_string(), detail: format!("cannot bind UDP: {e}") })?;
+    endpoint.set_default_client_config(client_config(tls)?);
+    Ok(endpoint)
+}
+
+/// The QUIC client config of every agent connection over `tls` (from
+/// `gaffer_certs::client_config_link` or `client_config_enroll`): QUIC keep-alives every
+/// [`KEEP_ALIVE_INTERVAL`], quinn's defaults otherwise. [`client_endpoint`] makes it the endpoint's
+/// default; `quinn::Endpoint::connect_with` takes it per connection (the fleet simulator carries
+/// many agents' identities on one endpoint that way).
+///
+/// # Errors
+/// [`AgentError::Config`] for a TLS config QUIC cannot use (no TLS 1.3).
+pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, AgentError> {
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| AgentError::Config(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
     client.transport_config(Arc::new(transport));
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    Ok(client)
+}
+
+/// How long to wait before the next connection attempt under back-off ceiling `ceiling`: full
+/// jitter, uniformly random in `0..=ceiling`, so a fleet that lost its control plane does not come
+/// back in lockstep. The ceiling starts at [`RECONNECT_BACKOFF_MIN`] (and goes back there once a
+/// connection was welcomed) and grows by [`next_backoff`].
+pub fn reconnect_delay(ceiling: Duration) -> Duration {
+    rand::thread_rng().gen_range(Duration::ZERO..=ceiling)
+}
+
+/// The back-off ceiling after `ceiling` was used up without a welcome: doubled, at most
+/// [`RECONNECT_BACKOFF_MAX`].
+pub fn next_backoff(ceiling: Duration) -> Duration {
+    (ceiling * 2).min(RECONNECT_BACKOFF_MAX)
 }
 
 /// Shared link state, readable by status and health.
@@ -413,13 +439,13 @@ pub async fn run_link(
         // Fail over: the next attempt goes to the next address (a control plane that just went
         // away is the least likely to answer), after a jittered delay like any reconnect.
         target = (target + 1) % targets.len();
-        let delay = rand::thread_rng().gen_range(Duration::ZERO..=backoff).max(delay_min);
+        let delay = reconnect_delay(backoff).max(delay_min);
         let next = &targets[target].0;
         tracing::info!(delay_ms = delay.as_millis() as u64, control = %next, "reconnecting");
         tokio::time::sleep(delay).await;
         if failed_in_round >= targets.len() {
             // A whole round without a welcome: slow down.
-            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            backoff = next_backoff(backoff);
             failed_in_round = 0;
         }
     }
