@@ -16,12 +16,16 @@
 //! (`target/<profile>/`); build them first (`cargo build -p gaffer-control -p gaffer-agent`), which
 //! the README's test command does.
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::Value;
+
+pub mod sim;
 
 /// Directory of the sample media (`GAFFER_MEDIA_DIR`, default `~/.cache/gaffer/media`, filled by
 /// `scripts/setup.sh`).
@@ -121,7 +125,13 @@ pub fn packages_dir() -> anyhow::Result<PathBuf> {
 
 /// The value of the cookie `name` set by `resp`.
 pub fn cookie(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
-    resp.headers().get_all(reqwest::header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|c| {
+    cookie_in(resp.headers(), name)
+}
+
+/// The value of the cookie `name` set by the `Set-Cookie` headers of `headers` (a blocking or an
+/// async response's).
+pub fn cookie_in(headers: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(reqwest::header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|c| {
         let (pair, _) = c.split_once(';').unwrap_or((c, ""));
         let (k, v) = pair.split_once('=')?;
         (k.trim() == name && !v.is_empty()).then(|| v.to_owned())
