@@ -21,7 +21,7 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 APT_PACKAGES=(pkg-config clang libclang-dev ffmpeg
   libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev
   python3 python3-pip ca-certificates curl espeak-ng fonts-dejavu-core dpkg-dev systemd
-  gcc binutils openssl)
+  gcc binutils openssl postgresql)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

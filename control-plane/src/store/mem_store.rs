@@ -8,11 +8,15 @@
 //! nothing; [`MemStore::snapshot`] copies the whole state, which models a control-plane restart
 //! that keeps what was stored.
 //!
-//! Closures passed to `update_job` and `update_agent` run while the lock is held: they must not
-//! call the store (they would deadlock).
+//! Closures passed to `update_job`, `claim_job` and `update_agent` run while the lock is held:
+//! they must not call the store (they would deadlock). `claim_job` is `update_job` (no other
+//! writer can hold a job between calls). Published events go to this store's subscribers through
+//! an in-process broadcast channel; a snapshot has a channel of its own (a restarted process).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::broadcast;
 
 use gaffer_protocol::digest::Digest;
 use gaffer_protocol::messages::{AgentId, JobId};
@@ -21,7 +25,8 @@ use super::sled_store::{delete_scan_budget, finished_time, list_scan_budget, que
 use super::{
     AgentCommit, AgentRecord, ApiTokenRecord, AuditEntry, AuditPage, AuditQuery, AuditRecord, BundleNumbers,
     CommitOutcome, EnrollmentTokenRecord, HealthSample, JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState,
-    RevokedCertRecord, Role, SessionRecord, Store, StoreError, StoreResult, UnixMs, UserRecord, UserRemoval,
+    ReplicaRecord, RevokedCertRecord, Role, SessionRecord, Store, StoreError, StoreEventEnvelope, StoreResult, UnixMs,
+    UserRecord, UserRemoval,
 };
 
 /// `jobs_by_created` key: (created_at_ms, seq, id).
@@ -58,6 +63,7 @@ struct Inner {
     bundle_numbers: BTreeMap<AgentId, BundleNumbers>,
     revoked_certs: BTreeMap<String, RevokedCertRecord>,
     rollouts: BTreeMap<u64, crate::rollout::Rollout>,
+    replicas: BTreeMap<uuid::Uuid, ReplicaRecord>,
     next_id: u64,
 }
 
@@ -106,15 +112,26 @@ impl Inner {
 }
 
 /// The in-memory store. Cheap to share behind an `Arc`; all methods take `&self`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemStore {
     inner: Mutex<Inner>,
+    events: broadcast::Sender<StoreEventEnvelope>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore::with_inner(Inner::default())
+    }
 }
 
 impl MemStore {
     /// An empty store.
     pub fn new() -> MemStore {
         MemStore::default()
+    }
+
+    fn with_inner(inner: Inner) -> MemStore {
+        MemStore { inner: Mutex::new(inner), events: broadcast::channel(super::EVENT_CHANNEL_CAPACITY).0 }
     }
 
     /// A deep copy of everything stored (a restart that keeps the durable state). A poisoned
@@ -124,7 +141,7 @@ impl MemStore {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        MemStore { inner: Mutex::new(inner) }
+        MemStore::with_inner(inner)
     }
 
     fn lock(&self) -> StoreResult<MutexGuard<'_, Inner>> {
@@ -542,6 +559,34 @@ impl Store for MemStore {
 
     fn delete_rollout(&self, id: u64) -> StoreResult<bool> {
         Ok(self.lock()?.rollouts.remove(&id).is_some())
+    }
+
+    fn claim_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>> {
+        self.update_job(id, f)
+    }
+
+    fn replica_heartbeat(&self, rec: &ReplicaRecord) -> StoreResult<()> {
+        self.lock()?.replicas.insert(rec.id, rec.clone());
+        Ok(())
+    }
+
+    fn list_replicas(&self) -> StoreResult<Vec<ReplicaRecord>> {
+        Ok(self.lock()?.replicas.values().cloned().collect())
+    }
+
+    fn remove_replica(&self, id: uuid::Uuid) -> StoreResult<bool> {
+        Ok(self.lock()?.replicas.remove(&id).is_some())
+    }
+
+    fn publish(&self, ev: &StoreEventEnvelope) -> StoreResult<()> {
+        // The same size limit as the PostgreSQL store; having no subscriber is not an error.
+        ev.to_json()?;
+        let _ = self.events.send(ev.clone());
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEventEnvelope> {
+        self.events.subscribe()
     }
 
     fn flush(&self) -> StoreResult<()> {

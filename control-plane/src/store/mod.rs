@@ -15,15 +15,21 @@
 //! Every applied agent message is one [`Store::commit_agent_message`]: its effect on one job, the
 //! digest, a job it creates, audit entries and the agent's sequence watermark, in one transaction,
 //! checked against the job record the effect was computed from. The operations map one to one onto
-//! SQL (`SELECT … FOR UPDATE SKIP LOCKED` for leasing in [`Store::jobs_in_state`] + a conditional
-//! `UPDATE`, a transaction for the commit), which is how a PostgreSQL store for several replicas
-//! implements the same trait.
+//! SQL (`SELECT … FOR UPDATE SKIP LOCKED` for leasing: [`Store::jobs_in_state`], then
+//! [`Store::claim_job`]; a transaction for the commit), which is how the PostgreSQL store for
+//! several replicas implements the same trait.
 //!
-//! Implementations: [`sled_store::SledStore`] (embedded, one control plane per studio) and
-//! [`mem_store::MemStore`] (in memory, for the deterministic simulation and tests). Both pass the
-//! contract suite in `control-plane/tests/store_contract.rs`.
+//! Replicas sharing one database also share a registry ([`Store::replica_heartbeat`],
+//! [`Store::list_replicas`]) and wake each other with events ([`Store::publish`],
+//! [`Store::subscribe`]: PostgreSQL `NOTIFY`; an in-process channel for the embedded stores).
+//!
+//! Implementations: [`sled_store::SledStore`] (embedded, one control plane per studio),
+//! [`pg_store::PgStore`] (PostgreSQL, several replicas) and [`mem_store::MemStore`] (in memory, for
+//! the deterministic simulation and tests). All pass the contract suite in
+//! `control-plane/tests/store_contract.rs`.
 
 pub mod mem_store;
+pub mod pg_store;
 pub mod sled_store;
 
 use gaffer_protocol::digest::Digest;
@@ -62,6 +68,40 @@ pub enum StoreError {
     /// The enrollment token expired; mint a new one with `gaffer-control token create`.
     #[error("enrollment token expired; mint a new one with `gaffer-control token create`")]
     TokenExpired,
+    /// The database server cannot be used now (PostgreSQL: unreachable, not answering within the
+    /// call timeout, refusing the credentials, or without the database); retrying later may
+    /// succeed.
+    #[error(
+        "the database at {url} is unavailable: {detail}; check that PostgreSQL is running and reachable from this \
+         host (address, port, firewall, TLS), and the user, password and database name in the store URL"
+    )]
+    Unavailable {
+        /// The server's URL, password redacted.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The database was migrated by a newer gaffer-control than this one; nothing was changed.
+    #[error(
+        "the database at {url} has schema version {found}, newer than the {supported} this gaffer-control knows: \
+         upgrade gaffer-control to the version the other replicas run"
+    )]
+    SchemaTooNew {
+        /// The server's URL, password redacted.
+        url: String,
+        /// The newest migration applied to the database.
+        found: i64,
+        /// The newest migration this binary has.
+        supported: i64,
+    },
+    /// A [`StoreEventEnvelope`] too large to publish (nothing was sent).
+    #[error("a store event of {bytes} bytes of JSON is over the {bytes_max}-byte limit of one notification; send less in one event")]
+    EventTooLarge {
+        /// Size of the event as JSON.
+        bytes: usize,
+        /// [`EVENT_BYTES_MAX`].
+        bytes_max: usize,
+    },
 }
 
 /// Result alias for store calls.
@@ -851,6 +891,81 @@ pub enum CommitOutcome {
     Conflict,
 }
 
+/// A control-plane replica serving from the shared store, as it last reported itself
+/// ([`Store::replica_heartbeat`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// The replica's id (chosen at its start).
+    pub id: uuid::Uuid,
+    /// Where agents reach its QUIC endpoint (`host:port`).
+    pub quic_addr: String,
+    /// Where its dashboard and API listen (`host:port`).
+    pub http_addr: String,
+    /// When it started, its clock.
+    pub started_at_ms: UnixMs,
+    /// Its latest heartbeat, its clock.
+    pub seen_at_ms: UnixMs,
+    /// Its gaffer-control version.
+    pub version: String,
+}
+
+/// Something one replica tells every replica on the same store ([`Store::publish`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StoreEvent {
+    /// A job was queued or a slot was freed: run a leasing pass. Also sent by the store itself
+    /// ([`STORE_ORIGIN`]) when events may have been missed (its listener reconnected).
+    JobsChanged,
+    /// Send `msg` to `agent` if its link is up on this replica.
+    Deliver {
+        /// The agent.
+        agent: AgentId,
+        /// The message for it.
+        msg: gaffer_protocol::messages::ControlMessage,
+    },
+    /// The agent was revoked: close its link if it is up on this replica.
+    AgentRevoked {
+        /// The agent.
+        agent: AgentId,
+    },
+    /// The revocation list changed: reload it.
+    CertsRevoked,
+}
+
+/// A [`StoreEvent`] with the replica that published it, so a replica can skip its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreEventEnvelope {
+    /// The publishing replica's id ([`ReplicaRecord::id`]); [`STORE_ORIGIN`] for events the
+    /// store makes itself.
+    pub origin: uuid::Uuid,
+    /// The event.
+    pub event: StoreEvent,
+}
+
+/// Origin of events a store makes itself (the nil UUID, which no replica has).
+pub const STORE_ORIGIN: uuid::Uuid = uuid::Uuid::nil();
+
+/// Largest event [`Store::publish`] sends, bytes of JSON (PostgreSQL's notification payload
+/// limit is 8,000 bytes). Every store enforces it, so an event that works on one works on all.
+pub const EVENT_BYTES_MAX: usize = 7_900;
+
+/// Events a subscriber may fall behind by before it misses some
+/// (`broadcast::error::RecvError::Lagged`; treat that as [`StoreEvent::JobsChanged`]).
+pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
+
+impl StoreEventEnvelope {
+    /// The envelope as JSON, as it is published.
+    ///
+    /// # Errors
+    /// [`StoreError::EventTooLarge`] past [`EVENT_BYTES_MAX`] bytes.
+    pub fn to_json(&self) -> StoreResult<String> {
+        let json = serde_json::to_string(self).map_err(|e| StoreError::Io(format!("cannot encode event: {e}")))?;
+        if json.len() > EVENT_BYTES_MAX {
+            return Err(StoreError::EventTooLarge { bytes: json.len(), bytes_max: EVENT_BYTES_MAX });
+        }
+        Ok(json)
+    }
+}
+
 /// The control plane's persistent state. See the module docs for the contract.
 pub trait Store: Send + Sync + 'static {
     /// Adds a user; returns false (and changes nothing) if one with that name exists.
@@ -937,6 +1052,11 @@ pub trait Store: Send + Sync + 'static {
     /// exist. The closure may run more than once (on a concurrent change) and must not have side
     /// effects.
     fn update_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>>;
+    /// Like [`Store::update_job`], for leasing from several replicas: when another writer holds
+    /// the job right now it returns `Ok(None)` at once instead of waiting (PostgreSQL: `SELECT …
+    /// FOR UPDATE SKIP LOCKED`; the embedded stores, which have no other writers, behave exactly
+    /// like `update_job`). `None` therefore means "missing or busy": skip the job this pass.
+    fn claim_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>>;
     /// Deletes up to `limit` finished jobs (and their digests) whose `finished_at_ms` is before
     /// `finished_before_ms`, oldest first; returns how many were deleted. Retention of finished
     /// jobs (`--finished-job-retention`).
@@ -988,6 +1108,24 @@ pub trait Store: Send + Sync + 'static {
     fn list_rollouts(&self) -> StoreResult<Vec<crate::rollout::Rollout>>;
     /// Deletes the rollout `id`; returns whether it existed.
     fn delete_rollout(&self, id: u64) -> StoreResult<bool>;
+
+    /// Records that replica `rec.id` is alive (insert or replace).
+    fn replica_heartbeat(&self, rec: &ReplicaRecord) -> StoreResult<()>;
+    /// Every registered replica, by id (stale ones included: compare `seen_at_ms`).
+    fn list_replicas(&self) -> StoreResult<Vec<ReplicaRecord>>;
+    /// Removes replica `id` from the registry; returns whether it was there.
+    fn remove_replica(&self, id: uuid::Uuid) -> StoreResult<bool>;
+
+    /// Sends `ev` to every subscriber of every store on the same database, this one's own
+    /// included (filter by [`StoreEventEnvelope::origin`]). Delivery is best effort: events are
+    /// not stored, and a subscriber that was not listening, or fell more than
+    /// [`EVENT_CHANNEL_CAPACITY`] behind, misses them.
+    ///
+    /// # Errors
+    /// [`StoreError::EventTooLarge`] past [`EVENT_BYTES_MAX`] bytes of JSON (nothing sent).
+    fn publish(&self, ev: &StoreEventEnvelope) -> StoreResult<()>;
+    /// A receiver of every event published from now on (see [`Store::publish`]).
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreEventEnvelope>;
 
     /// Makes every write so far durable (fsync). Acknowledgements to agents wait for this.
     fn flush(&self) -> StoreResult<()>;

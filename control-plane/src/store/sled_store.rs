@@ -26,6 +26,7 @@
 //! | `bundle_numbers`   | agent UUID (16 bytes)                                 | JSON [`BundleNumbers`]               |
 //! | `revoked_certs`    | certificate serial, lowercase hex (UTF-8)             | JSON [`RevokedCertRecord`]           |
 //! | `rollouts`         | rollout id u64 BE (8)                                 | JSON [`crate::rollout::Rollout`] with its targets (at most [`crate::rollout::ROLLOUTS_KEPT_MAX`] kept) |
+//! | `replicas`         | replica UUID (16 bytes)                               | JSON [`ReplicaRecord`]               |
 //!
 //! Big-endian integers make sled's byte order the numeric order, so `health` scans one agent's
 //! samples oldest → newest (the counter, from [`sled::Db::generate_id`], breaks ties within one
@@ -62,6 +63,9 @@
 //! * The audit log's ids come from [`sled::Db::generate_id`], which is monotonic across restarts
 //!   (sled persists a high-water mark before handing ids out), so entry ids strictly increase.
 //! * [`Store::flush`] is sled's `flush` (fsync of the shared log, so it covers every tree).
+//! * `claim_job` is `update_job`: one process owns the database, so no other writer can hold a
+//!   job. Events ([`Store::publish`]) go to this store's subscribers through an in-process
+//!   broadcast channel ([`super::EVENT_CHANNEL_CAPACITY`]); they are not stored.
 //!
 //! # Bounded scans
 //!
@@ -111,7 +115,8 @@ use uuid::Uuid;
 use super::{
     AgentCommit, AgentRecord, ApiTokenRecord, AuditEntry, AuditPage, AuditQuery, AuditRecord, BundleNumbers,
     CommitOutcome, EnrollmentTokenRecord, HealthSample, JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState,
-    Priority, RevokedCertRecord, Role, SessionRecord, Store, StoreError, StoreResult, UnixMs, UserRecord, UserRemoval,
+    Priority, ReplicaRecord, RevokedCertRecord, Role, SessionRecord, Store, StoreError, StoreEventEnvelope,
+    StoreResult, UnixMs, UserRecord, UserRemoval,
 };
 use gaffer_protocol::messages::{AgentId, JobId};
 
@@ -177,6 +182,9 @@ pub struct SledStore {
     bundle_numbers: sled::Tree,
     revoked_certs: sled::Tree,
     rollouts: sled::Tree,
+    replicas: sled::Tree,
+    /// Published events, to this store's subscribers.
+    events: tokio::sync::broadcast::Sender<StoreEventEnvelope>,
     /// Serializes user writes (see the module docs).
     user_writes: Mutex<()>,
     /// Running sample count and JSON byte total of each agent's health history (see the module
@@ -438,6 +446,8 @@ impl SledStore {
             bundle_numbers: tree("bundle_numbers")?,
             revoked_certs: tree("revoked_certs")?,
             rollouts: tree("rollouts")?,
+            replicas: tree("replicas")?,
+            events: tokio::sync::broadcast::channel(super::EVENT_CHANNEL_CAPACITY).0,
             user_writes: Mutex::new(()),
             health_tally: Mutex::new(HashMap::new()),
             db,
@@ -1221,6 +1231,41 @@ impl Store for SledStore {
 
     fn delete_rollout(&self, id: u64) -> StoreResult<bool> {
         Ok(self.rollouts.remove(id.to_be_bytes()).map_err(io)?.is_some())
+    }
+
+    fn claim_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>> {
+        self.update_job(id, f)
+    }
+
+    fn replica_heartbeat(&self, rec: &ReplicaRecord) -> StoreResult<()> {
+        self.replicas.insert(rec.id.as_bytes(), encode(rec)?).map_err(io)?;
+        Ok(())
+    }
+
+    fn list_replicas(&self) -> StoreResult<Vec<ReplicaRecord>> {
+        self.replicas
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                decode("replicas", &k, &v)
+            })
+            .collect()
+    }
+
+    fn remove_replica(&self, id: Uuid) -> StoreResult<bool> {
+        Ok(self.replicas.remove(id.as_bytes()).map_err(io)?.is_some())
+    }
+
+    fn publish(&self, ev: &StoreEventEnvelope) -> StoreResult<()> {
+        // The same size limit as PostgreSQL's notifications, so an event that works here works
+        // there; having no subscriber is not an error.
+        ev.to_json()?;
+        let _ = self.events.send(ev.clone());
+        Ok(())
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreEventEnvelope> {
+        self.events.subscribe()
     }
 
     fn flush(&self) -> StoreResult<()> {
