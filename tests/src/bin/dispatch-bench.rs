@@ -8,17 +8,21 @@
 //!   with in production: sled store, default log level, no wire audit) in a temp data dir, then
 //!   `gaffer-sim` as a process: `--agents A --slots K` simulated agents on loopback QUIC with mTLS,
 //!   unpaced submission through the REST API (`--jobs-per-sec 0 --jobs-total M --job-delay-ms 0`).
-//!   Its `jobs_per_sec` is jobs succeeded / (first submit → last success). Every result is durable
-//!   before it is acknowledged: `POST /api/v1/jobs` answers after the job is fsynced
-//!   (`Scheduler::submit`), a leasing pass fsyncs before its assignments go out, and each agent
-//!   report is committed with its sequence watermark (`Store::commit_agent_message`) and fsynced
-//!   (`Store::flush`, sled's `Db::flush`) before the control plane acknowledges it (`ingest.rs`).
+//!   Its `jobs_per_sec` is jobs succeeded / (first submit → last acknowledged digest). Every result
+//!   is on disk before it is acknowledged: `POST /api/v1/jobs` answers after the job is flushed
+//!   (`Scheduler::submit`), a leasing pass flushes before its assignments go out, and each agent
+//!   report is committed with its sequence watermark (`Store::commit_agent_message`) and flushed
+//!   (`Store::flush`) before the control plane acknowledges it (`ingest.rs`). sled 0.34's
+//!   `Db::flush` on Linux is `pwrite` + `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`: it
+//!   waits until the write reached the device but issues no device cache flush and commits no
+//!   metadata; sled's own flusher thread `fsync`s the file every 500 ms. So a killed control plane
+//!   loses nothing it acknowledged, and a power loss at most what the drive's cache held.
 //! * **Celery**: a venv (`--venv`, default `~/.cache/gaffer/bench-venv`) with
 //!   `tests/bench/celery/requirements.txt` installed `--require-hashes`; Debian's `redis-server` on
 //!   a free loopback port with RDB snapshots off and the append-only file on, `appendfsync
-//!   everysec` (Redis's durable setting short of an fsync per write: a power loss can lose the
-//!   last second of tasks, acknowledgements and results — weaker than Gaffer's, which is why
-//!   it is said beside the table); a worker `celery worker --concurrency C` (prefork) on
+//!   everysec` (Redis's durable setting short of an fsync per write: the append-only file is
+//!   fsynced once a second, so a crash can lose about the last second of tasks, acknowledgements
+//!   and results — weaker than Gaffer's flush before every acknowledgement; said above the table); a worker `celery worker --concurrency C` (prefork) on
 //!   `tests/bench/celery/benchapp.py` (`task_acks_late`, Redis result backend, one no-op task);
 //!   `driver.py` submits the warm-up tasks, waits for them, then submits M tasks with `.delay()`
 //!   and waits for every result: jobs/s = M / (first submit → last result).
@@ -45,13 +49,13 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use serde_json::Value;
 
-/// What the Gaffer side guarantees, checked against control-plane/src/ingest.rs and
-/// scheduler.rs; printed above the table.
-const GAFFER_DURABILITY: &str = "every submit (201), lease pass and agent report is fsynced (sled flush) \
-before it is answered or acknowledged";
+/// What the Gaffer side guarantees, checked against control-plane/src/ingest.rs, scheduler.rs and
+/// sled 0.34's `Db::flush`; printed above the table.
+const GAFFER_DURABILITY: &str = "every submit (201), lease pass and agent report is on the device before it is \
+answered or acknowledged (sled flush: pwrite + sync_file_range; sled fsyncs every 500 ms)";
 /// What the Celery side guarantees with the Redis settings below.
-const CELERY_DURABILITY: &str = "Redis AOF, appendfsync everysec: tasks, acks and results reach disk \
-within a second, not before they are acknowledged";
+const CELERY_DURABILITY: &str = "Redis AOF, appendfsync everysec: tasks, acks and results are fsynced once a \
+second, after they are acknowledged";
 /// How long a stopped server gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a server gets to start listening.
