@@ -29,21 +29,22 @@ fn main() -> anyhow::Result<()> {
         out.flush()?;
     }
     // Stop on EOF of stdin, or on a signal (a plain exit would leave the server running).
-    let signals = std::thread::spawn(|| {
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
         let mut lines = std::io::stdin().lock();
         let mut line = String::new();
         while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
             line.clear();
         }
+        let _ = closed_tx.send(());
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let stdin_closed = tokio::task::spawn_blocking(move || signals.join());
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
-            _ = stdin_closed => {}
+            _ = closed_rx => {}
         }
         anyhow::Ok(())
     })?;
