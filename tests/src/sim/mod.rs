@@ -30,9 +30,12 @@
 //! **Cost per simulated agent**, so 10,000 fit in one process on two cores: one tokio task plus a
 //! writer task while connected (no thread per agent), no read buffer (`read_chunk`), a QUIC client
 //! endpoint (one UDP socket) per `--agents-per-socket` agents (500) carrying many identities through
-//! `Endpoint::connect_with`, and a few small maps. File descriptors: one per endpoint, the HTTP
-//! clients and up to `--enroll-concurrency` enrollment sockets, far below the usual 1024 limit,
-//! so the simulator does not raise `RLIMIT_NOFILE`.
+//! `Endpoint::connect_with`, and a few small maps. Each endpoint's socket asks for 4 MiB buffers:
+//! the handshake flights of hundreds of connections at once overflow the default 208 KiB, and the
+//! drops would count against the control plane (the report gives both sides' UDP drops). File
+//! descriptors: one per endpoint, one per HTTP client (at most 256 by default) and up to
+//! `--enroll-concurrency` enrollment sockets, below the usual 1024 limit, so the simulator does not
+//! raise `RLIMIT_NOFILE`.
 
 pub mod agent;
 pub mod fleet;
@@ -85,9 +88,11 @@ pub struct Args {
     /// --drain-secs after submitting stopped).
     #[arg(long, value_name = "M")]
     pub jobs_total: Option<usize>,
-    /// Concurrent HTTP clients submitting jobs.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub submitters: u32,
+    /// Concurrent HTTP clients submitting jobs. Default: 16 unpaced; paced, one per 4 jobs per
+    /// second (16 to 256), so a POST may take 250 ms on average before the pacing falls behind
+    /// (`submit_lag_ms_p99` says when it did).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub submitters: Option<u32>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -127,6 +132,28 @@ pub struct Args {
     pub control_pid: Option<u32>,
 }
 
+impl Args {
+    /// The submitters to run: `--submitters`, else its default for the pacing.
+    pub fn submitters(&self) -> usize {
+        match self.submitters {
+            Some(n) => n as usize,
+            None if self.jobs_per_sec > 0.0 => {
+                ((self.jobs_per_sec / 4.0).ceil() as usize).clamp(SUBMITTERS_DEFAULT, PACED_SUBMITTERS_MAX)
+            }
+            None => SUBMITTERS_DEFAULT,
+        }
+    }
+}
+
+/// Default `--submitters` for unpaced runs, and the least for paced ones.
+pub const SUBMITTERS_DEFAULT: usize = 16;
+/// The most submitters a paced run starts by default.
+pub const PACED_SUBMITTERS_MAX: usize = 256;
+/// Receive and send buffer asked for on each simulated agents' UDP socket, bytes (the kernel caps
+/// it at `net.core.rmem_max` / `wmem_max`): the handshake flights of hundreds of connections at
+/// once overflow the default 208 KiB, and a dropped packet waits for QUIC's retransmit timer.
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && (0.0..=1_000_000.0).contains(&r) => Ok(r),
@@ -145,8 +172,20 @@ pub struct Report {
     pub agents_welcomed: usize,
     /// First connection attempt → every agent welcomed, seconds (None: not all were).
     pub connect_all_secs: Option<f64>,
+    /// First connection attempt → an agent's first welcome, p50 over the agents, seconds.
+    pub connect_secs_p50: Option<f64>,
+    /// The same, p99.
+    pub connect_secs_p99: Option<f64>,
     /// Welcomes beyond each agent's first (reconnects).
     pub reconnects: u64,
+    /// Connection attempts that failed and connections that were lost (each followed by the
+    /// agent's back-off).
+    pub link_failures: u64,
+    /// Datagrams the kernel dropped on the control plane's UDP socket (full receive buffer)
+    /// during the run (from /proc/net/udp; None when it is not visible here).
+    pub control_udp_drops: Option<u64>,
+    /// Datagrams the kernel dropped on the simulator's UDP sockets during the run.
+    pub sim_udp_drops: Option<u64>,
     /// Enrollment phase, seconds.
     pub enroll_secs: f64,
     /// Agents enrolled by this run.
@@ -353,7 +392,7 @@ async fn run_with(
     let client = reqwest::Client::builder()
         .timeout(load::HTTP_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(args.submitters as usize + 2)
+        .pool_max_idle_per_host(args.submitters() + 2)
         .build()?;
     let api = load::Api { client: client.clone(), base: serve.http_base.clone(), token: creds.api_token.clone() };
     let session_cookie = load::login(&client, &serve.http_base, &creds.name, &creds.password).await?;
@@ -389,9 +428,10 @@ async fn run_with(
     });
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
     let per_socket = args.agents_per_socket as usize;
-    let endpoints = (0..agents.div_ceil(per_socket))
-        .map(|_| quinn::Endpoint::client(bind).context("binding a UDP socket for the simulated agents"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let endpoints =
+        (0..agents.div_ceil(per_socket)).map(|_| client_endpoint(bind)).collect::<anyhow::Result<Vec<_>>>()?;
+    let sim_ports: Vec<u16> = endpoints.iter().filter_map(|e| e.local_addr().ok()).map(|a| a.port()).collect();
+    let udp_drops_start = (stats::udp_drops(&[addr.port()]), stats::udp_drops(&sim_ports));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connect_started = Instant::now();
     let mut agent_tasks = tokio::task::JoinSet::new();
@@ -425,7 +465,7 @@ async fn run_with(
         jobs_per_sec: args.jobs_per_sec,
         jobs_total: args.jobs_total,
         duration: Duration::from_secs(args.duration_secs),
-        submitters: args.submitters as usize,
+        submitters: args.submitters(),
         site: args.site.clone(),
         profile: args.profile.clone(),
     };
@@ -448,6 +488,7 @@ async fn run_with(
     let heartbeats = stats.heartbeats.load(Ordering::Relaxed) - heartbeats_start;
     let agents_connected = stats.connected.load(Ordering::Relaxed);
     let control_rss_bytes = control_pid.and_then(stats::rss_bytes);
+    let udp_drops_end = (stats::udp_drops(&[addr.port()]), stats::udp_drops(&sim_ports));
     let _ = stop_tx.send(true);
     let mut samples = sampler.await.unwrap_or_default();
     tracing::info!(drained, "load done; disconnecting");
@@ -466,12 +507,18 @@ async fn run_with(
     let (mut assign, mut finish) = (jobs.assign_latency_ms.clone(), jobs.finish_latency_ms.clone());
     let mut post = submitted.post_ms.clone();
     let mut lag = submitted.lag_ms.clone();
+    let mut welcomed_ms = stats.first_welcome_ms(connect_started);
     let mut report = Report {
         agents,
         agents_connected,
         agents_welcomed: stats.welcomed_unique(),
         connect_all_secs,
+        connect_secs_p50: percentile(&mut welcomed_ms, 50.0).map(|v| v / 1000.0),
+        connect_secs_p99: percentile(&mut welcomed_ms, 99.0).map(|v| v / 1000.0),
         reconnects: stats.welcomes.load(Ordering::Relaxed).saturating_sub(stats.welcomed_unique() as u64),
+        link_failures: stats.link_failures.load(Ordering::Relaxed),
+        control_udp_drops: udp_drops_end.0.zip(udp_drops_start.0).map(|(b, a)| b.saturating_sub(a)),
+        sim_udp_drops: udp_drops_end.1.zip(udp_drops_start.1).map(|(b, a)| b.saturating_sub(a)),
         enroll_secs: enrolled.elapsed.as_secs_f64(),
         agents_enrolled: enrolled.enrolled,
         agents_reused: enrolled.reused,
@@ -547,6 +594,22 @@ async fn run_with(
     Ok(report)
 }
 
+/// A client endpoint for the simulated agents on its own UDP socket bound to `bind`, with
+/// [`UDP_SOCKET_BUFFER_BYTES`] of socket buffers.
+fn client_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+            .context("creating a UDP socket for the simulated agents")?;
+    // Best effort: the kernel caps both at its maximum, and a smaller buffer only costs retransmits.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&bind.into()).with_context(|| format!("binding a UDP socket on {bind}"))?;
+    let runtime = quinn::default_runtime().context("no async runtime for the QUIC endpoint")?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)
+        .context("starting a QUIC client endpoint")
+}
+
 /// The report as the human table, `/proc/loadavg` beside it.
 pub fn table(r: &Report) -> String {
     fn opt(v: Option<f64>, unit: &str) -> String {
@@ -561,8 +624,30 @@ pub fn table(r: &Report) -> String {
     };
     let load = r.load_avg.map_or_else(|| "-".to_owned(), |l| format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2]));
     let rows: Vec<(&str, String)> = vec![
-        ("agents connected", format!("{} of {} ({} reconnects)", r.agents_connected, r.agents, r.reconnects)),
-        ("connect all", opt(r.connect_all_secs, "s")),
+        (
+            "agents connected",
+            format!(
+                "{} of {} ({} reconnects, {} failed or lost connections)",
+                r.agents_connected, r.agents, r.reconnects, r.link_failures
+            ),
+        ),
+        (
+            "UDP drops",
+            format!(
+                "control {}, sim {}",
+                r.control_udp_drops.map_or("-".into(), |d| d.to_string()),
+                r.sim_udp_drops.map_or("-".into(), |d| d.to_string())
+            ),
+        ),
+        (
+            "connect",
+            format!(
+                "all {}  (p50 {}  p99 {})",
+                opt(r.connect_all_secs, "s"),
+                opt(r.connect_secs_p50, "s"),
+                opt(r.connect_secs_p99, "s")
+            ),
+        ),
         ("enrollment", format!("{:.1} s ({} new, {} reused)", r.enroll_secs, r.agents_enrolled, r.agents_reused)),
         ("control RSS", format!("{}{per_agent}", mib(r.control_rss_bytes))),
         ("control CPU", opt(r.control_cpu_cores, "cores")),

@@ -22,6 +22,8 @@ pub struct Stats {
     welcomed_unique: AtomicUsize,
     all_welcomed_at: Mutex<Option<Instant>>,
     all_welcomed: Notify,
+    /// When each agent was first welcomed, in order of arrival.
+    first_welcomes: Mutex<Vec<Instant>>,
     /// Agents whose link is up now (welcomed, not closed).
     pub connected: AtomicUsize,
     /// Welcomes received, every connection counted (so `welcomes - agents` are reconnects).
@@ -107,6 +109,7 @@ impl Stats {
             welcomed_unique: AtomicUsize::new(0),
             all_welcomed_at: Mutex::new(None),
             all_welcomed: Notify::new(),
+            first_welcomes: Mutex::new(Vec::with_capacity(agents)),
             connected: AtomicUsize::new(0),
             welcomes: AtomicU64::new(0),
             link_failures: AtomicU64::new(0),
@@ -128,6 +131,9 @@ impl Stats {
         self.connected.fetch_add(1, Ordering::Relaxed);
         self.heartbeat_interval_secs.store(heartbeat_interval_secs, Ordering::Relaxed);
         let first = self.welcomed_ever.get(index).is_some_and(|w| !w.swap(true, Ordering::Relaxed));
+        if first {
+            lock(&self.first_welcomes).push(Instant::now());
+        }
         if first && self.welcomed_unique.fetch_add(1, Ordering::Relaxed) + 1 == self.agents {
             *lock(&self.all_welcomed_at) = Some(Instant::now());
             self.all_welcomed.notify_waiters();
@@ -137,6 +143,11 @@ impl Stats {
     /// A welcomed connection ended.
     pub fn on_disconnected(&self) {
         self.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Each agent's first welcome, milliseconds after `start`.
+    pub fn first_welcome_ms(&self, start: Instant) -> Vec<f64> {
+        lock(&self.first_welcomes).iter().map(|t| ms(t.saturating_duration_since(start))).collect()
     }
 
     /// Agents welcomed at least once.
@@ -330,6 +341,27 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 1000 / USER_HZ))
 }
 
+/// Datagrams the kernel dropped so far on the UDP sockets bound to any of `ports` (the `drops`
+/// column of `/proc/net/udp` and `/proc/net/udp6`, summed); None when no such socket is listed.
+pub fn udp_drops(ports: &[u16]) -> Option<u64> {
+    let mut found = None;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields
+                .get(1)
+                .and_then(|local| local.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if port.is_some_and(|p| ports.contains(&p)) {
+                let drops: u64 = fields.last().and_then(|d| d.parse().ok()).unwrap_or(0);
+                found = Some(found.unwrap_or(0) + drops);
+            }
+        }
+    }
+    found
+}
+
 /// The 1, 5 and 15 minute load averages of `/proc/loadavg`.
 pub fn load_avg() -> Option<[f64; 3]> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
@@ -410,5 +442,8 @@ mod tests {
         assert!(rss_bytes(me).is_some_and(|b| b > 0));
         assert!(cpu_time(me).is_some());
         assert!(load_avg().is_some());
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string());
+        let port = socket.as_ref().ok().and_then(|s| s.local_addr().ok()).map(|a| a.port());
+        assert_eq!(port.and_then(|p| udp_drops(&[p])), Some(0), "a fresh socket, listed, without drops");
     }
 }
