@@ -3,7 +3,7 @@
 //!
 //! | metric                          | type      | labels                                  | updated by |
 //! |---------------------------------|-----------|-----------------------------------------|------------|
-//! | `gaffer_agents`                 | gauge     | `state` = `connected` \| `disconnected` | refreshed from the store at scrape time |
+//! | `gaffer_agents`                 | gauge     | `state` = `connected` \| `disconnected` | the store's agent counts at scrape time ([`Store::list_agents_page`]; connected: not revoked, link up) |
 //! | `gaffer_jobs`                   | gauge     | `state` = `queued` … `cancelled`        | the store's per-state counts at scrape time (O(1), not a scan) |
 //! | `gaffer_agent_messages_total`   | counter   | `kind` (agent message kind)             | [`Metrics::message_received`] |
 //! | `gaffer_agent_links_open`       | gauge     | –                                       | [`Metrics::agent_connected`] / [`Metrics::agent_disconnected`] |
@@ -28,7 +28,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::store::{JobState, Store};
+use crate::store::{AgentQuery, AgentState, JobState, Store};
 
 /// Content type of [`Metrics::encode`]'s output, for the HTTP response.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -334,14 +334,16 @@ impl Metrics {
     }
 
     fn refresh(&self, store: &dyn Store) {
-        match store.list_agents() {
-            Ok(agents) => {
-                let connected = agents.iter().filter(|a| a.connected).count() as i64;
-                let total = agents.len() as i64;
-                self.agents.get_or_create(&StateLabel { state: "connected".into() }).set(connected);
-                self.agents.get_or_create(&StateLabel { state: "disconnected".into() }).set(total - connected);
+        // The listing's counts: an index read, not a decode of every agent record.
+        match store.list_agents_page(&AgentQuery { limit: 0, ..AgentQuery::default() }) {
+            Ok(page) => {
+                let counts = page.counts.all;
+                let online = i64::try_from(counts.get(AgentState::Online)).unwrap_or(i64::MAX);
+                let total = i64::try_from(counts.total()).unwrap_or(i64::MAX);
+                self.agents.get_or_create(&StateLabel { state: "connected".into() }).set(online);
+                self.agents.get_or_create(&StateLabel { state: "disconnected".into() }).set(total - online);
             }
-            Err(e) => tracing::error!(error = %e, "metrics: cannot list agents"),
+            Err(e) => tracing::error!(error = %e, "metrics: cannot count agents"),
         }
         match store.job_counts() {
             Ok(counts) => {

@@ -13,7 +13,8 @@ use axum::Router;
 use gaffer_control::scheduler::{JobRequest, SchedulerConfig};
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{
-    AgentRecord, ApiTokenRecord, HealthSample, JobOrigin, JobRecord, JobState, Priority, Role, Store, UserRecord,
+    AgentRecord, AgentState, ApiTokenRecord, HealthSample, JobOrigin, JobRecord, JobState, Priority, Role, Store,
+    UserRecord,
 };
 use gaffer_control::{http::router, AppState};
 use gaffer_protocol::digest::{
@@ -369,10 +370,15 @@ async fn api_unknown_and_malformed_ids() -> Result<()> {
 async fn api_lists_agents_with_health() -> Result<()> {
     let f = Fixture::new()?;
     let list = json(f.send(api_get("/api/v1/agents", Some(API_TOKEN))).await?).await?;
-    let a = &list[0];
+    assert_eq!(list["counts"]["total"], 1);
+    assert_eq!(list["counts"]["online"], 1);
+    assert_eq!(list["counts"]["sites"]["stage-a"]["online"], 1);
+    assert!(list["next_cursor"].is_null());
+    let a = &list["agents"][0];
     assert_eq!(a["id"], f.agent_id.to_string());
     assert_eq!(a["hostname"], "gpu-box-07");
     assert_eq!(a["online"], true);
+    assert_eq!(a["state"], "online");
     assert_eq!(a["health_source"], "cpu");
     assert_eq!(a["health"]["cpu_percent"], 40.0);
     assert_eq!(a["jobs_running"], 0);
@@ -382,6 +388,167 @@ async fn api_lists_agents_with_health() -> Result<()> {
     let history = one["health_history"].as_array().context("history")?;
     assert_eq!(history.len(), 3);
     assert_eq!(history[2]["health"]["cpu_percent"], 40.0, "oldest first");
+    Ok(())
+}
+
+/// 149 more agents beside the fixture's: sites stage-a and stage-b, every state.
+fn add_fleet(f: &Fixture) -> Result<()> {
+    for n in 0..149u32 {
+        let rec = AgentRecord {
+            connected: n % 5 != 0,
+            offline: n % 10 == 5,
+            revoked_at_ms: (n % 50 == 49).then_some(1),
+            ..AgentRecord::new(Uuid::new_v4(), ["stage-a", "stage-b"][n as usize % 2], format!("box-{n:03}"), 1)
+        };
+        f.store.insert_agent(&rec)?;
+    }
+    Ok(())
+}
+
+/// Follows `GET /api/v1/agents?{query}` through its `next_cursor`s: every agent listed, and the
+/// `Link` header of each page but the last.
+async fn all_agent_pages(f: &Fixture, query: &str) -> Result<(Vec<serde_json::Value>, usize)> {
+    let (mut agents, mut links) = (Vec::new(), 0);
+    let mut url = format!("/api/v1/agents?{query}");
+    for _ in 0..100 {
+        let resp = f.send(api_get(&url, Some(API_TOKEN))).await?;
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        let link = next_link(&resp)?;
+        let page = json(resp).await?;
+        agents.extend(page["agents"].as_array().context("agents")?.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                let link = link.context("a page with a next_cursor has a Link header")?;
+                assert!(link.contains(&format!("cursor={cursor}")), "{link}");
+                links += 1;
+                url = format!("/api/v1/agents?{query}&cursor={cursor}");
+            }
+            None => {
+                assert!(link.is_none(), "the last page has no Link header");
+                return Ok((agents, links));
+            }
+        }
+    }
+    anyhow::bail!("paging does not end")
+}
+
+#[tokio::test]
+async fn api_pages_agents_with_site_and_state_filters_and_counts() -> Result<()> {
+    let f = Fixture::new()?;
+    add_fleet(&f)?;
+    let all = f.store.list_agents()?;
+    let count = |site: Option<&str>, state: Option<AgentState>| {
+        all.iter()
+            .filter(|a| site.is_none_or(|s| a.site == s) && state.is_none_or(|st| AgentState::of(a) == st))
+            .count()
+    };
+
+    // The first page: 100 agents, the whole fleet's counts, a cursor.
+    let first = json(f.send(api_get("/api/v1/agents", Some(API_TOKEN))).await?).await?;
+    assert_eq!(first["agents"].as_array().map(Vec::len), Some(100));
+    assert_eq!(first["counts"]["total"], 150);
+    for st in AgentState::ALL {
+        assert_eq!(first["counts"][st.as_str()], count(None, Some(st)), "{st}");
+        assert_eq!(first["counts"]["sites"]["stage-b"][st.as_str()], count(Some("stage-b"), Some(st)), "{st}");
+    }
+    assert_eq!(first["counts"]["sites"]["stage-a"]["total"], count(Some("stage-a"), None));
+    assert!(first["next_cursor"].is_string());
+
+    // Paging visits every agent once, by site then hostname; so does every filter.
+    let (listed, links) = all_agent_pages(&f, "limit=40").await?;
+    let ids: Vec<&str> = listed.iter().filter_map(|a| a["id"].as_str()).collect();
+    let want: Vec<String> = all.iter().map(|a| a.id.to_string()).collect();
+    assert_eq!(ids, want);
+    assert_eq!(links, 3);
+    for (site, state) in [
+        (Some("stage-b"), Some(AgentState::Online)),
+        (None, Some(AgentState::Offline)),
+        (Some("stage-a"), None),
+        (None, Some(AgentState::Revoked)),
+        (None, Some(AgentState::AirGapped)),
+    ] {
+        let mut query = "limit=7".to_owned();
+        if let Some(s) = site {
+            query.push_str(&format!("&site={s}"));
+        }
+        if let Some(st) = state {
+            query.push_str(&format!("&state={st}"));
+        }
+        let (listed, _) = all_agent_pages(&f, &query).await?;
+        assert_eq!(listed.len(), count(site, state), "{query}");
+        assert!(
+            listed
+                .iter()
+                .all(|a| site.is_none_or(|s| a["site"] == s) && state.is_none_or(|st| a["state"] == st.as_str())),
+            "{query}"
+        );
+    }
+
+    // The state is the record's as it is now: a link that goes down is offline at once.
+    f.store.update_agent(f.agent_id, &mut |a| a.connected = false)?;
+    let (online, _) = all_agent_pages(&f, "state=online&limit=1000").await?;
+    assert!(online.iter().all(|a| a["id"] != f.agent_id.to_string() && a["online"] == true));
+    let page = json(f.send(api_get("/api/v1/agents?site=stage-a&limit=1", Some(API_TOKEN))).await?).await?;
+    assert_eq!(page["counts"]["online"], count(None, Some(AgentState::Online)) - 1);
+
+    // Bad parameters are refused naming what is accepted.
+    for (query, says) in [
+        ("limit=0", "limit must be 1..=1000"),
+        ("limit=1001", "limit must be 1..=1000"),
+        ("state=sleeping", "known: online, offline, air_gapped, revoked"),
+        ("cursor=bogus", "next_cursor"),
+        ("site=no%20spaces", "site"),
+        ("limit=many", "limit"),
+    ] {
+        let msg = assert_json_error(
+            f.send(api_get(&format!("/api/v1/agents?{query}"), Some(API_TOKEN))).await?,
+            StatusCode::BAD_REQUEST,
+        )
+        .await?;
+        assert!(msg.contains(says), "{query}: {msg}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn fleet_page_filters_by_site_and_state_counts_and_pages() -> Result<()> {
+    let f = Fixture::new()?;
+    add_fleet(&f)?;
+    let all = f.store.list_agents()?;
+    let online = all.iter().filter(|a| AgentState::of(a) == AgentState::Online).count();
+    let cookie = format!("gaffer_session={}", f.login().await?);
+    let rows = |page: &str| page.matches("<td><a href=\"/agents/").count();
+
+    let fleet = text(f.send(get("/", Some(&cookie))).await?).await?;
+    assert!(fleet.contains(&format!("{online} of 150 online")), "headline counts the whole fleet");
+    assert_eq!(rows(&fleet), 100, "one page of 100");
+    assert!(fleet.contains(&format!("<span class=\"n\">{online}</span><span class=\"label\">online</span>")));
+    assert!(fleet.contains("<option value=\"stage-b\">stage-b ("), "site filter options");
+    let next = fleet
+        .split("<a rel=\"next\" href=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .context("a next-page link")?
+        .replace("&amp;", "&");
+    let second = text(f.send(get(&next, Some(&cookie))).await?).await?;
+    assert_eq!(rows(&second), 50);
+    assert!(second.contains("First page") && !second.contains("rel=\"next\""));
+    // Every agent on exactly one of the two pages.
+    for a in &all {
+        let link = format!("href=\"/agents/{}\"", a.id);
+        assert_eq!(fleet.contains(&link) as u8 + second.contains(&link) as u8, 1, "{}", a.hostname);
+    }
+
+    let filtered = text(f.send(get("/?site=stage-b&state=offline", Some(&cookie))).await?).await?;
+    let want: Vec<&AgentRecord> =
+        all.iter().filter(|a| a.site == "stage-b" && AgentState::of(a) == AgentState::Offline).collect();
+    assert_eq!(rows(&filtered), want.len());
+    assert!(want.iter().all(|a| filtered.contains(&format!("href=\"/agents/{}\"", a.id))));
+    assert!(filtered.contains("<option value=\"stage-b\" selected>"));
+    assert!(filtered.contains("<input type=\"hidden\" name=\"state\" value=\"offline\">"));
+    let none = text(f.send(get("/?site=stage-z", Some(&cookie))).await?).await?;
+    assert!(none.contains("No agents match in site stage-z."), "{none}");
+    assert_eq!(f.send(get("/?state=asleep", Some(&cookie))).await?.status(), StatusCode::BAD_REQUEST);
     Ok(())
 }
 
@@ -1097,7 +1264,7 @@ async fn api_cancels_and_retries_jobs() -> Result<()> {
     assert!(deadline >= before + 30_000 && deadline <= gaffer_control::now_ms() + 30_000, "{deadline}");
     assert!(leased["pending_reason"].is_null());
     let agents = json(f.send(api_get("/api/v1/agents", Some(API_TOKEN))).await?).await?;
-    assert_eq!(agents[0]["jobs_running"], 1, "the leased job counts for its holder");
+    assert_eq!(agents["agents"][0]["jobs_running"], 1, "the leased job counts for its holder");
     let page = f.login().await?;
     let body = text(f.send(get(&format!("/jobs/{}", job.id), Some(&format!("gaffer_session={page}")))).await?).await?;
     assert!(

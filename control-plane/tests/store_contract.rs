@@ -14,9 +14,10 @@ use gaffer_control::store::mem_store::MemStore;
 use gaffer_control::store::pg_store::{PgOptions, PgStore};
 use gaffer_control::store::sled_store::SledStore;
 use gaffer_control::store::{
-    Actor, AgentCommit, AgentRecord, ApiTokenRecord, AuditQuery, AuditRecord, CommitOutcome, HealthSample, JobCounts,
-    JobCursor, JobOrigin, JobPage, JobQuery, JobRecord, JobState, JobWrite, Lease, Priority, ReplicaRecord, Role,
-    Store, StoreError, StoreEvent, StoreEventEnvelope, UserRecord, UserRemoval, EVENT_BYTES_MAX, STORE_ORIGIN,
+    Actor, AgentCommit, AgentCounts, AgentCursor, AgentQuery, AgentRecord, AgentState, ApiTokenRecord, AuditQuery,
+    AuditRecord, CommitOutcome, HealthSample, JobCounts, JobCursor, JobOrigin, JobPage, JobQuery, JobRecord, JobState,
+    JobWrite, Lease, Priority, ReplicaRecord, Role, Store, StoreError, StoreEvent, StoreEventEnvelope, UserRecord,
+    UserRemoval, EVENT_BYTES_MAX, STORE_ORIGIN,
 };
 use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
 use gaffer_protocol::health::{Health, HealthSource};
@@ -707,6 +708,115 @@ fn push_health_bounds_count_and_bytes(make: Make) -> TestResult {
     Ok(())
 }
 
+/// Every page of `query` (at `query.limit` per page) until `next` is None: the agents' ids.
+fn all_agent_pages(s: &dyn Store, query: &AgentQuery) -> anyhow::Result<Vec<AgentId>> {
+    let mut ids = Vec::new();
+    let mut q = query.clone();
+    for _ in 0..1000 {
+        let page = s.list_agents_page(&q)?;
+        anyhow::ensure!(page.agents.len() <= q.limit, "a page holds {} agents, limit {}", page.agents.len(), q.limit);
+        ids.extend(page.agents.iter().map(|a| a.id));
+        match page.next {
+            Some(next) => q.after = Some(next),
+            None => return Ok(ids),
+        }
+    }
+    anyhow::bail!("paging did not end")
+}
+
+fn agent_pages_filter_count_and_cover_every_agent_once(make: Make) -> TestResult {
+    let s = make()?;
+    // 24 agents over three sites, hostnames inserted out of order, in every state.
+    for n in 0..24u32 {
+        let site = ["stage-b", "stage-a", "stage-c"][n as usize % 3];
+        let rec = AgentRecord {
+            cert_not_after_unix: 2_000_000_000,
+            connected: n % 4 != 1,
+            offline: n % 8 == 5,
+            revoked_at_ms: (n % 8 == 7).then_some(5),
+            ..AgentRecord::new(aid(n), site, format!("gpu-{:02}", (n * 7) % 24), 1)
+        };
+        s.insert_agent(&rec)?;
+    }
+    let listed = s.list_agents()?;
+    let want_counts = AgentCounts::of(&listed);
+    assert_eq!(want_counts.all.total(), 24);
+    assert!(AgentState::ALL.iter().all(|&st| want_counts.all.get(st) > 0), "every state occurs: {want_counts:?}");
+
+    // Counts only.
+    let page = s.list_agents_page(&AgentQuery { limit: 0, ..AgentQuery::default() })?;
+    assert!(page.agents.is_empty() && page.next.is_none());
+    assert_eq!(page.counts, want_counts);
+    assert_eq!(page.counts.by_site.len(), 3);
+
+    // Unfiltered pages of 5 visit every agent once, in listing order (site, hostname, id).
+    let order: Vec<AgentId> = listed.iter().map(|a| a.id).collect();
+    assert_eq!(all_agent_pages(&*s, &AgentQuery { limit: 5, ..AgentQuery::default() })?, order);
+    let sorted: Vec<(String, String)> = listed.iter().map(|a| (a.site.clone(), a.hostname.clone())).collect();
+    assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "listing order: {sorted:?}");
+    // A page exactly as long as what is left has no next.
+    let page = s.list_agents_page(&AgentQuery { limit: 24, ..AgentQuery::default() })?;
+    assert_eq!(page.agents.len(), 24);
+    assert!(page.next.is_none());
+
+    // Every filter combination, paged by 2, gives exactly the matching agents in order.
+    for site in [None, Some("stage-a"), Some("stage-c"), Some("stage-z")] {
+        for state in std::iter::once(None).chain(AgentState::ALL.map(Some)) {
+            let q = AgentQuery { site: site.map(str::to_owned), state, after: None, limit: 2 };
+            let want: Vec<AgentId> = listed.iter().filter(|a| q.matches(a)).map(|a| a.id).collect();
+            assert_eq!(all_agent_pages(&*s, &q)?, want, "site {site:?} state {state:?}");
+            assert_eq!(s.list_agents_page(&q)?.counts.matching(&q), want.len() as u64, "site {site:?} state {state:?}");
+        }
+    }
+
+    // A cursor from another site's page continues in the filtered site from its start.
+    let first = s.list_agents_page(&AgentQuery { limit: 1, ..AgentQuery::default() })?;
+    let q = AgentQuery {
+        site: Some("stage-b".into()),
+        after: first.next,
+        ..AgentQuery { limit: 100, ..Default::default() }
+    };
+    let want: Vec<AgentId> = listed.iter().filter(|a| a.site == "stage-b").map(|a| a.id).collect();
+    assert_eq!(all_agent_pages(&*s, &q)?, want);
+
+    // The state follows every write at once: a link going down, a revocation, a new hostname.
+    let online = listed
+        .iter()
+        .find(|a| AgentState::of(a) == AgentState::Online)
+        .map(|a| a.id)
+        .ok_or_else(|| anyhow::anyhow!("no online agent"))?;
+    s.update_agent(online, &mut |a| a.connected = false)?;
+    let q = AgentQuery { state: Some(AgentState::Online), limit: 100, ..AgentQuery::default() };
+    let page = s.list_agents_page(&q)?;
+    assert!(page.agents.iter().all(|a| a.id != online && a.connected), "a disconnected agent is listed online");
+    assert_eq!(page.counts.all.get(AgentState::Online), want_counts.all.get(AgentState::Online) - 1);
+    assert_eq!(page.counts.all.get(AgentState::Offline), want_counts.all.get(AgentState::Offline) + 1);
+    s.update_agent(online, &mut |a| a.revoked_at_ms = Some(9))?;
+    let page =
+        s.list_agents_page(&AgentQuery { state: Some(AgentState::Revoked), limit: 100, ..AgentQuery::default() })?;
+    assert!(page.agents.iter().any(|a| a.id == online));
+    assert_eq!(page.counts.all.get(AgentState::Revoked), want_counts.all.get(AgentState::Revoked) + 1);
+    assert_eq!(page.counts.all.total(), 24);
+    s.update_agent(online, &mut |a| a.hostname = "aaa-first".into())?;
+    let site = s.get_agent(online)?.map(|a| a.site).unwrap_or_default();
+    let page = s.list_agents_page(&AgentQuery { site: Some(site), limit: 1, ..AgentQuery::default() })?;
+    assert_eq!(page.agents.first().map(|a| a.id), Some(online), "a renamed agent moves in the listing");
+
+    // A new agent in a new site is counted and listed.
+    s.insert_agent(&AgentRecord::new(aid(99), "stage-d", "new-box", 2))?;
+    let page = s.list_agents_page(&AgentQuery { site: Some("stage-d".into()), limit: 10, ..AgentQuery::default() })?;
+    assert_eq!(page.agents.iter().map(|a| a.id).collect::<Vec<_>>(), [aid(99)]);
+    assert_eq!(page.counts.by_site.get("stage-d").map(|c| c.get(AgentState::Offline)), Some(1));
+    assert_eq!(page.counts.all.total(), 25);
+
+    // Cursors round-trip as text; garbage is refused with a message.
+    let c = AgentCursor::of(&AgentRecord::new(aid(1), "stage-a", "gpu-01", 1));
+    assert_eq!(c.to_string().parse::<AgentCursor>().map_err(anyhow::Error::msg)?, c);
+    assert!("not-a-cursor!".parse::<AgentCursor>().is_err());
+    assert!("A".repeat(AgentCursor::TEXT_BYTES_MAX + 1).parse::<AgentCursor>().is_err());
+    Ok(())
+}
+
 fn other_records_roundtrip(make: Make) -> TestResult {
     use gaffer_control::store::{BundleNumbers, EnrollmentTokenRecord, RevokedCertRecord, StoreError};
     let fixture = make()?;
@@ -1152,6 +1262,7 @@ contract!(
     api_tokens_have_unique_names_and_revoke_at_once,
     audit_ids_increase_and_queries_page_through_filters,
     rollouts_roundtrip_by_id,
+    agent_pages_filter_count_and_cover_every_agent_once,
     claim_job_without_contention_is_update_job,
     replicas_register_heartbeat_and_leave,
     events_reach_every_subscriber_in_order,

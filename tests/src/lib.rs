@@ -433,6 +433,29 @@ impl ControlPlane {
             .unwrap_or(0.0))
     }
 
+    /// Every enrolled agent, by site then hostname: all pages of `GET /api/v1/agents` (1000 a
+    /// page, following `next_cursor`).
+    pub fn agents(&self) -> anyhow::Result<Vec<Value>> {
+        let mut all = Vec::new();
+        let mut path = "/agents?limit=1000".to_owned();
+        // A bound on the pages read: 10 000 000 agents.
+        for _ in 0..10_000 {
+            let page = self.api_get(&path)?;
+            all.extend(page["agents"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(cursor) => path = format!("/agents?limit=1000&cursor={cursor}"),
+                None => return Ok(all),
+            }
+        }
+        bail!("GET /api/v1/agents did not stop returning a next_cursor")
+    }
+
+    /// The fleet's agent counts from `GET /api/v1/agents`: `{"total", "online", "offline",
+    /// "air_gapped", "revoked", "sites": {…}}`.
+    pub fn agent_counts(&self) -> anyhow::Result<Value> {
+        Ok(self.api_get("/agents?limit=1")?["counts"].clone())
+    }
+
     /// All jobs (newest first, up to 1000).
     pub fn jobs(&self) -> anyhow::Result<Vec<Value>> {
         Ok(self.api_get("/jobs?limit=1000")?.as_array().cloned().unwrap_or_default())
@@ -452,8 +475,7 @@ impl ControlPlane {
     /// Waits until `agent_id` is listed online (or offline when `online` is false).
     pub fn wait_agent_online(&self, agent_id: &str, online: bool, timeout: Duration) -> anyhow::Result<Value> {
         wait_for(timeout, &format!("agent {agent_id} online={online}"), || {
-            let agents = self.api_get("/agents")?;
-            let found = agents.as_array().into_iter().flatten().find(|a| a["id"] == agent_id).cloned();
+            let found = self.agents()?.into_iter().find(|a| a["id"] == agent_id);
             Ok(found.filter(|a| a["online"] == online))
         })
     }

@@ -120,7 +120,7 @@ fn a_token_used_twice_is_refused_the_second_time() -> anyhow::Result<()> {
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("already used"), "{err}");
-    assert_eq!(cp.api_get("/agents")?.as_array().map(Vec::len), Some(1), "only the first agent is enrolled");
+    assert_eq!(cp.agents()?.len(), 1, "only the first agent is enrolled");
     Ok(())
 }
 
@@ -133,7 +133,7 @@ fn an_expired_token_is_refused() -> anyhow::Result<()> {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expired"), "{err}");
-    assert_eq!(cp.api_get("/agents")?.as_array().map(Vec::len), Some(0));
+    assert_eq!(cp.agents()?.len(), 0);
     Ok(())
 }
 
@@ -181,7 +181,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused_at_the_handshake() -> 
     });
     assert!(refused, "no failed handshake counted; control plane log:\n{}", cp.log());
     assert!(cp.log().contains("QUIC handshake failed"), "{}", cp.log());
-    assert_eq!(cp.api_get("/agents")?.as_array().map(Vec::len), Some(0), "the intruder never got in");
+    assert_eq!(cp.agent_counts()?["total"], 0, "the intruder never got in");
     let log = intruder.log();
     assert!(
         log.contains("link down") || log.contains("in the TLS handshake"),

@@ -35,7 +35,7 @@ struct Watcher {
 
 impl Watcher {
     fn start(cp: &ControlPlane) -> Self {
-        let (url, token) = (format!("{}/api/v1/agents", cp.http_url), cp.api_token.clone());
+        let (url, token) = (format!("{}/api/v1/agents?limit=1000", cp.http_url), cp.api_token.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let longest = Arc::new(Mutex::new(HashMap::<String, Duration>::new()));
         let (s, l) = (stop.clone(), longest.clone());
@@ -52,7 +52,7 @@ impl Watcher {
                     .send()
                     .ok()
                     .and_then(|r| r.json::<Value>().ok())
-                    .and_then(|v| v.as_array().cloned())
+                    .and_then(|v| v["agents"].as_array().cloned())
                     .unwrap_or_default();
                 let now = Instant::now();
                 let online: std::collections::HashSet<String> = listed

@@ -298,7 +298,12 @@ fn over_https_the_ca_is_checked_by_fingerprint_before_anything_is_installed() ->
             .args(["-H", &format!("Authorization: Bearer {}", fleet.cp.api_token)])
             .arg(format!("{}/api/v1/agents", fleet.cp.http_url)))?;
         let agents: Value = serde_json::from_str(&agents)?;
-        if agents.as_array().into_iter().flatten().any(|a| a["id"] == agent_id.as_str() && a["online"] == true) {
+        if agents["agents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["id"] == agent_id.as_str() && a["online"] == true)
+        {
             break;
         }
         ensure!(std::time::Instant::now() < deadline, "agent {agent_id} not online: {agents}\n{}", prefix.log());

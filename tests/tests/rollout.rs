@@ -99,11 +99,9 @@ fn canary_of(rollout: &Value) -> Result<String> {
 
 /// The version each agent last said in its Hello, from `GET /api/v1/agents`.
 fn versions(cp: &ControlPlane) -> Result<HashMap<String, (String, bool)>> {
-    let agents = cp.api_get("/agents")?;
-    Ok(agents
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(cp
+        .agents()?
+        .iter()
         .map(|a| {
             let id = a["id"].as_str().unwrap_or_default().to_owned();
             let v = a["agent_version"].as_str().unwrap_or_default().to_owned();

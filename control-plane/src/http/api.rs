@@ -5,13 +5,24 @@
 //!
 //! | route                     | answer |
 //! |---------------------------|--------|
-//! | `GET /agents`             | `[agent]`: id, site, hostname, online, last_seen_ms, agent_version, health (latest `Health` or null), health_source (`"nvml"`/`"cpu"`/null), jobs_running, capabilities |
+//! | `GET /agents`             | one page: `{"agents": [agent], "counts": {…}, "next_cursor": "…" \| null}`; `?site=S`, `&state=online\|offline\|air_gapped\|revoked`, `&limit=N` (default [`AGENTS_LIMIT_DEFAULT`], 1..=[`AGENTS_LIMIT_MAX`]), `&cursor=C` (a previous page's `next_cursor`); also a `Link: <…>; rel="next"` header while more pages follow |
 //! | `GET /agents/{id}`        | agent + `health_history` (latest [`HEALTH_HISTORY_MAX`], oldest first) |
 //! | `POST /jobs`              | body `{"path", "site", "agent"?, "profile"?, "priority"?}` (priority `low`/`normal`/`high`, default `normal`) → 201 `{"id"}` |
 //! | `GET /jobs`               | `[job]`, newest first, one page: `?limit=N` (default [`JOBS_LIMIT_DEFAULT`], at most [`JOBS_LIMIT_MAX`]), `&state=S`, `&agent=ID` (the job's agent), `&after=CURSOR`; a `Link: <…&after=CURSOR>; rel="next"` header while more pages follow |
 //! | `GET /jobs/{id}`          | job + `digest` (the `Digest` JSON or null) |
 //! | `POST /jobs/{id}/cancel`  | cancels a job that has not finished → 200 job; 404 unknown, 409 finished |
 //! | `POST /jobs/{id}/retry`   | queues a failed or cancelled job again with a fresh attempt budget → 200 job; 404 unknown, 409 otherwise |
+//!
+//! An agent is: id, site, hostname, state (`online`, `offline`, `air_gapped`, `revoked`: revoked
+//! first, then whether its link is up), online (its link is up), last_seen_ms, agent_version, health (latest `Health` or null),
+//! health_source (`"nvml"`/`"cpu"`/null), jobs_running (jobs leased to it now), capabilities,
+//! cert_serial, cert_not_after_ms, cert_issuer_fingerprint, revoked_at_ms. Agents are listed by
+//! site, then hostname, then id; the cursor is an opaque position in that order (a page read after
+//! an agent changed its hostname may show it again or not at all, never twice in one page). Each
+//! agent's fields come from its record as stored when the page is read. `counts` are of the whole
+//! fleet whatever the filters: `{"total", "online", "offline", "air_gapped", "revoked", "sites":
+//! {"S": {"total", "online", …}}}`; the number of agents the filters match is `counts.total` (or
+//! `counts.sites.S.total`), or that entry's state count.
 //!
 //! A job is: id, path, site, profile, priority, state, agent, pinned_agent, progress,
 //! frames_decoded, error (failure, or why the last attempt was requeued), attempts, lease_id and
@@ -22,7 +33,7 @@
 //! Submit, cancel and retry are recorded in the audit log with the token as the actor
 //! (`token:NAME`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -38,10 +49,17 @@ use super::actions;
 use super::auth::ApiCaller;
 use super::{AppError, HttpState};
 use crate::scheduler::{JobRequest, Scheduler, DEADLINE_PASS_JOBS_MAX};
-use crate::store::{AgentRecord, HealthSample, JobCursor, JobQuery, JobRecord, JobState, Priority, Store, UnixMs};
+use crate::store::{
+    AgentCursor, AgentQuery, AgentRecord, AgentState, AgentStateCounts, HealthSample, JobCursor, JobQuery, JobRecord,
+    JobState, Priority, Store, UnixMs,
+};
 
 /// Health samples returned by `GET /agents/{id}`.
 pub(crate) const HEALTH_HISTORY_MAX: usize = 100;
+/// Default `limit` of `GET /agents`.
+pub(crate) const AGENTS_LIMIT_DEFAULT: usize = 100;
+/// Largest `limit` of `GET /agents` (and of the fleet page).
+pub(crate) const AGENTS_LIMIT_MAX: usize = 1000;
 /// Default `limit` of `GET /jobs`.
 pub(crate) const JOBS_LIMIT_DEFAULT: usize = 100;
 /// Largest `limit` of `GET /jobs`.
@@ -55,6 +73,7 @@ struct AgentJson {
     id: AgentId,
     site: String,
     hostname: String,
+    state: AgentState,
     online: bool,
     last_seen_ms: Option<UnixMs>,
     agent_version: Option<String>,
@@ -138,6 +157,7 @@ pub(crate) struct ListJobsQuery {
 }
 
 fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
+    let agent_state = AgentState::of(&a);
     let health = a.last_health.map(|s| s.health);
     let health_source = health.as_ref().map(|h| match h.source {
         HealthSource::Nvml { .. } => "nvml",
@@ -147,6 +167,7 @@ fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
         id: a.id,
         site: a.site,
         hostname: a.hostname,
+        state: agent_state,
         online: a.connected,
         last_seen_ms: a.last_seen_ms,
         agent_version: a.agent_version,
@@ -225,18 +246,140 @@ pub(crate) fn parse_cursor(raw: Option<&str>) -> Result<Option<JobCursor>, AppEr
     }
 }
 
-pub(crate) async fn list_agents(_: ApiCaller, State(state): State<HttpState>) -> Result<impl IntoResponse, AppError> {
-    let store = state.app.store.as_ref();
-    let running = jobs_running_by_agent(store)?;
-    let agents: Vec<AgentJson> = store
-        .list_agents()?
-        .into_iter()
-        .map(|a| {
-            let n = running.get(&a.id).copied().unwrap_or(0);
-            agent_json(a, n)
-        })
-        .collect();
-    Ok(Json(agents))
+/// `GET /api/v1/agents` query. Filters arrive as strings so that a bad one gets a message naming
+/// the accepted values.
+#[derive(Deserialize)]
+pub(crate) struct ListAgentsQuery {
+    #[serde(default)]
+    site: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// The `counts` of `GET /api/v1/agents`: `{"total", "online", "offline", "air_gapped",
+/// "revoked"}`, and the same per site under `"sites"`.
+#[derive(Serialize)]
+struct AgentCountsJson {
+    #[serde(flatten)]
+    all: StateCountsJson,
+    sites: BTreeMap<String, StateCountsJson>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct StateCountsJson {
+    total: u64,
+    online: u64,
+    offline: u64,
+    air_gapped: u64,
+    revoked: u64,
+}
+
+impl StateCountsJson {
+    pub(crate) fn of(c: &AgentStateCounts) -> Self {
+        StateCountsJson {
+            total: c.total(),
+            online: c.get(AgentState::Online),
+            offline: c.get(AgentState::Offline),
+            air_gapped: c.get(AgentState::AirGapped),
+            revoked: c.get(AgentState::Revoked),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AgentListJson {
+    agents: Vec<AgentJson>,
+    counts: AgentCountsJson,
+    next_cursor: Option<String>,
+}
+
+/// Parses the agent listing's filters, limit and cursor (shared by the API and the fleet page):
+/// empty values mean "none"; 400 naming what is accepted.
+pub(crate) fn agent_query(
+    site: Option<&str>,
+    state: Option<&str>,
+    limit: Option<usize>,
+    cursor: Option<&str>,
+    limit_default: usize,
+) -> Result<AgentQuery, AppError> {
+    let site = match site.map(str::trim) {
+        None | Some("") => None,
+        Some(s) => {
+            crate::scheduler::validate_site(s).map_err(|e| AppError::BadRequest(format!("site: {e}")))?;
+            Some(s.to_owned())
+        }
+    };
+    let state = match state.map(str::trim) {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<AgentState>().map_err(AppError::BadRequest)?),
+    };
+    let limit = limit.unwrap_or(limit_default);
+    if limit == 0 || limit > AGENTS_LIMIT_MAX {
+        return Err(AppError::BadRequest(format!("limit must be 1..={AGENTS_LIMIT_MAX}")));
+    }
+    let after = match cursor.map(str::trim) {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<AgentCursor>().map_err(|e| AppError::BadRequest(format!("cursor: {e}")))?),
+    };
+    Ok(AgentQuery { site, state, after, limit })
+}
+
+/// The query string of `query` with `cursor` (`site=…&state=…&limit=…&cursor=…`, URL-encoded),
+/// for next-page links.
+pub(crate) fn agent_query_string(query: &AgentQuery, cursor: &AgentCursor) -> String {
+    let mut pairs: Vec<(&str, String)> = Vec::new();
+    if let Some(site) = &query.site {
+        pairs.push(("site", site.clone()));
+    }
+    if let Some(state) = query.state {
+        pairs.push(("state", state.as_str().to_owned()));
+    }
+    pairs.push(("limit", query.limit.to_string()));
+    pairs.push(("cursor", cursor.to_string()));
+    serde_urlencoded::to_string(&pairs).unwrap_or_default()
+}
+
+/// `GET /api/v1/agents`: one page of agents (see the module docs), read on a blocking thread.
+pub(crate) async fn list_agents(
+    _: ApiCaller,
+    State(state): State<HttpState>,
+    query: Result<Query<ListAgentsQuery>, QueryRejection>,
+) -> Result<Response, AppError> {
+    let Query(raw) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let query =
+        agent_query(raw.site.as_deref(), raw.state.as_deref(), raw.limit, raw.cursor.as_deref(), AGENTS_LIMIT_DEFAULT)?;
+    let store = state.app.store.clone();
+    let body = tokio::task::spawn_blocking(move || -> Result<(AgentListJson, Option<String>), AppError> {
+        let page = store.list_agents_page(&query)?;
+        let running = jobs_running_by_agent(store.as_ref())?;
+        let link =
+            page.next.as_ref().map(|c| format!("</api/v1/agents?{}>; rel=\"next\"", agent_query_string(&query, c)));
+        let agents = page
+            .agents
+            .into_iter()
+            .map(|a| {
+                let n = running.get(&a.id).copied().unwrap_or(0);
+                agent_json(a, n)
+            })
+            .collect();
+        let counts = AgentCountsJson {
+            all: StateCountsJson::of(&page.counts.all),
+            sites: page.counts.by_site.iter().map(|(s, c)| (s.clone(), StateCountsJson::of(c))).collect(),
+        };
+        Ok((AgentListJson { agents, counts, next_cursor: page.next.map(|c| c.to_string()) }, link))
+    })
+    .await
+    .map_err(|e| AppError::Internal(format!("agent listing task: {e}")))??;
+    let (body, link) = body;
+    let mut response = Json(body).into_response();
+    if let Some(link) = link {
+        let link = HeaderValue::from_str(&link).map_err(|e| AppError::Internal(format!("Link header: {e}")))?;
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
 }
 
 pub(crate) async fn get_agent(

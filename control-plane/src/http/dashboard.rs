@@ -5,7 +5,7 @@
 //!
 //! | route                     | what |
 //! |---------------------------|------|
-//! | `GET /`                   | fleet: job counts per state ([`crate::store::Store::job_counts`]), agents, latest audit entries |
+//! | `GET /?site=S&state=T&cursor=C` | fleet: job counts per state ([`crate::store::Store::job_counts`]), agent counts by state and site with filter links, one page of agents (100, `limit` up to 1000; [`crate::store::Store::list_agents_page`]) with a next-page link, latest audit entries |
 //! | `GET /jobs?state=S&after=C` | one page of jobs, newest first, with a state filter and a next-page link |
 //! | `GET /jobs/new`, `POST /jobs` | the job form (with priority) and its submission |
 //! | `GET /jobs/{id}`          | job: state, priority, attempts, lease, why it waits, last error, digest; Cancel / Retry buttons |
@@ -29,19 +29,23 @@ use serde::Deserialize;
 
 use super::actions;
 use super::api::{
-    jobs_running_by_agent, parse_cursor, parse_id, parse_state_filter, pending_reason, HEALTH_HISTORY_MAX,
+    agent_query, jobs_running_by_agent, parse_cursor, parse_id, parse_state_filter, pending_reason, HEALTH_HISTORY_MAX,
 };
 use super::auth::{
     login_csrf_cookie, random_token, removal_cookie, session_cookie, sha256, tokens_equal, ClientAddr, LoginThrottle,
     Session, ThrottledBy, SESSION_TTL_MS,
 };
 use super::view::{
-    mean_gpu_util, sparkline, utc, AgentOption, AgentPage, AgentRow, Count, DigestView, FleetPage, GpuInfoRow,
-    HistoryRow, JobPage, JobRow, JobsPage, LoginPage, Me, NewJobPage, PriorityOption, StateOption, SPARK_H, SPARK_W,
+    mean_gpu_util, sparkline, utc, AgentOption, AgentPage, AgentRow, CaView, Count, DigestView, FilterLink, FleetPage,
+    GpuInfoRow, HistoryRow, JobPage, JobRow, JobsPage, LoginPage, Me, NewJobPage, PriorityOption, SiteOption,
+    StateOption, SPARK_H, SPARK_W,
 };
 use super::{AppError, HttpState, Page, PageError};
 use crate::scheduler::{JobRequest, SubmitError};
-use crate::store::{audit_action, Actor, AuditRecord, JobQuery, JobState, Priority, SessionRecord};
+use crate::store::{
+    audit_action, Actor, AgentCursor, AgentQuery, AgentState, AuditRecord, JobQuery, JobState, Priority, SessionRecord,
+    Store, UnixMs,
+};
 
 /// Jobs shown per page of `/jobs`.
 const JOBS_PAGE_MAX: usize = 200;
@@ -56,40 +60,156 @@ fn form_rejection(e: FormRejection) -> AppError {
     AppError::BadRequest(e.body_text())
 }
 
-pub(crate) async fn fleet(session: Session, State(state): State<HttpState>) -> Result<Response, PageError> {
-    let store = state.app.store.as_ref();
+/// `GET /` query: the agent table's filters and page (see [`super::api::agent_query`]).
+#[derive(Deserialize)]
+pub(crate) struct FleetQuery {
+    #[serde(default)]
+    site: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// Agents on the other CA named on the fleet page during a rotation (the rest are counted).
+const FLEET_OTHER_CA_SHOWN_MAX: usize = 50;
+
+pub(crate) async fn fleet(
+    session: Session,
+    State(state): State<HttpState>,
+    query: Result<Query<FleetQuery>, QueryRejection>,
+) -> Result<Response, PageError> {
+    let Query(raw) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let query =
+        agent_query(raw.site.as_deref(), raw.state.as_deref(), raw.limit, raw.cursor.as_deref(), FLEET_AGENTS_PAGE)?;
+    let me = Me::of(&session);
+    let can_audit = me.can_audit;
+    let app = state.app.clone();
+    let page = tokio::task::spawn_blocking(move || fleet_page(&app, me, query, can_audit))
+        .await
+        .map_err(|e| AppError::Internal(format!("fleet page task: {e}")))??;
+    Ok(Page(page).into_response())
+}
+
+/// Agents per page of the fleet table unless `limit` says otherwise.
+const FLEET_AGENTS_PAGE: usize = 100;
+
+fn fleet_page(app: &crate::AppState, me: Me, query: AgentQuery, can_audit: bool) -> Result<FleetPage, AppError> {
+    let store = app.store.as_ref();
     let now = crate::now_ms();
+    let page = store.list_agents_page(&query)?;
     let running = jobs_running_by_agent(store)?;
     let agents: Vec<AgentRow> =
-        store.list_agents()?.iter().map(|a| AgentRow::new(a, running.get(&a.id).copied().unwrap_or(0), now)).collect();
+        page.agents.iter().map(|a| AgentRow::new(a, running.get(&a.id).copied().unwrap_or(0), now)).collect();
     let counts = store.job_counts()?;
     let job_counts = JobState::ALL.iter().map(|&s| Count { label: s.as_str(), count: counts.get(s) }).collect();
-    let online_count = agents.iter().filter(|a| a.online).count();
-    let me = Me::of(&session);
-    let audit = if me.can_audit {
-        super::audit::AuditRow::latest(store, super::audit::FLEET_AUDIT_MAX, now)?
-    } else {
-        Vec::new()
-    };
-    let ca = match &state.app.pki {
-        Some(pki) => {
-            let st = pki.rotation_status(store).map_err(|e| AppError::Internal(e.to_string()))?;
-            let host = |id: &uuid::Uuid| {
-                agents.iter().find(|a| a.id == id.to_string()).map(|a| a.hostname.clone()).unwrap_or_default()
-            };
-            Some(super::view::CaView {
-                phase: st.phase.as_str(),
-                rotating: st.phase != crate::identity::RotationPhase::Standby,
-                since: st.since_ms.map(|ms| super::view::relative(Some(ms), now)).unwrap_or_else(|| "–".into()),
-                current: st.current_ca_fingerprint,
-                next: st.next_ca_fingerprint,
-                issuing: st.issuing_ca_fingerprint,
-                on_other_ca: st.agents_on_other_ca.iter().map(|id| (id.to_string(), host(id))).collect(),
-            })
-        }
+    let audit =
+        if can_audit { super::audit::AuditRow::latest(store, super::audit::FLEET_AUDIT_MAX, now)? } else { Vec::new() };
+    let ca = match &app.pki {
+        Some(pki) => Some(fleet_ca_view(pki, store, now)?),
         None => None,
     };
-    Ok(Page(FleetPage { me, agents, job_counts, online_count, audit, ca }).into_response())
+    // Filter links keep the other filter and the page size, and start from the first page.
+    let site_counts = match &query.site {
+        Some(site) => page.counts.by_site.get(site).copied().unwrap_or_default(),
+        None => page.counts.all,
+    };
+    let url = |site: Option<&str>, state: Option<AgentState>, cursor: Option<&AgentCursor>| {
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        if let Some(site) = site {
+            pairs.push(("site", site.to_owned()));
+        }
+        if let Some(state) = state {
+            pairs.push(("state", state.as_str().to_owned()));
+        }
+        if query.limit != FLEET_AGENTS_PAGE {
+            pairs.push(("limit", query.limit.to_string()));
+        }
+        if let Some(c) = cursor {
+            pairs.push(("cursor", c.to_string()));
+        }
+        let qs = serde_urlencoded::to_string(&pairs).unwrap_or_default();
+        if qs.is_empty() {
+            "/".to_owned()
+        } else {
+            format!("/?{qs}")
+        }
+    };
+    let site = query.site.as_deref();
+    let mut state_filters = vec![FilterLink {
+        label: "all",
+        count: site_counts.total(),
+        url: url(site, None, None),
+        selected: query.state.is_none(),
+    }];
+    state_filters.extend(AgentState::ALL.iter().map(|&st| FilterLink {
+        label: st.as_str(),
+        count: site_counts.get(st),
+        url: url(site, Some(st), None),
+        selected: query.state == Some(st),
+    }));
+    let sites = page
+        .counts
+        .by_site
+        .iter()
+        .map(|(name, c)| SiteOption {
+            name: name.clone(),
+            online: c.get(AgentState::Online),
+            total: c.total(),
+            selected: site == Some(name.as_str()),
+        })
+        .collect();
+    Ok(FleetPage {
+        me,
+        agents,
+        job_counts,
+        online_count: page.counts.all.get(AgentState::Online),
+        agent_total: page.counts.all.total(),
+        matching: page.counts.matching(&query),
+        state_filters,
+        sites,
+        site: query.site.clone(),
+        state: query.state.map(AgentState::as_str),
+        next_url: page.next.as_ref().map(|c| url(site, query.state, Some(c))),
+        first_url: query.after.as_ref().map(|_| url(site, query.state, None)),
+        audit,
+        ca,
+    })
+}
+
+/// The fleet CA box. Only during a rotation are the agents still on another CA looked up (that
+/// reads every agent record); in standby the box shows the fingerprints alone.
+fn fleet_ca_view(pki: &crate::identity::Pki, store: &dyn Store, now: UnixMs) -> Result<CaView, AppError> {
+    let issuing = pki.issuing_ca().fingerprint().to_string();
+    if pki.phase() == crate::identity::RotationPhase::Standby {
+        return Ok(CaView {
+            phase: crate::identity::RotationPhase::Standby.as_str(),
+            rotating: false,
+            since: "–".into(),
+            current: issuing.clone(),
+            next: None,
+            issuing,
+            on_other_ca: Vec::new(),
+            on_other_ca_total: 0,
+        });
+    }
+    let st = pki.rotation_status(store).map_err(|e| AppError::Internal(e.to_string()))?;
+    let mut on_other_ca = Vec::new();
+    for id in st.agents_on_other_ca.iter().take(FLEET_OTHER_CA_SHOWN_MAX) {
+        let host = store.get_agent(*id)?.map(|a| a.hostname).unwrap_or_default();
+        on_other_ca.push((id.to_string(), host));
+    }
+    Ok(CaView {
+        phase: st.phase.as_str(),
+        rotating: true,
+        since: st.since_ms.map(|ms| super::view::relative(Some(ms), now)).unwrap_or_else(|| "–".into()),
+        current: st.current_ca_fingerprint,
+        next: st.next_ca_fingerprint,
+        issuing: st.issuing_ca_fingerprint,
+        on_other_ca,
+        on_other_ca_total: st.agents_on_other_ca.len(),
+    })
 }
 
 pub(crate) async fn agent_page(

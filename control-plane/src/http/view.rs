@@ -215,6 +215,8 @@ pub(crate) struct AgentRow {
     pub site: String,
     pub hostname: String,
     pub online: bool,
+    /// [`crate::store::AgentState`] name: `online`, `offline`, `air_gapped`, `revoked`.
+    pub state: &'static str,
     pub last_seen: String,
     pub version: String,
     pub health: Option<HealthView>,
@@ -229,6 +231,7 @@ impl AgentRow {
             site: a.site.clone(),
             hostname: a.hostname.clone(),
             online: a.connected,
+            state: crate::store::AgentState::of(a).as_str(),
             last_seen: relative(a.last_seen_ms, now_ms),
             version: a.agent_version.clone().unwrap_or_else(|| "–".into()),
             health: a.last_health.as_ref().map(|s| HealthView::new(s, now_ms)),
@@ -531,13 +534,47 @@ pub(crate) struct Count {
 #[template(path = "fleet.html")]
 pub(crate) struct FleetPage {
     pub me: Me,
+    /// One page of agents matching the filters.
     pub agents: Vec<AgentRow>,
     pub job_counts: Vec<Count>,
-    pub online_count: usize,
+    /// Agents online, whole fleet.
+    pub online_count: u64,
+    /// Agents enrolled, whole fleet.
+    pub agent_total: u64,
+    /// Agents the filters match (every page).
+    pub matching: u64,
+    /// "all" and one link per agent state, with counts within the site filter.
+    pub state_filters: Vec<FilterLink>,
+    /// The site filter's options.
+    pub sites: Vec<SiteOption>,
+    /// The site filtered on, if any.
+    pub site: Option<String>,
+    /// The state filtered on, if any.
+    pub state: Option<&'static str>,
+    /// Link to the next page, while there is one.
+    pub next_url: Option<String>,
+    /// Link back to the first page, when this is a later one.
+    pub first_url: Option<String>,
     /// The newest operator actions (`audit_table.html`), newest first.
     pub audit: Vec<super::audit::AuditRow>,
     /// The fleet CA and its rotation, when the control plane has certificates.
     pub ca: Option<CaView>,
+}
+
+/// A filter link with the number of matches behind it.
+pub(crate) struct FilterLink {
+    pub label: &'static str,
+    pub count: u64,
+    pub url: String,
+    pub selected: bool,
+}
+
+/// A site in the fleet page's site filter.
+pub(crate) struct SiteOption {
+    pub name: String,
+    pub online: u64,
+    pub total: u64,
+    pub selected: bool,
 }
 
 /// The fleet CA on the fleet page: rotation phase, fingerprints, agents still on another CA.
@@ -548,8 +585,11 @@ pub(crate) struct CaView {
     pub current: String,
     pub next: Option<String>,
     pub issuing: String,
-    /// Agents whose certificate is not from the issuing CA: (id, host name).
+    /// Agents whose certificate is not from the issuing CA: (id, host name); during a rotation
+    /// only, the first 50.
     pub on_other_ca: Vec<(String, String)>,
+    /// How many agents hold a certificate from another CA (during a rotation).
+    pub on_other_ca_total: usize,
 }
 
 /// A GPU from the agent's capabilities.

@@ -236,6 +236,240 @@ impl AgentRecord {
     }
 }
 
+/// Where an agent stands, as `GET /api/v1/agents` and the fleet page show, count and filter it.
+/// Derived from the agent's record alone ([`AgentState::of`]), so it is exactly as current as the
+/// record: revoked first, then whether a link is up ([`AgentRecord::connected`]), then how it
+/// syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Not revoked, and its link is up now.
+    Online,
+    /// Not revoked, enrolled for the link, and not connected.
+    Offline,
+    /// Not revoked, enrolled offline (it syncs by bundles), and not connected.
+    AirGapped,
+    /// Revoked (`gaffer-control agent revoke`): refused at every handshake and bundle import.
+    Revoked,
+}
+
+impl AgentState {
+    /// Every state, in the order of [`AgentStateCounts`].
+    pub const ALL: [AgentState; 4] =
+        [AgentState::Online, AgentState::Offline, AgentState::AirGapped, AgentState::Revoked];
+
+    /// The state of `agent`.
+    pub fn of(agent: &AgentRecord) -> AgentState {
+        if agent.revoked_at_ms.is_some() {
+            AgentState::Revoked
+        } else if agent.connected {
+            AgentState::Online
+        } else if agent.offline {
+            AgentState::AirGapped
+        } else {
+            AgentState::Offline
+        }
+    }
+
+    /// API/dashboard name: `online`, `offline`, `air_gapped`, `revoked`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Online => "online",
+            AgentState::Offline => "offline",
+            AgentState::AirGapped => "air_gapped",
+            AgentState::Revoked => "revoked",
+        }
+    }
+
+    /// Position in [`AgentState::ALL`] (and in [`AgentStateCounts`]).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AgentState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AgentState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown agent state {s:?} (known: online, offline, air_gapped, revoked)"))
+    }
+}
+
+/// Number of agents in each [`AgentState`], indexed by [`AgentState::index`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStateCounts(pub [u64; 4]);
+
+impl AgentStateCounts {
+    /// Agents in `state`.
+    pub fn get(&self, state: AgentState) -> u64 {
+        self.0[state.index()]
+    }
+
+    /// Agents in any state.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Counts one more agent in `state`.
+    pub fn add(&mut self, state: AgentState) {
+        self.0[state.index()] += 1;
+    }
+
+    /// Counts one agent in `state` less (never below zero).
+    pub fn remove(&mut self, state: AgentState) {
+        let n = &mut self.0[state.index()];
+        *n = n.saturating_sub(1);
+    }
+}
+
+/// Enrolled agents counted by state, over the whole fleet and per site (whatever the filters of
+/// the [`AgentQuery`] they came with).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentCounts {
+    /// Every agent.
+    pub all: AgentStateCounts,
+    /// Per site, by name; sites with no agents are absent.
+    pub by_site: std::collections::BTreeMap<String, AgentStateCounts>,
+}
+
+impl AgentCounts {
+    /// Counts `agents`.
+    pub fn of<'a>(agents: impl IntoIterator<Item = &'a AgentRecord>) -> Self {
+        let mut counts = AgentCounts::default();
+        for a in agents {
+            counts.add(&a.site, AgentState::of(a));
+        }
+        counts
+    }
+
+    /// Counts one more agent of `site` in `state`.
+    pub fn add(&mut self, site: &str, state: AgentState) {
+        self.all.add(state);
+        match self.by_site.get_mut(site) {
+            Some(c) => c.add(state),
+            None => {
+                let mut c = AgentStateCounts::default();
+                c.add(state);
+                self.by_site.insert(site.to_owned(), c);
+            }
+        }
+    }
+
+    /// Counts one agent of `site` in `state` less (a site left with none is dropped).
+    pub fn remove(&mut self, site: &str, state: AgentState) {
+        self.all.remove(state);
+        if let Some(c) = self.by_site.get_mut(site) {
+            c.remove(state);
+            if c.total() == 0 {
+                self.by_site.remove(site);
+            }
+        }
+    }
+
+    /// Agents matching the filters of `query` (site, state), cursor and limit aside.
+    pub fn matching(&self, query: &AgentQuery) -> u64 {
+        let counts = match &query.site {
+            Some(site) => self.by_site.get(site).copied().unwrap_or_default(),
+            None => self.all,
+        };
+        match query.state {
+            Some(state) => counts.get(state),
+            None => counts.total(),
+        }
+    }
+}
+
+/// Position in the agent listing, which is ordered by site, then hostname, then id (the order of
+/// [`Store::list_agents`]): the last agent of a page. Opaque to API clients: it travels as the
+/// URL-safe base64 of a JSON array ([`std::fmt::Display`] / [`std::str::FromStr`], at most
+/// [`AgentCursor::TEXT_BYTES_MAX`] bytes).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AgentCursor {
+    /// Site of the last agent returned.
+    pub site: String,
+    /// Hostname of the last agent returned.
+    pub hostname: String,
+    /// Id of the last agent returned.
+    pub id: AgentId,
+}
+
+impl AgentCursor {
+    /// Longest cursor text accepted, bytes (a site is at most 128 bytes and a hostname 255, so a
+    /// real cursor is well under it).
+    pub const TEXT_BYTES_MAX: usize = 2048;
+
+    /// The cursor of `agent`.
+    pub fn of(agent: &AgentRecord) -> Self {
+        Self { site: agent.site.clone(), hostname: agent.hostname.clone(), id: agent.id }
+    }
+
+    /// Whether `agent` comes after this cursor in the listing order.
+    pub fn is_before(&self, agent: &AgentRecord) -> bool {
+        (self.site.as_str(), self.hostname.as_str(), self.id) < (agent.site.as_str(), agent.hostname.as_str(), agent.id)
+    }
+}
+
+impl std::fmt::Display for AgentCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use base64::Engine as _;
+        let json = serde_json::to_vec(&(&self.site, &self.hostname, self.id)).map_err(|_| std::fmt::Error)?;
+        f.write_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json))
+    }
+}
+
+impl std::str::FromStr for AgentCursor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use base64::Engine as _;
+        let bad = || "cursor is not one this control plane made: pass the `next_cursor` of a previous page".to_owned();
+        if s.len() > Self::TEXT_BYTES_MAX {
+            return Err(bad());
+        }
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
+        let (site, hostname, id): (String, String, AgentId) = serde_json::from_slice(&json).map_err(|_| bad())?;
+        Ok(Self { site, hostname, id })
+    }
+}
+
+/// Which agents [`Store::list_agents_page`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentQuery {
+    /// Only agents of this site.
+    pub site: Option<String>,
+    /// Only agents in this state.
+    pub state: Option<AgentState>,
+    /// Continue after this cursor (from [`AgentPage::next`]).
+    pub after: Option<AgentCursor>,
+    /// Most agents returned; 0 returns only the counts. Callers cap it (the API at 1000).
+    pub limit: usize,
+}
+
+impl AgentQuery {
+    /// Whether `agent` matches the filters (not the cursor).
+    pub fn matches(&self, agent: &AgentRecord) -> bool {
+        self.site.as_deref().is_none_or(|s| agent.site == s) && self.state.is_none_or(|st| AgentState::of(agent) == st)
+    }
+}
+
+/// One page of [`Store::list_agents_page`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentPage {
+    /// The agents, by site, then hostname, then id.
+    pub agents: Vec<AgentRecord>,
+    /// The whole fleet's counts (not only this page's, whatever the filters).
+    pub counts: AgentCounts,
+    /// Cursor for the next page; None when no further agent matches.
+    pub next: Option<AgentCursor>,
+}
+
 /// Most entries kept in [`AgentRecord::cert_history`] (a 7-day certificate renewed at half life
 /// gives 32 entries in about 16 weeks).
 pub const CERT_HISTORY_MAX: usize = 32;
@@ -1031,6 +1265,24 @@ pub trait Store: Send + Sync + 'static {
     fn get_agent(&self, id: AgentId) -> StoreResult<Option<AgentRecord>>;
     /// All agents, ordered by site then hostname.
     fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+    /// One page of agents matching `query`, by site, then hostname, then id, with the fleet's
+    /// counts by state and site. Every agent on the page is read from its record as stored when
+    /// the page is read (so `connected` and the state are never older than the call); with
+    /// `limit` 0 only the counts are returned.
+    ///
+    /// The default reads every agent ([`Store::list_agents`]): O(fleet) decodes per call. A store
+    /// that serves large fleets keeps an index instead ([`sled_store::SledStore`]: O(limit)
+    /// decodes, counts in O(sites)).
+    fn list_agents_page(&self, query: &AgentQuery) -> StoreResult<AgentPage> {
+        let agents = self.list_agents()?;
+        let counts = AgentCounts::of(&agents);
+        let mut matching =
+            agents.into_iter().filter(|a| query.matches(a) && query.after.as_ref().is_none_or(|c| c.is_before(a)));
+        let page: Vec<AgentRecord> = matching.by_ref().take(query.limit).collect();
+        let more = query.limit > 0 && matching.next().is_some();
+        let next = if more { page.last().map(AgentCursor::of) } else { None };
+        Ok(AgentPage { agents: page, counts, next })
+    }
     /// Read-modify-write of one agent; `None` if it does not exist.
     fn update_agent(&self, id: AgentId, f: &mut dyn FnMut(&mut AgentRecord)) -> StoreResult<Option<AgentRecord>>;
     /// Appends a health sample to the agent's history, keeping at most `keep_max` newest samples

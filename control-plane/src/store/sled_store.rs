@@ -67,6 +67,20 @@
 //!   job. Events ([`Store::publish`]) go to this store's subscribers through an in-process
 //!   broadcast channel ([`super::EVENT_CHANNEL_CAPACITY`]); they are not stored.
 //!
+//! # The agent index (in memory)
+//!
+//! [`Store::list_agents_page`] (the fleet page, `GET /api/v1/agents`, `/metrics`) reads an index
+//! kept in memory: for every agent its listing key (site, hostname, id) and its [`AgentState`], in
+//! listing order, with the counts by state and site. It is built by one scan of `agents` when the
+//! store opens and changed with every write that can change a key or a state — `insert_agent` and
+//! `update_agent` (and so `push_health`) — under one lock held across the sled write and the
+//! index change, so the index always describes the latest committed record (a write the index
+//! has not seen yet cannot be committed). `commit_agent_message` writes only `last_seen_ms`, which
+//! the index does not hold. A page costs one walk of the in-memory order (from the cursor; within
+//! one site when filtered by site) and one `get` and decode per agent returned: the records are
+//! read after the walk, and one whose state or site changed in between is left out, so a page
+//! never shows an agent's state older than the call. Memory: about 200 bytes per agent.
+//!
 //! # Bounded scans
 //!
 //! * `list_jobs` walks `jobs_by_created` backwards from the cursor and reads each job to apply the
@@ -99,7 +113,8 @@
 //! Sessions from before users existed have no user and are refused (their holders log in again).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -113,10 +128,10 @@ use sled::Transactional;
 use uuid::Uuid;
 
 use super::{
-    AgentCommit, AgentRecord, ApiTokenRecord, AuditEntry, AuditPage, AuditQuery, AuditRecord, BundleNumbers,
-    CommitOutcome, EnrollmentTokenRecord, HealthSample, JobCounts, JobCursor, JobPage, JobQuery, JobRecord, JobState,
-    Priority, ReplicaRecord, RevokedCertRecord, Role, SessionRecord, Store, StoreError, StoreEventEnvelope,
-    StoreResult, UnixMs, UserRecord, UserRemoval,
+    AgentCommit, AgentCounts, AgentCursor, AgentPage, AgentQuery, AgentRecord, AgentState, ApiTokenRecord, AuditEntry,
+    AuditPage, AuditQuery, AuditRecord, BundleNumbers, CommitOutcome, EnrollmentTokenRecord, HealthSample, JobCounts,
+    JobCursor, JobPage, JobQuery, JobRecord, JobState, Priority, ReplicaRecord, RevokedCertRecord, Role, SessionRecord,
+    Store, StoreError, StoreEventEnvelope, StoreResult, UnixMs, UserRecord, UserRemoval,
 };
 use gaffer_protocol::messages::{AgentId, JobId};
 
@@ -190,6 +205,65 @@ pub struct SledStore {
     /// Running sample count and JSON byte total of each agent's health history (see the module
     /// docs); the lock also serializes `push_health`.
     health_tally: Mutex<HashMap<AgentId, HealthTally>>,
+    /// The agent listing's index (see the module docs); its lock also serializes agent writes.
+    agent_index: Mutex<AgentIndex>,
+}
+
+/// Every agent's listing key and state, in listing order, with the counts (see the module docs).
+#[derive(Debug, Default)]
+struct AgentIndex {
+    /// Listing key of each agent.
+    keys: HashMap<AgentId, AgentCursor>,
+    /// Every agent by listing key, with its state.
+    order: BTreeMap<AgentCursor, AgentState>,
+    /// Counts of `order` by state and site.
+    counts: AgentCounts,
+}
+
+impl AgentIndex {
+    /// Records `rec` as it is now stored, replacing what was known of it.
+    fn put(&mut self, rec: &AgentRecord) {
+        if let Some(old) = self.keys.remove(&rec.id) {
+            if let Some(state) = self.order.remove(&old) {
+                self.counts.remove(&old.site, state);
+            }
+        }
+        let key = AgentCursor::of(rec);
+        let state = AgentState::of(rec);
+        self.counts.add(&key.site, state);
+        self.order.insert(key.clone(), state);
+        self.keys.insert(rec.id, key);
+    }
+
+    /// Up to `query.limit` listing keys matching `query` after its cursor, and the cursor of the
+    /// next page if another key matches.
+    fn page(&self, query: &AgentQuery) -> (Vec<AgentCursor>, Option<AgentCursor>) {
+        if query.limit == 0 {
+            return (Vec::new(), None);
+        }
+        let site_start = |site: &str| AgentCursor { site: site.to_owned(), hostname: String::new(), id: Uuid::nil() };
+        let lower = match (&query.after, &query.site) {
+            (Some(c), Some(site)) if c.site < *site => Bound::Included(site_start(site)),
+            (Some(c), _) => Bound::Excluded(c.clone()),
+            (None, Some(site)) => Bound::Included(site_start(site)),
+            (None, None) => Bound::Unbounded,
+        };
+        let mut keys = Vec::new();
+        for (key, state) in self.order.range((lower, Bound::Unbounded)) {
+            if query.site.as_ref().is_some_and(|s| key.site != *s) {
+                break;
+            }
+            if query.state.is_some_and(|st| st != *state) {
+                continue;
+            }
+            if keys.len() == query.limit {
+                let next = keys.last().cloned();
+                return (keys, next);
+            }
+            keys.push(key.clone());
+        }
+        (keys, None)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -450,12 +524,29 @@ impl SledStore {
             events: tokio::sync::broadcast::channel(super::EVENT_CHANNEL_CAPACITY).0,
             user_writes: Mutex::new(()),
             health_tally: Mutex::new(HashMap::new()),
+            agent_index: Mutex::new(AgentIndex::default()),
             db,
         };
         store.upgrade()?;
         store.upgrade_auth(crate::now_ms())?;
         store.upgrade_audit()?;
+        store.build_agent_index()?;
         Ok(store)
+    }
+
+    /// Builds the agent index from `agents` (see the module docs). Runs before the store is shared.
+    fn build_agent_index(&self) -> StoreResult<()> {
+        let mut index = AgentIndex::default();
+        for item in self.agents.iter() {
+            let (key, value) = item.map_err(io)?;
+            index.put(&decode::<AgentRecord>("agents", &key, &value)?);
+        }
+        *self.lock_agent_index()? = index;
+        Ok(())
+    }
+
+    fn lock_agent_index(&self) -> StoreResult<std::sync::MutexGuard<'_, AgentIndex>> {
+        self.agent_index.lock().map_err(|_| StoreError::Io("agent index lock poisoned".into()))
     }
 
     /// Users and named API tokens for a data directory from before they existed (see the module
@@ -836,7 +927,10 @@ impl Store for SledStore {
     }
 
     fn insert_agent(&self, rec: &AgentRecord) -> StoreResult<()> {
-        self.agents.insert(rec.id.as_bytes(), encode(rec)?).map_err(io)?;
+        let value = encode(rec)?;
+        let mut index = self.lock_agent_index()?;
+        self.agents.insert(rec.id.as_bytes(), value).map_err(io)?;
+        index.put(rec);
         Ok(())
     }
 
@@ -859,7 +953,30 @@ impl Store for SledStore {
             f(rec);
             Ok(true)
         };
-        self.cas_loop(&self.agents, "agents", id.as_bytes(), &mut apply)
+        let mut index = self.lock_agent_index()?;
+        let stored = self.cas_loop(&self.agents, "agents", id.as_bytes(), &mut apply)?;
+        if let Some(rec) = &stored {
+            index.put(rec);
+        }
+        Ok(stored)
+    }
+
+    fn list_agents_page(&self, query: &AgentQuery) -> StoreResult<AgentPage> {
+        let (keys, next, counts) = {
+            let index = self.lock_agent_index()?;
+            let (keys, next) = index.page(query);
+            (keys, next, index.counts.clone())
+        };
+        let mut agents = Vec::with_capacity(keys.len());
+        for key in keys {
+            // Read after the walk: one that changed state or site since is left out.
+            if let Some(rec) = self.get_agent(key.id)? {
+                if query.matches(&rec) {
+                    agents.push(rec);
+                }
+            }
+        }
+        Ok(AgentPage { agents, counts, next })
     }
 
     fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize, bytes_max: usize) -> StoreResult<()> {
@@ -1515,6 +1632,72 @@ mod tests {
         store.push_health(a, &sample(2000), 100, one * 3)?;
         let times: Vec<u64> = store.health_history(a, 100)?.iter().map(|s| s.received_at_ms).collect();
         assert_eq!(times, [1006, 1007, 2000]);
+        Ok(())
+    }
+
+    /// The agent index agrees with the records: counts from a full read, and every record in the
+    /// state it is listed under.
+    fn assert_index_agrees(store: &SledStore) -> anyhow::Result<()> {
+        let all = store.list_agents()?;
+        let page = store.list_agents_page(&AgentQuery { limit: all.len().max(1), ..AgentQuery::default() })?;
+        assert_eq!(page.counts, AgentCounts::of(&all));
+        assert_eq!(page.agents, all);
+        Ok(())
+    }
+
+    #[test]
+    fn agent_index_is_rebuilt_on_open() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let ids: Vec<AgentId> = (0..10).map(|_| Uuid::new_v4()).collect();
+        {
+            let store = SledStore::open(dir.path())?;
+            for (n, id) in ids.iter().enumerate() {
+                let rec = AgentRecord { connected: n % 2 == 0, ..AgentRecord::new(*id, "stage-a", format!("h{n}"), 1) };
+                store.insert_agent(&rec)?;
+            }
+            store.update_agent(ids[0], &mut |a| a.revoked_at_ms = Some(7))?;
+            store.flush()?;
+        }
+        let store = SledStore::open(dir.path())?;
+        assert_index_agrees(&store)?;
+        let counts = store.list_agents_page(&AgentQuery::default())?.counts;
+        assert_eq!(counts.all.get(AgentState::Online), 4);
+        assert_eq!(counts.all.get(AgentState::Offline), 5);
+        assert_eq!(counts.all.get(AgentState::Revoked), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn agent_index_follows_concurrent_writers() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(SledStore::open(dir.path())?);
+        let ids: Vec<AgentId> = (0..4).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            store.insert_agent(&AgentRecord::new(*id, "stage-a", "box", 1))?;
+        }
+        // Links coming and going, renames and heartbeats on the same agents from 4 threads.
+        let barrier = Arc::new(Barrier::new(4));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (store, ids, barrier) = (store.clone(), ids.clone(), barrier.clone());
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    barrier.wait();
+                    for i in 0..200u64 {
+                        let id = ids[((i + t) % 4) as usize];
+                        match (i + t) % 3 {
+                            0 => store.update_agent(id, &mut |a| a.connected = !a.connected).map(drop)?,
+                            1 => store.update_agent(id, &mut |a| a.hostname = format!("box-{t}-{i}")).map(drop)?,
+                            _ => store.push_health(id, &sample(i), 10, usize::MAX)?,
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        assert_index_agrees(&store)?;
         Ok(())
     }
 
