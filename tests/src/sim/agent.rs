@@ -33,6 +33,7 @@ use gaffer_agent::link::{CONNECT_TIMEOUT, RECONNECT_BACKOFF_MAX, RECONNECT_BACKO
 use gaffer_protocol::messages::{AgentId, AgentMessage, Assignment, Capabilities, HeldJob, JobId};
 use gaffer_protocol::session::{AgentEvent, AgentSession, AgentSessionConfig, CloseReason, SessionError};
 use rand::rngs::StdRng;
+use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
 
 use super::stats::Stats;
@@ -81,6 +82,9 @@ pub struct FleetParams {
     pub agent_version: String,
     /// First outbox sequence number of this run (see the module docs).
     pub seq_base: u64,
+    /// Each agent makes its first connection attempt at a seeded random instant in
+    /// `0..=connect_spread` after the start (zero: all at once).
+    pub connect_spread: Duration,
     /// The shared counters.
     pub stats: Arc<Stats>,
 }
@@ -144,6 +148,13 @@ impl SimAgent {
     }
 
     async fn run(mut self, endpoint: &quinn::Endpoint, fleet: &FleetParams, mut shutdown: watch::Receiver<bool>) {
+        if !fleet.connect_spread.is_zero() {
+            let at = synth::agent_rng(fleet.seed, self.index, 3).gen_range(Duration::ZERO..=fleet.connect_spread);
+            tokio::select! {
+                () = tokio::time::sleep(at) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
             if *shutdown.borrow() {

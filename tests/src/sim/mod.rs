@@ -14,8 +14,9 @@
 //! 2. through the admin socket `CONTROL_DIR/control.sock`, mints an operator API token and adds a
 //!    viewer user for the dashboard (both named `gaffer-sim-PID-MS`, removed at the end);
 //! 3. enrolls (or reuses from `--state-dir`) the agents, 64 at a time by default;
-//! 4. starts every agent at once and records `connect_all_secs`, from the first connection attempt
-//!    until every agent has been welcomed;
+//! 4. starts every agent at once (or spread over `--connect-spread-secs`) and records
+//!    `connect_all_secs`, from the start until every agent has been welcomed; an agent whose
+//!    attempt fails or times out backs off as the agent does;
 //! 5. submits jobs for `--duration-secs` ([`load`]) while a sampler times `GET /api/v1/agents` and
 //!    the fleet page every 500 ms, then waits (at most `--drain-secs`) for every submitted job;
 //! 6. reports, and exits non-zero when fewer agents were connected than asked, a submission failed,
@@ -121,6 +122,10 @@ pub struct Args {
     /// Simulated agents per QUIC client endpoint (UDP socket).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub agents_per_socket: u32,
+    /// Spread the agents' first connection attempts uniformly over this many seconds (0: all at
+    /// once, the harshest start; `connect_all_secs` counts from the start either way).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_spread)]
+    pub connect_spread_secs: f64,
     /// How long all agents may take to be welcomed before the load starts anyway, seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub connect_timeout_secs: u64,
@@ -153,6 +158,13 @@ pub const PACED_SUBMITTERS_MAX: usize = 256;
 /// it at `net.core.rmem_max` / `wmem_max`): the handshake flights of hundreds of connections at
 /// once overflow the default 208 KiB, and a dropped packet waits for QUIC's retransmit timer.
 pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+fn parse_spread(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds between 0 and 3600")),
+    }
+}
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -424,6 +436,7 @@ async fn run_with(
         seed: args.seed,
         agent_version: gaffer_agent::build_version().to_owned(),
         seq_base: now_unix_ms().saturating_mul(1000),
+        connect_spread: Duration::from_secs_f64(args.connect_spread_secs),
         stats: stats.clone(),
     });
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
@@ -474,13 +487,13 @@ async fn run_with(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(10)).await;
-                let (submitted, settled) = stats.job_progress();
-                tracing::info!(submitted, settled, connected = stats.connected.load(Ordering::Relaxed), "load");
+                let (submitted, succeeded) = stats.job_progress();
+                tracing::info!(submitted, succeeded, connected = stats.connected.load(Ordering::Relaxed), "load");
             }
         })
     };
     let submitted = load::submit_jobs(&api, &plan, &stats).await;
-    let drained = stats.wait_jobs_settled(tokio::time::Instant::now() + Duration::from_secs(args.drain_secs)).await;
+    let drained = stats.wait_jobs_succeeded(tokio::time::Instant::now() + Duration::from_secs(args.drain_secs)).await;
     progress_log.abort();
     let window = window_start.elapsed();
     let control_cpu_end = control_pid.and_then(stats::cpu_time);

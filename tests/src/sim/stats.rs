@@ -45,7 +45,7 @@ pub struct Stats {
     /// The first reason the control plane gave for a refused message, connection or handshake.
     first_refusal: Mutex<Option<String>>,
     jobs: Mutex<JobBook>,
-    job_settled: Notify,
+    job_succeeded: Notify,
 }
 
 /// What is known about one job.
@@ -58,14 +58,9 @@ struct JobTimes {
     assigned_at: Option<Instant>,
     /// When a sim agent received the control plane's Ack of its Digest.
     succeeded_at: Option<Instant>,
-    /// The control plane refused its Digest (permanent error), with this reason.
+    /// The control plane refused a Digest for it (permanent error), with this reason. The job
+    /// itself goes on (it is leased again, or fails), so this does not settle it.
     refused: Option<String>,
-}
-
-impl JobTimes {
-    fn settled(&self) -> bool {
-        self.succeeded_at.is_some() || self.refused.is_some()
-    }
 }
 
 #[derive(Debug, Default)]
@@ -74,8 +69,6 @@ struct JobBook {
     submitted: usize,
     /// Submitted by this run and succeeded.
     succeeded: usize,
-    /// Submitted by this run and settled (succeeded, or its digest refused).
-    settled: usize,
     first_submit: Option<Instant>,
     last_success: Option<Instant>,
 }
@@ -121,7 +114,7 @@ impl Stats {
             assignments_refused: AtomicU64::new(0),
             first_refusal: Mutex::new(None),
             jobs: Mutex::new(JobBook::default()),
-            job_settled: Notify::new(),
+            job_succeeded: Notify::new(),
         }
     }
 
@@ -185,16 +178,12 @@ impl Stats {
         book.first_submit = Some(book.first_submit.map_or(sent_at, |t| t.min(sent_at)));
         let times = book.by_id.entry(id).or_default();
         times.submitted_at = Some(sent_at);
-        let (succeeded, settled) = (times.succeeded_at, times.settled());
         // The Assign, even the acknowledged Digest, can arrive before the POST's answer.
-        if let Some(at) = succeeded {
+        if let Some(at) = times.succeeded_at {
             book.succeeded += 1;
             book.last_success = Some(book.last_success.map_or(at, |t| t.max(at)));
-        }
-        if settled {
-            book.settled += 1;
             drop(book);
-            self.job_settled.notify_waiters();
+            self.job_succeeded.notify_waiters();
         }
     }
 
@@ -210,38 +199,29 @@ impl Stats {
         if times.succeeded_at.is_some() {
             return;
         }
-        let was_settled = times.settled();
         times.succeeded_at = Some(at);
         if times.submitted_at.is_some() {
             book.succeeded += 1;
             book.last_success = Some(book.last_success.map_or(at, |t| t.max(at)));
-            if !was_settled {
-                book.settled += 1;
-            }
             drop(book);
-            self.job_settled.notify_waiters();
+            self.job_succeeded.notify_waiters();
         }
     }
 
-    /// The control plane refused a Digest for `id` for good.
+    /// The control plane refused a Digest for `id` for good (the job is not done: the control
+    /// plane leases it again or fails it; the reason explains a job that never succeeds).
     pub fn on_result_refused(&self, id: JobId, reason: &str) {
         let mut book = lock(&self.jobs);
         let times = book.by_id.entry(id).or_default();
-        if times.settled() {
-            return;
-        }
-        times.refused = Some(reason.to_owned());
-        if times.submitted_at.is_some() {
-            book.settled += 1;
-            drop(book);
-            self.job_settled.notify_waiters();
+        if times.succeeded_at.is_none() {
+            times.refused = Some(reason.to_owned());
         }
     }
 
-    /// (submitted, settled) jobs of this run so far.
+    /// (submitted, succeeded) jobs of this run so far.
     pub fn job_progress(&self) -> (usize, usize) {
         let book = lock(&self.jobs);
-        (book.submitted, book.settled)
+        (book.submitted, book.succeeded)
     }
 
     /// Jobs submitted so far.
@@ -249,17 +229,17 @@ impl Stats {
         lock(&self.jobs).submitted
     }
 
-    /// Waits until every submitted job is settled or `deadline` passes; returns whether all are.
-    pub async fn wait_jobs_settled(&self, deadline: tokio::time::Instant) -> bool {
+    /// Waits until every submitted job succeeded or `deadline` passes; returns whether all did.
+    pub async fn wait_jobs_succeeded(&self, deadline: tokio::time::Instant) -> bool {
         loop {
-            let notified = self.job_settled.notified();
-            let (submitted, settled) = self.job_progress();
-            if settled >= submitted {
+            let notified = self.job_succeeded.notified();
+            let (submitted, succeeded) = self.job_progress();
+            if succeeded >= submitted {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let (submitted, settled) = self.job_progress();
-                return settled >= submitted;
+                let (submitted, succeeded) = self.job_progress();
+                return succeeded >= submitted;
             }
         }
     }
@@ -415,7 +395,7 @@ mod tests {
         stats.on_result_refused(ours, "not the lease holder");
         let s = stats.job_summary();
         assert_eq!((s.submitted, s.succeeded, s.foreign_assigned), (2, 0, 1));
-        assert_eq!(stats.job_progress(), (2, 1));
+        assert_eq!(stats.job_progress(), (2, 0), "a refused digest does not finish the job");
         assert_eq!(s.unfinished_examples.len(), 2);
         assert!(s.unfinished_examples.iter().any(|e| e.contains("not the lease holder")));
         assert!(s.unfinished_examples.iter().any(|e| e.contains("never assigned")));
