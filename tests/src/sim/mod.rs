@@ -508,9 +508,12 @@ async fn run_with(
 
     let _ = shutdown_tx.send(true);
     while agent_tasks.join_next().await.is_some() {}
-    for endpoint in &endpoints {
-        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    // Let the close frames go out (bounded; all endpoints at once).
+    let mut idle = tokio::task::JoinSet::new();
+    for endpoint in endpoints {
+        idle.spawn(async move { endpoint.wait_idle().await });
     }
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while idle.join_next().await.is_some() {} }).await;
 
     let jobs = stats.job_summary();
     let cores = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
