@@ -70,6 +70,10 @@ pub const HEARTBEAT_INTERVAL_SECS_DEFAULT: u32 = 5;
 pub const IDLE_TIMEOUT_SECS_RANGE: RangeInclusive<u64> = 2..=600;
 /// Default of `idle_timeout_secs`: 10 s.
 pub const IDLE_TIMEOUT_SECS_DEFAULT: u64 = 10;
+/// `quic_handshakes_max`: 1..=65536.
+pub const QUIC_HANDSHAKES_MAX_RANGE: RangeInclusive<u64> = 1..=65_536;
+/// `enroll_connections_max`: 1..=4096.
+pub const ENROLL_CONNECTIONS_MAX_RANGE: RangeInclusive<u64> = 1..=4096;
 /// Default of `init`'s `quic_listen`: `0.0.0.0:7443`.
 pub const QUIC_LISTEN_DEFAULT: SocketAddr =
     SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 7443));
@@ -99,6 +103,9 @@ pub const SERVE_KEYS: &[&str] = &[
     "http_tls_key",
     "metrics_token_file",
     "metrics_listen",
+    "quic_retry",
+    "quic_handshakes_max",
+    "enroll_connections_max",
 ];
 
 /// The keys of the `[init]` table: the settings only `init` has.
@@ -167,6 +174,28 @@ pub struct ServeOptions {
     /// e.g. an internal interface for Prometheus. Default: on the dashboard's address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Send a QUIC Retry to agents whose address is not validated yet (one extra round trip per
+    /// connection; protects against spoofed-source floods): `on` or `off`. Default: on.
+    #[arg(long, value_enum)]
+    pub quic_retry: Option<QuicRetry>,
+    /// Most QUIC handshakes in progress at once; more connections are refused and the agents back
+    /// off (1..=65536). Default: 256.
+    #[arg(long, value_parser = |t: &str| flag_integer(t, &QUIC_HANDSHAKES_MAX_RANGE))]
+    pub quic_handshakes_max: Option<u64>,
+    /// Most enrollment connections open at once; more are closed with "control plane busy,
+    /// retry" (1..=4096). Default: 32.
+    #[arg(long, value_parser = |t: &str| flag_integer(t, &ENROLL_CONNECTIONS_MAX_RANGE))]
+    pub enroll_connections_max: Option<u64>,
+}
+
+/// `--quic-retry`: whether unvalidated client addresses get a QUIC Retry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuicRetry {
+    /// Send a Retry to every address not validated yet (the default).
+    #[default]
+    On,
+    /// Accept handshakes from unvalidated addresses at once.
+    Off,
 }
 
 /// The settings `serve` uses: [`ServeOptions`] with the defaults applied. `None` where the
@@ -205,6 +234,8 @@ pub struct ServeSettings {
     pub metrics_token_file: Option<PathBuf>,
     /// Separate /metrics address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Admission control of the QUIC endpoint (Retry, handshake and enrollment caps).
+    pub admission: crate::admission::AdmissionConfig,
 }
 
 /// The settings of `gaffer-control init` as one source gives them; `None` where it sets none.
@@ -289,6 +320,9 @@ impl ServeOptions {
             http_tls_key: self.http_tls_key.or(fallback.http_tls_key),
             metrics_token_file: self.metrics_token_file.or(fallback.metrics_token_file),
             metrics_listen: self.metrics_listen.or(fallback.metrics_listen),
+            quic_retry: self.quic_retry.or(fallback.quic_retry),
+            quic_handshakes_max: self.quic_handshakes_max.or(fallback.quic_handshakes_max),
+            enroll_connections_max: self.enroll_connections_max.or(fallback.enroll_connections_max),
         }
     }
 
@@ -332,6 +366,17 @@ impl ServeOptions {
             http_tls_key: self.http_tls_key,
             metrics_token_file: self.metrics_token_file,
             metrics_listen: self.metrics_listen,
+            admission: crate::admission::AdmissionConfig {
+                quic_retry: self.quic_retry.unwrap_or_default() == QuicRetry::On,
+                handshakes_max: self
+                    .quic_handshakes_max
+                    .map_or(crate::admission::HANDSHAKES_MAX_DEFAULT, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+                enroll_connections_max: self
+                    .enroll_connections_max
+                    .map_or(crate::admission::ENROLL_CONNECTIONS_MAX_DEFAULT, |n| {
+                        usize::try_from(n).unwrap_or(usize::MAX)
+                    }),
+            },
         })
     }
 }
@@ -410,6 +455,10 @@ impl ServeSettings {
         optional(&mut table, "metrics_token_file", token, "/metrics needs no token");
         let metrics = self.metrics_listen.map(|a| text(a.to_string()));
         optional(&mut table, "metrics_listen", metrics, "/metrics is on the dashboard's address");
+        let retry = if self.admission.quic_retry { "on" } else { "off" };
+        table.insert("quic_retry".into(), text(retry.to_owned()));
+        table.insert("quic_handshakes_max".into(), int(self.admission.handshakes_max as u64));
+        table.insert("enroll_connections_max".into(), int(self.admission.enroll_connections_max as u64));
         format!("{table}{notes}")
     }
 }
@@ -560,6 +609,13 @@ fn apply_serve_key(file: &mut ControlFile, key: &str, value: &Spanned<DeValue<'_
         "http_tls_key" => s.http_tls_key = Some(path(value)?),
         "metrics_token_file" => s.metrics_token_file = Some(path(value)?),
         "metrics_listen" => s.metrics_listen = Some(address(value, "\"10.0.0.5:9090\"")?),
+        "quic_retry" => {
+            s.quic_retry = Some(parsed(value, "\"on\"", |t| {
+                QuicRetry::from_str(t, false).map_err(|_| format!("{t:?} is not one of on, off"))
+            })?)
+        }
+        "quic_handshakes_max" => s.quic_handshakes_max = Some(integer(value, &QUIC_HANDSHAKES_MAX_RANGE)?),
+        "enroll_connections_max" => s.enroll_connections_max = Some(integer(value, &ENROLL_CONNECTIONS_MAX_RANGE)?),
         _ => {}
     }
     Ok(())
@@ -651,6 +707,9 @@ mod tests {
             ("http_tls_key", "\"/k.pem\"\nhttp_tls_cert = \"/c.pem\""),
             ("metrics_token_file", "\"/t\""),
             ("metrics_listen", "\"10.0.0.5:9090\""),
+            ("quic_retry", "\"off\""),
+            ("quic_handshakes_max", "1000"),
+            ("enroll_connections_max", "8"),
         ];
         assert_eq!(good.map(|(k, _)| k).as_slice(), SERVE_KEYS);
         for (key, value) in good {
@@ -683,6 +742,11 @@ mod tests {
             http_tls_key: Some("/etc/ssl/k.pem".into()),
             metrics_token_file: None,
             metrics_listen: Some("10.1.2.3:9100".parse().expect("addr")),
+            admission: crate::admission::AdmissionConfig {
+                quic_retry: false,
+                handshakes_max: 1000,
+                enroll_connections_max: 4,
+            },
         };
         let text = settings.to_toml();
         let back = check(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}")).serve.resolve().map_err(|e| e.to_string());

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod datadir;
 pub mod http;

@@ -36,6 +36,7 @@ use gaffer_protocol::{AgentEnvelope, ALPN_AGENT_LINK, ALPN_ENROLL, FRAME_BYTES_M
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+use crate::admission::{self, Admission, AdmissionConfig, Admit};
 use crate::identity::Pki;
 use crate::ingest::truncate;
 use crate::ingest::{Ingest, IngestError, Ingested};
@@ -74,6 +75,9 @@ pub struct LinkConfig {
     /// The releases agents may fetch on their link ([`gaffer_protocol::release_fetch`], protocol 5).
     /// Default None (every fetch refused).
     pub releases: Option<crate::release::Releases>,
+    /// Admission control of the accept loop (QUIC Retry, caps on handshakes and enrollment
+    /// connections; see [`crate::admission`]). Default [`AdmissionConfig::default`].
+    pub admission: AdmissionConfig,
 }
 
 impl Default for LinkConfig {
@@ -85,6 +89,7 @@ impl Default for LinkConfig {
             bundle_recipient: None,
             release_key: None,
             releases: None,
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -136,7 +141,8 @@ pub mod close_code {
     pub const CERT_EXPIRED: u32 = 7;
 }
 
-/// Builds the quinn server config: TLS from `rustls_config`, idle timeout and stream limits.
+/// Builds the quinn server config: TLS from `rustls_config`, idle timeout and stream limits, and
+/// at most [`crate::admission::INCOMING_MAX`] incoming connections waiting for the accept loop.
 ///
 /// # Errors
 /// [`LinkError::Setup`] if rustls' config cannot be used for QUIC.
@@ -153,6 +159,7 @@ pub fn quinn_server_config(
         .max_concurrent_bidi_streams(4u32.into())
         .max_concurrent_uni_streams(0u32.into());
     server.transport_config(Arc::new(transport));
+    server.max_incoming(crate::admission::INCOMING_MAX);
     Ok(server)
 }
 
@@ -164,6 +171,7 @@ pub struct Link {
     cfg: LinkConfig,
     conn_ids: AtomicU64,
     audit: Option<Arc<WireAudit>>,
+    admission: Admission,
 }
 
 impl Link {
@@ -183,16 +191,44 @@ impl Link {
             None => None,
         };
         let ingest = Arc::new(Ingest::new(state.clone()));
-        Ok(Arc::new(Self { state, ingest, pki, cfg, conn_ids: AtomicU64::new(1), audit }))
+        let admission = Admission::new(cfg.admission, state.metrics.clone());
+        Ok(Arc::new(Self { state, ingest, pki, cfg, conn_ids: AtomicU64::new(1), audit, admission }))
     }
 
-    /// Accepts connections until the endpoint closes.
+    /// Accepts connections until the endpoint closes, through admission control
+    /// ([`crate::admission`]): a Retry to an unvalidated address, a refusal over the handshake cap,
+    /// else the handshake, holding its place until it completes or fails.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
-        while let Some(incoming) = endpoint.accept().await {
+        while let Some(mut incoming) = endpoint.accept().await {
+            let mut admit = self.admission.admit(incoming.remote_address_validated());
+            if let Admit::Retry = admit {
+                match incoming.retry() {
+                    Ok(()) => {
+                        self.admission.retry_sent();
+                        continue;
+                    }
+                    // Only a validated address cannot be sent a Retry: it goes on as one.
+                    Err(e) => {
+                        incoming = e.into_incoming();
+                        admit = self.admission.handshake();
+                    }
+                }
+            }
+            let permit = match admit {
+                Admit::Accept(permit) => permit,
+                Admit::Refuse | Admit::Retry => {
+                    let remote = incoming.remote_address();
+                    tracing::debug!(%remote, "refused a connection: too many handshakes in progress");
+                    incoming.refuse();
+                    continue;
+                }
+            };
             let link = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match incoming.await {
+                let handshake = incoming.await;
+                drop(permit);
+                match handshake {
                     Ok(conn) => link.handle_connection(conn, remote).await,
                     Err(e) => {
                         // The verifier counted a certificate refusal under its reason already;
@@ -213,6 +249,11 @@ impl Link {
             .and_then(|d| d.protocol);
         match alpn.as_deref() {
             Some(p) if p == ALPN_ENROLL => {
+                let Some(_place) = self.admission.enroll_connection() else {
+                    tracing::debug!(%remote, "closed an enrollment connection: too many open");
+                    conn.close(admission::close_code::BUSY.into(), admission::BUSY_REASON.as_bytes());
+                    return;
+                };
                 let span = tracing::info_span!("enroll", %remote);
                 if let Err(e) = self.enroll(&conn).instrument(span.clone()).await {
                     span.in_scope(|| tracing::warn!(error = %e, "enrollment connection failed"));

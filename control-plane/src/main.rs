@@ -876,6 +876,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bundle_recipient: Some(offline::load_or_create_bundle_key(&dd)?.recipient()),
         release_key: Some(Arc::new(gaffer_control::release::ReleaseKeySource::open(&dd)?)),
         releases: Some(gaffer_control::release::Releases::new(&dd)),
+        admission: settings.admission,
     };
     // Staged rollouts: orders go to agents as they connect; the tick moves phases and deadlines.
     let rollouts = gaffer_control::rollout::Rollouts::load(

@@ -17,6 +17,10 @@
 //! | `gaffer_update_reports_total`   | counter   | `outcome` = `staged` \| `healthy` \| `failed` | [`Metrics::update_report`]: agents' update reports received (duplicates included) |
 //! | `gaffer_replicas_live`          | gauge     | –                                       | [`Metrics::set_replicas`]: control-plane replicas heartbeating in the shared store (1 on sled) |
 //! | `gaffer_replica_leader`         | gauge     | –                                       | [`Metrics::set_replicas`]: 1 while this replica leads (rollout ticks, retention, dead-replica sweeps) |
+//! | `gaffer_quic_handshakes_in_progress` | gauge | –                                       | [`Metrics::handshake_started`] / [`Metrics::handshake_ended`] ([`crate::admission`]) |
+//! | `gaffer_enroll_connections_open` | gauge    | –                                       | [`Metrics::enroll_connection_started`] / [`Metrics::enroll_connection_ended`] |
+//! | `gaffer_quic_retries_sent_total` | counter  | –                                       | [`Metrics::quic_retry_sent`]: QUIC Retry packets sent to unvalidated addresses |
+//! | `gaffer_admission_refused_total` | counter  | `reason` = `handshakes` \| `enroll_connections` | [`Metrics::admission_refused`]: connections refused over a cap |
 //!
 //! Label values come from the control plane's own code (short fixed words), never from agents'
 //! free text, so the label cardinality stays bounded.
@@ -87,6 +91,10 @@ pub struct Metrics {
     handshakes_failed: Counter,
     rollout_targets: Family<StateLabel, Gauge>,
     update_reports: Family<OutcomeLabel, Counter>,
+    handshakes_in_progress: Gauge,
+    enroll_connections_open: Gauge,
+    quic_retries_sent: Counter,
+    admission_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -192,6 +200,33 @@ impl Metrics {
             "1 while this replica leads (rollout ticks, retention sweeps, dead-replica sweeps), else 0",
             replica_leader.clone(),
         );
+        let handshakes_in_progress = Gauge::default();
+        registry.register(
+            "gaffer_quic_handshakes_in_progress",
+            "QUIC handshakes accepted and not yet completed or failed (capped by --quic-handshakes-max)",
+            handshakes_in_progress.clone(),
+        );
+        let enroll_connections_open = Gauge::default();
+        registry.register(
+            "gaffer_enroll_connections_open",
+            "Enrollment connections open now (capped by --enroll-connections-max)",
+            enroll_connections_open.clone(),
+        );
+        let quic_retries_sent = Counter::default();
+        registry.register(
+            "gaffer_quic_retries_sent",
+            "QUIC Retry packets sent to clients whose address was not validated yet (--quic-retry)",
+            quic_retries_sent.clone(),
+        );
+        let admission_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "gaffer_admission_refused",
+            "Connections refused by admission control, by the cap they met (handshakes, enroll_connections)",
+            admission_refused.clone(),
+        );
+        for reason in ["handshakes", "enroll_connections"] {
+            let _ = admission_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() });
+        }
         for state in crate::rollout::TARGET_STATES {
             let _ = rollout_targets.get_or_create(&StateLabel { state: state.to_owned() });
         }
@@ -203,6 +238,10 @@ impl Metrics {
         }
         let _ = refused.get_or_create(&ReasonLabel { reason: "agent_id_mismatch".to_owned() });
         Self {
+            handshakes_in_progress,
+            enroll_connections_open,
+            quic_retries_sent,
+            admission_refused,
             replicas_live,
             replica_leader,
             rollout_targets,
@@ -314,6 +353,37 @@ impl Metrics {
     /// An agent's update report with `outcome` (`staged`, `healthy`, `failed`) was received.
     pub fn update_report(&self, outcome: &str) {
         self.update_reports.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
+    }
+
+    /// A QUIC handshake was accepted ([`crate::admission`]).
+    pub fn handshake_started(&self) {
+        self.handshakes_in_progress.inc();
+    }
+
+    /// An accepted QUIC handshake completed or failed.
+    pub fn handshake_ended(&self) {
+        self.handshakes_in_progress.dec();
+    }
+
+    /// An enrollment connection took a place.
+    pub fn enroll_connection_started(&self) {
+        self.enroll_connections_open.inc();
+    }
+
+    /// An enrollment connection ended.
+    pub fn enroll_connection_ended(&self) {
+        self.enroll_connections_open.dec();
+    }
+
+    /// A QUIC Retry was sent.
+    pub fn quic_retry_sent(&self) {
+        self.quic_retries_sent.inc();
+    }
+
+    /// A connection was refused over the admission cap `reason` (`handshakes`,
+    /// `enroll_connections`).
+    pub fn admission_refused(&self, reason: &str) {
+        self.admission_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
     /// Records one job's duration, seconds.
