@@ -163,7 +163,7 @@ fn a_replica_killed_mid_run_loses_no_job_and_its_agents_move_to_the_other() -> a
     for prefer_a in prefers_a {
         let mut agent = Agent::enroll(&a, SITE)?;
         let (first, second) = if prefer_a { (&a.quic_addr, &b.quic_addr) } else { (&b.quic_addr, &a.quic_addr) };
-        agent.run_args(&[volume.clone()], &[], 2, &["--control", first, "--control", second])?;
+        agent.run_args(std::slice::from_ref(&volume), &[], 2, &["--control", first, "--control", second])?;
         agents.push(agent);
     }
     let on_a = prefers_a.iter().filter(|p| **p).count();
