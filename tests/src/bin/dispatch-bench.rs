@@ -40,6 +40,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -128,7 +129,7 @@ struct Setup {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = run(&args) {
+    if let Err(e) = end_children_on_signal().and_then(|()| run(&args)) {
         eprintln!("dispatch-bench: {e:#}");
         std::process::exit(1);
     }
@@ -300,7 +301,7 @@ fn make_venv(dir: &Path, requirements: &Path) -> Result<()> {
 
 /// One Gaffer run: a fresh control plane, a warm-up gaffer-sim run, the timed gaffer-sim run.
 fn gaffer_run(args: &Args, setup: &Setup, run: u32, perf_record: Option<&Path>) -> Result<RunResult> {
-    let dir = tempfile::Builder::new().prefix("dispatch-bench-gaffer-").tempdir()?;
+    let dir = temp_dir("dispatch-bench-gaffer-")?;
     let data = dir.path().join("control");
     let out = Command::new(&setup.control)
         .args(["init", "--json", "--quic-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
@@ -400,7 +401,7 @@ fn start_perf(file: &Path, pid: u32, dir: &Path) -> Result<Daemon> {
 
 /// One Celery run: a fresh Redis, a worker, driver.py with the warm-up and the timed tasks.
 fn celery_run(args: &Args, setup: &Setup, run: u32) -> Result<RunResult> {
-    let dir = tempfile::Builder::new().prefix("dispatch-bench-celery-").tempdir()?;
+    let dir = temp_dir("dispatch-bench-celery-")?;
     let port = free_tcp_port()?;
     let redis_log = dir.path().join("redis.log");
     let mut cmd = Command::new("redis-server");
@@ -449,6 +450,13 @@ fn celery_run(args: &Args, setup: &Setup, run: u32) -> Result<RunResult> {
         load_avg_after,
         detail,
     })
+}
+
+/// A new temp dir named `PREFIX…`, removed when dropped or by [`end_children_on_signal`].
+fn temp_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().context("making a temp dir")?;
+    TEMP_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir.path().to_path_buf());
+    Ok(dir)
 }
 
 /// Whether a Redis server at `addr` answers `PING` with `+PONG`.
@@ -515,6 +523,41 @@ fn run_json(cmd: &mut Command, dir: &Path, name: &str, timeout: Duration) -> Res
     })
 }
 
+/// Process groups of the [`Daemon`]s running now, for [`end_children_on_signal`].
+static RUNNING: Mutex<Vec<Pid>> = Mutex::new(Vec::new());
+/// The runs' temp dirs (one per run, three in all; they hold a data dir with its CA key), for
+/// [`end_children_on_signal`].
+static TEMP_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// On SIGINT or SIGTERM, kills the process groups of every [`Daemon`] still running, removes the
+/// runs' temp dirs and exits with status 130: the servers are in process groups of their own, so
+/// a Ctrl-C on the terminal does not reach them, and an exit by signal runs no destructors.
+fn end_children_on_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut interrupt, mut terminate) = {
+        let _in_runtime = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        });
+        for group in RUNNING.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = killpg(*group, Signal::SIGKILL);
+        }
+        for dir in TEMP_DIRS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        eprintln!("dispatch-bench: interrupted; killed the servers it had started");
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
 /// A child process in a process group of its own, ended with its group (the signal it was made
 /// with, then SIGKILL after [`STOP_GRACE`]) when stopped or dropped.
 struct Daemon {
@@ -527,6 +570,7 @@ struct Daemon {
 impl Daemon {
     fn spawn(name: &str, cmd: &mut Command, stop_signal: Signal, log: &Path) -> Result<Self> {
         let child = cmd.process_group(0).spawn().with_context(|| format!("starting {name}"))?;
+        RUNNING.lock().unwrap_or_else(|p| p.into_inner()).push(Pid::from_raw(child.id() as i32));
         Ok(Self { name: name.to_owned(), child, stop_signal, log: log.to_path_buf() })
     }
 
@@ -543,22 +587,19 @@ impl Daemon {
     }
 
     fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
         let group = Pid::from_raw(self.child.id() as i32);
-        let _ = killpg(group, self.stop_signal);
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                // The leader is gone; members it left behind (a worker's pool) go too.
-                let _ = killpg(group, Signal::SIGKILL);
-                return;
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = killpg(group, self.stop_signal);
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
+        // Whatever is left of the group (the leader past its grace, a worker's pool processes
+        // after their leader died) goes too; the kernel keeps the id while the group exists.
         let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.wait();
+        RUNNING.lock().unwrap_or_else(|p| p.into_inner()).retain(|g| *g != group);
     }
 }
 
