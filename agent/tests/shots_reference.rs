@@ -354,7 +354,10 @@ fn cancellation_stops_promptly() {
     let stop_latency = cancelled_at.elapsed();
     println!("cancelled after {frames_seen} frames, stopped {stop_latency:?} after the flag was set");
     assert!(matches!(result, Err(AnalysisError::Cancelled)), "{result:?}");
-    assert!(stop_latency < Duration::from_millis(500), "took {stop_latency:?} to stop");
+    // A correctness bound, not a speed target: the flag is checked per frame, so the analysis
+    // stops within a few frames' work even on a starved machine (a decode of the whole file takes
+    // tens of seconds here), never by running to the end.
+    assert!(stop_latency < Duration::from_secs(5), "took {stop_latency:?} to stop");
 
     // Already-cancelled: returns at once without decoding.
     let set = AtomicBool::new(true);
