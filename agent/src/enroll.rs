@@ -305,8 +305,11 @@ async fn exchange(
             .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
             .ok_or_else(|| AgentError::Protocol("control plane presented no certificate".into()))?;
         let ca_pem = gaffer_certs::enrolled_ca_pem(&peer_certs, ca_fingerprint)?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-        send.write_all(&encode_frame(req, ENROLL_FRAME_BYTES_MAX)?).await.map_err(|e| unreachable(e.to_string()))?;
+        // A stream error says only "connection lost"; the connection's close says why (e.g. the
+        // control plane's "control plane busy, retry" when too many enrollments are open).
+        let lost = |e: &dyn std::fmt::Display| unreachable(close_reason(&conn).unwrap_or_else(|| e.to_string()));
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&encode_frame(req, ENROLL_FRAME_BYTES_MAX)?).await.map_err(|e| lost(&e))?;
         let _ = send.finish();
         let mut dec = FrameDecoder::new(ENROLL_FRAME_BYTES_MAX);
         let mut buf = vec![0u8; 16 * 1024];
@@ -315,7 +318,7 @@ async fn exchange(
             if let Some(payload) = dec.next_payload()? {
                 break EnrollResponse::decode_payload(&payload)?;
             }
-            match recv.read(&mut buf).await.map_err(|e| unreachable(e.to_string()))? {
+            match recv.read(&mut buf).await.map_err(|e| lost(&e))? {
                 Some(n) => dec.push(&buf[..n]),
                 None => {
                     dec.finish()?;
@@ -331,6 +334,17 @@ async fn exchange(
         .map_err(|_| unreachable(format!("no answer within {}s", ENROLL_TIMEOUT.as_secs())))?;
     endpoint.wait_idle().await;
     result
+}
+
+/// Why the control plane closed `conn`, when it did so with a reason ("control plane busy, retry
+/// (code 8)"); None while it is open or when it went without one.
+fn close_reason(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(close) if !close.reason.is_empty() => {
+            Some(format!("the control plane closed the connection: {close}"))
+        }
+        _ => None,
+    }
 }
 
 /// Turns a connection error into advice, recognizing a CA fingerprint mismatch.
