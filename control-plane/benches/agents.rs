@@ -415,6 +415,7 @@ fn main() -> Result<()> {
     let b = setup(args.agents)?;
     let mut http: Vec<Vec<Duration>> = vec![Vec::new(); Endpoint::ALL.len()];
     let mut full_read = Vec::new();
+    let mut leased_read = Vec::new();
     let mut beats = Vec::new();
     let mut beat_no = 0usize;
     for round in 0..WARMUP + args.rounds {
@@ -435,6 +436,13 @@ fn main() -> Result<()> {
         if measured {
             full_read.push(t);
         }
+        let t0 = Instant::now();
+        let leased = b.store.jobs_in_state(JobState::Running, 100_000)?;
+        let t = t0.elapsed();
+        ensure!(leased.len() == LEASED_JOBS, "read {} running jobs", leased.len());
+        if measured {
+            leased_read.push(t);
+        }
         for _ in 0..HEARTBEATS_PER_ROUND {
             // Spread over the fleet, as 10 000 agents every 5 s are.
             beat_no += 1;
@@ -450,6 +458,10 @@ fn main() -> Result<()> {
         .map(|(ep, samples)| Row { what: ep.label().into(), stat: Stat::of(samples) })
         .collect();
     rows.push(Row { what: "Store::list_agents (every record decoded)".into(), stat: Stat::of(&mut full_read) });
+    rows.push(Row {
+        what: format!("Store::jobs_in_state(running): {LEASED_JOBS} jobs"),
+        stat: Stat::of(&mut leased_read),
+    });
     let beat = Stat::of(&mut beats);
     rows.push(Row { what: "heartbeat (Ingest::ingest)".into(), stat: beat });
     let heartbeats_per_core_sec = if beat.p50_ms > 0.0 { 1e3 / beat.p50_ms } else { 0.0 };

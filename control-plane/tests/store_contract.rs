@@ -708,6 +708,60 @@ fn push_health_bounds_count_and_bytes(make: Make) -> TestResult {
     Ok(())
 }
 
+/// `update_job` leasing job `n` to `holder` in `state` (None: back to queued without a lease).
+fn lease_to(s: &dyn Store, n: u32, holder: Option<AgentId>, state: JobState) -> anyhow::Result<()> {
+    s.update_job(jid(n), &mut |j| {
+        j.state = state;
+        j.agent = holder;
+        j.lease_epoch += 1;
+        j.lease = holder.map(|h| Lease { holder: h, lease_id: j.lease_epoch, deadline_ms: None });
+        true
+    })?
+    .ok_or_else(|| anyhow::anyhow!("job {n} missing"))?;
+    Ok(())
+}
+
+fn leased_job_counts_follow_every_job_write(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let (a, b, c) = (aid(1), aid(2), aid(3));
+    let leased = |holders: &[AgentId]| -> anyhow::Result<Vec<(AgentId, usize)>> {
+        let mut v: Vec<(AgentId, usize)> = s.leased_job_counts(holders)?.into_iter().collect();
+        v.sort();
+        Ok(v)
+    };
+    // The commit below moves job 1 (running on agent 1) to succeeded; jobs 2 and 3 are queued.
+    let commit = commit_setup(s)?;
+    assert_eq!(leased(&[a, b, c])?, [(a, 1)]);
+    for n in 4..=6 {
+        s.insert_job(&job(n, 60 + u64::from(n)))?;
+    }
+    lease_to(s, 4, Some(a), JobState::Assigned)?;
+    lease_to(s, 5, Some(b), JobState::Running)?;
+    assert_eq!(leased(&[a, b, c])?, [(a, 2), (b, 1)]);
+    assert_eq!(leased(&[b])?, [(b, 1)], "only the agents asked about");
+    assert_eq!(leased(&[])?, []);
+    // An agent's report finishes job 1: its lease is gone.
+    assert_eq!(s.commit_agent_message(&commit)?, CommitOutcome::Committed);
+    assert_eq!(leased(&[a, b, c])?, [(a, 1), (b, 1)]);
+    // Leased again to another agent; back to the queue; claimed.
+    lease_to(s, 4, Some(c), JobState::Assigned)?;
+    assert_eq!(leased(&[a, b, c])?, [(b, 1), (c, 1)]);
+    lease_to(s, 5, None, JobState::Queued)?;
+    assert_eq!(leased(&[a, b, c])?, [(c, 1)]);
+    s.claim_job(jid(6), &mut |j| {
+        j.state = JobState::Assigned;
+        j.lease_epoch += 1;
+        j.lease = Some(Lease { holder: a, lease_id: j.lease_epoch, deadline_ms: None });
+        true
+    })?;
+    assert_eq!(leased(&[a, b, c])?, [(a, 1), (c, 1)]);
+    // Deleting finished jobs leaves the leases alone.
+    assert_eq!(s.delete_finished_jobs(u64::MAX, 10)?, 1);
+    assert_eq!(leased(&[a, b, c])?, [(a, 1), (c, 1)]);
+    Ok(())
+}
+
 /// Every page of `query` (at `query.limit` per page) until `next` is None: the agents' ids.
 fn all_agent_pages(s: &dyn Store, query: &AgentQuery) -> anyhow::Result<Vec<AgentId>> {
     let mut ids = Vec::new();
@@ -1263,6 +1317,7 @@ contract!(
     audit_ids_increase_and_queries_page_through_filters,
     rollouts_roundtrip_by_id,
     agent_pages_filter_count_and_cover_every_agent_once,
+    leased_job_counts_follow_every_job_write,
     claim_job_without_contention_is_update_job,
     replicas_register_heartbeat_and_leave,
     events_reach_every_subscriber_in_order,

@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use super::actions;
 use super::auth::ApiCaller;
 use super::{AppError, HttpState};
-use crate::scheduler::{JobRequest, Scheduler, DEADLINE_PASS_JOBS_MAX};
+use crate::scheduler::{JobRequest, Scheduler};
 use crate::store::{
     AgentCursor, AgentQuery, AgentRecord, AgentState, AgentStateCounts, HealthSample, JobCursor, JobQuery, JobRecord,
     JobState, Priority, Store, UnixMs,
@@ -64,9 +64,6 @@ pub(crate) const AGENTS_LIMIT_MAX: usize = 1000;
 pub(crate) const JOBS_LIMIT_DEFAULT: usize = 100;
 /// Largest `limit` of `GET /jobs`.
 pub(crate) const JOBS_LIMIT_MAX: usize = 1000;
-/// Leased jobs read to count each agent's running jobs: the scheduler's own bound on leased jobs
-/// (in practice the fleet's slots; the read costs what is leased, not the job history).
-pub(crate) const LEASED_JOBS_READ_MAX: usize = DEADLINE_PASS_JOBS_MAX;
 
 #[derive(Serialize)]
 struct AgentJson {
@@ -211,18 +208,10 @@ pub(crate) fn job_json(j: JobRecord, scheduler: &Scheduler) -> JobJson {
     }
 }
 
-/// Jobs leased (assigned or running) per agent, by lease holder, from the state index (never a
-/// scan of job history).
-pub(crate) fn jobs_running_by_agent(store: &dyn Store) -> Result<HashMap<AgentId, usize>, AppError> {
-    let mut counts = HashMap::new();
-    for state in [JobState::Assigned, JobState::Running] {
-        for job in store.jobs_in_state(state, LEASED_JOBS_READ_MAX)? {
-            if let Some(lease) = job.lease {
-                *counts.entry(lease.holder).or_insert(0) += 1;
-            }
-        }
-    }
-    Ok(counts)
+/// Jobs leased (assigned or running) to each of `agents`, by lease holder
+/// ([`Store::leased_job_counts`]: an index read per agent, never a scan of job history).
+pub(crate) fn jobs_running_of(store: &dyn Store, agents: &[AgentId]) -> Result<HashMap<AgentId, usize>, AppError> {
+    Ok(store.leased_job_counts(agents)?)
 }
 
 /// Parses a path id, 400 on a malformed one.
@@ -354,7 +343,8 @@ pub(crate) async fn list_agents(
     let store = state.app.store.clone();
     let body = tokio::task::spawn_blocking(move || -> Result<(AgentListJson, Option<String>), AppError> {
         let page = store.list_agents_page(&query)?;
-        let running = jobs_running_by_agent(store.as_ref())?;
+        let ids: Vec<AgentId> = page.agents.iter().map(|a| a.id).collect();
+        let running = jobs_running_of(store.as_ref(), &ids)?;
         let link =
             page.next.as_ref().map(|c| format!("</api/v1/agents?{}>; rel=\"next\"", agent_query_string(&query, c)));
         let agents = page
@@ -390,7 +380,7 @@ pub(crate) async fn get_agent(
     let id = parse_id(&id, "agent")?;
     let store = state.app.store.as_ref();
     let agent = store.get_agent(id)?.ok_or_else(|| AppError::NotFound(format!("agent {id}")))?;
-    let running = jobs_running_by_agent(store)?.get(&id).copied().unwrap_or(0);
+    let running = jobs_running_of(store, &[id])?.get(&id).copied().unwrap_or(0);
     let health_history = store.health_history(id, HEALTH_HISTORY_MAX)?;
     let cert_history = agent.cert_history.clone();
     Ok(Json(AgentDetailJson { agent: agent_json(agent, running), health_history, cert_history }))

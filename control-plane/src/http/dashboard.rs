@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 use super::actions;
 use super::api::{
-    agent_query, jobs_running_by_agent, parse_cursor, parse_id, parse_state_filter, pending_reason, HEALTH_HISTORY_MAX,
+    agent_query, jobs_running_of, parse_cursor, parse_id, parse_state_filter, pending_reason, HEALTH_HISTORY_MAX,
 };
 use super::auth::{
     login_csrf_cookie, random_token, removal_cookie, session_cookie, sha256, tokens_equal, ClientAddr, LoginThrottle,
@@ -99,7 +99,8 @@ fn fleet_page(app: &crate::AppState, me: Me, query: AgentQuery, can_audit: bool)
     let store = app.store.as_ref();
     let now = crate::now_ms();
     let page = store.list_agents_page(&query)?;
-    let running = jobs_running_by_agent(store)?;
+    let ids: Vec<gaffer_protocol::messages::AgentId> = page.agents.iter().map(|a| a.id).collect();
+    let running = jobs_running_of(store, &ids)?;
     let agents: Vec<AgentRow> =
         page.agents.iter().map(|a| AgentRow::new(a, running.get(&a.id).copied().unwrap_or(0), now)).collect();
     let counts = store.job_counts()?;
@@ -221,7 +222,7 @@ pub(crate) async fn agent_page(
     let store = state.app.store.as_ref();
     let now = crate::now_ms();
     let agent = store.get_agent(id)?.ok_or_else(|| AppError::NotFound(format!("agent {id}")))?;
-    let running = jobs_running_by_agent(store)?.get(&id).copied().unwrap_or(0);
+    let running = jobs_running_of(store, &[id])?.get(&id).copied().unwrap_or(0);
     let samples = store.health_history(id, HEALTH_HISTORY_MAX)?;
     let cpu: Vec<f64> = samples.iter().map(|s| f64::from(s.health.cpu_percent)).collect();
     let gpu: Vec<f64> = samples.iter().filter_map(|s| mean_gpu_util(&s.health)).collect();

@@ -236,6 +236,10 @@ impl AgentRecord {
     }
 }
 
+/// Most jobs per state the default [`Store::leased_job_counts`] reads (the scheduler's own bound
+/// on leased jobs).
+pub const LEASED_JOBS_READ_MAX: usize = 100_000;
+
 /// Where an agent stands, as `GET /api/v1/agents` and the fleet page show, count and filter it.
 /// Derived from the agent's record alone ([`AgentState::of`]), so it is exactly as current as the
 /// record: revoked first, then whether a link is up ([`AgentRecord::connected`]), then how it
@@ -1265,6 +1269,24 @@ pub trait Store: Send + Sync + 'static {
     fn get_agent(&self, id: AgentId) -> StoreResult<Option<AgentRecord>>;
     /// All agents, ordered by site then hostname.
     fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+    /// How many jobs are leased (assigned or running) to each of `holders` now, by lease holder
+    /// ([`Lease::holder`]); agents that hold none are absent. The default reads every leased job
+    /// ([`Store::jobs_in_state`], at most [`LEASED_JOBS_READ_MAX`] per state): O(leased jobs). A
+    /// store that serves large fleets indexes jobs by holder instead ([`sled_store::SledStore`]:
+    /// O(holders + their jobs)).
+    fn leased_job_counts(&self, holders: &[AgentId]) -> StoreResult<std::collections::HashMap<AgentId, usize>> {
+        let wanted: std::collections::HashSet<&AgentId> = holders.iter().collect();
+        let mut counts = std::collections::HashMap::new();
+        for state in [JobState::Assigned, JobState::Running] {
+            for job in self.jobs_in_state(state, LEASED_JOBS_READ_MAX)? {
+                if let Some(lease) = job.lease.filter(|l| wanted.contains(&l.holder)) {
+                    *counts.entry(lease.holder).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
     /// One page of agents matching `query`, by site, then hostname, then id, with the fleet's
     /// counts by state and site. Every agent on the page is read from its record as stored when
     /// the page is read (so `connected` and the state are never older than the call); with

@@ -9,6 +9,7 @@
 //! |--------------------|-------------------------------------------------------|--------------------------------------|
 //! | `meta`             | `b"admin_password_hash"`                              | (before users existed) argon2 PHC string, UTF-8: migrated on open, then removed |
 //! | `meta`             | `b"job_counts"`                                       | 6 × u64 BE (48 bytes): jobs per state, in [`JobState::ALL`] order |
+//! | `meta`             | `b"holder_index"`                                     | `[1]`: `jobs_by_holder` is complete (absent in data directories from before it; built on open) |
 //! | `enroll_tokens`    | SHA-256 of the token (32 bytes)                       | JSON [`EnrollmentTokenRecord`]       |
 //! | `api_tokens`       | SHA-256 of the token (32 bytes)                       | JSON [`ApiTokenRecord`] (before names and roles: `{"created_at_ms": u64}`, migrated on open) |
 //! | `api_token_names`  | token name (UTF-8)                                    | SHA-256 of the token (32 bytes)      |
@@ -19,6 +20,7 @@
 //! | `jobs`             | job UUID (16 bytes)                                   | JSON [`JobRecord`]                   |
 //! | `jobs_by_created`  | `created_at_ms` u64 BE (8) ++ `seq` u64 BE (8) ++ job UUID (16) | empty               |
 //! | `jobs_by_state`    | state (1: [`JobState::index`]) ++ rank (1) ++ `created_at_ms` u64 BE (8) ++ `seq` u64 BE (8) ++ job UUID (16) | empty |
+//! | `jobs_by_holder`   | lease holder's agent UUID (16) ++ job UUID (16)       | empty: one entry per assigned or running job |
 //! | `digests`          | job UUID (16 bytes)                                   | JSON [`Digest`]                      |
 //! | `agent_seq`        | agent UUID (16 bytes)                                 | u64 BE (8): last applied sequence    |
 //! | `audit_log`        | entry id u64 BE (8), from [`sled::Db::generate_id`]   | JSON [`AuditRecord`]                 |
@@ -42,8 +44,10 @@
 //! # Atomicity
 //!
 //! * Every write of a job (`insert_job`, `update_job`, `delete_finished_jobs`,
-//!   `commit_agent_message`) is one sled multi-tree transaction over the record, both indexes and
-//!   `job_counts`, so the indexes and counts never disagree with the records. sled may run a
+//!   `commit_agent_message`) is one sled multi-tree transaction over the record, the three indexes
+//!   (`jobs_by_created`, `jobs_by_state`, `jobs_by_holder`) and `job_counts`, so the indexes and
+//!   counts never disagree with the records. `jobs_by_holder` has an entry exactly for each job
+//!   with a lease, under its holder: [`Store::leased_job_counts`] is one prefix count per agent. sled may run a
 //!   transaction's closure more than once; `update_job`'s closure therefore may run more than once.
 //! * `commit_agent_message` is one transaction over `jobs`, `jobs_by_state`, `jobs_by_created`,
 //!   `meta`, `digests`, `agent_seq`, `audit` and `agents`: the watermark check, the `before` check
@@ -139,6 +143,8 @@ const ADMIN_HASH_KEY: &[u8] = b"admin_password_hash";
 /// How long a migrated legacy API token stays valid after the upgrade, ms (90 days).
 pub const LEGACY_TOKEN_TTL_MS: UnixMs = 90 * 24 * 3600 * 1000;
 const COUNTS_KEY: &[u8] = b"job_counts";
+/// Present once `jobs_by_holder` is complete.
+const HOLDER_INDEX_KEY: &[u8] = b"holder_index";
 const EMPTY: &[u8] = &[];
 
 /// The terminal states, in the order `delete_finished_jobs` walks them.
@@ -190,6 +196,7 @@ pub struct SledStore {
     jobs: sled::Tree,
     jobs_by_created: sled::Tree,
     jobs_by_state: sled::Tree,
+    jobs_by_holder: sled::Tree,
     digests: sled::Tree,
     agent_seq: sled::Tree,
     audit: sled::Tree,
@@ -412,7 +419,17 @@ struct JobTx<'a> {
     jobs: &'a TransactionalTree,
     by_state: &'a TransactionalTree,
     by_created: &'a TransactionalTree,
+    by_holder: &'a TransactionalTree,
     meta: &'a TransactionalTree,
+}
+
+/// The `jobs_by_holder` key of `job`, if it has a lease.
+fn holder_key(job: &JobRecord) -> Option<[u8; 32]> {
+    let lease = job.lease.as_ref()?;
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(lease.holder.as_bytes());
+    key[16..].copy_from_slice(job.id.as_bytes());
+    Some(key)
 }
 
 impl JobTx<'_> {
@@ -440,6 +457,9 @@ impl JobTx<'_> {
         self.jobs.insert(job.id.as_bytes(), encode(job).map_err(abort)?)?;
         self.by_created.insert(&created_key_of(job), EMPTY)?;
         self.by_state.insert(&state_key(job)[..], EMPTY)?;
+        if let Some(key) = holder_key(job) {
+            self.by_holder.insert(&key[..], EMPTY)?;
+        }
         counts.0[job.state.index()] += 1;
         Ok(())
     }
@@ -457,6 +477,15 @@ impl JobTx<'_> {
             self.by_state.remove(&old_state[..])?;
             self.by_state.insert(&new_state[..], EMPTY)?;
         }
+        let (old_holder, new_holder) = (holder_key(old), holder_key(new));
+        if old_holder != new_holder {
+            if let Some(key) = old_holder {
+                self.by_holder.remove(&key[..])?;
+            }
+            if let Some(key) = new_holder {
+                self.by_holder.insert(&key[..], EMPTY)?;
+            }
+        }
         if old.state != new.state {
             let from = &mut counts.0[old.state.index()];
             *from = from.saturating_sub(1);
@@ -470,6 +499,9 @@ impl JobTx<'_> {
         self.jobs.remove(old.id.as_bytes())?;
         self.by_created.remove(&created_key_of(old))?;
         self.by_state.remove(&state_key(old)[..])?;
+        if let Some(key) = holder_key(old) {
+            self.by_holder.remove(&key[..])?;
+        }
         let n = &mut counts.0[old.state.index()];
         *n = n.saturating_sub(1);
         Ok(())
@@ -513,6 +545,7 @@ impl SledStore {
             jobs: tree("jobs")?,
             jobs_by_created: tree("jobs_by_created")?,
             jobs_by_state: tree("jobs_by_state")?,
+            jobs_by_holder: tree("jobs_by_holder")?,
             digests: tree("digests")?,
             agent_seq: tree("agent_seq")?,
             audit: tree("audit")?,
@@ -528,10 +561,29 @@ impl SledStore {
             db,
         };
         store.upgrade()?;
+        store.upgrade_holder_index()?;
         store.upgrade_auth(crate::now_ms())?;
         store.upgrade_audit()?;
         store.build_agent_index()?;
         Ok(store)
+    }
+
+    /// Builds `jobs_by_holder` for a data directory from before it existed (see the module docs):
+    /// one scan of `jobs`, then the marker. Runs before the store is shared.
+    fn upgrade_holder_index(&self) -> StoreResult<()> {
+        if self.meta.get(HOLDER_INDEX_KEY).map_err(io)?.is_some() {
+            return Ok(());
+        }
+        self.jobs_by_holder.clear().map_err(io)?;
+        for item in self.jobs.iter() {
+            let (key, value) = item.map_err(io)?;
+            if let Some(k) = holder_key(&decode::<JobRecord>("jobs", &key, &value)?) {
+                self.jobs_by_holder.insert(k, EMPTY).map_err(io)?;
+            }
+        }
+        self.meta.insert(HOLDER_INDEX_KEY, &[1u8][..]).map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(())
     }
 
     /// Builds the agent index from `agents` (see the module docs). Runs before the store is shared.
@@ -722,10 +774,9 @@ impl SledStore {
 
     /// Runs `f` in one transaction over the job trees.
     fn job_transaction<T>(&self, f: impl Fn(&JobTx<'_>) -> Tx<T>) -> StoreResult<T> {
-        tx_out(
-            (&self.jobs, &self.jobs_by_state, &self.jobs_by_created, &self.meta)
-                .transaction(|(jobs, by_state, by_created, meta)| f(&JobTx { jobs, by_state, by_created, meta })),
-        )
+        tx_out((&self.jobs, &self.jobs_by_state, &self.jobs_by_created, &self.jobs_by_holder, &self.meta).transaction(
+            |(jobs, by_state, by_created, by_holder, meta)| f(&JobTx { jobs, by_state, by_created, by_holder, meta }),
+        ))
     }
 
     /// Deletes the sessions for which `pred` holds; returns how many.
@@ -961,6 +1012,21 @@ impl Store for SledStore {
         Ok(stored)
     }
 
+    fn leased_job_counts(&self, holders: &[AgentId]) -> StoreResult<HashMap<AgentId, usize>> {
+        let mut counts = HashMap::new();
+        for holder in holders {
+            let mut n = 0;
+            for key in self.jobs_by_holder.scan_prefix(holder.as_bytes()).keys() {
+                key.map_err(io)?;
+                n += 1;
+            }
+            if n > 0 {
+                counts.insert(*holder, n);
+            }
+        }
+        Ok(counts)
+    }
+
     fn list_agents_page(&self, query: &AgentQuery) -> StoreResult<AgentPage> {
         let (keys, next, counts) = {
             let index = self.lock_agent_index()?;
@@ -1139,9 +1205,16 @@ impl Store for SledStore {
         let mut deleted = 0;
         for chunk in found.chunks(256) {
             deleted += tx_out(
-                (&self.jobs, &self.jobs_by_state, &self.jobs_by_created, &self.meta, &self.digests).transaction(
-                    |(jobs, by_state, by_created, meta, digests)| {
-                        let tx = JobTx { jobs, by_state, by_created, meta };
+                (
+                    &self.jobs,
+                    &self.jobs_by_state,
+                    &self.jobs_by_created,
+                    &self.jobs_by_holder,
+                    &self.meta,
+                    &self.digests,
+                )
+                    .transaction(|(jobs, by_state, by_created, by_holder, meta, digests)| {
+                        let tx = JobTx { jobs, by_state, by_created, by_holder, meta };
                         let mut counts = tx.counts()?;
                         let mut n = 0usize;
                         for &(_, _, _, id) in chunk {
@@ -1158,8 +1231,7 @@ impl Store for SledStore {
                             tx.set_counts(&counts)?;
                         }
                         Ok(n)
-                    },
-                ),
+                    }),
             )?;
         }
         Ok(deleted)
@@ -1189,6 +1261,7 @@ impl Store for SledStore {
                 &self.jobs,
                 &self.jobs_by_state,
                 &self.jobs_by_created,
+                &self.jobs_by_holder,
                 &self.meta,
                 &self.digests,
                 &self.agent_seq,
@@ -1196,13 +1269,13 @@ impl Store for SledStore {
                 &self.agents,
             )
                 .transaction(
-                    |(jobs, by_state, by_created, meta, digests, agent_seq, audit_tree, agents)| {
+                    |(jobs, by_state, by_created, by_holder, meta, digests, agent_seq, audit_tree, agents)| {
                         if let Some(bytes) = agent_seq.get(agent_key)? {
                             if commit.seq <= decode_seq(agent_key, &bytes).map_err(abort)? {
                                 return Ok(CommitOutcome::Duplicate);
                             }
                         }
-                        let tx = JobTx { jobs, by_state, by_created, meta };
+                        let tx = JobTx { jobs, by_state, by_created, by_holder, meta };
                         let mut counts = tx.counts()?;
                         let counted = counts;
                         if let Some(write) = &commit.job {
@@ -1642,6 +1715,31 @@ mod tests {
         let page = store.list_agents_page(&AgentQuery { limit: all.len().max(1), ..AgentQuery::default() })?;
         assert_eq!(page.counts, AgentCounts::of(&all));
         assert_eq!(page.agents, all);
+        Ok(())
+    }
+
+    #[test]
+    fn holder_index_is_built_for_an_older_data_directory() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        {
+            let store = SledStore::open(dir.path())?;
+            for (n, holder) in [Some(a), Some(a), Some(b), None].into_iter().enumerate() {
+                let mut j = job(Uuid::new_v4(), n as u64);
+                if let Some(h) = holder {
+                    j.state = JobState::Running;
+                    j.lease = Some(crate::store::Lease { holder: h, lease_id: 1, deadline_ms: None });
+                }
+                store.insert_job(&j)?;
+            }
+            // As written before the index existed.
+            store.jobs_by_holder.clear()?;
+            store.meta.remove(HOLDER_INDEX_KEY)?;
+            store.flush()?;
+        }
+        let store = SledStore::open(dir.path())?;
+        let counts = store.leased_job_counts(&[a, b, Uuid::new_v4()])?;
+        assert_eq!(counts, HashMap::from([(a, 2), (b, 1)]));
         Ok(())
     }
 
