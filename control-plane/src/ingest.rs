@@ -102,8 +102,9 @@ impl Ingest {
             return match env.body {
                 AgentMessage::Heartbeat(health) => {
                     let sample = HealthSample { received_at_ms: now_ms, health: bounded_health(health) };
-                    store.push_health(agent_id, &sample, HEALTH_HISTORY_MAX, HEALTH_HISTORY_BYTES_MAX)?;
-                    store.update_agent(agent_id, &mut |a| a.last_seen_ms = Some(now_ms))?;
+                    // One agent write for the sample and last_seen_ms; not flushed (see the store's
+                    // durability of health).
+                    store.record_heartbeat(agent_id, &sample, HEALTH_HISTORY_MAX, HEALTH_HISTORY_BYTES_MAX)?;
                     Ok(Ingested::Ephemeral)
                 }
                 other => Err(IngestError::Protocol(format!("{} without a sequence number", other.kind()))),

@@ -670,6 +670,27 @@ fn delete_finished_respects_cutoff_and_limit(make: Make) -> TestResult {
     Ok(())
 }
 
+fn heartbeats_set_last_health_and_last_seen_and_keep_the_bounds(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let a = aid(1);
+    s.insert_agent(&AgentRecord { last_seen_ms: Some(5), ..agent(a) })?;
+    for t in 0..8u64 {
+        s.record_heartbeat(a, &sample(100 + t, 10), 3, usize::MAX)?;
+    }
+    let rec = s.get_agent(a)?.ok_or_else(|| anyhow::anyhow!("agent vanished"))?;
+    assert_eq!(rec.last_seen_ms, Some(107));
+    assert_eq!(rec.last_health.map(|h| h.received_at_ms), Some(107));
+    assert!(rec.connected, "a heartbeat changes nothing else");
+    let times: Vec<u64> = s.health_history(a, 100)?.iter().map(|h| h.received_at_ms).collect();
+    assert_eq!(times, [105, 106, 107]);
+    // An agent without a record gets history and no record.
+    s.record_heartbeat(aid(2), &sample(9, 1), 3, usize::MAX)?;
+    assert_eq!(s.health_history(aid(2), 10)?.len(), 1);
+    assert_eq!(s.get_agent(aid(2))?, None);
+    Ok(())
+}
+
 fn push_health_bounds_count_and_bytes(make: Make) -> TestResult {
     let fixture = make()?;
     let s: &dyn Store = &*fixture;
@@ -1310,6 +1331,7 @@ contract!(
     commit_without_job_sets_watermark,
     delete_finished_respects_cutoff_and_limit,
     push_health_bounds_count_and_bytes,
+    heartbeats_set_last_health_and_last_seen_and_keep_the_bounds,
     other_records_roundtrip,
     users_are_unique_and_the_last_admin_stays,
     sessions_end_per_user_and_by_expiry,

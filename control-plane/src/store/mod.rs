@@ -1311,6 +1311,23 @@ pub trait Store: Send + Sync + 'static {
     /// and at most `bytes_max` bytes of them (oldest dropped first; the newest is always kept),
     /// and sets it as the agent's `last_health`.
     fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize, bytes_max: usize) -> StoreResult<()>;
+    /// One heartbeat: [`Store::push_health`] of `sample`, and the agent's `last_seen_ms` set to
+    /// `sample.received_at_ms`. Not flushed: health is not a job result, and a sample lost in a
+    /// crash is replaced by the next one within a heartbeat interval. The default makes two agent
+    /// writes; [`sled_store::SledStore`] makes one (a heartbeat rewrites the agent record, its
+    /// certificate history included, so at 2,000 heartbeats a second the second write is a
+    /// tenth of the control plane's CPU).
+    fn record_heartbeat(
+        &self,
+        id: AgentId,
+        sample: &HealthSample,
+        keep_max: usize,
+        bytes_max: usize,
+    ) -> StoreResult<()> {
+        self.push_health(id, sample, keep_max, bytes_max)?;
+        self.update_agent(id, &mut |a| a.last_seen_ms = Some(sample.received_at_ms))?;
+        Ok(())
+    }
     /// Up to `limit` newest health samples, oldest first.
     fn health_history(&self, id: AgentId, limit: usize) -> StoreResult<Vec<HealthSample>>;
 

@@ -57,7 +57,8 @@
 //!   concurrent token consumers exactly one sees the unused token.
 //! * `push_health` inserts the sample, trims the agent's history to `keep_max` samples and
 //!   `bytes_max` bytes of JSON (oldest first, always keeping the newest), then sets the agent's
-//!   `last_health` with the CAS loop. Pushes are serialized by an in-memory lock that also holds
+//!   `last_health` with the CAS loop; `record_heartbeat` does the same and sets `last_seen_ms` in
+//!   that one agent write. Pushes are serialized by an in-memory lock that also holds
 //!   each agent's running sample count and byte total (computed from the tree on the agent's first
 //!   push after opening, and recomputed after any failed push).
 //! * Users: every write (`insert_user`, `set_user_password`, `remove_user`) holds one in-memory
@@ -67,6 +68,15 @@
 //! * The audit log's ids come from [`sled::Db::generate_id`], which is monotonic across restarts
 //!   (sled persists a high-water mark before handing ids out), so entry ids strictly increase.
 //! * [`Store::flush`] is sled's `flush` (fsync of the shared log, so it covers every tree).
+//!
+//! # Durability of health
+//!
+//! Heartbeats (`record_heartbeat`) are never flushed by themselves: health is not a job result,
+//! and at 10,000 agents every 5 s an fsync per sample would be 2,000 a second. A sample is durable
+//! with the next [`Store::flush`] (any acknowledged agent message, job submission or operator
+//! action) or sled's own background flush (every 500 ms); a crash loses at most the samples since
+//! then, which the agents replace with their next heartbeat. Everything that is acknowledged is
+//! flushed before the acknowledgement, as before.
 //! * `claim_job` is `update_job`: one process owns the database, so no other writer can hold a
 //!   job. Events ([`Store::publish`]) go to this store's subscribers through an in-process
 //!   broadcast channel ([`super::EVENT_CHANNEL_CAPACITY`]); they are not stored.
@@ -793,6 +803,41 @@ impl SledStore {
         Ok(deleted)
     }
 
+    /// [`Store::push_health`], and with `seen` also `last_seen_ms` = the sample's receive time, in
+    /// the same agent write ([`Store::record_heartbeat`]).
+    fn push_health_then(
+        &self,
+        id: AgentId,
+        sample: &HealthSample,
+        keep_max: usize,
+        bytes_max: usize,
+        seen: bool,
+    ) -> StoreResult<()> {
+        let value = encode(sample)?;
+        let key = health_key(id, sample.received_at_ms, self.db.generate_id().map_err(io)?);
+        {
+            let mut tallies =
+                self.health_tally.lock().map_err(|_| StoreError::Io("health history lock poisoned".into()))?;
+            let pushed = self.push_health_locked(&mut tallies, id, &key, value, keep_max, bytes_max);
+            if pushed.is_err() {
+                // Recount from the tree on the next push.
+                tallies.remove(&id);
+            }
+            pushed?;
+        }
+        let mut set = |rec: &mut AgentRecord| {
+            let newer = rec.last_health.as_ref().is_none_or(|h| h.received_at_ms <= sample.received_at_ms);
+            if newer {
+                rec.last_health = Some(sample.clone());
+            }
+            if seen {
+                rec.last_seen_ms = Some(sample.received_at_ms);
+            }
+        };
+        self.update_agent(id, &mut set)?;
+        Ok(())
+    }
+
     /// Inserts the sample and trims the agent's history; the caller holds the tally lock.
     fn push_health_locked(
         &self,
@@ -1046,26 +1091,17 @@ impl Store for SledStore {
     }
 
     fn push_health(&self, id: AgentId, sample: &HealthSample, keep_max: usize, bytes_max: usize) -> StoreResult<()> {
-        let value = encode(sample)?;
-        let key = health_key(id, sample.received_at_ms, self.db.generate_id().map_err(io)?);
-        {
-            let mut tallies =
-                self.health_tally.lock().map_err(|_| StoreError::Io("health history lock poisoned".into()))?;
-            let pushed = self.push_health_locked(&mut tallies, id, &key, value, keep_max, bytes_max);
-            if pushed.is_err() {
-                // Recount from the tree on the next push.
-                tallies.remove(&id);
-            }
-            pushed?;
-        }
-        let mut set = |rec: &mut AgentRecord| {
-            let newer = rec.last_health.as_ref().is_none_or(|h| h.received_at_ms <= sample.received_at_ms);
-            if newer {
-                rec.last_health = Some(sample.clone());
-            }
-        };
-        self.update_agent(id, &mut set)?;
-        Ok(())
+        self.push_health_then(id, sample, keep_max, bytes_max, false)
+    }
+
+    fn record_heartbeat(
+        &self,
+        id: AgentId,
+        sample: &HealthSample,
+        keep_max: usize,
+        bytes_max: usize,
+    ) -> StoreResult<()> {
+        self.push_health_then(id, sample, keep_max, bytes_max, true)
     }
 
     fn health_history(&self, id: AgentId, limit: usize) -> StoreResult<Vec<HealthSample>> {
