@@ -456,6 +456,7 @@ fn agent_settings() -> gaffer_agent::config::RunSettings {
         offline: false,
         job_timeout: Some(std::time::Duration::from_secs(90 * 60)),
         job_memory_max: Some(6 << 30),
+        control: vec!["control-a.studio.internal:7443".into(), "control-b.studio.internal:7443".into()],
     }
 }
 
@@ -478,5 +479,10 @@ fn control_settings() -> anyhow::Result<gaffer_control::config::ServeSettings> {
         http_tls_key: Some("/etc/gaffer/dashboard.key".into()),
         metrics_token_file: Some("/etc/gaffer/metrics.token".into()),
         metrics_listen: Some("10.0.0.5:9090".parse()?),
+        admission: gaffer_control::admission::AdmissionConfig {
+            quic_retry: false,
+            handshakes_max: 512,
+            enroll_connections_max: 16,
+        },
     })
 }
