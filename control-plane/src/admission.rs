@@ -6,7 +6,8 @@
 //! their next attempts.
 //!
 //! In order, for every incoming connection:
-//! 1. **Address validation** (`serve --quic-retry on|off`, default on): a client whose address
+//! 1. **Address validation** (`serve --quic-retry on|off`, default on; skipped for a connection
+//!    step 2 would refuse anyway): a client whose address
 //!    is not validated yet is sent a QUIC Retry (a stateless token round trip, RFC 9000 §8.1); it
 //!    comes back with the token, which proves it receives packets at that address, before the
 //!    endpoint keeps any state or does any cryptography for it. Costs one round trip per
@@ -133,9 +134,16 @@ impl Admission {
     }
 
     /// The decision for an incoming connection whose address is (`address_validated`: it came
-    /// back with a Retry token) or is not validated.
+    /// back with a Retry token) or is not validated. While every handshake place is taken it is
+    /// refused at once, Retry or not: a Retry round trip for a connection that would be refused
+    /// anyway doubles the packets of a reconnect storm (a refusal is smaller than the client's
+    /// Initial, so refusing an unvalidated address amplifies nothing).
     pub fn admit(&self, address_validated: bool) -> Admit {
         if self.cfg.quic_retry && !address_validated {
+            if self.handshakes.available_permits() == 0 {
+                self.metrics.admission_refused("handshakes");
+                return Admit::Refuse;
+            }
             return Admit::Retry;
         }
         self.handshake()
@@ -195,10 +203,11 @@ mod tests {
         let two = a.admit(true);
         assert!(matches!((&one, &two), (Admit::Accept(_), Admit::Accept(_))));
         assert!(matches!(a.admit(true), Admit::Refuse), "a third handshake over the cap of 2");
+        assert!(matches!(a.admit(false), Admit::Refuse), "no Retry while every place is taken");
         let store = crate::store::mem_store::MemStore::new();
         let text = metrics.encode(&store);
         assert_eq!(sample(&text, "gaffer_quic_handshakes_in_progress "), Some(2.0), "{text}");
-        assert_eq!(sample(&text, "gaffer_admission_refused_total{reason=\"handshakes\"} "), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "gaffer_admission_refused_total{reason=\"handshakes\"} "), Some(2.0), "{text}");
         drop(one);
         assert!(matches!(a.admit(true), Admit::Accept(_)), "a finished handshake frees its place");
         let text = metrics.encode(&store);

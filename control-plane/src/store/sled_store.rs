@@ -240,13 +240,21 @@ struct AgentIndex {
 impl AgentIndex {
     /// Records `rec` as it is now stored, replacing what was known of it.
     fn put(&mut self, rec: &AgentRecord) {
+        let state = AgentState::of(rec);
+        let unchanged = self
+            .keys
+            .get(&rec.id)
+            .is_some_and(|k| k.site == rec.site && k.hostname == rec.hostname && self.order.get(k) == Some(&state));
+        if unchanged {
+            // A heartbeat or any other write that moves neither the key nor the state.
+            return;
+        }
         if let Some(old) = self.keys.remove(&rec.id) {
             if let Some(state) = self.order.remove(&old) {
                 self.counts.remove(&old.site, state);
             }
         }
         let key = AgentCursor::of(rec);
-        let state = AgentState::of(rec);
         self.counts.add(&key.site, state);
         self.order.insert(key.clone(), state);
         self.keys.insert(rec.id, key);
