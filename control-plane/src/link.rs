@@ -235,7 +235,18 @@ impl Link {
                         // this counts every failed handshake (bad certificates, but also
                         // timeouts and garbage), so the two never add up twice.
                         link.state.metrics.handshake_failed();
-                        tracing::warn!(%remote, error = %e, "QUIC handshake failed");
+                        match e {
+                            // A refused certificate or a protocol error: worth an operator's look.
+                            quinn::ConnectionError::TransportError(_)
+                            | quinn::ConnectionError::ConnectionClosed(_)
+                            | quinn::ConnectionError::VersionMismatch => {
+                                tracing::warn!(%remote, error = %e, "QUIC handshake failed");
+                            }
+                            // A client that gave up or went away (every one of a reconnect
+                            // storm's timeouts): counted in gaffer_quic_handshakes_failed_total,
+                            // not a log line each.
+                            _ => tracing::debug!(%remote, error = %e, "QUIC handshake did not finish"),
+                        }
                     }
                 }
             });

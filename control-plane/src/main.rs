@@ -891,8 +891,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());
     let tls = pki.quic_tls(cert_policy.clone())?;
     let quic_addr = settings.quic_listen.unwrap_or(config.quic_listen);
-    let endpoint = quinn::Endpoint::server(link::quinn_server_config(tls, &link_cfg)?, quic_addr)
-        .with_context(|| format!("binding QUIC on udp/{quic_addr}"))?;
+    let endpoint = quic_server_endpoint(link::quinn_server_config(tls, &link_cfg)?, quic_addr)?;
     let http_opts = HttpServerOptions {
         listen: settings.http_listen.unwrap_or(config.http_listen),
         tls: settings.http_tls,
@@ -1077,4 +1076,31 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     gaffer_control::service::stopping("control plane stopping");
+}
+
+/// UDP receive and send buffers asked for the control plane's QUIC socket: 8 MiB (the kernel caps
+/// them at `net.core.rmem_max` / `wmem_max`). A reconnect storm of thousands of agents sends
+/// bursts the default (about 200 KiB) drops.
+const QUIC_SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// The QUIC server endpoint on its own UDP socket bound to `addr`, with
+/// [`QUIC_SOCKET_BUFFER_BYTES`] of socket buffers (best effort; the sizes granted are logged).
+fn quic_server_endpoint(config: quinn::ServerConfig, addr: std::net::SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+            .with_context(|| format!("creating the QUIC socket for udp/{addr}"))?;
+    let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+    tracing::info!(
+        recv_buffer_bytes = socket.recv_buffer_size().unwrap_or(0),
+        send_buffer_bytes = socket.send_buffer_size().unwrap_or(0),
+        "QUIC socket buffers (raise net.core.rmem_max for more)"
+    );
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding QUIC on udp/{addr}: is another process using the port?"))?;
+    let runtime = quinn::default_runtime().context("no async runtime for the QUIC endpoint")?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket.into(), runtime)
+        .with_context(|| format!("starting QUIC on udp/{addr}"))
 }

@@ -13,7 +13,7 @@
 //! queue. A job that cannot be placed carries a [`Scheduler::pending_reason`], in the spirit of
 //! Nomad's placement failures.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -67,6 +67,9 @@ pub const SITE_NAME_BYTES_MAX: usize = 128;
 /// Queued jobs examined per leasing pass (in leasing order). Jobs behind them wait for the next
 /// pass; the pass stops early once no connected agent has a free slot.
 pub const LEASE_PASS_JOBS_MAX: usize = 10_000;
+/// Queued jobs a leasing pass reads at least (then four per free slot, doubling while slots stay
+/// free, up to [`LEASE_PASS_JOBS_MAX`]).
+pub const LEASE_PASS_CHUNK_MIN: usize = 64;
 /// Queued jobs whose placement failure is remembered for `pending_reason` (the first ones in
 /// leasing order).
 pub const PENDING_REASONS_MAX: usize = 1_000;
@@ -315,50 +318,66 @@ impl Scheduler {
     /// # Errors
     /// Store errors (the pass stops; the next one retries).
     pub fn lease_pass(&self, now_ms: UnixMs) -> Result<usize, StoreError> {
-        let queued = self.store.jobs_in_state(JobState::Queued, LEASE_PASS_JOBS_MAX)?;
         let mut pending = HashMap::new();
         let mut leased = 0;
-        for job in queued {
-            if let Some(until) = self.own_start_until(&job).filter(|u| now_ms < *u) {
-                if pending.len() < PENDING_REASONS_MAX {
-                    let agent = job.pinned_agent.map(|a| a.to_string()).unwrap_or_default();
-                    let secs = until.saturating_sub(now_ms).div_ceil(1000);
-                    pending.insert(
-                        job.id,
-                        format!(
+        // Read as many queued jobs as the free slots could take (a backlog of thousands is not
+        // decoded on every pass), more while slots stay free after them (jobs nobody here can
+        // run at the head of the queue), up to LEASE_PASS_JOBS_MAX.
+        let mut limit =
+            self.fleet.free_slots_total().saturating_mul(4).clamp(LEASE_PASS_CHUNK_MIN, LEASE_PASS_JOBS_MAX);
+        let mut seen = HashSet::new();
+        'pass: loop {
+            let queued = self.store.jobs_in_state(JobState::Queued, limit)?;
+            let read = queued.len();
+            for job in queued {
+                if !seen.insert(job.id) {
+                    continue;
+                }
+                if let Some(until) = self.own_start_until(&job).filter(|u| now_ms < *u) {
+                    if pending.len() < PENDING_REASONS_MAX {
+                        let agent = job.pinned_agent.map(|a| a.to_string()).unwrap_or_default();
+                        let secs = until.saturating_sub(now_ms).div_ceil(1000);
+                        pending.insert(
+                            job.id,
+                            format!(
                             "waiting {secs} s more for agent {agent} to report running the watch-folder file it found"
                         ),
-                    );
-                }
-                continue;
-            }
-            match self.fleet.reserve_for(&job) {
-                Err(reason) => {
-                    if pending.len() < PENDING_REASONS_MAX {
-                        pending.insert(job.id, reason);
+                        );
                     }
-                    if !self.fleet.any_free_slot() {
-                        // Nobody can take anything: the rest keep their last reason.
-                        break;
-                    }
+                    continue;
                 }
-                Ok(agent) => {
-                    let event = JobEvent::Lease { agent, offline: false };
-                    match self.apply_with(job.id, &event, now_ms, true) {
-                        Ok(Some(j)) if j.lease.is_some_and(|l| l.holder == agent) => {
-                            leased += 1;
-                            tracing::info!(job_id = %job.id, agent_id = %agent, path = %job.path, "job leased");
+                match self.fleet.reserve_for(&job) {
+                    Err(reason) => {
+                        if pending.len() < PENDING_REASONS_MAX {
+                            pending.insert(job.id, reason);
                         }
-                        Ok(_) | Err(SubmitError::Refused(_)) => {}
-                        Err(SubmitError::Store(e)) => {
-                            self.fleet.unreserve(agent, job.id);
-                            return Err(e);
+                        if !self.fleet.any_free_slot() {
+                            // Nobody can take anything: the rest keep their last reason.
+                            break 'pass;
                         }
-                        Err(_) => {}
                     }
-                    self.fleet.unreserve(agent, job.id);
+                    Ok(agent) => {
+                        let event = JobEvent::Lease { agent, offline: false };
+                        match self.apply_with(job.id, &event, now_ms, true) {
+                            Ok(Some(j)) if j.lease.is_some_and(|l| l.holder == agent) => {
+                                leased += 1;
+                                tracing::info!(job_id = %job.id, agent_id = %agent, path = %job.path, "job leased");
+                            }
+                            Ok(_) | Err(SubmitError::Refused(_)) => {}
+                            Err(SubmitError::Store(e)) => {
+                                self.fleet.unreserve(agent, job.id);
+                                return Err(e);
+                            }
+                            Err(_) => {}
+                        }
+                        self.fleet.unreserve(agent, job.id);
+                    }
                 }
             }
+            if read < limit || limit >= LEASE_PASS_JOBS_MAX || !self.fleet.any_free_slot() {
+                break;
+            }
+            limit = limit.saturating_mul(2).min(LEASE_PASS_JOBS_MAX);
         }
         if leased > 0 {
             self.store.flush()?;
@@ -564,30 +583,30 @@ impl Scheduler {
     /// # Errors
     /// Store errors.
     pub fn jobs_leased_to(&self, agent: AgentId) -> Result<Vec<JobRecord>, StoreError> {
-        let mut out = Vec::new();
-        for state in [JobState::Assigned, JobState::Running] {
-            out.extend(
-                self.store
-                    .jobs_in_state(state, DEADLINE_PASS_JOBS_MAX)?
-                    .into_iter()
-                    .filter(|j| j.lease.is_some_and(|l| l.holder == agent)),
-            );
-        }
-        Ok(out)
+        self.store.jobs_leased_to(agent)
     }
 
     /// Runs the scheduling loop forever: deadline pass, then leasing pass, on every wake and
     /// every tick. Store work runs on a blocking thread.
     pub async fn run(self: Arc<Self>) {
+        let mut last_deadline_pass = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.woken() => {}
                 _ = tokio::time::sleep(self.cfg.tick) => {}
             }
+            // Deadlines are seconds apart: the deadline pass (which reads every leased job) runs
+            // once per tick, not on every wake.
+            let deadlines = last_deadline_pass.elapsed() >= self.cfg.tick;
+            if deadlines {
+                last_deadline_pass = tokio::time::Instant::now();
+            }
             let this = self.clone();
             let pass = tokio::task::spawn_blocking(move || {
                 let now = crate::now_ms();
-                this.deadline_pass(now)?;
+                if deadlines {
+                    this.deadline_pass(now)?;
+                }
                 this.lease_pass(now)
             })
             .await;
@@ -757,14 +776,15 @@ impl Connected {
 /// scheduler; a plain mutex-protected map with no I/O, so the simulation uses it as is.
 #[derive(Debug, Default)]
 pub struct Fleet {
-    inner: Mutex<HashMap<AgentId, Connected>>,
+    /// By agent id, so a leasing pass visits agents in a fixed order without sorting them.
+    inner: Mutex<BTreeMap<AgentId, Connected>>,
     /// Set by [`Scheduler::set_replica`]: messages for agents not connected here go to the other
     /// replicas.
     replica: OnceLock<Arc<Replica>>,
 }
 
 impl Fleet {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, Connected>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, Connected>> {
         // Single inserts and removes: a panic while holding this lock cannot leave the map
         // inconsistent, so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -948,6 +968,11 @@ impl Fleet {
         self.lock().len()
     }
 
+    /// Free slots of the connected agents with room for an assignment, together.
+    pub fn free_slots_total(&self) -> usize {
+        self.lock().values().filter(|c| c.mailbox_has_room_for_assign()).map(Connected::free_slots).sum()
+    }
+
     /// Whether any connected agent has a free slot and room for an assignment.
     pub fn any_free_slot(&self) -> bool {
         self.lock().values().any(|c| c.free_slots() > 0 && c.mailbox_has_room_for_assign())
@@ -960,28 +985,20 @@ impl Fleet {
     /// Why no agent can take it, in words for `pending_reason`.
     pub fn reserve_for(&self, job: &JobRecord) -> Result<AgentId, String> {
         let mut inner = self.lock();
-        let mut in_site = 0usize;
-        let mut eligible = 0usize;
-        let mut worst = Ineligible::Site;
+        // Only agents that can take a job now; the first one with as many free slots as any
+        // connected agent has slots at all wins outright (nobody can have more). Deterministic
+        // choice among equals: the smallest agent id (the map is ordered by id).
+        let slots_max = inner.values().map(|c| c.conn.capabilities.job_slots as usize).max().unwrap_or(0);
         let mut best: Option<(AgentId, usize)> = None;
-        // Deterministic choice among equals: the smallest agent id.
-        let mut ids: Vec<AgentId> = inner.keys().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
-            let Some(c) = inner.get(&id) else { continue };
-            match eligibility(id, &c.conn.site, &c.conn.capabilities, job) {
-                Err(Ineligible::Site) => continue,
-                Err(why) => {
-                    in_site += 1;
-                    worst = worst.max_by_rank(why);
-                }
-                Ok(()) => {
-                    in_site += 1;
-                    eligible += 1;
-                    let free = c.free_slots();
-                    if free > 0 && c.mailbox_has_room_for_assign() && best.is_none_or(|(_, f)| free > f) {
-                        best = Some((id, free));
-                    }
+        for (id, c) in inner.iter() {
+            let free = c.free_slots();
+            if free == 0 || best.is_some_and(|(_, f)| free <= f) || !c.mailbox_has_room_for_assign() {
+                continue;
+            }
+            if eligibility(*id, &c.conn.site, &c.conn.capabilities, job).is_ok() {
+                best = Some((*id, free));
+                if free >= slots_max {
+                    break;
                 }
             }
         }
@@ -990,6 +1007,23 @@ impl Fleet {
                 c.reserved.insert(job.id);
             }
             return Ok(id);
+        }
+        // Nobody can take it: say why, from every connected agent.
+        let mut in_site = 0usize;
+        let mut eligible = 0usize;
+        let mut worst = Ineligible::Site;
+        for (id, c) in inner.iter() {
+            match eligibility(*id, &c.conn.site, &c.conn.capabilities, job) {
+                Err(Ineligible::Site) => continue,
+                Err(why) => {
+                    in_site += 1;
+                    worst = worst.max_by_rank(why);
+                }
+                Ok(()) => {
+                    in_site += 1;
+                    eligible += 1;
+                }
+            }
         }
         Err(if let Some(pinned) = job.pinned_agent.filter(|p| !inner.contains_key(p)) {
             format!("pinned to agent {pinned}, which is not connected")

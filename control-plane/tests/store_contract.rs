@@ -742,13 +742,28 @@ fn lease_to(s: &dyn Store, n: u32, holder: Option<AgentId>, state: JobState) -> 
     Ok(())
 }
 
-fn leased_job_counts_follow_every_job_write(make: Make) -> TestResult {
+fn leased_jobs_follow_every_job_write(make: Make) -> TestResult {
     let fixture = make()?;
     let s: &dyn Store = &*fixture;
     let (a, b, c) = (aid(1), aid(2), aid(3));
     let leased = |holders: &[AgentId]| -> anyhow::Result<Vec<(AgentId, usize)>> {
         let mut v: Vec<(AgentId, usize)> = s.leased_job_counts(holders)?.into_iter().collect();
         v.sort();
+        // `jobs_leased_to` agrees with the counts: the holder's assigned and running jobs,
+        // assigned first.
+        for holder in holders {
+            let jobs = s.jobs_leased_to(*holder)?;
+            let count = v.iter().find(|(h, _)| h == holder).map_or(0, |(_, n)| *n);
+            assert_eq!(jobs.len(), count, "jobs_leased_to({holder}) against leased_job_counts");
+            for j in &jobs {
+                assert_eq!(j.lease.map(|l| l.holder), Some(*holder), "job {} is the holder's", j.id);
+                assert!(matches!(j.state, JobState::Assigned | JobState::Running), "job {} is leased", j.id);
+            }
+            assert!(
+                jobs.windows(2).all(|w| !(w[0].state == JobState::Running && w[1].state == JobState::Assigned)),
+                "assigned jobs first"
+            );
+        }
         Ok(v)
     };
     // The commit below moves job 1 (running on agent 1) to succeeded; jobs 2 and 3 are queued.
@@ -1339,7 +1354,7 @@ contract!(
     audit_ids_increase_and_queries_page_through_filters,
     rollouts_roundtrip_by_id,
     agent_pages_filter_count_and_cover_every_agent_once,
-    leased_job_counts_follow_every_job_write,
+    leased_jobs_follow_every_job_write,
     claim_job_without_contention_is_update_job,
     replicas_register_heartbeat_and_leave,
     events_reach_every_subscriber_in_order,

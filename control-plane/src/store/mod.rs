@@ -1287,6 +1287,23 @@ pub trait Store: Send + Sync + 'static {
         Ok(counts)
     }
 
+    /// The jobs leased (assigned or running) to `holder` now, assigned first, each state oldest
+    /// first. The default reads every leased job ([`Store::jobs_in_state`], at most
+    /// [`LEASED_JOBS_READ_MAX`] per state) and keeps the holder's: O(leased jobs), which a
+    /// reconnect storm pays once per agent. [`sled_store::SledStore`] and
+    /// [`pg_store::PgStore`] read their holder index instead: O(the holder's jobs).
+    fn jobs_leased_to(&self, holder: AgentId) -> StoreResult<Vec<JobRecord>> {
+        let mut out = Vec::new();
+        for state in [JobState::Assigned, JobState::Running] {
+            out.extend(
+                self.jobs_in_state(state, LEASED_JOBS_READ_MAX)?
+                    .into_iter()
+                    .filter(|j| j.lease.is_some_and(|l| l.holder == holder)),
+            );
+        }
+        Ok(out)
+    }
+
     /// One page of agents matching `query`, by site, then hostname, then id, with the fleet's
     /// counts by state and site. Every agent on the page is read from its record as stored when
     /// the page is read (so `connected` and the state are never older than the call); with

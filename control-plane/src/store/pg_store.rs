@@ -1313,6 +1313,20 @@ impl Store for PgStore {
         })
     }
 
+    fn jobs_leased_to(&self, holder: AgentId) -> StoreResult<Vec<JobRecord>> {
+        self.run("jobs_leased_to", move |db| async move {
+            let rows: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, record::text FROM jobs WHERE lease_holder = $1 AND state = ANY($2) \
+                 ORDER BY state, created_at_ms, seq, id",
+            )
+            .bind(holder)
+            .bind(vec![JobState::Assigned.index() as i16, JobState::Running.index() as i16])
+            .fetch_all(&db.pool)
+            .await?;
+            Ok(decode_all("jobs", rows)?)
+        })
+    }
+
     fn job_counts(&self) -> StoreResult<JobCounts> {
         self.run("job_counts", |db| async move {
             let rows: Vec<(i16, i64)> =
