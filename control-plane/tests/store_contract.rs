@@ -1795,6 +1795,7 @@ mod differential {
     }
 
     /// A store that keeps its data across a restart, run beside `MemStore`.
+    #[allow(clippy::large_enum_variant)] // two of them in a test
     enum Durable {
         Sled { store: Option<SledStore>, dir: tempfile::TempDir },
         Pg { store: Option<PgStore>, db: TestDatabase },

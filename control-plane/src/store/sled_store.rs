@@ -1166,7 +1166,7 @@ impl Store for SledStore {
             let key = key.map_err(io)?;
             let Some(job_key) = key.get(16..32) else { continue };
             let Some(job) = self.get_json::<JobRecord>(&self.jobs, "jobs", job_key)? else { continue };
-            if !job.lease.is_some_and(|l| l.holder == holder) {
+            if job.lease.is_none_or(|l| l.holder != holder) {
                 continue;
             }
             match job.state {
