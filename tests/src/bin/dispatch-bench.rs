@@ -12,11 +12,10 @@
 //!   is on disk before it is acknowledged: `POST /api/v1/jobs` answers after the job is flushed
 //!   (`Scheduler::submit`), a leasing pass flushes before its assignments go out, and each agent
 //!   report is committed with its sequence watermark (`Store::commit_agent_message`) and flushed
-//!   (`Store::flush`) before the control plane acknowledges it (`ingest.rs`). sled 0.34's
-//!   `Db::flush` on Linux is `pwrite` + `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`: it
-//!   waits until the write reached the device but issues no device cache flush and commits no
-//!   metadata; sled's own flusher thread `fsync`s the file every 500 ms. So a killed control plane
-//!   loses nothing it acknowledged, and a power loss at most what the drive's cache held.
+//!   (`Store::flush`) before the control plane acknowledges it (`ingest.rs`). `Store::flush` on
+//!   sled is a group commit: sled 0.34's `Db::flush` (`pwrite` + `sync_file_range`) and then
+//!   `fdatasync` of the log file, one for every caller waiting at that moment. So neither a killed
+//!   control plane nor a power loss loses anything it acknowledged.
 //! * **Celery**: a venv (`--venv`, default `~/.cache/gaffer/bench-venv`) with
 //!   `tests/bench/celery/requirements.txt` installed `--require-hashes`; Debian's `redis-server` on
 //!   a free loopback port with RDB snapshots off and the append-only file on, `appendfsync
@@ -53,7 +52,7 @@ use serde_json::Value;
 /// What the Gaffer side guarantees, checked against control-plane/src/ingest.rs, scheduler.rs and
 /// sled 0.34's `Db::flush`; printed above the table.
 const GAFFER_DURABILITY: &str = "every submit (201), lease pass and agent report is on the device before it is \
-answered or acknowledged (sled flush: pwrite + sync_file_range; sled fsyncs every 500 ms)";
+answered or acknowledged (group commit: sled flush, then fdatasync of its log)";
 /// What the Celery side guarantees with the Redis settings below.
 const CELERY_DURABILITY: &str = "Redis AOF, appendfsync everysec: tasks, acks and results are fsynced once a \
 second, after they are acknowledged";
