@@ -337,12 +337,10 @@ impl Scheduler {
                     if pending.len() < PENDING_REASONS_MAX {
                         let agent = job.pinned_agent.map(|a| a.to_string()).unwrap_or_default();
                         let secs = until.saturating_sub(now_ms).div_ceil(1000);
-                        pending.insert(
-                            job.id,
-                            format!(
+                        let reason = format!(
                             "waiting {secs} s more for agent {agent} to report running the watch-folder file it found"
-                        ),
                         );
+                        pending.insert(job.id, reason);
                     }
                     continue;
                 }
@@ -586,8 +584,8 @@ impl Scheduler {
         self.store.jobs_leased_to(agent)
     }
 
-    /// Runs the scheduling loop forever: deadline pass, then leasing pass, on every wake and
-    /// every tick. Store work runs on a blocking thread.
+    /// Runs the scheduling loop forever: a leasing pass on every wake and every tick, preceded by
+    /// a deadline pass at most once per tick. Store work runs on a blocking thread.
     pub async fn run(self: Arc<Self>) {
         let mut last_deadline_pass = tokio::time::Instant::now();
         loop {

@@ -76,18 +76,18 @@
 //!   instead of one each.
 //! * sled's page cache is bounded to [`SLED_CACHE_BYTES`] (sled's default is 1 GiB, most of a
 //!   control plane's memory).
+//! * `claim_job` is `update_job`: one process owns the database, so no other writer can hold a
+//!   job. Events ([`Store::publish`]) go to this store's subscribers through an in-process
+//!   broadcast channel ([`super::EVENT_CHANNEL_CAPACITY`]); they are not stored.
 //!
 //! # Durability of health
 //!
 //! Heartbeats (`record_heartbeat`) are never flushed by themselves: health is not a job result,
 //! and at 10,000 agents every 5 s an fsync per sample would be 2,000 a second. A sample is durable
 //! with the next [`Store::flush`] (any acknowledged agent message, job submission or operator
-//! action) or sled's own background flush (every 500 ms); a crash loses at most the samples since
-//! then, which the agents replace with their next heartbeat. Everything that is acknowledged is
-//! flushed before the acknowledgement, as before.
-//! * `claim_job` is `update_job`: one process owns the database, so no other writer can hold a
-//!   job. Events ([`Store::publish`]) go to this store's subscribers through an in-process
-//!   broadcast channel ([`super::EVENT_CHANNEL_CAPACITY`]); they are not stored.
+//! action; under load that is many times a second); sled's own background flush writes it out
+//! within 500 ms in any case (without `fdatasync`). A crash loses at most the samples since then, which the agents replace with their next heartbeat. Everything that is acknowledged is
+//! flushed before the acknowledgement.
 //!
 //! # The agent index (in memory)
 //!
@@ -679,7 +679,7 @@ impl SledStore {
             }
         }
         self.meta.insert(HOLDER_INDEX_KEY, &[1u8][..]).map_err(io)?;
-        self.db.flush().map_err(io)?;
+        self.commit.flush(&self.db)?;
         Ok(())
     }
 
@@ -761,7 +761,7 @@ impl SledStore {
                  revoke them (`gaffer-control api-token revoke --name NAME`) and mint named tokens with the role they need"
             );
         }
-        self.db.flush().map_err(io)?;
+        self.commit.flush(&self.db)?;
         Ok(())
     }
 
@@ -780,7 +780,7 @@ impl SledStore {
                 Ok(())
             }))?;
         }
-        self.db.flush().map_err(io)?;
+        self.commit.flush(&self.db)?;
         Ok(())
     }
 
@@ -828,7 +828,7 @@ impl SledStore {
             counts.0[job.state.index()] += 1;
         }
         self.meta.insert(COUNTS_KEY, &encode_counts(&counts)[..]).map_err(io)?;
-        self.db.flush().map_err(io)?;
+        self.commit.flush(&self.db)?;
         Ok(())
     }
 
