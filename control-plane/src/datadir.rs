@@ -171,4 +171,27 @@ impl DataDir {
             other => DataDirError::Io { path: self.root.display().to_string(), source: std::io::Error::other(other) },
         })
     }
+
+    /// Writes the fleet CA (`ca.pem`, `ca.key` 0600) and the server certificate (`server.pem`,
+    /// `server.key` 0600), as `init` leaves them.
+    ///
+    /// # Errors
+    /// [`DataDirError::Io`].
+    pub fn write_pki(
+        &self,
+        ca: &gaffer_certs::FleetCa,
+        server: &gaffer_certs::IssuedKeyPair,
+    ) -> Result<(), DataDirError> {
+        self.write_secret(&self.ca_key_path(), ca.key_pem().as_bytes())?;
+        self.write_public(&self.ca_cert_path(), ca.cert_pem().as_bytes())?;
+        self.write_secret(&self.server_key_path(), server.key_pem.as_bytes())?;
+        self.write_public(&self.server_cert_path(), server.cert_pem.as_bytes())
+    }
+
+    fn write_secret(&self, path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+        gaffer_certs::write_secret_file(path, contents).map_err(|e| match e {
+            gaffer_certs::CertError::Io { source, .. } => DataDirError::Io { path: path.display().to_string(), source },
+            other => DataDirError::Io { path: path.display().to_string(), source: std::io::Error::other(other) },
+        })
+    }
 }

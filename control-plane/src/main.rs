@@ -744,10 +744,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     identity::check_ttl(agent_cert_ttl_secs)?;
     let ca = FleetCa::generate(&settings.fleet_name)?;
     let server = ca.issue_server_cert_secs(&server_names, agent_cert_ttl_secs)?;
-    gaffer_certs::write_secret_file(&dd.ca_key_path(), ca.key_pem().as_bytes())?;
-    dd.write_public(&dd.ca_cert_path(), ca.cert_pem().as_bytes())?;
-    gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
-    dd.write_public(&dd.server_cert_path(), server.cert_pem.as_bytes())?;
+    dd.write_pki(&ca, &server)?;
     offline::load_or_create_bundle_key(&dd)?;
 
     let password = admin::generate_password();

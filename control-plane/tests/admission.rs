@@ -58,10 +58,7 @@ impl ControlPlane {
         dd.create()?;
         let ca = FleetCa::generate("studio")?;
         let server = ca.issue_server_cert(&[SERVER_NAME.to_owned()])?;
-        gaffer_certs::write_secret_file(&dd.ca_key_path(), ca.key_pem().as_bytes())?;
-        std::fs::write(dd.ca_cert_path(), ca.cert_pem())?;
-        gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
-        std::fs::write(dd.server_cert_path(), &server.cert_pem)?;
+        dd.write_pki(&ca, &server)?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&dd.store_path())?);
         let state = AppState::new(store, SchedulerConfig::default());
         let pki = Pki::open(&dd, vec![SERVER_NAME.to_owned()], AGENT_CERT_TTL_SECS_DEFAULT, state.metrics.clone())?;

@@ -43,10 +43,7 @@ fn control_plane(dir: &Path) -> Result<ControlPlaneParts, Box<dyn std::error::Er
     dd.create()?;
     let ca = FleetCa::generate("studio")?;
     let server = ca.issue_server_cert(&["localhost".into()])?;
-    gaffer_certs::write_secret_file(&dd.ca_key_path(), ca.key_pem().as_bytes())?;
-    std::fs::write(dd.ca_cert_path(), ca.cert_pem())?;
-    gaffer_certs::write_secret_file(&dd.server_key_path(), server.key_pem.as_bytes())?;
-    std::fs::write(dd.server_cert_path(), server.cert_pem)?;
+    dd.write_pki(&ca, &server)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dd.store_path())?);
     let state = AppState::new(store.clone(), SchedulerConfig::default());
     let ingest = Arc::new(Ingest::new(state.clone()));
