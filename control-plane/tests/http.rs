@@ -1248,6 +1248,35 @@ async fn api_lists_jobs_by_state_and_pages_through_link_headers() -> Result<()> 
     Ok(())
 }
 
+/// A leasing pass reads queued jobs by the free slots (64 at least) and reads further while slots
+/// stay free: a job behind more than that many jobs nobody connected can run (another site's, all
+/// queued before it) is still leased in the same pass.
+#[test]
+fn a_placeable_job_behind_a_long_unplaceable_head_is_leased_in_one_pass() -> Result<()> {
+    let f = Fixture::new()?;
+    connect_agent(&f)?;
+    let head = gaffer_control::scheduler::LEASE_PASS_CHUNK_MIN * 3;
+    let mut far = Vec::new();
+    for n in 0..head {
+        let req = JobRequest {
+            path: format!("/mnt/media/far-{n}.mov"),
+            site: "far-site".into(),
+            agent: None,
+            profile: Profile::Shots,
+            priority: Priority::Normal,
+        };
+        far.push(f.state.scheduler.submit(req, JobOrigin::Api, None, gaffer_control::now_ms())?);
+    }
+    let near = f.submit("/mnt/media/near.mov")?;
+    assert_eq!(f.state.scheduler.lease_pass(gaffer_control::now_ms())?, 1);
+    let near = f.store.get_job(near.id)?.context("stored")?;
+    assert_eq!(near.state, JobState::Assigned, "the job of the connected site is leased");
+    assert_eq!(near.lease.map(|l| l.holder), Some(f.agent_id));
+    let first = f.state.scheduler.pending_reason(far[0].id).context("a reason for the head")?;
+    assert!(first.contains("far-site"), "{first}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn api_cancels_and_retries_jobs() -> Result<()> {
     let f = Fixture::new()?;
