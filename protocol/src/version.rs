@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks natively (the highest it supports).
 ///
+/// 6 adds messages that only a peer agreeing 6 is sent (each listed at its constant below).
 /// 5 added self-update: `ControlMessage::{Update, UpdateWithdrawn}`, `AgentMessage::UpdateReport` and
 /// the release fetch stream (`release_fetch`); a control plane orders updates only from agents that
 /// agreed 5.
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 /// 3 added online certificate renewal and trust bundles (`AgentMessage::CertificateRequest`,
 /// `ControlMessage::{Certificate, CertificateRefused, TrustBundle, RenewCertificate}`); a control plane
 /// sends those only to agents that agreed 3. 2 added leases with fencing.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The first protocol version with self-update (`ControlMessage::Update`, the release fetch stream).
 pub const UPDATE_PROTOCOL_VERSION: u16 = 5;
 /// The first protocol version that carries the release public key (`ControlMessage::ReleaseKey`,
