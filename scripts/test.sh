@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The tools the tests drive: Chromium + chromedriver, promtool, a pinned Python venv
+# (opentimelineio, schemathesis), axe-core from npm (exports GAFFER_TEST_PYTHON, GAFFER_AXE_JS, ...).
+source scripts/test-tools.sh
 # Outside the clone so a later clone on the same machine reuses the build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gaffer/target}"
 export GAFFER_MEDIA_DIR="${GAFFER_MEDIA_DIR:-${GAFFER_CACHE_DIR:-$HOME/.cache/gaffer}/media}"
