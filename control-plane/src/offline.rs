@@ -145,9 +145,10 @@ pub struct OfflineEnrollReport {
 }
 
 /// Result of [`OfflineSync::revoke_agent`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevokeReport {
     /// The agent.
+    #[schema(value_type = String, format = Uuid)]
     pub agent_id: AgentId,
     /// Serial of the revoked certificate, hex.
     pub serial_hex: String,

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const DIGEST_SCHEMA_VERSION: u32 = 2;
 
 /// The result of one job.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Digest {
     /// [`DIGEST_SCHEMA_VERSION`] of the producer.
@@ -46,6 +47,7 @@ pub struct Digest {
 }
 
 /// Identity of the analyzed file (never its content).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceInfo {
     /// Absolute path on the agent's box.
@@ -57,6 +59,7 @@ pub struct SourceInfo {
 }
 
 /// Container and stream metadata, as FFmpeg reports it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TechnicalMetadata {
     /// Container format short name(s), e.g. `"mov,mp4,m4a,3gp,3g2,mj2"` or `"avi"`.
@@ -74,6 +77,7 @@ pub struct TechnicalMetadata {
 }
 
 /// Kind of a stream.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamKind {
@@ -92,6 +96,7 @@ pub enum StreamKind {
 }
 
 /// One stream of the container.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamInfo {
     /// Stream index in the container.
@@ -126,6 +131,7 @@ pub struct StreamInfo {
 }
 
 /// Shot boundary detection result.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShotAnalysis {
     /// Detector name, e.g. `"content"`.
@@ -145,6 +151,7 @@ pub struct ShotAnalysis {
 }
 
 /// A hard cut between two shots.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cut {
     /// First frame of the new shot.
@@ -156,6 +163,7 @@ pub struct Cut {
 }
 
 /// One shot: frames `start_frame..end_frame` (end exclusive).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Shot {
     /// 0-based shot number.
@@ -174,6 +182,7 @@ pub struct Shot {
 }
 
 /// A representative frame of a shot, as a time and a perceptual hash only.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Keyframe {
     /// Frame number.
@@ -186,6 +195,7 @@ pub struct Keyframe {
 }
 
 /// An analyzer that contributed to the digest.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnalyzerInfo {
     /// Name, e.g. `"shots.content"`.
@@ -204,6 +214,7 @@ impl Digest {
 }
 
 /// Identifies the model behind an output: name, version and SHA-256 of the model file.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelStamp {
     /// Registry name, e.g. `"nudenet-320n"`.
@@ -215,6 +226,7 @@ pub struct ModelStamp {
 }
 
 /// An axis-aligned box in pixels of the source frame (not the model's input).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BoxPx {
     /// Left edge, pixels.
@@ -228,6 +240,7 @@ pub struct BoxPx {
 }
 
 /// Moderation detections aggregated into time ranges per label.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModerationAnalysis {
     /// The detector.
@@ -243,6 +256,7 @@ pub struct ModerationAnalysis {
 }
 
 /// A stretch of time in which one label was detected on the sampled frames.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModerationRange {
     /// The label exactly as NudeNet names it, e.g. `"FACE_FEMALE"`.
@@ -262,6 +276,7 @@ pub struct ModerationRange {
 }
 
 /// Text read on frames, identical consecutive readings merged.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextAnalysis {
     /// Text detector (PP-OCRv4 det).
@@ -277,6 +292,7 @@ pub struct TextAnalysis {
 }
 
 /// One piece of text seen on screen over a time range.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextReading {
     /// The text.
@@ -292,6 +308,7 @@ pub struct TextReading {
 }
 
 /// Speech found in the audio track.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpeechAnalysis {
     /// The voice activity detector.
@@ -307,6 +324,7 @@ pub struct SpeechAnalysis {
 }
 
 /// A stretch of speech.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpeechSegment {
     /// Start, seconds.

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A GPU as reported by NVML, sent once in `Hello`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuInfo {
     /// NVML device index.
@@ -16,6 +17,7 @@ pub struct GpuInfo {
 }
 
 /// Where the health numbers came from.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum HealthSource {
     /// NVML loaded: GPU numbers are real.
@@ -31,6 +33,7 @@ pub enum HealthSource {
 }
 
 /// Live numbers of one GPU.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuHealth {
     /// NVML device index.
@@ -50,6 +53,7 @@ pub struct GpuHealth {
 }
 
 /// Free and total space of one volume.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiskHealth {
     /// The volume root as configured on the agent.
@@ -61,6 +65,7 @@ pub struct DiskHealth {
 }
 
 /// One health report.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     /// Agent wall clock when sampled, Unix milliseconds (the control plane also records its own
@@ -96,6 +101,7 @@ pub struct Health {
 }
 
 /// The ONNX Runtime execution provider in use.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferenceProvider {
     /// `"cuda"` or `"cpu"`.

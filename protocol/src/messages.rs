@@ -38,6 +38,7 @@ pub type JobId = Uuid;
 pub type AgentId = Uuid;
 
 /// The analysis profile a job runs.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
@@ -84,6 +85,7 @@ impl std::str::FromStr for Profile {
 }
 
 /// What an agent can do, sent in [`AgentMessage::Hello`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Capabilities {
     /// GPUs found by NVML; empty when NVML is absent (the agent then runs on CPU).
@@ -101,6 +103,7 @@ pub struct Capabilities {
 }
 
 /// A model as installed on an agent: what the digest stamps on every output of it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ModelRef {
     /// Registry name, e.g. `"nudenet-320n"`.

@@ -44,9 +44,11 @@ use gaffer_protocol::digest::Digest;
 use gaffer_protocol::health::{Health, HealthSource};
 use gaffer_protocol::messages::{AgentId, Capabilities, JobId, LeaseId, Profile};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::actions;
 use super::auth::ApiCaller;
+use super::openapi::ErrorBody;
 use super::{AppError, HttpState};
 use crate::scheduler::{JobRequest, Scheduler};
 use crate::store::{
@@ -65,18 +67,28 @@ pub(crate) const JOBS_LIMIT_DEFAULT: usize = 100;
 /// Largest `limit` of `GET /jobs`.
 pub(crate) const JOBS_LIMIT_MAX: usize = 1000;
 
-#[derive(Serialize)]
+/// An agent as the API shows it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Agent)]
 struct AgentJson {
+    #[schema(value_type = String, format = Uuid)]
     id: AgentId,
     site: String,
     hostname: String,
     state: AgentState,
+    /// Its link is up now.
     online: bool,
+    /// Last message from it, Unix ms.
     last_seen_ms: Option<UnixMs>,
     agent_version: Option<String>,
+    /// Latest health report.
     health: Option<Health>,
+    /// Where `health` came from: `nvml` or `cpu`.
+    #[schema(value_type = Option<String>, pattern = "^(nvml|cpu)$")]
     health_source: Option<&'static str>,
+    /// Jobs leased to it now.
     jobs_running: usize,
+    /// What it said it can do in its last Hello.
     capabilities: Option<Capabilities>,
     /// Serial of the agent's current certificate, lowercase hex.
     cert_serial: Option<String>,
@@ -88,68 +100,117 @@ struct AgentJson {
     revoked_at_ms: Option<UnixMs>,
 }
 
-#[derive(Serialize)]
+/// An agent with its recent health and certificates.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AgentDetail)]
 struct AgentDetailJson {
     #[serde(flatten)]
     agent: AgentJson,
+    /// Latest health samples, oldest first (at most 100).
     health_history: Vec<HealthSample>,
     /// Certificates issued to the agent, oldest first (enrollment, renewals, re-enrollments).
     cert_history: Vec<crate::store::CertIssue>,
 }
 
-#[derive(Serialize)]
+/// A job as the API shows it (see the module docs for each field).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Job)]
 pub(crate) struct JobJson {
+    #[schema(value_type = String, format = Uuid)]
     id: JobId,
+    /// Absolute path of the media file on the agent's box.
     path: String,
     site: String,
     profile: Profile,
     priority: Priority,
     state: JobState,
+    /// The agent that holds or last held it.
+    #[schema(value_type = Option<String>, format = Uuid)]
     agent: Option<AgentId>,
+    /// The agent it may only run on.
+    #[schema(value_type = Option<String>, format = Uuid)]
     pinned_agent: Option<AgentId>,
+    /// Share done, 0..1.
     progress: f32,
     frames_decoded: u64,
+    /// Why it failed, or why its last attempt was requeued.
     error: Option<String>,
     attempts: u32,
+    /// The current lease (fencing token); null unless assigned or running.
+    #[schema(value_type = Option<u64>)]
     lease_id: Option<LeaseId>,
+    /// When the lease expires, Unix ms; null while its holder is connected and running it.
     lease_deadline_ms: Option<UnixMs>,
+    /// Why a queued job still waits.
     pending_reason: Option<String>,
     created_at_ms: UnixMs,
     updated_at_ms: UnixMs,
     finished_at_ms: Option<UnixMs>,
 }
 
-#[derive(Serialize)]
+/// A job with its digest.
+#[derive(Serialize, ToSchema)]
+#[schema(as = JobDetail)]
 struct JobDetailJson {
     #[serde(flatten)]
     job: JobJson,
+    /// The analysis result, once the job succeeded.
     digest: Option<Digest>,
 }
 
+/// `POST /api/v1/jobs` answer.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct JobCreated {
+    /// The new job's id.
+    #[schema(value_type = String, format = Uuid)]
+    id: JobId,
+}
+
 /// `POST /api/v1/jobs` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = SubmitJob)]
 pub(crate) struct SubmitJobBody {
+    /// Absolute path of the media file on the agent's box: starts with `/`, no `..` component,
+    /// no NUL, at most 4096 bytes.
+    #[schema(pattern = "^/", max_length = 1024)]
     path: String,
+    /// The site whose agents may run it: 1..=128 letters, digits, `-`, `_`, `.`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     site: String,
+    /// Pin the job to this agent.
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Uuid)]
     agent: Option<String>,
+    /// Default `shots`.
     #[serde(default)]
+    #[schema(value_type = Option<Profile>)]
     profile: Option<String>,
+    /// Default `normal`.
     #[serde(default)]
+    #[schema(value_type = Option<Priority>)]
     priority: Option<String>,
 }
 
 /// `GET /api/v1/jobs` query. Filters arrive as strings so that a bad one gets a message naming
 /// the accepted values.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListJobsQuery {
+    /// Jobs per page, default 100; more than 1000 gives 1000.
+    #[param(minimum = 1)]
     limit: Option<usize>,
+    /// Only jobs in this state.
     #[serde(default)]
+    #[param(value_type = Option<JobState>)]
     state: Option<String>,
+    /// Only jobs of this agent.
     #[serde(default)]
+    #[param(value_type = Option<String>, format = Uuid)]
     agent: Option<String>,
+    /// The cursor of the `Link: rel="next"` header of the previous page (`<created_at_ms>-<seq>`).
     #[serde(default)]
+    #[param(pattern = "^[0-9]{1,19}-[0-9]{1,19}$")]
     after: Option<String>,
 }
 
@@ -214,6 +275,26 @@ pub(crate) fn jobs_running_of(store: &dyn Store, agents: &[AgentId]) -> Result<H
     Ok(store.leased_job_counts(agents)?)
 }
 
+/// The `{id}` of the agent routes.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // read by utoipa only: the handlers take the raw string and answer 400 themselves
+pub(crate) struct AgentIdParam {
+    /// The agent's id.
+    #[param(value_type = String, format = Uuid)]
+    id: AgentId,
+}
+
+/// The `{id}` of the job routes.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // read by utoipa only: the handlers take the raw string and answer 400 themselves
+pub(crate) struct JobIdParam {
+    /// The job's id.
+    #[param(value_type = String, format = Uuid)]
+    id: JobId,
+}
+
 /// Parses a path id, 400 on a malformed one.
 pub(crate) fn parse_id(raw: &str, what: &str) -> Result<uuid::Uuid, AppError> {
     uuid::Uuid::parse_str(raw).map_err(|_| AppError::BadRequest(format!("{what} id must be a UUID")))
@@ -237,27 +318,39 @@ pub(crate) fn parse_cursor(raw: Option<&str>) -> Result<Option<JobCursor>, AppEr
 
 /// `GET /api/v1/agents` query. Filters arrive as strings so that a bad one gets a message naming
 /// the accepted values.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListAgentsQuery {
+    /// Only agents of this site.
     #[serde(default)]
+    #[param(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     site: Option<String>,
+    /// Only agents in this state.
     #[serde(default)]
+    #[param(value_type = Option<AgentState>)]
     state: Option<String>,
+    /// Agents per page, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page (opaque; one this control plane did not make is 400).
     #[serde(default)]
     cursor: Option<String>,
 }
 
 /// The `counts` of `GET /api/v1/agents`: `{"total", "online", "offline", "air_gapped",
 /// "revoked"}`, and the same per site under `"sites"`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = AgentCounts)]
 struct AgentCountsJson {
     #[serde(flatten)]
     all: StateCountsJson,
+    /// The same per site.
     sites: BTreeMap<String, StateCountsJson>,
 }
 
-#[derive(Serialize)]
+/// Agents by state.
+#[derive(Serialize, ToSchema)]
+#[schema(as = StateCounts)]
 pub(crate) struct StateCountsJson {
     total: u64,
     online: u64,
@@ -278,10 +371,14 @@ impl StateCountsJson {
     }
 }
 
-#[derive(Serialize)]
+/// One page of agents.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AgentList)]
 struct AgentListJson {
     agents: Vec<AgentJson>,
+    /// Of the whole fleet, whatever the filters.
     counts: AgentCountsJson,
+    /// Pass as `cursor` for the next page; null on the last.
     next_cursor: Option<String>,
 }
 
@@ -332,6 +429,11 @@ pub(crate) fn agent_query_string(query: &AgentQuery, cursor: &AgentCursor) -> St
 }
 
 /// `GET /api/v1/agents`: one page of agents (see the module docs), read on a blocking thread.
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents", params(ListAgentsQuery),
+    responses(
+        (status = 200, description = "One page of agents", body = AgentListJson, headers(("Link" = String, description = "`</api/v1/agents?…>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "Bad filter, limit or cursor", body = ErrorBody),
+    ))]
 pub(crate) async fn list_agents(
     _: ApiCaller,
     State(state): State<HttpState>,
@@ -372,6 +474,13 @@ pub(crate) async fn list_agents(
     Ok(response)
 }
 
+/// `GET /api/v1/agents/{id}`: one agent with its health history and certificates.
+#[utoipa::path(get, path = "/api/v1/agents/{id}", tag = "agents", params(AgentIdParam),
+    responses(
+        (status = 200, description = "The agent", body = AgentDetailJson),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such agent", body = ErrorBody),
+    ))]
 pub(crate) async fn get_agent(
     _: ApiCaller,
     State(state): State<HttpState>,
@@ -386,6 +495,12 @@ pub(crate) async fn get_agent(
     Ok(Json(AgentDetailJson { agent: agent_json(agent, running), health_history, cert_history }))
 }
 
+/// `GET /api/v1/jobs`: one page of jobs, newest first.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(ListJobsQuery),
+    responses(
+        (status = 200, description = "One page of jobs, newest first", body = Vec<JobJson>, headers(("Link" = String, description = "`</api/v1/jobs?…&after=CURSOR>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "Bad filter, limit or cursor", body = ErrorBody),
+    ))]
 pub(crate) async fn list_jobs(
     _: ApiCaller,
     State(state): State<HttpState>,
@@ -423,6 +538,13 @@ pub(crate) async fn list_jobs(
     Ok(response)
 }
 
+/// `GET /api/v1/jobs/{id}`: one job with its digest.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(JobIdParam),
+    responses(
+        (status = 200, description = "The job and its digest (null until it succeeded)", body = JobDetailJson),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+    ))]
 pub(crate) async fn get_job(
     _: ApiCaller,
     State(state): State<HttpState>,
@@ -435,6 +557,14 @@ pub(crate) async fn get_job(
     Ok(Json(JobDetailJson { job: job_json(job, &state.app.scheduler), digest }))
 }
 
+/// `POST /api/v1/jobs` (operator): queues a job.
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = SubmitJobBody,
+    responses(
+        (status = 201, description = "Queued", body = JobCreated),
+        (status = 400, description = "Malformed JSON, unknown field or wrong content type", body = ErrorBody),
+        (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
+        (status = 422, description = "A refused value (relative path, unknown agent or profile); the message names it", body = ErrorBody),
+    ))]
 pub(crate) async fn submit_job(
     caller: ApiCaller,
     State(state): State<HttpState>,
@@ -455,9 +585,17 @@ pub(crate) async fn submit_job(
     };
     let req = JobRequest { path: body.path, site: body.site, agent, profile, priority };
     let job = actions::submit(&state.app, req, caller.actor()).await??;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": job.id }))))
+    Ok((StatusCode::CREATED, Json(JobCreated { id: job.id })))
 }
 
+/// `POST /api/v1/jobs/{id}/cancel` (operator): cancels a job that has not finished.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(JobIdParam),
+    responses(
+        (status = 200, description = "Cancelled", body = JobJson),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has finished", body = ErrorBody),
+    ))]
 pub(crate) async fn cancel_job(
     caller: ApiCaller,
     State(state): State<HttpState>,
@@ -469,6 +607,13 @@ pub(crate) async fn cancel_job(
 }
 
 /// `POST /api/v1/agents/{id}/revoke` (admin): `{"agent_id", "serial_hex", "newly_revoked"}`.
+#[utoipa::path(post, path = "/api/v1/agents/{id}/revoke", tag = "agents", params(AgentIdParam),
+    responses(
+        (status = 200, description = "Revoked (or already revoked: `newly_revoked` false)", body = crate::offline::RevokeReport),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such agent", body = ErrorBody),
+        (status = 409, description = "The agent has no certificate to revoke", body = ErrorBody),
+    ))]
 pub(crate) async fn revoke_agent(
     caller: ApiCaller,
     State(state): State<HttpState>,
@@ -479,6 +624,14 @@ pub(crate) async fn revoke_agent(
     Ok(Json(report))
 }
 
+/// `POST /api/v1/jobs/{id}/retry` (operator): queues a failed or cancelled job again.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs", params(JobIdParam),
+    responses(
+        (status = 200, description = "Queued again", body = JobJson),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is neither failed nor cancelled", body = ErrorBody),
+    ))]
 pub(crate) async fn retry_job(
     caller: ApiCaller,
     State(state): State<HttpState>,

@@ -23,9 +23,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use gaffer_protocol::messages::{AgentId, JobId};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::api::parse_id;
 use super::auth::{ApiCaller, Session};
+use super::openapi::ErrorBody;
 use super::view::{relative, utc, Me};
 use super::{AppError, HttpState, Page, PageError};
 use crate::store::{audit_action, AuditEntry, AuditQuery, AuditRecord, Store, StoreError, UnixMs};
@@ -79,23 +81,41 @@ impl AuditRow {
 
 /// The filter query of `/audit` and `/api/v1/audit`, as sent (strings, so that a bad value gets
 /// a message naming the field). Serialized back for the next-page links.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct AuditFilter {
+    /// Only entries whose actor is exactly this (`alice`, `token:ci`, `agent <uuid>`); at most 256 bytes.
     #[serde(default, skip_serializing_if = "blank")]
+    #[param(max_length = 64)]
     actor: Option<String>,
+    /// Only entries with this action (`login_failed`, `job_submitted`, …); at most 256 bytes.
     #[serde(default, skip_serializing_if = "blank")]
+    #[param(max_length = 64)]
     action: Option<String>,
+    /// Only entries concerning this agent.
     #[serde(default, skip_serializing_if = "blank")]
+    #[param(value_type = Option<String>, format = Uuid)]
     agent: Option<String>,
+    /// Only entries concerning this job.
     #[serde(default, skip_serializing_if = "blank")]
+    #[param(value_type = Option<String>, format = Uuid)]
     job: Option<String>,
+    /// Only entries at or after this time, Unix ms.
     #[serde(default, skip_serializing_if = "blank")]
+    #[param(value_type = Option<u64>)]
     since_ms: Option<String>,
+    /// Only entries since a duration back from now (`24h`, `7d`) or a UTC time (`2025-01-31 08:00:00`);
+    /// `since_ms` wins if both are given.
     #[serde(default, skip_serializing_if = "blank")]
+    #[param(pattern = "^[0-9]{1,6}(s|m|h|d)$")]
     since: Option<String>,
+    /// Entries per page, default 100; more than 1000 gives 1000.
     #[serde(default, skip_serializing_if = "blank")]
+    #[param(value_type = Option<u64>, minimum = 1)]
     limit: Option<String>,
+    /// The `next` of the previous page.
     #[serde(default, skip_serializing)]
+    #[param(value_type = Option<u64>)]
     after: Option<String>,
 }
 
@@ -244,15 +264,23 @@ pub(crate) async fn audit_page(
 }
 
 /// One entry of `GET /api/v1/audit`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditEntry)]
 struct AuditEntryJson {
+    /// Position in the log (> 0), increasing.
     id: u64,
+    /// When, Unix ms.
     at_ms: UnixMs,
+    /// Who: `alice`, `token:NAME`, `agent <uuid>`, `uid 1000 (alice)`.
     actor: String,
+    /// What, e.g. `job_submitted`.
     action: String,
+    #[schema(value_type = Option<String>, format = Uuid)]
     agent: Option<AgentId>,
     site: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
     job: Option<JobId>,
+    /// Human-readable detail (never a secret).
     detail: String,
 }
 
@@ -272,12 +300,21 @@ impl From<AuditEntry> for AuditEntryJson {
     }
 }
 
-#[derive(Serialize)]
+/// One page of the audit log, newest first.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditPage)]
 struct AuditPageJson {
     entries: Vec<AuditEntryJson>,
+    /// Pass as `after` for the next, older page; null on the last.
     next: Option<u64>,
 }
 
+/// `GET /api/v1/audit` (admin): one page of the audit log.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditFilter),
+    responses(
+        (status = 200, description = "One page of entries, newest first", body = AuditPageJson, headers(("Link" = String, description = "`</api/v1/audit?…&after=ID>; rel=\"next\"` while older entries follow"))),
+        (status = 400, description = "A bad filter; the message names it", body = ErrorBody),
+    ))]
 pub(crate) async fn api_list(
     _: ApiCaller,
     State(state): State<HttpState>,

@@ -31,6 +31,7 @@ mod audit;
 mod auth;
 mod dashboard;
 pub mod install;
+mod openapi;
 mod rollouts;
 mod timeline;
 pub mod tls;
@@ -143,6 +144,9 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::POST, "/api/v1/jobs/{id}/cancel", OPERATE, |m| on(m, api::cancel_job)),
     route(Method::POST, "/api/v1/jobs/{id}/retry", OPERATE, |m| on(m, api::retry_job)),
     route(Method::GET, "/api/v1/audit", AUDIT, |m| on(m, audit::api_list)),
+    // The OpenAPI 3.1 description of the routes above (http::openapi): public, it describes the
+    // API and holds nothing about the fleet.
+    route(Method::GET, "/api/v1/openapi.json", Access::Public, |m| on(m, openapi::openapi_json)),
     route(Method::GET, "/", VIEW, |m| on(m, dashboard::fleet)),
     route(Method::GET, "/login", Access::Public, |m| on(m, dashboard::login_form)),
     route(Method::POST, "/login", Access::Public, |m| on(m, dashboard::login)),
@@ -365,8 +369,7 @@ where
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = serde_json::json!({ "error": self.public_message() });
-        (status, Json(body)).into_response()
+        (status, Json(openapi::ErrorBody { error: self.public_message() })).into_response()
     }
 }
 

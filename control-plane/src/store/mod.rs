@@ -244,7 +244,7 @@ pub const LEASED_JOBS_READ_MAX: usize = 100_000;
 /// Derived from the agent's record alone ([`AgentState::of`]), so it is exactly as current as the
 /// record: revoked first, then whether a link is up ([`AgentRecord::connected`]), then how it
 /// syncs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentState {
     /// Not revoked, and its link is up now.
@@ -479,7 +479,7 @@ pub struct AgentPage {
 pub const CERT_HISTORY_MAX: usize = 32;
 
 /// One certificate issued to an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CertIssue {
     /// Serial number, lowercase hex.
     pub serial_hex: String,
@@ -846,7 +846,7 @@ pub struct RevokedCertRecord {
 }
 
 /// One health report as received.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HealthSample {
     /// Control-plane receive time.
     pub received_at_ms: UnixMs,
@@ -857,7 +857,7 @@ pub struct HealthSample {
 /// Lifecycle of a job: `queued → assigned → running → succeeded | failed | cancelled`; every
 /// change goes through [`crate::jobs::transition`]. A lease that expires returns the job to
 /// `queued` (or ends it `failed` once its attempts are spent).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting for an agent.
@@ -931,7 +931,7 @@ impl JobCounts {
 
 /// How urgently a job should be leased. Higher priorities lease first; within one priority,
 /// oldest first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// After every normal and high job.
