@@ -177,6 +177,8 @@ pub enum AdminRequest {
     ResumeRollout,
     /// Abort the active rollout; needs the running server.
     AbortRollout,
+    /// `gaffer-control webhook add|list|remove|test|deliveries` ([`crate::webhook::handle_admin`]).
+    Webhook(crate::webhook::WebhookRequest),
 }
 
 impl AdminRequest {
@@ -203,6 +205,7 @@ impl AdminRequest {
             AdminRequest::PauseRollout => "pause_rollout",
             AdminRequest::ResumeRollout => "resume_rollout",
             AdminRequest::AbortRollout => "abort_rollout",
+            AdminRequest::Webhook(_) => "webhook",
         }
     }
 
@@ -222,7 +225,8 @@ impl AdminRequest {
             | AdminRequest::RolloutStatus { .. }
             | AdminRequest::PauseRollout
             | AdminRequest::ResumeRollout
-            | AdminRequest::AbortRollout => ADMIN_STATUS_BYTES_MAX,
+            | AdminRequest::AbortRollout
+            | AdminRequest::Webhook(_) => ADMIN_STATUS_BYTES_MAX,
             _ => ADMIN_LINE_BYTES_MAX,
         }
     }
@@ -372,6 +376,8 @@ pub enum AdminResponse {
         /// The rollouts.
         rollouts: Vec<crate::rollout::RolloutStatus>,
     },
+    /// Answer to [`AdminRequest::Webhook`].
+    Webhook(crate::webhook::WebhookResponse),
     /// The request failed.
     Error {
         /// Why.
@@ -718,6 +724,9 @@ pub fn handle_with(
             Some(o) => crate::release::handle_admin(o.data_dir(), store, actor, req).map_err(|e| e.to_string()),
             None => Err("releases are not available in this process".to_owned()),
         },
+        AdminRequest::Webhook(req) => {
+            crate::webhook::handle_admin(store, actor, req).map(AdminResponse::Webhook).map_err(|e| e.to_string())
+        }
         AdminRequest::RolloutStatus { limit } => {
             let all = match rollouts {
                 Some(r) => Ok(r.status()),

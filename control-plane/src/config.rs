@@ -20,6 +20,10 @@
 //! never quietly means "the default"); paths must be absolute (the file is read from any working
 //! directory).
 //!
+//! Two more tables set what `serve` does about alerts: `[alerts]` ([`ALERTS_KEYS`], the thresholds
+//! of [`crate::webhook::alerts`]) and `[webhooks]` ([`WEBHOOKS_KEYS`], the retry schedule of
+//! [`crate::webhook`]); both have no flags, and every key has a default.
+//!
 //! Secrets never go in the file: the metrics bearer token is read from `metrics_token_file`,
 //! passwords from `user add --password-file`, keys stay in the data directory or in files named
 //! by `http_tls_key`.
@@ -110,6 +114,22 @@ pub const SERVE_KEYS: &[&str] = &[
 
 /// The keys of the `[init]` table: the settings only `init` has.
 pub const INIT_KEYS: &[&str] = &["server_name", "fleet_name", "release_key_dir"];
+
+/// The keys of the `[alerts]` table ([`crate::webhook::alerts::AlertSettings`]), each with its
+/// range: `agent_offline_secs` (default 120), `gpu_temperature_c_max` (85),
+/// `gpu_memory_used_percent_max` (95), `disk_free_percent_min` (5), `outbox_depth_max` (10,000).
+pub const ALERTS_KEYS: &[(&str, RangeInclusive<u64>)] = &[
+    ("agent_offline_secs", 5..=86_400),
+    ("gpu_temperature_c_max", 30..=150),
+    ("gpu_memory_used_percent_max", 1..=100),
+    ("disk_free_percent_min", 0..=99),
+    ("outbox_depth_max", 1..=100_000_000),
+];
+
+/// The keys of the `[webhooks]` table ([`crate::webhook::WebhookSettings`]), each with its range:
+/// `retry_initial_secs` (default 10), `retry_max_secs` (3600), `retry_for_secs` (86,400).
+pub const WEBHOOKS_KEYS: &[(&str, RangeInclusive<u64>)] =
+    &[("retry_initial_secs", 1..=3600), ("retry_max_secs", 1..=86_400), ("retry_for_secs", 60..=604_800)];
 
 /// The settings of `gaffer-control serve` as one source gives them (the command line, or a
 /// configuration file): `None` where that source does not set one. The field names are the
@@ -297,6 +317,10 @@ pub struct ControlFile {
     pub serve: ServeOptions,
     /// The settings of `init` (the top-level keys it shares with `serve`, and `[init]`).
     pub init: InitOptions,
+    /// `[alerts]`, defaults where unset.
+    pub alerts: crate::webhook::alerts::AlertSettings,
+    /// `[webhooks]`, defaults where unset.
+    pub webhooks: crate::webhook::WebhookSettings,
 }
 
 impl ServeOptions {
@@ -505,6 +529,13 @@ pub fn check(text: &str) -> Result<ControlFile, Vec<Problem>> {
     let mut tls_pair: [Option<Range<usize>>; 2] = [None, None];
     for (key, value) in root.get_ref() {
         let name = key.get_ref().as_ref();
+        if name == "alerts" || name == "webhooks" {
+            match value.get_ref() {
+                DeValue::Table(t) => check_number_table(&mut doc, &mut file, name, t),
+                other => doc.report(value.span(), Some(name), format!("expected a table ([{name}]); found {}", kind(other))),
+            }
+            continue;
+        }
         if name == "init" {
             match value.get_ref() {
                 DeValue::Table(init) => check_init_table(&mut doc, &mut file.init, init),
@@ -542,6 +573,39 @@ pub fn check(text: &str) -> Result<ControlFile, Vec<Problem>> {
         _ => {}
     }
     doc.finish().map(|()| file)
+}
+
+/// `[alerts]` or `[webhooks]` (`table`): whole numbers in their ranges.
+fn check_number_table(doc: &mut Doc<'_>, file: &mut ControlFile, table: &str, t: &DeTable<'_>) {
+    let keys = if table == "alerts" { ALERTS_KEYS } else { WEBHOOKS_KEYS };
+    for (key, value) in t {
+        let name = key.get_ref().as_ref();
+        let dotted = format!("{table}.{name}");
+        let Some((_, range)) = keys.iter().find(|(k, _)| *k == name) else {
+            let known = keys.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ");
+            doc.report(key.span(), Some(&dotted), format!("unknown key (the keys of [{table}] are: {known})"));
+            continue;
+        };
+        if doc.is_damaged(&value.span()) {
+            continue;
+        }
+        match integer(value, range) {
+            Ok(n) => {
+                let (a, w) = (&mut file.alerts, &mut file.webhooks);
+                match name {
+                    "agent_offline_secs" => a.agent_offline_secs = n,
+                    "gpu_temperature_c_max" => a.gpu_temperature_c_max = n,
+                    "gpu_memory_used_percent_max" => a.gpu_memory_used_percent_max = n,
+                    "disk_free_percent_min" => a.disk_free_percent_min = n,
+                    "outbox_depth_max" => a.outbox_depth_max = n,
+                    "retry_initial_secs" => w.retry_initial_secs = n,
+                    "retry_max_secs" => w.retry_max_secs = n,
+                    _ => w.retry_for_secs = n,
+                }
+            }
+            Err(bad) => doc.report(bad.span, Some(&dotted), bad.message),
+        }
+    }
 }
 
 fn check_init_table(doc: &mut Doc<'_>, init: &mut InitOptions, table: &DeTable<'_>) {

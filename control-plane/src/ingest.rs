@@ -105,6 +105,9 @@ impl Ingest {
                     // One agent write for the sample and last_seen_ms; not flushed (see the store's
                     // durability of health).
                     store.record_heartbeat(agent_id, &sample, HEALTH_HISTORY_MAX, HEALTH_HISTORY_BYTES_MAX)?;
+                    if let Some(hooks) = self.state.scheduler.webhooks() {
+                        hooks.health(agent_id, &sample.health, now_ms);
+                    }
                     Ok(Ingested::Ephemeral)
                 }
                 other => Err(IngestError::Protocol(format!("{} without a sequence number", other.kind()))),

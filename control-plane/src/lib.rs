@@ -17,6 +17,7 @@
 //! * [`rollout`]: staged rollouts of releases (canaries, halt-on-error): the sans-IO book and its driver.
 //! * [`datadir`]: the data directory layout and configuration.
 //! * [`service`]: systemd notifications (`READY=1`, `STATUS=`, the watchdog, `STOPPING=1`).
+//! * [`webhook`]: webhooks, alert rules and alert email: durable, signed, retried deliveries.
 //! * [`config`]: the configuration file (`/etc/gaffer/control.toml`) of `serve` and `init`, checked by
 //!   `validate`.
 #![warn(missing_docs)]
@@ -38,6 +39,7 @@ pub mod rollout;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+pub mod webhook;
 
 use std::sync::Arc;
 

@@ -104,6 +104,13 @@ enum Command {
         #[command(subcommand)]
         command: gaffer_control::rollout::RolloutCommand,
     },
+    /// Webhooks and alert email: add (an HTTP URL or an SMTP mailbox, with its events), list,
+    /// remove, test, deliveries. Alert thresholds and retries are in the config file's [alerts]
+    /// and [webhooks] tables.
+    Webhook {
+        #[command(subcommand)]
+        command: gaffer_control::webhook::WebhookCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -403,6 +410,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Rollout { command } => {
             print!("{}", rt.block_on(gaffer_control::rollout::run_command(command)).map_err(anyhow::Error::msg)?);
+            Ok(())
+        }
+        Command::Webhook { command } => {
+            print!("{}", rt.block_on(gaffer_control::webhook::run_command(command)).map_err(anyhow::Error::msg)?);
             Ok(())
         }
         Command::Token { command: TokenCommand::Create { data_dir, site, ttl, json } } => {
@@ -820,10 +831,12 @@ fn hostname() -> anyhow::Result<String> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => config::load(path)?.serve,
-        None => ServeOptions::default(),
+    let control_file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => config::ControlFile::default(),
     };
+    let (alert_settings, webhook_settings) = (control_file.alerts, control_file.webhooks);
+    let file = control_file.serve;
     let settings = args.options.or(file).resolve()?;
     if args.print_config {
         print!("{}", settings.to_toml());
@@ -884,6 +897,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     state.rollouts = Some(rollouts.clone());
     tokio::spawn(rollout_ticker(rollouts.clone(), state.replica.clone()));
+    // Webhooks and alerts: events from the scheduler, ingest and rollouts; enrolled agents not
+    // connected yet start their offline timer now; the worker delivers.
+    let webhooks = gaffer_control::webhook::Webhooks::new(
+        store.clone(),
+        alert_settings,
+        webhook_settings,
+        state.metrics.clone(),
+    );
+    {
+        let (st, hooks) = (state.clone(), webhooks.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let now = gaffer_control::now_ms();
+            for agent in st.store.list_agents()? {
+                if agent.revoked_at_ms.is_none() && !agent.offline && !st.replica.holds_elsewhere(&agent) {
+                    hooks.agent_disconnected(agent.id, now);
+                }
+            }
+            Ok(())
+        })
+        .await??;
+    }
+    state.scheduler.set_webhooks(webhooks.clone());
+    rollouts.set_webhooks(webhooks.clone());
+    tokio::spawn(gaffer_control::webhook::worker::run(webhooks));
     // Every agent handshake asks the live revocation set and counts its refusals.
     let cert_policy = LinkCertPolicy::new(state.revocations.clone(), state.metrics.clone());
     let tls = pki.quic_tls(cert_policy.clone())?;

@@ -21,6 +21,8 @@
 //! | `gaffer_enroll_connections_open` | gauge    | –                                       | [`Metrics::enroll_connection_started`] / [`Metrics::enroll_connection_ended`] |
 //! | `gaffer_quic_retries_sent_total` | counter  | –                                       | [`Metrics::quic_retry_sent`]: QUIC Retry packets sent to unvalidated addresses |
 //! | `gaffer_admission_refused_total` | counter  | `reason` = `handshakes` \| `enroll_connections` | [`Metrics::admission_refused`]: connections refused over a cap |
+//! | `gaffer_webhook_deliveries_total` | counter | `outcome` = `delivered` \| `retry` \| `failed` \| `dropped` | [`Metrics::webhook_delivery`]: webhook and email attempts ([`crate::webhook`]) |
+//! | `gaffer_webhook_pending`        | gauge     | –                                       | [`Metrics::set_webhook_pending`]: deliveries waiting, every second |
 //!
 //! Label values come from the control plane's own code (short fixed words), never from agents'
 //! free text, so the label cardinality stays bounded.
@@ -95,6 +97,8 @@ pub struct Metrics {
     enroll_connections_open: Gauge,
     quic_retries_sent: Counter,
     admission_refused: Family<ReasonLabel, Counter>,
+    webhook_deliveries: Family<OutcomeLabel, Counter>,
+    webhook_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -227,6 +231,17 @@ impl Metrics {
         for reason in ["handshakes", "enroll_connections"] {
             let _ = admission_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() });
         }
+        let webhook_deliveries = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "gaffer_webhook_deliveries",
+            "Webhook and email delivery attempts, by outcome (delivered, retry, failed: given up, dropped: unsent)",
+            webhook_deliveries.clone(),
+        );
+        for outcome in ["delivered", "retry", "failed", "dropped"] {
+            let _ = webhook_deliveries.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() });
+        }
+        let webhook_pending = Gauge::default();
+        registry.register("gaffer_webhook_pending", "Webhook and email deliveries waiting to be sent", webhook_pending.clone());
         for state in crate::rollout::TARGET_STATES {
             let _ = rollout_targets.get_or_create(&StateLabel { state: state.to_owned() });
         }
@@ -238,6 +253,8 @@ impl Metrics {
         }
         let _ = refused.get_or_create(&ReasonLabel { reason: "agent_id_mismatch".to_owned() });
         Self {
+            webhook_deliveries,
+            webhook_pending,
             handshakes_in_progress,
             enroll_connections_open,
             quic_retries_sent,
@@ -264,6 +281,17 @@ impl Metrics {
             requeued,
             job_duration,
         }
+    }
+
+    /// Counts one webhook delivery attempt or drop by `outcome` (`delivered`, `retry`, `failed`,
+    /// `dropped`).
+    pub fn webhook_delivery(&self, outcome: &str) {
+        self.webhook_deliveries.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
+    }
+
+    /// Sets the number of pending webhook deliveries.
+    pub fn set_webhook_pending(&self, pending: u64) {
+        self.webhook_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     /// Counts one agent message of `kind` (e.g. `"heartbeat"`, from `AgentMessage::kind`).

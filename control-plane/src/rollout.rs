@@ -1189,6 +1189,8 @@ pub struct Rollouts {
     fleet: Arc<Fleet>,
     releases: Releases,
     metrics: Arc<Metrics>,
+    /// `rollout.halted` goes out through these ([`Rollouts::set_webhooks`]).
+    webhooks: std::sync::OnceLock<Arc<crate::webhook::Webhooks>>,
 }
 
 impl std::fmt::Debug for Rollouts {
@@ -1210,9 +1212,14 @@ impl Rollouts {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RolloutError> {
         let book = RolloutBook::from_rollouts(store.list_rollouts()?);
-        let me = Self { book: Mutex::new(book), store, fleet, releases, metrics };
+        let me = Self { book: Mutex::new(book), store, fleet, releases, metrics, webhooks: Default::default() };
         me.publish_gauges(&me.lock());
         Ok(Arc::new(me))
+    }
+
+    /// Emits `rollout.halted` through `webhooks` from now on (once; later calls change nothing).
+    pub fn set_webhooks(&self, webhooks: Arc<crate::webhook::Webhooks>) {
+        let _ = self.webhooks.set(webhooks);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RolloutBook> {
@@ -1474,6 +1481,9 @@ impl Rollouts {
             let record = match event {
                 RolloutEvent::Halted { rollout_id, reason, agent_id } => {
                     tracing::warn!(rollout_id, agent_id = %agent_id, %reason, "rollout halted");
+                    if let Some(hooks) = self.webhooks.get() {
+                        hooks.rollout_halted(*rollout_id, *agent_id, reason, now_ms);
+                    }
                     AuditRecord::new(&Actor::ControlPlane, audit_action::ROLLOUT_HALTED, now_ms)
                         .agent(*agent_id)
                         .detail(format!("rollout {rollout_id}: {reason}"))

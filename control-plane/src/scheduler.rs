@@ -109,6 +109,8 @@ pub struct Scheduler {
     /// This process among the replicas sharing the store ([`Scheduler::set_replica`]); unset:
     /// alone (tools, the simulation).
     replica: OnceLock<Arc<Replica>>,
+    /// Webhooks and alert rules ([`Scheduler::set_webhooks`]); unset: no events are emitted.
+    webhooks: OnceLock<Arc<crate::webhook::Webhooks>>,
 }
 
 impl Scheduler {
@@ -122,6 +124,7 @@ impl Scheduler {
             wake: Notify::new(),
             pending: Mutex::new(HashMap::new()),
             replica: OnceLock::new(),
+            webhooks: OnceLock::new(),
         }
     }
 
@@ -132,6 +135,17 @@ impl Scheduler {
     pub fn set_replica(&self, replica: Arc<Replica>) {
         let _ = self.fleet.replica.set(replica.clone());
         let _ = self.replica.set(replica);
+    }
+
+    /// Emits job, agent and health events through `webhooks` from now on (`serve` sets it once;
+    /// later calls change nothing).
+    pub fn set_webhooks(&self, webhooks: Arc<crate::webhook::Webhooks>) {
+        let _ = self.webhooks.set(webhooks);
+    }
+
+    /// The webhooks set with [`Scheduler::set_webhooks`].
+    pub fn webhooks(&self) -> Option<&Arc<crate::webhook::Webhooks>> {
+        self.webhooks.get()
     }
 
     /// Whether `agent`'s link is up on another live replica (never, when alone). Blocking.
@@ -271,6 +285,9 @@ impl Scheduler {
                     self.metrics.job_finished(state.as_str());
                     if *state == JobState::Succeeded {
                         self.metrics.job_duration(now_ms.saturating_sub(created_at_ms) as f64 / 1000.0);
+                    }
+                    if let Some(hooks) = self.webhooks.get() {
+                        hooks.job_finished(job, *state, now_ms);
                     }
                     self.wake();
                 }
@@ -505,6 +522,9 @@ impl Scheduler {
             self.fleet.send(agent, ControlMessage::Cancel { job_id: h.job_id, reason });
         }
         self.fleet.set_leases(agent, still_leased);
+        if let Some(hooks) = self.webhooks.get() {
+            hooks.agent_connected(agent, now_ms);
+        }
         self.store.flush()?;
         notify.notify_one();
         self.wake();
@@ -535,6 +555,9 @@ impl Scheduler {
     pub fn agent_disconnected(&self, agent: AgentId, conn_id: u64, now_ms: UnixMs) -> Result<bool, StoreError> {
         if !self.fleet.disconnect(agent, conn_id) {
             return Ok(false);
+        }
+        if let Some(hooks) = self.webhooks.get() {
+            hooks.agent_disconnected(agent, now_ms);
         }
         if self.held_elsewhere(agent)? {
             // It failed over to another replica, whose Hello reconciled its leases.

@@ -1317,6 +1317,131 @@ fn concurrent_token_consumers_have_one_winner(make: Make) -> TestResult {
     Ok(())
 }
 
+// ---- webhooks ----
+
+fn webhook_target(n: u128, name: &str) -> gaffer_control::webhook::WebhookTarget {
+    use gaffer_control::webhook::{BodyFormat, Destination, EventKind, WebhookTarget};
+    WebhookTarget {
+        id: Uuid::from_u128(0xbeef_0000 + n),
+        name: name.into(),
+        destination: Destination::Http { url: format!("https://hooks.example.com/{name}"), format: BodyFormat::Json },
+        events: vec![EventKind::JobSucceeded, EventKind::JobFailed],
+        secret: Some(format!("secret-{n}")),
+        created_at_ms: 1_000 + n as u64,
+        created_by: "os:test".into(),
+    }
+}
+
+/// A pending delivery created at `created_at_ms` (its UUID v7 carries that time), due then.
+fn webhook_delivery(n: u64, created_at_ms: u64) -> gaffer_control::webhook::WebhookDelivery {
+    use gaffer_control::webhook::{DeliveryState, EventKind, WebhookDelivery};
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, created_at_ms / 1000, (created_at_ms % 1000) as u32 * 1_000_000);
+    WebhookDelivery {
+        id: Uuid::new_v7(ts),
+        target_id: Uuid::from_u128(0xbeef_0001),
+        target_name: "one".into(),
+        event: EventKind::JobSucceeded,
+        payload: format!("{{\"event\":\"job.succeeded\",\"n\":{n},\"s\":\"\\u0000 é\"}}"),
+        summary: format!("delivery {n}"),
+        created_at_ms,
+        state: DeliveryState::Pending,
+        next_attempt_at_ms: created_at_ms,
+        attempts_total: 0,
+        attempts: Vec::new(),
+        finished_at_ms: None,
+    }
+}
+
+fn webhook_targets_roundtrip(make: Make) -> TestResult {
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    assert!(s.list_webhook_targets()?.is_empty());
+    let (a, b) = (webhook_target(2, "two"), webhook_target(1, "one"));
+    s.put_webhook_target(&a)?;
+    s.put_webhook_target(&b)?;
+    let listed = s.list_webhook_targets()?;
+    assert_eq!(listed, [b.clone(), a.clone()], "by id, every field (the secret too) back");
+    let mut changed = a.clone();
+    changed.events = vec![gaffer_control::webhook::EventKind::AgentOffline];
+    s.put_webhook_target(&changed)?;
+    assert_eq!(s.list_webhook_targets()?, [b.clone(), changed], "same id replaces");
+    assert!(s.delete_webhook_target(a.id)?);
+    assert!(!s.delete_webhook_target(a.id)?, "gone");
+    assert_eq!(s.list_webhook_targets()?, [b]);
+    s.flush()?;
+    Ok(())
+}
+
+fn webhook_deliveries_due_update_and_list(make: Make) -> TestResult {
+    use gaffer_control::webhook::{DeliveryAttempt, DeliveryState};
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let (d1, d2, d3) = (webhook_delivery(1, 1_000), webhook_delivery(2, 2_000), webhook_delivery(3, 3_000));
+    for d in [&d2, &d1, &d3] {
+        assert!(s.enqueue_webhook_delivery(d, 100)?.is_empty(), "under the bound nothing is dropped");
+    }
+    assert_eq!(s.webhook_pending_count()?, 3);
+    let ids = |v: Vec<gaffer_control::webhook::WebhookDelivery>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.webhook_deliveries_due(2_000, 10)?), [d1.id, d2.id], "due ones, soonest first");
+    assert_eq!(ids(s.webhook_deliveries_due(10_000, 2)?), [d1.id, d2.id], "limit");
+    assert_eq!(s.webhook_deliveries_due(10_000, 10)?[0], d1, "every field back (payload bytes exact)");
+
+    // A claim moves the due time: d1 is no longer due at 2 s; a declined update changes nothing.
+    let claimed = s.update_webhook_delivery(d1.id, &mut |d| {
+        d.next_attempt_at_ms = 50_000;
+        true
+    })?;
+    assert_eq!(claimed.map(|d| d.next_attempt_at_ms), Some(50_000));
+    assert_eq!(ids(s.webhook_deliveries_due(3_000, 10)?), [d2.id, d3.id]);
+    assert_eq!(s.update_webhook_delivery(d2.id, &mut |_| false)?, None);
+    assert_eq!(s.update_webhook_delivery(Uuid::from_u128(7), &mut |_| true)?, None, "unknown id");
+    assert_eq!(ids(s.webhook_deliveries_due(60_000, 10)?), [d2.id, d3.id, d1.id]);
+
+    // Delivered: out of the due index and the pending count, attempts kept.
+    let attempt = DeliveryAttempt { at_ms: 3_000, duration_ms: 12, status: Some(200), error: None };
+    let done = s.update_webhook_delivery(d2.id, &mut |d| {
+        d.state = DeliveryState::Delivered;
+        d.attempts_total = 1;
+        d.attempts.push(attempt.clone());
+        d.finished_at_ms = Some(3_000);
+        true
+    })?;
+    assert_eq!(done.as_ref().map(|d| d.attempts.clone()), Some(vec![attempt]));
+    assert_eq!(ids(s.webhook_deliveries_due(u64::MAX, 10)?), [d3.id, d1.id]);
+    assert_eq!(s.webhook_pending_count()?, 2);
+    assert_eq!(ids(s.list_webhook_deliveries(10)?), [d3.id, d2.id, d1.id], "newest first, finished ones too");
+    assert_eq!(s.list_webhook_deliveries(10)?[1], done.unwrap_or_else(|| d2.clone()));
+    assert_eq!(ids(s.list_webhook_deliveries(1)?), [d3.id]);
+
+    // Retention deletes finished ones before the cutoff, never pending ones.
+    assert_eq!(s.delete_finished_webhook_deliveries(10_000, 10)?, 1);
+    assert_eq!(ids(s.list_webhook_deliveries(10)?), [d3.id, d1.id]);
+    assert_eq!(s.webhook_pending_count()?, 2);
+    s.flush()?;
+    Ok(())
+}
+
+fn webhook_pending_bound_drops_the_oldest(make: Make) -> TestResult {
+    use gaffer_control::webhook::DeliveryState;
+    let fixture = make()?;
+    let s: &dyn Store = &*fixture;
+    let ds: Vec<_> = (1..=4).map(|n| webhook_delivery(n, n * 1_000)).collect();
+    // The oldest is due last: the drop goes by age, not by due time.
+    let mut first = ds[0].clone();
+    first.next_attempt_at_ms = 99_000;
+    assert!(s.enqueue_webhook_delivery(&first, 3)?.is_empty());
+    assert!(s.enqueue_webhook_delivery(&ds[1], 3)?.is_empty());
+    assert!(s.enqueue_webhook_delivery(&ds[2], 3)?.is_empty());
+    assert_eq!(s.enqueue_webhook_delivery(&ds[3], 3)?, [first.id], "the fourth drops the oldest");
+    assert_eq!(s.webhook_pending_count()?, 3);
+    let all = s.list_webhook_deliveries(10)?;
+    let dropped = all.iter().find(|d| d.id == first.id);
+    assert_eq!(dropped.map(|d| d.state), Some(DeliveryState::Dropped), "kept, marked dropped");
+    assert!(s.webhook_deliveries_due(u64::MAX, 10)?.iter().all(|d| d.id != first.id));
+    s.flush()?;
+    Ok(())
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sled {
@@ -1353,6 +1478,9 @@ contract!(
     api_tokens_have_unique_names_and_revoke_at_once,
     audit_ids_increase_and_queries_page_through_filters,
     rollouts_roundtrip_by_id,
+    webhook_targets_roundtrip,
+    webhook_deliveries_due_update_and_list,
+    webhook_pending_bound_drops_the_oldest,
     agent_pages_filter_count_and_cover_every_agent_once,
     leased_jobs_follow_every_job_write,
     claim_job_without_contention_is_update_job,
@@ -1614,7 +1742,9 @@ fn pg_refuses_a_newer_schema() -> TestResult {
         }
         other => anyhow::bail!("a newer schema gave {other:?}"),
     }
-    assert_eq!(db.psql("SELECT count(*) FROM _sqlx_migrations")?, "2", "nothing applied or removed");
+    // This binary's migrations plus the newer one.
+    let expected = (gaffer_control::store::pg_store::schema_version() + 1).to_string();
+    assert_eq!(db.psql("SELECT count(*) FROM _sqlx_migrations")?, expected, "nothing applied or removed");
     Ok(())
 }
 

@@ -240,6 +240,20 @@ fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
     }
 }
 
+/// A job as `GET /api/v1/jobs/{id}` shows it, without its digest and pending reason (webhooks).
+pub(crate) fn job_value(j: JobRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(job_json_with(j, None)).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("pending_reason");
+    }
+    v
+}
+
+/// An agent as `GET /api/v1/agents/{id}` shows it, without its histories (webhooks).
+pub(crate) fn agent_value(a: AgentRecord, jobs_running: usize) -> serde_json::Value {
+    serde_json::to_value(agent_json(a, jobs_running)).unwrap_or_default()
+}
+
 /// Why a queued job waits (the scheduler's last placement failure); None for other states.
 pub(crate) fn pending_reason(scheduler: &Scheduler, j: &JobRecord) -> Option<String> {
     (j.state == JobState::Queued).then(|| scheduler.pending_reason(j.id)).flatten()
@@ -247,6 +261,10 @@ pub(crate) fn pending_reason(scheduler: &Scheduler, j: &JobRecord) -> Option<Str
 
 pub(crate) fn job_json(j: JobRecord, scheduler: &Scheduler) -> JobJson {
     let pending_reason = pending_reason(scheduler, &j);
+    job_json_with(j, pending_reason)
+}
+
+fn job_json_with(j: JobRecord, pending_reason: Option<String>) -> JobJson {
     JobJson {
         id: j.id,
         path: j.path,

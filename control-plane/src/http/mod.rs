@@ -27,6 +27,8 @@
 
 mod actions;
 mod api;
+/// The API's JSON of a job and an agent, for webhook bodies.
+pub(crate) use api::{agent_value, job_value};
 mod audit;
 mod auth;
 mod dashboard;

@@ -63,6 +63,11 @@ struct Inner {
     bundle_numbers: BTreeMap<AgentId, BundleNumbers>,
     revoked_certs: BTreeMap<String, RevokedCertRecord>,
     rollouts: BTreeMap<u64, crate::rollout::Rollout>,
+    webhook_targets: BTreeMap<uuid::Uuid, crate::webhook::WebhookTarget>,
+    /// Deliveries by id (UUID v7: creation order).
+    webhook_deliveries: BTreeMap<uuid::Uuid, crate::webhook::WebhookDelivery>,
+    /// (next_attempt_at_ms, id) of every pending delivery.
+    webhook_due: BTreeSet<(UnixMs, uuid::Uuid)>,
     replicas: BTreeMap<uuid::Uuid, ReplicaRecord>,
     next_id: u64,
 }
@@ -559,6 +564,100 @@ impl Store for MemStore {
 
     fn delete_rollout(&self, id: u64) -> StoreResult<bool> {
         Ok(self.lock()?.rollouts.remove(&id).is_some())
+    }
+
+    fn put_webhook_target(&self, target: &crate::webhook::WebhookTarget) -> StoreResult<()> {
+        self.lock()?.webhook_targets.insert(target.id, target.clone());
+        Ok(())
+    }
+
+    fn list_webhook_targets(&self) -> StoreResult<Vec<crate::webhook::WebhookTarget>> {
+        Ok(self.lock()?.webhook_targets.values().cloned().collect())
+    }
+
+    fn delete_webhook_target(&self, id: uuid::Uuid) -> StoreResult<bool> {
+        Ok(self.lock()?.webhook_targets.remove(&id).is_some())
+    }
+
+    fn enqueue_webhook_delivery(
+        &self,
+        d: &crate::webhook::WebhookDelivery,
+        pending_max: usize,
+    ) -> StoreResult<Vec<uuid::Uuid>> {
+        use crate::webhook::DeliveryState;
+        let mut inner = self.lock()?;
+        let inner = &mut *inner;
+        let mut dropped = Vec::new();
+        while inner.webhook_due.len() >= pending_max.max(1) {
+            let Some(&(due, oldest)) = inner.webhook_due.iter().min_by_key(|(_, id)| *id) else { break };
+            inner.webhook_due.remove(&(due, oldest));
+            if let Some(old) = inner.webhook_deliveries.get_mut(&oldest) {
+                old.state = DeliveryState::Dropped;
+                old.finished_at_ms = Some(d.created_at_ms);
+            }
+            dropped.push(oldest);
+        }
+        if let Some(old) = inner.webhook_deliveries.insert(d.id, d.clone()) {
+            inner.webhook_due.remove(&(old.next_attempt_at_ms, old.id));
+        }
+        if d.state == DeliveryState::Pending {
+            inner.webhook_due.insert((d.next_attempt_at_ms, d.id));
+        }
+        Ok(dropped)
+    }
+
+    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+        let inner = self.lock()?;
+        Ok(inner
+            .webhook_due
+            .iter()
+            .take_while(|(due, _)| *due <= now_ms)
+            .take(limit)
+            .filter_map(|(_, id)| inner.webhook_deliveries.get(id).cloned())
+            .collect())
+    }
+
+    fn update_webhook_delivery(
+        &self,
+        id: uuid::Uuid,
+        f: &mut dyn FnMut(&mut crate::webhook::WebhookDelivery) -> bool,
+    ) -> StoreResult<Option<crate::webhook::WebhookDelivery>> {
+        let mut inner = self.lock()?;
+        let Some(old) = inner.webhook_deliveries.get(&id).cloned() else { return Ok(None) };
+        let mut new = old.clone();
+        if !f(&mut new) {
+            return Ok(None);
+        }
+        new.id = id;
+        inner.webhook_due.remove(&(old.next_attempt_at_ms, id));
+        if new.state == crate::webhook::DeliveryState::Pending {
+            inner.webhook_due.insert((new.next_attempt_at_ms, id));
+        }
+        inner.webhook_deliveries.insert(id, new.clone());
+        Ok(Some(new))
+    }
+
+    fn list_webhook_deliveries(&self, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+        Ok(self.lock()?.webhook_deliveries.values().rev().take(limit).cloned().collect())
+    }
+
+    fn webhook_pending_count(&self) -> StoreResult<u64> {
+        Ok(self.lock()?.webhook_due.len() as u64)
+    }
+
+    fn delete_finished_webhook_deliveries(&self, created_before_ms: UnixMs, limit: usize) -> StoreResult<usize> {
+        let mut inner = self.lock()?;
+        let doomed: Vec<uuid::Uuid> = inner
+            .webhook_deliveries
+            .values()
+            .filter(|d| d.state != crate::webhook::DeliveryState::Pending && d.created_at_ms < created_before_ms)
+            .take(limit)
+            .map(|d| d.id)
+            .collect();
+        for id in &doomed {
+            inner.webhook_deliveries.remove(id);
+        }
+        Ok(doomed.len())
     }
 
     fn claim_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>> {

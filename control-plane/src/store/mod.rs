@@ -703,6 +703,12 @@ pub mod audit_action {
     pub const ROLLOUT_HALTED: &str = "rollout_halted";
     /// A rollout completed: every target is healthy or skipped.
     pub const ROLLOUT_COMPLETE: &str = "rollout_complete";
+    /// A webhook or email target was added (`gaffer-control webhook add`; detail: name, URL, events).
+    pub const WEBHOOK_ADD: &str = "webhook_add";
+    /// A webhook target was removed.
+    pub const WEBHOOK_REMOVE: &str = "webhook_remove";
+    /// A test delivery was queued for a webhook target.
+    pub const WEBHOOK_TEST: &str = "webhook_test";
 
     /// Every action above, for the dashboard's filter suggestions.
     pub const ALL: &[&str] = &[
@@ -731,6 +737,9 @@ pub mod audit_action {
         ROLLOUT_ABORT,
         ROLLOUT_HALTED,
         ROLLOUT_COMPLETE,
+        WEBHOOK_ADD,
+        WEBHOOK_REMOVE,
+        WEBHOOK_TEST,
     ];
 }
 
@@ -1423,6 +1432,42 @@ pub trait Store: Send + Sync + 'static {
     fn list_rollouts(&self) -> StoreResult<Vec<crate::rollout::Rollout>>;
     /// Deletes the rollout `id`; returns whether it existed.
     fn delete_rollout(&self, id: u64) -> StoreResult<bool>;
+
+    /// Stores a webhook target ([`crate::webhook::WebhookTarget`]), replacing the one with its id.
+    /// Not durable until [`Store::flush`].
+    fn put_webhook_target(&self, target: &crate::webhook::WebhookTarget) -> StoreResult<()>;
+    /// Every webhook target, by id.
+    fn list_webhook_targets(&self) -> StoreResult<Vec<crate::webhook::WebhookTarget>>;
+    /// Deletes the webhook target `id` (its deliveries stay); whether it existed.
+    fn delete_webhook_target(&self, id: uuid::Uuid) -> StoreResult<bool>;
+    /// Inserts the pending delivery `d`. When `pending_max` deliveries are pending already, the
+    /// oldest pending ones (by id: UUID v7, creation order) are marked
+    /// [`crate::webhook::DeliveryState::Dropped`] first so that at most `pending_max` stay
+    /// pending; returns their ids. Not durable until [`Store::flush`].
+    fn enqueue_webhook_delivery(
+        &self,
+        d: &crate::webhook::WebhookDelivery,
+        pending_max: usize,
+    ) -> StoreResult<Vec<uuid::Uuid>>;
+    /// Pending deliveries with `next_attempt_at_ms <= now_ms`, soonest first, at most `limit`
+    /// (an index read, never a scan of finished deliveries).
+    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>>;
+    /// Read-modify-write of the delivery `id` against its latest committed value, atomically with
+    /// the due index (as [`Store::update_job`]; `f` may run more than once). `f` returns false to
+    /// leave it unchanged. Returns the delivery as written; None when there is no such delivery
+    /// or `f` declined.
+    fn update_webhook_delivery(
+        &self,
+        id: uuid::Uuid,
+        f: &mut dyn FnMut(&mut crate::webhook::WebhookDelivery) -> bool,
+    ) -> StoreResult<Option<crate::webhook::WebhookDelivery>>;
+    /// The newest deliveries, newest first, at most `limit`.
+    fn list_webhook_deliveries(&self, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>>;
+    /// How many deliveries are pending.
+    fn webhook_pending_count(&self) -> StoreResult<u64>;
+    /// Deletes up to `limit` deliveries that are not pending and were created before
+    /// `created_before_ms`, oldest first; how many.
+    fn delete_finished_webhook_deliveries(&self, created_before_ms: UnixMs, limit: usize) -> StoreResult<usize>;
 
     /// Records that replica `rec.id` is alive (insert or replace).
     fn replica_heartbeat(&self, rec: &ReplicaRecord) -> StoreResult<()>;

@@ -41,6 +41,8 @@
 //! | `agent_seq` | `agent` | `seq`: the applied watermark |
 //! | `audit_log` | `id` (identity, increasing) | `at_ms` |
 //! | `bundle_numbers`, `revoked_certs`, `rollouts`, `replicas` | agent, serial, id, id | `seen_at_ms` (replicas) |
+//! | `webhook_targets` | `id` | |
+//! | `webhook_deliveries` (`migrations/0002_webhooks.sql`) | `id` (UUID v7) | `state`, `next_attempt_at_ms` (partial index of pending ones), `created_at_ms` |
 //!
 //! The job indexes are sled's: `jobs_by_state (state, rank, created_at_ms, seq, id)` with sled's
 //! rank (`255 - priority` for queued jobs, 0 otherwise), so [`Store::jobs_in_state`] reads
@@ -131,7 +133,10 @@ const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// The schema migrations this binary knows, oldest first: (version, description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "initial", include_str!("../../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("../../migrations/0001_initial.sql")),
+    (2, "webhooks", include_str!("../../migrations/0002_webhooks.sql")),
+];
 
 /// The newest schema version this binary knows.
 pub fn schema_version() -> i64 {
@@ -724,6 +729,20 @@ async fn add_counts(conn: &mut PgConnection, deltas: &[i64; 6]) -> PgResult<()> 
 /// Records by id from `SELECT id, record::text` rows.
 fn decode_jobs(rows: Vec<(Uuid, String)>) -> StoreResult<std::collections::HashMap<Uuid, JobRecord>> {
     rows.into_iter().map(|(id, text)| Ok((id, decode::<JobRecord>("jobs", &id, &text)?))).collect()
+}
+
+/// Writes a delivery's row (state, due time and record).
+async fn put_webhook_delivery_row(conn: &mut PgConnection, d: &crate::webhook::WebhookDelivery) -> PgResult<()> {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET state = $2, next_attempt_at_ms = $3, record = $4::json WHERE id = $1",
+    )
+    .bind(d.id)
+    .bind(d.state.as_str())
+    .bind(ord_i64(d.next_attempt_at_ms))
+    .bind(encode(d)?)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The agent row `FOR UPDATE`.
@@ -1683,6 +1702,167 @@ impl Store for PgStore {
         self.run("delete_rollout", move |db| async move {
             let done = sqlx::query("DELETE FROM rollouts WHERE id = $1").bind(bits_i64(id)).execute(&db.pool).await?;
             Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn put_webhook_target(&self, target: &crate::webhook::WebhookTarget) -> StoreResult<()> {
+        let (id, record) = (target.id, encode(target)?);
+        self.run("put_webhook_target", move |db| async move {
+            sqlx::query(
+                "INSERT INTO webhook_targets (id, record) VALUES ($1, $2::json) ON CONFLICT (id) DO UPDATE \
+                 SET record = EXCLUDED.record",
+            )
+            .bind(id)
+            .bind(record)
+            .execute(&db.pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn list_webhook_targets(&self) -> StoreResult<Vec<crate::webhook::WebhookTarget>> {
+        self.run("list_webhook_targets", |db| async move {
+            let rows: Vec<(Uuid, String)> =
+                sqlx::query_as("SELECT id, record::text FROM webhook_targets ORDER BY id").fetch_all(&db.pool).await?;
+            Ok(decode_all("webhook_targets", rows)?)
+        })
+    }
+
+    fn delete_webhook_target(&self, id: Uuid) -> StoreResult<bool> {
+        self.run("delete_webhook_target", move |db| async move {
+            let done = sqlx::query("DELETE FROM webhook_targets WHERE id = $1").bind(id).execute(&db.pool).await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn enqueue_webhook_delivery(&self, d: &crate::webhook::WebhookDelivery, pending_max: usize) -> StoreResult<Vec<Uuid>> {
+        let d = d.clone();
+        let record = encode(&d)?;
+        let pending_max = count_i64(pending_max.max(1));
+        self.run("enqueue_webhook_delivery", move |db| async move {
+            let mut tx = db.pool.begin().await?;
+            // One enqueuer at a time across replicas, so the bound holds.
+            sqlx::query("SELECT pg_advisory_xact_lock(7110451)").execute(&mut *tx).await?;
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'")
+                .fetch_one(&mut *tx)
+                .await?;
+            let mut dropped = Vec::new();
+            if pending >= pending_max {
+                let rows: Vec<(Uuid, String)> = sqlx::query_as(
+                    "SELECT id, record::text FROM webhook_deliveries WHERE state = 'pending' ORDER BY id LIMIT $1 FOR UPDATE",
+                )
+                .bind(pending + 1 - pending_max)
+                .fetch_all(&mut *tx)
+                .await?;
+                for (id, text) in rows {
+                    let mut old: crate::webhook::WebhookDelivery = decode("webhook_deliveries", &id, &text)?;
+                    old.state = crate::webhook::DeliveryState::Dropped;
+                    old.finished_at_ms = Some(d.created_at_ms);
+                    put_webhook_delivery_row(&mut tx, &old).await?;
+                    dropped.push(id);
+                }
+            }
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (id, state, next_attempt_at_ms, created_at_ms, record) \
+                 VALUES ($1, $2, $3, $4, $5::json) ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
+                 next_attempt_at_ms = EXCLUDED.next_attempt_at_ms, record = EXCLUDED.record",
+            )
+            .bind(d.id)
+            .bind(d.state.as_str())
+            .bind(ord_i64(d.next_attempt_at_ms))
+            .bind(ord_i64(d.created_at_ms))
+            .bind(record)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(dropped)
+        })
+    }
+
+    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+        let (now, limit) = (ord_i64(now_ms), count_i64(limit));
+        self.run("webhook_deliveries_due", move |db| async move {
+            let rows: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, record::text FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at_ms <= $1 \
+                 ORDER BY next_attempt_at_ms, id LIMIT $2",
+            )
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&db.pool)
+            .await?;
+            Ok(decode_all("webhook_deliveries", rows)?)
+        })
+    }
+
+    fn update_webhook_delivery(
+        &self,
+        id: Uuid,
+        f: &mut dyn FnMut(&mut crate::webhook::WebhookDelivery) -> bool,
+    ) -> StoreResult<Option<crate::webhook::WebhookDelivery>> {
+        let mut answer = |old: crate::webhook::WebhookDelivery| -> Option<crate::webhook::WebhookDelivery> {
+            let mut new = old.clone();
+            f(&mut new).then_some(new)
+        };
+        self.run_asking(
+            "update_webhook_delivery",
+            move |db, mut asker| async move {
+                let mut tx = db.pool.begin().await?;
+                let text: Option<String> =
+                    sqlx::query_scalar("SELECT record::text FROM webhook_deliveries WHERE id = $1 FOR UPDATE")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some(text) = text else {
+                    tx.rollback().await?;
+                    return Ok(None);
+                };
+                let old: crate::webhook::WebhookDelivery = decode("webhook_deliveries", &id, &text)?;
+                let Some(mut new) = asker.ask(old).await? else {
+                    tx.rollback().await?;
+                    return Ok(None);
+                };
+                new.id = id;
+                put_webhook_delivery_row(&mut tx, &new).await?;
+                tx.commit().await?;
+                Ok(Some(new))
+            },
+            &mut answer,
+        )
+    }
+
+    fn list_webhook_deliveries(&self, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+        let limit = count_i64(limit);
+        self.run("list_webhook_deliveries", move |db| async move {
+            let rows: Vec<(Uuid, String)> =
+                sqlx::query_as("SELECT id, record::text FROM webhook_deliveries ORDER BY id DESC LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&db.pool)
+                    .await?;
+            Ok(decode_all("webhook_deliveries", rows)?)
+        })
+    }
+
+    fn webhook_pending_count(&self) -> StoreResult<u64> {
+        self.run("webhook_pending_count", |db| async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'")
+                .fetch_one(&db.pool)
+                .await?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn delete_finished_webhook_deliveries(&self, created_before_ms: UnixMs, limit: usize) -> StoreResult<usize> {
+        let (before, limit) = (ord_i64(created_before_ms), count_i64(limit));
+        self.run("delete_finished_webhook_deliveries", move |db| async move {
+            let done = sqlx::query(
+                "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries \
+                 WHERE state <> 'pending' AND created_at_ms < $1 ORDER BY id LIMIT $2)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(&db.pool)
+            .await?;
+            Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
         })
     }
 

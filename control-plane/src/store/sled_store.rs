@@ -29,6 +29,9 @@
 //! | `revoked_certs`    | certificate serial, lowercase hex (UTF-8)             | JSON [`RevokedCertRecord`]           |
 //! | `rollouts`         | rollout id u64 BE (8)                                 | JSON [`crate::rollout::Rollout`] with its targets (at most [`crate::rollout::ROLLOUTS_KEPT_MAX`] kept) |
 //! | `replicas`         | replica UUID (16 bytes)                               | JSON [`ReplicaRecord`]               |
+//! | `webhook_targets`  | target UUID (16 bytes)                                | JSON [`crate::webhook::WebhookTarget`] (with its secret) |
+//! | `webhook_deliveries` | delivery UUID v7 (16 bytes: creation order)         | JSON [`crate::webhook::WebhookDelivery`] with its attempts |
+//! | `webhook_due`      | `next_attempt_at_ms` u64 BE (8) ++ delivery UUID (16) | empty: one entry per pending delivery |
 //!
 //! Big-endian integers make sled's byte order the numeric order, so `health` scans one agent's
 //! samples oldest → newest (the counter, from [`sled::Db::generate_id`], breaks ties within one
@@ -224,6 +227,12 @@ pub struct SledStore {
     revoked_certs: sled::Tree,
     rollouts: sled::Tree,
     replicas: sled::Tree,
+    webhook_targets: sled::Tree,
+    webhook_deliveries: sled::Tree,
+    webhook_due: sled::Tree,
+    /// Serializes webhook delivery writes (enqueue with its bound, updates, deletes), so the
+    /// pending count and the due index never race.
+    webhook_writes: Mutex<()>,
     /// Published events, to this store's subscribers.
     events: tokio::sync::broadcast::Sender<StoreEventEnvelope>,
     /// Serializes user writes (see the module docs).
@@ -370,6 +379,47 @@ struct HealthTally {
 #[derive(Serialize, Deserialize)]
 struct LegacyApiToken {
     created_at_ms: UnixMs,
+}
+
+/// The `webhook_due` key of a pending delivery.
+fn webhook_due_key(next_attempt_at_ms: UnixMs, id: Uuid) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&next_attempt_at_ms.to_be_bytes());
+    key[8..].copy_from_slice(id.as_bytes());
+    key
+}
+
+impl SledStore {
+    /// [`Store::update_webhook_delivery`] with `webhook_writes` held by the caller.
+    fn write_webhook_delivery(
+        &self,
+        id: Uuid,
+        f: &mut dyn FnMut(&mut crate::webhook::WebhookDelivery) -> bool,
+    ) -> StoreResult<Option<crate::webhook::WebhookDelivery>> {
+        let Some(old) = self.get_json::<crate::webhook::WebhookDelivery>(&self.webhook_deliveries, "webhook_deliveries", id.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut new = old.clone();
+        if !f(&mut new) {
+            return Ok(None);
+        }
+        new.id = id;
+        let value = encode(&new)?;
+        let was_pending = old.state == crate::webhook::DeliveryState::Pending;
+        let is_pending = new.state == crate::webhook::DeliveryState::Pending;
+        let (old_key, new_key) = (webhook_due_key(old.next_attempt_at_ms, id), webhook_due_key(new.next_attempt_at_ms, id));
+        tx_out((&self.webhook_deliveries, &self.webhook_due).transaction(|(deliveries, due)| {
+            deliveries.insert(id.as_bytes(), value.as_slice())?;
+            if was_pending {
+                due.remove(&old_key[..])?;
+            }
+            if is_pending {
+                due.insert(&new_key[..], &[][..])?;
+            }
+            Ok(())
+        }))?;
+        Ok(Some(new))
+    }
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -641,6 +691,10 @@ impl SledStore {
             revoked_certs: tree("revoked_certs")?,
             rollouts: tree("rollouts")?,
             replicas: tree("replicas")?,
+            webhook_targets: tree("webhook_targets")?,
+            webhook_deliveries: tree("webhook_deliveries")?,
+            webhook_due: tree("webhook_due")?,
+            webhook_writes: Mutex::new(()),
             events: tokio::sync::broadcast::channel(super::EVENT_CHANNEL_CAPACITY).0,
             user_writes: Mutex::new(()),
             health_tally: Mutex::new(HashMap::new()),
@@ -1567,6 +1621,127 @@ impl Store for SledStore {
 
     fn delete_rollout(&self, id: u64) -> StoreResult<bool> {
         Ok(self.rollouts.remove(id.to_be_bytes()).map_err(io)?.is_some())
+    }
+
+    fn put_webhook_target(&self, target: &crate::webhook::WebhookTarget) -> StoreResult<()> {
+        self.webhook_targets.insert(target.id.as_bytes(), encode(target)?).map_err(io)?;
+        Ok(())
+    }
+
+    fn list_webhook_targets(&self) -> StoreResult<Vec<crate::webhook::WebhookTarget>> {
+        self.webhook_targets
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                decode("webhook_targets", &k, &v)
+            })
+            .collect()
+    }
+
+    fn delete_webhook_target(&self, id: Uuid) -> StoreResult<bool> {
+        Ok(self.webhook_targets.remove(id.as_bytes()).map_err(io)?.is_some())
+    }
+
+    fn enqueue_webhook_delivery(&self, d: &crate::webhook::WebhookDelivery, pending_max: usize) -> StoreResult<Vec<Uuid>> {
+        let _one = self.webhook_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = Vec::new();
+        let pending = self.webhook_due.len();
+        if pending >= pending_max.max(1) {
+            // The oldest pending ones by id (creation order); the due index is ordered by due time.
+            let mut ids = Vec::with_capacity(pending);
+            for item in self.webhook_due.iter().keys() {
+                let key = item.map_err(io)?;
+                ids.push(uuid_at(&key[8..]).ok_or_else(|| corrupt_key("webhook_due", &key, "not 24 bytes"))?);
+            }
+            ids.sort_unstable();
+            ids.truncate(pending + 1 - pending_max.max(1));
+            for id in ids {
+                if self.write_webhook_delivery(id, &mut |old| {
+                    old.state = crate::webhook::DeliveryState::Dropped;
+                    old.finished_at_ms = Some(d.created_at_ms);
+                    true
+                })?
+                .is_some()
+                {
+                    dropped.push(id);
+                }
+            }
+        }
+        let value = encode(d)?;
+        let due_key = webhook_due_key(d.next_attempt_at_ms, d.id);
+        let pending = d.state == crate::webhook::DeliveryState::Pending;
+        tx_out((&self.webhook_deliveries, &self.webhook_due).transaction(|(deliveries, due)| {
+            deliveries.insert(d.id.as_bytes(), value.as_slice())?;
+            if pending {
+                due.insert(&due_key[..], &[][..])?;
+            }
+            Ok(())
+        }))?;
+        Ok(dropped)
+    }
+
+    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+        let mut out = Vec::new();
+        for item in self.webhook_due.iter().keys() {
+            if out.len() >= limit {
+                break;
+            }
+            let key = item.map_err(io)?;
+            let due = be_u64(&key[..8.min(key.len())]).ok_or_else(|| corrupt_key("webhook_due", &key, "not 24 bytes"))?;
+            if due > now_ms {
+                break;
+            }
+            let id = uuid_at(&key[8..]).ok_or_else(|| corrupt_key("webhook_due", &key, "not 24 bytes"))?;
+            if let Some(d) = self.get_json(&self.webhook_deliveries, "webhook_deliveries", id.as_bytes())? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    fn update_webhook_delivery(
+        &self,
+        id: Uuid,
+        f: &mut dyn FnMut(&mut crate::webhook::WebhookDelivery) -> bool,
+    ) -> StoreResult<Option<crate::webhook::WebhookDelivery>> {
+        let _one = self.webhook_writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_webhook_delivery(id, f)
+    }
+
+    fn list_webhook_deliveries(&self, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+        self.webhook_deliveries
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                decode("webhook_deliveries", &k, &v)
+            })
+            .collect()
+    }
+
+    fn webhook_pending_count(&self) -> StoreResult<u64> {
+        Ok(self.webhook_due.len() as u64)
+    }
+
+    fn delete_finished_webhook_deliveries(&self, created_before_ms: UnixMs, limit: usize) -> StoreResult<usize> {
+        let _one = self.webhook_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut deleted = 0;
+        for item in self.webhook_deliveries.iter() {
+            if deleted >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            let d: crate::webhook::WebhookDelivery = decode("webhook_deliveries", &k, &v)?;
+            if d.created_at_ms >= created_before_ms {
+                break;
+            }
+            if d.state != crate::webhook::DeliveryState::Pending {
+                self.webhook_deliveries.remove(&k).map_err(io)?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     fn claim_job(&self, id: JobId, f: &mut dyn FnMut(&mut JobRecord) -> bool) -> StoreResult<Option<JobRecord>> {
