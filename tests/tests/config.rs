@@ -392,11 +392,15 @@ fn the_agent_example_lists_every_key_with_its_default() -> Result<()> {
 
 #[test]
 fn the_control_example_lists_every_key_with_its_default() -> Result<()> {
-    use gaffer_control::config::{self, InitOptions, ServeOptions, INIT_KEYS, SERVE_KEYS};
+    use gaffer_control::config::{self, InitOptions, ServeOptions, ALERTS_KEYS, INIT_KEYS, SERVE_KEYS, WEBHOOKS_KEYS};
     // Uncommented, every `# key = value` line is a key of the file, and together they validate.
-    let known = |k: &str| SERVE_KEYS.contains(&k) || INIT_KEYS.contains(&k);
-    let text = uncommented(&CONTROL, known, SERVE_KEYS.iter().chain(INIT_KEYS))?;
+    let tables: Vec<&str> = ALERTS_KEYS.iter().chain(WEBHOOKS_KEYS).map(|(k, _)| *k).collect();
+    let known = |k: &str| SERVE_KEYS.contains(&k) || INIT_KEYS.contains(&k) || tables.contains(&k);
+    let text = uncommented(&CONTROL, known, SERVE_KEYS.iter().chain(INIT_KEYS).chain(&tables))?;
     let file = config::check(&text).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    // [alerts] and [webhooks] show their defaults.
+    assert_eq!(file.alerts, gaffer_control::webhook::alerts::AlertSettings::default());
+    assert_eq!(file.webhooks, gaffer_control::webhook::WebhookSettings::default());
     // The values shown for the settings with a fixed default are the defaults.
     let set = file.serve.clone().resolve()?;
     let defaults = ServeOptions { data_dir: file.serve.data_dir.clone(), ..ServeOptions::default() }.resolve()?;
