@@ -140,6 +140,31 @@ impl Fixture {
         Ok(id)
     }
 
+    /// Whether a webhook target has this name or id.
+    fn has_webhook(&self, key: &str) -> Result<bool> {
+        Ok(self.store.list_webhook_targets()?.iter().any(|t| t.name == key || t.id.to_string() == key))
+    }
+
+    /// Whether a delivery to this target is queued.
+    fn webhook_tested(&self, id: Uuid) -> Result<bool> {
+        Ok(self.store.list_webhook_deliveries(1000)?.iter().any(|d| d.target_id == id))
+    }
+
+    /// A new webhook target; its id.
+    fn webhook_target(&self) -> Result<Uuid> {
+        let spec = gaffer_control::webhook::TargetSpec {
+            name: Some(format!("t-{}", Uuid::new_v4().simple())),
+            destination: gaffer_control::webhook::Destination::Http {
+                url: "https://hooks.example.com/t".into(),
+                format: gaffer_control::webhook::BodyFormat::Json,
+            },
+            events: vec![gaffer_control::webhook::EventKind::JobFailed],
+            secret: None,
+        };
+        let info = gaffer_control::webhook::add_target(self.store.as_ref(), &Actor::ControlPlane, spec, 1)?;
+        Ok(info.id)
+    }
+
     fn job_state(&self, id: Uuid) -> Result<JobState> {
         Ok(self.store.get_job(id)?.context("job")?.state)
     }
@@ -186,6 +211,12 @@ enum Effect {
     JobLeaves(Uuid, JobState),
     /// This agent is revoked.
     AgentRevoked(Uuid),
+    /// A webhook target with this name is added.
+    WebhookAdded(String),
+    /// This webhook target is removed.
+    WebhookRemoved(Uuid),
+    /// A test delivery to this webhook target is queued.
+    WebhookTested(Uuid),
 }
 
 /// The policy, written down independently of the crate's table: the lowest role that may use
@@ -205,6 +236,10 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
         ("GET", "/api/v1/audit") | ("GET", "/audit") => Some(Role::Admin),
         ("POST", "/api/v1/agents/{id}/revoke") | ("POST", "/agents/{id}/revoke") => Some(Role::Admin),
         ("POST", "/rollouts/pause") | ("POST", "/rollouts/resume") | ("POST", "/rollouts/abort") => Some(Role::Admin),
+        ("GET", "/webhooks")
+        | ("POST", "/webhooks")
+        | ("POST", "/webhooks/{id}/remove")
+        | ("POST", "/webhooks/{id}/test") => Some(Role::Admin),
         ("POST", "/api/v1/jobs")
         | ("POST", "/api/v1/jobs/{id}/cancel")
         | ("POST", "/api/v1/jobs/{id}/retry")
@@ -322,6 +357,20 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ("POST", "/rollouts/pause") | ("POST", "/rollouts/resume") | ("POST", "/rollouts/abort") => {
             (form(b.uri(path), format!("csrf={csrf}"))?, StatusCode::CONFLICT, Effect::None)
         }
+        ("GET", "/webhooks") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
+        ("POST", "/webhooks") => {
+            // A fresh name per case: an allowed caller adds it, a refused one adds nothing.
+            let name = format!("hook-{}", Uuid::new_v4().simple());
+            let body = format!("csrf={csrf}&name={name}&url=https%3A%2F%2Fhooks.example.com%2Fx&ev_job_failed=on");
+            (form(b.uri(path), body)?, StatusCode::SEE_OTHER, Effect::WebhookAdded(name))
+        }
+        ("POST", "/webhooks/{id}/remove") | ("POST", "/webhooks/{id}/test") => {
+            let id = f.webhook_target()?;
+            let action = path.rsplit('/').next().unwrap_or_default();
+            let req = form(b.uri(format!("/webhooks/{id}/{action}")), format!("csrf={csrf}"))?;
+            let effect = if action == "remove" { Effect::WebhookRemoved(id) } else { Effect::WebhookTested(id) };
+            (req, StatusCode::SEE_OTHER, effect)
+        }
         ("GET", "/metrics") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         ("GET", "/api/v1/openapi.json") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         ("GET", "/static/app.css") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
@@ -368,6 +417,9 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
                     Effect::NewJob => assert_eq!(f.job_count()?, jobs_before + 1, "{what} adds a job"),
                     Effect::JobLeaves(id, s) => assert_ne!(f.job_state(id)?, s, "{what} changes the job"),
                     Effect::AgentRevoked(id) => assert!(f.is_revoked(id)?, "{what} revokes the agent"),
+                    Effect::WebhookAdded(ref name) => assert!(f.has_webhook(name)?, "{what} adds the target"),
+                    Effect::WebhookRemoved(id) => assert!(!f.has_webhook(&id.to_string())?, "{what} removes it"),
+                    Effect::WebhookTested(id) => assert!(f.webhook_tested(id)?, "{what} queues a test delivery"),
                 }
             } else {
                 match (spec.is_api(), caller) {
@@ -389,6 +441,12 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
                 }
                 if let Effect::AgentRevoked(id) = effect {
                     assert!(!f.is_revoked(id)?, "{what} was refused but revoked the agent");
+                }
+                match effect {
+                    Effect::WebhookAdded(ref name) => assert!(!f.has_webhook(name)?, "{what} was refused but added"),
+                    Effect::WebhookRemoved(id) => assert!(f.has_webhook(&id.to_string())?, "{what} was refused but removed"),
+                    Effect::WebhookTested(id) => assert!(!f.webhook_tested(id)?, "{what} was refused but queued"),
+                    _ => {}
                 }
             }
             checked += 1;

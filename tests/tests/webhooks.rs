@@ -297,6 +297,35 @@ fn pending_deliveries_survive_a_control_plane_restart() -> anyhow::Result<()> {
     // The target survived too.
     let listed = cp.cli_json(&["webhook", "list"])?;
     assert_eq!(listed[0]["name"], "rx", "{listed}");
+    let target_id = listed[0]["id"].as_str().context("target id")?.to_owned();
+
+    // The Webhooks page shows the target and each delivery with its attempts (the 503s, then 200),
+    // never the secret; its forms add a target and queue a test delivery.
+    let session = cp.login()?;
+    let (status, html) = cp.page(&session, "/webhooks")?;
+    assert_eq!(status, 200, "{html}");
+    assert!(html.contains("<td>rx</td>") && html.contains(&first) && html.contains(&second), "{html}");
+    assert!(html.contains("<td>503</td>") && html.contains("<td>200</td>"), "attempts listed: {html}");
+    assert!(!html.contains(SECRET), "the secret is never shown");
+    let csrf = gaffer_tests::csrf_of(&html).context("the page's forms carry the CSRF token")?;
+    let added = cp.post_form(
+        &session,
+        "/webhooks",
+        &[("csrf", &csrf), ("name", "from-page"), ("url", "https://hooks.example.com/p"), ("ev_job_failed", "on")],
+    )?;
+    assert_eq!(added, 303);
+    assert_eq!(cp.post_form(&session, "/webhooks", &[("csrf", "wrong"), ("url", "https://x.example.com/")])?, 403);
+    let names: Vec<String> = cp
+        .cli_json(&["webhook", "list"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(names, ["from-page", "rx"]);
+    assert_eq!(cp.post_form(&session, &format!("/webhooks/{target_id}/test"), &[("csrf", &csrf)])?, 303);
+    let got = rx.wait_delivered(3, "the test delivery queued from the page")?;
+    assert_eq!(got.len(), 3);
     cp.kill();
     Ok(())
 }

@@ -107,6 +107,8 @@ pub enum Permission {
     ManageCa,
     /// Read the audit log (it names every user, token and address that logged in).
     ReadAudit,
+    /// See, add, remove and test webhook and email targets (they say where fleet events go).
+    ManageWebhooks,
 }
 
 impl Permission {
@@ -120,7 +122,8 @@ impl Permission {
             | Permission::ManageApiTokens
             | Permission::ManageReleases
             | Permission::ManageCa
-            | Permission::ReadAudit => Role::Admin,
+            | Permission::ReadAudit
+            | Permission::ManageWebhooks => Role::Admin,
         }
     }
 
@@ -141,6 +144,7 @@ impl Permission {
             Permission::ManageReleases => "managing releases",
             Permission::ManageCa => "rotating the CA",
             Permission::ReadAudit => "reading the audit log",
+            Permission::ManageWebhooks => "managing webhooks",
         }
     }
 }

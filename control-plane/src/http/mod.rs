@@ -38,6 +38,7 @@ mod rollouts;
 mod timeline;
 pub mod tls;
 mod view;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +134,7 @@ const OPERATE: Access = Access::Permission(Permission::OperateJobs);
 const AUDIT: Access = Access::Permission(Permission::ReadAudit);
 const REVOKE: Access = Access::Permission(Permission::RevokeAgents);
 const RELEASES: Access = Access::Permission(Permission::ManageReleases);
+const WEBHOOKS: Access = Access::Permission(Permission::ManageWebhooks);
 
 /// Every route of [`router_with`], with its permission: the one place that says who may do what
 /// over HTTP. (`/metrics` is left out of the router when it has its own listener.)
@@ -166,6 +168,10 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::POST, "/rollouts/pause", RELEASES, |m| on(m, rollouts::pause)),
     route(Method::POST, "/rollouts/resume", RELEASES, |m| on(m, rollouts::resume)),
     route(Method::POST, "/rollouts/abort", RELEASES, |m| on(m, rollouts::abort)),
+    route(Method::GET, "/webhooks", WEBHOOKS, |m| on(m, webhooks::webhooks_page)),
+    route(Method::POST, "/webhooks", WEBHOOKS, |m| on(m, webhooks::add)),
+    route(Method::POST, "/webhooks/{id}/remove", WEBHOOKS, |m| on(m, webhooks::remove)),
+    route(Method::POST, "/webhooks/{id}/test", WEBHOOKS, |m| on(m, webhooks::test)),
     route(Method::GET, "/metrics", Access::Public, |m| on(m, metrics)),
     route(Method::GET, "/static/app.css", Access::Public, |m| on(m, stylesheet)),
     // Installing an agent (http::install): public, signed or checked against a pasted fingerprint.
