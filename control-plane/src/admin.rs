@@ -179,6 +179,106 @@ pub enum AdminRequest {
     AbortRollout,
     /// `gaffer-control webhook add|list|remove|test|deliveries` ([`crate::webhook::handle_admin`]).
     Webhook(crate::webhook::WebhookRequest),
+    /// `gaffer-control agent cordon|drain|uncordon` ([`set_agent_scheduling`]).
+    SetScheduling {
+        /// The agent.
+        agent_id: uuid::Uuid,
+        /// What to do.
+        change: SchedulingChange,
+    },
+}
+
+/// An operator's change of whether an agent takes new jobs ([`crate::store::Scheduling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum SchedulingChange {
+    /// No new leases; what it holds runs to the end.
+    Cordon,
+    /// No new leases; what it still holds after `deadline_secs` (None: never) is requeued for
+    /// other agents.
+    Drain {
+        /// Seconds from now; at most [`DRAIN_DEADLINE_SECS_MAX`].
+        deadline_secs: Option<u64>,
+    },
+    /// Back in rotation.
+    Uncordon,
+}
+
+/// Longest drain deadline accepted: 30 days, seconds.
+pub const DRAIN_DEADLINE_SECS_MAX: u64 = 30 * 24 * 3600;
+
+/// What [`set_agent_scheduling`] did: the agent's id, its new state and how many jobs it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SchedulingReport {
+    /// The agent.
+    #[schema(value_type = String, format = Uuid)]
+    pub agent_id: uuid::Uuid,
+    /// Its scheduling state now.
+    pub scheduling: crate::store::Scheduling,
+    /// Jobs assigned to or running on it now (they finish, or are requeued at a drain deadline).
+    pub jobs_held: usize,
+    /// Whether its link is up on this control plane (a change made while the server is stopped
+    /// takes effect when it starts).
+    pub connected: bool,
+}
+
+/// Cordons, drains or uncordons `agent_id` for `actor` (the admin socket, the API and the
+/// dashboard all come here): through the live `scheduler` when there is one (the link sees it
+/// at once), otherwise in the store only (it applies when the agent next connects). Audited as
+/// `agent_cordon`, `agent_drain` (with the deadline) or `agent_uncordon`.
+///
+/// # Errors
+/// [`AdminError::Invalid`] for an unknown or revoked agent or a deadline over
+/// [`DRAIN_DEADLINE_SECS_MAX`]; store errors.
+pub fn set_agent_scheduling(
+    store: &dyn Store,
+    scheduler: Option<&crate::scheduler::Scheduler>,
+    actor: &Actor,
+    agent_id: uuid::Uuid,
+    change: SchedulingChange,
+) -> Result<SchedulingReport, AdminError> {
+    use crate::store::Scheduling;
+    let now = crate::now_ms();
+    let Some(rec) = store.get_agent(agent_id)? else {
+        return Err(AdminError::Invalid(format!(
+            "no agent {agent_id} is enrolled (see `gaffer-control agent list` or the fleet page)"
+        )));
+    };
+    if rec.revoked_at_ms.is_some() {
+        return Err(AdminError::Invalid(format!("agent {agent_id} is revoked; it takes no jobs already")));
+    }
+    let by = actor.to_string();
+    let (scheduling, action, detail) = match change {
+        SchedulingChange::Cordon => (Scheduling::Cordoned { by, at_ms: now }, audit_action::AGENT_CORDON, String::new()),
+        SchedulingChange::Drain { deadline_secs } => {
+            if deadline_secs.is_some_and(|d| d > DRAIN_DEADLINE_SECS_MAX) {
+                return Err(AdminError::Invalid(format!(
+                    "a drain deadline is at most {} days",
+                    DRAIN_DEADLINE_SECS_MAX / 86_400
+                )));
+            }
+            let deadline_ms = deadline_secs.map(|d| now.saturating_add(d.saturating_mul(1000)));
+            let detail = match deadline_ms {
+                Some(d) => format!("deadline {}", rfc3339_ms(d)),
+                None => "no deadline".to_owned(),
+            };
+            (Scheduling::Draining { by, at_ms: now, deadline_ms }, audit_action::AGENT_DRAIN, detail)
+        }
+        SchedulingChange::Uncordon => (Scheduling::Active, audit_action::AGENT_UNCORDON, String::new()),
+    };
+    let updated = match scheduler {
+        Some(s) => s.set_scheduling(agent_id, scheduling)?,
+        None => store.update_agent(agent_id, &mut |a| a.scheduling = scheduling.clone())?,
+    };
+    let Some(updated) = updated else {
+        return Err(AdminError::Invalid(format!("no agent {agent_id} is enrolled")));
+    };
+    let detail = if detail.is_empty() { format!("agent {agent_id}") } else { format!("agent {agent_id}, {detail}") };
+    store.append_audit(&AuditRecord::new(actor, action, now).agent(agent_id).detail(detail))?;
+    store.flush()?;
+    let jobs_held = store.jobs_leased_to(agent_id)?.len();
+    let connected = scheduler.is_some_and(|s| s.fleet().is_connected(agent_id));
+    Ok(SchedulingReport { agent_id, scheduling: updated.scheduling, jobs_held, connected })
 }
 
 impl AdminRequest {
@@ -206,6 +306,7 @@ impl AdminRequest {
             AdminRequest::ResumeRollout => "resume_rollout",
             AdminRequest::AbortRollout => "abort_rollout",
             AdminRequest::Webhook(_) => "webhook",
+            AdminRequest::SetScheduling { .. } => "set_scheduling",
         }
     }
 
@@ -378,6 +479,8 @@ pub enum AdminResponse {
     },
     /// Answer to [`AdminRequest::Webhook`].
     Webhook(crate::webhook::WebhookResponse),
+    /// Answer to [`AdminRequest::SetScheduling`].
+    Scheduling(SchedulingReport),
     /// The request failed.
     Error {
         /// Why.
@@ -659,16 +762,28 @@ pub fn handle(
     handle_with(store, ca_fingerprint, offline, None, actor, req)
 }
 
-/// [`handle`] with the running server's rollouts (None: no live fleet, as the CLI without a
-/// server: rollout changes are refused with what to do, the status comes from the store).
+/// What the admin socket of a running server reaches besides the store: the rollouts and the
+/// scheduler of the live fleet.
+#[derive(Clone)]
+pub struct LiveFleet {
+    /// The server's rollouts.
+    pub rollouts: Arc<crate::rollout::Rollouts>,
+    /// The server's scheduler (cordon, drain).
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
+}
+
+/// [`handle`] with the running server's live fleet (None: no live fleet, as the CLI without a
+/// server: rollout changes are refused with what to do, the status comes from the store, and a
+/// cordon or drain is written to the store for the next start).
 pub fn handle_with(
     store: &dyn Store,
     ca_fingerprint: &CaFingerprint,
     offline: Option<&OfflineSync>,
-    rollouts: Option<&crate::rollout::Rollouts>,
+    live: Option<&LiveFleet>,
     actor: &Actor,
     req: AdminRequest,
 ) -> AdminResponse {
+    let rollouts = live.map(|l| l.rollouts.as_ref());
     let who = actor.to_string();
     let now = crate::now_ms();
     // During a CA rotation agents enroll against the CA of the server certificate in use now.
@@ -727,6 +842,11 @@ pub fn handle_with(
         AdminRequest::Webhook(req) => {
             crate::webhook::handle_admin(store, actor, req).map(AdminResponse::Webhook).map_err(|e| e.to_string())
         }
+        AdminRequest::SetScheduling { agent_id, change } => {
+            set_agent_scheduling(store, live.map(|l| l.scheduler.as_ref()), actor, agent_id, change)
+                .map(AdminResponse::Scheduling)
+                .map_err(|e| e.to_string())
+        }
         AdminRequest::RolloutStatus { limit } => {
             let all = match rollouts {
                 Some(r) => Ok(r.status()),
@@ -778,8 +898,8 @@ pub async fn serve_admin_socket(
     serve_admin_socket_with(path, store, ca_fingerprint, offline, None).await
 }
 
-/// [`serve_admin_socket`] with the server's rollouts, so that `rollout start|pause|resume|abort`
-/// work ([`handle_with`]).
+/// [`serve_admin_socket`] with the server's live fleet, so that `rollout start|pause|resume|abort`
+/// and `agent cordon|drain|uncordon` reach it ([`handle_with`]).
 ///
 /// # Errors
 /// As [`serve_admin_socket`].
@@ -788,7 +908,7 @@ pub async fn serve_admin_socket_with(
     store: Arc<dyn Store>,
     ca_fingerprint: CaFingerprint,
     offline: Option<Arc<OfflineSync>>,
-    rollouts: Option<Arc<crate::rollout::Rollouts>>,
+    live: Option<LiveFleet>,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
@@ -809,9 +929,9 @@ pub async fn serve_admin_socket_with(
             let Ok((stream, _)) = listener.accept().await else { continue };
             let store = store.clone();
             let offline = offline.clone();
-            let rollouts = rollouts.clone();
+            let live = live.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(stream, owner_uid, store, ca_fingerprint, offline, rollouts).await {
+                if let Err(e) = serve_one(stream, owner_uid, store, ca_fingerprint, offline, live).await {
                     tracing::warn!(error = %e, "admin socket request failed");
                 }
             });
@@ -825,7 +945,7 @@ async fn serve_one(
     store: Arc<dyn Store>,
     fp: CaFingerprint,
     offline: Option<Arc<OfflineSync>>,
-    rollouts: Option<Arc<crate::rollout::Rollouts>>,
+    live: Option<LiveFleet>,
 ) -> std::io::Result<()> {
     let peer_uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
@@ -849,7 +969,7 @@ async fn serve_one(
                     .unwrap_or(Actor::OsUser { uid: peer_uid, name: None });
                 tracing::info!(action = req.action(), actor = %actor, "admin request");
                 tokio::task::spawn_blocking(move || {
-                    handle_with(store.as_ref(), &fp, offline.as_deref(), rollouts.as_deref(), &actor, req)
+                    handle_with(store.as_ref(), &fp, offline.as_deref(), live.as_ref(), &actor, req)
                 })
                 .await
                 .unwrap_or_else(|e| AdminResponse::Error { message: format!("internal error: {e}") })

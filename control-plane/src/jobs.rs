@@ -140,6 +140,13 @@ pub enum JobEvent {
         /// The agent.
         agent: AgentId,
     },
+    /// `agent`'s drain deadline passed while it still holds the job: its lease is void, its copy
+    /// is cancelled, and the job goes back to the queue for another agent with the attempt given
+    /// back (the operator took the box away; the job did nothing wrong).
+    HolderDrained {
+        /// The agent.
+        agent: AgentId,
+    },
     /// Time passed: spend the attempt if the lease's deadline is past.
     DeadlineCheck,
     /// An operator cancels the job.
@@ -311,6 +318,23 @@ pub fn transition(
                 let reason = format!("agent {agent} was revoked");
                 t.effects.push(Effect::Cancel { agent: *agent, reason: reason.clone() });
                 spend_attempt(&mut t, reason, now_ms, policy);
+            }
+        }
+        JobEvent::HolderDrained { agent } => {
+            if job.lease.is_some_and(|l| l.holder == *agent) {
+                let reason = format!("agent {agent} was drained: requeued at the drain deadline");
+                t.effects.push(Effect::Cancel { agent: *agent, reason: reason.clone() });
+                let j = &mut t.job;
+                j.attempts = j.attempts.saturating_sub(1);
+                j.state = JobState::Queued;
+                j.agent = None;
+                j.lease = None;
+                j.progress = 0.0;
+                j.frames_decoded = 0;
+                j.error = Some(reason.clone());
+                j.updated_at_ms = now_ms;
+                t.changed = true;
+                t.effects.push(Effect::Requeued { reason });
             }
         }
         JobEvent::DeadlineCheck => {
@@ -636,6 +660,7 @@ mod tests {
             }),
             agent_strategy().prop_map(|agent| JobEvent::HolderDisconnected { agent }),
             agent_strategy().prop_map(|agent| JobEvent::HolderRevoked { agent }),
+            agent_strategy().prop_map(|agent| JobEvent::HolderDrained { agent }),
             (agent_strategy(), proptest::option::of(0u64..6))
                 .prop_map(|(agent, held)| JobEvent::HolderReconnected { agent, held }),
             Just(JobEvent::DeadlineCheck),

@@ -173,6 +173,48 @@ enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take an agent out of rotation for maintenance: no new jobs; the jobs it runs finish, and
+    /// with --deadline those still running then are requeued for other agents (the attempt is
+    /// given back). It stays out of rotation until `agent uncordon`.
+    Drain {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The agent's id.
+        #[arg(long)]
+        agent: uuid::Uuid,
+        /// How long its running jobs may take before they are requeued, e.g. `30m`, `2h`
+        /// (default: no deadline, wait for them).
+        #[arg(long)]
+        deadline: Option<humantime::Duration>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// No new jobs for an agent; the jobs it runs finish (`agent uncordon` lifts it).
+    Cordon {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The agent's id.
+        #[arg(long)]
+        agent: uuid::Uuid,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a cordoned or drained agent back in rotation.
+    Uncordon {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The agent's id.
+        #[arg(long)]
+        agent: uuid::Uuid,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -501,6 +543,16 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Agent { command: AgentCommand::Drain { data_dir, agent, deadline, json } } => {
+            let deadline_secs = deadline.map(|d| std::time::Duration::from(d).as_secs());
+            set_scheduling(&rt, &data_dir, agent, admin::SchedulingChange::Drain { deadline_secs }, json)
+        }
+        Command::Agent { command: AgentCommand::Cordon { data_dir, agent, json } } => {
+            set_scheduling(&rt, &data_dir, agent, admin::SchedulingChange::Cordon, json)
+        }
+        Command::Agent { command: AgentCommand::Uncordon { data_dir, agent, json } } => {
+            set_scheduling(&rt, &data_dir, agent, admin::SchedulingChange::Uncordon, json)
+        }
         Command::Agent { command: AgentCommand::Revoke { data_dir, agent, json } } => {
             let req = AdminRequest::RevokeAgent { agent_id: agent };
             let report = match rt.block_on(admin_or_local(&data_dir, &req))? {
@@ -682,6 +734,31 @@ async fn user_command(command: UserCommand) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `agent drain|cordon|uncordon`: through the running server, or in the store for its next start.
+fn set_scheduling(
+    rt: &tokio::runtime::Runtime,
+    data_dir: &std::path::Path,
+    agent: uuid::Uuid,
+    change: admin::SchedulingChange,
+    json: bool,
+) -> anyhow::Result<()> {
+    let req = AdminRequest::SetScheduling { agent_id: agent, change };
+    let report = match rt.block_on(admin_or_local(data_dir, &req))? {
+        AdminResponse::Scheduling(r) => r,
+        other => bail!("unexpected answer from the control plane: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let state = report.scheduling.describe(gaffer_control::now_ms()).unwrap_or_else(|| "back in rotation".to_owned());
+    println!("Agent {}: {state}; it holds {} job(s)", report.agent_id, report.jobs_held);
+    if !report.connected {
+        println!("It is not connected to a running control plane here; the change applies when it connects");
     }
     Ok(())
 }
@@ -957,7 +1034,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store.clone(),
         pki.enroll_fingerprint(),
         Some(offline_sync),
-        Some(rollouts),
+        Some(admin::LiveFleet { rollouts, scheduler: scheduler.clone() }),
     )
     .await?;
 

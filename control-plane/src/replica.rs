@@ -297,6 +297,14 @@ async fn on_event(state: &AppState, event: StoreEvent) {
                 notify.notify_one();
             }
         }
+        StoreEvent::SchedulingChanged { agent } => {
+            let scheduler = state.scheduler.clone();
+            match tokio::task::spawn_blocking(move || scheduler.reload_scheduling(agent)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(agent_id = %agent, error = %e, "could not reload an agent's cordon or drain"),
+                Err(e) => tracing::warn!(agent_id = %agent, error = %e, "reloading an agent's cordon or drain panicked"),
+            }
+        }
         StoreEvent::CertsRevoked => {
             let (st, revocations) = (state.store.clone(), state.revocations.clone());
             match tokio::task::spawn_blocking(move || revocations.reload(st.as_ref())).await {

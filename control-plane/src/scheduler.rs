@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use crate::jobs::{self, Effect, JobEvent, JobPolicy, Refusal};
 use crate::metrics::Metrics;
 use crate::replica::Replica;
-use crate::store::{JobOrigin, JobRecord, JobState, Priority, Store, StoreError, StoreEvent, UnixMs};
+use crate::store::{JobOrigin, JobRecord, JobState, Priority, Scheduling, Store, StoreError, StoreEvent, UnixMs};
 
 /// Why a job submission or an operator action was refused.
 #[derive(Debug, thiserror::Error)]
@@ -495,7 +495,8 @@ impl Scheduler {
         now_ms: UnixMs,
     ) -> Result<(), StoreError> {
         let held_by_job: HashMap<JobId, u64> = held.iter().map(|h| (h.job_id, h.lease_id)).collect();
-        let notify = self.fleet.connect(agent, conn);
+        let scheduling = self.store.get_agent(agent)?.map(|a| a.scheduling).unwrap_or_default();
+        let notify = self.fleet.connect_with(agent, conn, scheduling);
         let mut still_leased = HashSet::new();
         for job in self.jobs_leased_to(agent)? {
             let event = JobEvent::HolderReconnected { agent, held: held_by_job.get(&job.id).copied() };
@@ -598,6 +599,74 @@ impl Scheduler {
         Ok(requeued)
     }
 
+    /// An operator cordons, drains or uncordons `agent` ([`Scheduling`]): written to its record
+    /// (so it lasts across reconnects and restarts), applied to its link here at once and on the
+    /// replica holding it (through [`StoreEvent::SchedulingChanged`]). Uncordoning wakes the
+    /// scheduler for the slots it frees. Blocking. Returns the updated record, None when no
+    /// agent `agent` is enrolled.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn set_scheduling(
+        &self,
+        agent: AgentId,
+        scheduling: Scheduling,
+    ) -> Result<Option<crate::store::AgentRecord>, StoreError> {
+        let Some(rec) = self.store.update_agent(agent, &mut |a| a.scheduling = scheduling.clone())? else {
+            return Ok(None);
+        };
+        self.store.flush()?;
+        self.fleet.set_scheduling(agent, scheduling);
+        if let Some(replica) = self.replica.get() {
+            replica.publish(StoreEvent::SchedulingChanged { agent });
+        }
+        tracing::info!(agent_id = %agent, scheduling = rec.scheduling.name(), "agent scheduling changed");
+        self.wake();
+        Ok(Some(rec))
+    }
+
+    /// Another replica changed `agent`'s [`Scheduling`]: copy it from the store to its link here,
+    /// if it is up here. Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn reload_scheduling(&self, agent: AgentId) -> Result<(), StoreError> {
+        if self.fleet.is_connected(agent) {
+            let scheduling = self.store.get_agent(agent)?.map(|a| a.scheduling).unwrap_or_default();
+            self.fleet.set_scheduling(agent, scheduling);
+            self.wake_local();
+        }
+        Ok(())
+    }
+
+    /// Takes back the jobs still held by agents connected here whose drain deadline has passed
+    /// ([`JobEvent::HolderDrained`]: cancelled on the agent, requeued for others with the attempt
+    /// given back). Blocking; runs with the deadline pass. Returns how many were requeued.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn drain_pass(&self, now_ms: UnixMs) -> Result<usize, StoreError> {
+        let mut requeued = 0;
+        for (agent, jobs) in self.fleet.drains_due(now_ms) {
+            for job in jobs {
+                match self.apply(job, &JobEvent::HolderDrained { agent }, now_ms) {
+                    Ok(Some(j)) if j.state == JobState::Queued => {
+                        requeued += 1;
+                        tracing::info!(job_id = %job, agent_id = %agent, "drain deadline passed: job requeued");
+                    }
+                    Ok(_) | Err(SubmitError::Refused(_)) | Err(SubmitError::UnknownJob(_)) => {}
+                    Err(SubmitError::Store(e)) => return Err(e),
+                    Err(e) => tracing::warn!(job_id = %job, error = %e, "could not requeue a drained agent's job"),
+                }
+            }
+        }
+        if requeued > 0 {
+            self.store.flush()?;
+            self.wake();
+        }
+        Ok(requeued)
+    }
+
     /// The assigned and running jobs leased to `agent`, from the state index (bounded by the
     /// fleet's slots, not by history).
     ///
@@ -627,6 +696,7 @@ impl Scheduler {
                 let now = crate::now_ms();
                 if deadlines {
                     this.deadline_pass(now)?;
+                    this.drain_pass(now)?;
                 }
                 this.lease_pass(now)
             })
@@ -776,6 +846,9 @@ struct Connected {
     /// Why no new job is leased to it, when something holds it back (an update it is about to
     /// restart for); the jobs it holds run to the end.
     hold: Option<String>,
+    /// The operator's cordon or drain ([`crate::store::AgentRecord::scheduling`]), copied here at
+    /// connect and on every change: no new leases unless active.
+    scheduling: Scheduling,
 }
 
 impl Connected {
@@ -783,7 +856,7 @@ impl Connected {
         self.leased.len() + self.reserved.len()
     }
     fn free_slots(&self) -> usize {
-        if self.hold.is_some() {
+        if self.hold.is_some() || !self.scheduling.is_active() {
             return 0;
         }
         (self.conn.capabilities.job_slots as usize).saturating_sub(self.busy())
@@ -816,6 +889,12 @@ impl Fleet {
     /// is woken to notice it was replaced and close). Returns the notifier the link driver waits
     /// on for outgoing messages.
     pub fn connect(&self, agent: AgentId, conn: AgentConn) -> Arc<Notify> {
+        self.connect_with(agent, conn, Scheduling::Active)
+    }
+
+    /// [`Fleet::connect`] of an agent whose operator-set [`Scheduling`] is `scheduling` (a
+    /// cordoned agent is never leased to, not even between connecting and reading its record).
+    pub fn connect_with(&self, agent: AgentId, conn: AgentConn, scheduling: Scheduling) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
         let c = Connected {
             conn,
@@ -824,6 +903,7 @@ impl Fleet {
             mailbox: VecDeque::new(),
             notify: notify.clone(),
             hold: None,
+            scheduling,
         };
         if let Some(old) = self.lock().insert(agent, c) {
             old.notify.notify_one();
@@ -860,6 +940,32 @@ impl Fleet {
             }
             None => false,
         }
+    }
+
+    /// Sets the operator's cordon or drain of the connected `agent` (see [`Scheduling`]); the
+    /// jobs it holds are not touched here ([`Scheduler::drain_pass`] takes them back at a drain's
+    /// deadline). Returns whether `agent` is connected.
+    pub fn set_scheduling(&self, agent: AgentId, scheduling: Scheduling) -> bool {
+        match self.lock().get_mut(&agent) {
+            Some(c) => {
+                c.scheduling = scheduling;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connected agents whose drain deadline is at or before `now_ms` and which still hold
+    /// jobs, with those jobs.
+    pub fn drains_due(&self, now_ms: UnixMs) -> Vec<(AgentId, Vec<JobId>)> {
+        self.lock()
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.scheduling, Scheduling::Draining { deadline_ms: Some(d), .. } if d <= now_ms)
+                    && !c.leased.is_empty()
+            })
+            .map(|(id, c)| (*id, c.leased.iter().copied().collect()))
+            .collect()
     }
 
     /// Why new leases are held back from `agent`, if they are.
@@ -1032,7 +1138,10 @@ impl Fleet {
         // Nobody can take it: say why, from every connected agent.
         let mut in_site = 0usize;
         let mut eligible = 0usize;
+        // Eligible agents an operator took out of rotation, with why ("cordoned by alice").
+        let mut out_of_rotation: Vec<String> = Vec::new();
         let mut worst = Ineligible::Site;
+        let now_ms = crate::now_ms();
         for (id, c) in inner.iter() {
             match eligibility(*id, &c.conn.site, &c.conn.capabilities, job) {
                 Err(Ineligible::Site) => continue,
@@ -1043,13 +1152,38 @@ impl Fleet {
                 Ok(()) => {
                     in_site += 1;
                     eligible += 1;
+                    if let Some(why) = c.scheduling.describe(now_ms) {
+                        out_of_rotation.push(format!("agent {id} {why}"));
+                    }
                 }
             }
         }
+        const NAMED_MAX: usize = 3;
+        let named = |list: &[String]| {
+            let mut text = list.iter().take(NAMED_MAX).cloned().collect::<Vec<_>>().join("; ");
+            if list.len() > NAMED_MAX {
+                text.push_str(&format!("; and {} more", list.len() - NAMED_MAX));
+            }
+            text
+        };
         Err(if let Some(pinned) = job.pinned_agent.filter(|p| !inner.contains_key(p)) {
             format!("pinned to agent {pinned}, which is not connected")
         } else if in_site == 0 {
             format!("no agent of site {} is connected", job.site)
+        } else if eligible > 0 && out_of_rotation.len() == eligible {
+            format!(
+                "every eligible agent of site {} is out of rotation: {}",
+                job.site,
+                named(&out_of_rotation)
+            )
+        } else if !out_of_rotation.is_empty() {
+            format!(
+                "all {} eligible agents of site {} in rotation are busy; {} out of rotation: {}",
+                eligible - out_of_rotation.len(),
+                job.site,
+                out_of_rotation.len(),
+                named(&out_of_rotation)
+            )
         } else if eligible > 0 {
             format!("all {eligible} eligible agents of site {} are busy", job.site)
         } else {

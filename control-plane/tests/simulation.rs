@@ -28,7 +28,7 @@ use gaffer_control::jobs::JobPolicy;
 use gaffer_control::link::AgentConnCore;
 use gaffer_control::scheduler::{JobRequest, SchedulerConfig, MAILBOX_ASSIGN_MAX};
 use gaffer_control::store::mem_store::MemStore;
-use gaffer_control::store::{AgentRecord, JobOrigin, JobQuery, JobRecord, JobState, Priority, Store};
+use gaffer_control::store::{AgentRecord, JobOrigin, JobQuery, JobRecord, JobState, Priority, Scheduling, Store};
 use gaffer_control::AppState;
 use gaffer_protocol::digest::{Digest, ShotAnalysis, SourceInfo, TechnicalMetadata, DIGEST_SCHEMA_VERSION};
 use gaffer_protocol::health::{Health, HealthSource};
@@ -68,6 +68,8 @@ struct Scenario {
     p_worker_crash: f64,
     p_watch: f64,
     latency_ms_max: u64,
+    /// An operator cordons, drains (with or without a deadline) or uncordons an agent.
+    p_cordon: f64,
 }
 
 impl Scenario {
@@ -86,6 +88,7 @@ impl Scenario {
             p_worker_crash: rng.gen_range(0.0..0.3),
             p_watch: rng.gen_range(0.0..0.003),
             latency_ms_max: rng.gen_range(1..400),
+            p_cordon: rng.gen_range(0.0..0.004),
         }
     }
 }
@@ -200,6 +203,11 @@ struct Sim {
     last_pass: u64,
     watched: usize,
     free_since: BTreeMap<usize, u64>,
+    /// Agents an operator took out of rotation (cordoned or draining), as set in the store.
+    cordoned: BTreeMap<AgentId, Scheduling>,
+    /// Every (job, lease id) seen so far, with its holder: a new one must never name an agent
+    /// out of rotation.
+    leases_seen: BTreeMap<(JobId, u64), AgentId>,
 }
 
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -339,6 +347,8 @@ impl Sim {
             last_pass: 0,
             watched: 0,
             free_since: BTreeMap::new(),
+            cordoned: BTreeMap::new(),
+            leases_seen: BTreeMap::new(),
         }
     }
 
@@ -761,6 +771,9 @@ impl Sim {
             if let Err(e) = self.state.scheduler.deadline_pass(now_ms) {
                 self.fail(&format!("deadline pass failed: {e}"));
             }
+            if let Err(e) = self.state.scheduler.drain_pass(now_ms) {
+                self.fail(&format!("drain pass failed: {e}"));
+            }
             let leased = match self.state.scheduler.lease_pass(now_ms) {
                 Ok(n) => n,
                 Err(e) => self.fail(&format!("lease pass failed: {e}")),
@@ -804,6 +817,9 @@ impl Sim {
             if self.rng.gen_bool(sc.p_clock_jump) {
                 // NTP steps: mostly forward (past deadlines), sometimes back.
                 self.clock_offset_ms += if self.rng.gen_bool(0.8) { self.rng.gen_range(1_000..90_000) } else { -5_000 };
+            }
+            if self.rng.gen_bool(sc.p_cordon) {
+                self.cordon_action();
             }
             if self.cp_up && self.rng.gen_bool(sc.p_cp_crash) {
                 self.crash_control_plane();
@@ -874,8 +890,49 @@ impl Sim {
         self.check();
     }
 
+    /// An operator cordons, drains or uncordons a random agent (through the scheduler, as the
+    /// admin socket and the API do). Agents out of rotation take no new lease ([`Sim::check`]).
+    fn cordon_action(&mut self) {
+        let i = self.rng.gen_range(0..self.agents.len());
+        let id = self.agents[i].id;
+        let now = self.cp_now_ms();
+        let scheduling = if self.cordoned.contains_key(&id) {
+            Scheduling::Active
+        } else if self.rng.gen_bool(0.5) {
+            Scheduling::Cordoned { by: "op".into(), at_ms: now }
+        } else {
+            let deadline_ms = self.rng.gen_bool(0.7).then(|| now + self.rng.gen_range(0..60_000));
+            Scheduling::Draining { by: "op".into(), at_ms: now, deadline_ms }
+        };
+        self.set_scheduling(id, scheduling);
+    }
+
+    /// Through the live scheduler, or (control plane down, as `gaffer-control agent uncordon`
+    /// without a server) in the store, read when the agent next connects.
+    fn set_scheduling(&mut self, id: AgentId, scheduling: Scheduling) {
+        let set = if self.cp_up {
+            self.state.scheduler.set_scheduling(id, scheduling.clone())
+        } else {
+            self.store.update_agent(id, &mut |a| a.scheduling = scheduling.clone())
+        };
+        match set {
+            Ok(Some(_)) => {}
+            Ok(None) => self.fail(&format!("set_scheduling: agent {id} not found")),
+            Err(e) => self.fail(&format!("set_scheduling: {e}")),
+        }
+        if scheduling.is_active() {
+            self.cordoned.remove(&id);
+        } else {
+            self.cordoned.insert(id, scheduling);
+        }
+    }
+
     fn heal(&mut self) {
         self.healed_at = Some(self.t);
+        // The operator puts every agent back in rotation (jobs pinned to one must run).
+        for id in self.cordoned.keys().copied().collect::<Vec<_>>() {
+            self.set_scheduling(id, Scheduling::Active);
+        }
         self.calm_since = self.t;
         if !self.cp_up {
             self.cp_restart_at = self.t;
@@ -925,6 +982,20 @@ impl Sim {
             }
         }
         let jobs = self.all_jobs();
+        // A lease granted after an agent went out of rotation never names it (watch-folder
+        // files the agent found itself run where they were found).
+        for j in &jobs {
+            let Some(l) = j.lease else { continue };
+            if self.leases_seen.insert((j.id, l.lease_id), l.holder).is_none()
+                && self.cordoned.contains_key(&l.holder)
+                && !matches!(j.origin, JobOrigin::WatchFolder { agent } if agent == l.holder)
+            {
+                self.fail(&format!(
+                    "job {} leased (lease {}) to agent {}, which is {:?}",
+                    j.id, l.lease_id, l.holder, self.cordoned[&l.holder]
+                ));
+            }
+        }
         // Counts kept by the store match the jobs.
         let counts = match self.store.job_counts() {
             Ok(c) => c,
@@ -1023,6 +1094,9 @@ impl Sim {
             if j.state == JobState::Queued && !own_start {
                 for a in &self.agents {
                     let Some(_) = fleet.conn_id(a.id) else { continue };
+                    if self.cordoned.contains_key(&a.id) {
+                        continue;
+                    }
                     let leased = fleet.leases_of(a.id).len();
                     let eligible = j.pinned_agent.is_none_or(|p| p == a.id)
                         && a.caps.volumes.iter().any(|v| gaffer_control::scheduler::path_is_under(&j.path, v));
@@ -1030,6 +1104,20 @@ impl Sim {
                         self.fail(&format!(
                             "job {} ({}) waits queued while agent {} is connected with {leased}/{} slots busy",
                             j.id, j.path, a.id, a.caps.job_slots
+                        ));
+                    }
+                }
+            }
+            // Right after the drain pass: nothing is left leased to a connected agent whose drain
+            // deadline has passed.
+            if let Some(l) = j.lease.filter(|l| fleet.conn_id(l.holder).is_some()) {
+                if let Some(Scheduling::Draining { deadline_ms: Some(d), .. }) = self.cordoned.get(&l.holder) {
+                    if *d <= now_ms {
+                        self.fail(&format!(
+                            "job {} still leased to agent {} {} ms after its drain deadline",
+                            j.id,
+                            l.holder,
+                            now_ms - d
                         ));
                     }
                 }
@@ -1164,6 +1252,7 @@ fn jobs_queued_before_agents_connect_all_finish() {
             p_worker_crash: 0.0,
             p_watch: 0.0,
             latency_ms_max: 5,
+            p_cordon: 0.0,
         };
         for _ in 0..8 {
             sim.submit();

@@ -98,6 +98,9 @@ struct AgentJson {
     cert_issuer_fingerprint: Option<String>,
     /// When the agent was revoked, Unix ms; None while trusted.
     revoked_at_ms: Option<UnixMs>,
+    /// Whether it takes new jobs: `active`, or `cordoned` / `draining` by an operator
+    /// (`gaffer-control agent cordon|drain|uncordon`, `POST /api/v1/agents/{id}/drain`).
+    scheduling: crate::store::Scheduling,
 }
 
 /// An agent with its recent health and certificates.
@@ -237,6 +240,7 @@ fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
         cert_not_after_ms: (a.cert_not_after_unix > 0).then(|| a.cert_not_after_unix as u64 * 1000),
         cert_issuer_fingerprint: a.cert_issuer_fingerprint,
         revoked_at_ms: a.revoked_at_ms,
+        scheduling: a.scheduling,
     }
 }
 

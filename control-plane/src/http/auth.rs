@@ -173,6 +173,11 @@ impl ApiCaller {
     pub(crate) fn actor(&self) -> String {
         Actor::ApiToken(self.name.clone()).to_string()
     }
+
+    /// The token as an audit [`Actor`].
+    pub(crate) fn audit_actor(&self) -> Actor {
+        Actor::ApiToken(self.name.clone())
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ApiCaller {
@@ -226,6 +231,11 @@ impl Session {
     /// The audit actor (the user name).
     pub(crate) fn actor(&self) -> String {
         Actor::User(self.user.name.clone()).to_string()
+    }
+
+    /// The signed-in user as an audit [`Actor`].
+    pub(crate) fn audit_actor(&self) -> Actor {
+        Actor::User(self.user.name.clone())
     }
 }
 

@@ -95,6 +95,8 @@ pub(crate) struct Me {
     pub can_audit: bool,
     /// May revoke agents (admin).
     pub can_revoke: bool,
+    /// May cordon, drain and uncordon agents (operator).
+    pub can_drain: bool,
 }
 
 impl Me {
@@ -108,6 +110,7 @@ impl Me {
             can_operate: super::Permission::OperateJobs.granted_to(role),
             can_audit: super::Permission::ReadAudit.granted_to(role),
             can_revoke: super::Permission::RevokeAgents.granted_to(role),
+            can_drain: super::Permission::DrainAgents.granted_to(role),
         }
     }
 }
@@ -222,6 +225,10 @@ pub(crate) struct AgentRow {
     pub health: Option<HealthView>,
     pub jobs_running: usize,
     pub slots: String,
+    /// `active`, `cordoned` or `draining` ([`crate::store::Scheduling::name`]).
+    pub scheduling: &'static str,
+    /// "cordoned by alice", "draining by alice (deadline in 12 min)"; None when active.
+    pub scheduling_note: Option<String>,
 }
 
 impl AgentRow {
@@ -237,6 +244,8 @@ impl AgentRow {
             health: a.last_health.as_ref().map(|s| HealthView::new(s, now_ms)),
             jobs_running,
             slots: a.capabilities.as_ref().map(|c| c.job_slots.to_string()).unwrap_or_else(|| "?".into()),
+            scheduling: a.scheduling.name(),
+            scheduling_note: a.scheduling.describe(now_ms),
         }
     }
 }

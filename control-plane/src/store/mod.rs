@@ -205,6 +205,74 @@ pub struct AgentRecord {
     /// dropped): the agent page's renewal history, and every serial a revocation must list.
     #[serde(default)]
     pub cert_history: Vec<CertIssue>,
+    /// Whether new jobs may be leased to it: the operator's cordon or drain, kept across its
+    /// reconnects and control-plane restarts ([`Scheduling::Active`] for records written before
+    /// drains existed).
+    #[serde(default)]
+    pub scheduling: Scheduling,
+}
+
+/// Whether the scheduler may lease new jobs to an agent, as an operator set it
+/// (`gaffer-control agent cordon|drain|uncordon`, the agent page's buttons, the API).
+///
+/// Serialized as `{"state": "active"}`, `{"state": "cordoned", "by", "at_ms"}` or
+/// `{"state": "draining", "by", "at_ms", "deadline_ms"}` (store JSON and the API alike).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Scheduling {
+    /// New jobs may be leased to it (the default).
+    #[default]
+    Active,
+    /// No new leases; the jobs it holds run to the end and their retries may come back to it.
+    Cordoned {
+        /// Who cordoned it (user or token name).
+        by: String,
+        /// When, Unix ms.
+        at_ms: UnixMs,
+    },
+    /// No new leases; the jobs it holds run to the end, and those still held at `deadline_ms`
+    /// are taken back and requeued for other agents without spending an attempt (Nomad's
+    /// `node drain -deadline`). It stays out of rotation after the drain completes, until
+    /// uncordoned.
+    Draining {
+        /// Who drained it (user or token name).
+        by: String,
+        /// When the drain started, Unix ms.
+        at_ms: UnixMs,
+        /// When what is left is requeued, Unix ms; None waits for every job to finish.
+        deadline_ms: Option<UnixMs>,
+    },
+}
+
+impl Scheduling {
+    /// Whether new jobs may be leased to the agent.
+    pub fn is_active(&self) -> bool {
+        matches!(self, Scheduling::Active)
+    }
+
+    /// `"active"`, `"cordoned"` or `"draining"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scheduling::Active => "active",
+            Scheduling::Cordoned { .. } => "cordoned",
+            Scheduling::Draining { .. } => "draining",
+        }
+    }
+
+    /// Words for a pending reason or a page: "cordoned by alice", "draining by alice (deadline
+    /// in 12 min)" / "draining by alice (deadline passed)"; None when active.
+    pub fn describe(&self, now_ms: UnixMs) -> Option<String> {
+        match self {
+            Scheduling::Active => None,
+            Scheduling::Cordoned { by, .. } => Some(format!("cordoned by {by}")),
+            Scheduling::Draining { by, deadline_ms: None, .. } => Some(format!("draining by {by}")),
+            Scheduling::Draining { by, deadline_ms: Some(d), .. } if *d > now_ms => {
+                let mins = (d - now_ms).div_ceil(60_000);
+                Some(format!("draining by {by} (deadline in {mins} min)"))
+            }
+            Scheduling::Draining { by, .. } => Some(format!("draining by {by} (deadline passed)")),
+        }
+    }
 }
 
 impl AgentRecord {
@@ -232,6 +300,7 @@ impl AgentRecord {
             offline: false,
             cert_issuer_fingerprint: None,
             cert_history: Vec::new(),
+            scheduling: Scheduling::Active,
         }
     }
 }
@@ -676,8 +745,13 @@ pub mod audit_action {
     pub const BUNDLE_IMPORT: &str = "bundle_import";
     /// An agent was revoked.
     pub const REVOKE_AGENT: &str = "revoke_agent";
-    /// An agent was drained (takes no new jobs).
+    /// An agent was drained: no new jobs, what it holds runs to the end or to the deadline
+    /// (detail: the deadline).
     pub const AGENT_DRAIN: &str = "agent_drain";
+    /// An agent was cordoned: no new jobs.
+    pub const AGENT_CORDON: &str = "agent_cordon";
+    /// An agent's cordon or drain was lifted.
+    pub const AGENT_UNCORDON: &str = "agent_uncordon";
     /// A CA rotation phase was entered (detail: the phase).
     pub const CA_ROTATE: &str = "ca_rotate";
     /// A job was submitted.
@@ -725,6 +799,8 @@ pub mod audit_action {
         BUNDLE_IMPORT,
         REVOKE_AGENT,
         AGENT_DRAIN,
+        AGENT_CORDON,
+        AGENT_UNCORDON,
         CA_ROTATE,
         JOB_SUBMIT,
         JOB_CANCEL,
@@ -1183,6 +1259,12 @@ pub enum StoreEvent {
     },
     /// The revocation list changed: reload it.
     CertsRevoked,
+    /// An operator cordoned, drained or uncordoned the agent: re-read its
+    /// [`AgentRecord::scheduling`] if its link is up on this replica.
+    SchedulingChanged {
+        /// The agent.
+        agent: AgentId,
+    },
 }
 
 /// A [`StoreEvent`] with the replica that published it, so a replica can skip its own.
