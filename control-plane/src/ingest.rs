@@ -105,6 +105,7 @@ impl Ingest {
                     // One agent write for the sample and last_seen_ms; not flushed (see the store's
                     // durability of health).
                     store.record_heartbeat(agent_id, &sample, HEALTH_HISTORY_MAX, HEALTH_HISTORY_BYTES_MAX)?;
+                    self.state.metrics.agents().health(agent_id, &sample);
                     if let Some(hooks) = self.state.scheduler.webhooks() {
                         hooks.health(agent_id, &sample.health, now_ms);
                     }

@@ -9,7 +9,7 @@
 //! * [`link`]: the QUIC endpoint: enrollment (`gaffer-enroll/1`) and the agent link (`gaffer/1`).
 //! * [`http`]: the JSON API under `/api/v1` and the server-rendered dashboard.
 //! * [`admin`]: the local admin socket that CLI commands use while `serve` holds the store.
-//! * [`metrics`]: Prometheus metrics.
+//! * [`metrics`]: Prometheus metrics; [`agent_metrics`]: the per-agent and per-GPU series.
 //! * [`offline`]: air-gapped sites: offline enrollment, bundle import with reply, revocation.
 //! * [`release`]: the release key, signed agent releases (`release keygen|sign|add|list`).
 //! * [`replica`]: several `serve` processes sharing one store (PostgreSQL): heartbeats, the
@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod agent_metrics;
 pub mod admission;
 pub mod config;
 pub mod datadir;
@@ -77,6 +78,11 @@ impl AppState {
         }));
         let replica = Arc::new(replica::Replica::new(now_ms()));
         scheduler.set_replica(replica.clone());
+        // `/metrics` renders per-agent series from memory: the store's agents once, here.
+        metrics.agents().set_live(scheduler.fleet().clone(), revocations.clone());
+        if let Err(e) = metrics.agents().seed(store.as_ref()) {
+            tracing::error!(error = %e, "could not read the agents for /metrics; they appear as they connect");
+        }
         Self { store, scheduler, metrics, revocations, pki: None, rollouts: None, replica }
     }
 }

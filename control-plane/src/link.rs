@@ -582,11 +582,20 @@ impl Link {
         drop(wtx);
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
         writer.abort();
-        if let Some(c) = core {
-            let done = tokio::task::spawn_blocking(move || c.finish(crate::now_ms())).await;
-            if let Err(e) = done {
-                tracing::error!(error = %e, "disconnect task failed");
+        let state = self.state.clone();
+        let done = tokio::task::spawn_blocking(move || match core {
+            Some(c) => c.finish(crate::now_ms()),
+            // The core was lost with a failed step (a panic): still take this connection out of
+            // the fleet, or the agent would count as linked (and its leases held) for good.
+            None => {
+                if let Err(e) = state.scheduler.agent_disconnected(agent_id, conn_id, crate::now_ms()) {
+                    tracing::error!(error = %e, "could not start the grace of the agent's leases");
+                }
             }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "disconnect task failed");
         }
         result
     }
@@ -899,11 +908,12 @@ impl AgentConnCore {
                         now_ms,
                     ) {
                         Ok(notify) => {
+                            // Registered in the fleet from here on, so `finish` takes it out again
+                            // even if the Welcome cannot be queued.
+                            self.registered = Some(notify);
                             if let Err(e) = self.session.accept() {
                                 return Some(self.closed_protocol(e.to_string()));
                             }
-                            self.state.metrics.agent_connected();
-                            self.registered = Some(notify);
                             if let Some(rollouts) = &self.state.rollouts {
                                 rollouts.on_agent_connected(self.agent_id, &agent_version, protocol_version, now_ms);
                             }
@@ -1045,7 +1055,6 @@ impl AgentConnCore {
         if self.registered.is_none() {
             return;
         }
-        self.state.metrics.agent_disconnected();
         match self.state.scheduler.agent_disconnected(self.agent_id, self.conn_id, now_ms) {
             Ok(true) => {
                 let me = self.state.replica.id();
@@ -1086,7 +1095,7 @@ impl AgentConnCore {
             Err(e) => return Err(store_error(e)),
         };
         let caps = capabilities.clone();
-        state
+        let updated = state
             .store
             .update_agent(agent_id, &mut |a| {
                 a.connected = true;
@@ -1097,6 +1106,9 @@ impl AgentConnCore {
                 a.capabilities = Some(caps.clone());
             })
             .map_err(store_error)?;
+        if let Some(a) = &updated {
+            state.metrics.agents().agent_seen(a);
+        }
         let conn = AgentConn { conn_id: self.conn_id, site: record.site.clone(), capabilities };
         state.scheduler.agent_connected(agent_id, conn, running_jobs, now_ms).map_err(store_error)?;
         tracing::info!(protocol_version, %agent_version, site = %record.site, "agent connected");

@@ -6,7 +6,9 @@
 //! | `gaffer_agents`                 | gauge     | `state` = `connected` \| `disconnected` | the store's agent counts at scrape time ([`Store::list_agents_page`]; connected: not revoked, link up) |
 //! | `gaffer_jobs`                   | gauge     | `state` = `queued` … `cancelled`        | the store's per-state counts at scrape time (O(1), not a scan) |
 //! | `gaffer_agent_messages_total`   | counter   | `kind` (agent message kind)             | [`Metrics::message_received`] |
-//! | `gaffer_agent_links_open`       | gauge     | –                                       | [`Metrics::agent_connected`] / [`Metrics::agent_disconnected`] |
+//! | `gaffer_agent_links_open`       | gauge     | –                                       | the fleet's live links at scrape time: agents registered on this control plane, one per agent however many old connections still wait for their idle timeout |
+//! | `gaffer_queue_depth`            | gauge     | `site`, `profile`                       | queued jobs at scrape time, from the queued-state index (at most [`QUEUE_DEPTH_JOBS_MAX`] read; `gaffer_jobs{state="queued"}` is the exact total) |
+//! | `gaffer_agent_*`, `gaffer_gpu_*` | gauge, counter | `agent_id`, `agent_name`, `site`, …   | per agent and per GPU, rendered from [`AgentBook`] at each scrape: see [`crate::agent_metrics`] |
 //! | `gaffer_jobs_finished_total`    | counter   | `state` = `succeeded` \| `failed` \| `cancelled` | [`Metrics::job_finished`] |
 //! | `gaffer_jobs_requeued_total`    | counter   | –                                       | [`Metrics::job_requeued`] (a spent attempt with attempts left) |
 //! | `gaffer_agent_reports_refused_total` | counter | `reason` = `not_holder` \| `stale_lease` \| `finished` \| `unknown_job` \| `wrong_state` | [`Metrics::report_refused`]: fenced-off agent reports |
@@ -25,7 +27,9 @@
 //! | `gaffer_webhook_pending`        | gauge     | –                                       | [`Metrics::set_webhook_pending`]: deliveries waiting, every second |
 //!
 //! Label values come from the control plane's own code (short fixed words), never from agents'
-//! free text, so the label cardinality stays bounded.
+//! free text, so the label cardinality stays bounded; the exceptions are the per-agent series of
+//! [`crate::agent_metrics`] (bounded by the fleet, see its cardinality notes) and `site` (bounded by
+//! the operator's sites).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -34,7 +38,17 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::agent_metrics::{AgentBook, AgentCollector};
 use crate::store::{AgentQuery, AgentState, JobState, Store};
+
+/// Most queued jobs a scrape reads for `gaffer_queue_depth` (50,000), in leasing order.
+pub const QUEUE_DEPTH_JOBS_MAX: usize = 50_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    site: String,
+    profile: String,
+}
 
 /// Content type of [`Metrics::encode`]'s output, for the HTTP response.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -79,6 +93,9 @@ pub struct Metrics {
     jobs: Family<StateLabel, Gauge>,
     messages: Family<KindLabel, Counter>,
     links_open: Gauge,
+    queue_depth: Family<QueueLabels, Gauge>,
+    agents_book: std::sync::Arc<AgentBook>,
+    render_lock: std::sync::Mutex<()>,
     jobs_finished: Family<StateLabel, Counter>,
     enrollments: Family<ResultLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
@@ -119,7 +136,15 @@ impl Metrics {
         let messages = Family::<KindLabel, Counter>::default();
         registry.register("gaffer_agent_messages", "Agent messages received, by kind", messages.clone());
         let links_open = Gauge::default();
-        registry.register("gaffer_agent_links_open", "Agent link connections open now", links_open.clone());
+        registry.register(
+            "gaffer_agent_links_open",
+            "Agents with a link up on this control plane now (one per agent)",
+            links_open.clone(),
+        );
+        let queue_depth = Family::<QueueLabels, Gauge>::default();
+        registry.register("gaffer_queue_depth", "Queued jobs by site and profile", queue_depth.clone());
+        let agents_book = std::sync::Arc::new(AgentBook::default());
+        registry.register_collector(Box::new(AgentCollector(agents_book.clone())));
         let jobs_finished = Family::<StateLabel, Counter>::default();
         registry.register("gaffer_jobs_finished", "Jobs that finished, by final state", jobs_finished.clone());
         let enrollments = Family::<ResultLabel, Counter>::default();
@@ -274,6 +299,9 @@ impl Metrics {
             jobs,
             messages,
             links_open,
+            queue_depth,
+            agents_book,
+            render_lock: std::sync::Mutex::new(()),
             jobs_finished,
             enrollments,
             refused,
@@ -305,14 +333,10 @@ impl Metrics {
         self.replica_leader.set(i64::from(leader));
     }
 
-    /// An agent link connection opened.
-    pub fn agent_connected(&self) {
-        self.links_open.inc();
-    }
-
-    /// An agent link connection closed.
-    pub fn agent_disconnected(&self) {
-        self.links_open.dec();
+    /// The per-agent and per-GPU view `/metrics` renders ([`crate::agent_metrics`]); its live state
+    /// (the fleet's links) also gives `gaffer_agent_links_open`.
+    pub fn agents(&self) -> &std::sync::Arc<AgentBook> {
+        &self.agents_book
     }
 
     /// A job reached its final `state` (`"succeeded"`, `"failed"` or `"cancelled"`).
@@ -422,6 +446,8 @@ impl Metrics {
     /// Refreshes the store-derived gauges and encodes everything as OpenMetrics text (ending in
     /// `# EOF`). A store error is logged and leaves those gauges at their previous values.
     pub fn encode(&self, store: &dyn Store) -> String {
+        // One scrape at a time: the rendered-from-state families are cleared and refilled.
+        let _render = self.render_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.refresh(store);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -429,6 +455,14 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+
+    /// [`Metrics::encode`] in the Prometheus text format 0.0.4 ([`PROMETHEUS_TEXT_CONTENT_TYPE`]),
+    /// for clients that ask for `text/plain` (promtool, older scrapers): counter families are
+    /// named with their `_total` suffix in `# HELP`/`# TYPE`, and the OpenMetrics-only `# UNIT`
+    /// and `# EOF` lines are left out. Samples are the same lines.
+    pub fn encode_prometheus_text(&self, store: &dyn Store) -> String {
+        openmetrics_to_prometheus_text(&self.encode(store))
     }
 
     fn refresh(&self, store: &dyn Store) {
@@ -452,7 +486,52 @@ impl Metrics {
             }
             Err(e) => tracing::error!(error = %e, "metrics: cannot count jobs"),
         }
+        self.links_open.set(i64::try_from(self.agents_book.links_open()).unwrap_or(i64::MAX));
+        match store.jobs_in_state(JobState::Queued, QUEUE_DEPTH_JOBS_MAX) {
+            Ok(queued) => {
+                let mut depth: std::collections::BTreeMap<(&str, &str), i64> = std::collections::BTreeMap::new();
+                for job in &queued {
+                    *depth.entry((job.site.as_str(), job.profile.as_str())).or_default() += 1;
+                }
+                // Rendered from the queue as it is now: a site whose queue emptied has no series.
+                self.queue_depth.clear();
+                for ((site, profile), n) in depth {
+                    let labels = QueueLabels { site: site.to_owned(), profile: profile.to_owned() };
+                    self.queue_depth.get_or_create(&labels).set(n);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "metrics: cannot read the queue"),
+        }
     }
+}
+
+/// Content type of [`Metrics::encode_prometheus_text`]'s output.
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text as the `prometheus_client` encoder writes it → Prometheus text 0.0.4.
+fn openmetrics_to_prometheus_text(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len() + counters.len() * 12);
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -461,20 +540,35 @@ mod tests {
     use crate::store::sled_store::SledStore;
 
     #[test]
+    fn prometheus_text_names_counters_with_total_and_has_no_eof() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path())?;
+        let m = Metrics::new();
+        m.message_received("heartbeat");
+        let text = m.encode_prometheus_text(&store);
+        assert!(text.contains("# TYPE gaffer_agent_messages_total counter\n"), "{text}");
+        assert!(text.contains("# HELP gaffer_agent_messages_total Agent messages"), "{text}");
+        assert!(text.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE gaffer_agents gauge\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        Ok(())
+    }
+
+    #[test]
     fn encodes_counters_and_store_gauges() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = SledStore::open(dir.path())?;
         let m = Metrics::new();
         m.message_received("heartbeat");
         m.message_received("heartbeat");
-        m.agent_connected();
         m.job_finished("failed");
         m.enrollment("ok");
         m.handshake_refused("version");
         m.job_duration(3.0);
         let text = m.encode(&store);
         assert!(text.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 2"), "{text}");
-        assert!(text.contains("gaffer_agent_links_open 1"), "{text}");
+        // No fleet given: no link is up.
+        assert!(text.contains("gaffer_agent_links_open 0"), "{text}");
         assert!(text.contains("gaffer_jobs_finished_total{state=\"failed\"} 1"), "{text}");
         assert!(text.contains("gaffer_enrollments_total{result=\"ok\"} 1"), "{text}");
         assert!(text.contains("gaffer_link_refused_total{reason=\"version\"} 1"), "{text}");

@@ -100,6 +100,18 @@ pub struct Health {
     pub outbox_full: bool,
 }
 
+/// Critical XID errors one GPU reported (NVML's critical-XID event set), counted by the agent since
+/// it started; the control plane renders it as `gaffer_gpu_xid_errors_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuXidCount {
+    /// NVML device index.
+    pub index: u32,
+    /// Critical XID events since the agent started.
+    pub errors: u64,
+    /// The XID code of the latest one (e.g. 79: "GPU has fallen off the bus"), None before any.
+    pub last_xid: Option<u64>,
+}
+
 /// The ONNX Runtime execution provider in use.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

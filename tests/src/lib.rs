@@ -433,6 +433,33 @@ impl ControlPlane {
             .unwrap_or(0.0))
     }
 
+    /// The whole `/metrics` text (OpenMetrics) as served now.
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
+        let resp = self.http().get(format!("{}/metrics", self.http_url)).send()?;
+        let status = resp.status();
+        let text = resp.text()?;
+        if !status.is_success() {
+            bail!("GET /metrics: {status}: {text}");
+        }
+        Ok(text)
+    }
+
+    /// `/metrics` in the Prometheus text format 0.0.4 (`Accept: text/plain`), the one promtool
+    /// lints.
+    pub fn metrics_text_prometheus(&self) -> anyhow::Result<String> {
+        let resp = self
+            .http()
+            .get(format!("{}/metrics", self.http_url))
+            .header(reqwest::header::ACCEPT, "text/plain; version=0.0.4")
+            .send()?;
+        let status = resp.status();
+        let text = resp.text()?;
+        if !status.is_success() {
+            bail!("GET /metrics: {status}: {text}");
+        }
+        Ok(text)
+    }
+
     /// Every enrolled agent, by site then hostname: all pages of `GET /api/v1/agents` (1000 a
     /// page, following `next_cursor`).
     pub fn agents(&self) -> anyhow::Result<Vec<Value>> {
@@ -694,6 +721,22 @@ impl Agent {
     /// Whether the `run` process is still alive.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Stops `run` the way systemd does: SIGTERM, then up to 20 s for it to exit (SIGKILL after
+    /// that). Returns whether it exited on the SIGTERM.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sigkill(&mut c);
+        false
     }
 
     /// Kills `run` with SIGKILL (no goodbye on the link).

@@ -260,6 +260,13 @@ async fn metrics(
     if !state.security.metrics_authorized(&headers) {
         return tls::metrics_unauthorized();
     }
+    // OpenMetrics unless the client asks for the Prometheus text format only (promtool, curl -H
+    // 'Accept: text/plain'); Prometheus itself asks for OpenMetrics first.
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if accept.contains("text/plain") && !accept.contains("application/openmetrics-text") {
+        let text = state.app.metrics.encode_prometheus_text(state.app.store.as_ref());
+        return ([(header::CONTENT_TYPE, crate::metrics::PROMETHEUS_TEXT_CONTENT_TYPE)], text).into_response();
+    }
     let text = state.app.metrics.encode(state.app.store.as_ref());
     ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)], text).into_response()
 }
