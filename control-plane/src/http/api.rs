@@ -98,9 +98,6 @@ struct AgentJson {
     cert_issuer_fingerprint: Option<String>,
     /// When the agent was revoked, Unix ms; None while trusted.
     revoked_at_ms: Option<UnixMs>,
-    /// Whether it takes new jobs: `active`, or `cordoned` / `draining` by an operator
-    /// (`gaffer-control agent cordon|drain|uncordon`, `POST /api/v1/agents/{id}/drain`).
-    scheduling: crate::store::Scheduling,
 }
 
 /// An agent with its recent health and certificates.
@@ -181,9 +178,9 @@ pub(crate) struct SubmitJobBody {
     /// The site whose agents may run it: 1..=128 letters, digits, `-`, `_`, `.`.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     site: String,
-    /// Pin the job to this agent.
+    /// Pin the job to this agent (a UUID; empty: any agent of the site).
     #[serde(default)]
-    #[schema(value_type = Option<String>, format = Uuid)]
+    #[schema(value_type = Option<String>, pattern = "^(|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$")]
     agent: Option<String>,
     /// Default `shots`.
     #[serde(default)]
@@ -203,17 +200,17 @@ pub(crate) struct ListJobsQuery {
     /// Jobs per page, default 100; more than 1000 gives 1000.
     #[param(minimum = 1)]
     limit: Option<usize>,
-    /// Only jobs in this state.
+    /// Only jobs in this state (a JobState; empty: any).
     #[serde(default)]
-    #[param(value_type = Option<JobState>)]
+    #[param(value_type = Option<String>, pattern = "^(|queued|assigned|running|succeeded|failed|cancelled)$")]
     state: Option<String>,
-    /// Only jobs of this agent.
+    /// Only jobs of this agent (a UUID; empty: any).
     #[serde(default)]
-    #[param(value_type = Option<String>, format = Uuid)]
+    #[param(value_type = Option<String>, pattern = "^(|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$")]
     agent: Option<String>,
     /// The cursor of the `Link: rel="next"` header of the previous page (`<created_at_ms>-<seq>`).
     #[serde(default)]
-    #[param(pattern = "^[0-9]{1,19}-[0-9]{1,19}$")]
+    #[param(pattern = "^([0-9]{1,19}-[0-9]{1,19})?$")]
     after: Option<String>,
 }
 
@@ -240,22 +237,7 @@ fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
         cert_not_after_ms: (a.cert_not_after_unix > 0).then(|| a.cert_not_after_unix as u64 * 1000),
         cert_issuer_fingerprint: a.cert_issuer_fingerprint,
         revoked_at_ms: a.revoked_at_ms,
-        scheduling: a.scheduling,
     }
-}
-
-/// A job as `GET /api/v1/jobs/{id}` shows it, without its digest and pending reason (webhooks).
-pub(crate) fn job_value(j: JobRecord) -> serde_json::Value {
-    let mut v = serde_json::to_value(job_json_with(j, None)).unwrap_or_default();
-    if let Some(m) = v.as_object_mut() {
-        m.remove("pending_reason");
-    }
-    v
-}
-
-/// An agent as `GET /api/v1/agents/{id}` shows it, without its histories (webhooks).
-pub(crate) fn agent_value(a: AgentRecord, jobs_running: usize) -> serde_json::Value {
-    serde_json::to_value(agent_json(a, jobs_running)).unwrap_or_default()
 }
 
 /// Why a queued job waits (the scheduler's last placement failure); None for other states.
@@ -265,10 +247,6 @@ pub(crate) fn pending_reason(scheduler: &Scheduler, j: &JobRecord) -> Option<Str
 
 pub(crate) fn job_json(j: JobRecord, scheduler: &Scheduler) -> JobJson {
     let pending_reason = pending_reason(scheduler, &j);
-    job_json_with(j, pending_reason)
-}
-
-fn job_json_with(j: JobRecord, pending_reason: Option<String>) -> JobJson {
     JobJson {
         id: j.id,
         path: j.path,
@@ -343,13 +321,13 @@ pub(crate) fn parse_cursor(raw: Option<&str>) -> Result<Option<JobCursor>, AppEr
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListAgentsQuery {
-    /// Only agents of this site.
+    /// Only agents of this site (empty: every site).
     #[serde(default)]
-    #[param(pattern = "^[A-Za-z0-9._-]{1,128}$")]
+    #[param(pattern = "^[A-Za-z0-9._-]{0,128}$")]
     site: Option<String>,
-    /// Only agents in this state.
+    /// Only agents in this state (an AgentState; empty: any).
     #[serde(default)]
-    #[param(value_type = Option<AgentState>)]
+    #[param(value_type = Option<String>, pattern = "^(|online|offline|air_gapped|revoked)$")]
     state: Option<String>,
     /// Agents per page, default 100.
     #[param(minimum = 1, maximum = 1000)]

@@ -92,13 +92,13 @@ pub(crate) struct AuditFilter {
     #[serde(default, skip_serializing_if = "blank")]
     #[param(max_length = 64)]
     action: Option<String>,
-    /// Only entries concerning this agent.
+    /// Only entries concerning this agent (a UUID; empty: any).
     #[serde(default, skip_serializing_if = "blank")]
-    #[param(value_type = Option<String>, format = Uuid)]
+    #[param(value_type = Option<String>, pattern = "^(|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$")]
     agent: Option<String>,
-    /// Only entries concerning this job.
+    /// Only entries concerning this job (a UUID; empty: any).
     #[serde(default, skip_serializing_if = "blank")]
-    #[param(value_type = Option<String>, format = Uuid)]
+    #[param(value_type = Option<String>, pattern = "^(|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$")]
     job: Option<String>,
     /// Only entries at or after this time, Unix ms.
     #[serde(default, skip_serializing_if = "blank")]
@@ -107,15 +107,15 @@ pub(crate) struct AuditFilter {
     /// Only entries since a duration back from now (`24h`, `7d`) or a UTC time (`2025-01-31 08:00:00`);
     /// `since_ms` wins if both are given.
     #[serde(default, skip_serializing_if = "blank")]
-    #[param(pattern = "^[0-9]{1,6}(s|m|h|d)$")]
+    #[param(pattern = "^([0-9]{1,6}(s|m|h|d))?$")]
     since: Option<String>,
     /// Entries per page, default 100; more than 1000 gives 1000.
     #[serde(default, skip_serializing_if = "blank")]
     #[param(value_type = Option<u64>, minimum = 1)]
     limit: Option<String>,
-    /// The `next` of the previous page.
+    /// The `next` of the previous page (documented in the path: utoipa skips a field serde
+    /// does not serialize).
     #[serde(default, skip_serializing)]
-    #[param(value_type = Option<u64>)]
     after: Option<String>,
 }
 
@@ -144,9 +144,14 @@ impl AuditFilter {
         let id = |v: &Option<String>, name: &str| -> Result<Option<uuid::Uuid>, AppError> {
             field(v).map(|s| parse_id(s, name)).transpose()
         };
+        // At most i64::MAX: what the API's description promises (int64), and more than any id or
+        // Unix ms there will be.
         let number = |v: &Option<String>, name: &str| -> Result<Option<u64>, AppError> {
             field(v)
-                .map(|s| s.parse::<u64>().map_err(|_| AppError::BadRequest(format!("{name} must be a whole number"))))
+                .map(|s| match s.parse::<u64>() {
+                    Ok(n) if n <= i64::MAX as u64 => Ok(n),
+                    _ => Err(AppError::BadRequest(format!("{name} must be a whole number 0..={}", i64::MAX))),
+                })
                 .transpose()
         };
         let since_ms = match (number(&self.since_ms, "since_ms")?, field(&self.since)) {
@@ -310,7 +315,8 @@ struct AuditPageJson {
 }
 
 /// `GET /api/v1/audit` (admin): one page of the audit log.
-#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditFilter),
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
+    params(AuditFilter, ("after" = Option<u64>, Query, description = "The `next` of the previous page: entries older than this id")),
     responses(
         (status = 200, description = "One page of entries, newest first", body = AuditPageJson, headers(("Link" = String, description = "`</api/v1/audit?…&after=ID>; rel=\"next\"` while older entries follow"))),
         (status = 400, description = "A bad filter; the message names it", body = ErrorBody),
