@@ -98,6 +98,9 @@ struct AgentJson {
     cert_issuer_fingerprint: Option<String>,
     /// When the agent was revoked, Unix ms; None while trusted.
     revoked_at_ms: Option<UnixMs>,
+    /// Whether it takes new jobs: `active`, or `cordoned` / `draining` by an operator
+    /// (`gaffer-control agent cordon|drain|uncordon`, `POST /api/v1/agents/{id}/drain`).
+    scheduling: crate::store::Scheduling,
 }
 
 /// An agent with its recent health and certificates.
@@ -237,7 +240,22 @@ fn agent_json(a: AgentRecord, jobs_running: usize) -> AgentJson {
         cert_not_after_ms: (a.cert_not_after_unix > 0).then(|| a.cert_not_after_unix as u64 * 1000),
         cert_issuer_fingerprint: a.cert_issuer_fingerprint,
         revoked_at_ms: a.revoked_at_ms,
+        scheduling: a.scheduling,
     }
+}
+
+/// A job as `GET /api/v1/jobs/{id}` shows it, without its digest and pending reason (webhooks).
+pub(crate) fn job_value(j: JobRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(job_json_with(j, None)).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("pending_reason");
+    }
+    v
+}
+
+/// An agent as `GET /api/v1/agents/{id}` shows it, without its histories (webhooks).
+pub(crate) fn agent_value(a: AgentRecord, jobs_running: usize) -> serde_json::Value {
+    serde_json::to_value(agent_json(a, jobs_running)).unwrap_or_default()
 }
 
 /// Why a queued job waits (the scheduler's last placement failure); None for other states.
@@ -247,6 +265,10 @@ pub(crate) fn pending_reason(scheduler: &Scheduler, j: &JobRecord) -> Option<Str
 
 pub(crate) fn job_json(j: JobRecord, scheduler: &Scheduler) -> JobJson {
     let pending_reason = pending_reason(scheduler, &j);
+    job_json_with(j, pending_reason)
+}
+
+fn job_json_with(j: JobRecord, pending_reason: Option<String>) -> JobJson {
     JobJson {
         id: j.id,
         path: j.path,
