@@ -251,6 +251,8 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
         | ("GET", "/api/v1/agents/{id}")
         | ("GET", "/api/v1/jobs")
         | ("GET", "/api/v1/jobs/{id}")
+        | ("GET", "/api/v1/jobs/{id}/export")
+        | ("GET", "/jobs/{id}/export")
         | ("GET", "/")
         | ("POST", "/logout")
         | ("GET", "/agents/{id}")
@@ -300,6 +302,10 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ("GET", "/api/v1/jobs/{id}") => {
             (empty(b, format!("/api/v1/jobs/{}", f.queued_job()?))?, StatusCode::OK, Effect::None)
         }
+        // A queued job has no digest yet: an allowed caller gets 409 (tests/exports.rs fetches real ones).
+        ("GET", "/api/v1/jobs/{id}/export") => {
+            (empty(b, format!("/api/v1/jobs/{}/export?format=otio", f.queued_job()?))?, StatusCode::CONFLICT, Effect::None)
+        }
         ("POST", "/api/v1/jobs/{id}/cancel") => {
             let id = f.queued_job()?;
             (empty(b, format!("/api/v1/jobs/{id}/cancel"))?, StatusCode::OK, Effect::JobLeaves(id, JobState::Queued))
@@ -341,6 +347,9 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ),
         ("GET", "/jobs/new") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         ("GET", "/jobs/{id}") => (empty(b, format!("/jobs/{}", f.queued_job()?))?, StatusCode::OK, Effect::None),
+        ("GET", "/jobs/{id}/export") => {
+            (empty(b, format!("/jobs/{}/export?format=edl", f.queued_job()?))?, StatusCode::CONFLICT, Effect::None)
+        }
         ("POST", "/jobs/{id}/cancel") => {
             let id = f.queued_job()?;
             let req = form(b.uri(format!("/jobs/{id}/cancel")), format!("csrf={csrf}"))?;

@@ -32,6 +32,7 @@ pub(crate) use api::{agent_value, job_value};
 mod audit;
 mod auth;
 mod dashboard;
+mod export;
 mod drain;
 pub mod install;
 mod openapi;
@@ -152,6 +153,7 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::GET, "/api/v1/jobs/{id}", VIEW, |m| on(m, api::get_job)),
     route(Method::POST, "/api/v1/jobs/{id}/cancel", OPERATE, |m| on(m, api::cancel_job)),
     route(Method::POST, "/api/v1/jobs/{id}/retry", OPERATE, |m| on(m, api::retry_job)),
+    route(Method::GET, "/api/v1/jobs/{id}/export", VIEW, |m| on(m, export::api_export)),
     route(Method::GET, "/api/v1/audit", AUDIT, |m| on(m, audit::api_list)),
     // The OpenAPI 3.1 description of the routes above (http::openapi): public, it describes the
     // API and holds nothing about the fleet.
@@ -171,6 +173,7 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::GET, "/jobs/{id}", VIEW, |m| on(m, dashboard::job_page)),
     route(Method::POST, "/jobs/{id}/cancel", OPERATE, |m| on(m, dashboard::cancel_job)),
     route(Method::POST, "/jobs/{id}/retry", OPERATE, |m| on(m, dashboard::retry_job)),
+    route(Method::GET, "/jobs/{id}/export", VIEW, |m| on(m, export::page_export)),
     route(Method::GET, "/audit", AUDIT, |m| on(m, audit::audit_page)),
     route(Method::GET, "/rollouts", VIEW, |m| on(m, rollouts::rollouts_page)),
     route(Method::POST, "/rollouts/pause", RELEASES, |m| on(m, rollouts::pause)),

@@ -56,6 +56,7 @@ const SESSION_COOKIE: &str = "session_cookie";
         super::api::get_job,
         super::api::cancel_job,
         super::api::retry_job,
+        super::export::api_export,
         super::audit::api_list,
     ),
     components(schemas(ErrorBody)),
