@@ -181,7 +181,7 @@ impl Ingest {
                                         commit.digest = Some((job_id, (**d).clone()));
                                     }
                                     if t.changed {
-                                        effects = Some((job_id, t.effects, before.created_at_ms));
+                                        effects = Some((job_id, t.effects, before.created_at_ms, before.profile));
                                         commit.job = Some(JobWrite { before, after: t.job });
                                     }
                                 }
@@ -226,13 +226,13 @@ impl Ingest {
                 tracing::info!(job_id = %job.id, path = %job.path, "watch-folder job queued");
                 self.state.scheduler.wake();
             }
-            if let Some((job_id, effects, created)) = effects {
+            if let Some((job_id, effects, created, profile)) = effects {
                 for e in &effects {
                     if let jobs::Effect::Finished(state) = e {
                         tracing::info!(job_id = %job_id, agent_id = %agent, state = state.as_str(), "job finished");
                     }
                 }
-                self.state.scheduler.carry_out(job_id, &effects, created, now_ms);
+                self.state.scheduler.carry_out(job_id, &effects, created, profile, now_ms);
             }
             return Ok(Ingested::Applied);
         }

@@ -14,7 +14,7 @@
 //! | `gaffer_agent_reports_refused_total` | counter | `reason` = `not_holder` \| `stale_lease` \| `finished` \| `unknown_job` \| `wrong_state` | [`Metrics::report_refused`]: fenced-off agent reports |
 //! | `gaffer_enrollments_total`      | counter   | `result`                                | [`Metrics::enrollment`] |
 //! | `gaffer_link_refused_total`     | counter   | `reason`                                | [`Metrics::handshake_refused`] |
-//! | `gaffer_job_duration_seconds`   | histogram | –                                       | [`Metrics::job_duration`] |
+//! | `gaffer_job_duration_seconds`   | histogram | `profile` = `shots` \| `full`             | [`Metrics::job_duration`]: submission to success |
 //! | `gaffer_rollout_targets`        | gauge     | `state` = `pending` … `skipped`         | [`Metrics::rollout_targets`]: the targets of the newest rollout |
 //! | `gaffer_update_reports_total`   | counter   | `outcome` = `staged` \| `healthy` \| `failed` | [`Metrics::update_report`]: agents' update reports received (duplicates included) |
 //! | `gaffer_replicas_live`          | gauge     | –                                       | [`Metrics::set_replicas`]: control-plane replicas heartbeating in the shared store (1 on sled) |
@@ -79,6 +79,16 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileLabel {
+    profile: String,
+}
+
+/// Buckets of `gaffer_job_duration_seconds`: 1 s doubling to about 4.5 h (15 buckets).
+fn job_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 15))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ViaLabel {
     via: String,
 }
@@ -101,7 +111,7 @@ pub struct Metrics {
     refused: Family<ReasonLabel, Counter>,
     reports_refused: Family<ReasonLabel, Counter>,
     requeued: Counter,
-    job_duration: Histogram,
+    job_duration: Family<ProfileLabel, Histogram>,
     certs_issued: Family<ViaLabel, Counter>,
     server_cert_not_after: Gauge,
     links_closed_revoked: Counter,
@@ -163,10 +173,10 @@ impl Metrics {
             "Attempts that ended with the job back in the queue",
             requeued.clone(),
         );
-        let job_duration = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        let job_duration = Family::<ProfileLabel, Histogram>::new_with_constructor(job_duration_histogram as fn() -> Histogram);
         registry.register(
             "gaffer_job_duration_seconds",
-            "Duration of finished jobs, as recorded by the link when a job finishes",
+            "Time from submission to success of succeeded jobs, by profile (queueing included)",
             job_duration.clone(),
         );
         let certs_issued = Family::<ViaLabel, Counter>::default();
@@ -438,9 +448,9 @@ impl Metrics {
         self.admission_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
-    /// Records one job's duration, seconds.
-    pub fn job_duration(&self, secs: f64) {
-        self.job_duration.observe(secs);
+    /// Records the duration of one succeeded job of `profile`, seconds from submission.
+    pub fn job_duration(&self, profile: gaffer_protocol::messages::Profile, secs: f64) {
+        self.job_duration.get_or_create(&ProfileLabel { profile: profile.to_string() }).observe(secs);
     }
 
     /// Refreshes the store-derived gauges and encodes everything as OpenMetrics text (ending in

@@ -259,15 +259,16 @@ impl Scheduler {
             None => Ok(stored),
             Some(Err(refusal)) => Err(refusal.into()),
             Some(Ok(t)) => {
-                self.carry_out(job, &t.effects, t.job.created_at_ms, now_ms);
+                self.carry_out(job, &t.effects, t.job.created_at_ms, t.job.profile, now_ms);
                 Ok(stored)
             }
         }
     }
 
     /// Carries out the effects of a committed transition of `job`: messages to agents, lease
-    /// bookkeeping in the fleet, metrics, waking the loop.
-    pub fn carry_out(&self, job: JobId, effects: &[Effect], created_at_ms: UnixMs, now_ms: UnixMs) {
+    /// bookkeeping in the fleet, metrics (the duration of a succeeded job by its `profile`), waking
+    /// the loop.
+    pub fn carry_out(&self, job: JobId, effects: &[Effect], created_at_ms: UnixMs, profile: Profile, now_ms: UnixMs) {
         for effect in effects {
             match effect {
                 Effect::Assign(agent, a) => {
@@ -284,7 +285,7 @@ impl Scheduler {
                     self.pending_lock().remove(&job);
                     self.metrics.job_finished(state.as_str());
                     if *state == JobState::Succeeded {
-                        self.metrics.job_duration(now_ms.saturating_sub(created_at_ms) as f64 / 1000.0);
+                        self.metrics.job_duration(profile, now_ms.saturating_sub(created_at_ms) as f64 / 1000.0);
                     }
                     if let Some(hooks) = self.webhooks.get() {
                         hooks.job_finished(job, *state, now_ms);

@@ -129,6 +129,10 @@ impl Fixture {
         Ok(agent.id)
     }
 
+    fn scheduling(&self, id: Uuid) -> Result<&'static str> {
+        Ok(self.store.get_agent(id)?.context("agent")?.scheduling.name())
+    }
+
     fn is_revoked(&self, id: Uuid) -> Result<bool> {
         Ok(self.store.get_agent(id)?.context("agent")?.revoked_at_ms.is_some())
     }
@@ -211,6 +215,9 @@ enum Effect {
     JobLeaves(Uuid, JobState),
     /// This agent is revoked.
     AgentRevoked(Uuid),
+    /// This agent's scheduling state becomes this (`active`, `cordoned`, `draining`); refused, it
+    /// stays what it was (the second name).
+    Scheduling(Uuid, &'static str, &'static str),
     /// A webhook target with this name is added.
     WebhookAdded(String),
     /// This webhook target is removed.
@@ -236,6 +243,12 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
         ("GET", "/api/v1/audit") | ("GET", "/audit") => Some(Role::Admin),
         ("POST", "/api/v1/agents/{id}/revoke") | ("POST", "/agents/{id}/revoke") => Some(Role::Admin),
         ("POST", "/rollouts/pause") | ("POST", "/rollouts/resume") | ("POST", "/rollouts/abort") => Some(Role::Admin),
+        ("POST", "/api/v1/agents/{id}/drain")
+        | ("POST", "/api/v1/agents/{id}/cordon")
+        | ("POST", "/api/v1/agents/{id}/uncordon")
+        | ("POST", "/agents/{id}/drain")
+        | ("POST", "/agents/{id}/cordon")
+        | ("POST", "/agents/{id}/uncordon") => Some(Role::Operator),
         ("GET", "/webhooks")
         | ("POST", "/webhooks")
         | ("POST", "/webhooks/{id}/remove")
@@ -291,6 +304,27 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ("POST", "/api/v1/agents/{id}/revoke") => {
             let id = f.revocable_agent()?;
             (empty(b, format!("/api/v1/agents/{id}/revoke"))?, StatusCode::OK, Effect::AgentRevoked(id))
+        }
+        ("POST", "/api/v1/agents/{id}/drain" | "/api/v1/agents/{id}/cordon" | "/api/v1/agents/{id}/uncordon")
+        | ("POST", "/agents/{id}/drain" | "/agents/{id}/cordon" | "/agents/{id}/uncordon") => {
+            let id = f.revocable_agent()?;
+            let action = path.rsplit('/').next().unwrap_or_default();
+            let (after, before) = match action {
+                "drain" => ("draining", "active"),
+                "cordon" => ("cordoned", "active"),
+                _ => {
+                    f.store.update_agent(id, &mut |a| {
+                        a.scheduling = gaffer_control::store::Scheduling::Cordoned { by: "op".into(), at_ms: 1 }
+                    })?;
+                    ("active", "cordoned")
+                }
+            };
+            let uri = path.replace("{id}", &id.to_string());
+            if api {
+                (empty(b, uri)?, StatusCode::OK, Effect::Scheduling(id, after, before))
+            } else {
+                (form(b.uri(uri), format!("csrf={csrf}"))?, StatusCode::SEE_OTHER, Effect::Scheduling(id, after, before))
+            }
         }
         ("POST", "/api/v1/jobs") => (
             b.uri(path)
@@ -426,6 +460,7 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
                     Effect::NewJob => assert_eq!(f.job_count()?, jobs_before + 1, "{what} adds a job"),
                     Effect::JobLeaves(id, s) => assert_ne!(f.job_state(id)?, s, "{what} changes the job"),
                     Effect::AgentRevoked(id) => assert!(f.is_revoked(id)?, "{what} revokes the agent"),
+                    Effect::Scheduling(id, after, _) => assert_eq!(f.scheduling(id)?, after, "{what}"),
                     Effect::WebhookAdded(ref name) => assert!(f.has_webhook(name)?, "{what} adds the target"),
                     Effect::WebhookRemoved(id) => assert!(!f.has_webhook(&id.to_string())?, "{what} removes it"),
                     Effect::WebhookTested(id) => assert!(f.webhook_tested(id)?, "{what} queues a test delivery"),
@@ -450,6 +485,9 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
                 }
                 if let Effect::AgentRevoked(id) = effect {
                     assert!(!f.is_revoked(id)?, "{what} was refused but revoked the agent");
+                }
+                if let Effect::Scheduling(id, _, before) = effect {
+                    assert_eq!(f.scheduling(id)?, before, "{what} was refused but changed the agent");
                 }
                 match effect {
                     Effect::WebhookAdded(ref name) => assert!(!f.has_webhook(name)?, "{what} was refused but added"),
