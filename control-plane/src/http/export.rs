@@ -70,7 +70,7 @@ impl FromStr for ExportFormat {
 pub(crate) struct ExportQuery {
     /// `otio` (OpenTimelineIO JSON), `edl` (CMX 3600) or `csv` (PySceneDetect `list-scenes`).
     #[serde(default)]
-    #[param(required = true, example = "otio")]
+    #[param(required = true, value_type = String, example = "otio", pattern = "^(otio|edl|csv)$")]
     format: Option<String>,
 }
 
