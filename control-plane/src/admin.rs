@@ -249,7 +249,9 @@ pub fn set_agent_scheduling(
     }
     let by = actor.to_string();
     let (scheduling, action, detail) = match change {
-        SchedulingChange::Cordon => (Scheduling::Cordoned { by, at_ms: now }, audit_action::AGENT_CORDON, String::new()),
+        SchedulingChange::Cordon => {
+            (Scheduling::Cordoned { by, at_ms: now }, audit_action::AGENT_CORDON, String::new())
+        }
         SchedulingChange::Drain { deadline_secs } => {
             if deadline_secs.is_some_and(|d| d > DRAIN_DEADLINE_SECS_MAX) {
                 return Err(AdminError::Invalid(format!(

@@ -532,7 +532,9 @@ pub fn check(text: &str) -> Result<ControlFile, Vec<Problem>> {
         if name == "alerts" || name == "webhooks" {
             match value.get_ref() {
                 DeValue::Table(t) => check_number_table(&mut doc, &mut file, name, t),
-                other => doc.report(value.span(), Some(name), format!("expected a table ([{name}]); found {}", kind(other))),
+                other => {
+                    doc.report(value.span(), Some(name), format!("expected a table ([{name}]); found {}", kind(other)))
+                }
             }
             continue;
         }

@@ -23,8 +23,8 @@
 #![warn(missing_docs)]
 
 pub mod admin;
-pub mod agent_metrics;
 pub mod admission;
+pub mod agent_metrics;
 pub mod config;
 pub mod datadir;
 pub mod http;

@@ -976,12 +976,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(rollout_ticker(rollouts.clone(), state.replica.clone()));
     // Webhooks and alerts: events from the scheduler, ingest and rollouts; enrolled agents not
     // connected yet start their offline timer now; the worker delivers.
-    let webhooks = gaffer_control::webhook::Webhooks::new(
-        store.clone(),
-        alert_settings,
-        webhook_settings,
-        state.metrics.clone(),
-    );
+    let webhooks =
+        gaffer_control::webhook::Webhooks::new(store.clone(), alert_settings, webhook_settings, state.metrics.clone());
     {
         let (st, hooks) = (state.clone(), webhooks.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

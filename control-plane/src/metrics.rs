@@ -173,7 +173,8 @@ impl Metrics {
             "Attempts that ended with the job back in the queue",
             requeued.clone(),
         );
-        let job_duration = Family::<ProfileLabel, Histogram>::new_with_constructor(job_duration_histogram as fn() -> Histogram);
+        let job_duration =
+            Family::<ProfileLabel, Histogram>::new_with_constructor(job_duration_histogram as fn() -> Histogram);
         registry.register(
             "gaffer_job_duration_seconds",
             "Time from submission to success of succeeded jobs, by profile (queueing included)",
@@ -276,7 +277,11 @@ impl Metrics {
             let _ = webhook_deliveries.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() });
         }
         let webhook_pending = Gauge::default();
-        registry.register("gaffer_webhook_pending", "Webhook and email deliveries waiting to be sent", webhook_pending.clone());
+        registry.register(
+            "gaffer_webhook_pending",
+            "Webhook and email deliveries waiting to be sent",
+            webhook_pending.clone(),
+        );
         for state in crate::rollout::TARGET_STATES {
             let _ = rollout_targets.get_or_create(&StateLabel { state: state.to_owned() });
         }
@@ -574,7 +579,7 @@ mod tests {
         m.job_finished("failed");
         m.enrollment("ok");
         m.handshake_refused("version");
-        m.job_duration(3.0);
+        m.job_duration(gaffer_protocol::messages::Profile::Shots, 3.0);
         let text = m.encode(&store);
         assert!(text.contains("gaffer_agent_messages_total{kind=\"heartbeat\"} 2"), "{text}");
         // No fleet given: no link is up.
@@ -582,7 +587,7 @@ mod tests {
         assert!(text.contains("gaffer_jobs_finished_total{state=\"failed\"} 1"), "{text}");
         assert!(text.contains("gaffer_enrollments_total{result=\"ok\"} 1"), "{text}");
         assert!(text.contains("gaffer_link_refused_total{reason=\"version\"} 1"), "{text}");
-        assert!(text.contains("gaffer_job_duration_seconds_count 1"), "{text}");
+        assert!(text.contains("gaffer_job_duration_seconds_count{profile=\"shots\"} 1"), "{text}");
         assert!(text.contains("gaffer_jobs{state=\"queued\"} 0"), "{text}");
         assert!(text.contains("gaffer_agents{state=\"connected\"} 0"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");

@@ -301,8 +301,12 @@ async fn on_event(state: &AppState, event: StoreEvent) {
             let scheduler = state.scheduler.clone();
             match tokio::task::spawn_blocking(move || scheduler.reload_scheduling(agent)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(agent_id = %agent, error = %e, "could not reload an agent's cordon or drain"),
-                Err(e) => tracing::warn!(agent_id = %agent, error = %e, "reloading an agent's cordon or drain panicked"),
+                Ok(Err(e)) => {
+                    tracing::warn!(agent_id = %agent, error = %e, "could not reload an agent's cordon or drain")
+                }
+                Err(e) => {
+                    tracing::warn!(agent_id = %agent, error = %e, "reloading an agent's cordon or drain panicked")
+                }
             }
         }
         StoreEvent::CertsRevoked => {

@@ -1172,11 +1172,7 @@ impl Fleet {
         } else if in_site == 0 {
             format!("no agent of site {} is connected", job.site)
         } else if eligible > 0 && out_of_rotation.len() == eligible {
-            format!(
-                "every eligible agent of site {} is out of rotation: {}",
-                job.site,
-                named(&out_of_rotation)
-            )
+            format!("every eligible agent of site {} is out of rotation: {}", job.site, named(&out_of_rotation))
         } else if !out_of_rotation.is_empty() {
             format!(
                 "all {} eligible agents of site {} in rotation are busy; {} out of rotation: {}",

@@ -323,7 +323,11 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
             if api {
                 (empty(b, uri)?, StatusCode::OK, Effect::Scheduling(id, after, before))
             } else {
-                (form(b.uri(uri), format!("csrf={csrf}"))?, StatusCode::SEE_OTHER, Effect::Scheduling(id, after, before))
+                (
+                    form(b.uri(uri), format!("csrf={csrf}"))?,
+                    StatusCode::SEE_OTHER,
+                    Effect::Scheduling(id, after, before),
+                )
             }
         }
         ("POST", "/api/v1/jobs") => (
@@ -337,9 +341,11 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
             (empty(b, format!("/api/v1/jobs/{}", f.queued_job()?))?, StatusCode::OK, Effect::None)
         }
         // A queued job has no digest yet: an allowed caller gets 409 (tests/exports.rs fetches real ones).
-        ("GET", "/api/v1/jobs/{id}/export") => {
-            (empty(b, format!("/api/v1/jobs/{}/export?format=otio", f.queued_job()?))?, StatusCode::CONFLICT, Effect::None)
-        }
+        ("GET", "/api/v1/jobs/{id}/export") => (
+            empty(b, format!("/api/v1/jobs/{}/export?format=otio", f.queued_job()?))?,
+            StatusCode::CONFLICT,
+            Effect::None,
+        ),
         ("POST", "/api/v1/jobs/{id}/cancel") => {
             let id = f.queued_job()?;
             (empty(b, format!("/api/v1/jobs/{id}/cancel"))?, StatusCode::OK, Effect::JobLeaves(id, JobState::Queued))
@@ -491,7 +497,9 @@ async fn every_route_checks_the_role_of_every_caller() -> Result<()> {
                 }
                 match effect {
                     Effect::WebhookAdded(ref name) => assert!(!f.has_webhook(name)?, "{what} was refused but added"),
-                    Effect::WebhookRemoved(id) => assert!(f.has_webhook(&id.to_string())?, "{what} was refused but removed"),
+                    Effect::WebhookRemoved(id) => {
+                        assert!(f.has_webhook(&id.to_string())?, "{what} was refused but removed")
+                    }
                     Effect::WebhookTested(id) => assert!(!f.webhook_tested(id)?, "{what} was refused but queued"),
                     _ => {}
                 }

@@ -1335,7 +1335,8 @@ fn webhook_target(n: u128, name: &str) -> gaffer_control::webhook::WebhookTarget
 /// A pending delivery created at `created_at_ms` (its UUID v7 carries that time), due then.
 fn webhook_delivery(n: u64, created_at_ms: u64) -> gaffer_control::webhook::WebhookDelivery {
     use gaffer_control::webhook::{DeliveryState, EventKind, WebhookDelivery};
-    let ts = uuid::Timestamp::from_unix(uuid::NoContext, created_at_ms / 1000, (created_at_ms % 1000) as u32 * 1_000_000);
+    let ts =
+        uuid::Timestamp::from_unix(uuid::NoContext, created_at_ms / 1000, (created_at_ms % 1000) as u32 * 1_000_000);
     WebhookDelivery {
         id: Uuid::new_v7(ts),
         target_id: Uuid::from_u128(0xbeef_0001),

@@ -120,8 +120,7 @@ fn a_drain_deadline_requeues_what_is_left_for_another_agent() -> anyhow::Result<
     assert!(body["error"].is_string(), "{body}");
     let (status, body) = cp.api_post(&format!("/agents/{}/drain", uuid::Uuid::new_v4()), &Value::Null)?;
     assert_eq!(status, 404, "{body}");
-    let (status, body) =
-        cp.api_post(&format!("/agents/{}/drain?deadline_secs=99999999", b.agent_id), &Value::Null)?;
+    let (status, body) = cp.api_post(&format!("/agents/{}/drain?deadline_secs=99999999", b.agent_id), &Value::Null)?;
     assert_eq!(status, 422, "{body}");
     Ok(())
 }

@@ -107,7 +107,9 @@ pub(crate) struct AuditFilter {
     /// Only entries since a duration back from now (`24h`, `7d`) or a UTC time (`2025-01-31 08:00:00`);
     /// `since_ms` wins if both are given.
     #[serde(default, skip_serializing_if = "blank")]
-    #[param(pattern = "^(0|([0-9]{1,6}(ms|s|m|h|d|w))+|(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8]) ([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9])?$")]
+    #[param(
+        pattern = "^(0|([0-9]{1,6}(ms|s|m|h|d|w))+|(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8]) ([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9])?$"
+    )]
     since: Option<String>,
     /// Entries per page, default 100; more than 1000 gives 1000.
     #[serde(default, skip_serializing_if = "blank")]

@@ -144,9 +144,9 @@ pub(crate) async fn drain_agent(
     let deadline_secs = if text.is_empty() {
         None
     } else {
-        let mins: u64 = text.parse().map_err(|_| {
-            AppError::Unprocessable(format!("the deadline is a whole number of minutes, not {text:?}"))
-        })?;
+        let mins: u64 = text
+            .parse()
+            .map_err(|_| AppError::Unprocessable(format!("the deadline is a whole number of minutes, not {text:?}")))?;
         Some(mins.saturating_mul(60))
     };
     apply(&state.app, id, session.audit_actor(), SchedulingChange::Drain { deadline_secs }).await?;

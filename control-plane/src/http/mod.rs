@@ -32,8 +32,8 @@ pub(crate) use api::{agent_value, job_value};
 mod audit;
 mod auth;
 mod dashboard;
-mod export;
 mod drain;
+mod export;
 pub mod install;
 mod openapi;
 mod rollouts;
@@ -135,8 +135,8 @@ const VIEW: Access = Access::Permission(Permission::ViewFleet);
 const OPERATE: Access = Access::Permission(Permission::OperateJobs);
 const AUDIT: Access = Access::Permission(Permission::ReadAudit);
 const REVOKE: Access = Access::Permission(Permission::RevokeAgents);
-const RELEASES: Access = Access::Permission(Permission::ManageReleases);
 const DRAIN: Access = Access::Permission(Permission::DrainAgents);
+const RELEASES: Access = Access::Permission(Permission::ManageReleases);
 const WEBHOOKS: Access = Access::Permission(Permission::ManageWebhooks);
 
 /// Every route of [`router_with`], with its permission: the one place that says who may do what
@@ -145,10 +145,10 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::GET, "/api/v1/agents", VIEW, |m| on(m, api::list_agents)),
     route(Method::GET, "/api/v1/agents/{id}", VIEW, |m| on(m, api::get_agent)),
     route(Method::POST, "/api/v1/agents/{id}/revoke", REVOKE, |m| on(m, api::revoke_agent)),
-    route(Method::GET, "/api/v1/jobs", VIEW, |m| on(m, api::list_jobs)),
     route(Method::POST, "/api/v1/agents/{id}/drain", DRAIN, |m| on(m, drain::api_drain)),
     route(Method::POST, "/api/v1/agents/{id}/cordon", DRAIN, |m| on(m, drain::api_cordon)),
     route(Method::POST, "/api/v1/agents/{id}/uncordon", DRAIN, |m| on(m, drain::api_uncordon)),
+    route(Method::GET, "/api/v1/jobs", VIEW, |m| on(m, api::list_jobs)),
     route(Method::POST, "/api/v1/jobs", OPERATE, |m| on(m, api::submit_job)),
     route(Method::GET, "/api/v1/jobs/{id}", VIEW, |m| on(m, api::get_job)),
     route(Method::POST, "/api/v1/jobs/{id}/cancel", OPERATE, |m| on(m, api::cancel_job)),
@@ -164,11 +164,11 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::POST, "/logout", VIEW, |m| on(m, dashboard::logout)),
     route(Method::GET, "/agents/{id}", VIEW, |m| on(m, dashboard::agent_page)),
     route(Method::POST, "/agents/{id}/revoke", REVOKE, |m| on(m, dashboard::revoke_agent)),
-    route(Method::GET, "/jobs", VIEW, |m| on(m, dashboard::jobs_page)),
-    route(Method::POST, "/jobs", OPERATE, |m| on(m, dashboard::submit_job)),
     route(Method::POST, "/agents/{id}/drain", DRAIN, |m| on(m, drain::drain_agent)),
     route(Method::POST, "/agents/{id}/cordon", DRAIN, |m| on(m, drain::cordon_agent)),
     route(Method::POST, "/agents/{id}/uncordon", DRAIN, |m| on(m, drain::uncordon_agent)),
+    route(Method::GET, "/jobs", VIEW, |m| on(m, dashboard::jobs_page)),
+    route(Method::POST, "/jobs", OPERATE, |m| on(m, dashboard::submit_job)),
     route(Method::GET, "/jobs/new", OPERATE, |m| on(m, dashboard::new_job_form)),
     route(Method::GET, "/jobs/{id}", VIEW, |m| on(m, dashboard::job_page)),
     route(Method::POST, "/jobs/{id}/cancel", OPERATE, |m| on(m, dashboard::cancel_job)),

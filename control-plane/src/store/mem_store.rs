@@ -606,7 +606,11 @@ impl Store for MemStore {
         Ok(dropped)
     }
 
-    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+    fn webhook_deliveries_due(
+        &self,
+        now_ms: UnixMs,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
         let inner = self.lock()?;
         Ok(inner
             .webhook_due

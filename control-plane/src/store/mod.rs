@@ -1016,7 +1016,9 @@ impl JobCounts {
 
 /// How urgently a job should be leased. Higher priorities lease first; within one priority,
 /// oldest first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// After every normal and high job.
@@ -1533,7 +1535,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<uuid::Uuid>>;
     /// Pending deliveries with `next_attempt_at_ms <= now_ms`, soonest first, at most `limit`
     /// (an index read, never a scan of finished deliveries).
-    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>>;
+    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize)
+        -> StoreResult<Vec<crate::webhook::WebhookDelivery>>;
     /// Read-modify-write of the delivery `id` against its latest committed value, atomically with
     /// the due index (as [`Store::update_job`]; `f` may run more than once). `f` returns false to
     /// leave it unchanged. Returns the delivery as written; None when there is no such delivery

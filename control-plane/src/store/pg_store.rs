@@ -733,15 +733,13 @@ fn decode_jobs(rows: Vec<(Uuid, String)>) -> StoreResult<std::collections::HashM
 
 /// Writes a delivery's row (state, due time and record).
 async fn put_webhook_delivery_row(conn: &mut PgConnection, d: &crate::webhook::WebhookDelivery) -> PgResult<()> {
-    sqlx::query(
-        "UPDATE webhook_deliveries SET state = $2, next_attempt_at_ms = $3, record = $4::json WHERE id = $1",
-    )
-    .bind(d.id)
-    .bind(d.state.as_str())
-    .bind(ord_i64(d.next_attempt_at_ms))
-    .bind(encode(d)?)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("UPDATE webhook_deliveries SET state = $2, next_attempt_at_ms = $3, record = $4::json WHERE id = $1")
+        .bind(d.id)
+        .bind(d.state.as_str())
+        .bind(ord_i64(d.next_attempt_at_ms))
+        .bind(encode(d)?)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -1735,7 +1733,11 @@ impl Store for PgStore {
         })
     }
 
-    fn enqueue_webhook_delivery(&self, d: &crate::webhook::WebhookDelivery, pending_max: usize) -> StoreResult<Vec<Uuid>> {
+    fn enqueue_webhook_delivery(
+        &self,
+        d: &crate::webhook::WebhookDelivery,
+        pending_max: usize,
+    ) -> StoreResult<Vec<Uuid>> {
         let d = d.clone();
         let record = encode(&d)?;
         let pending_max = count_i64(pending_max.max(1));
@@ -1779,7 +1781,11 @@ impl Store for PgStore {
         })
     }
 
-    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+    fn webhook_deliveries_due(
+        &self,
+        now_ms: UnixMs,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
         let (now, limit) = (ord_i64(now_ms), count_i64(limit));
         self.run("webhook_deliveries_due", move |db| async move {
             let rows: Vec<(Uuid, String)> = sqlx::query_as(

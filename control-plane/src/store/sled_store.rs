@@ -396,7 +396,12 @@ impl SledStore {
         id: Uuid,
         f: &mut dyn FnMut(&mut crate::webhook::WebhookDelivery) -> bool,
     ) -> StoreResult<Option<crate::webhook::WebhookDelivery>> {
-        let Some(old) = self.get_json::<crate::webhook::WebhookDelivery>(&self.webhook_deliveries, "webhook_deliveries", id.as_bytes())? else {
+        let Some(old) = self.get_json::<crate::webhook::WebhookDelivery>(
+            &self.webhook_deliveries,
+            "webhook_deliveries",
+            id.as_bytes(),
+        )?
+        else {
             return Ok(None);
         };
         let mut new = old.clone();
@@ -407,7 +412,8 @@ impl SledStore {
         let value = encode(&new)?;
         let was_pending = old.state == crate::webhook::DeliveryState::Pending;
         let is_pending = new.state == crate::webhook::DeliveryState::Pending;
-        let (old_key, new_key) = (webhook_due_key(old.next_attempt_at_ms, id), webhook_due_key(new.next_attempt_at_ms, id));
+        let (old_key, new_key) =
+            (webhook_due_key(old.next_attempt_at_ms, id), webhook_due_key(new.next_attempt_at_ms, id));
         tx_out((&self.webhook_deliveries, &self.webhook_due).transaction(|(deliveries, due)| {
             deliveries.insert(id.as_bytes(), value.as_slice())?;
             if was_pending {
@@ -1642,7 +1648,11 @@ impl Store for SledStore {
         Ok(self.webhook_targets.remove(id.as_bytes()).map_err(io)?.is_some())
     }
 
-    fn enqueue_webhook_delivery(&self, d: &crate::webhook::WebhookDelivery, pending_max: usize) -> StoreResult<Vec<Uuid>> {
+    fn enqueue_webhook_delivery(
+        &self,
+        d: &crate::webhook::WebhookDelivery,
+        pending_max: usize,
+    ) -> StoreResult<Vec<Uuid>> {
         let _one = self.webhook_writes.lock().unwrap_or_else(|p| p.into_inner());
         let mut dropped = Vec::new();
         let pending = self.webhook_due.len();
@@ -1656,12 +1666,13 @@ impl Store for SledStore {
             ids.sort_unstable();
             ids.truncate(pending + 1 - pending_max.max(1));
             for id in ids {
-                if self.write_webhook_delivery(id, &mut |old| {
-                    old.state = crate::webhook::DeliveryState::Dropped;
-                    old.finished_at_ms = Some(d.created_at_ms);
-                    true
-                })?
-                .is_some()
+                if self
+                    .write_webhook_delivery(id, &mut |old| {
+                        old.state = crate::webhook::DeliveryState::Dropped;
+                        old.finished_at_ms = Some(d.created_at_ms);
+                        true
+                    })?
+                    .is_some()
                 {
                     dropped.push(id);
                 }
@@ -1680,14 +1691,19 @@ impl Store for SledStore {
         Ok(dropped)
     }
 
-    fn webhook_deliveries_due(&self, now_ms: UnixMs, limit: usize) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
+    fn webhook_deliveries_due(
+        &self,
+        now_ms: UnixMs,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::webhook::WebhookDelivery>> {
         let mut out = Vec::new();
         for item in self.webhook_due.iter().keys() {
             if out.len() >= limit {
                 break;
             }
             let key = item.map_err(io)?;
-            let due = be_u64(&key[..8.min(key.len())]).ok_or_else(|| corrupt_key("webhook_due", &key, "not 24 bytes"))?;
+            let due =
+                be_u64(&key[..8.min(key.len())]).ok_or_else(|| corrupt_key("webhook_due", &key, "not 24 bytes"))?;
             if due > now_ms {
                 break;
             }
