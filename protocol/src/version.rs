@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks natively (the highest it supports).
 ///
-/// 6 adds messages that only a peer agreeing 6 is sent (each listed at its constant below).
+/// 6 changes nothing on the wire yet: it is the version the chain-of-custody message
+/// (`AgentMessage::Custody`) and the per-GPU XID counts will be gated on, each at a constant of its
+/// own; a 6 peer speaks exactly what a 5 peer does.
 /// 5 added self-update: `ControlMessage::{Update, UpdateWithdrawn}`, `AgentMessage::UpdateReport` and
 /// the release fetch stream (`release_fetch`); a control plane orders updates only from agents that
 /// agreed 5.
