@@ -179,7 +179,7 @@ async fn wait_job_state(client: &Client, id: &str, state: &str) -> anyhow::Resul
             bail!("job {id} page shows {shown:?}, expected {state:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        client.goto(&client.current_url().await?.to_string()).await?;
+        client.goto(client.current_url().await?.as_ref()).await?;
     }
 }
 
