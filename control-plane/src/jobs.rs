@@ -324,17 +324,8 @@ pub fn transition(
             if job.lease.is_some_and(|l| l.holder == *agent) {
                 let reason = format!("agent {agent} was drained: requeued at the drain deadline");
                 t.effects.push(Effect::Cancel { agent: *agent, reason: reason.clone() });
-                let j = &mut t.job;
-                j.attempts = j.attempts.saturating_sub(1);
-                j.state = JobState::Queued;
-                j.agent = None;
-                j.lease = None;
-                j.progress = 0.0;
-                j.frames_decoded = 0;
-                j.error = Some(reason.clone());
-                j.updated_at_ms = now_ms;
-                t.changed = true;
-                t.effects.push(Effect::Requeued { reason });
+                t.job.attempts = t.job.attempts.saturating_sub(1);
+                requeue(&mut t, reason, now_ms);
             }
         }
         JobEvent::DeadlineCheck => {
@@ -464,6 +455,11 @@ fn spend_attempt(t: &mut Transition, reason: String, now_ms: UnixMs, policy: &Jo
         finish(t, JobState::Failed, Some(reason), now_ms);
         return;
     }
+    requeue(t, reason, now_ms);
+}
+
+/// Back to the queue: no holder, no lease, progress reset, `reason` as the last error.
+fn requeue(t: &mut Transition, reason: String, now_ms: UnixMs) {
     let j = &mut t.job;
     j.state = JobState::Queued;
     j.agent = None;

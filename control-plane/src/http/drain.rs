@@ -138,8 +138,8 @@ pub(crate) async fn drain_agent(
     form: Result<Form<DrainForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     let Form(form) = form.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    // A forged form is refused before its deadline is read (page_apply checks again, cheaply).
     session.check_csrf(&form.csrf)?;
-    let id = parse_id(&id, "agent")?;
     let text = form.deadline_mins.trim();
     let deadline_secs = if text.is_empty() {
         None
@@ -149,8 +149,7 @@ pub(crate) async fn drain_agent(
             .map_err(|_| AppError::Unprocessable(format!("the deadline is a whole number of minutes, not {text:?}")))?;
         Some(mins.saturating_mul(60))
     };
-    apply(&state.app, id, session.audit_actor(), SchedulingChange::Drain { deadline_secs }).await?;
-    Ok(Redirect::to(&format!("/agents/{id}")).into_response())
+    page_apply(&session, &state, &id, &form.csrf, SchedulingChange::Drain { deadline_secs }).await
 }
 
 /// The Cordon and Uncordon buttons' form.
@@ -168,10 +167,7 @@ pub(crate) async fn cordon_agent(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     let Form(form) = form.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    session.check_csrf(&form.csrf)?;
-    let id = parse_id(&id, "agent")?;
-    apply(&state.app, id, session.audit_actor(), SchedulingChange::Cordon).await?;
-    Ok(Redirect::to(&format!("/agents/{id}")).into_response())
+    page_apply(&session, &state, &id, &form.csrf, SchedulingChange::Cordon).await
 }
 
 /// `POST /agents/{id}/uncordon` (operator): puts the agent back in rotation, then shows its page.
@@ -182,8 +178,19 @@ pub(crate) async fn uncordon_agent(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     let Form(form) = form.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    session.check_csrf(&form.csrf)?;
-    let id = parse_id(&id, "agent")?;
-    apply(&state.app, id, session.audit_actor(), SchedulingChange::Uncordon).await?;
+    page_apply(&session, &state, &id, &form.csrf, SchedulingChange::Uncordon).await
+}
+
+/// A dashboard form's change: CSRF checked, applied, then the agent's page.
+async fn page_apply(
+    session: &Session,
+    state: &HttpState,
+    id: &str,
+    csrf: &str,
+    change: SchedulingChange,
+) -> Result<Response, PageError> {
+    session.check_csrf(csrf)?;
+    let id = parse_id(id, "agent")?;
+    apply(&state.app, id, session.audit_actor(), change).await?;
     Ok(Redirect::to(&format!("/agents/{id}")).into_response())
 }
