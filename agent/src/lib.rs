@@ -31,6 +31,7 @@ pub mod bundle;
 pub mod config;
 pub mod control_socket;
 pub mod credentials;
+pub mod custody;
 pub mod datadir;
 pub mod enroll;
 pub mod health;

@@ -866,6 +866,11 @@ impl Pump<'_> {
                 match self.session.send_outbox(seq, msg) {
                     Ok(()) => {}
                     Err(SessionError::Backpressure { .. }) => return Ok(true),
+                    Err(e @ SessionError::PeerTooOld { .. }) => {
+                        // The control plane cannot take it (it agreed an older protocol): drop it here.
+                        tracing::info!(seq, error = %e, "outbox entry not spoken by the control plane; dropping it");
+                        self.outbox.ack(seq)?;
+                    }
                     Err(SessionError::Codec(e)) => {
                         // It can never be sent; keeping it would block every later entry.
                         tracing::error!(seq, error = %e, "outbox entry cannot be framed; dropping it");

@@ -519,6 +519,7 @@ impl Runner {
                 let msg = match outcome {
                     WorkerOutcome::Digest(digest) => {
                         tracing::info!(shots = digest.shot_count(), secs = digest.analysis_secs, "job succeeded");
+                        this.record_custody(job_id, lease_id, &a.path).await;
                         Some(AgentMessage::Digest { job_id, lease_id, digest })
                     }
                     WorkerOutcome::Cancelled => {
@@ -545,6 +546,35 @@ impl Runner {
             }
             .instrument(span),
         );
+    }
+
+    /// Hashes the job's media file (the worker has read it and checked it is inside the volumes) and makes
+    /// its chain of custody durable in the outbox, before the digest. A file that cannot be hashed any more
+    /// is logged and leaves the job without custody; it does not fail an analysis that succeeded.
+    async fn record_custody(&self, job_id: JobId, lease_id: LeaseId, path: &str) {
+        let file = PathBuf::from(path);
+        let hashed = tokio::task::spawn_blocking(move || crate::custody::hash_media_file(&file)).await;
+        let custody = match hashed {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not hash the media file; the job has no chain of custody");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the hashing task failed; the job has no chain of custody");
+                return;
+            }
+        };
+        let msg = AgentMessage::Custody {
+            job_id,
+            lease_id,
+            sha256: custody.sha256,
+            size_bytes: custody.size_bytes,
+            modified_unix_secs: custody.modified_unix_secs,
+        };
+        if let Err(reason) = self.push_durably(&msg).await {
+            tracing::error!(%reason, "could not record the media file's chain of custody");
+        }
     }
 
     /// Makes the job's result durable in the outbox; a result that can never be stored becomes a

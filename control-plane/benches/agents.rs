@@ -219,6 +219,9 @@ fn leased_job(i: usize, holder: AgentId, now: u64) -> JobRecord {
         created_at_ms: now - 60_000,
         updated_at_ms: now - 1_000,
         finished_at_ms: None,
+        custody: None,
+        submitted_by: None,
+        history: Vec::new(),
     }
 }
 

@@ -234,6 +234,9 @@ fn history_job(i: usize, h: usize, agent: AgentId, now: u64) -> JobRecord {
         created_at_ms: created,
         updated_at_ms: finished,
         finished_at_ms: Some(finished),
+        custody: None,
+        submitted_by: None,
+        history: Vec::new(),
     }
 }
 

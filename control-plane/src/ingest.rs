@@ -160,6 +160,12 @@ impl Ingest {
                     let detail = format!("rollout {} to {}: {}", r.rollout_id, r.version, describe_update(&r.outcome));
                     commit.audit.push(self.audit(agent, None, "update_report", &detail, now_ms));
                 }
+                AgentMessage::Custody { job_id, sha256, .. } if !is_sha256_hex(sha256) => {
+                    let reason = format!("custody of job {job_id} refused: sha256 is not 64 lowercase hex characters");
+                    self.state.metrics.report_refused("malformed");
+                    commit.audit.push(self.audit(agent, Some(*job_id), "refuse_report", &reason, now_ms));
+                    refused = Some(reason);
+                }
                 _ => {
                     let (job_id, lease_id, report) = report_of(msg)?;
                     let digest = match msg {
@@ -283,8 +289,26 @@ fn report_of(msg: &AgentMessage) -> Result<(JobId, u64, Report), IngestError> {
         AgentMessage::JobRejected { job_id, lease_id, reason } => {
             (*job_id, *lease_id, Report::Rejected { reason: truncate(reason, 4096) })
         }
+        AgentMessage::Custody { job_id, lease_id, sha256, size_bytes, modified_unix_secs } => {
+            if !is_sha256_hex(sha256) {
+                return Err(IngestError::Protocol(format!(
+                    "custody of job {job_id}: sha256 is not 64 lowercase hex characters"
+                )));
+            }
+            let report = Report::Custody {
+                sha256: sha256.clone(),
+                size_bytes: *size_bytes,
+                modified_unix_secs: *modified_unix_secs,
+            };
+            (*job_id, *lease_id, report)
+        }
         other => return Err(IngestError::Protocol(format!("{} is not a job report", other.kind()))),
     })
+}
+
+/// Whether `s` is a SHA-256 as the protocol sends it: 64 lowercase hex characters.
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn refusal_label(r: &Refusal) -> &'static str {

@@ -33,7 +33,7 @@
 
 use gaffer_protocol::messages::{AgentId, Assignment, LeaseId, LEASE_ID_NONE};
 
-use crate::store::{JobOrigin, JobRecord, JobState, Lease, UnixMs};
+use crate::store::{JobOrigin, JobRecord, JobState, Lease, MediaCustody, StateChange, UnixMs, JOB_HISTORY_MAX};
 
 /// The fencing check switched off, to show that the simulation catches it
 /// (`cargo test -p gaffer-control --features planted-bug-no-lease-check --test simulation`).
@@ -87,6 +87,15 @@ pub enum Report {
         /// Why.
         reason: String,
     },
+    /// The media file's chain of custody (hash, size, mtime); recorded on the job, idempotently.
+    Custody {
+        /// SHA-256 of the file, 64 lowercase hex characters (checked by the caller).
+        sha256: String,
+        /// Size of the file, bytes.
+        size_bytes: u64,
+        /// Modification time, Unix seconds.
+        modified_unix_secs: Option<i64>,
+    },
 }
 
 impl Report {
@@ -97,6 +106,7 @@ impl Report {
             Report::Digest { .. } => "digest",
             Report::Failed { .. } => "failure",
             Report::Rejected { .. } => "rejection",
+            Report::Custody { .. } => "chain of custody",
         }
     }
 }
@@ -371,7 +381,27 @@ pub fn transition(
             t.effects.push(Effect::Requeued { reason: "retried by an operator".into() });
         }
     }
+    if t.job.state != job.state {
+        record_state_change(&mut t, now_ms);
+    }
     Ok(t)
+}
+
+/// Appends the job's current state to its history, dropping the oldest entries past [`JOB_HISTORY_MAX`].
+fn record_state_change(t: &mut Transition, now_ms: UnixMs) {
+    let requeued = t.effects.iter().find_map(|e| match e {
+        Effect::Requeued { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    let j = &mut t.job;
+    let reason = match j.state {
+        JobState::Queued => requeued,
+        JobState::Failed | JobState::Cancelled => j.error.clone(),
+        _ => None,
+    };
+    j.history.push(StateChange { state: j.state, at_ms: now_ms, agent: j.agent, reason });
+    let over = j.history.len().saturating_sub(JOB_HISTORY_MAX);
+    j.history.drain(..over);
 }
 
 fn apply_report(
@@ -438,6 +468,25 @@ fn apply_report(
             t.job.progress = 1.0;
             t.job.agent = Some(agent);
             finish(t, JobState::Succeeded, None, now_ms);
+        }
+        Report::Custody { sha256, size_bytes, modified_unix_secs } => {
+            start_running(t);
+            let same = t.job.custody.as_ref().is_some_and(|c| {
+                c.agent == agent
+                    && c.sha256 == *sha256
+                    && c.size_bytes == *size_bytes
+                    && c.modified_unix_secs == *modified_unix_secs
+            });
+            if !same {
+                t.job.custody = Some(MediaCustody {
+                    sha256: sha256.clone(),
+                    size_bytes: *size_bytes,
+                    modified_unix_secs: *modified_unix_secs,
+                    agent,
+                    recorded_at_ms: now_ms,
+                });
+                t.changed = true;
+            }
         }
         Report::Failed { reason, retryable: false } => finish(t, JobState::Failed, Some(reason.clone()), now_ms),
         Report::Failed { reason, retryable: true } | Report::Rejected { reason } => {
@@ -517,6 +566,9 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             finished_at_ms: None,
+            custody: None,
+            submitted_by: None,
+            history: Vec::new(),
         }
     }
 

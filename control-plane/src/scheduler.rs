@@ -182,12 +182,31 @@ impl Scheduler {
         id: Option<JobId>,
         now_ms: UnixMs,
     ) -> Result<JobRecord, SubmitError> {
+        self.submit_as(req, origin, id, None, now_ms)
+    }
+
+    /// [`Scheduler::submit`], recording `submitted_by` (an audit actor such as `token:NAME`) on the job
+    /// ([`JobRecord::submitted_by`]; a watch-folder job records its agent whatever is passed).
+    ///
+    /// # Errors
+    /// As [`Scheduler::submit`].
+    pub fn submit_as(
+        &self,
+        req: JobRequest,
+        origin: JobOrigin,
+        id: Option<JobId>,
+        submitted_by: Option<String>,
+        now_ms: UnixMs,
+    ) -> Result<JobRecord, SubmitError> {
         if let Some(agent) = req.agent {
             if self.store.get_agent(agent)?.is_none() {
                 return Err(SubmitError::UnknownAgent(agent));
             }
         }
-        let job = new_job(req, origin, id, now_ms)?;
+        let mut job = new_job(req, origin, id, now_ms)?;
+        if job.submitted_by.is_none() {
+            job.submitted_by = submitted_by;
+        }
         if !self.store.insert_job(&job)? {
             // Same id submitted again (a redelivered watch-folder submission): keep the first.
             if let Some(existing) = self.store.get_job(job.id)? {
@@ -723,6 +742,10 @@ pub fn new_job(
 ) -> Result<JobRecord, SubmitError> {
     validate_path(&req.path)?;
     validate_site(&req.site)?;
+    let submitted_by = match &origin {
+        JobOrigin::WatchFolder { agent } => Some(format!("watch folder of agent {agent}")),
+        JobOrigin::Api => None,
+    };
     Ok(JobRecord {
         id: id.unwrap_or_else(uuid::Uuid::new_v4),
         path: req.path,
@@ -743,6 +766,9 @@ pub fn new_job(
         created_at_ms: now_ms,
         updated_at_ms: now_ms,
         finished_at_ms: None,
+        custody: None,
+        submitted_by,
+        history: Vec::new(),
     })
 }
 

@@ -265,6 +265,7 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
         | ("GET", "/api/v1/jobs")
         | ("GET", "/api/v1/jobs/{id}")
         | ("GET", "/api/v1/jobs/{id}/export")
+        | ("GET", "/api/v1/jobs/{id}/custody")
         | ("GET", "/jobs/{id}/export")
         | ("GET", "/")
         | ("POST", "/logout")
@@ -339,6 +340,10 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
         ),
         ("GET", "/api/v1/jobs/{id}") => {
             (empty(b, format!("/api/v1/jobs/{}", f.queued_job()?))?, StatusCode::OK, Effect::None)
+        }
+        // A queued job's custody has its submission and no hash yet (tests/custody.rs fetches real ones).
+        ("GET", "/api/v1/jobs/{id}/custody") => {
+            (empty(b, format!("/api/v1/jobs/{}/custody", f.queued_job()?))?, StatusCode::OK, Effect::None)
         }
         // A queued job has no digest yet: an allowed caller gets 409 (tests/exports.rs fetches real ones).
         ("GET", "/api/v1/jobs/{id}/export") => (

@@ -75,6 +75,9 @@ fn new_job(id: Uuid, created_at_ms: u64) -> JobRecord {
         created_at_ms,
         updated_at_ms: created_at_ms,
         finished_at_ms: None,
+        custody: None,
+        submitted_by: None,
+        history: Vec::new(),
     }
 }
 

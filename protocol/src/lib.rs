@@ -34,8 +34,8 @@ pub mod version;
 pub use codec::{encode_frame, CodecError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};
 pub use messages::{AgentEnvelope, AgentMessage, ControlMessage};
 pub use version::{
-    negotiate, VersionError, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, RELEASE_KEY_PROTOCOL_VERSION,
-    UPDATE_PROTOCOL_VERSION,
+    negotiate, VersionError, CUSTODY_PROTOCOL_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    RELEASE_KEY_PROTOCOL_VERSION, UPDATE_PROTOCOL_VERSION,
 };
 
 /// ALPN protocol id of the authenticated (mutual TLS) agent link.

@@ -210,6 +210,23 @@ pub enum AgentMessage {
     /// job report (at-least-once, applied once by sequence), so a report written just before the agent
     /// re-executed itself or rolled back still arrives.
     UpdateReport(UpdateReport),
+    /// Chain of custody of a job's media file (protocol 6, [`crate::CUSTODY_PROTOCOL_VERSION`]): what the
+    /// agent read, hashed on its box (a hash of the content, never the content). Kept in the outbox like a
+    /// job report and sent before the job's `Digest`; applied idempotently from the lease holder. Never
+    /// sent over a link that agreed less than 6 (the session drops it there).
+    Custody {
+        /// The job.
+        job_id: JobId,
+        /// The lease it ran under (fenced like the other reports).
+        lease_id: LeaseId,
+        /// SHA-256 of the file's bytes, 64 lowercase hex characters.
+        sha256: String,
+        /// Size of the file in bytes, as read.
+        size_bytes: u64,
+        /// The file's modification time, seconds since the Unix epoch (`None` where the file system
+        /// does not say).
+        modified_unix_secs: Option<i64>,
+    },
 }
 
 impl AgentMessage {
@@ -226,6 +243,7 @@ impl AgentMessage {
             AgentMessage::SubmitWatched { .. } => "submit_watched",
             AgentMessage::CertificateRequest { .. } => "certificate_request",
             AgentMessage::UpdateReport(_) => "update_report",
+            AgentMessage::Custody { .. } => "custody",
         }
     }
 }

@@ -8,9 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks natively (the highest it supports).
 ///
-/// 6 changes nothing on the wire yet: it is the version the chain-of-custody message
-/// (`AgentMessage::Custody`) and the per-GPU XID counts will be gated on, each at a constant of its
-/// own; a 6 peer speaks exactly what a 5 peer does.
+/// 6 adds messages that only a peer agreeing 6 is sent (each listed at its constant below):
+/// `AgentMessage::Custody` ([`CUSTODY_PROTOCOL_VERSION`]).
 /// 5 added self-update: `ControlMessage::{Update, UpdateWithdrawn}`, `AgentMessage::UpdateReport` and
 /// the release fetch stream (`release_fetch`); a control plane orders updates only from agents that
 /// agreed 5.
@@ -21,6 +20,9 @@ use serde::{Deserialize, Serialize};
 /// `ControlMessage::{Certificate, CertificateRefused, TrustBundle, RenewCertificate}`); a control plane
 /// sends those only to agents that agreed 3. 2 added leases with fencing.
 pub const PROTOCOL_VERSION: u16 = 6;
+/// The first protocol version with chain of custody (`AgentMessage::Custody`): an agent sends it only
+/// over a link that agreed at least this version, and drops it unsent over an older one.
+pub const CUSTODY_PROTOCOL_VERSION: u16 = 6;
 /// The first protocol version with self-update (`ControlMessage::Update`, the release fetch stream).
 pub const UPDATE_PROTOCOL_VERSION: u16 = 5;
 /// The first protocol version that carries the release public key (`ControlMessage::ReleaseKey`,

@@ -193,6 +193,15 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
             path,
             profile: Profile::Shots
         }),
+        (uuid(), any::<u64>(), "[0-9a-f]{64}", any::<u64>(), proptest::option::of(any::<i64>())).prop_map(
+            |(job_id, lease_id, sha256, size_bytes, modified_unix_secs)| AgentMessage::Custody {
+                job_id,
+                lease_id,
+                sha256,
+                size_bytes,
+                modified_unix_secs
+            }
+        ),
     ]
 }
 

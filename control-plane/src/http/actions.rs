@@ -42,7 +42,7 @@ pub(crate) async fn submit(
     let app = app.clone();
     blocking(move || -> Result<JobRecord, SubmitError> {
         let now = crate::now_ms();
-        let job = app.scheduler.submit(req, JobOrigin::Api, None, now)?;
+        let job = app.scheduler.submit_as(req, JobOrigin::Api, None, Some(who.clone()), now)?;
         audit(app.store.as_ref(), &who, "job_submit", &job, job.path.clone(), now);
         tracing::info!(job_id = %job.id, site = %job.site, priority = job.priority.as_str(), who = %who, "job submitted");
         Ok(job)

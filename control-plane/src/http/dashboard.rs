@@ -335,8 +335,10 @@ pub(crate) async fn job_page(
     let job = store.get_job(id)?.ok_or_else(|| AppError::NotFound(format!("job {id}")))?;
     let digest = store.get_digest(id)?.map(|d| DigestView::new(&d));
     let scheduler = state.app.scheduler.as_ref();
+    let custody = super::custody::CustodyView::new(&super::custody::custody_of(store, &job)?);
     let row = JobRow::new(&job, crate::now_ms()).with_pending_reason(pending_reason(scheduler, &job));
-    let page = JobPage { me: Me::of(&session), job: row, max_attempts: scheduler.policy().max_attempts, digest };
+    let page =
+        JobPage { me: Me::of(&session), job: row, max_attempts: scheduler.policy().max_attempts, digest, custody };
     Ok(Page(page).into_response())
 }
 

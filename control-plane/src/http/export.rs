@@ -612,6 +612,9 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             finished_at_ms: Some(0),
+            custody: None,
+            submitted_by: None,
+            history: Vec::new(),
         }
     }
 

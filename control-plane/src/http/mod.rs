@@ -31,6 +31,7 @@ mod api;
 pub(crate) use api::{agent_value, job_value};
 mod audit;
 mod auth;
+mod custody;
 mod dashboard;
 mod drain;
 mod export;
@@ -154,6 +155,7 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::POST, "/api/v1/jobs/{id}/cancel", OPERATE, |m| on(m, api::cancel_job)),
     route(Method::POST, "/api/v1/jobs/{id}/retry", OPERATE, |m| on(m, api::retry_job)),
     route(Method::GET, "/api/v1/jobs/{id}/export", VIEW, |m| on(m, export::api_export)),
+    route(Method::GET, "/api/v1/jobs/{id}/custody", VIEW, |m| on(m, custody::api_custody)),
     route(Method::GET, "/api/v1/audit", AUDIT, |m| on(m, audit::api_list)),
     // The OpenAPI 3.1 description of the routes above (http::openapi): public, it describes the
     // API and holds nothing about the fleet.

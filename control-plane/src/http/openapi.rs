@@ -57,6 +57,7 @@ const SESSION_COOKIE: &str = "session_cookie";
         super::api::cancel_job,
         super::api::retry_job,
         super::export::api_export,
+        super::custody::api_custody,
         super::audit::api_list,
     ),
     components(schemas(ErrorBody)),

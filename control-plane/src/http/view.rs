@@ -671,6 +671,8 @@ pub(crate) struct JobPage {
     /// Attempts allowed before the job fails for good (`--max-attempts`).
     pub max_attempts: u32,
     pub digest: Option<DigestView>,
+    /// The "Chain of custody" section.
+    pub custody: super::custody::CustodyView,
 }
 
 /// An option of the agent select.

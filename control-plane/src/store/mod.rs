@@ -1128,6 +1128,51 @@ pub struct JobRecord {
     pub updated_at_ms: UnixMs,
     /// When it finished.
     pub finished_at_ms: Option<UnixMs>,
+    /// The media file's chain of custody as its agent reported it (`AgentMessage::Custody`, protocol 6);
+    /// `None` until reported, and for jobs run by agents that speak an older protocol.
+    #[serde(default)]
+    pub custody: Option<MediaCustody>,
+    /// Who submitted it: `token:NAME` (API token), `user:NAME` (dashboard or API user), or
+    /// `watch folder of agent ID`; `None` for jobs stored before this was recorded.
+    #[serde(default)]
+    pub submitted_by: Option<String>,
+    /// Every state change, oldest first, appended by [`crate::jobs::transition`]; at most
+    /// [`JOB_HISTORY_MAX`] entries (the oldest are dropped). Creation (queued at `created_at_ms`) is not
+    /// an entry.
+    #[serde(default)]
+    pub history: Vec<StateChange>,
+}
+
+/// Most entries [`JobRecord::history`] keeps (64); older ones are dropped.
+pub const JOB_HISTORY_MAX: usize = 64;
+
+/// What an agent read of a job's media file, hashed on its box (never the content).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaCustody {
+    /// SHA-256 of the file's bytes, 64 lowercase hex characters.
+    pub sha256: String,
+    /// Size of the file, bytes.
+    pub size_bytes: u64,
+    /// The file's modification time, seconds since the Unix epoch (`None` where the agent's file
+    /// system does not say).
+    pub modified_unix_secs: Option<i64>,
+    /// The agent that hashed it (the lease holder).
+    pub agent: AgentId,
+    /// When the control plane recorded it, Unix ms.
+    pub recorded_at_ms: UnixMs,
+}
+
+/// One state change of a job ([`JobRecord::history`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// The state entered.
+    pub state: JobState,
+    /// When, Unix ms.
+    pub at_ms: UnixMs,
+    /// The agent holding or finishing the job after the change, if any.
+    pub agent: Option<AgentId>,
+    /// Why (the failure or requeue reason), if the change has one.
+    pub reason: Option<String>,
 }
 
 /// Which jobs [`Store::list_jobs`] returns.

@@ -1864,6 +1864,9 @@ mod tests {
             created_at_ms,
             updated_at_ms: created_at_ms,
             finished_at_ms: None,
+            custody: None,
+            submitted_by: None,
+            history: Vec::new(),
         }
     }
 

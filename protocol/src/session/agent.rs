@@ -157,7 +157,7 @@ pub enum AgentEvent {
 #[derive(Debug)]
 enum State {
     AwaitingWelcome { deadline: Option<Instant> },
-    Up { interval: Duration, interval_secs: u32, next_heartbeat: Option<Instant> },
+    Up { interval: Duration, interval_secs: u32, next_heartbeat: Option<Instant>, protocol_version: u16 },
     Closed,
 }
 
@@ -318,13 +318,14 @@ impl AgentSession {
     /// again after writing what `poll_transmit` gives), [`SessionError::WindowFull`],
     /// [`SessionError::OutOfOrder`], [`SessionError::NotUp`], [`SessionError::Closed`],
     /// [`SessionError::NotAllowed`] for Hello and Heartbeat (the session sends those),
-    /// [`SessionError::Codec`] when the entry exceeds `frame_bytes_max`.
+    /// [`SessionError::Codec`] when the entry exceeds `frame_bytes_max`, [`SessionError::PeerTooOld`] for a
+    /// message the agreed protocol version does not have (the entry counts as sent; drop it).
     pub fn send_outbox(&mut self, seq: u64, msg: AgentMessage) -> Result<(), SessionError> {
-        match self.state {
-            State::Up { .. } => {}
+        let agreed = match self.state {
+            State::Up { protocol_version, .. } => protocol_version,
             State::Closed => return Err(SessionError::Closed),
             State::AwaitingWelcome { .. } => return Err(SessionError::NotUp),
-        }
+        };
         if matches!(msg, AgentMessage::Hello { .. } | AgentMessage::Heartbeat(_)) {
             return Err(SessionError::NotAllowed("the session sends Hello and heartbeats itself"));
         }
@@ -333,6 +334,14 @@ impl AgentSession {
         }
         if self.inflight.len() >= self.cfg.inflight_max {
             return Err(SessionError::WindowFull { inflight_max: self.cfg.inflight_max });
+        }
+        let needed = match msg {
+            AgentMessage::Custody { .. } => crate::version::CUSTODY_PROTOCOL_VERSION,
+            _ => PROTOCOL_VERSION_MIN,
+        };
+        if agreed < needed {
+            self.last_sent = seq;
+            return Err(SessionError::PeerTooOld { seq, needed, agreed });
         }
         let frame =
             encode_frame(&AgentEnvelope { agent_id: self.cfg.agent_id, seq, body: msg }, self.cfg.frame_bytes_max)?;
@@ -423,7 +432,8 @@ impl AgentSession {
                 }
                 let interval_secs = heartbeat_interval_secs.max(1);
                 let interval = Duration::from_secs(u64::from(interval_secs));
-                self.state = State::Up { interval, interval_secs, next_heartbeat: now.checked_add(interval) };
+                self.state =
+                    State::Up { interval, interval_secs, next_heartbeat: now.checked_add(interval), protocol_version };
                 self.events.push_back(AgentEvent::Welcomed {
                     protocol_version,
                     server_version,

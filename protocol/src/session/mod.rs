@@ -200,6 +200,18 @@ pub enum SessionError {
     /// Welcome); the text says what to call instead.
     #[error("not allowed: {0}")]
     NotAllowed(&'static str),
+    /// Agent: the control plane agreed a protocol version older than the one this message needs
+    /// (e.g. `Custody` over a link that agreed less than 6). Nothing was sent, but the sequence number
+    /// counts as sent on this session: delete the entry from the outbox (the peer cannot take it).
+    #[error("outbox entry {seq} needs protocol {needed}; the control plane agreed {agreed}")]
+    PeerTooOld {
+        /// The skipped sequence number.
+        seq: u64,
+        /// The protocol version the message needs.
+        needed: u16,
+        /// The version agreed with the control plane.
+        agreed: u16,
+    },
     /// The session is closed.
     #[error("the session is closed")]
     Closed,
