@@ -35,7 +35,7 @@ pub use codec::{encode_frame, CodecError, FrameDecoder, FRAME_BYTES_MAX_DEFAULT,
 pub use messages::{AgentEnvelope, AgentMessage, ControlMessage};
 pub use version::{
     negotiate, VersionError, CUSTODY_PROTOCOL_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
-    RELEASE_KEY_PROTOCOL_VERSION, UPDATE_PROTOCOL_VERSION,
+    RELEASE_KEY_PROTOCOL_VERSION, UPDATE_PROTOCOL_VERSION, XID_PROTOCOL_VERSION,
 };
 
 /// ALPN protocol id of the authenticated (mutual TLS) agent link.

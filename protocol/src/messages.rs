@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::digest::Digest;
-use crate::health::{GpuInfo, Health};
+use crate::health::{GpuInfo, GpuXidCount, Health};
 use crate::version::VersionRange;
 
 /// Identifies a job across agent, control plane and API.
@@ -227,6 +227,16 @@ pub enum AgentMessage {
         /// does not say).
         modified_unix_secs: Option<i64>,
     },
+    /// Critical XID errors per GPU (protocol 6, [`crate::XID_PROTOCOL_VERSION`]): one entry per GPU the
+    /// agent watches with NVML's critical-XID event set, in NVML index order, zero counts included; counts
+    /// are since the agent started, so they drop to 0 when it restarts (a counter reset). Sent when the
+    /// counts change and once per connection, kept in the outbox like a report (a later one replaces an
+    /// earlier one); never sent over a link that agreed less than 6 (the session drops it there). The
+    /// control plane refuses a list longer than its per-report GPU bound (64) or naming a GPU index twice.
+    GpuXidErrors {
+        /// Per-GPU counts, at most one entry per NVML index.
+        counts: Vec<GpuXidCount>,
+    },
 }
 
 impl AgentMessage {
@@ -244,6 +254,7 @@ impl AgentMessage {
             AgentMessage::CertificateRequest { .. } => "certificate_request",
             AgentMessage::UpdateReport(_) => "update_report",
             AgentMessage::Custody { .. } => "custody",
+            AgentMessage::GpuXidErrors { .. } => "gpu_xid_errors",
         }
     }
 }

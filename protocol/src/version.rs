@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this build speaks natively (the highest it supports).
 ///
 /// 6 adds messages that only a peer agreeing 6 is sent (each listed at its constant below):
-/// `AgentMessage::Custody` ([`CUSTODY_PROTOCOL_VERSION`]).
+/// `AgentMessage::Custody` ([`CUSTODY_PROTOCOL_VERSION`]) and `AgentMessage::GpuXidErrors`
+/// ([`XID_PROTOCOL_VERSION`]).
 /// 5 added self-update: `ControlMessage::{Update, UpdateWithdrawn}`, `AgentMessage::UpdateReport` and
 /// the release fetch stream (`release_fetch`); a control plane orders updates only from agents that
 /// agreed 5.
@@ -23,6 +24,10 @@ pub const PROTOCOL_VERSION: u16 = 6;
 /// The first protocol version with chain of custody (`AgentMessage::Custody`): an agent sends it only
 /// over a link that agreed at least this version, and drops it unsent over an older one.
 pub const CUSTODY_PROTOCOL_VERSION: u16 = 6;
+/// The first protocol version with per-GPU critical XID error counts (`AgentMessage::GpuXidErrors`): an
+/// agent sends them only over a link that agreed at least this version, and drops them unsent over an
+/// older one.
+pub const XID_PROTOCOL_VERSION: u16 = 6;
 /// The first protocol version with self-update (`ControlMessage::Update`, the release fetch stream).
 pub const UPDATE_PROTOCOL_VERSION: u16 = 5;
 /// The first protocol version that carries the release public key (`ControlMessage::ReleaseKey`,

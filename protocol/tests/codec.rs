@@ -202,6 +202,14 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
                 modified_unix_secs
             }
         ),
+        prop::collection::vec((any::<u32>(), any::<u64>(), proptest::option::of(any::<u64>())), 0..4).prop_map(
+            |counts| AgentMessage::GpuXidErrors {
+                counts: counts
+                    .into_iter()
+                    .map(|(index, errors, last_xid)| GpuXidCount { index, errors, last_xid })
+                    .collect()
+            }
+        ),
     ]
 }
 
@@ -278,6 +286,33 @@ proptest! {
         let back: Digest = serde_json::from_str(&json).unwrap();
         prop_assert_eq!(back, d);
     }
+}
+
+/// Protocol 6 appended `GpuXidErrors` after `Custody`: the variants older peers know keep their bincode
+/// tags (a protocol-5 control plane still reads every message it was ever sent), and the new one is
+/// tag 11.
+#[test]
+fn gpu_xid_errors_is_appended_without_moving_older_tags() {
+    let tag = |msg: &AgentMessage| encode_frame(msg, FRAME_BYTES_MAX_DEFAULT).unwrap()[4];
+    assert_eq!(tag(&AgentMessage::JobAccepted { job_id: Uuid::nil(), lease_id: 1 }), 2);
+    let custody = AgentMessage::Custody {
+        job_id: Uuid::nil(),
+        lease_id: 1,
+        sha256: "ab".repeat(32),
+        size_bytes: 1,
+        modified_unix_secs: None,
+    };
+    assert_eq!(tag(&custody), 10);
+    let xid = AgentMessage::GpuXidErrors {
+        counts: vec![
+            GpuXidCount { index: 0, errors: 0, last_xid: None },
+            GpuXidCount { index: 1, errors: 3, last_xid: Some(79) },
+        ],
+    };
+    assert_eq!(tag(&xid), 11);
+    assert_eq!(xid.kind(), "gpu_xid_errors");
+    let frame = encode_frame(&xid, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    assert_eq!(decode_payload::<AgentMessage>(&frame[4..]).unwrap(), xid);
 }
 
 fn ack_frame() -> Vec<u8> {

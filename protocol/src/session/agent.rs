@@ -337,6 +337,7 @@ impl AgentSession {
         }
         let needed = match msg {
             AgentMessage::Custody { .. } => crate::version::CUSTODY_PROTOCOL_VERSION,
+            AgentMessage::GpuXidErrors { .. } => crate::version::XID_PROTOCOL_VERSION,
             _ => PROTOCOL_VERSION_MIN,
         };
         if agreed < needed {
