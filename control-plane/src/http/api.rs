@@ -303,7 +303,7 @@ pub(crate) fn jobs_running_of(store: &dyn Store, agents: &[AgentId]) -> Result<H
 #[allow(dead_code)] // read by utoipa only: the handlers take the raw string and answer 400 themselves
 pub(crate) struct AgentIdParam {
     /// The agent's id.
-    #[param(value_type = String, format = Uuid)]
+    #[param(value_type = String, format = Uuid, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     id: AgentId,
 }
 
@@ -313,7 +313,7 @@ pub(crate) struct AgentIdParam {
 #[allow(dead_code)] // read by utoipa only: the handlers take the raw string and answer 400 themselves
 pub(crate) struct JobIdParam {
     /// The job's id.
-    #[param(value_type = String, format = Uuid)]
+    #[param(value_type = String, format = Uuid, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     id: JobId,
 }
 

@@ -40,8 +40,8 @@ pub(crate) const FLEET_AUDIT_MAX: usize = 5;
 pub(crate) const AUDIT_API_LIMIT_DEFAULT: usize = 100;
 /// Largest `limit` of `GET /api/v1/audit`.
 pub(crate) const AUDIT_API_LIMIT_MAX: usize = 1000;
-/// Longest accepted `actor` or `action` filter, bytes.
-const FILTER_BYTES_MAX: usize = 256;
+/// Longest accepted `actor` or `action` filter, characters (the description's `maxLength`).
+const FILTER_CHARS_MAX: usize = 256;
 
 /// One audit entry, ready to show.
 pub(crate) struct AuditRow {
@@ -84,13 +84,13 @@ impl AuditRow {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct AuditFilter {
-    /// Only entries whose actor is exactly this (`alice`, `token:ci`, `agent <uuid>`); at most 256 bytes.
+    /// Only entries whose actor is exactly this (`alice`, `token:ci`, `agent <uuid>`); at most 256 characters.
     #[serde(default, skip_serializing_if = "blank")]
-    #[param(max_length = 64)]
+    #[param(max_length = 256)]
     actor: Option<String>,
-    /// Only entries with this action (`login_failed`, `job_submitted`, …); at most 256 bytes.
+    /// Only entries with this action (`login_failed`, `job_submitted`, …); at most 256 characters.
     #[serde(default, skip_serializing_if = "blank")]
-    #[param(max_length = 64)]
+    #[param(max_length = 256)]
     action: Option<String>,
     /// Only entries concerning this agent (a UUID; empty: any).
     #[serde(default, skip_serializing_if = "blank")]
@@ -136,12 +136,11 @@ impl AuditFilter {
     /// [`AppError::BadRequest`] naming the bad field.
     fn query(&self, limit_default: usize, limit_max: usize, now_ms: UnixMs) -> Result<AuditQuery, AppError> {
         let text = |v: &Option<String>, name: &str| -> Result<Option<String>, AppError> {
-            match field(v) {
-                Some(s) if s.len() > FILTER_BYTES_MAX => {
-                    Err(AppError::BadRequest(format!("{name} is longer than {FILTER_BYTES_MAX} bytes")))
-                }
-                other => Ok(other.map(str::to_owned)),
+            // Measured as sent (before trimming), as the description's maxLength is.
+            if v.as_deref().is_some_and(|s| s.chars().count() > FILTER_CHARS_MAX) {
+                return Err(AppError::BadRequest(format!("{name} is longer than {FILTER_CHARS_MAX} characters")));
             }
+            Ok(field(v).map(str::to_owned))
         };
         let id = |v: &Option<String>, name: &str| -> Result<Option<uuid::Uuid>, AppError> {
             field(v).map(|s| parse_id(s, name)).transpose()
@@ -156,11 +155,9 @@ impl AuditFilter {
                 })
                 .transpose()
         };
-        let since_ms = match (number(&self.since_ms, "since_ms")?, field(&self.since)) {
-            (Some(ms), _) => Some(ms),
-            (None, Some(since)) => Some(parse_since(since, now_ms)?),
-            (None, None) => None,
-        };
+        // A bad `since` is refused even when `since_ms` (which wins) is given.
+        let since = field(&self.since).map(|since| parse_since(since, now_ms)).transpose()?;
+        let since_ms = number(&self.since_ms, "since_ms")?.or(since);
         let limit = match number(&self.limit, "limit")? {
             Some(0) => return Err(AppError::BadRequest(format!("limit must be 1..={limit_max}"))),
             Some(n) => usize::try_from(n).unwrap_or(usize::MAX).min(limit_max),
@@ -364,5 +361,24 @@ mod tests {
             ..AuditFilter::default()
         };
         assert_eq!(filter.next_url("/audit", 42), "/audit?actor=uid+1000+%28alice%29&after=42");
+    }
+
+    #[test]
+    fn filters_are_limited_in_characters_as_sent() {
+        let with_actor = |actor: String| AuditFilter { actor: Some(actor), ..AuditFilter::default() };
+        let query = |f: AuditFilter| f.query(100, 1000, 0);
+        // 256 four-byte characters are within the limit; one more character (or padding) is not.
+        assert_eq!(query(with_actor("🎬".repeat(256))).map(|q| q.actor).ok(), Some(Some("🎬".repeat(256))));
+        assert!(matches!(query(with_actor("a".repeat(257))), Err(AppError::BadRequest(m)) if m.contains("actor")));
+        assert!(query(with_actor(" ".repeat(257))).is_err(), "blank padding past the limit is refused too");
+        assert_eq!(query(with_actor(" ".repeat(3))).map(|q| q.actor).ok(), Some(None));
+        // `since_ms` wins over `since`, but a malformed `since` beside it is still refused.
+        let both = |since: &str| AuditFilter {
+            since_ms: Some("5".into()),
+            since: Some(since.into()),
+            ..AuditFilter::default()
+        };
+        assert_eq!(query(both("24h")).map(|q| q.since_ms).ok(), Some(Some(5)));
+        assert!(matches!(query(both("last tuesday")), Err(AppError::BadRequest(_))));
     }
 }
