@@ -16,13 +16,17 @@
 //!   not its own.
 //! * Messages of one agent are ingested one at a time (a per-agent lock), so a reconnecting agent
 //!   whose old connection is still draining cannot interleave two copies of its outbox.
+//! * GPU XID counts (`AgentMessage::GpuXidErrors`, protocol 6) commit only the watermark; once
+//!   committed they replace the agent's counts on `/metrics` (in memory: the agent sends them again on
+//!   every connection). A list over [`HEALTH_LIST_MAX`] GPUs or with a GPU index twice is refused
+//!   like a malformed report.
 //! * `seq == 0` marks messages the agent does not keep (heartbeats): stored (bounded), never
 //!   acknowledged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use gaffer_protocol::health::{Health, HealthSource};
+use gaffer_protocol::health::{GpuXidCount, Health, HealthSource};
 use gaffer_protocol::messages::{AgentId, AgentMessage, JobId};
 use gaffer_protocol::AgentEnvelope;
 
@@ -166,6 +170,14 @@ impl Ingest {
                     commit.audit.push(self.audit(agent, Some(*job_id), "refuse_report", &reason, now_ms));
                     refused = Some(reason);
                 }
+                AgentMessage::GpuXidErrors { counts } => {
+                    // Nothing but the watermark is stored: the counts go to `/metrics` once committed.
+                    if let Err(reason) = check_xid_counts(counts) {
+                        self.state.metrics.report_refused("malformed");
+                        commit.audit.push(self.audit(agent, None, "refuse_report", &reason, now_ms));
+                        refused = Some(reason);
+                    }
+                }
                 _ => {
                     let (job_id, lease_id, report) = report_of(msg)?;
                     let digest = match msg {
@@ -227,6 +239,11 @@ impl Ingest {
                         tracing::error!(agent_id = %agent, error = %e, "could not apply the update report to its rollout");
                     }
                 }
+            }
+            if let AgentMessage::GpuXidErrors { counts } = msg {
+                let errors: u64 = counts.iter().map(|c| c.errors).fold(0, u64::saturating_add);
+                tracing::debug!(agent_id = %agent, seq, gpus = counts.len(), errors, "GPU XID counts");
+                self.state.metrics.agents().xid_errors(agent, counts);
             }
             if let Some(job) = &commit.new_job {
                 tracing::info!(job_id = %job.id, path = %job.path, "watch-folder job queued");
@@ -306,6 +323,22 @@ fn report_of(msg: &AgentMessage) -> Result<(JobId, u64, Report), IngestError> {
     })
 }
 
+/// Checks an agent's XID counts before they reach `/metrics`: at most [`HEALTH_LIST_MAX`] GPUs, each
+/// NVML index once (two entries for one index would render one series twice).
+///
+/// # Errors
+/// The refusal's reason, for the agent and the audit log.
+fn check_xid_counts(counts: &[GpuXidCount]) -> Result<(), String> {
+    if counts.len() > HEALTH_LIST_MAX {
+        return Err(format!("GPU XID counts refused: {} GPUs, at most {HEALTH_LIST_MAX}", counts.len()));
+    }
+    let mut seen = HashSet::with_capacity(counts.len());
+    match counts.iter().find(|c| !seen.insert(c.index)) {
+        Some(c) => Err(format!("GPU XID counts refused: GPU index {} listed twice", c.index)),
+        None => Ok(()),
+    }
+}
+
 /// Whether `s` is a SHA-256 as the protocol sends it: 64 lowercase hex characters.
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -357,4 +390,88 @@ pub fn truncate(s: &str, max_bytes: usize) -> String {
         end -= 1;
     }
     s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::SchedulerConfig;
+    use crate::store::sled_store::SledStore;
+    use crate::store::AgentRecord;
+    use gaffer_protocol::health::GpuInfo;
+    use gaffer_protocol::messages::Capabilities;
+
+    fn xid(counts: &[(u32, u64, Option<u64>)]) -> AgentMessage {
+        AgentMessage::GpuXidErrors {
+            counts: counts.iter().map(|&(index, errors, last_xid)| GpuXidCount { index, errors, last_xid }).collect(),
+        }
+    }
+
+    fn gpu(index: u32) -> GpuInfo {
+        GpuInfo { index, name: "NVIDIA H200".into(), uuid: format!("GPU-{index}"), memory_total_bytes: 141 << 30 }
+    }
+
+    /// GPU XID counts from the link or a bundle end up on `/metrics` as `gaffer_gpu_xid_errors_total`
+    /// with the GPU's name and UUID from the Hello; a redelivery changes nothing, an oversized list or
+    /// one naming a GPU twice is refused (audited, counted) and leaves the last good counts in place.
+    #[test]
+    fn xid_counts_reach_metrics_and_bad_lists_are_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(dir.path())?);
+        let state = AppState::new(store.clone(), SchedulerConfig::default());
+        let agent_id = uuid::Uuid::from_u128(7);
+        let mut rec = AgentRecord::new(agent_id, "stage-a", "box-0", 0);
+        rec.capabilities = Some(Capabilities {
+            gpus: vec![gpu(0), gpu(1)],
+            volumes: Vec::new(),
+            watch_roots: Vec::new(),
+            job_slots: 1,
+            profiles: Vec::new(),
+            models: Vec::new(),
+        });
+        store.insert_agent(&rec)?;
+        state.metrics.agents().agent_seen(&rec);
+        let ingest = Ingest::new(state.clone());
+        let env = |seq, body| AgentEnvelope { agent_id, seq, body };
+        let series = |index: u32, n: u64| {
+            format!(
+                "gaffer_gpu_xid_errors_total{{agent_id=\"{agent_id}\",agent_name=\"box-0\",site=\"stage-a\",\
+                 gpu=\"{index}\",gpu_name=\"NVIDIA H200\",gpu_uuid=\"GPU-{index}\"}} {n}\n"
+            )
+        };
+
+        let now_ms = 1_700_000_000_000;
+        assert_eq!(ingest.ingest(agent_id, env(1, xid(&[(0, 0, None), (1, 3, Some(79))])), now_ms)?, Ingested::Applied);
+        let text = state.metrics.encode(store.as_ref());
+        assert!(text.contains(&series(0, 0)), "{text}");
+        assert!(text.contains(&series(1, 3)), "{text}");
+
+        let redelivered = ingest.ingest(agent_id, env(1, xid(&[(0, 9, Some(13)), (1, 9, Some(13))])), now_ms)?;
+        assert_eq!(redelivered, Ingested::Duplicate);
+        let too_many: Vec<_> = (0..=HEALTH_LIST_MAX as u32).map(|i| (i, 1, Some(48))).collect();
+        let Ingested::Refused(reason) = ingest.ingest(agent_id, env(2, xid(&too_many)), now_ms)? else {
+            anyhow::bail!("an oversized list was not refused");
+        };
+        assert!(reason.contains("65 GPUs, at most 64"), "{reason}");
+        let Ingested::Refused(reason) = ingest.ingest(agent_id, env(3, xid(&[(1, 4, None), (1, 5, None)])), now_ms)?
+        else {
+            anyhow::bail!("a GPU listed twice was not refused");
+        };
+        assert!(reason.contains("index 1 listed twice"), "{reason}");
+        let text = state.metrics.encode(store.as_ref());
+        assert!(text.contains(&series(1, 3)), "the refused and redelivered lists changed nothing:\n{text}");
+        assert!(!text.contains("gpu=\"64\""), "{text}");
+        assert!(text.contains("gaffer_agent_reports_refused_total{reason=\"malformed\"} 2\n"), "{text}");
+        let refusals = store.list_audit(10)?.into_iter().filter(|a| a.action == "refuse_report").count();
+        assert_eq!(refusals, 2);
+
+        assert_eq!(
+            ingest.ingest(agent_id, env(4, xid(&[(0, 1, Some(79)), (1, 3, Some(79))])), now_ms)?,
+            Ingested::Applied
+        );
+        let text = state.metrics.encode(store.as_ref());
+        assert!(text.contains(&series(0, 1)), "{text}");
+        assert_eq!(store.last_applied_seq(agent_id)?, Some(4));
+        Ok(())
+    }
 }
