@@ -37,14 +37,21 @@
 //! new certificate leaves the outbox, the job queue and running jobs alone: the next Hello lists
 //! the held jobs and the outbox is sent again from its start. With an expired certificate the agent
 //! logs the `gaffer-agent enroll --renew` command to run and keeps trying once a minute.
+//!
+//! **GPU XID errors.** [`run_link`] starts the sampler's XID watcher
+//! ([`HealthSampler::watch_xid_errors`]). On a connection that agreed
+//! [`gaffer_protocol::XID_PROTOCOL_VERSION`] or later the driver queues the counts in the outbox
+//! once after the Welcome (when the agent has GPUs) and then at a heartbeat tick whenever they
+//! changed ([`xid_report`]), so at most one report per heartbeat interval; over an older link none
+//! is queued, and one left in the outbox from a newer link is dropped by the session unsent.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gaffer_protocol::health::Health;
-use gaffer_protocol::messages::{AgentId, Assignment, Capabilities, JobId};
+use gaffer_protocol::health::{GpuXidCount, Health};
+use gaffer_protocol::messages::{AgentId, AgentMessage, Assignment, Capabilities, JobId};
 use gaffer_protocol::session::{AgentEvent, AgentSession, AgentSessionConfig, CloseReason, SessionError};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -53,7 +60,7 @@ use tracing::Instrument as _;
 
 use crate::credentials::{self, CertPair, Credentials, Slot};
 use crate::datadir::{AgentIdentity, DataDir};
-use crate::health::HealthSampler;
+use crate::health::{HealthSampler, XidCounts};
 use crate::outbox::Outbox;
 use crate::runner::Runner;
 use crate::AgentError;
@@ -338,6 +345,16 @@ pub async fn run_link(
     let mut failed_in_round = 0usize;
     let mut renewal = Renewal::default();
     let mut backoff = RECONNECT_BACKOFF_MIN;
+    // NVML registration blocks (briefly): not on an async worker.
+    let xid = {
+        let health = health.clone();
+        tokio::task::spawn_blocking(move || health.lock().unwrap_or_else(|p| p.into_inner()).watch_xid_errors(agent_id))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "starting the XID watcher failed; GPU XID errors are not reported");
+                XidCounts::default()
+            })
+    };
     loop {
         let (control_addr, server_name) = &targets[target % targets.len()];
         status.set_control_addr(control_addr);
@@ -382,6 +399,7 @@ pub async fn run_link(
                 outbox: &outbox,
                 runner: &runner,
                 health: &health,
+                xid: &xid,
                 status: &status,
             };
             let result = session(ctx, creds, &mut renewal).await;
@@ -478,6 +496,7 @@ struct SessionCtx<'a> {
     outbox: &'a Outbox,
     runner: &'a Arc<Runner>,
     health: &'a Arc<Mutex<HealthSampler>>,
+    xid: &'a XidCounts,
     status: &'a LinkStatus,
 }
 
@@ -563,6 +582,8 @@ async fn session(
         jobs,
         outbox: ctx.outbox,
         health: ctx.health,
+        xid: ctx.xid,
+        xid_queued: None,
         runner: ctx.runner,
         status: ctx.status,
         control_addr,
@@ -652,6 +673,10 @@ struct Pump<'a> {
     jobs: mpsc::Sender<JobCommand>,
     outbox: &'a Outbox,
     health: &'a Arc<Mutex<HealthSampler>>,
+    /// The GPUs' XID counts (the sampler's watcher records them).
+    xid: &'a XidCounts,
+    /// The XID counts this connection last queued in the outbox (None before the first).
+    xid_queued: Option<Vec<GpuXidCount>>,
     runner: &'a Arc<Runner>,
     status: &'a LinkStatus,
     control_addr: &'a str,
@@ -697,6 +722,7 @@ impl Pump<'_> {
                         self.welcomed = true;
                         self.protocol_version = protocol_version;
                         outbox_dirty = true;
+                        self.queue_xid_counts().await;
                         if self.cert.slot == Slot::Next {
                             self.promote().await;
                         }
@@ -720,6 +746,7 @@ impl Pump<'_> {
                         if sampling.is_none() {
                             sampling = Some(self.sample_health());
                         }
+                        self.queue_xid_counts().await;
                         self.maybe_renew("half its lifetime has passed").await;
                     }
                     AgentEvent::Closed { reason } => return self.close(held_chunk.take(), reason).await,
@@ -881,6 +908,25 @@ impl Pump<'_> {
             }
         }
         Ok(false)
+    }
+
+    /// Queues the GPUs' XID counts in the outbox when [`xid_report`] says so. A failed push is logged
+    /// and tried again at the next heartbeat tick.
+    async fn queue_xid_counts(&mut self) {
+        let counts = self.xid.counts();
+        let Some(msg) = xid_report(self.protocol_version, &counts, self.xid_queued.as_deref()) else { return };
+        let outbox = self.outbox.clone();
+        // The push fsyncs: not on an async worker.
+        match tokio::task::spawn_blocking(move || outbox.push(&msg)).await {
+            Ok(Ok(seq)) => {
+                tracing::debug!(seq, gpus = counts.len(), "GPU XID counts queued");
+                self.xid_queued = Some(counts);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not queue the GPU XID counts; trying at the next heartbeat")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not queue the GPU XID counts; trying at the next heartbeat"),
+        }
     }
 
     fn sample_health(&self) -> tokio::task::JoinHandle<Health> {
@@ -1069,5 +1115,50 @@ impl Pump<'_> {
             Ok(Err(e)) => tracing::warn!(error = %e, "refused the control plane's trust bundle; keeping ca.pem"),
             Err(e) => tracing::warn!(error = %e, "storing the trust bundle failed"),
         }
+    }
+}
+
+/// The GPU XID report to queue now on a connection that agreed `protocol_version`, given the
+/// `counts` now and what this connection `queued` last (None before its first): the counts when the
+/// link speaks [`gaffer_protocol::XID_PROTOCOL_VERSION`] or later, the agent has GPUs that report
+/// XID events, and the counts differ from `queued`. None otherwise — in particular always over an
+/// older link, which could not decode the message.
+pub fn xid_report(
+    protocol_version: u16,
+    counts: &[GpuXidCount],
+    queued: Option<&[GpuXidCount]>,
+) -> Option<AgentMessage> {
+    if protocol_version < gaffer_protocol::XID_PROTOCOL_VERSION || counts.is_empty() || queued == Some(counts) {
+        return None;
+    }
+    Some(AgentMessage::GpuXidErrors { counts: counts.to_vec() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::XidTally;
+
+    #[test]
+    fn xid_counts_go_once_per_connection_and_on_change_over_protocol_6_only() {
+        let mut tally = XidTally::new([0, 1]);
+        let zero = tally.counts();
+        let v6 = gaffer_protocol::XID_PROTOCOL_VERSION;
+        let v5 = gaffer_protocol::UPDATE_PROTOCOL_VERSION;
+
+        // First report of a connection: the zero counts too, so the series exist from the start.
+        assert_eq!(xid_report(v6, &zero, None), Some(AgentMessage::GpuXidErrors { counts: zero.clone() }));
+        assert_eq!(xid_report(v6, &zero, Some(&zero)), None, "unchanged: nothing at the next heartbeat");
+        assert_eq!(xid_report(v5, &zero, None), None, "never over a protocol-5 link");
+
+        tally.record(1, 79);
+        let after = tally.counts();
+        let Some(AgentMessage::GpuXidErrors { counts }) = xid_report(v6, &after, Some(&zero)) else {
+            panic!("a change on a protocol-6 link is sent");
+        };
+        assert_eq!(counts[1], GpuXidCount { index: 1, errors: 1, last_xid: Some(79) });
+        assert_eq!(xid_report(v5, &after, Some(&zero)), None, "not even a change over protocol 5");
+        assert_eq!(xid_report(v6, &[], None), None, "an agent without GPUs sends nothing");
+        assert_eq!(xid_report(0, &after, None), None, "nothing before the Welcome");
     }
 }
