@@ -25,7 +25,7 @@
 //! | `gaffer_gpu_memory_used_bytes`, `gaffer_gpu_memory_total_bytes` | gauge | same |
 //! | `gaffer_gpu_temperature_celsius` | gauge | same |
 //! | `gaffer_gpu_power_watts` | gauge | same (absent when the board reports no power) |
-//! | `gaffer_gpu_xid_errors_total` | counter | same; critical XID errors since the agent started (protocol 6 agents only) |
+//! | `gaffer_gpu_xid_errors_total` | counter | same; critical XID errors since the agent started (protocol 6 agents, GPUs that report XID events; from `AgentMessage::GpuXidErrors`) |
 //!
 //! The health numbers are those of the agent's last heartbeat; an agent that has not sent one
 //! since this control plane started has only `connected` (and `last_heartbeat` from the store).
