@@ -80,9 +80,11 @@ fn the_agent_sends_no_media_content_over_the_link() -> anyhow::Result<()> {
         kinds.insert(env.body.kind());
         payloads.push(payload);
     }
-    let allowed: HashSet<&str> = ["hello", "heartbeat", "job_accepted", "progress", "digest"].into();
+    // Custody is the file's SHA-256, size and mtime; XID counts are per-GPU numbers: metadata too.
+    let allowed: HashSet<&str> =
+        ["hello", "heartbeat", "job_accepted", "progress", "custody", "digest", "gpu_xid_errors"].into();
     assert!(kinds.is_subset(&allowed), "unexpected message kinds {kinds:?}");
-    assert!(kinds.contains("digest") && kinds.contains("hello"), "{kinds:?}");
+    assert!(kinds.contains("digest") && kinds.contains("hello") && kinds.contains("custody"), "{kinds:?}");
 
     let mut file = Vec::new();
     std::fs::File::open(&path)?.read_to_end(&mut file)?;
