@@ -790,6 +790,57 @@ async fn job_page_shows_the_digest_shot_list() -> Result<()> {
     Ok(())
 }
 
+/// WCAG 2.2.1: every self-reloading page has a control that pauses the reloads, which comes back
+/// to the same page (filters kept) and holds on every live page until resumed.
+#[tokio::test]
+async fn auto_refresh_can_be_paused_and_resumed_from_each_live_page() -> Result<()> {
+    let f = Fixture::new()?;
+    let session = format!("gaffer_session={}", f.login().await?);
+    let job = f.submit("/mnt/media/refresh.mp4")?;
+    let live = [
+        "/".to_string(),
+        "/jobs?state=queued".into(),
+        format!("/agents/{}", f.agent_id),
+        "/rollouts".into(),
+        format!("/jobs/{}", job.id),
+    ];
+    for page in &live {
+        let html = text(f.send(get(page, Some(&session))).await?).await?;
+        assert!(html.contains(r#"<meta http-equiv="refresh""#), "{page} reloads itself");
+        assert!(html.contains("Pause auto-refresh"), "{page} has no pause control");
+    }
+
+    // Pausing on the filtered jobs page comes back to it, filter kept.
+    let resp = f.send(get("/refresh?auto=off&back=%2Fjobs%3Fstate%3Dqueued", Some(&session))).await?;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/jobs?state=queued"));
+    let pref = cookie_value(&resp, "gaffer_refresh").context("no gaffer_refresh cookie set")?;
+    assert_eq!(pref, "off");
+    let paused = format!("{session}; gaffer_refresh=off");
+    for page in &live {
+        let html = text(f.send(get(page, Some(&paused))).await?).await?;
+        assert!(!html.contains("http-equiv=\"refresh\""), "{page} still reloads while paused");
+        assert!(html.contains("Resume auto-refresh"), "{page} offers no way back");
+    }
+
+    // Resuming clears the cookie; a foreign `back` goes to the fleet page instead; bad values are 400.
+    let resp = f.send(get("/refresh?auto=on&back=%2F%2Fevil.example%2F", Some(&paused))).await?;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/"));
+    assert!(
+        set_cookies(&resp).iter().any(|c| c.starts_with("gaffer_refresh=;") && c.contains("Max-Age=0")),
+        "{:?}",
+        set_cookies(&resp)
+    );
+    let resp = f.send(get("/refresh?auto=sometimes", Some(&session))).await?;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Signed out: to the login page, no preference set.
+    let resp = f.send(get("/refresh?auto=off", None)).await?;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert!(cookie_value(&resp, "gaffer_refresh").is_none());
+    Ok(())
+}
+
 #[tokio::test]
 async fn metrics_and_stylesheet_are_public() -> Result<()> {
     let f = Fixture::new()?;

@@ -269,6 +269,7 @@ fn lowest_role(method: &Method, path: &str) -> Result<Option<Role>> {
         | ("GET", "/jobs/{id}/export")
         | ("GET", "/")
         | ("POST", "/logout")
+        | ("GET", "/refresh")
         | ("GET", "/agents/{id}")
         | ("GET", "/jobs")
         | ("GET", "/jobs/{id}")
@@ -378,6 +379,9 @@ async fn case(f: &Fixture, method: &Method, path: &str, caller: Caller) -> Resul
             (form(b, body)?, StatusCode::SEE_OTHER, Effect::None)
         }
         ("POST", "/logout") => (form(b.uri(path), format!("csrf={csrf}"))?, StatusCode::SEE_OTHER, Effect::None),
+        ("GET", "/refresh") => {
+            (empty(b, "/refresh?auto=off&back=%2Fjobs".into())?, StatusCode::SEE_OTHER, Effect::None)
+        }
         ("GET", "/agents/{id}") => (empty(b, format!("/agents/{agent}"))?, StatusCode::OK, Effect::None),
         ("GET", "/jobs") => (empty(b, path.into())?, StatusCode::OK, Effect::None),
         ("POST", "/agents/{id}/revoke") => {

@@ -199,6 +199,10 @@ pub(crate) struct Session {
     pub(crate) record: SessionRecord,
     /// The user, as stored now.
     pub(crate) user: UserRecord,
+    /// This browser lets the live pages reload themselves ([`super::refresh`]).
+    pub(crate) auto_refresh: bool,
+    /// Path and query of the request (for links back to this page).
+    pub(crate) here: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Session {
@@ -310,7 +314,7 @@ fn session_of(state: &HttpState, headers: &HeaderMap) -> Result<Option<Session>,
     let user = if record.expires_at_ms > crate::now_ms() { store.get_user(&record.user)? } else { None };
     match user {
         Some(user) if user.password_changed_at_ms == record.password_changed_at_ms => {
-            Ok(Some(Session { record, user }))
+            Ok(Some(Session { record, user, auto_refresh: super::refresh::auto_refresh(headers), here: "/".into() }))
         }
         _ => {
             store.delete_session(&id_hash)?;
@@ -349,7 +353,8 @@ pub(crate) async fn authorize(state: HttpState, spec: &'static RouteSpec, mut re
         }
     } else {
         match session_of(&state, req.headers()) {
-            Ok(Some(session)) if permission.granted_to(session.role()) => {
+            Ok(Some(mut session)) if permission.granted_to(session.role()) => {
+                session.here = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
                 req.extensions_mut().insert(session);
                 next.run(req).await
             }

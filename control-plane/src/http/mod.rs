@@ -37,6 +37,7 @@ mod drain;
 mod export;
 pub mod install;
 mod openapi;
+mod refresh;
 mod rollouts;
 mod timeline;
 pub mod tls;
@@ -164,6 +165,7 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::GET, "/login", Access::Public, |m| on(m, dashboard::login_form)),
     route(Method::POST, "/login", Access::Public, |m| on(m, dashboard::login)),
     route(Method::POST, "/logout", VIEW, |m| on(m, dashboard::logout)),
+    route(Method::GET, "/refresh", VIEW, |m| on(m, refresh::set_refresh)),
     route(Method::GET, "/agents/{id}", VIEW, |m| on(m, dashboard::agent_page)),
     route(Method::POST, "/agents/{id}/revoke", REVOKE, |m| on(m, dashboard::revoke_agent)),
     route(Method::POST, "/agents/{id}/drain", DRAIN, |m| on(m, drain::drain_agent)),

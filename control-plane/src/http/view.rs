@@ -97,6 +97,10 @@ pub(crate) struct Me {
     pub can_revoke: bool,
     /// May cordon, drain and uncordon agents (operator).
     pub can_drain: bool,
+    /// The live pages reload themselves (this browser has not paused it, [`super::refresh`]).
+    pub auto_refresh: bool,
+    /// The link that pauses (or resumes) the auto-refresh and comes back to this page.
+    pub refresh_toggle_url: String,
 }
 
 impl Me {
@@ -111,6 +115,8 @@ impl Me {
             can_audit: super::Permission::ReadAudit.granted_to(role),
             can_revoke: super::Permission::RevokeAgents.granted_to(role),
             can_drain: super::Permission::DrainAgents.granted_to(role),
+            auto_refresh: session.auto_refresh,
+            refresh_toggle_url: super::refresh::toggle_url(&session.here, session.auto_refresh),
         }
     }
 }
