@@ -1,10 +1,9 @@
 //! Chain of custody of a job's media file: its SHA-256, size and modification time, computed on the box.
 //!
 //! Only the hash crosses the network (`AgentMessage::Custody`), never the content. The file is streamed
-//! through [`sha2::Sha256`] with one [`HASH_BUFFER_BYTES`] buffer, so memory stays bounded whatever the
+//! through [`sha2::Sha256`] (`std::io::copy`, one [`HASH_BUFFER_BYTES`] read buffer), so memory stays bounded whatever the
 //! file's size.
 
-use std::io::Read as _;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
 
@@ -30,24 +29,14 @@ pub struct MediaCustody {
 /// # Errors
 /// The [`std::io::Error`] of opening, stat-ing or reading the file.
 pub fn hash_media_file(path: &Path) -> std::io::Result<MediaCustody> {
-    let mut file = std::fs::File::open(path)?;
+    let file = std::fs::File::open(path)?;
     let modified_unix_secs = file.metadata()?.modified().ok().map(|t| match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(before) => -i64::try_from(before.duration().as_secs()).unwrap_or(i64::MAX),
     });
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_BUFFER_BYTES];
-    let mut size_bytes = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        size_bytes += n as u64;
-    }
+    // Streamed through one bounded buffer; `io::copy` retries interrupted reads.
+    let size_bytes = std::io::copy(&mut std::io::BufReader::with_capacity(HASH_BUFFER_BYTES, file), &mut hasher)?;
     Ok(MediaCustody { sha256: hex::encode(hasher.finalize()), size_bytes, modified_unix_secs })
 }
 

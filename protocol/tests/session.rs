@@ -1167,39 +1167,6 @@ fn custody(seq: u64) -> AgentMessage {
     }
 }
 
-/// Custody reaches a control plane that agreed protocol 6; over a link that agreed 5 it is never put on
-/// the wire, its sequence number counts as sent (so the outbox window moves past it), and later
-/// entries still go out.
-#[test]
-fn custody_is_sent_only_to_a_peer_that_agreed_its_version() {
-    let now = Instant::now();
-    let mut a = agent_up(now);
-    a.send_outbox(1, custody(1)).unwrap();
-    let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
-    dec.push(&drain_transmit_agent(&mut a));
-    let sent: Vec<AgentEnvelope> = std::iter::from_fn(|| dec.next_message::<AgentEnvelope>().unwrap()).collect();
-    assert!(matches!(sent.as_slice(), [AgentEnvelope { seq: 1, body: AgentMessage::Custody { .. }, .. }]));
-
-    let mut old = AgentSession::new(agent_cfg(), now);
-    drain_transmit_agent(&mut old);
-    old.handle_input(
-        &frame(&ControlMessage::Welcome {
-            protocol_version: gaffer_protocol::UPDATE_PROTOCOL_VERSION,
-            server_version: "0.1.0".into(),
-            heartbeat_interval_secs: INTERVAL_SECS,
-        }),
-        now,
-    );
-    assert!(matches!(agent_events(&mut old).as_slice(), [AgentEvent::Welcomed { protocol_version: 5, .. }]));
-    let err = old.send_outbox(1, custody(1)).unwrap_err();
-    assert!(matches!(err, SessionError::PeerTooOld { seq: 1, needed: 6, agreed: 5 }), "{err}");
-    assert!(drain_transmit_agent(&mut old).is_empty(), "nothing on the wire");
-    assert_eq!(old.outbox_window().map(|w| w.0), Some(1), "the window moved past the dropped entry");
-    assert_eq!(old.inflight_len(), 0);
-    old.send_outbox(2, AgentMessage::JobAccepted { job_id: Uuid::from_u128(2), lease_id: 1 }).unwrap();
-    assert!(!drain_transmit_agent(&mut old).is_empty(), "later entries still go out");
-}
-
 fn xid_counts() -> AgentMessage {
     AgentMessage::GpuXidErrors {
         counts: vec![
@@ -1209,35 +1176,39 @@ fn xid_counts() -> AgentMessage {
     }
 }
 
-/// GPU XID counts reach a control plane that agreed protocol 6; over a link that agreed 5 they are never
-/// put on the wire (a protocol-5 control plane could not decode them), the entry counts as sent, and
-/// later entries still go out.
+/// The protocol-6 messages (custody, GPU XID counts) reach a control plane that agreed 6; over a link
+/// that agreed 5 they are never put on the wire (a protocol-5 control plane could not decode them),
+/// their sequence number counts as sent (so the outbox window moves past it), and later entries
+/// still go out.
 #[test]
-fn xid_counts_are_sent_only_to_a_peer_that_agreed_their_version() {
-    let now = Instant::now();
-    let mut a = agent_up(now);
-    a.send_outbox(1, xid_counts()).unwrap();
-    let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
-    dec.push(&drain_transmit_agent(&mut a));
-    let sent: Vec<AgentEnvelope> = std::iter::from_fn(|| dec.next_message::<AgentEnvelope>().unwrap()).collect();
-    assert_eq!(sent.len(), 1);
-    assert_eq!((sent[0].seq, &sent[0].body), (1, &xid_counts()));
+fn protocol_6_messages_are_sent_only_to_a_peer_that_agreed_their_version() {
+    for msg in [custody(1), xid_counts()] {
+        let now = Instant::now();
+        let mut a = agent_up(now);
+        a.send_outbox(1, msg.clone()).unwrap();
+        let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+        dec.push(&drain_transmit_agent(&mut a));
+        let sent: Vec<AgentEnvelope> = std::iter::from_fn(|| dec.next_message::<AgentEnvelope>().unwrap()).collect();
+        assert_eq!(sent.len(), 1, "{}", msg.kind());
+        assert_eq!((sent[0].seq, &sent[0].body), (1, &msg));
 
-    let mut old = AgentSession::new(agent_cfg(), now);
-    drain_transmit_agent(&mut old);
-    old.handle_input(
-        &frame(&ControlMessage::Welcome {
-            protocol_version: gaffer_protocol::UPDATE_PROTOCOL_VERSION,
-            server_version: "0.1.0".into(),
-            heartbeat_interval_secs: INTERVAL_SECS,
-        }),
-        now,
-    );
-    assert!(matches!(agent_events(&mut old).as_slice(), [AgentEvent::Welcomed { protocol_version: 5, .. }]));
-    let err = old.send_outbox(1, xid_counts()).unwrap_err();
-    assert!(matches!(err, SessionError::PeerTooOld { seq: 1, needed: 6, agreed: 5 }), "{err}");
-    assert!(drain_transmit_agent(&mut old).is_empty(), "nothing on the wire");
-    assert_eq!(old.outbox_window().map(|w| w.0), Some(1), "the window moved past the dropped entry");
-    old.send_outbox(2, AgentMessage::JobAccepted { job_id: Uuid::from_u128(2), lease_id: 1 }).unwrap();
-    assert!(!drain_transmit_agent(&mut old).is_empty(), "later entries still go out");
+        let mut old = AgentSession::new(agent_cfg(), now);
+        drain_transmit_agent(&mut old);
+        old.handle_input(
+            &frame(&ControlMessage::Welcome {
+                protocol_version: gaffer_protocol::UPDATE_PROTOCOL_VERSION,
+                server_version: "0.1.0".into(),
+                heartbeat_interval_secs: INTERVAL_SECS,
+            }),
+            now,
+        );
+        assert!(matches!(agent_events(&mut old).as_slice(), [AgentEvent::Welcomed { protocol_version: 5, .. }]));
+        let err = old.send_outbox(1, msg.clone()).unwrap_err();
+        assert!(matches!(err, SessionError::PeerTooOld { seq: 1, needed: 6, agreed: 5 }), "{}: {err}", msg.kind());
+        assert!(drain_transmit_agent(&mut old).is_empty(), "{}: nothing on the wire", msg.kind());
+        assert_eq!(old.outbox_window().map(|w| w.0), Some(1), "the window moved past the dropped entry");
+        assert_eq!(old.inflight_len(), 0);
+        old.send_outbox(2, AgentMessage::JobAccepted { job_id: Uuid::from_u128(2), lease_id: 1 }).unwrap();
+        assert!(!drain_transmit_agent(&mut old).is_empty(), "later entries still go out");
+    }
 }

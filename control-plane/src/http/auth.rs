@@ -314,7 +314,7 @@ fn session_of(state: &HttpState, headers: &HeaderMap) -> Result<Option<Session>,
     let user = if record.expires_at_ms > crate::now_ms() { store.get_user(&record.user)? } else { None };
     match user {
         Some(user) if user.password_changed_at_ms == record.password_changed_at_ms => {
-            Ok(Some(Session { record, user, auto_refresh: super::refresh::auto_refresh(headers), here: "/".into() }))
+            Ok(Some(Session { record, user, auto_refresh: true, here: "/".into() }))
         }
         _ => {
             store.delete_session(&id_hash)?;
@@ -354,6 +354,7 @@ pub(crate) async fn authorize(state: HttpState, spec: &'static RouteSpec, mut re
     } else {
         match session_of(&state, req.headers()) {
             Ok(Some(mut session)) if permission.granted_to(session.role()) => {
+                session.auto_refresh = super::refresh::auto_refresh(req.headers());
                 session.here = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
                 req.extensions_mut().insert(session);
                 next.run(req).await
